@@ -1,0 +1,19 @@
+"""The one error type users see for bad input: it names the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad user input, raised before any model loads and printed as one line."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not valid: {allowed}")
+
+
+def require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise `ConfigError` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(key, value, allowed)

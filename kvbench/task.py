@@ -1,0 +1,73 @@
+"""The task contract: a dataclass of settings (filled by Hydra) that yields samples and scores outputs.
+
+A task file subclasses `Task`: `samples()` builds token-level inputs, `score()` turns one output into a
+prediction row with its metric values, `aggregate()` turns rows into the run's metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from kvbench.cache import ModelSpec
+from kvbench.engine import Engine, Generation, Scored
+from kvbench.errors import require
+from kvbench.method import Method
+
+
+@dataclass
+class Sample:
+    """One input. With `continuation_ids` the engine scores those tokens instead of generating."""
+
+    id: str
+    prompt_ids: list[int]
+    max_new_tokens: int = 0
+    question_ids: list[int] = field(default_factory=list)  # two-phase protocol: fed through decode
+    continuation_ids: list[int] = field(default_factory=list)
+    stop_ids: list[int] = field(default_factory=list)
+    reference: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Task:
+    """Base of every task. `limit`: evaluate at most this many samples (0 = all)."""
+
+    limit: int = 0
+
+    primary_metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        require(self.limit >= 0, "task.limit", self.limit, "an integer >= 0 (0 = all samples)")
+
+    def check(self, model: ModelSpec, method: Method) -> None:
+        """Checks that need the model's shape or the method, before weights load."""
+
+    def samples(self, tokenizer) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def count(self) -> int | None:
+        """How many samples `samples()` yields, for the progress bar (None if unknown)."""
+        return None
+
+    def evaluate(self, engine: Engine, sample: Sample) -> Generation | Scored:
+        if sample.continuation_ids:
+            return engine.score_continuation(sample.prompt_ids, sample.continuation_ids)
+        return engine.generate(sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids)
+
+    def score(self, sample: Sample, output: Generation | Scored) -> dict[str, Any]:
+        """One prediction row: whatever identifies the sample, the prediction, and its metric values."""
+        raise NotImplementedError
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """The run's metrics; `primary_metric` must be among them."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

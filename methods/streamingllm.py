@@ -1,0 +1,100 @@
+"""StreamingLLM: attention sinks plus a window of recent tokens.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024, arXiv 2309.17453.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench.cache import KVLayer, LayerSpec, ModelSpec
+from kvbench.errors import require
+from kvbench.method import Method, check_budget, check_budget_fits
+
+
+@dataclass
+class StreamingLLM(Method):
+    """Keep the first `sinks` tokens and the most recent `budget - sinks` (per layer and KV head).
+
+    `positions="in_cache"` is the paper's position shift (§3.2): attention sees positions within the
+    cache, not in the text. Defaults: 4 sinks (the paper's `start_size`).
+
+    Deviations from the reference code:
+    - The prompt is prefilled with full attention and cut to the window at its end, as the reference's
+      `evict_for_space` does before each new input; from then on each decode token evicts the oldest
+      non-sink token before it is written.
+    - The position shift rotates the sink keys forward by the number of evicted tokens instead of
+      re-rotating every cached key to 0..n-1. RoPE scores depend only on query-key offsets, and the
+      recent window is contiguous, so the offsets (hence the attention) are the same.
+    """
+
+    budget: int = 256
+    sinks: int = 4
+    positions: str = "in_cache"
+
+    positions_policy: ClassVar[str] = "in-cache positions (pos-shift) unless positions=original"
+    gqa_policy: ClassVar[str] = "same tokens for every head (position rule)"
+    scores_question: ClassVar[str] = "no scores: keeps sinks and the recent window"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.sinks >= 0, "method.sinks", self.sinks, "an integer >= 0")
+        check_budget(self.budget, self.sinks, "method.sinks")
+        allowed = ("in_cache", "original")
+        require(self.positions in allowed, "method.positions", self.positions, f"one of {allowed}")
+
+    def check(self, model: ModelSpec) -> None:
+        super().check(model)
+        check_budget_fits(self.budget, model)
+
+    def make_layer(self, spec: LayerSpec) -> KVLayer:
+        if self.positions == "in_cache" and spec.rope_inv_freq is None:
+            raise ValueError("positions=in_cache needs the model's RoPE frequencies")
+        return StreamingLayer(spec, self)
+
+
+class StreamingLayer(KVLayer):
+    """Slots [0, sinks) hold the sinks; slots [sinks, budget) are a ring of recent tokens."""
+
+    def __init__(self, spec: LayerSpec, method: StreamingLLM) -> None:
+        # No more slots than the generation can ever fill.
+        super().__init__(spec, capacity=min(method.budget, spec.prompt_len + spec.decode_len))
+        self.sinks = method.sinks
+        self.shift_positions = method.positions == "in_cache"
+        self.inv_freq = spec.rope_inv_freq
+        self.evictions = 0
+
+    def select_prefill(self) -> torch.Tensor | None:
+        if self.filled <= self.capacity:
+            return None
+        recent = torch.arange(self.filled - (self.capacity - self.sinks), self.filled)
+        keep = torch.cat([torch.arange(self.sinks), recent]).to(self.keys.device)
+        return keep.expand(*self.keys.shape[:2], -1)
+
+    def victim_slot(self) -> int:
+        # The ring's oldest token; every head evicts the same position.
+        slot = self.sinks + self.evictions % (self.capacity - self.sinks)
+        self.evictions += 1
+        return slot
+
+    def keys_for_attention(self, keys: torch.Tensor) -> torch.Tensor:
+        evicted = self.seen - self.filled
+        if not self.shift_positions or evicted == 0 or self.sinks == 0:
+            return keys
+        keys = keys.clone()
+        keys[:, :, : self.sinks] = rotate(keys[:, :, : self.sinks], evicted, self.inv_freq)
+        return keys
+
+
+def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move post-RoPE keys `offset` positions forward (RoPE rotations compose additively)."""
+    angles = offset * inv_freq.to(keys.device, torch.float32)
+    cos = torch.cat([angles, angles]).cos()
+    sin = torch.cat([angles, angles]).sin()
+    k = keys.float()
+    half = k.shape[-1] // 2
+    rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k * cos + rotated_half * sin).to(keys.dtype)
