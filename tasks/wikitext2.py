@@ -65,9 +65,7 @@ class WikiText2(Task):
                 self.protocol,
                 "'stream' for a compressing method ('sliding' runs without a cache: use method=full)",
             )
-            require(
-                self.window <= model.max_positions, "task.window", self.window, f"<= {model.max_positions}"
-            )
+            require(self.window <= model.max_positions, "task.window", self.window, f"<= {model.max_positions}")
         length = self.prefix_tokens + self.continuation_tokens
         require(
             length <= model.max_positions,

@@ -1,0 +1,112 @@
+"""Turning a composed Hydra config into typed objects, with every check done before a model loads.
+
+Each config group node names its class in `_target_`; the class's dataclass fields are the only keys
+allowed, and each value must match the field's type. Range checks live in the classes' `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kvbench.errors import ConfigError, require
+from kvbench.method import Method
+from kvbench.models import ModelConfig
+from kvbench.task import Task
+
+
+@dataclass
+class RunSettings:
+    """The `kvbench:` section of the config."""
+
+    results_dir: str = "results"
+    prefill_chunk: int = 512
+    warmup: bool = True
+    retry_errors: bool = False
+    debug: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.prefill_chunk >= 1, "kvbench.prefill_chunk", self.prefill_chunk, "an integer >= 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    method: Method
+    task: Task
+    settings: RunSettings
+    names: dict[str, str]  # the config choice behind each of model / method / task
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arm) for arm in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def build_dataclass(cls: type, values: dict[str, Any], group: str) -> Any:
+    """`cls(**values)` after checking every key and type; errors name `group.key`."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        require(key in fields, f"{group}.{key}", value, f"a known key of {cls.__name__}: {', '.join(fields)}")
+        require(_type_ok(value, hints[key]), f"{group}.{key}", value, f"a value of type {hints[key]}")
+    kwargs = {k: (float(v) if hints[k] is float else v) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _target_class(node: dict[str, Any], group: str, base: type) -> type:
+    target = node.pop("_target_", None)
+    require(bool(target), f"{group}._target_", target, f"the dotted path of a {base.__name__} class")
+    module_name, _, class_name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"{group}._target_", target, f"an importable {base.__name__} class") from None
+    require(
+        isinstance(cls, type) and issubclass(cls, base) and dataclasses.is_dataclass(cls),
+        f"{group}._target_",
+        target,
+        f"a dataclass subclassing {base.__name__}",
+    )
+    return cls
+
+
+def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
+    """Validate and instantiate everything a run needs from the composed config. Loads no model."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    for section in ("model", "method", "task", "kvbench"):
+        require(section in plain, section, None, "present in the config (see configs/config.yaml)")
+    settings = build_dataclass(RunSettings, plain["kvbench"], "kvbench")
+    model = build_dataclass(ModelConfig, plain["model"], "model")
+    method_node, task_node = dict(plain["method"]), dict(plain["task"])
+    method_cls = _target_class(method_node, "method", Method)
+    task_cls = _target_class(task_node, "task", Task)
+    method = build_dataclass(method_cls, method_node, "method")
+    task = build_dataclass(task_cls, task_node, "task")
+    chosen = {
+        "model": model.name,
+        "method": method_cls.__module__.rpartition(".")[2],
+        "task": task_cls.__module__.rpartition(".")[2],
+    }
+    chosen.update(names or {})
+    return RunConfig(model, method, task, settings, chosen)

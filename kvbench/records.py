@@ -1,0 +1,113 @@
+"""Run directories and the tidy table built from them.
+
+A run directory holds `config.yaml`, `predictions.jsonl` (one row per sample, written as samples finish)
+and `record.json`. The run is complete only once `record.json` exists: it is written last, atomically
+(temporary file + rename), so a crash or Ctrl-C never leaves a record that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import transformers
+
+import kvbench
+
+RECORD = "record.json"
+PREDICTIONS = "predictions.jsonl"
+
+
+def config_hash(identity: dict[str, Any]) -> str:
+    """A short stable hash of what defines a run, so the same config always maps to the same directory."""
+    canonical = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def run_dir(results_dir: str | Path, names: dict[str, str], identity: dict[str, Any]) -> Path:
+    return Path(results_dir) / names["task"] / names["model"] / f"{names['method']}-{config_hash(identity)}"
+
+
+def read_record(directory: Path) -> dict[str, Any] | None:
+    path = directory / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def git_commit() -> str:
+    """The commit of the kvbench checkout (with `+dirty` for uncommitted changes), or 'unknown'."""
+    root = Path(kvbench.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "kvbench": kvbench.__version__,
+        "git_commit": git_commit(),
+    }
+    return env
+
+
+def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        if not isinstance(value, dict):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_table(results_dir: str | Path) -> pd.DataFrame:
+    """One row per complete run under `results_dir`: names, status, metrics, measurements, parameters."""
+    rows = []
+    for path in sorted(Path(results_dir).rglob(RECORD)):
+        record = json.loads(path.read_text())
+        row = {
+            "task": record["task"],
+            "model": record["model"],
+            "method": record["method"],
+            "status": record["status"],
+            "primary_metric": record.get("primary_metric"),
+            "higher_is_better": record.get("higher_is_better", True),
+            "run_dir": str(path.parent),
+        }
+        row.update(_flatten("", record.get("metrics") or {}))
+        row.update(_flatten("", record.get("measurements") or {}))
+        row.update(_flatten("method.", record.get("method_params") or {}))
+        row.update(_flatten("task.", record.get("task_params") or {}))
+        row["error"] = record.get("error")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,161 @@
+"""One run: validate -> load model -> build method -> task samples -> engine -> score -> record."""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from kvbench.config import RunConfig, build
+from kvbench.engine import Engine, Generation, Measurement
+from kvbench.models import load_model, model_spec, resolve_device
+from kvbench.records import PREDICTIONS, RECORD, environment, read_record, run_dir, write_json_atomic
+
+
+def identity(config: RunConfig) -> dict[str, Any]:
+    """What defines a run's result (not where it is written, nor debug switches)."""
+    return {
+        "names": config.names,
+        "model": asdict(config.model),
+        "method": config.method.describe(),
+        "task": config.task.describe(),
+        "prefill_chunk": config.settings.prefill_chunk,
+    }
+
+
+def summarize(measurements: list[Measurement], device: torch.device) -> dict[str, Any]:
+    """Run-level measurements from per-sample ones (means, and maxima where a peak matters)."""
+    count = max(len(measurements), 1)
+    decode_s = sum(m.decode_s for m in measurements)
+    steps = sum(m.decode_steps for m in measurements)
+    device_bytes = sum(m.kv_bytes_device for m in measurements)
+    dense_bytes = sum(m.dense_kv_bytes for m in measurements)
+    return {
+        "samples": len(measurements),
+        "path": "eager",
+        "prompt_tokens_mean": sum(m.prompt_tokens for m in measurements) / count,
+        "prompt_tokens_max": max((m.prompt_tokens for m in measurements), default=0),
+        "prefill_s_mean": sum(m.prefill_s for m in measurements) / count,
+        "decode_ms_per_token": 1000 * decode_s / steps if steps else None,
+        "decode_tokens_per_s": steps / decode_s if decode_s > 0 else None,
+        "kv_bytes_device": device_bytes / count,
+        "kv_bytes_device_max": max((m.kv_bytes_device for m in measurements), default=0),
+        "kv_bytes_device_peak": max((m.kv_bytes_device_peak for m in measurements), default=0),
+        "kv_bytes_host": sum(m.kv_bytes_host for m in measurements) / count,
+        "dense_kv_bytes": dense_bytes / count,
+        "compression_ratio": dense_bytes / device_bytes if device_bytes else None,
+        "peak_memory_bytes": max((m.peak_memory_bytes for m in measurements), default=0),
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
+    }
+
+
+def execute(config: RunConfig, directory: Path) -> dict[str, Any]:
+    """Load, generate, score. Returns the record's result fields; exceptions propagate to `run`."""
+    spec = model_spec(config.model)
+    config.method.check(spec)
+    config.task.check(spec, config.method)
+    model, tokenizer = load_model(config.model)
+    engine = Engine(model, tokenizer, config.method, spec, config.settings.prefill_chunk)
+    if config.settings.warmup:
+        engine.warmup()
+    rows, measurements = [], []
+    method_stats: dict[str, float] = {}
+    with open(directory / PREDICTIONS, "w") as predictions:
+        progress = tqdm(config.task.samples(tokenizer), total=config.task.count(), desc=directory.name)
+        for sample in progress:
+            output = config.task.evaluate(engine, sample)
+            m = output.measurement
+            row = config.task.score(sample, output)
+            if isinstance(output, Generation):
+                row["generated_tokens"] = len(output.token_ids)
+            row.update({f"m_{k}": v for k, v in asdict(m).items() if k != "method_stats"})
+            predictions.write(json.dumps(row, default=str) + "\n")
+            predictions.flush()
+            rows.append(row)
+            measurements.append(m)
+            for key, value in m.method_stats.items():
+                method_stats[key] = method_stats.get(key, 0) + value
+            progress.set_postfix(config.task.aggregate(rows), refresh=False)
+    return {
+        "metrics": config.task.aggregate(rows),
+        "measurements": summarize(measurements, engine.device),
+        "method_stats": method_stats,
+    }
+
+
+def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
+    """Run one configuration unless a complete record for it exists. Returns the run directory."""
+    config = build(cfg, names)  # every config error is raised here, before any model loads
+    directory = run_dir(config.settings.results_dir, config.names, identity(config))
+    previous = read_record(directory)
+    if previous and (previous["status"] == "ok" or not config.settings.retry_errors):
+        print(f"kvbench: complete already ({previous['status']}), skipping: {directory}")
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record: dict[str, Any] = {
+        **config.names,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "method_params": config.method.describe(),
+        "task_params": config.task.describe(),
+        "primary_metric": config.task.primary_metric,
+        "higher_is_better": config.task.higher_is_better,
+        "environment": environment(resolve_device(config.model.device)),
+        "started_at": datetime.now(timezone.utc).isoformat(),
+    }
+    began = time.perf_counter()
+    try:
+        record.update(execute(config, directory), status="ok", error=None)
+    except KeyboardInterrupt:
+        raise  # no record: the run stays incomplete and a rerun redoes it
+    except Exception as error:
+        if config.settings.debug:
+            raise
+        oom = isinstance(error, torch.OutOfMemoryError)
+        record.update(status="oom" if oom else "error", error=f"{type(error).__name__}: {error}")
+        record["traceback"] = traceback.format_exc()
+    record["wall_s"] = time.perf_counter() - began
+    record["finished_at"] = datetime.now(timezone.utc).isoformat()
+    write_json_atomic(directory / RECORD, record)
+    print_summary(record, directory)
+    return directory
+
+
+def _human_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def print_summary(record: dict[str, Any], directory: Path) -> None:
+    title = f"{record['task']} | {record['model']} | {record['method']} | status: {record['status']}"
+    lines = [title, "-" * len(title)]
+    if record["status"] != "ok":
+        lines.append(f"error: {record['error']}")
+    for name, value in (record.get("metrics") or {}).items():
+        lines.append(f"{name:<28}{value:.4g}" if isinstance(value, float) else f"{name:<28}{value}")
+    m = record.get("measurements") or {}
+    if m:
+        lines += [
+            f"{'kv bytes (device, mean)':<28}{_human_bytes(m['kv_bytes_device'])}",
+            f"{'kv bytes (host, mean)':<28}{_human_bytes(m['kv_bytes_host'])}",
+            f"{'dense kv bytes (mean)':<28}{_human_bytes(m['dense_kv_bytes'])}",
+            f"{'compression (measured)':<28}{m['compression_ratio'] or 0:.2f}x",
+            f"{'prefill s (mean)':<28}{m['prefill_s_mean']:.3f}",
+            f"{'decode ms/token':<28}{m['decode_ms_per_token'] or 0:.1f}",
+            f"{'peak memory':<28}{_human_bytes(m['peak_memory_bytes'])} ({m['peak_memory_kind']})",
+        ]
+    lines.append(f"run directory: {directory}")
+    print("\n".join(lines))
