@@ -43,31 +43,23 @@ class LayerSpec:
     rope_inv_freq: torch.Tensor | None = None  # for methods that move keys to other positions
 
 
-def grouped_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scaling: float,
-    mask: torch.Tensor | None,
-    causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention that also returns probabilities, without expanding KV heads.
+def attention_probs(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, mask: torch.Tensor | None, causal: bool
+) -> torch.Tensor:
+    """Softmax attention probabilities without expanding KV heads, in float32.
 
-    query [B, Hq, T, D], keys/values [B, Hkv, S, D], mask bool [T, S] (True = visible) or None.
-    Returns output [B, Hq, T, D] and probabilities [B, Hkv, G, T, S] in float32 (G = Hq / Hkv).
+    query [B, Hq, T, D], keys [B, Hkv, S, D], mask bool [T, S] (True = visible) or None.
+    Returns [B, Hkv, G, T, S] with G = Hq / Hkv query heads per KV head.
     """
     b, hq, t, d = query.shape
-    hkv = keys.shape[1]
+    hkv, s = keys.shape[1], keys.shape[2]
     q = query.view(b, hkv, hq // hkv, t, d)
     logits = torch.einsum("bhgtd,bhsd->bhgts", q.float(), keys.float()) * scaling
     if causal:
-        s = keys.shape[2]
         mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    out = torch.einsum("bhgts,bhsd->bhgtd", probs.to(values.dtype), values)
-    return out.reshape(b, hq, t, d), probs
+    return logits.softmax(dim=-1)
 
 
 class KVLayer(CacheLayerMixin):
@@ -172,14 +164,13 @@ class KVLayer(CacheLayerMixin):
         if q_len > 1 and not causal:
             mask = torch.ones(q_len, keys.shape[2], dtype=torch.bool, device=query.device)
             mask = mask.tril(keys.shape[2] - q_len)
-        if self.needs_attention_weights:
-            out, probs = grouped_attention(query, keys, values, scaling, mask, causal)
-            self.observe(query, probs)
-        else:
-            out = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
-            )
-            self.observe(query, None)
+        # The output always comes from the same SDPA call as the dense baseline, so a method that keeps
+        # everything matches it bit for bit; probabilities, when a method scores with them, are extra.
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+        )
+        probs = attention_probs(query, keys, scaling, mask, causal) if self.needs_attention_weights else None
+        self.observe(query, probs)
         return out.transpose(1, 2)
 
     def keys_for_attention(self, keys: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from kvbench.cache import ModelSpec
 from kvbench.config import RunConfig, build
 from kvbench.engine import Engine, Generation, Measurement
 from kvbench.models import load_model, model_spec, resolve_device
@@ -57,11 +58,8 @@ def summarize(measurements: list[Measurement], device: torch.device) -> dict[str
     }
 
 
-def execute(config: RunConfig, directory: Path) -> dict[str, Any]:
+def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, Any]:
     """Load, generate, score. Returns the record's result fields; exceptions propagate to `run`."""
-    spec = model_spec(config.model)
-    config.method.check(spec)
-    config.task.check(spec, config.method)
     model, tokenizer = load_model(config.model)
     engine = Engine(model, tokenizer, config.method, spec, config.settings.prefill_chunk)
     if config.settings.warmup:
@@ -93,7 +91,10 @@ def execute(config: RunConfig, directory: Path) -> dict[str, Any]:
 
 def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
     """Run one configuration unless a complete record for it exists. Returns the run directory."""
-    config = build(cfg, names)  # every config error is raised here, before any model loads
+    config = build(cfg, names)
+    spec = model_spec(config.model)  # the model's config only: no weights load before every check passed
+    config.method.check(spec)
+    config.task.check(spec, config.method)
     directory = run_dir(config.settings.results_dir, config.names, identity(config))
     previous = read_record(directory)
     if previous and (previous["status"] == "ok" or not config.settings.retry_errors):
@@ -113,7 +114,7 @@ def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
     }
     began = time.perf_counter()
     try:
-        record.update(execute(config, directory), status="ok", error=None)
+        record.update(execute(config, spec, directory), status="ok", error=None)
     except KeyboardInterrupt:
         raise  # no record: the run stays incomplete and a rerun redoes it
     except Exception as error:

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random-weight Llama (fast), the embedded SmolLM2 (real), the shared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from kvbench.models import ModelConfig, load_model, model_spec
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared data folder is not beside the checkout ({SHARED_DATA})")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer, spec) of the tiny-llama shape, with weights large enough for peaked attention."""
+    torch.set_num_threads(2)
+    cfg = ModelConfig(name="tiny-llama", source="shape", shape="tiny-llama", device="cpu")
+    model, tokenizer = load_model(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "proj" in name:  # random init is near-uniform attention; sharpen it so selection matters
+                param.mul_(8)
+    return model, tokenizer, model_spec(cfg)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer, spec) of the embedded SmolLM2-135M-Instruct."""
+    cfg = ModelConfig(device="cpu")
+    model, tokenizer = load_model(cfg)
+    return model, tokenizer, model_spec(cfg)
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def method_names() -> list[str]:
+    return sorted(path.stem for path in (CONFIGS / "method").glob("*.yaml"))
