@@ -31,7 +31,7 @@ def pareto_mask(x: pd.Series, y: pd.Series, higher_is_better: bool) -> pd.Series
     """True where no other point has x <= and y at least as good, with one of them strictly better."""
     better_y = y if higher_is_better else -y
     keep = []
-    for xi, yi in zip(x, better_y):
+    for xi, yi in zip(x, better_y, strict=True):
         dominated = ((x <= xi) & (better_y >= yi) & ((x < xi) | (better_y > yi))).any()
         keep.append(not dominated)
     return pd.Series(keep, index=x.index)

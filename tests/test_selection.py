@@ -87,7 +87,7 @@ def test_h2o_selection_matches_reference_through_decode():
             keys_now = k[0, h, order]
             for g in range(G):
                 probs = (q[0, h * G + g, i] @ keys_now.T * SCALE).softmax(-1)
-                for position, p in zip(order, probs.tolist()):
+                for position, p in zip(order, probs.tolist(), strict=True):
                     score[position] += p
             if len(cache) > budget:
                 candidates = [p for p in cache if p < i + 1 - recent]
