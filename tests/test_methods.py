@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from kvbench.methods.full import Full
 
 from kvbench.config import build
 from kvbench.engine import Engine
+from kvbench.methods.full import Full
 from tests.conftest import compose_config, method_names
 
 PROMPT = list(range(100, 340))  # 240 token ids

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
+from kvbench.cache import LayerSpec, ModelSpec
 from kvbench.methods.h2o import H2O
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
-
-from kvbench.cache import LayerSpec, ModelSpec
 
 B, HQ, HKV, D = 1, 4, 2, 16
 G = HQ // HKV
