@@ -164,7 +164,8 @@ class Engine:
         self._sync()
         m.decode_s = time.perf_counter() - begin
         self._finish(cache, m)
-        text = self.tokenizer.decode([t for t in generated if t not in stops], skip_special_tokens=True)
+        kept = [t for t in generated if t not in stops]
+        text = self.tokenizer.decode(kept, skip_special_tokens=True) if self.tokenizer is not None else ""
         return Generation(generated, text, m)
 
     @torch.inference_mode()

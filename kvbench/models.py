@@ -187,8 +187,8 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_model(cfg: ModelConfig) -> tuple[torch.nn.Module, object]:
-    """Model (eval mode, kvbench attention selected) and tokenizer."""
+def load_model(cfg: ModelConfig, with_tokenizer: bool = True) -> tuple[torch.nn.Module, object]:
+    """Model (eval mode, kvbench attention selected) and tokenizer (None if not asked for)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     attn = attention.register()
@@ -205,7 +205,7 @@ def load_model(cfg: ModelConfig) -> tuple[torch.nn.Module, object]:
             where, extra = cfg.path, {"trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **extra)
         model.to(device)
-    return model.eval(), load_tokenizer(cfg)
+    return model.eval(), load_tokenizer(cfg) if with_tokenizer else None
 
 
 def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:

@@ -51,7 +51,12 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def git_commit() -> str:
-    """The commit of the kvbench checkout (with `+dirty` for uncommitted changes), or 'unknown'."""
+    """The commit of the kvbench checkout (with `+dirty` for uncommitted changes), or 'unknown'.
+
+    Where the checkout has no `.git` (a copied tree), `KVBENCH_GIT_COMMIT` can say it.
+    """
+    if os.environ.get("KVBENCH_GIT_COMMIT"):
+        return os.environ["KVBENCH_GIT_COMMIT"]
     root = Path(kvbench.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
