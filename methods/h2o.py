@@ -77,11 +77,9 @@ class H2OLayer(KVLayer):
         received = probs.sum(dim=(2, 3))  # over the group's query heads and the query positions
         self.scores[:, :, : received.shape[-1]] += received
         if not self.prefilling and self.filled == self.capacity:
-            self.free_slot = self._lowest_non_recent(self.scores, self.positions)
-
-    def _lowest_non_recent(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        recent = positions >= self.seen - self.recent
-        return scores.masked_fill(recent, float("inf")).argmin(dim=-1)
+            # Evict the lowest-scoring token outside the recent window; its slot takes the next token.
+            recent = self.positions >= self.seen - self.recent
+            self.free_slot = self.scores.masked_fill(recent, float("inf")).argmin(dim=-1)
 
     def victim_slot(self) -> torch.Tensor:
         return self.free_slot

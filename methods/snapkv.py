@@ -62,8 +62,8 @@ class SnapKVLayer(KVLayer):
         self.window_queries: torch.Tensor | None = None
         self.scaling = 1.0
 
-    def attend(self, query, keys, values, scaling):
-        self.scaling = scaling
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        self.scaling = scaling  # the model's own attention scale, reused when the window votes
         return super().attend(query, keys, values, scaling)
 
     def observe(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
