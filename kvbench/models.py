@@ -171,7 +171,10 @@ def _embedded_folder() -> Path:
     staging = tempfile.mkdtemp(dir=folder.parent)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    os.replace(staging, folder)  # atomic: an interrupted conversion is redone, never half-used
+    try:
+        os.replace(staging, folder)  # atomic: an interrupted conversion is redone, never half-used
+    except OSError:
+        shutil.rmtree(staging)  # another process finished the same conversion first
     return folder
 
 
