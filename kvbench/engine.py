@@ -65,6 +65,9 @@ class Engine:
         # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Chat models may end a turn with several tokens (e.g. Llama-3.1's 128001/128008/128009).
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.model_stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     # ----- building blocks -----
     def new_cache(self, prompt_len: int, decode_len: int) -> KVCache:
@@ -150,7 +153,7 @@ class Engine:
             m.prompt_tokens += len(question_ids)
 
         generated: list[int] = []
-        stops = set(stop_ids)
+        stops = set(stop_ids) | self.model_stop_ids
         self._sync()
         begin = time.perf_counter()
         while True:
