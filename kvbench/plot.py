@@ -96,8 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or args.results_dir / f"pareto-{task}"
         models = ", ".join(sorted(runs["model"].unique()))
         plot(fronts, metric, args.x, f"{task} on {models}", out)
-        with pd.option_context("display.width", 200, "display.max_columns", 20):
-            print(fronts.drop(columns="run_dir").to_string(index=False))
+        shown = fronts.drop(columns="run_dir")
+        scale = AXES.get(args.x, (args.x, 1))[1]
+        if scale != 1:
+            shown[args.x] = shown[args.x] / scale
+            shown = shown.rename(columns={args.x: f"{args.x} (MiB)"})
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+            print(shown.to_string(index=False))
         print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.svg')}")
     return 0
 
