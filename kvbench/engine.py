@@ -37,6 +37,24 @@ class Measurement:
     method_stats: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Temperature / nucleus sampling; one seeded generator per generation, so runs repeat exactly."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            outside = ordered.cumsum(-1) - ordered >= self.top_p
+            probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -134,9 +152,11 @@ class Engine:
         max_new_tokens: int,
         question_ids: Sequence[int] = (),
         stop_ids: Sequence[int] = (),
+        sampling: Sampling | None = None,
     ) -> Generation:
-        """Greedy generation. `question_ids`, if given, follow the prompt through the decode path one
-        token at a time (the two-phase protocol: the question meets an already-compressed context)."""
+        """Greedy generation, or sampled with `sampling`. `question_ids`, if given, follow the prompt
+        through the decode path one token at a time (the two-phase protocol: the question meets an
+        already-compressed context)."""
         cache = self.new_cache(len(prompt_ids), len(question_ids) + max_new_tokens)
         m = Measurement(dense_kv_bytes=self._dense_bytes(len(prompt_ids) + len(question_ids) + max_new_tokens))
         self._start()
@@ -154,10 +174,11 @@ class Engine:
 
         generated: list[int] = []
         stops = set(stop_ids) | self.model_stop_ids
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling else None
         self._sync()
         begin = time.perf_counter()
         while True:
-            token = int(logits.argmax())
+            token = sampling.pick(logits, generator) if sampling else int(logits.argmax())
             generated.append(token)
             if token in stops or len(generated) >= max_new_tokens:
                 break

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from kvbench.cache import ModelSpec
-from kvbench.engine import Engine, Generation, Scored
+from kvbench.engine import Engine, Generation, Sampling, Scored
 from kvbench.errors import require
 from kvbench.method import Method
 
@@ -28,6 +28,7 @@ class Sample:
     stop_ids: list[int] = field(default_factory=list)
     reference: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sampling: Sampling | None = None  # None: greedy
 
 
 @dataclass
@@ -55,7 +56,9 @@ class Task:
     def evaluate(self, engine: Engine, sample: Sample) -> Generation | Scored:
         if sample.continuation_ids:
             return engine.score_continuation(sample.prompt_ids, sample.continuation_ids)
-        return engine.generate(sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids)
+        return engine.generate(
+            sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids, sample.sampling
+        )
 
     def score(self, sample: Sample, output: Generation | Scored) -> dict[str, Any]:
         """One prediction row: whatever identifies the sample, the prediction, and its metric values."""

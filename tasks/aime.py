@@ -4,9 +4,10 @@ Long generation with a short prompt: the cache grows during decode, which is wha
 tested on. Protocol:
 - Prompt: the problem followed by "Please reason step by step, and put your final answer within
   \\boxed{}." (the DeepSeek-R1 / Qwen2.5-Math instruction), in the model's chat template when it has one.
-- Decoding: greedy, up to `max_new_tokens` (default 32768; 0 = whatever the model's positions leave).
-  Sampling (`temperature > 0`, `samples_per_problem` > 1 distinct answers) waits on engine support:
-  `temperature > 0` is refused. With greedy decoding every repeat of a problem gives the same answer.
+- Decoding: greedy by default, up to `max_new_tokens` (default 32768; 0 = whatever the model's positions
+  leave). `temperature > 0` samples (with `top_p`), `samples_per_problem` times per problem, each sample
+  seeded from `seed`, the problem and the repeat, so a run repeats exactly; pass@1 averages over them.
+  With greedy decoding every repeat gives the same answer, so `samples_per_problem > 1` needs sampling.
 - Answer: the content of the last `\\boxed{...}` (nested braces handled), read as an integer, so "025"
   equals 25. No boxed answer, or one that is not an integer, is wrong.
 - Metrics (percent): `pass@1` = mean over problems of the share of correct samples; `boxed` = share of
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvbench.cache import ModelSpec
-from kvbench.engine import Generation
+from kvbench.engine import Generation, Sampling
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
 from kvbench.task import Sample, Task, mean
@@ -86,6 +87,8 @@ class AIME(Task):
     max_new_tokens: int = 32768
     samples_per_problem: int = 1
     temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
 
     primary_metric: ClassVar[str] = "pass@1"
 
@@ -94,11 +97,13 @@ class AIME(Task):
         require("{problem}" in self.prompt, "task.prompt", self.prompt, "a template containing {problem}")
         require(self.max_new_tokens >= 0, "task.max_new_tokens", self.max_new_tokens, "0 (fill) or >= 1")
         require(self.samples_per_problem >= 1, "task.samples_per_problem", self.samples_per_problem, ">= 1")
+        require(self.temperature >= 0, "task.temperature", self.temperature, "0 (greedy) or a positive number")
+        require(0 < self.top_p <= 1, "task.top_p", self.top_p, "a number in (0, 1]")
         require(
-            self.temperature == 0,
-            "task.temperature",
-            self.temperature,
-            "0 (greedy): the engine does not sample yet, so temperature > 0 is not supported",
+            self.samples_per_problem == 1 or self.temperature > 0,
+            "task.samples_per_problem",
+            self.samples_per_problem,
+            "1 with greedy decoding (repeats would be identical), or set task.temperature > 0",
         )
         if self.data_dir:
             path = Path(self.data_dir) / self.data_file
@@ -159,9 +164,11 @@ class AIME(Task):
 
     def samples(self, tokenizer) -> Iterator[Sample]:
         stops = stop_ids(tokenizer)
-        for record in self.problems():
+        for index, record in enumerate(self.problems()):
             ids = self.encode(tokenizer, record["problem"])
             for repeat in range(self.samples_per_problem):
+                seed = self.seed * 1_000_003 + index * 1_009 + repeat
+                sampling = Sampling(self.temperature, self.top_p, seed) if self.temperature > 0 else None
                 yield Sample(
                     f"{record['id']}#{repeat}",
                     ids,
@@ -169,6 +176,7 @@ class AIME(Task):
                     stop_ids=stops,
                     reference=record["answer"],
                     meta={"problem_id": record["id"], "repeat": repeat, "prompt_tokens": len(ids)},
+                    sampling=sampling,
                 )
 
     # ----- scores -----

@@ -77,7 +77,9 @@ def test_limits_against_the_model(shared_data, tokenizer):
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"temperature": 0.6}, "task.temperature"),  # sampling needs engine support (pending)
+        ({"temperature": -0.5}, "task.temperature"),
+        ({"top_p": 0.0}, "task.top_p"),
+        ({"samples_per_problem": 2}, "task.samples_per_problem"),  # greedy repeats would be identical
         ({"samples_per_problem": 0}, "task.samples_per_problem"),
         ({"prompt": "no placeholder"}, "task.prompt"),
         ({"data_dir": "/nonexistent"}, "task.data_dir"),
@@ -90,7 +92,7 @@ def test_bad_settings_fail_at_construction(kwargs, key):
 
 
 def test_pass_at_1_averages_samples_per_problem():
-    task = AIME(samples_per_problem=2)
+    task = AIME(samples_per_problem=2, temperature=0.6)
     stop = 2
     cases = [  # (problem, reference, text, last token)
         ("p1", 25, r"\boxed{025}", stop),  # right
@@ -132,11 +134,13 @@ def test_yaml_configs_build():
 
 def test_end_to_end_on_the_tiny_model(tiny, shared_data):
     model, tokenizer, spec = tiny
-    task = AIME(data_dir=str(shared_data / "aime"), limit=1, max_new_tokens=3, samples_per_problem=2)
+    task = AIME(data_dir=str(shared_data / "aime"), limit=1, max_new_tokens=6, samples_per_problem=2, temperature=1.0)
     task.check(spec, Full())
     samples = list(task.samples(tokenizer))
     assert [s.id for s in samples] == ["60#0", "60#1"]
+    assert samples[0].sampling.seed != samples[1].sampling.seed  # each repeat draws its own tokens
     engine = Engine(model, tokenizer, Full(), spec)
     rows = [task.score(s, task.evaluate(engine, s)) for s in samples]
-    assert rows[0]["prediction"] == rows[1]["prediction"]  # greedy: repeats agree
-    assert task.aggregate(rows)["pass@1"] in (0.0, 100.0)
+    again = task.score(samples[0], task.evaluate(engine, samples[0]))
+    assert again["prediction"] == rows[0]["prediction"]  # seeded: a rerun repeats exactly
+    assert task.aggregate(rows)["pass@1"] in (0.0, 50.0, 100.0)
