@@ -192,9 +192,11 @@ class KVLayer(CacheLayerMixin):
     def finish_prefill(self) -> None:
         """End of the prompt: keep what the method selects in a buffer of exactly `capacity` slots."""
         self.prefilling = False
-        if not self.is_initialized or self.keys.shape[2] == self.capacity:
+        if not self.is_initialized:
             return
         keep = self.select_prefill()
+        if keep is None and self.keys.shape[2] == self.capacity:
+            return  # everything kept, and the buffer already has exactly `capacity` slots
         if keep is None and self.filled > self.capacity:
             raise RuntimeError(f"{type(self).__name__} kept {self.filled} tokens in {self.capacity} slots")
         self.keys = self._compact(self.keys, keep)

@@ -20,8 +20,12 @@ def make_method(name: str, budget: int | None):
     overrides = [f"method={name}"]
     cfg = compose_config(*overrides)
     method = build(cfg).method
-    if budget is not None and any(f.name == "budget" for f in dataclasses.fields(method)):
-        method = dataclasses.replace(method, budget=budget)
+    names = {f.name for f in dataclasses.fields(method)}
+    if budget is not None and "budget" in names:
+        changes = {"budget": budget}
+        if "page_size" in names:
+            changes["page_size"] = 8  # paged methods: 64 tokens must hold sinks + window + selected pages
+        method = dataclasses.replace(method, **changes)
     return method
 
 

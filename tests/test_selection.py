@@ -132,3 +132,13 @@ def test_streamingllm_position_shift_equals_rerotated_cache():
     ref = torch.nn.functional.scaled_dot_product_attention(ref_q, ref_k, v[:, :, kept], enable_gqa=True)
     assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
     assert kept_positions(layer, k) == [kept] * HKV
+
+
+def test_snapkv_compresses_a_prompt_just_over_budget():
+    """A prompt between budget and budget + decode tokens must still be cut to the budget."""
+    torch.manual_seed(3)
+    t, budget = 70, 64
+    q, k, v = torch.randn(B, HQ, t, D), torch.randn(B, HKV, t, D), torch.randn(B, HKV, t, D)
+    layer = SnapKV(budget=budget, window=8).make_layer(spec(t, 20))
+    prefill(layer, q, k, v)
+    assert layer.filled == budget and layer.keys.shape[2] == budget + 20

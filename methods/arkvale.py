@@ -1,0 +1,385 @@
+"""ArkVale: page-based KV eviction whose evicted pages stay recallable from host memory.
+
+"ArkVale: Efficient Generative LLM Inference with Recallable Key-Value Eviction", NeurIPS 2024;
+code pku-liang/ArkVale@0c3b45e (`source/arkvale/infer_state.py`, `kv_cache.py`, `estimate.cu`, `select.cu`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench.cache import KVLayer, LayerSpec, ModelSpec
+from kvbench.errors import require
+from kvbench.method import Method, check_budget, check_budget_fits
+
+RADII = ("mean", "max", "center")
+# The paper's evaluation setting: top-k = min(C, budget / 2) / page_size pages, C = 40 pages of 32 tokens.
+PAPER_TOPK_TOKENS = 1280
+
+
+@dataclass
+class ArkVale(Method):
+    """Keep `budget` tokens per layer on the device as pages; back every page up to host memory.
+
+    The KV cache is split into pages of `page_size` tokens. Each page, once full, is copied to host
+    memory and summarized on the device by a digest: the per-channel bounding cuboid of its post-RoPE
+    keys, centre c = (max + min) / 2 and radius r = mean |c - k| (`radius="mean"`, the code's default;
+    `"max"` gives the exact bounding box, `"center"` the mid-point of the two), stored as (c + r, c - r)
+    (the paper's cuboid digest; code `InferState._summarize_keys`). Before each decode-step attention
+    every filled page is scored from its digest, Σ_i max(q_i (c + r)_i, q_i (c - r)_i), averaged over
+    all query heads of the layer (one ranking per layer; `n_groups` > 1 gives one per group of KV
+    heads); the top-k pages must be on the device, and non-resident ones are recalled from host into
+    the slots of the lowest-scored resident pages (`estimate.cu`, `select.cu`). Attention runs over
+    every resident page, not only the top-k. Nothing happens while the layer holds no more than
+    `budget / page_size` pages.
+
+    Always kept: `n_sink_pages` first pages (`max(2, n_sink_pages)` when the prompt is cut) and
+    `n_win_pages` window pages (the current partial page and the last filled ones). `page_topk` counts
+    sinks and filled window pages as the code does, so `page_topk - n_sink_pages - (n_win_pages - 1)`
+    pages are selected freely; None takes the paper's `min(1280, budget / 2) / page_size`.
+    Prefill: full attention over the prompt, then the sinks, the window and the pages ranked highest
+    by the last prompt token's query stay; every other page lives only in the host backup.
+    Defaults: the paper's scripts (page 32, 1 sink page, 2 window pages, first 2 layers exempt); the
+    budget default 1024 (paper: 4096) suits the embedded 8k-position model.
+
+    Deviations from the paper and its code:
+    - Pure PyTorch: SDPA over the resident slots instead of FlashInfer paged kernels; the estimate as
+      two matmuls, q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max because c + r >= c - r);
+      `torch.topk` instead of RAFT's radix top-k. Only the cuboid digests; the sphere digests and the
+      speculative prefetch of later layers (`n_prefetch_layers`, off by default) are not implemented.
+    - Slot layout: the page being written always sits in the last page slot. When it fills and the
+      next token starts a page, it moves into the slot of the page leaving the window; the code instead
+      writes the new page there. The resident set is the same, and the live slots stay contiguous, so
+      decode attention needs no mask.
+    - Digests and host backups are allocated for the whole generation (prompt + decode tokens) at the
+      end of prefill and counted as allocated; the code takes pages from pools as they fill.
+    - On a CPU run the "host" backup sits in the same memory as the cache, but is still a separate
+      copy and is counted apart (`host_tensors`).
+    - The two-phase prefill (question fed through decode, the paper's "3-stage" generation) is a task
+      option (`Sample.question_ids`), not a method option.
+    - A page that has just filled counts as a window page until the next token starts a new page, so
+      for that one step it is not a candidate (the code may treat it as filled one step earlier).
+    - Known limits for a compiled path: each layer syncs the host once per estimating decode step, to
+      list the pages to recall (the code also loops over them in Python); and the attended slice
+      [0, filled) grows within a page, as the base layer's does. The time counters are host wall
+      time; on CUDA the estimate is asynchronous, so its time lands in `select_s` (the sync).
+    """
+
+    exempt_layers: int = 2
+    budget: int = 1024
+    page_size: int = 32
+    n_sink_pages: int = 1
+    n_win_pages: int = 2
+    page_topk: int | None = None
+    radius: str = "mean"
+    n_groups: int = 1
+
+    gqa_policy: ClassVar[str] = (
+        "one page ranking per layer, scores averaged over all query heads (n_groups: per KV-head group)"
+    )
+    scores_question: ClassVar[str] = (
+        "yes: the last prompt token ranks pages at prefill; every decode query re-ranks all pages"
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.page_size >= 1, "method.page_size", self.page_size, "an integer >= 1 (paper: 16 or 32)")
+        require(self.n_sink_pages >= 0, "method.n_sink_pages", self.n_sink_pages, "an integer >= 0")
+        require(self.n_win_pages >= 1, "method.n_win_pages", self.n_win_pages, "an integer >= 1")
+        require(self.radius in RADII, "method.radius", self.radius, f"one of {RADII}")
+        require(self.n_groups >= 1, "method.n_groups", self.n_groups, "an integer >= 1")
+        require(
+            self.budget % self.page_size == 0,
+            "method.budget",
+            self.budget,
+            f"a multiple of method.page_size ({self.page_size})",
+        )
+        reserved = (max(2, self.n_sink_pages) + self.n_win_pages) * self.page_size
+        check_budget(self.budget, reserved, "the sink and window pages kept at prefill")
+        pinned = self.n_sink_pages + self.n_win_pages - 1
+        require(
+            pinned < self.topk <= self.budget_pages - 1,
+            "method.page_topk",
+            self.page_topk if self.page_topk is not None else f"None (paper formula: {self.topk})",
+            f"more than the {pinned} sink and filled window pages it counts and at most "
+            f"{self.budget_pages - 1} (budget pages minus the partial page)",
+        )
+
+    @property
+    def budget_pages(self) -> int:
+        return self.budget // self.page_size
+
+    @property
+    def topk(self) -> int:
+        if self.page_topk is not None:
+            return self.page_topk
+        return min(PAPER_TOPK_TOKENS, self.budget // 2) // self.page_size
+
+    def check(self, model: ModelSpec) -> None:
+        super().check(model)
+        check_budget_fits(self.budget, model)
+        require(
+            model.num_kv_heads % self.n_groups == 0,
+            "method.n_groups",
+            self.n_groups,
+            f"a divisor of the model's {model.num_kv_heads} KV heads",
+        )
+
+    def make_layer(self, spec: LayerSpec) -> KVLayer:
+        return ArkValeLayer(spec, self)
+
+
+def page_digest(keys: torch.Tensor, radius: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cuboid digest of pages of keys [..., page_size, D]: (c + r, c - r), each [..., D]."""
+    k = keys.float()
+    high, low = k.amax(dim=-2), k.amin(dim=-2)
+    centre = (high + low) / 2
+    distance = (k - centre.unsqueeze(-2)).abs()
+    if radius == "max":
+        r = distance.amax(dim=-2)
+    elif radius == "center":
+        r = (distance.amin(dim=-2) + distance.amax(dim=-2)) / 2
+    else:
+        r = distance.mean(dim=-2)
+    return (centre + r).to(keys.dtype), (centre - r).to(keys.dtype)
+
+
+def digest_scores(query: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """Estimated importance of each page for `query` [B, Hq, D], averaged over each KV head's query heads.
+
+    upper/lower [B, Hkv, N, D] are the digests c + r and c - r; returns [B, Hkv, N]. Per query head the
+    estimate is Σ_i max(q_i upper_i, q_i lower_i) = q⁺·upper + q⁻·lower (upper >= lower), which is
+    linear in q, so the mean over heads is taken on q⁺ and q⁻ first.
+    """
+    b, hq, d = query.shape
+    hkv = upper.shape[1]
+    q = query.float().view(b, hkv, hq // hkv, d)
+    positive, negative = q.clamp(min=0).mean(dim=2), q.clamp(max=0).mean(dim=2)
+    return torch.einsum("bhd,bhnd->bhn", positive, upper.float()) + torch.einsum(
+        "bhd,bhnd->bhn", negative, lower.float()
+    )
+
+
+class ArkValeLayer(KVLayer):
+    """`resident_pages` page slots per KV head on the device; page slot j holds tokens [j*p, (j+1)*p).
+
+    While the layer holds at most `resident_pages` pages, page i sits in slot i. From then on the page
+    being written sits in the last slot, and the other slots hold sinks, filled window pages and the
+    pages selected by score. `slot_page` [B, n_groups, resident_pages] names the page in each slot.
+    """
+
+    def __init__(self, spec: LayerSpec, method: ArkVale) -> None:
+        self.page_size = method.page_size
+        self.total_pages = math.ceil((spec.prompt_len + spec.decode_len) / method.page_size)
+        # No more slots than the generation can ever fill.
+        self.resident_pages = min(method.budget_pages, self.total_pages)
+        super().__init__(spec, capacity=self.resident_pages * method.page_size)
+        self.method = method
+        self.groups = method.n_groups
+        self.free_topk = method.topk - method.n_sink_pages - (method.n_win_pages - 1)
+        self.last_query: torch.Tensor | None = None
+        self.slot_page: torch.Tensor | None = None
+        self.digest_upper: torch.Tensor | None = None  # [B, Hkv, total_pages, D]: c + r
+        self.digest_lower: torch.Tensor | None = None  # c - r
+        self.host_keys: torch.Tensor | None = None  # [total_pages, B, Hkv, p, D]: one contiguous page each
+        self.host_values: torch.Tensor | None = None
+        self.copy_stream: torch.cuda.Stream | None = None
+        self.counters = {
+            "estimate_calls": 0.0,
+            "select_calls": 0.0,
+            "pages_recalled": 0.0,
+            "estimate_s": 0.0,
+            "select_s": 0.0,
+            "recall_s": 0.0,
+        }
+
+    # ----- prefill -----
+    def observe(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
+        if self.prefilling:  # the last prompt token's query ranks the pages at the end of prefill
+            self.last_query = query[:, :, -1]
+
+    def finish_prefill(self) -> None:
+        if self.prefilling and self.is_initialized:
+            self._allocate_backing()
+            full = self.filled // self.page_size
+            pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
+            upper, lower = page_digest(pages, self.method.radius)
+            self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = upper, lower
+            values = self.values[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
+            with self._on_copy_stream():
+                self.host_keys[:full].copy_(pages.permute(2, 0, 1, 3, 4), non_blocking=True)
+                self.host_values[:full].copy_(values.permute(2, 0, 1, 3, 4), non_blocking=True)
+            if self.copy_stream is not None:  # the staging buffer is freed below while the copy may run
+                self.keys.record_stream(self.copy_stream)
+                self.values.record_stream(self.copy_stream)
+        super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
+        if self.is_initialized and self.slot_page is None:  # everything fit: page i in slot i
+            slots = torch.arange(self.resident_pages, device=self.keys.device)
+            in_use = slots * self.page_size < self.filled
+            b = self.keys.shape[0]
+            self.slot_page = slots.masked_fill(~in_use, -1).expand(b, self.groups, -1).clone()
+        self.last_query = None
+
+    def _allocate_backing(self) -> None:
+        b, h, _, d = self.keys.shape
+        device = self.keys.device
+        self.digest_upper = self.keys.new_zeros(b, h, self.total_pages, d)
+        self.digest_lower = self.keys.new_zeros(b, h, self.total_pages, d)
+        pin = device.type == "cuda"  # pinned host memory lets the copies run asynchronously
+        shape = (self.total_pages, b, h, self.page_size)
+        self.host_keys = torch.zeros(*shape, d, dtype=self.keys.dtype, pin_memory=pin)
+        self.host_values = torch.zeros(*shape, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)
+        if device.type == "cuda":
+            self.copy_stream = torch.cuda.Stream(device)
+
+    def select_prefill(self) -> torch.Tensor | None:
+        """Sinks, the top pages for the last prompt query, the window; the last page goes to the last slot."""
+        if self.filled <= self.capacity:  # every page fits: page i stays in slot i
+            return None
+        p, slots = self.page_size, self.resident_pages
+        n_pages = math.ceil(self.filled / p)
+        sinks, window = max(2, self.method.n_sink_pages), self.method.n_win_pages
+        device = self.keys.device
+        b = self.keys.shape[0]
+        pages = torch.arange(self.total_pages, device=device)
+        candidate = (pages >= sinks) & (pages < n_pages - window)
+        scores = self._page_scores(self.last_query).masked_fill(~candidate, float("-inf"))
+        top = scores.topk(slots - sinks - window, dim=-1).indices.sort(dim=-1).values
+        fixed = (torch.arange(sinks, device=device), torch.arange(n_pages - window, n_pages, device=device))
+        kept = torch.cat([fixed[0].expand(b, self.groups, -1), top, fixed[1].expand(b, self.groups, -1)], -1)
+        self.slot_page = kept
+        tokens = (kept.unsqueeze(-1) * p + torch.arange(p, device=device)).flatten(-2)
+        tokens = tokens[..., : (slots - 1) * p + self.filled - (n_pages - 1) * p]  # the last page may be partial
+        return tokens.repeat_interleave(self.keys.shape[1] // self.groups, dim=1)
+
+    # ----- decode -----
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefilling:
+            return super().update(key_states, value_states)
+        if key_states.shape[2] != 1:
+            raise RuntimeError("after prefill, tokens go through the cache one at a time")
+        if self.copy_stream is not None:  # a slot may still be read by a backup copy
+            torch.cuda.current_stream(self.keys.device).wait_stream(self.copy_stream)
+        p = self.page_size
+        page, offset = divmod(self.seen, p)
+        slot = min(page, self.resident_pages - 1)
+        if offset == 0:
+            if page >= self.resident_pages:
+                self._retire_last_slot(page)
+            self.slot_page[:, :, slot] = page
+        position = slot * p + offset
+        self.keys[:, :, position : position + 1] = key_states
+        self.values[:, :, position : position + 1] = value_states
+        self.seen += 1
+        self.filled = position + 1
+        if offset == p - 1:
+            self._seal(page, slot)
+        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+
+    def _retire_last_slot(self, page: int) -> None:
+        """`page` starts: the full page `page - 1` leaves the last slot for the slot of the page that
+        now leaves the window (always resident, so always found). The code's `_decode_alloc_1_page`."""
+        if self.method.n_win_pages == 1:  # page - 1 itself leaves the window; its backup is on the host
+            return
+        leaving = page - self.method.n_win_pages
+        target = (self.slot_page == leaving).int().argmax(dim=-1)  # [B, groups]
+        b, h, _, _ = self.keys.shape
+        for buffer in (self.keys, self.values):
+            paged = buffer.view(b, self.groups, h // self.groups, self.resident_pages, self.page_size, -1)
+            index = target.view(b, self.groups, 1, 1, 1, 1).expand(*paged.shape[:3], 1, *paged.shape[4:])
+            paged.scatter_(3, index, paged[:, :, :, -1:].clone())
+        self.slot_page.scatter_(2, target.unsqueeze(-1), page - 1)
+
+    def _seal(self, page: int, slot: int) -> None:
+        """A page just filled: digest it (kept on the device) and back it up to host memory."""
+        tokens = slice(slot * self.page_size, (slot + 1) * self.page_size)
+        keys, values = self.keys[:, :, tokens], self.values[:, :, tokens]
+        upper, lower = page_digest(keys, self.method.radius)
+        self.digest_upper[:, :, page], self.digest_lower[:, :, page] = upper, lower
+        with self._on_copy_stream():
+            self.host_keys[page].copy_(keys, non_blocking=True)
+            self.host_values[page].copy_(values, non_blocking=True)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        # `keys`/`values` are views of the slot buffers, so pages recalled here are what attention reads.
+        if not self.prefilling and self.seen > self.capacity:
+            self._select_and_recall(query[:, :, -1])
+        return super().attend(query, keys, values, scaling)
+
+    def _select_and_recall(self, query: torch.Tensor) -> None:
+        """Estimate every filled page, make the top-k resident, recall the missing ones over the
+        lowest-scored resident pages (`select.cu`). Victims need no write-back: all are on host."""
+        began = time.perf_counter()
+        scores = self._page_scores(query)  # [B, groups, total_pages]
+        estimated = time.perf_counter()
+
+        device = scores.device
+        current = (self.seen - 1) // self.page_size  # the page the newest token is in
+        pages = torch.arange(self.total_pages, device=device)
+        candidate = (pages >= self.method.n_sink_pages) & (pages < current - self.method.n_win_pages + 1)
+        top = scores.masked_fill(~candidate, float("-inf")).topk(self.free_topk, dim=-1).indices
+        resident = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, self.slot_page, True)
+        missing = ~resident.gather(2, top)
+        # Sinks, window pages and the top-k are never victims; the rest go lowest score first.
+        keep_score = scores.masked_fill(~candidate, float("inf")).scatter(2, top, float("inf"))
+        victims = keep_score.gather(2, self.slot_page).topk(self.free_topk, dim=-1, largest=False).indices
+        order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
+        incoming, fetch = top.gather(2, order), missing.gather(2, order)
+        batch, group, rank = fetch.nonzero(as_tuple=True)  # the one host sync of the step
+        new_pages, slots = incoming[batch, group, rank], victims[batch, group, rank]
+        selected = time.perf_counter()
+
+        per_group = self.keys.shape[1] // self.groups
+        p = self.page_size
+        with self._on_copy_stream():
+            for b, g, page, slot in torch.stack([batch, group, new_pages, slots], dim=1).tolist():
+                heads, tokens = slice(g * per_group, (g + 1) * per_group), slice(slot * p, (slot + 1) * p)
+                self.keys[b, heads, tokens].copy_(self.host_keys[page, b, heads], non_blocking=True)
+                self.values[b, heads, tokens].copy_(self.host_values[page, b, heads], non_blocking=True)
+        if self.copy_stream is not None:  # attention must read the recalled pages
+            torch.cuda.current_stream(device).wait_stream(self.copy_stream)
+        self.slot_page[batch, group, slots] = new_pages
+        recalled = time.perf_counter()
+
+        self.counters["estimate_calls"] += 1
+        self.counters["select_calls"] += 1
+        self.counters["pages_recalled"] += len(new_pages)
+        self.counters["estimate_s"] += estimated - began
+        self.counters["select_s"] += selected - estimated
+        self.counters["recall_s"] += recalled - selected
+
+    # ----- shared helpers -----
+    def _page_scores(self, query: torch.Tensor) -> torch.Tensor:
+        """[B, groups, total_pages] page estimates for `query` [B, Hq, D]; unfilled pages score 0."""
+        per_kv_head = digest_scores(query, self.digest_upper, self.digest_lower)
+        b, h, n = per_kv_head.shape
+        return per_kv_head.view(b, self.groups, h // self.groups, n).mean(dim=2)
+
+    def _on_copy_stream(self) -> AbstractContextManager:
+        """Host copies run on a side stream on CUDA, after the work already queued on the main one."""
+        if self.copy_stream is None:
+            return nullcontext()
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.keys.device))
+        return torch.cuda.stream(self.copy_stream)
+
+    # ----- accounting -----
+    def tensors(self) -> dict[str, torch.Tensor]:
+        held = super().tensors()
+        extra = {"digest_upper": self.digest_upper, "digest_lower": self.digest_lower, "slot_page": self.slot_page}
+        held.update({name: t for name, t in extra.items() if t is not None})
+        return held
+
+    def host_tensors(self) -> dict[str, torch.Tensor]:
+        held = {"host_keys": self.host_keys, "host_values": self.host_values}
+        return {name: t for name, t in held.items() if t is not None}
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.counters)
