@@ -70,6 +70,11 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+# Read once, when the code is loaded: a long sweep keeps running the code it started with even if the
+# checkout moves on, so its records must name that commit, not the one current at each run.
+COMMIT_AT_IMPORT = git_commit()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     env = {
         "device": device.type,
@@ -80,7 +85,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "kvbench": kvbench.__version__,
-        "git_commit": git_commit(),
+        "git_commit": COMMIT_AT_IMPORT,
     }
     return env
 
