@@ -66,6 +66,7 @@ class StreamingLayer(KVLayer):
         self.shift_positions = method.positions == "in_cache"
         self.inv_freq = spec.rope_inv_freq
         self.evictions = 0
+        self.sink_keys: torch.Tensor | None = None  # the sinks at their original positions
 
     def select_prefill(self) -> torch.Tensor | None:
         if self.filled <= self.capacity:
@@ -84,9 +85,17 @@ class StreamingLayer(KVLayer):
         evicted = self.seen - self.filled
         if not self.shift_positions or evicted == 0 or self.sinks == 0:
             return keys
-        keys = keys.clone()
-        keys[:, :, : self.sinks] = rotate(keys[:, :, : self.sinks], evicted, self.inv_freq)
+        if self.sink_keys is None:
+            self.sink_keys = self.keys[:, :, : self.sinks].clone()
+        # Rotate from the pristine copy each step (no rounding builds up); `keys` views these slots.
+        self.keys[:, :, : self.sinks] = rotate(self.sink_keys, evicted, self.inv_freq)
         return keys
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        held = super().tensors()
+        if self.sink_keys is not None:
+            held["sink_keys"] = self.sink_keys
+        return held
 
 
 def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:

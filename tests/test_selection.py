@@ -131,6 +131,9 @@ def test_streamingllm_position_shift_equals_rerotated_cache():
     ref_q = rope(raw_q[:, :, -1:], in_cache[-1:], inv_freq)
     ref = torch.nn.functional.scaled_dot_product_attention(ref_q, ref_k, v[:, :, kept], enable_gqa=True)
     assert torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+    # Sink slots hold the shifted sinks; the layer keeps them at their original positions aside.
+    assert torch.equal(layer.sink_keys, k[:, :, :sinks])
+    layer.keys[:, :, :sinks] = layer.sink_keys
     assert kept_positions(layer, k) == [kept] * HKV
 
 
