@@ -153,10 +153,11 @@ class Engine:
         question_ids: Sequence[int] = (),
         stop_ids: Sequence[int] = (),
         sampling: Sampling | None = None,
+        min_new_tokens: int = 0,
     ) -> Generation:
         """Greedy generation, or sampled with `sampling`. `question_ids`, if given, follow the prompt
         through the decode path one token at a time (the two-phase protocol: the question meets an
-        already-compressed context)."""
+        already-compressed context). Stop tokens cannot be produced before `min_new_tokens`."""
         cache = self.new_cache(len(prompt_ids), len(question_ids) + max_new_tokens)
         m = Measurement(dense_kv_bytes=self._dense_bytes(len(prompt_ids) + len(question_ids) + max_new_tokens))
         self._start()
@@ -177,7 +178,10 @@ class Engine:
         generator = torch.Generator().manual_seed(sampling.seed) if sampling else None
         self._sync()
         begin = time.perf_counter()
+        stop_list = sorted(stops)
         while True:
+            if len(generated) < min_new_tokens and stop_list:
+                logits = logits.index_fill(-1, torch.tensor(stop_list, device=logits.device), float("-inf"))
             token = sampling.pick(logits, generator) if sampling else int(logits.argmax())
             generated.append(token)
             if token in stops or len(generated) >= max_new_tokens:

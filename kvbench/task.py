@@ -26,6 +26,7 @@ class Sample:
     question_ids: list[int] = field(default_factory=list)  # two-phase protocol: fed through decode
     continuation_ids: list[int] = field(default_factory=list)
     stop_ids: list[int] = field(default_factory=list)
+    min_new_tokens: int = 0  # stop tokens are refused before this many new tokens
     reference: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
     sampling: Sampling | None = None  # None: greedy
@@ -57,7 +58,12 @@ class Task:
         if sample.continuation_ids:
             return engine.score_continuation(sample.prompt_ids, sample.continuation_ids)
         return engine.generate(
-            sample.prompt_ids, sample.max_new_tokens, sample.question_ids, sample.stop_ids, sample.sampling
+            sample.prompt_ids,
+            sample.max_new_tokens,
+            sample.question_ids,
+            sample.stop_ids,
+            sample.sampling,
+            sample.min_new_tokens,
         )
 
     def score(self, sample: Sample, output: Generation | Scored) -> dict[str, Any]:

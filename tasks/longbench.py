@@ -328,6 +328,11 @@ def stop_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
+def newline_id(tokenizer) -> int:
+    """The token of "\n" as the official code finds it (last id of the encoded newline)."""
+    return tokenizer.encode("\n", add_special_tokens=False)[-1]
+
+
 def parse_jsonl(lines: Iterable[str], limit: int = 0) -> Iterator[dict[str, Any]]:
     """Records of JSON lines (blank lines skipped), at most `limit` of them (0 = all), parsed lazily."""
     produced = 0
@@ -512,12 +517,15 @@ class LongBench(Task):
                     "truncated_tokens": encoded.dropped_tokens,
                 }
                 reference = {"answers": list(record["answers"]), "all_classes": record.get("all_classes")}
+                # Official samsum decoding: stop at a newline too, but never on the first new token.
+                newline = name == "samsum"
                 yield Sample(
                     f"{self.file_name(name)}-{index:04d}",
                     encoded.prompt_ids,
                     self.budget(name),
                     question_ids=encoded.question_ids,
-                    stop_ids=stops,
+                    stop_ids=[*stops, newline_id(tokenizer)] if newline else stops,
+                    min_new_tokens=1 if newline else 0,
                     reference=reference,
                     meta=meta,
                 )

@@ -27,3 +27,12 @@ def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     generator = torch.Generator().manual_seed(0)
     drawn = {sampling.pick(logits, generator) for _ in range(300)}
     assert drawn == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2 and 3 are cut
+
+
+def test_min_new_tokens_refuses_stop_tokens_until_reached(tiny):
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, Full(), spec)
+    first = engine.generate(PROMPT, 1).token_ids[0]
+    assert engine.generate(PROMPT, 5, stop_ids=[first]).token_ids == [first]  # stops at once
+    forced = engine.generate(PROMPT, 5, stop_ids=[first], min_new_tokens=1).token_ids
+    assert forced[0] != first and len(forced) >= 2

@@ -355,3 +355,15 @@ def test_v2_cot_runs_two_passes(tiny, shared_data):
     assert isinstance(output, v2.CotGeneration) and len(output.token_ids) <= 3 and output.answer_tokens <= 2
     row = task.score(sample, output)
     assert "reasoning" in row and row["correct"] in (0.0, 1.0)
+
+
+def test_samsum_stops_at_a_newline_but_never_first(tokenizer, longbench_dir, tmp_path):
+    record = {"context": "Dialogue: A: hi\nSummary: A greets.\n\n", "input": "B: bye", "answers": ["B leaves."],
+              "all_classes": None, "length": 9, "_id": "x"}  # fmt: skip
+    (tmp_path / "samsum.jsonl").write_text(json.dumps(record) + "\n")
+    (sample,) = lb.LongBench(subtasks=["samsum"], data_dir=str(tmp_path), max_length=512).samples(tokenizer)
+    assert tokenizer.decode([sample.stop_ids[-1]]) == "\n" and sample.min_new_tokens == 1
+    (other,) = lb.LongBench(subtasks=["multi_news"], data_dir=str(longbench_dir), limit=1, max_length=512).samples(
+        tokenizer
+    )
+    assert other.min_new_tokens == 0 and other.stop_ids == lb.stop_ids(tokenizer)

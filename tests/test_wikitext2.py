@@ -50,3 +50,15 @@ def test_sliding_protocol_scores_every_token_once(tiny, shared_data):
     (sample,) = task.samples(tokenizer)
     scored = task.evaluate(Engine(model, tokenizer, Full(), spec), sample)
     assert scored.tokens == 199  # every token but the first is predicted exactly once
+
+
+def test_without_data_dir_the_text_comes_from_datasets(monkeypatch, shared_data):
+    """No hub here: stub `load_dataset` and check the call and that rows rebuild the raw test file."""
+    import datasets
+
+    raw = (shared_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    rows = raw.splitlines(keepends=True)  # the hub's rows: one line each, newline kept
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or {"text": rows})
+    assert WikiText2().text() == raw
+    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "test"})]
