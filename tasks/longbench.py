@@ -324,6 +324,44 @@ def encode_prompt(
     return EncodedPrompt(pre + context + question + post, [], input_tokens, dropped, wrapper_tokens)
 
 
+def encode_to_fit(
+    tokenizer,
+    context_part: str,
+    question_part: str,
+    *,
+    use_chat: bool,
+    two_phase: bool,
+    max_length: int,
+    positions: int | None,
+    answer_tokens: int,
+    what: str = "",
+) -> EncodedPrompt:
+    """`encode_prompt` under the model's limit: by default the prompt gets what the answer leaves of the
+    model's `positions` (known once `check()` ran); an explicit `max_length` plus the chat template must
+    still fit with the answer."""
+    if not max_length and positions is None:
+        raise ConfigError("task.max_length", 0, "a token budget (or call check(model, method) first to read the model)")
+    encoded = encode_prompt(
+        tokenizer,
+        context_part,
+        question_part,
+        use_chat=use_chat,
+        two_phase=two_phase,
+        max_length=max_length,
+        max_total=0 if max_length else positions - answer_tokens,
+    )
+    if positions is not None:
+        total = len(encoded.prompt_ids) + len(encoded.question_ids) + answer_tokens
+        require(
+            total <= positions,
+            "task.max_length",
+            max_length,
+            f"at most {positions - answer_tokens - encoded.wrapper_tokens}{what} "
+            f"(the chat template adds {encoded.wrapper_tokens} tokens, the answer {answer_tokens})",
+        )
+    return encoded
+
+
 def stop_ids(tokenizer) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
@@ -475,32 +513,18 @@ class LongBench(Task):
         return head + record["context"], tail.replace("{input}", record["input"])
 
     def encode(self, tokenizer, name: str, record: dict[str, Any]) -> EncodedPrompt:
-        if not self.max_length and self._positions is None:
-            raise ConfigError(
-                "task.max_length", 0, "a token budget (or call check(model, method) first to read the model)"
-            )
         context_part, question_part = self.prompt_parts(name, record)
-        budget = self.budget(name)
-        encoded = encode_prompt(
+        return encode_to_fit(
             tokenizer,
             context_part,
             question_part,
             use_chat=self.chat_template and name not in NO_CHAT_TASKS,
             two_phase=self.two_phase,
             max_length=self.max_length,
-            # By default the prompt gets what the answer leaves of the model's positions.
-            max_total=0 if self.max_length else self._positions - budget,
+            positions=self._positions,
+            answer_tokens=self.budget(name),
+            what=f" for {name}",
         )
-        if self._positions is not None:  # an explicit max_length plus the chat template may not fit
-            total = len(encoded.prompt_ids) + len(encoded.question_ids) + budget
-            require(
-                total <= self._positions,
-                "task.max_length",
-                self.max_length,
-                f"at most {self._positions - budget - encoded.wrapper_tokens} for {name} "
-                f"(the chat template adds {encoded.wrapper_tokens} tokens, the answer {budget})",
-            )
-        return encoded
 
     def samples(self, tokenizer) -> Iterator[Sample]:
         stops = stop_ids(tokenizer)

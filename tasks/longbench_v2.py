@@ -31,10 +31,10 @@ from typing import Any, ClassVar
 
 from kvbench.cache import ModelSpec
 from kvbench.engine import Engine, Generation
-from kvbench.errors import ConfigError, require
+from kvbench.errors import require
 from kvbench.method import Method
 from kvbench.task import Sample, Task, mean
-from kvbench.tasks.longbench import EncodedPrompt, encode_prompt, read_jsonl, stop_ids
+from kvbench.tasks.longbench import EncodedPrompt, encode_prompt, encode_to_fit, read_jsonl, stop_ids
 
 _CHOICES = "What is the correct answer to this question: $Q$\nChoices:\n(A) $C_A$\n(B) $C_B$\n(C) $C_C$\n(D) $C_D$\n\n"
 # The official prompts (prompts/0shot.txt, 0shot_cot.txt, 0shot_cot_ans.txt); `$...$` are the slots.
@@ -181,30 +181,17 @@ class LongBenchV2(Task):
 
     # ----- samples -----
     def encode(self, tokenizer, record: dict[str, Any]) -> EncodedPrompt:
-        if not self.max_length and self._positions is None:
-            raise ConfigError(
-                "task.max_length", 0, "a token budget (or call check(model, method) first to read the model)"
-            )
         head, tail = (COT if self.cot else ZERO_SHOT).split("$DOC$")
-        encoded = encode_prompt(
+        return encode_to_fit(
             tokenizer,
             head + record["context"].strip(),
             fill(tail, record),
             use_chat=self.chat_template,
             two_phase=self.two_phase,
             max_length=self.max_length,
-            max_total=0 if self.max_length else self._positions - self.budget(),
+            positions=self._positions,
+            answer_tokens=self.budget(),
         )
-        if self._positions is not None:
-            total = len(encoded.prompt_ids) + len(encoded.question_ids) + self.budget()
-            require(
-                total <= self._positions,
-                "task.max_length",
-                self.max_length,
-                f"at most {self._positions - self.budget() - encoded.wrapper_tokens} "
-                f"(the chat template adds {encoded.wrapper_tokens} tokens)",
-            )
-        return encoded
 
     def samples(self, tokenizer) -> Iterator[Sample]:
         stops = stop_ids(tokenizer)
