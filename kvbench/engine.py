@@ -60,6 +60,7 @@ class Generation:
     token_ids: list[int]
     text: str
     measurement: Measurement
+    stopped: bool = False  # ended on a stop token (the task's or the model's own), not at the token limit
 
 
 @dataclass
@@ -194,7 +195,7 @@ class Engine:
         self._finish(cache, m)
         kept = [t for t in generated if t not in stops]
         text = self.tokenizer.decode(kept, skip_special_tokens=True) if self.tokenizer is not None else ""
-        return Generation(generated, text, m)
+        return Generation(generated, text, m, stopped=generated[-1] in stops)
 
     @torch.inference_mode()
     def score_continuation(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> Scored:
