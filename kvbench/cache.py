@@ -76,7 +76,6 @@ class KVLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
     needs_attention_weights: ClassVar[bool] = False
-    tracks_positions: ClassVar[bool] = False  # keep each slot's original position in `positions`
 
     def __init__(self, spec: LayerSpec, capacity: int) -> None:
         super().__init__()
@@ -94,8 +93,8 @@ class KVLayer(CacheLayerMixin):
         slots = max(self.capacity, self.spec.prompt_len)
         self.keys = key_states.new_zeros(b, h, slots, d)
         self.values = value_states.new_zeros(b, h, slots, value_states.shape[-1])
-        if self.tracks_positions:
-            self.positions = torch.full((b, h, slots), -1, dtype=torch.long, device=key_states.device)
+        # Each slot's original position (-1: empty): what a layer holds, for methods, masks and tests.
+        self.positions = torch.full((b, h, slots), -1, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
     def update(
@@ -132,7 +131,7 @@ class KVLayer(CacheLayerMixin):
         stop = start + keys.shape[2]
         self.keys[:, :, start:stop] = keys
         self.values[:, :, start:stop] = values
-        if self.positions is not None:
+        if "positions" in self.tensors():
             self.positions[:, :, start:stop] = torch.arange(self.seen, self.seen + keys.shape[2])
         self.on_write(slice(start, stop))
         self.filled = max(self.filled, stop)
@@ -236,10 +235,28 @@ class KVLayer(CacheLayerMixin):
 
 
 class FullLayer(KVLayer):
-    """The dense cache: room for the whole prompt and every decode token, nothing ever evicted."""
+    """The dense cache: room for the whole prompt and every decode token, nothing ever evicted.
+
+    Slot i always holds position i, so positions are derived when asked for, never stored: the dense
+    baseline holds exactly its keys and values.
+    """
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec, capacity=spec.prompt_len + spec.decode_len)
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        if not self.is_initialized:
+            return None
+        slots = torch.arange(self.keys.shape[2], device=self.keys.device)
+        return slots.masked_fill(slots >= self.seen, -1).expand(*self.keys.shape[:3])
+
+    @positions.setter
+    def positions(self, value: torch.Tensor | None) -> None:
+        """Derived, never stored: whatever the base class assigns is dropped."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values}
 
 
 class KVCache(Cache):

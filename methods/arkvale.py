@@ -278,6 +278,7 @@ class ArkValeLayer(KVLayer):
         position = slot * p + offset
         self.keys[:, :, position : position + 1] = key_states
         self.values[:, :, position : position + 1] = value_states
+        self.positions[:, :, position] = self.seen
         self.seen += 1
         self.filled = position + 1
         if offset == p - 1:
@@ -296,6 +297,10 @@ class ArkValeLayer(KVLayer):
             paged = buffer.view(b, self.groups, h // self.groups, self.resident_pages, self.page_size, -1)
             index = target.view(b, self.groups, 1, 1, 1, 1).expand(*paged.shape[:3], 1, *paged.shape[4:])
             paged.scatter_(3, index, paged[:, :, :, -1:].clone())
+        paged = self.positions.view(b, self.groups, h // self.groups, self.resident_pages, self.page_size)
+        index = target.view(b, self.groups, 1, 1, 1).expand(*paged.shape[:3], 1, self.page_size)
+        paged.scatter_(3, index, paged[:, :, :, -1:].clone())
+        paged[:, :, :, -1] = -1  # the last slot starts the new page empty
         self.slot_page.scatter_(2, target.unsqueeze(-1), page - 1)
 
     def _seal(self, page: int, slot: int) -> None:
@@ -344,6 +349,7 @@ class ArkValeLayer(KVLayer):
                 heads, tokens = slice(g * per_group, (g + 1) * per_group), slice(slot * p, (slot + 1) * p)
                 self.keys[b, heads, tokens].copy_(self.host_keys[page, b, heads], non_blocking=True)
                 self.values[b, heads, tokens].copy_(self.host_values[page, b, heads], non_blocking=True)
+                self.positions[b, heads, tokens] = torch.arange(page * p, (page + 1) * p, device=device)
         if self.copy_stream is not None:  # attention must read the recalled pages
             torch.cuda.current_stream(device).wait_stream(self.copy_stream)
         self.slot_page[batch, group, slots] = new_pages

@@ -56,7 +56,6 @@ class H2O(Method):
 
 class H2OLayer(KVLayer):
     needs_attention_weights = True
-    tracks_positions = True
 
     def __init__(self, spec: LayerSpec, budget: int, recent: int) -> None:
         # One slot beyond the budget for the token being attended; never more than the generation can fill.
