@@ -11,15 +11,17 @@ Libraries, as in the official scorer:
   recurses once per step, about prediction + reference words of one sentence, and long unpunctuated text
   such as jieba-segmented Chinese summaries can pass Python's limit of 1000 frames).
 - `jieba` for Chinese word segmentation (qa_f1_zh, rouge_zh).
-- code_sim: the official code calls `fuzzywuzzy.fuzz.ratio`. We use `rapidfuzz.fuzz.ratio` (maintained, and
-  what `thefuzz`, fuzzywuzzy's successor, calls) and round to an integer percentage as fuzzywuzzy does.
-  This equals fuzzywuzzy with python-Levenshtein installed (an exact indel/LCS ratio); fuzzywuzzy without
-  it falls back to difflib's SequenceMatcher, whose matching is heuristic and can differ slightly on long
-  or repetitive lines.
+- code_sim: the official code calls `fuzzywuzzy.fuzz.ratio`, and its requirements install fuzzywuzzy without
+  python-Levenshtein, so fuzzywuzzy falls back to `difflib.SequenceMatcher` (with its default `autojunk`).
+  `fuzz_ratio` reproduces that fallback with the standard library: difflib's matching is greedy (longest
+  block first), so it can score below an exact indel/LCS ratio (rapidfuzz, or fuzzywuzzy with Levenshtein),
+  e.g. on reordered imports or arguments, and on lines of 200+ characters, where autojunk ignores frequent
+  characters.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 from collections import Counter
@@ -131,10 +133,19 @@ def count(prediction: str, ground_truth: str, **_: object) -> float:
     return _number_share(prediction, str(ground_truth))
 
 
+def fuzz_ratio(first: str, second: str) -> int:
+    """`fuzzywuzzy.fuzz.ratio` as the official scorer runs it (no python-Levenshtein): its decorators make
+    equal strings 100 (two empty ones too) and an empty string against a non-empty one 0; otherwise
+    difflib's ratio as a percent, rounded with Python's `round` (half to even, as fuzzywuzzy's `intr`)."""
+    if first == second:
+        return 100
+    if not first or not second:
+        return 0
+    return round(100 * difflib.SequenceMatcher(None, first, second).ratio())
+
+
 def code_sim(prediction: str, ground_truth: str, **_: object) -> float:
     """Similarity of the first prediction line that is not a comment or a code fence to the gold line."""
-    from rapidfuzz import fuzz
-
     line = next(
         (
             line
@@ -143,8 +154,7 @@ def code_sim(prediction: str, ground_truth: str, **_: object) -> float:
         ),
         "",
     )
-    # fuzzywuzzy returns int(round(100 * ratio)); keep that granularity.
-    return round(fuzz.ratio(line, ground_truth)) / 100
+    return fuzz_ratio(line, ground_truth) / 100
 
 
 METRICS: dict[str, Callable[..., float]] = {

@@ -84,12 +84,38 @@ def test_retrieval_and_count():
 def test_code_sim():
     # first line without ` # // is "x = foo(1)": identical -> 100 -> 1.0
     assert lm.code_sim("```python\n# comment\nx = foo(1)\n", "x = foo(1)") == 1.0
-    # "abcd" vs "abce": LCS 3, lengths 4 + 4 -> 2*3/8 = 0.75 -> 75 -> 0.75
+    # "abcd" vs "abce": one block "abc" (3), lengths 4 + 4 -> 2*3/8 = 0.75 -> 75 -> 0.75
     assert lm.code_sim("abcd", "abce") == 0.75
     # "abc" vs "abcd": 2*3/7 = 0.857.. -> rounded to 86 (fuzzywuzzy's integer percent) -> 0.86
     assert lm.code_sim("abc", "abcd") == 0.86
     # only comment lines: the compared line is "" -> 0
     assert lm.code_sim("# a\n// b", "x = 1") == 0.0
+
+
+def test_code_sim_is_fuzzywuzzy_without_levenshtein():
+    """The official scorer's fuzz.ratio runs on difflib (fuzzywuzzy without python-Levenshtein), whose greedy
+    matching scores below an exact LCS ratio (rapidfuzz) on reordered code."""
+    prediction = "from os import path, getcwd, sep, environ"  # 41 characters each
+    gold = "from os import environ, getcwd, path, sep"
+    # difflib takes the longest block first: "from os import " (15), then ", getcwd, " (10) between the blocks
+    # already taken, then "sep" (3) = 28 -> 2*28/82 = 0.683 -> 68. The longest common subsequence has 29
+    # characters -> 2*29/82 = 0.707 -> 71: what an exact (Levenshtein, rapidfuzz) ratio gives.
+    assert lm.code_sim(prediction, gold) == 0.68
+    # A 210-character line with two arguments swapped: difflib's autojunk (on for sequences of 200+) ignores
+    # characters that make up more than 1% of the gold line (spaces, "e", "s", ...), so fewer characters
+    # match: 90, where the exact ratio (and difflib without autojunk) gives 98.
+    long_gold = (
+        "        self.assertEqual(response.status_code, 200, msg=f'unexpected status {response.status_code} for "
+        "{url}: {response.content[:200]!r}; headers={dict(response.headers)!r}, cookies={dict(response.cookies)!r}')"
+    )
+    swapped = long_gold.replace("response.status_code, 200", "200, response.status_code")
+    assert len(long_gold) == 210 and lm.code_sim(swapped, long_gold) == 0.90
+    # 100 * ratio = 12.5 exactly (one common character in 8 + 8): Python's round gives 12 (half to even),
+    # as fuzzywuzzy's int(round(...)), not 13
+    assert lm.code_sim("abcdefgh", "aijklmno") == 0.12
+    # fuzzywuzzy's decorators: equal strings are 100 before the empty-string check, so "" vs "" is 1.0
+    assert lm.code_sim("# only a comment", "") == 1.0
+    assert lm.fuzz_ratio("", "x") == 0
 
 
 def test_score_prediction_first_line_and_best_answer():
