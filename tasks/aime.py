@@ -8,21 +8,27 @@ tested on. Protocol:
   leave). `temperature > 0` samples (with `top_p`), `samples_per_problem` times per problem, each sample
   seeded from `seed`, the problem and the repeat, so a run repeats exactly; pass@1 averages over them.
   With greedy decoding every repeat gives the same answer, so `samples_per_problem > 1` needs sampling.
-- Answer: the content of the last `\\boxed{...}` (nested braces handled), read as an integer, so "025"
-  equals 25. No boxed answer, or one that is not an integer, is wrong.
+- Answer: the content of the last `\\boxed{...}` (nested braces handled), read as an integer (`to_integer`),
+  so "025" equals 25 and `\\dfrac{66}{2}` equals 33. No boxed answer, or one that is not an integer, is wrong.
 - Metrics (percent): `pass@1` = mean over problems of the share of correct samples; `boxed` = share of
-  samples with a boxed answer; `truncated` = share that hit the token limit. Each row records
-  `generated_tokens` (the cache's growth during decode).
+  samples with a boxed answer; `truncated` = share that did not end on a stop token (the task's or the
+  model's own), i.e. hit the token limit. Each row records `generated_tokens` (the cache's growth during decode).
 
 Data: `data_dir` is a folder holding `data_file` (JSON lines with problem/answer fields; the loader also
-accepts Problem/Answer/question and ID/id); empty loads `dataset`/`split` through `datasets`.
+accepts Problem/Answer/question and ID/id); empty loads `dataset`/`split` through `datasets`. `check()`
+reads and validates every record before any weights load (missing data, a corrupt line: a `ConfigError`
+naming the file and line), and `describe()` carries `data_sha256` (of the file, or of the hub rows), so a
+changed data file is a different run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,7 +37,7 @@ from kvbench.engine import Generation, Sampling
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
 from kvbench.task import Sample, Task, mean
-from kvbench.tasks.longbench import chat_wrapper, read_jsonl, stop_ids
+from kvbench.tasks.longbench import chat_wrapper, stop_ids
 
 DEFAULT_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 PROMPT_RESERVE = 512  # check() assumes prompts up to this many tokens; samples() checks the real length
@@ -55,22 +61,68 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
+# Formatting commands whose argument is the answer itself (`\textbf{33}`), or a unit when it holds no digit
+# (`33 \text{ degrees}`, `\mathrm{cm}`).
+_WRAPPERS = (
+    r"text|textbf|textit|textrm|textnormal|texttt|textsf|mathbf|mathrm|mathit|mathsf|mathtt|mathnormal|"
+    r"boldsymbol|bm|mbox|operatorname"
+)
+_UNIT = re.compile(rf"\\(?:{_WRAPPERS})\s*\{{[^{{}}\d]*\}}")
+_WRAPPED = re.compile(rf"\\(?:{_WRAPPERS})\s*\{{([^{{}}]*)\}}")
+_STYLE = re.compile(r"\\(?:displaystyle|textstyle|scriptstyle|boldmath|bf|rm|it)(?![A-Za-z])")
+_DEGREES_PERCENT_DOLLARS = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°|\\?%|\\?\$")
+# `\frac{66}{2}`, `\dfrac`, `\tfrac`, and LaTeX's single-digit arguments (`\frac12`); becomes "66/2".
+_FRACTION = re.compile(r"\\[dt]?frac\s*(?:\{([^{}]*)\}|(\d))\s*(?:\{([^{}]*)\}|(\d))")
+# Thousands separators: "1,000", "1{,}000", "1\,000" (only before exactly three digits).
+_THOUSANDS = re.compile(r"(?<=\d)(?:,|\{,\}|\\,|\\!|\\ )(?=\d{3}(?!\d))")
+_LATEX_SPACE = re.compile(r"\\[,!;: ]|~")
+# Unit words after the number ("33 degrees", "33 cm"): two letters or more, so "3 x" stays unreadable.
+_UNIT_WORDS = re.compile(r"(?<=\d)\s+[A-Za-z]{2,}[A-Za-z\s]*$")
+_NUMBER = re.compile(r"([+-]?\d+)(?:\.0*|/(\d+))?")
+
+
 def to_integer(answer: str | None) -> int | None:
-    """An AIME answer as an integer: strips LaTeX wrappers and spacing; "025" -> 25, "1,000" -> 1000."""
+    """An AIME answer as an integer, or None when it is not one.
+
+    Strips formatting (`\\textbf{33}`, `\\mathbf`, `\\displaystyle`), units (`33 \\text{ degrees}`, `45^\\circ`,
+    `\\%`, `\\$`), spacing and thousands separators; keeps the value after the last "=" ("m+n=25"); reads a
+    fraction whose value is an integer (`\\dfrac{66}{2}` -> 33). Never rounds: "33.5", `\\frac{1}{2}` and
+    "3 3" (two numbers) are None, while "025" -> 25 and "25.0" -> 25."""
     if answer is None:
         return None
-    text = re.sub(r"\\text\{([^{}]*)\}|\\mathrm\{([^{}]*)\}", lambda m: m.group(1) or m.group(2) or "", answer)
-    text = text.replace("\\!", "").replace("\\,", "").replace("$", "").replace(" ", "")
-    text = re.sub(r"\^\{?\\circ\}?|\\%|%", "", text)
-    if "=" in text:  # "m+n=25": the value after the last "="
-        text = text.rsplit("=", 1)[1]
-    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
-    found = re.fullmatch(r"[+-]?\d+(?:\.0*)?", text)
-    return int(float(text)) if found else None
+    text = _UNIT.sub("", answer)
+    while (unwrapped := _WRAPPED.sub(r"\1", text)) != text:  # innermost first, so nesting unwraps in turns
+        text = unwrapped
+    text = _DEGREES_PERCENT_DOLLARS.sub("", _STYLE.sub("", text))
+    text = _FRACTION.sub(lambda m: f"{m[1] or m[2]}/{m[3] or m[4]}", text)
+    text = text.rsplit("=", 1)[-1]  # "m+n=25": the value after the last "="
+    text = _LATEX_SPACE.sub(" ", _THOUSANDS.sub("", text)).strip()
+    text = _UNIT_WORDS.sub("", text)
+    if re.search(r"\d\s+\d", text):  # "3 3" is two numbers, not 33
+        return None
+    found = _NUMBER.fullmatch(re.sub(r"\s+", "", text))
+    if not found:
+        return None
+    numerator, denominator = int(found[1]), int(found[2] or 1)
+    if denominator == 0:
+        return None
+    value = Fraction(numerator, denominator)
+    return int(value) if value.denominator == 1 else None
 
 
 def extract_answer(response: str) -> int | None:
     return to_integer(last_boxed(response))
+
+
+def normalize(record: Any, index: int, where: str, key: str, value: str) -> dict[str, Any]:
+    """{id, problem, answer (int)} from a record with any casing of problem/question, answer and id;
+    a `ConfigError` naming `where` when the record is not one."""
+    fields = {name.lower(): item for name, item in record.items()} if isinstance(record, dict) else {}
+    problem = fields.get("problem") or fields.get("question")
+    answer = str(fields.get("answer", "")).strip()
+    if not isinstance(problem, str) or not re.fullmatch(r"\d+", answer):
+        raise ConfigError(key, value, f"{where} is not a record with a problem and an integer answer")
+    return {"id": str(fields.get("id", index)), "problem": problem, "answer": int(answer)}
 
 
 @dataclass
@@ -109,6 +161,8 @@ class AIME(Task):
             path = Path(self.data_dir) / self.data_file
             require(path.is_file(), "task.data_dir", self.data_dir, f"a folder containing {self.data_file}")
         self._positions: int | None = None
+        self._records: list[dict[str, Any]] | None = None
+        self._data_sha256 = ""
 
     def check(self, model: ModelSpec, method: Method) -> None:
         self._positions = model.max_positions
@@ -120,29 +174,63 @@ class AIME(Task):
                 f"at most {model.max_positions - PROMPT_RESERVE} ({model.name} has {model.max_positions} "
                 f"positions; {PROMPT_RESERVE} are kept for the prompt), or 0 to fill them",
             )
+        self.records()  # after the fit checks: missing or corrupt data is reported before any weights load
+
+    def describe(self) -> dict[str, Any]:
+        # The data's hash is part of the run's identity: a corrected data file makes a new run.
+        self.records()
+        return {**super().describe(), "data_sha256": self._data_sha256}
 
     # ----- data -----
-    def problems(self) -> Iterator[dict[str, Any]]:
-        """Records as {id, problem, answer (int)}, whatever the source's field names."""
-        if self.data_dir:
-            source: Any = read_jsonl(Path(self.data_dir) / self.data_file)
-        else:
-            from datasets import load_dataset
+    def records(self) -> list[dict[str, Any]]:
+        """Every record as {id, problem, answer (int)}, whatever the source's field names; read once."""
+        if self._records is None:
+            self._records, self._data_sha256 = self._read_file() if self.data_dir else self._read_hub()
+        return self._records
 
-            source = load_dataset(self.dataset, split=self.split)
-        for index, record in enumerate(source):
-            if self.limit and index >= self.limit:
-                return
-            fields = {key.lower(): value for key, value in record.items()}
-            problem = fields.get("problem") or fields.get("question")
-            if problem is None or "answer" not in fields:
-                raise ConfigError("task.dataset", self.dataset, "records with problem and answer fields")
-            yield {"id": str(fields.get("id", index)), "problem": problem, "answer": int(str(fields["answer"]))}
+    def _read_file(self) -> tuple[list[dict[str, Any]], str]:
+        path = Path(self.data_dir) / self.data_file
+        data = path.read_bytes()
+        records = []
+        for number, line in enumerate(data.split(b"\n"), start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except ValueError as error:  # JSONDecodeError or UnicodeDecodeError
+                reason = getattr(error, "msg", str(error))
+                raise ConfigError("task.data_dir", self.data_dir, f"{where} is not valid JSON: {reason}") from error
+            records.append(normalize(record, len(records), where, "task.data_dir", self.data_dir))
+        return records, hashlib.sha256(data).hexdigest()
+
+    def _read_hub(self) -> tuple[list[dict[str, Any]], str]:
+        from datasets import load_dataset
+
+        try:
+            rows = list(load_dataset(self.dataset, split=self.split))
+        except OSError as error:  # offline and not cached (ConnectionError), or no such dataset (FileNotFoundError)
+            reason = " ".join([f"{type(error).__name__}:", *str(error).splitlines()[:1]])  # one line
+            raise ConfigError(
+                "task.data_dir",
+                self.data_dir,
+                f"{self.dataset} (split {self.split}) is not cached here and could not be downloaded ({reason}); "
+                f"pass task.data_dir=<folder holding {self.data_file}> (e.g. task.data_dir=../shared/data/aime)",
+            ) from error
+        # The hub rows as loaded, canonically serialized: any edit of the dataset changes the hash.
+        canonical = json.dumps(rows, sort_keys=True, default=str, ensure_ascii=False)
+        records = [
+            normalize(row, index, f"{self.dataset} row {index}", "task.dataset", self.dataset)
+            for index, row in enumerate(rows)
+        ]
+        return records, hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    def problems(self) -> Iterator[dict[str, Any]]:
+        """The first `limit` records (0 = all)."""
+        yield from self.records()[: self.limit or None]
 
     def count(self) -> int | None:
-        # Every AIME year has 30 problems (I and II); a local file is counted.
-        problems = sum(1 for _ in read_jsonl(Path(self.data_dir) / self.data_file)) if self.data_dir else 30
-        return (min(problems, self.limit) if self.limit else problems) * self.samples_per_problem
+        return len(self.records()[: self.limit or None]) * self.samples_per_problem
 
     # ----- samples -----
     def encode(self, tokenizer, problem: str) -> list[int]:
@@ -183,7 +271,6 @@ class AIME(Task):
     def score(self, sample: Sample, output: Generation) -> dict[str, Any]:
         boxed = last_boxed(output.text)
         answer = to_integer(boxed)
-        finished = bool(output.token_ids) and output.token_ids[-1] in sample.stop_ids
         return {
             "id": sample.id,
             **sample.meta,
@@ -192,7 +279,9 @@ class AIME(Task):
             "answer": answer,
             "correct": float(answer == sample.reference),
             "generated_tokens": len(output.token_ids),
-            "truncated": float(not finished),
+            # The engine also stops on the model's own end ids (e.g. Llama-3.1's 128001/128008), which
+            # sample.stop_ids does not list: only `stopped` knows whether the generation ended.
+            "truncated": float(not output.stopped),
             "prediction": output.text,
         }
 

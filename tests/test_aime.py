@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvbench.cache import ModelSpec
@@ -41,6 +43,59 @@ def test_integer_comparison():
     assert to_integer("25.0") == 25
     assert to_integer(r"\frac{1}{2}") is None and to_integer("x") is None and to_integer(None) is None
     assert extract_answer(r"Thus the answer is $\boxed{073}$.") == 73
+
+
+@pytest.mark.parametrize(
+    "boxed",
+    [
+        r"\mathbf{33}",
+        r"\textbf{33}",
+        r"\boldsymbol{33}",
+        r"\textbf{\text{33}}",
+        r"\displaystyle 33",
+        r"\displaystyle \mathbf{33}",
+        r"33 \text{ degrees}",
+        r"33\,\mathrm{cm}",
+        "33 degrees",
+        r"33^\circ",
+        r"33^{\circ}",
+        r"33^\circ \text{C}",
+        "33°",
+        r"33\%",
+        r"\$33",
+        r"\dfrac{66}{2}",
+        r"\frac{66}{2}",
+        r"\tfrac{66}{2}",
+        r"\displaystyle\frac{66}{2}",
+        r"x = \frac{99}{3}",
+        "33.",
+        "033",
+    ],
+)
+def test_formatted_integer_answers_are_read(boxed):
+    assert extract_answer(rf"so the answer is $\boxed{{{boxed}}}$.") == 33
+
+
+@pytest.mark.parametrize(
+    "boxed",
+    [
+        r"\frac{1}{2}",
+        r"\dfrac{67}{2}",
+        r"\frac12",
+        r"\frac{66}{0}",
+        "33.5",
+        r"\mathbf{33.5}",
+        "33x",
+        "3 x",
+        "3 3",
+        r"33 \text{ or } 34",
+        "33^2",
+        r"2\pi",
+        r"\sqrt{33}",
+    ],
+)
+def test_non_integer_answers_are_not_accepted(boxed):
+    assert extract_answer(rf"\boxed{{{boxed}}}") is None
 
 
 @pytest.mark.parametrize(("file", "first_answer"), [("aime24.jsonl", 204), ("aime25.jsonl", 70)])
@@ -104,12 +159,32 @@ def test_pass_at_1_averages_samples_per_problem():
     for index, (problem, reference, text, last) in enumerate(cases):
         sample = Sample(f"{problem}#{index}", [1], 100, stop_ids=[stop], reference=reference,
                         meta={"problem_id": problem})  # fmt: skip
-        rows.append(task.score(sample, Generation([5] * (index + 1) + [last], text, Measurement())))
+        output = Generation([5] * (index + 1) + [last], text, Measurement(), stopped=last == stop)
+        rows.append(task.score(sample, output))
     assert [row["correct"] for row in rows] == [1.0, 0.0, 1.0, 0.0]
     metrics = task.aggregate(rows)
     # p1: 1/2, p2: 1/2 -> pass@1 = 50; 3 of 4 boxed; 1 of 4 truncated; lengths 2, 3, 4, 5 tokens
     assert metrics["pass@1"] == 50 and metrics["boxed"] == 75 and metrics["truncated"] == 25
     assert metrics["generated_tokens_mean"] == 3.5 and metrics["generated_tokens_max"] == 5
+
+
+def test_a_model_stop_id_is_not_truncation():
+    """Llama-3.1 ends turns with 128001/128008 too; the task's stop_ids hold only the tokenizer's EOS."""
+    task = AIME()
+    sample = Sample("p#0", [1], 100, stop_ids=[128009], reference=7, meta={"problem_id": "p"})
+    ended = task.score(sample, Generation([5, 128008], r"\boxed{7}", Measurement(), stopped=True))
+    cut = task.score(sample, Generation([5, 6], r"\boxed{7}", Measurement(), stopped=False))
+    assert ended["truncated"] == 0.0 and cut["truncated"] == 1.0
+
+
+def test_a_generation_ended_by_the_model_s_own_stop_id_on_the_engine(tiny):
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, Full(), spec)
+    sample = Sample("p#0", list(range(1, 9)), 5, stop_ids=[], reference=7, meta={"problem_id": "p"})
+    free = engine.generate(sample.prompt_ids, 5)
+    engine.model_stop_ids = {free.token_ids[0]}  # the model's own end id, absent from sample.stop_ids
+    row = AIME().score(sample, engine.generate(sample.prompt_ids, 5, stop_ids=sample.stop_ids))
+    assert row["generated_tokens"] == 1 and row["truncated"] == 0.0
 
 
 def test_hub_records_are_normalized(monkeypatch):
@@ -123,6 +198,58 @@ def test_hub_records_are_normalized(monkeypatch):
     assert problem == {"id": "2024-I-1", "problem": "What is 1+1?", "answer": 2}
     rows[:] = [{"problem": "p", "answer": "025", "id": "0"}]  # math-ai/aime25 style, answer as a string
     assert next(AIME(dataset="math-ai/aime25", split="test").problems())["answer"] == 25
+
+
+def test_the_data_hash_is_part_of_the_identity(shared_data, tmp_path):
+    task = AIME(data_dir=str(shared_data / "aime"), data_file="aime24.jsonl")
+    assert task.describe()["data_sha256"].startswith("af2b8bd2aa911b63")  # as SOURCE.md lists it
+    lines = (shared_data / "aime" / "aime24.jsonl").read_text(encoding="utf-8").splitlines()
+    last = json.loads(lines[-1])
+    last["answer"] = str(int(last["answer"]) + 1)  # a corrected answer
+    (tmp_path / "aime24.jsonl").write_text("\n".join([*lines[:-1], json.dumps(last)]) + "\n")
+    fixed = AIME(data_dir=str(tmp_path), data_file="aime24.jsonl")
+    assert fixed.describe()["data_sha256"] != task.describe()["data_sha256"]
+
+
+def test_a_corrupt_line_is_reported_before_the_model_loads(shared_data, tmp_path, monkeypatch):
+    import kvbench.run as run_module
+
+    lines = (shared_data / "aime" / "aime25.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "aime25.jsonl").write_text("".join(lines[:2]) + lines[2][:40] + "\n" + "".join(lines[3:]))
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    results = tmp_path / "results"
+    cfg = compose_config(
+        "model=tiny-llama",
+        "model.device=cpu",
+        "task=aime25",
+        f"task.data_dir={tmp_path}",
+        "task.max_new_tokens=1024",
+        f"kvbench.results_dir={results}",
+    )
+    with pytest.raises(ConfigError) as caught:
+        run_module.run(cfg)
+    assert caught.value.key == "task.data_dir" and f"{tmp_path / 'aime25.jsonl'} line 3 " in str(caught.value)
+    assert not results.exists()
+
+
+def test_a_record_without_an_integer_answer_is_reported(tmp_path):
+    (tmp_path / "aime24.jsonl").write_text('{"problem": "p", "answer": 3}\n\n{"problem": "q", "answer": "3.5"}\n')
+    with pytest.raises(ConfigError, match=r"aime24\.jsonl line 3 is not a record"):
+        AIME(data_dir=str(tmp_path), max_new_tokens=100).check(SPEC, Full())
+
+
+def test_missing_hub_data_is_one_line_naming_data_dir(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'math-ai/aime25' on the Hub (OfflineModeIsEnabled)\nmore detail")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConfigError) as caught:
+        AIME(dataset="math-ai/aime25", split="test", data_file="aime25.jsonl").check(SPEC, Full())
+    message = str(caught.value)
+    assert caught.value.key == "task.data_dir" and "\n" not in message
+    assert "not cached" in message and "task.data_dir=" in message and "OfflineModeIsEnabled" in message
 
 
 def test_yaml_configs_build():
