@@ -1,14 +1,22 @@
-"""Pareto fronts: the dominance rule on a hand example, and the CLI on a small results fixture."""
+"""Pareto fronts: the dominance rule on a hand example, which runs may share a front, and the CLI."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pytest
 
-from kvbench.plot import main, pareto_mask
+from kvbench.plot import comparable_groups, front_table, group_labels, main, mixed_settings, pareto_mask
 from kvbench.records import load_table
+
+MIB = 2**20
 
 
 def test_pareto_mask_by_hand():
@@ -21,23 +29,41 @@ def test_pareto_mask_by_hand():
     assert pareto_mask(x, y, higher_is_better=False).tolist() == [True, False, False, False]
 
 
-def write_record(root: Path, method: str, budget: int | None, kv_bytes: float, accuracy: float) -> None:
-    directory = root / "passkey" / "tiny" / f"{method}-{budget}"
+def write_record(
+    root: Path,
+    method: str,
+    budget: int | None,
+    kv_bytes: float,
+    accuracy: float,
+    model: str = "tiny",
+    task_params: dict[str, Any] | None = None,
+    samples: int = 10,
+) -> None:
+    """A passkey run record as `kvbench.run` writes it (only the fields the table reads)."""
+    params = {"context_lengths": [1024], "depths": [0.1, 0.5], "limit": 0, **(task_params or {})}
+    directory = root / "passkey" / model / f"{method}-{budget}-{len(list(root.rglob('record.json')))}"
     directory.mkdir(parents=True)
     record = {
-        "task": "passkey", "model": "tiny", "method": method, "status": "ok",
+        "task": "passkey", "model": model, "method": method, "status": "ok",
         "primary_metric": "accuracy", "higher_is_better": True,
-        "metrics": {"accuracy": accuracy}, "measurements": {"kv_bytes_device": kv_bytes},
-        "method_params": {"budget": budget}, "task_params": {},
+        "metrics": {"accuracy": accuracy},
+        "measurements": {"kv_bytes_device": kv_bytes, "samples": samples, "prompt_tokens_mean": 1000.0},
+        "method_params": {"budget": budget}, "task_params": params,
     }  # fmt: skip
     (directory / "record.json").write_text(json.dumps(record))
 
 
+def write_sweep(root: Path, model: str = "tiny", **task_params: Any) -> None:
+    """full and snapkv at three budgets; accuracy falls with the context length, as passkey's does."""
+    length = int(str(task_params.get("context_lengths", [1024])[0]))
+    drop = 0.0 if length <= 1024 else 0.4
+    write_record(root, "full", None, 20 * MIB * length / 1024, 1.0, model, task_params)
+    for budget, acc in [(64, 0.4), (128, 0.9), (256, 0.8)]:
+        write_record(root, "snapkv", budget, budget / 16 * MIB, max(acc - drop, 0.0), model, task_params)
+
+
 def test_plot_cli_writes_png_svg_and_prints_table(tmp_path, capsys):
-    mib = 2**20
-    write_record(tmp_path, "full", None, 20 * mib, 1.0)
-    for budget, acc in [(64, 0.2), (128, 0.6), (256, 0.5)]:
-        write_record(tmp_path, "snapkv", budget, budget / 16 * mib, acc)
+    write_sweep(tmp_path)
     assert main([str(tmp_path)]) == 0
     assert (tmp_path / "pareto-passkey.png").stat().st_size > 1000
     assert (tmp_path / "pareto-passkey.svg").exists()
@@ -50,3 +76,67 @@ def test_plot_cli_writes_png_svg_and_prints_table(tmp_path, capsys):
 def test_plot_cli_reports_an_empty_directory(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no run records" in capsys.readouterr().err
+
+
+def test_runs_at_other_context_lengths_or_models_do_not_share_a_front(tmp_path):
+    write_sweep(tmp_path, context_lengths=[1024])
+    write_sweep(tmp_path, context_lengths=[2048])
+    write_sweep(tmp_path, context_lengths=[2048], limit=5)
+    write_sweep(tmp_path, model="other", context_lengths=[1024])
+    groups = comparable_groups(load_table(tmp_path))
+    assert len(groups) == 4
+    for _, runs in groups:
+        assert len(runs) == 4 and (runs["method"] == "full").sum() == 1  # one full point per front
+        assert runs["model"].nunique() == 1 and runs["task.context_lengths"].nunique() == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a comparable group draws without a warning
+            fronts = front_table(runs, "accuracy", "kv_bytes_device")
+        # Budget 256 (0.8) is beaten by 128 (0.9 with fewer bytes) in every group.
+        snap = fronts[fronts["method"] == "snapkv"].set_index("method.budget")["on_method_front"]
+        assert snap.to_dict() == {64: True, 128: True, 256: False}
+    # Labels name the model and only the settings that differ between groups.
+    assert sorted(group_labels(groups)) == [
+        "other | context_lengths=1024 | limit=0",
+        "tiny | context_lengths=1024 | limit=0",
+        "tiny | context_lengths=2048 | limit=0",
+        "tiny | context_lengths=2048 | limit=5",
+    ]
+
+
+def test_a_front_that_mixes_settings_warns(tmp_path):
+    write_sweep(tmp_path, context_lengths=[1024])
+    write_sweep(tmp_path, context_lengths=[2048])
+    table = load_table(tmp_path)
+    assert mixed_settings(table) == {"task.context_lengths": ["1024", "2048"]}
+    with pytest.warns(UserWarning, match=r"task\.context_lengths: 1024 \| 2048"):
+        front_table(table, "accuracy", "kv_bytes_device")
+
+
+def test_same_settings_but_other_inputs_warn(tmp_path):
+    """Equal settings, different measured inputs (e.g. the files in a data_dir changed): not comparable."""
+    write_sweep(tmp_path)
+    write_record(tmp_path, "streamingllm", 128, 8 * MIB, 0.3, samples=7)
+    (_, runs), *rest = comparable_groups(load_table(tmp_path))
+    assert not rest
+    with pytest.warns(UserWarning, match=r"samples: 10 \| 7"):
+        front_table(runs, "accuracy", "kv_bytes_device")
+
+
+def test_plot_cli_draws_one_panel_per_comparable_group(tmp_path, capsys):
+    write_sweep(tmp_path, context_lengths=[1024])
+    write_sweep(tmp_path, context_lengths=[2048, 4096])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "== passkey | tiny | context_lengths=1024" in printed
+    assert "== passkey | tiny | context_lengths=2048,4096" in printed
+    assert printed.count("full ") == 2  # one full row in each table
+
+
+def test_importing_the_module_leaves_the_backend_alone():
+    """Only `python -m kvbench.plot` picks a backend: a notebook keeps its inline one."""
+    code = "import kvbench.plot, matplotlib; print(matplotlib.get_backend())"
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "svg"
