@@ -103,6 +103,14 @@ def test_runs_at_other_context_lengths_or_models_do_not_share_a_front(tmp_path):
     ]
 
 
+def test_runs_on_other_data_do_not_share_a_front(tmp_path):
+    """Tasks put their data's fingerprint in their settings (e.g. `data_sha256`): it splits groups too."""
+    write_sweep(tmp_path, data_sha256="aaa")
+    write_sweep(tmp_path, data_sha256="bbb")
+    groups = comparable_groups(load_table(tmp_path))
+    assert group_labels(groups) == ["tiny | data_sha256=aaa", "tiny | data_sha256=bbb"]
+
+
 def test_a_front_that_mixes_settings_warns(tmp_path):
     write_sweep(tmp_path, context_lengths=[1024])
     write_sweep(tmp_path, context_lengths=[2048])
