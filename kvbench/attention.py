@@ -1,24 +1,24 @@
-"""The attention function kvbench registers with transformers (`AttentionInterface`).
+"""The attention function kvbench registers with transformers (`AttentionInterface`), and decode attention.
 
-transformers calls it with the keys/values the cache's `update` returned; it hands them to the cache
-layer's `attend`, which masks by slot and never expands KV heads under GQA. The active cache is bound per
-forward call by the engine (`bind`), so nothing is patched and nothing global outlives a run.
+transformers calls the function with the keys/values the cache's `update` returned; it hands them to the
+cache layer's `attend`. The engine passes its cache to the forward as the keyword `kvbench_cache`, which
+transformers forwards untouched to every attention call: nothing is patched, nothing global is looked up
+(a context variable would break `torch.compile` graphs), and a forward without it is plain causal attention.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from kvbench.cache import KVCache
+if TYPE_CHECKING:
+    from kvbench.cache import KVCache
 
 NAME = "kvbench"
-_active_cache: ContextVar[KVCache | None] = ContextVar("kvbench_active_cache", default=None)
+CACHE_KWARG = "kvbench_cache"
 
 
 def kvbench_attention(
@@ -32,7 +32,7 @@ def kvbench_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    cache = _active_cache.get()
+    cache: KVCache | None = kwargs.get(CACHE_KWARG)
     if cache is None:
         # A forward without a kvbench cache (e.g. sliding-window perplexity): plain causal attention.
         out = F.scaled_dot_product_attention(
@@ -48,11 +48,62 @@ def register() -> str:
     return NAME
 
 
-@contextmanager
-def bind(cache: KVCache | None) -> Iterator[None]:
-    """Make `cache` the one attention uses for forwards inside this block."""
-    token = _active_cache.set(cache)
-    try:
-        yield
-    finally:
-        _active_cache.reset(token)
+def decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """One query per sequence over a fixed slot buffer, live slots only (positions >= 0).
+
+    query [B, Hq, D], keys/values [B, Hkv, S, D], positions [B, Hkv, S]; returns [B, Hq, D]. KV heads are
+    never expanded: on CUDA a Triton flash-decoding kernel reads each K/V tile once for all the query heads
+    of its group; elsewhere SDPA with `enable_gqa` and a mask (its CPU kernels do not expand either).
+    """
+    if query.is_cuda:
+        from kvbench.kernels import decode_attention as kernel
+
+        return kernel(query, keys, values, positions, scaling)[0]
+    group = query.shape[1] // keys.shape[1]
+    live = (positions >= 0).repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2), keys, values, attn_mask=live, scale=scaling, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def received_attention(
+    query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention each live slot receives from one decode query, summed over each KV head's query heads.
+
+    query [B, Hq, D], keys [B, Hkv, S, D], positions [B, Hkv, S]; returns float32 [B, Hkv, S], 0 on empty slots.
+    """
+    b, hq, d = query.shape
+    hkv = keys.shape[1]
+    q = query.view(b, hkv, hq // hkv, d).float()
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scaling
+    logits = logits.masked_fill((positions < 0).unsqueeze(2), float("-inf"))
+    return logits.softmax(dim=-1).sum(dim=2)
+
+
+def received_attention_prefill(
+    query: torch.Tensor, keys: torch.Tensor, scaling: float, query_block: int = 64
+) -> torch.Tensor:
+    """Attention each key receives from a chunk of causal prefill queries, summed over queries and each KV
+    head's query heads: float32 [B, Hkv, S].
+
+    query [B, Hq, T, D] are the last T of the S positions in `keys` [B, Hkv, S, D]. Queries go in blocks of
+    `query_block`, so at most [B, Hq, query_block, S] probabilities exist at once (never the chunk's
+    whole [T, S] matrix: at 32k keys a 512-query chunk would be 2 GiB per layer for an 8B model).
+    """
+    b, hq, t, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    k = keys.float()
+    received = torch.zeros(b, hkv, s, dtype=torch.float32, device=keys.device)
+    for start in range(0, t, query_block):
+        q = query[:, :, start : start + query_block].float()
+        rows = q.shape[2]
+        q = q.view(b, hkv, hq // hkv, rows, d)
+        logits = torch.einsum("bhgtd,bhsd->bhgts", q, k) * scaling
+        # Query i of the chunk sits at position s - t + start + i and sees keys up to that position.
+        visible = torch.ones(rows, s, dtype=torch.bool, device=keys.device).tril(s - t + start)
+        received += logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).sum(dim=(2, 3))
+    return received

@@ -2,21 +2,35 @@
 
 A layer holds a fixed number of *slots* per KV head. Prefill writes the whole prompt and attends to it in
 full (as every paper here does); `finish_prefill()` then keeps what the method selects. Each decode step
-writes one token into a slot: appended while slots are free, else into the slot the method frees. Shapes
-stay fixed during decode, so the step can later be captured in a CUDA graph, and the bytes the cache holds
-are the bytes its tensors hold.
+writes one token into a slot: the first empty one, else the slot the method frees. Shapes stay fixed and
+state changes in place during decode, so the step compiles and is captured in a CUDA graph, and the bytes
+the cache holds are the bytes its tensors hold.
 
 Attention runs through `KVLayer.attend` (see `kvbench.attention`), never by expanding KV heads under GQA.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvbench.attention import decode_attention, received_attention, received_attention_prefill
+
+# Slot buffers are allocated in multiples of this many slots. Two layers that can hold the same tokens
+# then have buffers of the same size, so masked decode attention reduces over the same shapes and a
+# method whose budget covers the context reproduces the dense cache bit for bit; and a compiled step is
+# reused across prompts whose lengths round to the same size.
+SLOT_ALIGN = 64
+
+
+def aligned_slots(tokens: int) -> int:
+    return -(-tokens // SLOT_ALIGN) * SLOT_ALIGN
 
 
 @dataclass(frozen=True)
@@ -43,46 +57,33 @@ class LayerSpec:
     rope_inv_freq: torch.Tensor | None = None  # for methods that move keys to other positions
 
 
-def attention_probs(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, mask: torch.Tensor | None, causal: bool
-) -> torch.Tensor:
-    """Softmax attention probabilities without expanding KV heads, in float32.
-
-    query [B, Hq, T, D], keys [B, Hkv, S, D], mask bool [T, S] (True = visible) or None.
-    Returns [B, Hkv, G, T, S] with G = Hq / Hkv query heads per KV head.
-    """
-    b, hq, t, d = query.shape
-    hkv, s = keys.shape[1], keys.shape[2]
-    q = query.view(b, hkv, hq // hkv, t, d)
-    logits = torch.einsum("bhgtd,bhsd->bhgts", q.float(), keys.float()) * scaling
-    if causal:
-        mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return logits.softmax(dim=-1)
-
-
 class KVLayer(CacheLayerMixin):
     """One layer's cache with `capacity` slots per KV head.
 
-    Subclasses decide what survives: `select_prefill` (which prompt tokens to keep when the prompt does
-    not fit) and `victim_slot` (where a decode token goes once every slot is live). They may watch
-    attention through `observe` (probabilities are computed only if `needs_attention_weights`).
+    Prefill (one sequence at a time, in chunks) writes the whole prompt and attends to it in full; its
+    state is plain Python. `finish_prefill()` keeps what the method selects in exactly `capacity` slots and
+    switches to decode, where every piece of state is a tensor with the batch first (so caches of several
+    sequences `stack` into one batch) that changes only in place: a decode step has fixed shapes, no host
+    syncs, and can be compiled and captured in a CUDA graph.
 
-    Slots fill in order, so slots [0, filled) are live; `seen` counts tokens written, whose positions are
-    0..seen-1. Keys are stored post-RoPE with their original positions.
+    A decode step writes the new token into `decode_slot()`: the first empty slot, or once every slot is
+    live the method's `victim_slot()`. Attention then runs over all slots, masked to the live ones.
+    `positions` [B, Hkv, S] holds each slot's original token position (-1: empty); keys are stored
+    post-RoPE at those positions. Subclasses decide what survives (`select_prefill`, `victim_slot`) and may
+    watch attention (`observe`; `needs_received_attention` asks for the attention each slot received).
     """
 
     is_compileable = False
     is_sliding = False
-    needs_attention_weights: ClassVar[bool] = False
+    needs_received_attention: ClassVar[bool] = False
+    stores_positions: ClassVar[bool] = True
 
     def __init__(self, spec: LayerSpec, capacity: int) -> None:
         super().__init__()
         self.spec = spec
-        self.capacity = capacity
-        self.seen = 0
-        self.filled = 0
+        self.capacity = capacity  # at most this many slots are ever live
+        self.slots = aligned_slots(capacity)  # the buffer's size; slots past `capacity` stay empty
+        self.seen: int | torch.Tensor = 0  # tokens written: an int while prefilling, then a [B] tensor
         self.prefilling = True
         self.positions: torch.Tensor | None = None
 
@@ -90,11 +91,11 @@ class KVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         # Prefill holds the whole prompt; the method shrinks it to `capacity` in `finish_prefill`.
-        slots = max(self.capacity, self.spec.prompt_len)
+        slots = max(self.slots, self.spec.prompt_len)
         self.keys = key_states.new_zeros(b, h, slots, d)
         self.values = value_states.new_zeros(b, h, slots, value_states.shape[-1])
-        # Each slot's original position (-1: empty): what a layer holds, for methods, masks and tests.
-        self.positions = torch.full((b, h, slots), -1, dtype=torch.long, device=key_states.device)
+        if self.stores_positions:
+            self.positions = torch.full((b, h, slots), -1, dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
     def update(
@@ -107,21 +108,20 @@ class KVLayer(CacheLayerMixin):
             if self.seen + q_len > self.keys.shape[2]:
                 raise RuntimeError(f"prefill of {self.seen + q_len} tokens exceeds prompt_len")
             self._write_range(self.seen, key_states, value_states)
-        else:
-            if q_len != 1:
-                raise RuntimeError("after prefill, tokens go through the cache one at a time")
-            if self.filled < self.capacity:
-                self._write_range(self.filled, key_states, value_states)
-            else:
-                self._write_slot(self.victim_slot(), key_states, value_states)
-        self.seen += q_len
-        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+            self.seen += q_len
+            return self.keys[:, :, : self.seen], self.values[:, :, : self.seen]
+        if q_len != 1:
+            raise RuntimeError("after prefill, tokens go through the cache one at a time")
+        self._write_slot(self.decode_slot(), key_states, value_states)
+        self.seen.add_(1)
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self.seen
+        # transformers asks only when no positions are given (the engine always gives them).
+        return self.seen if isinstance(self.seen, int) else int(self.seen.max())
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.filled + query_length, self.seen - self.filled
+        return self.keys.shape[2], 0
 
     def get_max_length(self) -> int:
         return self.capacity
@@ -131,98 +131,123 @@ class KVLayer(CacheLayerMixin):
         stop = start + keys.shape[2]
         self.keys[:, :, start:stop] = keys
         self.values[:, :, start:stop] = values
-        if "positions" in self.tensors():
+        if self.stores_positions:
             self.positions[:, :, start:stop] = torch.arange(self.seen, self.seen + keys.shape[2])
         self.on_write(slice(start, stop))
-        self.filled = max(self.filled, stop)
 
-    def _write_slot(self, slot: torch.Tensor | int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write one token into `slot`: an int (same slot for every head) or a [B, Hkv] tensor."""
-        if isinstance(slot, int):
-            self._write_range(slot, keys, values)
-            return
+    def _write_slot(self, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one token per sequence and KV head into `slot` [B, Hkv], at position `seen`."""
         b, h, _, d = keys.shape
         index = slot.view(b, h, 1, 1)
         self.keys.scatter_(2, index.expand(b, h, 1, d), keys)
         self.values.scatter_(2, index.expand(b, h, 1, values.shape[-1]), values)
-        if self.positions is not None:
-            self.positions.scatter_(2, slot.view(b, h, 1), self.seen)
+        if self.stores_positions:
+            self.positions.scatter_(2, slot.view(b, h, 1), self.seen.view(b, 1, 1).expand(b, h, 1))
         self.on_write(slot)
 
     def on_write(self, slots: slice | torch.Tensor) -> None:
         """Reset per-slot state of the slots just written (a range, or a [B, Hkv] tensor of slots)."""
 
+    def decode_slot(self) -> torch.Tensor:
+        """[B, Hkv]: the first empty slot, or the method's victim once every slot is live."""
+        empty = self.positions[:, :, : self.capacity] < 0
+        first_empty = empty.int().argmax(dim=-1)  # argmax returns the first of equal maxima
+        victim = self.victim_slot()
+        if victim is None:
+            return first_empty
+        return torch.where(empty.any(dim=-1), first_empty, victim)
+
     # ----- attention -----
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of `query` [B, Hq, T, D] over the live slots; returns [B, T, Hq, D]."""
-        q_len = query.shape[2]
-        keys = self.keys_for_attention(keys)
+        if not self.prefilling:
+            q = query[:, :, 0]
+            keys = self.keys_for_attention()
+            out = decode_attention(q, keys, self.values, self.positions, scaling)
+            received = received_attention(q, keys, self.positions, scaling) if self.needs_received_attention else None
+            self.observe(query, received)
+            return out.unsqueeze(1)
+        q_len, s = query.shape[2], keys.shape[2]
         # During prefill, slot i holds position i; a chunk after the first needs an explicit causal mask.
-        causal = q_len > 1 and q_len == keys.shape[2]
+        causal = q_len > 1 and q_len == s
         mask = None
         if q_len > 1 and not causal:
-            mask = torch.ones(q_len, keys.shape[2], dtype=torch.bool, device=query.device)
-            mask = mask.tril(keys.shape[2] - q_len)
+            mask = torch.ones(q_len, s, dtype=torch.bool, device=query.device).tril(s - q_len)
         # The output always comes from the same SDPA call as the dense baseline, so a method that keeps
-        # everything matches it bit for bit; probabilities, when a method scores with them, are extra.
+        # everything matches it bit for bit; the attention a method scores with is computed apart.
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
         )
-        probs = attention_probs(query, keys, scaling, mask, causal) if self.needs_attention_weights else None
-        self.observe(query, probs)
+        received = received_attention_prefill(query, keys, scaling) if self.needs_received_attention else None
+        self.observe(query, received)
         return out.transpose(1, 2)
 
-    def keys_for_attention(self, keys: torch.Tensor) -> torch.Tensor:
-        """The keys attention sees; a method that re-positions keys overrides this."""
-        return keys
+    def keys_for_attention(self) -> torch.Tensor:
+        """The keys decode attention sees; a method that re-positions keys overrides this."""
+        return self.keys
 
-    def observe(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
-        """See the queries (and probabilities [B, Hkv, G, T, S] if asked) of the step just attended."""
+    def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
+        """See the queries [B, Hq, T, D] of the step just attended and, if asked for, the attention each
+        slot received from them, float32 [B, Hkv, S] (summed over the queries and the group's heads)."""
 
     # ----- the method's decisions -----
     def select_prefill(self) -> torch.Tensor | None:
         """Prompt slots to keep, [B, Hkv, n] with n <= capacity; None keeps every slot (it must fit)."""
         return None
 
-    def victim_slot(self) -> torch.Tensor | int:
-        """The slot the next decode token overwrites once all `capacity` slots are live."""
-        raise NotImplementedError(f"{type(self).__name__} has no room left and no eviction rule")
+    def victim_slot(self) -> torch.Tensor | None:
+        """[B, Hkv]: the slot a decode token overwrites once every slot is live (None: it never happens)."""
+        return None
 
     def finish_prefill(self) -> None:
         """End of the prompt: keep what the method selects in a buffer of exactly `capacity` slots."""
         self.prefilling = False
-        if not self.is_initialized:
-            return
+        filled = self.seen
         keep = self.select_prefill()
-        if keep is None and self.keys.shape[2] == self.capacity:
-            return  # everything kept, and the buffer already has exactly `capacity` slots
-        if keep is None and self.filled > self.capacity:
-            raise RuntimeError(f"{type(self).__name__} kept {self.filled} tokens in {self.capacity} slots")
-        self.keys = self._compact(self.keys, keep)
-        self.values = self._compact(self.values, keep)
-        if self.positions is not None:
-            self.positions = self._compact(self.positions, keep)
-        self.compact_state(keep)
-        self.filled = self.filled if keep is None else keep.shape[-1]
+        if keep is None and filled > self.capacity:
+            raise RuntimeError(f"{type(self).__name__} kept {filled} tokens in {self.capacity} slots")
+        self.keys = self._compact(self.keys, keep, filled)
+        self.values = self._compact(self.values, keep, filled)
+        if self.stores_positions:
+            self.positions = self._compact(self.positions, keep, filled, empty=-1)
+        self.compact_state(keep, filled)
+        self.seen = torch.full((self.keys.shape[0],), filled, dtype=torch.long, device=self.keys.device)
 
-    def _compact(self, buffer: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """A fresh `capacity`-slot buffer holding the kept slots (in the given order) at the front."""
-        out = buffer.new_zeros(*buffer.shape[:2], self.capacity, *buffer.shape[3:])
-        if self.positions is not None and buffer is self.positions:
-            out.fill_(-1)
+    def _compact(self, buffer: torch.Tensor, keep: torch.Tensor | None, filled: int, empty: float = 0) -> torch.Tensor:
+        """A fresh buffer of `slots` slots holding the kept slots (in the given order) at the front."""
+        out = buffer.new_full((*buffer.shape[:2], self.slots, *buffer.shape[3:]), empty)
         if keep is None:
-            out[:, :, : self.filled] = buffer[:, :, : self.filled]
+            out[:, :, :filled] = buffer[:, :, :filled]
             return out
         index = keep.view(*keep.shape, *([1] * (buffer.dim() - 3))).expand(*keep.shape, *buffer.shape[3:])
         out[:, :, : keep.shape[-1]] = buffer.gather(2, index)
         return out
 
-    def compact_state(self, keep: torch.Tensor | None) -> None:
+    def compact_state(self, keep: torch.Tensor | None, filled: int) -> None:
         """Move per-slot state the same way `finish_prefill` moved keys (None: kept slots in place)."""
+
+    # ----- batching and accounting -----
+    def decode_state(self) -> dict[str, torch.Tensor]:
+        """Every decode-time tensor with the batch first, for `stack`. Subclasses add theirs."""
+        state = {"keys": self.keys, "values": self.values, "seen": self.seen}
+        if self.stores_positions:
+            state["positions"] = self.positions
+        return state
+
+    @classmethod
+    def stack(cls, layers: list[KVLayer]) -> KVLayer:
+        """One layer decoding every sequence of `layers` (each finished its prefill) as one batch."""
+        stacked = copy.copy(layers[0])
+        for name in layers[0].decode_state():
+            setattr(stacked, name, torch.cat([getattr(layer, name) for layer in layers]))
+        stacked.spec = dataclasses.replace(layers[0].spec, batch_size=len(layers))
+        return stacked
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer keeps where attention runs, for byte accounting. Subclasses add theirs."""
-        held = {"keys": self.keys, "values": self.values, "positions": self.positions}
+        held = {"keys": self.keys, "values": self.values}
+        if self.stores_positions:
+            held["positions"] = self.positions
         return {name: t for name, t in held.items() if isinstance(t, torch.Tensor)}
 
     def host_tensors(self) -> dict[str, torch.Tensor]:
@@ -238,8 +263,10 @@ class FullLayer(KVLayer):
     """The dense cache: room for the whole prompt and every decode token, nothing ever evicted.
 
     Slot i always holds position i, so positions are derived when asked for, never stored: the dense
-    baseline holds exactly its keys and values.
+    baseline holds exactly its keys and values, and a decode token goes to slot `seen`.
     """
+
+    stores_positions = False
 
     def __init__(self, spec: LayerSpec) -> None:
         super().__init__(spec, capacity=spec.prompt_len + spec.decode_len)
@@ -249,14 +276,15 @@ class FullLayer(KVLayer):
         if not self.is_initialized:
             return None
         slots = torch.arange(self.keys.shape[2], device=self.keys.device)
-        return slots.masked_fill(slots >= self.seen, -1).expand(*self.keys.shape[:3])
+        seen = self.seen if isinstance(self.seen, int) else self.seen.view(-1, 1, 1)
+        return slots.masked_fill(slots >= seen, -1).expand(*self.keys.shape[:3])
 
     @positions.setter
     def positions(self, value: torch.Tensor | None) -> None:
-        """Derived, never stored: whatever the base class assigns is dropped."""
+        """Derived, never stored: what the base class assigns is dropped."""
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"keys": self.keys, "values": self.values}
+    def decode_slot(self) -> torch.Tensor:
+        return self.seen.view(-1, 1).expand(*self.keys.shape[:2])
 
 
 class KVCache(Cache):
@@ -268,6 +296,11 @@ class KVCache(Cache):
     def finish_prefill(self) -> None:
         for layer in self.layers:
             layer.finish_prefill()
+
+    @classmethod
+    def stack(cls, caches: list[KVCache]) -> KVCache:
+        """One cache decoding the sequences of `caches` (each finished its prefill) as one batch."""
+        return cls([type(layers[0]).stack(list(layers)) for layers in zip(*(c.layers for c in caches), strict=True)])
 
     def kv_bytes(self) -> tuple[int, int]:
         """(device bytes, host bytes) of every tensor the cache holds, counted from the tensors.
@@ -283,7 +316,7 @@ class KVCache(Cache):
         totals: dict[str, float] = {}
         for layer in self.layers:
             for name, value in layer.stats().items():
-                totals[name] = totals.get(name, 0) + value
+                totals[name] = totals.get(name, 0) + float(value)
         return totals
 
 

@@ -1,7 +1,15 @@
-"""The eager engine: chunked prefill, token-by-token decode, timing and memory, with the method's cache.
+"""The engine: chunked prefill one sequence at a time, then batched decode with the method's cache.
 
-Timing synchronizes the device around each measured region (CUDA events would avoid the host waits but
-the eager path is launch-bound anyway; the compiled path will time with events). Warm-up is excluded.
+Two paths with the same results. `eager` runs the decode step as plain PyTorch (CPU, debugging, any
+method). `compiled` runs the same step through `torch.compile(fullgraph=True)` and, on CUDA, captures it
+once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop
+checks and positions all stay on the device), so the replay launches no Python. The host looks at the
+stop flags only every `STOP_CHECK_EVERY` steps.
+
+Sequences of different lengths decode together: each is prefilled on its own (exact positions, no
+padding), then their caches are stacked into one batch whose slot buffers have the same size (empty slots
+are masked). Timing uses CUDA events on a GPU (host clock elsewhere); compilation, capture and warm-up
+steps are timed apart from decode.
 """
 
 from __future__ import annotations
@@ -10,15 +18,19 @@ import inspect
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kvbench import attention
-from kvbench.cache import KVCache, ModelSpec
+from kvbench.attention import CACHE_KWARG
+from kvbench.cache import KVCache, ModelSpec, aligned_slots
 from kvbench.method import Method
 from kvbench.models import rope_inv_freq
+
+ENGINES = ("eager", "compiled")
+STOP_CHECK_EVERY = 16  # decode steps between looks at the stop flags (each look is one host sync)
+WARMUP_STEPS = 2  # compiled steps run (and kept) before the CUDA graph is captured
 
 
 @dataclass
@@ -27,9 +39,13 @@ class Measurement:
 
     prompt_tokens: int = 0
     prefill_s: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # timed decode steps (batched: steps of the whole batch)
     decode_s: float = 0.0
-    kv_bytes_device: int = 0  # after the sample, what the cache holds where attention runs
+    decode_tokens: int = 0  # tokens this sample generated in the timed steps
+    batch_size: int = 1
+    engine: str = "eager"
+    compile_s: float = 0.0  # compilation, graph capture and warm-up steps, not in decode_s
+    kv_bytes_device: int = 0  # after the sample, what the cache holds where attention runs (per sequence)
     kv_bytes_device_peak: int = 0  # the most it held (prefill holds the whole prompt)
     kv_bytes_host: int = 0
     dense_kv_bytes: int = 0  # a dense cache preallocated for the same prompt and decode tokens
@@ -39,20 +55,25 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Temperature / nucleus sampling; one seeded generator per generation, so runs repeat exactly."""
+    """Temperature / nucleus sampling, seeded so runs repeat exactly."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
 
-    def pick(self, logits: torch.Tensor, generator: torch.Generator) -> int:
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            outside = ordered.cumsum(-1) - ordered >= self.top_p
-            probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(outside, 0.0))
-        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+@dataclass(frozen=True)
+class Request:
+    """One generation. `question_ids` follow the prompt through the decode path one token at a time (the
+    two-phase protocol: the question meets an already-compressed context); stop tokens cannot be produced
+    before `min_new_tokens`."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    question_ids: Sequence[int] = ()
+    stop_ids: Sequence[int] = ()
+    sampling: Sampling | None = None
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -72,42 +93,99 @@ class Scored:
     measurement: Measurement
 
 
+@dataclass
+class DecodeState:
+    """Everything a batched decode step reads and writes, as fixed device tensors changed in place."""
+
+    tokens: torch.Tensor  # [B] the token each sequence feeds next
+    positions: torch.Tensor  # [B] its position
+    count: torch.Tensor  # [B] tokens generated so far
+    done: torch.Tensor  # [B] stopped, or at its token limit
+    output: torch.Tensor  # [B, max_new + 1] generated tokens; finished sequences write the last column
+    stop_mask: torch.Tensor  # [B, vocab] tokens that end each sequence
+    min_new: torch.Tensor  # [B]
+    max_new: torch.Tensor  # [B]
+    temperature: float | None  # None: greedy
+    top_p: float
+
+
+class Timer:
+    """Elapsed seconds of a region: CUDA events on a GPU (no host wait inside), the host clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> Timer:
+        if self.cuda:
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin_s = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.elapsed_s = time.perf_counter() - self.begin_s
+
+    @property
+    def seconds(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return self.elapsed_s
+
+
 class Engine:
     def __init__(
-        self, model: torch.nn.Module, tokenizer, method: Method, spec: ModelSpec, prefill_chunk: int = 512
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        method: Method,
+        spec: ModelSpec,
+        prefill_chunk: int = 512,
+        engine: str = "eager",
     ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: one of {ENGINES}")
         self.model, self.tokenizer, self.method, self.spec = model, tokenizer, method, spec
         self.prefill_chunk = prefill_chunk
+        self.engine = engine
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.inv_freq = rope_inv_freq(model)
-        # transformers renamed `past_key_values` to `cache` (5.2x); accept both.
+        # transformers renamed `past_key_values` to `cache` (5.2x) and dropped `cache_position`; accept both.
         params = inspect.signature(model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.takes_cache_position = "cache_position" in params
         # Chat models may end a turn with several tokens (e.g. Llama-3.1's 128001/128008/128009).
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.model_stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._compiled_step: Callable[[KVCache, DecodeState], None] | None = None
 
     # ----- building blocks -----
     def new_cache(self, prompt_len: int, decode_len: int) -> KVCache:
         return self.method.make_cache(self.spec, prompt_len, decode_len, 1, self.inv_freq)
 
-    def _forward(self, cache: KVCache, ids: Sequence[int], start: int, all_logits: bool = False):
+    def _logits(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, all_logits: bool = False):
+        """Forward `tokens` [B, T] at `positions` [B, T] through `cache`; logits [B, T or 1, vocab]."""
+        extra = {"cache_position": positions[0]} if self.takes_cache_position else {}
+        out = self.model(
+            input_ids=tokens,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+            **{self.cache_kwarg: cache, CACHE_KWARG: cache},
+            **extra,
+        )
+        return out.logits
+
+    def _forward(self, cache: KVCache, ids: Sequence[int], start: int, all_logits: bool = False) -> torch.Tensor:
+        """One sequence's tokens `ids` from position `start`; logits [len or 1, vocab]."""
         tokens = torch.tensor([list(ids)], device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
-        with attention.bind(cache):
-            out = self.model(
-                input_ids=tokens,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-                **{self.cache_kwarg: cache},
-            )
-        return out.logits[0]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        return self._logits(cache, tokens, positions, all_logits)[0]
 
     def _prefill(self, cache: KVCache, prompt: Sequence[int], all_logits: bool = False) -> torch.Tensor:
         logits = []
@@ -117,33 +195,117 @@ class Engine:
         return torch.cat(logits)
 
     def _dense_bytes(self, tokens: int) -> int:
+        """What the dense cache allocates for `tokens` tokens (its slots are aligned like every layer's)."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * element * tokens
+        per_token = 2 * self.spec.num_layers * self.spec.num_kv_heads * self.spec.head_dim * element
+        return per_token * aligned_slots(tokens)
 
-    def _start(self) -> None:
+    def _peak_memory(self) -> int:
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS; Linux says KiB
 
-    def _finish(self, cache: KVCache, m: Measurement) -> None:
-        device_bytes, host_bytes = cache.kv_bytes()
-        m.kv_bytes_device, m.kv_bytes_host = device_bytes, host_bytes
-        m.kv_bytes_device_peak = max(m.kv_bytes_device_peak, device_bytes)
-        m.method_stats = cache.stats()
-        if self.device.type == "cuda":
-            m.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)
-        else:  # the process's peak resident set (weights included); Linux reports KiB
-            m.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def _prefill_one(
+        self, request: Request, prompt_len: int, decode_len: int, m: Measurement
+    ) -> tuple[KVCache, torch.Tensor]:
+        """Prefill one sequence (then its question, through the decode path) in a cache sized for the batch."""
+        cache = self.new_cache(prompt_len, decode_len)
+        with Timer(self.device) as timer:
+            logits = self._prefill(cache, request.prompt_ids)[-1]
+            m.kv_bytes_device_peak = cache.kv_bytes()[0]
+            cache.finish_prefill()
+            position = len(request.prompt_ids)
+            for token in request.question_ids:
+                logits = self._forward(cache, [token], position)[-1]
+                position += 1
+        m.prefill_s = timer.seconds
+        m.prompt_tokens = len(request.prompt_ids) + len(request.question_ids)
+        return cache, logits
 
-    def _prefill_timed(self, cache: KVCache, prompt: Sequence[int], m: Measurement, all_logits: bool):
-        self._sync()
-        begin = time.perf_counter()
-        logits = self._prefill(cache, prompt, all_logits)
-        m.kv_bytes_device_peak = cache.kv_bytes()[0]
-        cache.finish_prefill()
-        self._sync()
-        m.prefill_s = time.perf_counter() - begin
-        m.prompt_tokens = len(prompt)
-        return logits
+    # ----- the decode step -----
+    def _step(self, cache: KVCache, state: DecodeState) -> None:
+        """Feed each sequence's next token, choose the one after it, advance. Device work only."""
+        logits = self._logits(cache, state.tokens.view(-1, 1), state.positions.view(-1, 1))[:, -1]
+        state.positions.add_(1)
+        self._choose(logits, state)
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, state: DecodeState) -> None:
+        """Pick each sequence's next token from `logits` [B, vocab] and record it, on the device."""
+        blocked = state.stop_mask & (state.count < state.min_new).view(-1, 1)
+        logits = logits.float().masked_fill(blocked, float("-inf"))
+        if state.temperature is None:
+            token = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits / state.temperature, dim=-1)
+            if state.top_p < 1.0:
+                ordered, order = probs.sort(dim=-1, descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+                outside = ordered.cumsum(-1) - ordered >= state.top_p
+                probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(outside, 0.0))
+            # Gumbel-max: argmax(log p + G) draws from p, with no host sync and static shapes.
+            gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(min=1e-20)))
+            token = (probs.log() + gumbel).argmax(dim=-1)
+        column = torch.where(state.done, state.output.shape[1] - 1, state.count)
+        state.output.scatter_(1, column.view(-1, 1), token.view(-1, 1))
+        state.count.add_((~state.done).long())
+        stopped = state.stop_mask.gather(1, token.view(-1, 1)).view(-1)
+        state.done.logical_or_(stopped | (state.count >= state.max_new))
+        state.tokens.copy_(token)
+
+    def _decode_state(self, requests: Sequence[Request], positions: list[int]) -> DecodeState:
+        b, device = len(requests), self.device
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        stop_mask = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+        for row, request in enumerate(requests):
+            stops = sorted((set(request.stop_ids) | self.model_stop_ids) & set(range(vocab)))
+            stop_mask[row, stops] = True
+        sampling = requests[0].sampling
+        if len({(s.temperature, s.top_p) if s else None for s in (r.sampling for r in requests)}) > 1:
+            raise ValueError("one batch decodes with one sampling setting")
+
+        def per_row(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        max_new = max(r.max_new_tokens for r in requests)
+        return DecodeState(
+            tokens=torch.zeros(b, dtype=torch.long, device=device),
+            positions=per_row(positions),
+            count=torch.zeros(b, dtype=torch.long, device=device),
+            done=torch.zeros(b, dtype=torch.bool, device=device),
+            output=torch.zeros(b, max_new + 1, dtype=torch.long, device=device),
+            stop_mask=stop_mask,
+            min_new=per_row([r.min_new_tokens for r in requests]),
+            max_new=per_row([r.max_new_tokens for r in requests]),
+            temperature=sampling.temperature if sampling else None,
+            top_p=sampling.top_p if sampling else 1.0,
+        )
+
+    def _step_runner(self, cache: KVCache, state: DecodeState) -> tuple[Callable[[], None], float, int]:
+        """The step to repeat, the seconds spent making it (compile, capture, warm-up steps), and how many
+        real steps that already ran (their tokens count; their time is not decode time)."""
+        if self.engine == "eager":
+            return (lambda: self._step(cache, state)), 0.0, 0
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False)
+        compiled = self._compiled_step
+        began = time.perf_counter()
+        if self.device.type != "cuda":
+            compiled(cache, state)  # the first call compiles
+            return (lambda: compiled(cache, state)), time.perf_counter() - began, 1
+        # Warm up on a side stream (the first call compiles), then capture one step; capture records the
+        # kernels without running them, and each replay runs the whole step with no Python in between.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                compiled(cache, state)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            compiled(cache, state)
+        torch.cuda.synchronize(self.device)
+        return graph.replay, time.perf_counter() - began, WARMUP_STEPS
 
     # ----- what tasks ask for -----
     @torch.inference_mode()
@@ -156,88 +318,102 @@ class Engine:
         sampling: Sampling | None = None,
         min_new_tokens: int = 0,
     ) -> Generation:
-        """Greedy generation, or sampled with `sampling`. `question_ids`, if given, follow the prompt
-        through the decode path one token at a time (the two-phase protocol: the question meets an
-        already-compressed context). Stop tokens cannot be produced before `min_new_tokens`."""
-        cache = self.new_cache(len(prompt_ids), len(question_ids) + max_new_tokens)
-        m = Measurement(dense_kv_bytes=self._dense_bytes(len(prompt_ids) + len(question_ids) + max_new_tokens))
-        self._start()
-        logits = self._prefill_timed(cache, prompt_ids, m, all_logits=False)[-1]
-        position = len(prompt_ids)
-        if question_ids:
-            self._sync()
-            begin = time.perf_counter()
-            for token in question_ids:
-                logits = self._forward(cache, [token], position)[-1]
-                position += 1
-            self._sync()
-            m.prefill_s += time.perf_counter() - begin
-            m.prompt_tokens += len(question_ids)
+        """Greedy generation, or sampled with `sampling`, of one sequence (see `generate_batch`)."""
+        request = Request(prompt_ids, max_new_tokens, question_ids, stop_ids, sampling, min_new_tokens)
+        return self.generate_batch([request])[0]
 
-        generated: list[int] = []
-        stops = set(stop_ids) | self.model_stop_ids
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling else None
-        self._sync()
-        begin = time.perf_counter()
-        stop_list = sorted(stops)
-        while True:
-            if len(generated) < min_new_tokens and stop_list:
-                logits = logits.index_fill(-1, torch.tensor(stop_list, device=logits.device), float("-inf"))
-            token = sampling.pick(logits, generator) if sampling else int(logits.argmax())
-            generated.append(token)
-            if token in stops or len(generated) >= max_new_tokens:
-                break
-            logits = self._forward(cache, [token], position)[-1]
-            position += 1
-            m.decode_steps += 1
-        self._sync()
-        m.decode_s = time.perf_counter() - begin
-        self._finish(cache, m)
-        kept = [t for t in generated if t not in stops]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True) if self.tokenizer is not None else ""
-        return Generation(generated, text, m, stopped=generated[-1] in stops)
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[Request]) -> list[Generation]:
+        """Generate for every request in one decode batch; one `Generation` per request, in order."""
+        prompt_len = max(len(r.prompt_ids) for r in requests)
+        decode_len = max(len(r.question_ids) + r.max_new_tokens for r in requests)
+        measurements = [
+            Measurement(
+                batch_size=len(requests),
+                engine=self.engine,
+                dense_kv_bytes=self._dense_bytes(len(r.prompt_ids) + len(r.question_ids) + r.max_new_tokens),
+            )
+            for r in requests
+        ]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        caches, logits = [], []
+        for request, m in zip(requests, measurements, strict=True):
+            cache, last = self._prefill_one(request, prompt_len, decode_len, m)
+            caches.append(cache)
+            logits.append(last)
+        cache = caches[0] if len(caches) == 1 else KVCache.stack(caches)
+        del caches
+        state = self._decode_state(requests, [len(r.prompt_ids) + len(r.question_ids) for r in requests])
+        seed = requests[0].sampling.seed if requests[0].sampling else 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self._choose(torch.stack(logits), state)
+            steps, decode_s, compile_s, before = self._decode(cache, state)
+        counts = state.count.tolist()
+        output = state.output.tolist()
+        device_bytes, host_bytes = cache.kv_bytes()
+        stats = cache.stats()
+        generations = []
+        for row, m in enumerate(measurements):
+            tokens = output[row][: counts[row]]
+            stopped = bool(tokens) and bool(state.stop_mask[row, tokens[-1]])
+            m.decode_steps, m.decode_s, m.compile_s = steps, decode_s, compile_s
+            m.decode_tokens = max(0, counts[row] - before[row])
+            m.kv_bytes_device, m.kv_bytes_host = device_bytes // len(requests), host_bytes // len(requests)
+            m.kv_bytes_device_peak = max(m.kv_bytes_device_peak, m.kv_bytes_device)
+            m.method_stats = {k: v / len(requests) for k, v in stats.items()}
+            m.peak_memory_bytes = self._peak_memory()
+            kept = tokens[:-1] if stopped else tokens
+            text = self.tokenizer.decode(kept, skip_special_tokens=True) if self.tokenizer is not None else ""
+            generations.append(Generation(tokens, text, m, stopped=stopped))
+        return generations
+
+    def _decode(self, cache: KVCache, state: DecodeState) -> tuple[int, float, float, list[int]]:
+        """Run decode steps until every sequence is done. Returns (timed steps, their seconds, seconds of
+        compile/capture/warm-up, per-sequence token counts before the timed steps)."""
+        remaining = int(state.max_new.max()) - 1  # the first token came from the prefill's logits
+        if remaining <= 0 or bool(state.done.all()):
+            return 0, 0.0, 0.0, state.count.tolist()
+        step, compile_s, ran = self._step_runner(cache, state)
+        remaining -= ran
+        before = state.count.tolist()
+        steps = 0
+        with Timer(self.device) as timer:
+            while steps < remaining:
+                step()
+                steps += 1
+                if steps % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
+                    break
+        return steps, timer.seconds if steps else 0.0, compile_s, before
 
     @torch.inference_mode()
     def score_continuation(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> Scored:
         """NLL of each continuation token, fed one at a time through the method's cache after the prefix
         is prefilled (and compressed): evicted or quantized tokens affect every prediction."""
-        cache = self.new_cache(len(prefix_ids), len(continuation_ids))
-        m = Measurement(dense_kv_bytes=self._dense_bytes(len(prefix_ids) + len(continuation_ids)))
-        self._start()
-        logits = self._prefill_timed(cache, prefix_ids, m, all_logits=False)[-1]
-        nll = 0.0
-        self._sync()
-        begin = time.perf_counter()
+        m = Measurement(engine="eager", dense_kv_bytes=self._dense_bytes(len(prefix_ids) + len(continuation_ids)))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        request = Request(prefix_ids, len(continuation_ids))
+        cache, logits = self._prefill_one(request, len(prefix_ids), len(continuation_ids), m)
+        targets = torch.tensor(list(continuation_ids), device=self.device)
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
         position = len(prefix_ids)
-        for i, target in enumerate(continuation_ids):
-            nll -= float(torch.log_softmax(logits.float(), dim=-1)[target])
-            if i + 1 < len(continuation_ids):
-                logits = self._forward(cache, [target], position)[-1]
-                position += 1
-                m.decode_steps += 1
-        self._sync()
-        m.decode_s = time.perf_counter() - begin
-        self._finish(cache, m)
-        return Scored(nll, len(continuation_ids), m)
-
-    @torch.inference_mode()
-    def sliding_window_nll(self, token_ids: Sequence[int], window: int, stride: int) -> tuple[float, int]:
-        """The usual perplexity protocol, no cache: each window scores the tokens past the previous one."""
-        nll, counted, previous_end = 0.0, 0, 0
-        for begin in range(0, len(token_ids), stride):
-            end = min(begin + window, len(token_ids))
-            ids = torch.tensor([token_ids[begin:end]], device=self.device)
-            with attention.bind(None):
-                logits = self.model(input_ids=ids, use_cache=False).logits[0].float()
-            new = end - previous_end  # tokens this window scores for the first time
-            targets = ids[0, -new:][1 if begin == 0 else 0 :]
-            predictions = logits[-new - 1 : -1] if begin > 0 else logits[: new - 1]
-            nll += float(torch.nn.functional.cross_entropy(predictions, targets, reduction="sum"))
-            counted += targets.numel()
-            previous_end = end
-            if end == len(token_ids):
-                break
-        return nll, counted
+        with Timer(self.device) as timer:
+            for i, target in enumerate(continuation_ids):
+                nll -= torch.log_softmax(logits.float(), dim=-1)[targets[i]]
+                if i + 1 < len(continuation_ids):
+                    logits = self._forward(cache, [target], position)[-1]
+                    position += 1
+                    m.decode_steps += 1
+        m.decode_s = timer.seconds
+        m.decode_tokens = m.decode_steps
+        m.kv_bytes_device, m.kv_bytes_host = cache.kv_bytes()
+        m.kv_bytes_device_peak = max(m.kv_bytes_device_peak, m.kv_bytes_device)
+        m.method_stats = cache.stats()
+        m.peak_memory_bytes = self._peak_memory()
+        return Scored(float(nll), len(continuation_ids), m)
 
     def warmup(self) -> None:
         """One short generation so that first-call costs (allocations, kernel selection) are not timed."""

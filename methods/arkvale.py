@@ -7,8 +7,6 @@ code pku-liang/ArkVale@0c3b45e (`source/arkvale/infer_state.py`, `kv_cache.py`, 
 from __future__ import annotations
 
 import math
-import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -65,10 +63,13 @@ class ArkVale(Method):
       option (`Sample.question_ids`), not a method option.
     - A page that has just filled counts as a window page until the next token starts a new page, so
       for that one step it is not a candidate (the code may treat it as filled one step earlier).
-    - Known limits for a compiled path: each layer syncs the host once per estimating decode step, to
-      list the pages to recall (the code also loops over them in Python); and the attended slice
-      [0, filled) grows within a page, as the base layer's does. The time counters are host wall
-      time; on CUDA the estimate is asynchronous, so its time lands in `select_s` (the sync).
+    - Static decode step (no host syncs): every step scores the pages, takes the top-k and pairs each
+      missing page with a victim slot with tensor ops; recall copies are masked, so a step with nothing
+      missing moves no page. Each new token is backed up to host as it is written (the code copies a
+      page once it fills), and the digest of the page being written is recomputed each step (only the
+      digest of a full page is ever read). Attention runs over all resident slots with a mask.
+    - Host copies are synchronous with the step (no side stream yet): on a CUDA device the compiled,
+      graph-captured path is not available for ArkVale (the engine says so); the eager path is.
     """
 
     exempt_layers: int = 2
@@ -187,63 +188,46 @@ class ArkValeLayer(KVLayer):
         self.slot_page: torch.Tensor | None = None
         self.digest_upper: torch.Tensor | None = None  # [B, Hkv, total_pages, D]: c + r
         self.digest_lower: torch.Tensor | None = None  # c - r
-        self.host_keys: torch.Tensor | None = None  # [total_pages, B, Hkv, p, D]: one contiguous page each
+        self.host_keys: torch.Tensor | None = None  # [B, Hkv, total_pages * p, D], indexed by position
         self.host_values: torch.Tensor | None = None
-        self.copy_stream: torch.cuda.Stream | None = None
-        self.counters = {
-            "estimate_calls": 0.0,
-            "select_calls": 0.0,
-            "pages_recalled": 0.0,
-            "estimate_s": 0.0,
-            "select_s": 0.0,
-            "recall_s": 0.0,
-        }
+        self.pages_recalled: torch.Tensor | None = None  # [B] counters, kept on the device
+        self.selections: torch.Tensor | None = None
 
     # ----- prefill -----
-    def observe(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
+    def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         if self.prefilling:  # the last prompt token's query ranks the pages at the end of prefill
             self.last_query = query[:, :, -1]
 
     def finish_prefill(self) -> None:
-        if self.prefilling and self.is_initialized:
-            self._allocate_backing()
-            full = self.filled // self.page_size
-            pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
-            upper, lower = page_digest(pages, self.method.radius)
-            self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = upper, lower
-            values = self.values[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
-            with self._on_copy_stream():
-                self.host_keys[:full].copy_(pages.permute(2, 0, 1, 3, 4), non_blocking=True)
-                self.host_values[:full].copy_(values.permute(2, 0, 1, 3, 4), non_blocking=True)
-            if self.copy_stream is not None:  # the staging buffer is freed below while the copy may run
-                self.keys.record_stream(self.copy_stream)
-                self.values.record_stream(self.copy_stream)
-        super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
-        if self.is_initialized and self.slot_page is None:  # everything fit: page i in slot i
-            slots = torch.arange(self.resident_pages, device=self.keys.device)
-            in_use = slots * self.page_size < self.filled
-            b = self.keys.shape[0]
-            self.slot_page = slots.masked_fill(~in_use, -1).expand(b, self.groups, -1).clone()
-        self.last_query = None
-
-    def _allocate_backing(self) -> None:
+        filled = self.seen
         b, h, _, d = self.keys.shape
         device = self.keys.device
         self.digest_upper = self.keys.new_zeros(b, h, self.total_pages, d)
         self.digest_lower = self.keys.new_zeros(b, h, self.total_pages, d)
+        full = filled // self.page_size
+        pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
+        self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = page_digest(pages, self.method.radius)
         pin = device.type == "cuda"  # pinned host memory lets the copies run asynchronously
-        shape = (self.total_pages, b, h, self.page_size)
-        self.host_keys = torch.zeros(*shape, d, dtype=self.keys.dtype, pin_memory=pin)
-        self.host_values = torch.zeros(*shape, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)
-        if device.type == "cuda":
-            self.copy_stream = torch.cuda.Stream(device)
+        tokens = self.total_pages * self.page_size
+        self.host_keys = torch.zeros(b, h, tokens, d, dtype=self.keys.dtype, pin_memory=pin)
+        self.host_values = torch.zeros(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)
+        self.host_keys[:, :, :filled].copy_(self.keys[:, :, :filled], non_blocking=pin)
+        self.host_values[:, :, :filled].copy_(self.values[:, :, :filled], non_blocking=pin)
+        super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
+        if self.slot_page is None:  # everything fit: page i in slot i
+            slots = torch.arange(self.resident_pages, device=device)
+            self.slot_page = slots.masked_fill(slots * self.page_size >= filled, -1).expand(b, self.groups, -1).clone()
+        self.pages_recalled = torch.zeros(b, device=device)
+        self.selections = torch.zeros(b, device=device)
+        self.last_query = None
 
     def select_prefill(self) -> torch.Tensor | None:
         """Sinks, the top pages for the last prompt query, the window; the last page goes to the last slot."""
-        if self.filled <= self.capacity:  # every page fits: page i stays in slot i
+        filled = self.seen
+        if filled <= self.capacity:  # every page fits: page i stays in slot i
             return None
         p, slots = self.page_size, self.resident_pages
-        n_pages = math.ceil(self.filled / p)
+        n_pages = math.ceil(filled / p)
         sinks, window = max(2, self.method.n_sink_pages), self.method.n_win_pages
         device = self.keys.device
         b = self.keys.shape[0]
@@ -255,7 +239,7 @@ class ArkValeLayer(KVLayer):
         kept = torch.cat([fixed[0].expand(b, self.groups, -1), top, fixed[1].expand(b, self.groups, -1)], -1)
         self.slot_page = kept
         tokens = (kept.unsqueeze(-1) * p + torch.arange(p, device=device)).flatten(-2)
-        tokens = tokens[..., : (slots - 1) * p + self.filled - (n_pages - 1) * p]  # the last page may be partial
+        tokens = tokens[..., : (slots - 1) * p + filled - (n_pages - 1) * p]  # the last page may be partial
         return tokens.repeat_interleave(self.keys.shape[1] // self.groups, dim=1)
 
     # ----- decode -----
@@ -266,101 +250,112 @@ class ArkValeLayer(KVLayer):
             return super().update(key_states, value_states)
         if key_states.shape[2] != 1:
             raise RuntimeError("after prefill, tokens go through the cache one at a time")
-        if self.copy_stream is not None:  # a slot may still be read by a backup copy
-            torch.cuda.current_stream(self.keys.device).wait_stream(self.copy_stream)
-        p = self.page_size
-        page, offset = divmod(self.seen, p)
-        slot = min(page, self.resident_pages - 1)
-        if offset == 0:
-            if page >= self.resident_pages:
-                self._retire_last_slot(page)
-            self.slot_page[:, :, slot] = page
-        position = slot * p + offset
-        self.keys[:, :, position : position + 1] = key_states
-        self.values[:, :, position : position + 1] = value_states
-        self.positions[:, :, position] = self.seen
-        self.seen += 1
-        self.filled = position + 1
-        if offset == p - 1:
-            self._seal(page, slot)
-        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
+        b, h = key_states.shape[:2]
+        p, last = self.page_size, self.resident_pages - 1
+        page, offset = self.seen // p, self.seen % p  # [B]
+        if self.total_pages > self.resident_pages:
+            self._retire_last_slot(page, (offset == 0) & (page > last))
+        slot = page.clamp(max=last)  # [B]
+        self.slot_page.scatter_(
+            2, slot.view(b, 1, 1).expand(b, self.groups, 1), page.view(b, 1, 1).expand(b, self.groups, 1)
+        )
+        self._write_slot((slot * p + offset).view(b, 1).expand(b, h), key_states, value_states)
+        self._backup_token(key_states, value_states)
+        self._digest_page(slot, page)
+        self.seen.add_(1)
+        return self.keys, self.values
 
-    def _retire_last_slot(self, page: int) -> None:
-        """`page` starts: the full page `page - 1` leaves the last slot for the slot of the page that
-        now leaves the window (always resident, so always found). The code's `_decode_alloc_1_page`."""
-        if self.method.n_win_pages == 1:  # page - 1 itself leaves the window; its backup is on the host
-            return
-        leaving = page - self.method.n_win_pages
-        target = (self.slot_page == leaving).int().argmax(dim=-1)  # [B, groups]
-        b, h, _, _ = self.keys.shape
-        for buffer in (self.keys, self.values):
-            paged = buffer.view(b, self.groups, h // self.groups, self.resident_pages, self.page_size, -1)
-            index = target.view(b, self.groups, 1, 1, 1, 1).expand(*paged.shape[:3], 1, *paged.shape[4:])
-            paged.scatter_(3, index, paged[:, :, :, -1:].clone())
-        paged = self.positions.view(b, self.groups, h // self.groups, self.resident_pages, self.page_size)
-        index = target.view(b, self.groups, 1, 1, 1).expand(*paged.shape[:3], 1, self.page_size)
-        paged.scatter_(3, index, paged[:, :, :, -1:].clone())
-        paged[:, :, :, -1] = -1  # the last slot starts the new page empty
-        self.slot_page.scatter_(2, target.unsqueeze(-1), page - 1)
+    def _retire_last_slot(self, page: torch.Tensor, starting: torch.Tensor) -> None:
+        """Where `starting` [B]: page `page` starts and the full page `page - 1` leaves the last slot for the
+        slot of the page that now leaves the window (always resident, so always found); the last slot starts
+        empty. The code's `_decode_alloc_1_page`. Elsewhere the moves below write a slot onto itself."""
+        b, h = self.keys.shape[:2]
+        last = self.resident_pages - 1
+        if self.method.n_win_pages > 1:
+            leaving = (page - self.method.n_win_pages).view(b, 1, 1)
+            target = (self.slot_page == leaving).int().argmax(dim=-1)  # [B, groups]
+            target = torch.where(starting.view(b, 1), target, last)
+            per_group = h // self.groups
+            for buffer in (self.keys, self.values, self.positions):
+                paged = buffer[:, :, : self.capacity].view(
+                    b, self.groups, per_group, self.resident_pages, self.page_size, -1
+                )
+                index = target.view(b, self.groups, 1, 1, 1, 1).expand(*paged.shape[:3], 1, *paged.shape[4:])
+                paged.scatter_(3, index, paged[:, :, :, last:].clone())
+            moved = torch.where(
+                starting.view(b, 1), page.view(b, 1) - 1, self.slot_page.gather(2, target[..., None])[..., 0]
+            )
+            self.slot_page.scatter_(2, target.unsqueeze(-1), moved.unsqueeze(-1))
+        self.positions[:, :, last * self.page_size : self.capacity].masked_fill_(starting.view(b, 1, 1), -1)
 
-    def _seal(self, page: int, slot: int) -> None:
-        """A page just filled: digest it (kept on the device) and back it up to host memory."""
-        tokens = slice(slot * self.page_size, (slot + 1) * self.page_size)
-        keys, values = self.keys[:, :, tokens], self.values[:, :, tokens]
-        upper, lower = page_digest(keys, self.method.radius)
-        self.digest_upper[:, :, page], self.digest_lower[:, :, page] = upper, lower
-        with self._on_copy_stream():
-            self.host_keys[page].copy_(keys, non_blocking=True)
-            self.host_values[page].copy_(values, non_blocking=True)
+    def _backup_token(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy the token just written to its place in the host backup (indexed by position)."""
+        seen = self.seen if self.host_keys.device == self.seen.device else self.seen.cpu()
+        b, h, _, d = keys.shape
+        index = seen.view(b, 1, 1, 1).expand(b, h, 1, d)
+        self.host_keys.scatter_(2, index, keys.to(self.host_keys.device))
+        self.host_values.scatter_(2, index.expand(b, h, 1, values.shape[-1]), values.to(self.host_values.device))
+
+    def _digest_page(self, slot: torch.Tensor, page: torch.Tensor) -> None:
+        """Digest the page being written (read only once it is full: until then it is never a candidate)."""
+        b, h, _, d = self.keys.shape
+        tokens = (slot.view(b, 1) * self.page_size + torch.arange(self.page_size, device=slot.device)).view(
+            b, 1, self.page_size, 1
+        )
+        upper, lower = page_digest(self.keys.gather(2, tokens.expand(b, h, self.page_size, d)), self.method.radius)
+        index = page.view(b, 1, 1, 1).expand(b, h, 1, d)
+        self.digest_upper.scatter_(2, index, upper.unsqueeze(2))
+        self.digest_lower.scatter_(2, index, lower.unsqueeze(2))
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-        # `keys`/`values` are views of the slot buffers, so pages recalled here are what attention reads.
-        if not self.prefilling and self.seen > self.capacity:
+        if not self.prefilling:  # recalled pages land in the slot buffers that attention reads
             self._select_and_recall(query[:, :, -1])
         return super().attend(query, keys, values, scaling)
 
     def _select_and_recall(self, query: torch.Tensor) -> None:
         """Estimate every filled page, make the top-k resident, recall the missing ones over the
-        lowest-scored resident pages (`select.cu`). Victims need no write-back: all are on host."""
-        began = time.perf_counter()
+        lowest-scored resident pages (`select.cu`). Victims need no write-back: all are on host.
+        Nothing changes while the layer holds no more tokens than its slots."""
+        if self.total_pages <= self.resident_pages:
+            return  # every page of this generation fits: never anything to select
+        b = query.shape[0]
         scores = self._page_scores(query)  # [B, groups, total_pages]
-        estimated = time.perf_counter()
-
-        device = scores.device
+        active = (self.seen > self.capacity).view(b, 1, 1)
         current = (self.seen - 1) // self.page_size  # the page the newest token is in
-        pages = torch.arange(self.total_pages, device=device)
-        candidate = (pages >= self.method.n_sink_pages) & (pages < current - self.method.n_win_pages + 1)
+        pages = torch.arange(self.total_pages, device=scores.device)
+        newest_candidate = (current - self.method.n_win_pages + 1).view(b, 1, 1)
+        candidate = (pages >= self.method.n_sink_pages) & (pages < newest_candidate)  # [B, 1, pages]
         top = scores.masked_fill(~candidate, float("-inf")).topk(self.free_topk, dim=-1).indices
-        resident = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, self.slot_page, True)
-        missing = ~resident.gather(2, top)
+        resident = torch.zeros_like(candidate.expand_as(scores)).scatter_(2, self.slot_page.clamp(min=0), True)
+        missing = ~resident.gather(2, top) & candidate.expand_as(scores).gather(2, top) & active
         # Sinks, window pages and the top-k are never victims; the rest go lowest score first.
         keep_score = scores.masked_fill(~candidate, float("inf")).scatter(2, top, float("inf"))
-        victims = keep_score.gather(2, self.slot_page).topk(self.free_topk, dim=-1, largest=False).indices
+        victims = keep_score.gather(2, self.slot_page.clamp(min=0)).topk(self.free_topk, dim=-1, largest=False)
         order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
-        incoming, fetch = top.gather(2, order), missing.gather(2, order)
-        batch, group, rank = fetch.nonzero(as_tuple=True)  # the one host sync of the step
-        new_pages, slots = incoming[batch, group, rank], victims[batch, group, rank]
-        selected = time.perf_counter()
+        self._recall(top.gather(2, order), victims.indices, missing.gather(2, order))
+        self.selections += active.view(b).float()
 
-        per_group = self.keys.shape[1] // self.groups
-        p = self.page_size
-        with self._on_copy_stream():
-            for b, g, page, slot in torch.stack([batch, group, new_pages, slots], dim=1).tolist():
-                heads, tokens = slice(g * per_group, (g + 1) * per_group), slice(slot * p, (slot + 1) * p)
-                self.keys[b, heads, tokens].copy_(self.host_keys[page, b, heads], non_blocking=True)
-                self.values[b, heads, tokens].copy_(self.host_values[page, b, heads], non_blocking=True)
-                self.positions[b, heads, tokens] = torch.arange(page * p, (page + 1) * p, device=device)
-        if self.copy_stream is not None:  # attention must read the recalled pages
-            torch.cuda.current_stream(device).wait_stream(self.copy_stream)
-        self.slot_page[batch, group, slots] = new_pages
-        recalled = time.perf_counter()
+    def _recall(self, pages: torch.Tensor, slots: torch.Tensor, fetch: torch.Tensor) -> None:
+        """Copy page `pages[b, g, r]` from host into slot `slots[b, g, r]` wherever `fetch` [B, groups, k]."""
+        b, h = self.keys.shape[:2]
+        p, per_group = self.page_size, h // self.groups
+        offsets = torch.arange(p, device=pages.device)
 
-        self.counters["estimate_calls"] += 1
-        self.counters["select_calls"] += 1
-        self.counters["pages_recalled"] += len(new_pages)
-        self.counters["estimate_s"] += estimated - began
-        self.counters["select_s"] += selected - estimated
-        self.counters["recall_s"] += recalled - selected
+        def per_head(index: torch.Tensor) -> torch.Tensor:  # [B, groups, k, p] -> [B, Hkv, k * p]
+            return index.flatten(2).unsqueeze(2).expand(-1, -1, per_group, -1).reshape(b, h, -1)
+
+        source = per_head(pages.unsqueeze(-1) * p + offsets)  # positions, i.e. host rows
+        target = per_head(slots.unsqueeze(-1) * p + offsets)
+        take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, p))
+        host_source = source if self.host_keys.device == source.device else source.cpu()
+        for buffer, host in ((self.keys, self.host_keys), (self.values, self.host_values)):
+            width = buffer.shape[-1]
+            fetched = host.gather(2, host_source.unsqueeze(-1).expand(-1, -1, -1, width)).to(buffer.device)
+            index = target.unsqueeze(-1).expand(-1, -1, -1, width)
+            buffer.scatter_(2, index, torch.where(take.unsqueeze(-1), fetched, buffer.gather(2, index)))
+        self.positions.scatter_(2, target, torch.where(take, source, self.positions.gather(2, target)))
+        self.slot_page.scatter_(2, slots, torch.where(fetch, pages, self.slot_page.gather(2, slots)))
+        self.pages_recalled += fetch.sum(dim=(1, 2)).float()
 
     # ----- shared helpers -----
     def _page_scores(self, query: torch.Tensor) -> torch.Tensor:
@@ -369,14 +364,26 @@ class ArkValeLayer(KVLayer):
         b, h, n = per_kv_head.shape
         return per_kv_head.view(b, self.groups, h // self.groups, n).mean(dim=2)
 
-    def _on_copy_stream(self) -> AbstractContextManager:
-        """Host copies run on a side stream on CUDA, after the work already queued on the main one."""
-        if self.copy_stream is None:
-            return nullcontext()
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.keys.device))
-        return torch.cuda.stream(self.copy_stream)
+    # ----- batching and accounting -----
+    def decode_state(self) -> dict[str, torch.Tensor]:
+        names = (
+            "slot_page",
+            "digest_upper",
+            "digest_lower",
+            "host_keys",
+            "host_values",
+            "pages_recalled",
+            "selections",
+        )
+        return {**super().decode_state(), **{name: getattr(self, name) for name in names}}
 
-    # ----- accounting -----
+    @classmethod
+    def stack(cls, layers: list[KVLayer]) -> KVLayer:
+        stacked = super().stack(layers)
+        if layers[0].host_keys.is_pinned():  # concatenation does not keep host memory pinned
+            stacked.host_keys, stacked.host_values = stacked.host_keys.pin_memory(), stacked.host_values.pin_memory()
+        return stacked
+
     def tensors(self) -> dict[str, torch.Tensor]:
         held = super().tensors()
         extra = {"digest_upper": self.digest_upper, "digest_lower": self.digest_lower, "slot_page": self.slot_page}
@@ -388,4 +395,6 @@ class ArkValeLayer(KVLayer):
         return {name: t for name, t in held.items() if t is not None}
 
     def stats(self) -> dict[str, float]:
-        return dict(self.counters)
+        if self.selections is None:
+            return {}
+        return {"pages_recalled": float(self.pages_recalled.sum()), "selection_steps": float(self.selections.sum())}

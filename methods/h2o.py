@@ -55,14 +55,13 @@ class H2O(Method):
 
 
 class H2OLayer(KVLayer):
-    needs_attention_weights = True
+    needs_received_attention = True
 
     def __init__(self, spec: LayerSpec, budget: int, recent: int) -> None:
         # One slot beyond the budget for the token being attended; never more than the generation can fill.
         super().__init__(spec, capacity=min(budget + 1, spec.prompt_len + spec.decode_len))
         self.budget, self.recent = budget, recent
-        self.scores: torch.Tensor | None = None
-        self.free_slot: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None  # [B, Hkv, slots]: attention each slot's token received
 
     def on_write(self, slots: slice | torch.Tensor) -> None:
         if self.scores is None:
@@ -72,27 +71,33 @@ class H2OLayer(KVLayer):
         else:
             self.scores.scatter_(2, slots.unsqueeze(-1), 0.0)
 
-    def observe(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
-        received = probs.sum(dim=(2, 3))  # over the group's query heads and the query positions
+    def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         self.scores[:, :, : received.shape[-1]] += received
-        if not self.prefilling and self.filled == self.capacity:
-            # Evict the lowest-scoring token outside the recent window; its slot takes the next token.
-            recent = self.positions >= self.seen - self.recent
-            self.free_slot = self.scores.masked_fill(recent, float("inf")).argmin(dim=-1)
-
-    def victim_slot(self) -> torch.Tensor:
-        return self.free_slot
+        if self.prefilling:
+            return
+        # Alg. 1: once budget + 1 tokens are live, evict the lowest-scoring one outside the recent window;
+        # emptying its slot sends the next token there.
+        positions = self.positions[:, :, : self.capacity]
+        live = positions >= 0
+        protected = ~live | (positions >= self.seen.view(-1, 1, 1) - self.recent)
+        victim = self.scores[:, :, : self.capacity].masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)
+        full = live.all(dim=-1, keepdim=True)
+        self.positions.scatter_(2, victim, torch.where(full, -1, self.positions.gather(2, victim)))
 
     def select_prefill(self) -> torch.Tensor | None:
-        if self.filled <= self.budget:
+        filled = self.seen
+        if filled <= self.budget:
             return None
-        candidates = self.scores[:, :, : self.filled - self.recent]
+        candidates = self.scores[:, :, : filled - self.recent]
         heavy = candidates.topk(self.budget - self.recent, dim=-1).indices.sort(dim=-1).values
-        recent = torch.arange(self.filled - self.recent, self.filled, device=heavy.device)
+        recent = torch.arange(filled - self.recent, filled, device=heavy.device)
         return torch.cat([heavy, recent.expand(*heavy.shape[:2], -1)], dim=-1)
 
-    def compact_state(self, keep: torch.Tensor | None) -> None:
-        self.scores = self._compact(self.scores, keep)
+    def compact_state(self, keep: torch.Tensor | None, filled: int) -> None:
+        self.scores = self._compact(self.scores, keep, filled)
+
+    def decode_state(self) -> dict[str, torch.Tensor]:
+        return {**super().decode_state(), "scores": self.scores}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {**super().tensors(), "scores": self.scores}

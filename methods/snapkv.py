@@ -66,7 +66,7 @@ class SnapKVLayer(KVLayer):
         self.scaling = scaling  # the model's own attention scale, reused when the window votes
         return super().attend(query, keys, values, scaling)
 
-    def observe(self, query: torch.Tensor, probs: torch.Tensor | None) -> None:
+    def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         if not self.prefilling:
             return
         # Prefill may come in chunks: keep the last `window` queries seen so far.
@@ -74,13 +74,13 @@ class SnapKVLayer(KVLayer):
         self.window_queries = recent[:, :, -self.method.window :]
 
     def select_prefill(self) -> torch.Tensor | None:
-        queries, self.window_queries = self.window_queries, None
-        if self.filled <= self.method.budget:
+        queries, self.window_queries, filled = self.window_queries, None, self.seen
+        if filled <= self.method.budget:
             return None
-        keys = self.keys[:, :, : self.filled]
+        keys = self.keys[:, :, :filled]
         votes = window_votes(queries, keys, self.scaling, self.method.kernel, self.method.pooling)
         top = votes.topk(self.method.budget - queries.shape[2], dim=-1).indices.sort(dim=-1).values
-        window = torch.arange(self.filled - queries.shape[2], self.filled, device=keys.device)
+        window = torch.arange(filled - queries.shape[2], filled, device=keys.device)
         return torch.cat([top, window.expand(*top.shape[:2], -1)], dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -57,39 +57,46 @@ class StreamingLLM(Method):
 
 
 class StreamingLayer(KVLayer):
-    """Slots [0, sinks) hold the sinks; slots [sinks, budget) are a ring of recent tokens."""
+    """Slots [0, sinks) hold the sinks; the other slots hold the most recent tokens."""
 
     def __init__(self, spec: LayerSpec, method: StreamingLLM) -> None:
         # No more slots than the generation can ever fill.
         super().__init__(spec, capacity=min(method.budget, spec.prompt_len + spec.decode_len))
         self.sinks = method.sinks
-        self.shift_positions = method.positions == "in_cache"
+        self.shift_positions = method.positions == "in_cache" and method.sinks > 0
         self.inv_freq = spec.rope_inv_freq
-        self.evictions = 0
         self.sink_keys: torch.Tensor | None = None  # the sinks at their original positions
 
     def select_prefill(self) -> torch.Tensor | None:
-        if self.filled <= self.capacity:
+        filled = self.seen
+        if filled <= self.capacity:
             return None
-        recent = torch.arange(self.filled - (self.capacity - self.sinks), self.filled)
+        recent = torch.arange(filled - (self.capacity - self.sinks), filled)
         keep = torch.cat([torch.arange(self.sinks), recent]).to(self.keys.device)
         return keep.expand(*self.keys.shape[:2], -1)
 
-    def victim_slot(self) -> int:
-        # The ring's oldest token; every head evicts the same position.
-        slot = self.sinks + self.evictions % (self.capacity - self.sinks)
-        self.evictions += 1
-        return slot
-
-    def keys_for_attention(self, keys: torch.Tensor) -> torch.Tensor:
-        evicted = self.seen - self.filled
-        if not self.shift_positions or evicted == 0 or self.sinks == 0:
-            return keys
-        if self.sink_keys is None:
+    def finish_prefill(self) -> None:
+        super().finish_prefill()
+        if self.shift_positions:
             self.sink_keys = self.keys[:, :, : self.sinks].clone()
-        # Rotate from the pristine copy each step (no rounding builds up); `keys` views these slots.
+
+    def victim_slot(self) -> torch.Tensor:
+        # The oldest token outside the sinks; every head evicts the same position.
+        return self.positions[:, :, self.sinks : self.capacity].argmin(dim=-1) + self.sinks
+
+    def keys_for_attention(self) -> torch.Tensor:
+        if not self.shift_positions:
+            return self.keys
+        # Rotate from the pristine copy each step (no rounding builds up), in place: `keys` holds the sinks.
+        evicted = self.seen - (self.positions[:, 0] >= 0).sum(dim=-1)  # [B]
         self.keys[:, :, : self.sinks] = rotate(self.sink_keys, evicted, self.inv_freq)
-        return keys
+        return self.keys
+
+    def decode_state(self) -> dict[str, torch.Tensor]:
+        state = super().decode_state()
+        if self.sink_keys is not None:
+            state["sink_keys"] = self.sink_keys
+        return state
 
     def tensors(self) -> dict[str, torch.Tensor]:
         held = super().tensors()
@@ -98,12 +105,11 @@ class StreamingLayer(KVLayer):
         return held
 
 
-def rotate(keys: torch.Tensor, offset: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Move post-RoPE keys `offset` positions forward (RoPE rotations compose additively)."""
-    angles = offset * inv_freq.to(keys.device, torch.float32)
-    cos = torch.cat([angles, angles]).cos()
-    sin = torch.cat([angles, angles]).sin()
+def rotate(keys: torch.Tensor, offset: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move post-RoPE keys [B, Hkv, n, D] `offset` [B] positions forward (RoPE rotations compose additively)."""
+    angles = offset.view(-1, 1).to(torch.float32) * inv_freq.to(keys.device, torch.float32)  # [B, D/2]
+    angles = torch.cat([angles, angles], dim=-1).view(-1, 1, 1, keys.shape[-1])
     k = keys.float()
     half = k.shape[-1] // 2
     rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    return (k * cos + rotated_half * sin).to(keys.dtype)
+    return (k * angles.cos() + rotated_half * angles.sin()).to(keys.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.engine import Engine, Sampling
+from kvbench.engine import DecodeState, Engine, Sampling
 from kvbench.methods.full import Full
 
 PROMPT = list(range(200, 260))
@@ -22,11 +22,23 @@ def test_sampling_is_seeded_and_reduces_to_greedy(tiny):
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    sampling = Sampling(temperature=1.0, top_p=0.7, seed=0)
-    generator = torch.Generator().manual_seed(0)
-    drawn = {sampling.pick(logits, generator) for _ in range(300)}
-    assert drawn == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2 and 3 are cut
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(300, -1)
+    b = logits.shape[0]
+    state = DecodeState(
+        tokens=torch.zeros(b, dtype=torch.long),
+        positions=torch.zeros(b, dtype=torch.long),
+        count=torch.zeros(b, dtype=torch.long),
+        done=torch.zeros(b, dtype=torch.bool),
+        output=torch.zeros(b, 2, dtype=torch.long),
+        stop_mask=torch.zeros(b, 4, dtype=torch.bool),
+        min_new=torch.zeros(b, dtype=torch.long),
+        max_new=torch.ones(b, dtype=torch.long),
+        temperature=1.0,
+        top_p=0.7,
+    )
+    torch.manual_seed(0)
+    Engine._choose(logits, state)
+    assert set(state.tokens.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2 and 3 are cut
 
 
 def test_min_new_tokens_refuses_stop_tokens_until_reached(tiny):

@@ -29,12 +29,14 @@ def prefill(layer, q, k, v, chunk: int = 32) -> None:
 
 
 def kept_positions(layer, keys_seen: torch.Tensor) -> list[list[int]]:
-    """Which original positions each KV head holds, found by matching stored keys to the inputs."""
+    """The original positions each KV head holds (live slots), checked against the stored keys themselves."""
     out = []
     for h in range(HKV):
-        stored = layer.keys[0, h, : layer.filled]
-        match = (stored[:, None, :] == keys_seen[0, h][None, :, :]).all(-1)
-        out.append(sorted(int(i) for i in match.float().argmax(dim=1)))
+        slots = (layer.positions[0, h] >= 0).nonzero().view(-1)
+        positions = layer.positions[0, h, slots]
+        # A slot that claims a position must hold that position's key: no silent mismatch.
+        assert torch.equal(layer.keys[0, h, slots], keys_seen[0, h, positions])
+        out.append(sorted(positions.tolist()))
     return out
 
 
@@ -60,18 +62,8 @@ def test_snapkv_selection_matches_reference():
     assert kept_positions(layer, k) == expected
 
 
-def test_h2o_selection_matches_reference_through_decode():
-    torch.manual_seed(1)
-    t, steps, budget, recent_ratio = 96, 12, 40, 0.25
-    recent = int(budget * recent_ratio)
-    total = t + steps
-    q, k, v = torch.randn(B, HQ, total, D), torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
-    layer = H2O(budget=budget, recent_ratio=recent_ratio).make_layer(spec(t, steps))
-    prefill(layer, q[:, :, :t], k[:, :, :t], v[:, :, :t])
-    for i in range(t, total):
-        keys, values = layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
-        layer.attend(q[:, :, i : i + 1], keys, values, SCALE)
-
+def h2o_reference(q, k, t: int, total: int, budget: int, recent: int) -> list[list[int]]:
+    """H2O (Alg. 1) in plain Python: which positions each KV head holds after every token up to `total`."""
     expected = []
     for h in range(HKV):
         # Prefill: every prompt query's attention, summed over the group's query heads.
@@ -93,13 +85,46 @@ def test_h2o_selection_matches_reference_through_decode():
                 candidates = [p for p in cache if p < i + 1 - recent]
                 cache.remove(min(candidates, key=lambda p: score[p]))
         expected.append(sorted(cache))
-    # The layer also holds the free slot's old token until the next write overwrites it.
+    return expected
+
+
+def test_h2o_selection_matches_reference_through_decode():
+    torch.manual_seed(1)
+    t, steps, budget, recent_ratio = 96, 40, 40, 0.25
+    recent = int(budget * recent_ratio)
+    total = t + steps
+    q, k, v = torch.randn(B, HQ, total, D), torch.randn(B, HKV, total, D), torch.randn(B, HKV, total, D)
+    # A prompt token that prefill barely looks at but every decode query does: it survives only if decode
+    # attention accumulates into the scores (Alg. 1), so a layer that stops accumulating fails here.
+    k[:, :, 20] = 0.0
+    k[:, :, 20, 0] = 4.0
+    q[:, :, t:, 0] = 4.0
+    layer = H2O(budget=budget, recent_ratio=recent_ratio).make_layer(spec(t, steps))
+    prefill(layer, q[:, :, :t], k[:, :, :t], v[:, :, :t])
+    for i in range(t, total):
+        keys, values = layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        layer.attend(q[:, :, i : i + 1], keys, values, SCALE)
+        # Alg. 1: budget + 1 tokens attend, then one is evicted: `budget` stay live between steps.
+        assert int((layer.positions >= 0).sum(-1).min()) == int((layer.positions >= 0).sum(-1).max()) == budget
+    expected = h2o_reference(q, k, t, total, budget, recent)
+    assert kept_positions(layer, k) == expected  # live positions, so a duplicated slot would show twice
+    assert all(20 in held for held in expected)
+
+
+def test_h2o_prompt_cut_takes_heavy_hitters_outside_the_recent_window():
+    """The prompt cut keeps the recent window once and fills the rest with the heaviest older tokens."""
+    torch.manual_seed(6)
+    t, budget, recent_ratio = 64, 24, 0.5
+    recent = int(budget * recent_ratio)
+    q, k, v = torch.randn(B, HQ, t, D), torch.randn(B, HKV, t, D), torch.randn(B, HKV, t, D)
+    q[:, :, :, 0] = 5.0
+    k[:, :, t - recent :, 0] = 5.0  # the recent tokens are the heaviest of all: a cut that ignores the window
+    layer = H2O(budget=budget, recent_ratio=recent_ratio).make_layer(spec(t, 4))
+    prefill(layer, q, k, v)
     held = kept_positions(layer, k)
     for h in range(HKV):
-        victim = int(layer.free_slot[0, h])
-        stored = layer.positions[0, h].tolist()
-        assert sorted(p for slot, p in enumerate(stored) if slot != victim) == expected[h]
-        assert len(held[h]) == budget + 1
+        assert len(held[h]) == len(set(held[h])) == budget
+    assert held == h2o_reference(q, k, t, t, budget, recent)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -144,4 +169,4 @@ def test_snapkv_compresses_a_prompt_just_over_budget():
     q, k, v = torch.randn(B, HQ, t, D), torch.randn(B, HKV, t, D), torch.randn(B, HKV, t, D)
     layer = SnapKV(budget=budget, window=8).make_layer(spec(t, 20))
     prefill(layer, q, k, v)
-    assert layer.filled == budget and layer.keys.shape[2] == budget + 20
+    assert int((layer.positions >= 0).sum(-1).max()) == budget and layer.capacity == budget + 20
