@@ -6,8 +6,9 @@ Protocol (after `LongBench/pred.py` and `eval.py` of THUDM/LongBench; see docs/t
 - Budget: the official new-token budget per task (`MAX_NEW_TOKENS`, = `config/dataset2maxlen.json`).
 - Truncation: when the prompt is longer than `max_length` tokens, keep its first `max_length // 2` and last
   `max_length - max_length // 2` tokens (the middle of the context goes). `max_length` counts the prompt's
-  own tokens, not the chat template around it, as officially. Default: the model's positions minus the
-  task's budget minus the chat template's tokens, so every sample fits.
+  own tokens, not the chat template around it, as officially. Default (`max_length=0`): the official length
+  for the model's context (`V1_MAX_LENGTHS`: 3,500 / 7,500 / 15,500 / 31,500 for 4k / 8k / 16k / 32k
+  models), i.e. the largest of them that leaves the longest answer room within the model's positions.
 - Chat template: used when `chat_template=true` and the tokenizer has one, except for trec, triviaqa,
   samsum, lsht, lcc and repobench-p (few-shot and code completion), which the official code feeds raw.
 - Decoding: greedy (the engine's), until EOS or the budget. Post-processing and metrics: `longbench_metrics`.
@@ -19,15 +20,20 @@ Protocol (after `LongBench/pred.py` and `eval.py` of THUDM/LongBench; see docs/t
 
 Data: `data_dir` is a folder with the official `<task>.jsonl` files (directly or under `data/`); empty loads
 the official `data.zip` of the `dataset` hub repo (THUDM/LongBench). `datasets>=4` cannot run that repo's
-loading script, so the zip is fetched with `huggingface_hub` and read directly: the same files.
+loading script, so the zip is fetched with `huggingface_hub` (read from its cache when there) and read
+directly: the same files. `check()` reads every file the run uses before the model loads: a line that is not
+a JSON record with the needed fields is reported with its file and line number, and each file's sha256 goes
+into `describe()` (the run's identity), so a corrected file makes a new run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -191,15 +197,6 @@ MAX_NEW_TOKENS: dict[str, int] = {
     "repobench-p": 64,
 }
 
-CATEGORIES: dict[str, tuple[str, ...]] = {
-    "single_doc_qa": ("narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh"),
-    "multi_doc_qa": ("hotpotqa", "2wikimqa", "musique", "dureader"),
-    "summarization": ("gov_report", "qmsum", "multi_news", "vcsum"),
-    "few_shot": ("trec", "triviaqa", "samsum", "lsht"),
-    "synthetic": ("passage_count", "passage_retrieval_en", "passage_retrieval_zh"),
-    "code": ("lcc", "repobench-p"),
-}
-
 TASKS: tuple[str, ...] = tuple(TEMPLATES)
 E_TASKS: tuple[str, ...] = (
     "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news", "trec", "triviaqa",
@@ -207,12 +204,33 @@ E_TASKS: tuple[str, ...] = (
 )  # fmt: skip
 # "Chat models are better off without" the chat template on these (official pred.py).
 NO_CHAT_TASKS = frozenset({"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"})
-# Samples per task in the official v1 test files (for count() without reading the hub zip).
-OFFICIAL_COUNTS: dict[str, int] = {name: 200 for name in TASKS} | {
-    "multifieldqa_en": 150,
-    "lcc": 500,
-    "repobench-p": 500,
+# The 5 Chinese tasks; the other 16 (14 English, 2 code) are the "English" set KV-compression papers average.
+ZH_TASKS: tuple[str, ...] = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
+EN_TASKS: tuple[str, ...] = tuple(name for name in TASKS if name not in ZH_TASKS)
+# The official leaderboard's six categories per language (LongBench/README.md): each language's Avg is the mean
+# of its six category means, and code completion (lcc, repobench-p) counts in both languages.
+LEADERBOARD: dict[str, dict[str, tuple[str, ...]]] = {
+    "en": {
+        "single_doc_qa": ("narrativeqa", "qasper", "multifieldqa_en"),
+        "multi_doc_qa": ("hotpotqa", "2wikimqa", "musique"),
+        "summarization": ("gov_report", "qmsum", "multi_news"),
+        "few_shot": ("trec", "triviaqa", "samsum"),
+        "synthetic": ("passage_count", "passage_retrieval_en"),
+        "code": ("lcc", "repobench-p"),
+    },
+    "zh": {
+        "single_doc_qa": ("multifieldqa_zh",),
+        "multi_doc_qa": ("dureader",),
+        "summarization": ("vcsum",),
+        "few_shot": ("lsht",),
+        "synthetic": ("passage_retrieval_zh",),
+        "code": ("lcc", "repobench-p"),
+    },
 }
+# Official prompt lengths (tokens kept by middle truncation) of LongBench/config/model2maxlen.json: 3,500 for
+# 4k-context models, 7,500 for 8k, 15,500 for 16k, 31,500 for 32k. `official_max_length` picks among them.
+V1_MAX_LENGTHS: tuple[int, ...] = (3500, 7500, 15500, 31500)
+REQUIRED_FIELDS: tuple[str, ...] = ("context", "input", "answers")
 E_BUCKETS: tuple[tuple[str, int], ...] = (("0-4k", 4000), ("4-8k", 8000), ("8k+", 2**62))
 VARIANTS = ("v1", "e")
 MIN_MAX_LENGTH = 32  # below this the kept head and tail are too short to hold an instruction
@@ -292,33 +310,21 @@ def middle_truncate(context: list[int], question: list[int], max_length: int) ->
 
 
 def encode_prompt(
-    tokenizer,
-    context_part: str,
-    question_part: str,
-    *,
-    use_chat: bool,
-    two_phase: bool,
-    max_length: int = 0,
-    max_total: int = 0,
+    tokenizer, context_part: str, question_part: str, *, use_chat: bool, two_phase: bool, max_length: int = 0
 ) -> EncodedPrompt:
     """Token ids for a prompt made of a context part and a question part, wrapped in the chat template
-    when `use_chat`, and middle-truncated to at most `max_length` prompt tokens (the template's tokens
-    not counted, as officially) and at most `max_total` tokens with them (0 = no such limit)."""
+    when `use_chat`, and middle-truncated to at most `max_length` prompt tokens (0 = no limit); the
+    template's tokens are not counted, as officially."""
     wrapper = chat_wrapper(tokenizer) if use_chat else None
     before, after = wrapper or ("", "")
     # The chat template's text carries its own special tokens; a raw prompt gets the tokenizer's (BOS).
     pre, context, question, post = tokenize_regions(
         tokenizer, before, context_part, question_part, after, special=wrapper is None
     )
-    wrapper_tokens = len(pre) + len(post)
-    limits = [max_length] if max_length else []
-    if max_total:
-        limits.append(max_total - wrapper_tokens)
-    if limits and min(limits) < 2:
-        raise ConfigError("task.max_length", min(limits), f"room for the prompt ({wrapper_tokens} chat tokens)")
     input_tokens = len(context) + len(question)
-    context, question = middle_truncate(context, question, min(limits) if limits else 0)
+    context, question = middle_truncate(context, question, max_length)
     dropped = input_tokens - len(context) - len(question)
+    wrapper_tokens = len(pre) + len(post)
     if two_phase:
         return EncodedPrompt(pre + context, question + post, input_tokens, dropped, wrapper_tokens)
     return EncodedPrompt(pre + context + question + post, [], input_tokens, dropped, wrapper_tokens)
@@ -336,19 +342,11 @@ def encode_to_fit(
     answer_tokens: int,
     what: str = "",
 ) -> EncodedPrompt:
-    """`encode_prompt` under the model's limit: by default the prompt gets what the answer leaves of the
-    model's `positions` (known once `check()` ran); an explicit `max_length` plus the chat template must
-    still fit with the answer."""
-    if not max_length and positions is None:
-        raise ConfigError("task.max_length", 0, "a token budget (or call check(model, method) first to read the model)")
+    """`encode_prompt` truncated to `max_length` (the task's value as resolved by `check()`); once the model's
+    `positions` are known, the prompt with its chat template must leave room for the answer."""
+    require(max_length > 0, "task.max_length", max_length, "resolved: call check(model, method) first")
     encoded = encode_prompt(
-        tokenizer,
-        context_part,
-        question_part,
-        use_chat=use_chat,
-        two_phase=two_phase,
-        max_length=max_length,
-        max_total=0 if max_length else positions - answer_tokens,
+        tokenizer, context_part, question_part, use_chat=use_chat, two_phase=two_phase, max_length=max_length
     )
     if positions is not None:
         total = len(encoded.prompt_ids) + len(encoded.question_ids) + answer_tokens
@@ -360,6 +358,12 @@ def encode_to_fit(
             f"(the chat template adds {encoded.wrapper_tokens} tokens, the answer {answer_tokens})",
         )
     return encoded
+
+
+def official_max_length(lengths: Sequence[int], positions: int, answer_tokens: int) -> int | None:
+    """The largest official prompt length that leaves the answer room within the model's `positions` (the
+    official tables pick by context window: 3,500 for 4k models ...); None when even the smallest does not."""
+    return max((length for length in lengths if length + answer_tokens <= positions), default=None)
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -388,12 +392,75 @@ def read_jsonl(path: Path, limit: int = 0) -> Iterator[dict[str, Any]]:
         yield from parse_jsonl(handle, limit)
 
 
+# ----- data checks before the model loads, and the data's fingerprint for the run's identity -----
+def check_record(record: Any, required: Sequence[str]) -> None:
+    """Raise ValueError unless `record` is a JSON object with the `required` fields."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON object, not {type(record).__name__}")
+    missing = [key for key in required if key not in record]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+
+
+def scan_jsonl(
+    lines: Iterable[bytes], required: Sequence[str], keep: Callable[[dict[str, Any]], bool] = lambda _: True
+) -> tuple[int, str]:
+    """(records that `keep` accepts, sha256 of the bytes) of a JSON-lines file, every line checked;
+    ValueError names the first bad line (1-based, as editors count)."""
+    digest, count = hashlib.sha256(), 0
+    for number, line in enumerate(lines, 1):
+        digest.update(line)
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            check_record(record, required)
+        except UnicodeDecodeError:
+            raise ValueError(f"line {number} is not UTF-8") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"line {number} is not JSON ({error.msg} at column {error.colno})") from None
+        except ValueError as error:
+            raise ValueError(f"line {number}: {error}") from None
+        count += keep(record)
+    return count, digest.hexdigest()
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off: HF_HUB_OFFLINE (read when huggingface_hub is imported)
+    or `datasets`' own HF_DATASETS_OFFLINE."""
+    from huggingface_hub import constants
+
+    datasets_offline = os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(constants.HF_HUB_OFFLINE) or datasets_offline
+
+
+def hub_file(repo: str, filename: str, local_form: str) -> Path:
+    """A file of the hub dataset `repo`: from the Hugging Face cache when it is there (no network), else
+    downloaded. When neither works, one ConfigError line (before the model loads) says how to pass local
+    files (`local_form`), instead of the hub client's retries and traceback."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", local_files_only=True))
+    except EntryNotFoundError:  # LocalEntryNotFoundError: not cached
+        pass
+    advice = f"pass task.data_dir=<a folder with {local_form}>"
+    if hub_offline():
+        raise ConfigError("task.data_dir", "", f"{repo}/{filename} is not cached and the hub is offline; {advice}")
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type="dataset"))
+    except (EntryNotFoundError, OSError) as error:  # no connection, or no such repo or file
+        reason = f"{repo}/{filename} is not cached and cannot be downloaded ({type(error).__name__})"
+        raise ConfigError("task.data_dir", "", f"{reason}; {advice}") from None
+
+
 @dataclass
 class LongBench(Task):
     """`variant`: v1 (21 tasks) or e (LongBench-E, 13 tasks, scores by length bucket).
     `subtasks`: which tasks (empty = every task of the variant); `limit`: samples per task (0 = all).
-    `max_length`: prompt tokens kept by middle truncation (0 = as many as fit the model).
-    `max_new_tokens`: 0 = the official budget of each task. `data_dir`: local `<task>.jsonl` files."""
+    `max_length`: prompt tokens kept by middle truncation (0 = the official length for the model, resolved by
+    `check()`). `max_new_tokens`: 0 = the official budget of each task. `data_dir`: local `<task>.jsonl` files."""
 
     variant: str = "v1"
     subtasks: list[str] = field(default_factory=list)
@@ -404,7 +471,7 @@ class LongBench(Task):
     chat_template: bool = True
     two_phase: bool = False
 
-    primary_metric: ClassVar[str] = "average"
+    primary_metric: ClassVar[str] = "average_en"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -418,7 +485,7 @@ class LongBench(Task):
             self.max_length == 0 or self.max_length >= MIN_MAX_LENGTH,
             "task.max_length",
             self.max_length,
-            f"0 (fit the model) or at least {MIN_MAX_LENGTH} tokens",
+            f"0 (the official length for the model) or at least {MIN_MAX_LENGTH} tokens",
         )
         require(self.max_new_tokens >= 0, "task.max_new_tokens", self.max_new_tokens, "0 (official) or >= 1")
         if self.data_dir:
@@ -429,7 +496,14 @@ class LongBench(Task):
                     self.data_dir,
                     f"a folder holding {self.file_name(name)}.jsonl (or data/{self.file_name(name)}.jsonl)",
                 )
+        # Chinese-only runs have no English mean; the instance attribute shadows the class default.
+        if not any(name in EN_TASKS for name in self.task_names()):
+            self.primary_metric = "average_zh"
         self._positions: int | None = None
+        self._max_length = self.max_length  # the official default is resolved by check()
+        self._archive: Path | None = None  # the hub's data.zip, once fetched
+        self._counts: dict[str, int] | None = None  # records per task, once the data was checked
+        self._sha256: dict[str, str] = {}  # file name -> sha256 of its bytes
 
     # ----- what runs -----
     def task_names(self) -> list[str]:
@@ -442,29 +516,37 @@ class LongBench(Task):
         return self.max_new_tokens or MAX_NEW_TOKENS[name]
 
     def check(self, model: ModelSpec, method: Method) -> None:
+        """Resolve `max_length` for the model, then check every data file the run reads (before weights load)."""
         self._positions = model.max_positions
-        for name in self.task_names():
-            budget = self.budget(name)
-            if self.max_length:
-                require(
-                    self.max_length + budget <= model.max_positions,
-                    "task.max_length",
-                    self.max_length,
-                    f"at most {model.max_positions - budget} tokens for {name} ({model.name} has "
-                    f"{model.max_positions} positions, {budget} go to the answer)",
-                )
-            else:
-                require(
-                    model.max_positions - budget >= 2 * MIN_MAX_LENGTH,
-                    "task.max_new_tokens",
-                    budget,
-                    f"well under {model.name}'s {model.max_positions} positions",
-                )
+        answer = max(self.budget(name) for name in self.task_names())  # the longest answer must fit too
+        room = model.max_positions - answer
+        if self.max_length:
+            require(
+                self.max_length <= room,
+                "task.max_length",
+                self.max_length,
+                f"at most {room} tokens ({model.name} has {model.max_positions} positions, {answer} go to the answer)",
+            )
+        else:
+            official = official_max_length(V1_MAX_LENGTHS, model.max_positions, answer)
+            require(
+                official is not None,
+                "task.max_length",
+                0,
+                f"an explicit value of at most {room}: no official length {V1_MAX_LENGTHS} fits {model.name}'s "
+                f"{model.max_positions} positions with the answer ({answer} tokens)",
+            )
+            self._max_length = official
+        self.check_data()
 
     def describe(self) -> dict[str, Any]:
+        """The settings, with what `check()` resolved: `max_length` as truncation uses it, and the sha256 of
+        each data file read, so that a changed file makes a new run."""
         described = super().describe()
+        described["max_length"] = self._max_length
         described["subtasks"] = self.task_names()
         described["max_new_tokens_per_task"] = {name: self.budget(name) for name in self.task_names()}
+        described["data_sha256"] = dict(self._sha256)
         return described
 
     # ----- data -----
@@ -475,35 +557,58 @@ class LongBench(Task):
                 return path
         return None
 
+    def _hub_archive(self) -> Path:
+        if self._archive is None:
+            self._archive = hub_file(
+                self.dataset, "data.zip", "the official <task>.jsonl files (its data.zip unpacked)"
+            )
+        return self._archive
+
+    def _member(self, zipped: zipfile.ZipFile, name: str) -> str:
+        """The zip member of a task (`data/<task>.jsonl` in the official zip)."""
+        member = f"{self.file_name(name)}.jsonl"
+        names = [item for item in zipped.namelist() if item == member or item.endswith("/" + member)]
+        require(bool(names), "task.dataset", self.dataset, f"a hub dataset whose data.zip holds {member}")
+        return names[0]
+
+    def check_data(self) -> None:
+        """Read every file the run uses once: each line must be a JSON record with the fields the task reads
+        (a bad one is reported with its file and line), and each file's sha256 goes into `describe()`."""
+        required = (*REQUIRED_FIELDS, "length") if self.variant == "e" else REQUIRED_FIELDS
+        counts: dict[str, int] = {}
+        for name in self.task_names():
+            file = f"{self.file_name(name)}.jsonl"
+            if self.data_dir:
+                path = self._local_file(name)
+                assert path is not None  # checked in __post_init__
+                with open(path, "rb") as handle:
+                    try:
+                        counts[name], self._sha256[file] = scan_jsonl(handle, required)
+                    except ValueError as error:
+                        raise ConfigError("task.data_dir", self.data_dir, f"{path} {error}") from None
+                continue
+            archive = self._hub_archive()
+            with zipfile.ZipFile(archive) as zipped, zipped.open(self._member(zipped, name)) as handle:
+                try:
+                    counts[name], self._sha256[file] = scan_jsonl(handle, required)
+                except ValueError as error:
+                    raise ConfigError("task.dataset", self.dataset, f"{archive}:{file} {error}") from None
+        self._counts = counts
+
     def records(self, name: str) -> Iterator[dict[str, Any]]:
         if self.data_dir:
             path = self._local_file(name)
             assert path is not None  # checked in __post_init__
             yield from read_jsonl(path, self.limit)
             return
-        from huggingface_hub import hf_hub_download
+        with zipfile.ZipFile(self._hub_archive()) as zipped, zipped.open(self._member(zipped, name)) as handle:
+            yield from parse_jsonl(io.TextIOWrapper(handle, encoding="utf-8"), self.limit)
 
-        archive = hf_hub_download(self.dataset, "data.zip", repo_type="dataset")
-        member = f"{self.file_name(name)}.jsonl"
-        with zipfile.ZipFile(archive) as zipped:
-            names = [item for item in zipped.namelist() if item == member or item.endswith("/" + member)]
-            if not names:
-                raise ConfigError("task.dataset", self.dataset, f"a hub dataset whose data.zip holds {member}")
-            with zipped.open(names[0]) as handle:
-                yield from parse_jsonl(io.TextIOWrapper(handle, encoding="utf-8"), self.limit)
-
-    def count(self) -> int | None:
-        total = 0
-        for name in self.task_names():
-            path = self._local_file(name) if self.data_dir else None
-            if path is not None:
-                available = sum(1 for _ in read_jsonl(path))
-            elif self.variant == "v1":
-                available = OFFICIAL_COUNTS[name]
-            else:
-                return None  # LongBench-E's sizes are not listed here; the hub zip would have to be read
-            total += min(available, self.limit) if self.limit else available
-        return total
+    def count(self) -> int:
+        if self._counts is None:
+            self.check_data()
+        assert self._counts is not None
+        return sum(min(available, self.limit) if self.limit else available for available in self._counts.values())
 
     # ----- samples -----
     def prompt_parts(self, name: str, record: dict[str, Any]) -> tuple[str, str]:
@@ -520,7 +625,7 @@ class LongBench(Task):
             question_part,
             use_chat=self.chat_template and name not in NO_CHAT_TASKS,
             two_phase=self.two_phase,
-            max_length=self.max_length,
+            max_length=self._max_length,
             positions=self._positions,
             answer_tokens=self.budget(name),
             what=f" for {name}",
@@ -569,19 +674,28 @@ class LongBench(Task):
         }
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
-        """Per task: mean score (x100). `average`: the mean over tasks; categories likewise.
-        LongBench-E adds `<task>@<bucket>` and `average@<bucket>` for the length buckets."""
+        """Per task: the mean score (x100). Over the tasks that ran (see docs/tasks.md):
+        `average_en` / `average_zh`: the mean of the English (16, code included) / Chinese (5) task scores;
+        `en/<category>`, `zh/<category>`: the official leaderboard's category means, and `en/leaderboard_avg`,
+        `zh/leaderboard_avg`: the mean of that language's category means (its official "Avg").
+        LongBench-E adds `<task>@<bucket>` and `average_en@<bucket>` for the length buckets."""
         per_task = {
             name: mean([row["score"] for row in rows if row["subtask"] == name])
             for name in TASKS
             if any(row["subtask"] == name for row in rows)
         }
         metrics: dict[str, float] = dict(per_task)
-        metrics["average"] = mean(list(per_task.values()))
-        for category, members in CATEGORIES.items():
-            present = [per_task[name] for name in members if name in per_task]
-            if present:
-                metrics[f"avg_{category}"] = mean(present)
+        for language, members in (("en", EN_TASKS), ("zh", ZH_TASKS)):
+            scores = [per_task[name] for name in members if name in per_task]
+            if not scores:
+                continue  # no leaderboard for a language that did not run (code alone is not Chinese)
+            metrics[f"average_{language}"] = mean(scores)
+            categories = {}
+            for category, tasks in LEADERBOARD[language].items():
+                present = [per_task[name] for name in tasks if name in per_task]
+                if present:
+                    categories[category] = metrics[f"{language}/{category}"] = mean(present)
+            metrics[f"{language}/leaderboard_avg"] = mean(list(categories.values()))
         if self.variant == "e":
             for bucket, _ in E_BUCKETS:
                 bucket_scores = []
@@ -590,8 +704,8 @@ class LongBench(Task):
                     if cell:
                         metrics[f"{name}@{bucket}"] = mean(cell)
                         bucket_scores.append(metrics[f"{name}@{bucket}"])
-                if bucket_scores:
-                    metrics[f"average@{bucket}"] = mean(bucket_scores)
+                if bucket_scores:  # every LongBench-E task is English
+                    metrics[f"average_en@{bucket}"] = mean(bucket_scores)
         return metrics
 
 
