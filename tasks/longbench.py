@@ -434,11 +434,24 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or datasets_offline
 
 
+def hub_unreachable(url: str) -> str | None:
+    """None when the hub answers one HEAD request for `url` (any status), else the error's name. One try on
+    the hub client's own session (its proxies, endpoint): a download retries connection errors five times,
+    about 25 s, before failing."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(url, timeout=10)
+    except Exception as error:  # the transport's error types differ between huggingface_hub versions
+        return type(error).__name__
+    return None
+
+
 def hub_file(repo: str, filename: str, local_form: str) -> Path:
     """A file of the hub dataset `repo`: from the Hugging Face cache when it is there (no network), else
-    downloaded. When neither works, one ConfigError line (before the model loads) says how to pass local
-    files (`local_form`), instead of the hub client's retries and traceback."""
-    from huggingface_hub import hf_hub_download
+    downloaded. When neither works (offline, hub unreachable, no such file), one ConfigError line says how to
+    pass local files (`local_form`), before the model loads, instead of the hub client's retries and traceback."""
+    from huggingface_hub import hf_hub_download, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
@@ -448,9 +461,14 @@ def hub_file(repo: str, filename: str, local_form: str) -> Path:
     advice = f"pass task.data_dir=<a folder with {local_form}>"
     if hub_offline():
         raise ConfigError("task.data_dir", "", f"{repo}/{filename} is not cached and the hub is offline; {advice}")
+    problem = hub_unreachable(hf_hub_url(repo, filename, repo_type="dataset"))
+    if problem:
+        raise ConfigError(
+            "task.data_dir", "", f"{repo}/{filename} is not cached and the hub is unreachable ({problem}); {advice}"
+        )
     try:
         return Path(hf_hub_download(repo, filename, repo_type="dataset"))
-    except (EntryNotFoundError, OSError) as error:  # no connection, or no such repo or file
+    except (EntryNotFoundError, OSError) as error:  # no such repo or file, or the connection broke
         reason = f"{repo}/{filename} is not cached and cannot be downloaded ({type(error).__name__})"
         raise ConfigError("task.data_dir", "", f"{reason}; {advice}") from None
 

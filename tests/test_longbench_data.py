@@ -78,20 +78,42 @@ def test_offline_without_cached_data_is_one_line_before_loading(
     assert "Retrying" not in capsys.readouterr().err
 
 
-def test_unreachable_hub_is_one_line_before_loading(monkeypatch, tmp_path, no_model_loads):
-    import huggingface_hub
+def test_unreachable_hub_is_one_line_before_loading(monkeypatch, tmp_path, empty_hub_cache, no_model_loads, capsys):
+    import huggingface_hub.utils
     from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    def unreachable(*args, **kwargs):  # what the client raises after its retries, with nothing cached
-        raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub ...")
+    class NoNetwork:
+        def head(self, url, timeout):
+            raise ConnectionError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
-    error = run_task(tmp_path, "task=longbench")
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", NoNetwork)
+    error = run_task(tmp_path, "task=longbench")  # `empty_hub_cache` fails the test if a download is tried
     assert error.key == "task.data_dir" and "\n" not in str(error)
-    assert "THUDM/LongBench/data.zip is not cached and cannot be downloaded (LocalEntryNotFoundError)" in str(error)
+    assert "THUDM/LongBench/data.zip is not cached and the hub is unreachable (ConnectionError)" in str(error)
+    assert "Retrying" not in capsys.readouterr().err
+
+
+def test_a_failed_download_is_one_line_before_loading(monkeypatch, tmp_path, no_model_loads):
+    import huggingface_hub
+    import huggingface_hub.utils
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    class Hub:
+        def head(self, url, timeout):
+            return None  # it answers
+
+    def download(*args, local_files_only=False, **kwargs):  # not cached; then the download fails
+        raise LocalEntryNotFoundError("not cached") if local_files_only else OSError("connection reset")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", Hub)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    error = run_task(tmp_path, "task=longbench_v2")
+    assert "THUDM/LongBench-v2/data.json is not cached and cannot be downloaded (OSError)" in str(error)
 
 
 # ----- broken files -----
