@@ -313,17 +313,19 @@ class LongBenchV2(Task):
             return super().evaluate(engine, sample)
         first = engine.generate(sample.prompt_ids, self.cot_max_new_tokens, sample.question_ids, sample.stop_ids)
         if first.text == "" and self.drop_empty_outputs:  # the official code skips the question right here
-            return CotGeneration(first.token_ids, "", first.measurement, first.stopped)
+            return CotGeneration(
+                token_ids=first.token_ids, text="", measurement=first.measurement, stopped=first.stopped
+            )
         reasoning = first.text.strip()
         # The official answer prompt omits the document, so it needs no truncation.
         prompt = fill(COT_ANSWER, sample.reference).replace("$COT$", reasoning)
         ids = encode_prompt(engine.tokenizer, prompt, "", use_chat=self.chat_template, two_phase=False).prompt_ids
         second = engine.generate(ids, self.max_new_tokens, (), sample.stop_ids)
-        return CotGeneration(
-            first.token_ids,
-            second.text,
-            first.measurement,
-            first.stopped,
+        return CotGeneration(  # by keyword: Generation's own fields come first and may grow
+            token_ids=first.token_ids,
+            text=second.text,
+            measurement=first.measurement,
+            stopped=first.stopped,
             reasoning=reasoning,
             answer_tokens=len(second.token_ids),
         )
