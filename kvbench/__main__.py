@@ -1,35 +1,93 @@
-"""`python -m kvbench [overrides]` — the Hydra app. `-m` sweeps (multirun)."""
+"""`python -m kvbench [overrides]` — the Hydra app. `-m` sweeps (multirun).
+
+Exit status: 0 when every run ended ok (or was complete already), 1 when a run failed (its record says
+`error` or `oom`, fresh or found from before), 2 for bad input only, 130 on Ctrl-C. A sweep runs every
+job, then lists the failed ones.
+"""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kvbench.errors import ConfigError
-from kvbench.run import run
+from kvbench.errors import ConfigError, report
+from kvbench.records import read_record
+from kvbench.run import RETRY_HINT, run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+BAD_INPUT = "bad input"
 
 
-@hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
-def app(cfg: DictConfig) -> None:
-    choices = HydraConfig.get().runtime.choices
+@dataclass
+class Outcome:
+    """How one job ended: the record's status, or `bad input` (then there is no run directory)."""
+
+    job: str  # the job's overrides, naming a run that has no directory
+    status: str
+    directory: Path | None
+    error: str
+
+
+def job(cfg: DictConfig) -> Outcome:
+    """One Hydra job. Bad input ends this job only: in a sweep the other jobs still run."""
+    hydra_cfg = HydraConfig.get()
+    choices = hydra_cfg.runtime.choices
     names = {group: choices[group] for group in ("model", "method", "task") if group in choices}
+    overrides = " ".join(hydra_cfg.overrides.task)
     try:
-        run(cfg, names)
+        directory = run(cfg, names)
     except ConfigError as error:
         if cfg.kvbench.debug:
             raise
-        print(f"kvbench: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        report(error)
+        return Outcome(overrides, BAD_INPUT, None, str(error))
+    record = read_record(directory)
+    assert record is not None  # `run` returns only once the record exists
+    return Outcome(overrides, record["status"], directory, record.get("error") or "")
+
+
+def exit_status(outcomes: list[Outcome]) -> int:
+    """0 if all ok; 2 if the only failures are bad input; else 1. Several jobs: failures listed on stderr."""
+    failed = [outcome for outcome in outcomes if outcome.status != "ok"]
+    if not failed:
+        return 0
+    if len(outcomes) > 1:
+        lines = [f"kvbench: {len(failed)} of {len(outcomes)} runs failed:"]
+        for outcome in failed:
+            where = outcome.directory or outcome.job
+            lines.append(f"  {outcome.status}: {where} ({outcome.error})")
+        if any(outcome.directory for outcome in failed):
+            lines.append(f"pass {RETRY_HINT} to retry the failed runs")
+        print("\n".join(lines), file=sys.stderr)
+    return 2 if all(outcome.status == BAD_INPUT for outcome in failed) else 1
+
+
+def interrupted(outcomes: list[Outcome]) -> str:
+    finished = sum(outcome.directory is not None for outcome in outcomes)
+    return (
+        f"kvbench: interrupted; {finished} finished run(s) are saved, the run in progress left no record: "
+        "rerun the same command to resume (finished runs are skipped)"
+    )
 
 
 def main() -> None:
-    app()
+    outcomes: list[Outcome] = []  # this invocation's jobs: a sweep calls `app` once per job, in this process
+
+    @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
+    def app(cfg: DictConfig) -> None:
+        outcomes.append(job(cfg))
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        print(interrupted(outcomes), file=sys.stderr)
+        sys.exit(130)
+    sys.exit(exit_status(outcomes))
 
 
 if __name__ == "__main__":

@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from kvbench.errors import ConfigError, require
-from kvbench.method import Method
+from kvbench.errors import ConfigError, report, require
 from kvbench.models import ModelConfig
-from kvbench.task import Task
+
+# Method and task classes import torch and transformers (seconds): `build` imports them only after the
+# settings and the model config passed, so those errors come back at once.
+if TYPE_CHECKING:
+    from kvbench.method import Method
+    from kvbench.task import Task
 
 
 @dataclass
@@ -33,6 +42,39 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         require(self.prefill_chunk >= 1, "kvbench.prefill_chunk", self.prefill_chunk, "an integer >= 1")
+
+
+def check_results_dir(path: str) -> None:
+    """`kvbench.results_dir` must be a folder this process can create and write."""
+    require(bool(path.strip()), "kvbench.results_dir", path, "a folder path")
+    folder = Path(path)
+    require(not folder.exists() or folder.is_dir(), "kvbench.results_dir", path, "a folder (this is a file)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("kvbench.results_dir", path, f"a folder that can be created ({error.strerror})") from None
+    require(os.access(folder, os.W_OK | os.X_OK), "kvbench.results_dir", path, "a writable folder")
+
+
+class EarlyChecks(Callback):
+    """Hydra callback (configs/config.yaml, `hydra.callbacks`): checks `kvbench.results_dir` before Hydra
+    makes its own output folder inside it, where a bad one would end as a traceback from Hydra's `mkdir`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_results_dir(str(config.kvbench.results_dir))
+        except ConfigError as error:
+            if config.kvbench.debug:
+                raise
+            report(error)
+            sys.exit(2)
 
 
 @dataclass
@@ -92,12 +134,20 @@ def _target_class(node: dict[str, Any], group: str, base: type) -> type:
 
 def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
     """Validate and instantiate everything a run needs from the composed config. Loads no model."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:  # a `???` in a yaml: e.g. model=hf without model.path
+        raise ConfigError(str(error.full_key), "???", "required: set it on the command line") from None
+    except InterpolationResolutionError as error:
+        raise ConfigError(str(error.full_key), None, f"a value that resolves ({error.msg})") from None
     assert isinstance(plain, dict)
     for section in ("model", "method", "task", "kvbench"):
         require(section in plain, section, None, "present in the config (see configs/config.yaml)")
     settings = build_dataclass(RunSettings, plain["kvbench"], "kvbench")
     model = build_dataclass(ModelConfig, plain["model"], "model")
+    from kvbench.method import Method
+    from kvbench.task import Task
+
     method_node, task_node = dict(plain["method"]), dict(plain["task"])
     method_cls = _target_class(method_node, "method", Method)
     task_cls = _target_class(task_node, "task", Task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -17,3 +18,8 @@ def require(condition: bool, key: str, value: Any, allowed: str) -> None:
     """Raise `ConfigError` unless `condition` holds."""
     if not condition:
         raise ConfigError(key, value, allowed)
+
+
+def report(error: ConfigError) -> None:
+    """The one line a user sees for bad input (the exit status is the caller's: 2)."""
+    print(f"kvbench: error: {error}", file=sys.stderr)

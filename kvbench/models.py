@@ -7,6 +7,7 @@ any weights load.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,13 +15,17 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
-
-from kvbench import attention
-from kvbench.cache import ModelSpec
 from kvbench.errors import ConfigError, require
+
+# torch and transformers take seconds to import: they load inside the functions that need them, so the
+# config (this module's dataclass) is checked, and bad input reported, before they load.
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
+
+    from kvbench.cache import ModelSpec
 
 SOURCES = ("embedded", "hf", "gguf", "shape")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -57,6 +62,36 @@ SHAPES: dict[str, dict] = {
 }  # fmt: skip
 
 
+# A hub id as huggingface_hub accepts it: `name` or `owner/name`, word characters, '.', '-'.
+HUB_ID = re.compile(r"(?:\w[\w.-]*/)?\w[\w.-]*")
+GGUF_MAGIC = b"GGUF"
+
+
+def _check_hf_path(path: str) -> None:
+    """An existing folder must hold a `config.json`; anything else must read as a hub id.
+
+    Without this, a mistyped local path reaches huggingface_hub and fails as an invalid repo id.
+    """
+    require(bool(path), "model.path", path, "a hub id (owner/name) or a local model folder")
+    local = Path(path)
+    if local.exists():
+        require(local.is_dir(), "model.path", path, "a model folder (with config.json), not a file")
+        require((local / "config.json").is_file(), "model.path", path, "a model folder with a config.json")
+        return
+    hub_id = HUB_ID.fullmatch(path) and len(path) <= 96 and "--" not in path and ".." not in path
+    require(bool(hub_id), "model.path", path, "an existing local folder or a hub id (owner/name); no such folder")
+
+
+def _check_gguf_path(path: str) -> None:
+    require(Path(path).is_file(), "model.path", path, "an existing .gguf file")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except OSError as error:
+        raise ConfigError("model.path", path, f"a readable .gguf file ({error.strerror})") from None
+    require(magic == GGUF_MAGIC, "model.path", path, "a GGUF file (it does not start with the GGUF magic bytes)")
+
+
 @dataclass
 class ModelConfig:
     """`source`: embedded | hf (hub id or local folder in `path`) | gguf (file in `path`) | shape."""
@@ -76,10 +111,10 @@ class ModelConfig:
         require(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
         if self.source == "shape":
             require(self.shape in SHAPES, "model.shape", self.shape, f"one of {tuple(SHAPES)}")
-        if self.source in ("hf", "gguf"):
-            require(bool(self.path), "model.path", self.path, "a hub id, a local folder or a .gguf file")
+        if self.source == "hf":
+            _check_hf_path(self.path)
         if self.source == "gguf":
-            require(Path(self.path).is_file(), "model.path", self.path, "an existing .gguf file")
+            _check_gguf_path(self.path)
 
 
 def cache_dir() -> Path:
@@ -111,6 +146,8 @@ def embedded_gguf() -> Path:
 
 
 def _hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     if cfg.source == "shape":
         spec = dict(SHAPES[cfg.shape])
         return AutoConfig.for_model(spec.pop("model_type"), **spec)
@@ -125,12 +162,14 @@ def _hf_config(cfg: ModelConfig) -> PretrainedConfig:
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     try:
         return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # not found, not a model folder, an id the hub refuses
         raise ConfigError("model.path", cfg.path, f"a readable HF model ({error})") from None
 
 
 def model_spec(cfg: ModelConfig) -> ModelSpec:
     """The model's shape, from its config alone."""
+    from kvbench.cache import ModelSpec
+
     config = _hf_config(cfg)
     text = config.get_text_config()
     heads = text.num_attention_heads
@@ -145,12 +184,21 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("model.device", name, "auto or a torch device (cpu, cuda, cuda:1, ...)") from None
+    require(device.type != "cuda" or torch.cuda.is_available(), "model.device", name, "a device this machine has")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
@@ -161,6 +209,9 @@ def _embedded_folder() -> Path:
     folder = cache_dir() / "smollm2-135m" / "hf"
     if (folder / "config.json").exists():
         return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf = embedded_gguf()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -179,6 +230,8 @@ def _embedded_folder() -> Path:
 
 
 def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
     if cfg.source == "shape":
         source = cfg.tokenizer or str(_embedded_folder())
         return AutoTokenizer.from_pretrained(source)
@@ -192,6 +245,11 @@ def load_tokenizer(cfg: ModelConfig):
 
 def load_model(cfg: ModelConfig, with_tokenizer: bool = True) -> tuple[torch.nn.Module, object]:
     """Model (eval mode, kvbench attention selected) and tokenizer (None if not asked for)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvbench import attention
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     attn = attention.register()
@@ -213,6 +271,8 @@ def load_model(cfg: ModelConfig, with_tokenizer: bool = True) -> tuple[torch.nn.
 
 def rope_inv_freq(model: torch.nn.Module) -> torch.Tensor | None:
     """The model's RoPE frequencies, for methods that move keys to other positions."""
+    import torch
+
     for module in model.modules():
         inv_freq = getattr(module, "inv_freq", None)
         if isinstance(inv_freq, torch.Tensor):

@@ -11,16 +11,18 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
-import transformers
+from typing import TYPE_CHECKING, Any
 
 import kvbench
+
+# pandas, torch and transformers load inside the functions that use them: the CLI imports this module
+# before the config is checked, and a bad key should not wait seconds for them.
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 RECORD = "record.json"
 PREDICTIONS = "predictions.jsonl"
@@ -42,12 +44,23 @@ def read_record(directory: Path) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one.
+
+    The temporary file is created like any other (mode 0o666 less the umask), not owner-only as
+    `tempfile` makes it, so the record is as readable as the run's other files.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, default=str)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def git_commit() -> str:
@@ -75,10 +88,26 @@ def git_commit() -> str:
 COMMIT_AT_IMPORT = git_commit()
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (Linux); `platform.processor()` is often empty there."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
+    import torch
+    import transformers
+
     env = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -102,6 +131,8 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
 
 def load_table(results_dir: str | Path) -> pd.DataFrame:
     """One row per complete run under `results_dir`: names, status, metrics, measurements, parameters."""
+    import pandas as pd
+
     rows = []
     for path in sorted(Path(results_dir).rglob(RECORD)):
         record = json.loads(path.read_text())

@@ -3,32 +3,47 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import traceback
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from kvbench.cache import ModelSpec
-from kvbench.config import RunConfig, build
-from kvbench.engine import Engine, Generation, Measurement
+from kvbench.config import RunConfig, build, check_results_dir
 from kvbench.models import load_model, model_spec, resolve_device
 from kvbench.records import PREDICTIONS, RECORD, environment, read_record, run_dir, write_json_atomic
+
+# The engine (torch, transformers) is imported in `execute`, once the config passed: the CLI imports this
+# module before it knows whether the input is good.
+if TYPE_CHECKING:
+    import torch
+
+    from kvbench.cache import ModelSpec
+    from kvbench.engine import Measurement
+
+# Settings left out of a run's identity: where it is written and how failures are handled do not change
+# its result; `prefill_chunk` is in under its own key; `warmup` stays out so runs recorded before this list
+# keep their directories. Any other setting (a new one too) defines the run: better a needless rerun than
+# a wrong skip.
+NOT_IDENTITY = ("results_dir", "prefill_chunk", "warmup", "retry_errors", "debug")
+RETRY_HINT = "kvbench.retry_errors=true"
 
 
 def identity(config: RunConfig) -> dict[str, Any]:
     """What defines a run's result (not where it is written, nor debug switches)."""
+    settings = {k: v for k, v in asdict(config.settings).items() if k not in NOT_IDENTITY}
     return {
         "names": config.names,
         "model": asdict(config.model),
         "method": config.method.describe(),
         "task": config.task.describe(),
         "prefill_chunk": config.settings.prefill_chunk,
+        **settings,
     }
 
 
@@ -60,14 +75,19 @@ def summarize(measurements: list[Measurement], device: torch.device) -> dict[str
 
 def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, Any]:
     """Load, generate, score. Returns the record's result fields; exceptions propagate to `run`."""
+    from kvbench.engine import Engine, Generation
+
     model, tokenizer = load_model(config.model)
     engine = Engine(model, tokenizer, config.method, spec, config.settings.prefill_chunk)
     if config.settings.warmup:
         engine.warmup()
     rows, measurements = [], []
     method_stats: dict[str, float] = {}
-    with open(directory / PREDICTIONS, "w") as predictions:
-        progress = tqdm(config.task.samples(tokenizer), total=config.task.count(), desc=directory.name)
+    # The bar as a context manager: closed (its line ended) before an exception or Ctrl-C is reported.
+    with (
+        open(directory / PREDICTIONS, "w") as predictions,
+        tqdm(config.task.samples(tokenizer), total=config.task.count(), desc=directory.name) as progress,
+    ):
         for sample in progress:
             output = config.task.evaluate(engine, sample)
             m = output.measurement
@@ -95,10 +115,19 @@ def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
     spec = model_spec(config.model)  # the model's config only: no weights load before every check passed
     config.method.check(spec)
     config.task.check(spec, config.method)
+    device = resolve_device(config.model.device)
+    check_results_dir(config.settings.results_dir)
     directory = run_dir(config.settings.results_dir, config.names, identity(config))
     previous = read_record(directory)
-    if previous and (previous["status"] == "ok" or not config.settings.retry_errors):
-        print(f"kvbench: complete already ({previous['status']}), skipping: {directory}")
+    if previous and previous["status"] == "ok":
+        print(f"kvbench: complete already, skipping: {directory}")
+        return directory
+    if previous and not config.settings.retry_errors:
+        print(
+            f"kvbench: failed before ({previous['status']}: {previous['error']}), skipping: {directory}; "
+            f"pass {RETRY_HINT} to retry",
+            file=sys.stderr,
+        )
         return directory
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -109,8 +138,9 @@ def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
         "task_params": config.task.describe(),
         "primary_metric": config.task.primary_metric,
         "higher_is_better": config.task.higher_is_better,
-        "environment": environment(resolve_device(config.model.device)),
+        "environment": environment(device),
         "started_at": datetime.now(timezone.utc).isoformat(),
+        "warnings": [],
     }
     began = time.perf_counter()
     try:
@@ -120,14 +150,34 @@ def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
     except Exception as error:
         if config.settings.debug:
             raise
+        import torch
+
         oom = isinstance(error, torch.OutOfMemoryError)
         record.update(status="oom" if oom else "error", error=f"{type(error).__name__}: {error}")
         record["traceback"] = traceback.format_exc()
+    if record["status"] == "ok":
+        note_compression(record, config.method.compresses)
     record["wall_s"] = time.perf_counter() - began
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     write_json_atomic(directory / RECORD, record)
     print_summary(record, directory)
     return directory
+
+
+def note_compression(record: dict[str, Any], compresses: bool) -> None:
+    """Record whether the cache held fewer device bytes than a dense one, and warn when a compressing
+    method did not: a budget at or above the context keeps every token, and the run silently measures a
+    full cache at 1.00x."""
+    m = record["measurements"]
+    if not m["samples"]:
+        return
+    m["compressed"] = m["kv_bytes_device"] < m["dense_kv_bytes"]
+    if compresses and not m["compressed"]:
+        record["warnings"].append(
+            f"{record['method']} compressed nothing: device KV bytes ({_human_bytes(m['kv_bytes_device'])}) "
+            f"reach the dense cache's ({_human_bytes(m['dense_kv_bytes'])}); its budget is probably at or above "
+            f"the context (prompts up to {m['prompt_tokens_max']} tokens)"
+        )
 
 
 def _human_bytes(value: float | None) -> str:
@@ -158,5 +208,8 @@ def print_summary(record: dict[str, Any], directory: Path) -> None:
             f"{'decode ms/token':<28}{m['decode_ms_per_token'] or 0:.1f}",
             f"{'peak memory':<28}{_human_bytes(m['peak_memory_bytes'])} ({m['peak_memory_kind']})",
         ]
+    lines += [f"warning: {warning}" for warning in record.get("warnings", [])]
     lines.append(f"run directory: {directory}")
+    if record["status"] != "ok":
+        lines.append(f"a rerun skips this failed run: pass {RETRY_HINT} to retry it")
     print("\n".join(lines))

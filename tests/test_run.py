@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import kvbench.run as run_module
+from kvbench.engine import Engine
 from kvbench.errors import ConfigError
 from kvbench.run import run
 from tests.conftest import REPO, compose_config
@@ -104,7 +105,7 @@ def test_crash_leaves_no_record_and_rerun_completes(tiny, tmp_path, monkeypatch)
     cfg = compose_config(
         *TINY, *SHORT_PASSKEY, "task.depths=[0.2,0.8]", "method=h2o", f"kvbench.results_dir={tmp_path}"
     )
-    original = run_module.Engine.generate
+    original = Engine.generate
     calls = {"n": 0}
 
     def interrupted(self, *args, **kwargs):
@@ -113,12 +114,12 @@ def test_crash_leaves_no_record_and_rerun_completes(tiny, tmp_path, monkeypatch)
             raise KeyboardInterrupt  # Ctrl-C (or a kill) in the middle of the run
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(run_module.Engine, "generate", interrupted)
+    monkeypatch.setattr(Engine, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(cfg)
     (directory,) = [p.parent for p in Path(tmp_path).rglob("config.yaml")]
     assert not (directory / "record.json").exists()
-    monkeypatch.setattr(run_module.Engine, "generate", original)
+    monkeypatch.setattr(Engine, "generate", original)
     run(cfg)
     record = json.loads((directory / "record.json").read_text())
     assert record["status"] == "ok" and record["measurements"]["samples"] == 2
@@ -130,7 +131,7 @@ def test_errors_become_records(tiny, tmp_path, monkeypatch):
     def broken(self, *args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(run_module.Engine, "generate", broken)
+    monkeypatch.setattr(Engine, "generate", broken)
     directory = run(cfg)
     record = json.loads((directory / "record.json").read_text())
     assert record["status"] == "error" and "simulated" in record["error"]

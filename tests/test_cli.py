@@ -1,0 +1,208 @@
+"""The command line: exit statuses, one-line errors, Ctrl-C, help, and bad input failing before torch loads.
+
+Most tests call the CLI entry (`kvbench.__main__.main`, what `python -m kvbench` runs) in this process with
+a fault injected at `kvbench.run.execute` (the stage that loads the model and generates); the Ctrl-C and
+import tests start a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvbench.run as run_module
+from kvbench.__main__ import main
+from tests.conftest import REPO
+
+TINY = ["model=tiny-llama", "model.device=cpu", "kvbench.warmup=false"]
+SHORT_PASSKEY = ["task=passkey", "task.context_lengths=[128]", "task.depths=[0.5]", "task.max_new_tokens=4"]
+RETRY = "kvbench.retry_errors=true"
+
+
+def cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """Run the CLI entry with `args`; its exit status."""
+    monkeypatch.setattr(sys, "argv", ["kvbench", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code
+
+
+def fail_when(monkeypatch: pytest.MonkeyPatch, condition, error: BaseException) -> None:
+    """Make `execute` raise `error` for configs where `condition(config)` holds; others run for real."""
+    original = run_module.execute
+
+    def execute(config, *args, **kwargs):
+        if condition(config):
+            raise error
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "execute", execute)
+
+
+def records(results: Path) -> dict[str, dict]:
+    return {str(path.parent): json.loads(path.read_text()) for path in results.rglob("record.json")}
+
+
+def test_failed_run_exits_1_and_so_does_the_rerun_that_skips_it(monkeypatch, capsys, tmp_path):
+    args = [*TINY, *SHORT_PASSKEY, "method=full", f"kvbench.results_dir={tmp_path}"]
+    fail_when(monkeypatch, lambda config: True, RuntimeError("boom"))
+    assert cli(monkeypatch, *args) == 1
+    (record,) = records(tmp_path).values()
+    assert record["status"] == "error"
+    assert RETRY in capsys.readouterr().out  # the run's summary says how to retry
+
+    assert cli(monkeypatch, *args) == 1  # skipped (an error record exists), still a failure
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "skipping" in err and RETRY in err
+
+    monkeypatch.undo()
+    assert cli(monkeypatch, *args, RETRY) == 0  # retried for real, now ok
+    (record,) = records(tmp_path).values()
+    assert record["status"] == "ok"
+
+
+def test_oom_record_exits_1(monkeypatch, tmp_path):
+    fail_when(monkeypatch, lambda config: True, torch.OutOfMemoryError("simulated"))
+    assert cli(monkeypatch, *TINY, *SHORT_PASSKEY, "method=full", f"kvbench.results_dir={tmp_path}") == 1
+    (record,) = records(tmp_path).values()
+    assert record["status"] == "oom"
+
+
+def test_sweep_runs_every_job_then_exits_1_naming_the_failed_runs(monkeypatch, capsys, tmp_path):
+    fail_when(monkeypatch, lambda config: config.method.budget == 32, RuntimeError("boom"))
+    args = ["-m", *TINY, *SHORT_PASSKEY, "method=streamingllm", "method.budget=32,64,96"]
+    assert cli(monkeypatch, *args, f"kvbench.results_dir={tmp_path}") == 1
+    by_status = {record["status"]: directory for directory, record in records(tmp_path).items()}
+    assert sorted(record["status"] for record in records(tmp_path).values()) == ["error", "ok", "ok"]
+    err = capsys.readouterr().err
+    assert "1 of 3 runs failed" in err and by_status["error"] in err and RETRY in err
+
+
+def test_sweep_with_bad_input_in_one_job_runs_the_others(monkeypatch, capsys, tmp_path):
+    args = ["-m", *TINY, *SHORT_PASSKEY, "method=streamingllm", "method.budget=2,64"]
+    assert cli(monkeypatch, *args, f"kvbench.results_dir={tmp_path}") == 2  # bad input only: 2
+    assert [record["status"] for record in records(tmp_path).values()] == ["ok"]
+    err = capsys.readouterr().err
+    assert "kvbench: error: method.budget=2 is not valid" in err
+    assert "1 of 2 runs failed" in err and "bad input" in err and "Traceback" not in err
+
+
+def test_sweep_all_ok_exits_0(monkeypatch, capsys, tmp_path):
+    args = ["-m", *TINY, *SHORT_PASSKEY, "method=streamingllm", "method.budget=32,64"]
+    assert cli(monkeypatch, *args, f"kvbench.results_dir={tmp_path}") == 0
+    assert "failed" not in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_sweep_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
+    fail_when(monkeypatch, lambda config: config.method.budget == 64, KeyboardInterrupt())
+    args = ["-m", *TINY, *SHORT_PASSKEY, "method=streamingllm", "method.budget=32,64"]
+    assert cli(monkeypatch, *args, f"kvbench.results_dir={tmp_path}") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("kvbench: interrupted") and "1 finished run" in err[-1] and "resume" in err[-1]
+    assert [record["status"] for record in records(tmp_path).values()] == ["ok"]  # the finished one is kept
+
+
+def test_ctrl_c_signal_prints_one_line(tmp_path):
+    """A real SIGINT to a real process in the middle of a run: one line, status 130, no traceback."""
+    command = [
+        sys.executable, "-m", "kvbench", *TINY, "task=passkey", "task.context_lengths=[256]",
+        "task.samples_per_cell=50", "task.max_new_tokens=8", "method=full", f"kvbench.results_dir={tmp_path}",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not any(path.stat().st_size for path in tmp_path.rglob("predictions.jsonl")):  # samples are running
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # less the progress bar
+    assert len(lines) == 1 and lines[0].startswith("kvbench: interrupted"), err[-2000:]
+    assert not list(tmp_path.rglob("record.json"))
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(run_module, "load_model", refuse)
+
+
+# Overrides ({tmp}: a folder holding `a_file`, a non-GGUF `model.gguf`, an `hf_folder` without config.json)
+# and the key the one-line error must name.
+BAD_INPUTS = [
+    (["kvbench.results_dir={tmp}/a_file"], "kvbench.results_dir"),
+    (["kvbench.results_dir={tmp}/a_file/below"], "kvbench.results_dir"),
+    (["kvbench.results_dir=/proc/kvbench-results"], "kvbench.results_dir"),
+    (["kvbench.results_dir="], "kvbench.results_dir"),
+    (["model=gguf", "model.path={tmp}/model.gguf"], "model.path"),
+    (["model=gguf", "model.path={tmp}/missing.gguf"], "model.path"),
+    (["model=hf", "model.path={tmp}/hf_folder"], "model.path"),
+    (["model=hf"], "model.path"),
+    (["model=hf", "model.path=/nonexistent/models/llama"], "model.path"),
+    (["model=hf", "model.path=./nonexistent/model"], "model.path"),
+    (["model.device=tpu9"], "model.device"),
+    pytest.param(
+        ["model.device=cuda"],
+        "model.device",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there: good input"),
+    ),
+    (["task.context_lengths=[9000]"], "task.context_lengths"),  # raised by the task's check()
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_before_weights(overrides, key, no_model_loads, monkeypatch, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "model.gguf").write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    (tmp_path / "hf_folder").mkdir()
+    (tmp_path / "hf_folder" / "model.safetensors").write_bytes(b"")
+    overrides = [override.format(tmp=tmp_path) for override in overrides]
+    if not any(override.startswith("kvbench.results_dir=") for override in overrides):
+        overrides.append(f"kvbench.results_dir={tmp_path}/results")
+    assert cli(monkeypatch, *TINY, *overrides) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"kvbench: error: {key}="), captured.err
+    assert not list(tmp_path.rglob("record.json"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_results_dir_is_one_line(monkeypatch, capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert cli(monkeypatch, *TINY, f"kvbench.results_dir={locked}") == 2
+    assert capsys.readouterr().err.startswith("kvbench: error: kvbench.results_dir=")
+
+
+def test_bad_settings_fail_before_torch_imports(tmp_path):
+    """Bad settings and model paths are reported without importing torch or transformers (seconds)."""
+    code = (
+        "import sys\nfrom kvbench.__main__ import main\n"
+        "for args in (['kvbench.prefill_chunk=0'], ['model=hf', 'model.path=/nonexistent/x']):\n"
+        "    sys.argv = ['kvbench', *args]\n"
+        "    try:\n        main()\n    except SystemExit as exited:\n        assert exited.code == 2\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_is_kvbench_s(monkeypatch, capsys):
+    assert cli(monkeypatch, "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("kvbench: a benchmark harness") and "powered by Hydra" not in out
+    for text in ("method: ", "task: ", "model: ", "snapkv", "kvbench.results_dir", RETRY.replace("true", "false")):
+        assert text in out
