@@ -1,0 +1,76 @@
+"""Failures a finished record would hide: a method that compressed nothing, a record others cannot read,
+an environment without a device name, two runs that differ in a setting sharing one directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbench.config import RunSettings, build
+from kvbench.records import environment, write_json_atomic
+from kvbench.run import identity, run
+from tests.conftest import compose_config
+
+TINY = ["model=tiny-llama", "model.device=cpu", "kvbench.warmup=false"]
+SHORT_PASSKEY = ["task=passkey", "task.context_lengths=[128]", "task.depths=[0.5]", "task.max_new_tokens=4"]
+
+
+@pytest.mark.parametrize(
+    ("method", "compressed", "warned"),
+    [
+        (["method=snapkv", "method.budget=512"], False, True),  # budget above the ~128-token context
+        (["method=snapkv", "method.budget=48"], True, False),
+        (["method=full"], False, False),  # the dense baseline is not meant to compress
+    ],
+)
+def test_a_method_that_compressed_nothing_is_flagged(method, compressed, warned, capsys, tmp_path):
+    cfg = compose_config(*TINY, *SHORT_PASSKEY, *method, f"kvbench.results_dir={tmp_path}")
+    record = json.loads((run(cfg) / "record.json").read_text())
+    assert record["status"] == "ok"
+    assert record["measurements"]["compressed"] is compressed
+    assert bool(record["warnings"]) is warned
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert bool(printed) is warned
+    if warned:
+        assert "compressed nothing" in printed[0] and "budget" in printed[0]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_record_is_as_readable_as_other_files(umask, tmp_path):
+    previous = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "record.json", {"status": "ok"})
+        (tmp_path / "predictions.jsonl").write_text("")  # how the run's other files are made
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "record.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "predictions.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["predictions.jsonl", "record.json"]  # no temp
+
+
+def test_cpu_environment_names_the_device():
+    env = environment(torch.device("cpu"))
+    assert env["device"] == "cpu" and env["device_name"].strip()
+
+
+def test_every_setting_but_location_and_failure_handling_defines_the_run(tmp_path):
+    """A setting added later (the engine, a batch size) must separate runs, or one's record skips the other."""
+
+    @dataclasses.dataclass
+    class WithEngine(RunSettings):
+        engine: str = "eager"
+
+    config = build(compose_config(*TINY, *SHORT_PASSKEY, f"kvbench.results_dir={tmp_path}"))
+    fields = {field.name: getattr(config.settings, field.name) for field in dataclasses.fields(RunSettings)}
+    eager = identity(dataclasses.replace(config, settings=WithEngine(**fields)))
+    compiled = identity(dataclasses.replace(config, settings=WithEngine(**fields, engine="compiled")))
+    assert eager != compiled
+    elsewhere = dataclasses.replace(
+        config.settings, results_dir=str(Path(tmp_path) / "other"), retry_errors=True, debug=True
+    )
+    assert identity(dataclasses.replace(config, settings=elsewhere)) == identity(config)
