@@ -48,6 +48,15 @@ def register() -> str:
     return NAME
 
 
+def _kernel():
+    """The Triton decode kernel, or None where Triton is missing (SDPA with a mask then serves)."""
+    try:
+        from kvbench.kernels import decode_attention as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
 def decode_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float
 ) -> torch.Tensor:
@@ -57,10 +66,8 @@ def decode_attention(
     never expanded: on CUDA a Triton flash-decoding kernel reads each K/V tile once for all the query heads
     of its group; elsewhere SDPA with `enable_gqa` and a mask (its CPU kernels do not expand either).
     """
-    if query.is_cuda:
-        from kvbench.kernels import decode_attention as kernel
-
-        return kernel(query, keys, values, positions, scaling)[0]
+    if query.is_cuda and _kernel() is not None:
+        return _kernel()(query, keys, values, positions, scaling)[0]
     group = query.shape[1] // keys.shape[1]
     live = (positions >= 0).repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S]
     out = F.scaled_dot_product_attention(

@@ -77,6 +77,7 @@ class KVLayer(CacheLayerMixin):
     is_sliding = False
     needs_received_attention: ClassVar[bool] = False
     stores_positions: ClassVar[bool] = True
+    graph_safe = True  # its decode step can be captured in a CUDA graph
 
     def __init__(self, spec: LayerSpec, capacity: int) -> None:
         super().__init__()

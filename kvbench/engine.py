@@ -1,10 +1,11 @@
 """The engine: chunked prefill one sequence at a time, then batched decode with the method's cache.
 
-Two paths with the same results. `eager` runs the decode step as plain PyTorch (CPU, debugging, any
+Three paths with the same results. `eager` runs the decode step as plain PyTorch (CPU, debugging, any
 method). `compiled` runs the same step through `torch.compile(fullgraph=True)` and, on CUDA, captures it
 once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop
-checks and positions all stay on the device), so the replay launches no Python. The host looks at the
-stop flags only every `STOP_CHECK_EVERY` steps.
+checks and positions all stay on the device), so the replay launches no Python. `graph` captures the
+eager step without compiling it (no compile time; unfused kernels). The host looks at the stop flags only
+every `STOP_CHECK_EVERY` steps.
 
 Sequences of different lengths decode together: each is prefilled on its own (exact positions, no
 padding), then their caches are stacked into one batch whose slot buffers have the same size (empty slots
@@ -28,7 +29,7 @@ from kvbench.cache import KVCache, ModelSpec, aligned_slots
 from kvbench.method import Method
 from kvbench.models import rope_inv_freq
 
-ENGINES = ("eager", "compiled")
+ENGINES = ("eager", "graph", "compiled")
 STOP_CHECK_EVERY = 16  # decode steps between looks at the stop flags (each look is one host sync)
 WARMUP_STEPS = 2  # compiled steps run (and kept) before the CUDA graph is captured
 
@@ -284,11 +285,17 @@ class Engine:
     def _step_runner(self, cache: KVCache, state: DecodeState) -> tuple[Callable[[], None], float, int]:
         """The step to repeat, the seconds spent making it (compile, capture, warm-up steps), and how many
         real steps that already ran (their tokens count; their time is not decode time)."""
-        if self.engine == "eager":
+        if self.engine == "eager" or (self.engine == "graph" and self.device.type != "cuda"):
             return (lambda: self._step(cache, state)), 0.0, 0
-        if self._compiled_step is None:
-            self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False)
-        compiled = self._compiled_step
+        unsafe = [type(layer).__name__ for layer in cache.layers if not layer.graph_safe]
+        if self.device.type == "cuda" and unsafe:
+            raise ValueError(f"kvbench.engine={self.engine}: {unsafe[0]} cannot run in a CUDA graph yet; use eager")
+        if self.engine == "graph":  # the eager step, captured: no compilation, launches still unfused
+            compiled = self._step
+        else:
+            if self._compiled_step is None:
+                self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False)
+            compiled = self._compiled_step
         began = time.perf_counter()
         if self.device.type != "cuda":
             compiled(cache, state)  # the first call compiles

@@ -208,6 +208,8 @@ class ArkValeLayer(KVLayer):
         pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
         self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = page_digest(pages, self.method.radius)
         pin = device.type == "cuda"  # pinned host memory lets the copies run asynchronously
+        # Backups and recalls index host memory with device positions: on a GPU that waits on the host.
+        self.graph_safe = not pin
         tokens = self.total_pages * self.page_size
         self.host_keys = torch.zeros(b, h, tokens, d, dtype=self.keys.dtype, pin_memory=pin)
         self.host_values = torch.zeros(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)

@@ -1,0 +1,192 @@
+"""Decode speed and memory of every method on real-shape models, through the engine's static-shape path.
+
+    PYTHONPATH=. python benchmarks/speed.py --out speed.jsonl                  # the full sweep (one H100)
+    PYTHONPATH=. python benchmarks/speed.py --quick --out speed.jsonl          # one shape, 8k, batch 1
+
+Random bf16 weights (costs do not depend on them), random prompt token ids, `--new-tokens` greedy tokens
+(stop tokens refused, so every sequence runs the same number of steps). Per row: prefill seconds per
+sequence, decode ms per step (CUDA events, after compile/capture/warm-up, which are reported apart),
+tokens/s over the batch, measured KV bytes on the device and host, the allocator's peak, and the floor:
+(weight bytes read per step + the bytes the method's decode reads) / measured copy bandwidth. A method's
+decode reads every tensor its cache holds on the device (keys, values, positions, scores, digests), and
+scoring methods read the keys a second time for the attention each slot received.
+
+Imports only torch, transformers and kvbench (the GPU machine has no hydra or datasets). One JSON line per
+row to `--out`, with device, versions and commit; a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+
+import torch
+
+from kvbench.engine import Engine, Request, Timer
+from kvbench.method import Method
+from kvbench.methods.arkvale import ArkVale
+from kvbench.methods.full import Full
+from kvbench.methods.h2o import H2O
+from kvbench.methods.snapkv import SnapKV
+from kvbench.methods.streamingllm import StreamingLLM
+from kvbench.models import ModelConfig, load_model, model_spec
+from kvbench.records import environment
+
+
+def make_method(name: str, budget: int) -> Method:
+    return {
+        "full": lambda: Full(),
+        "streamingllm": lambda: StreamingLLM(budget=budget),
+        "snapkv": lambda: SnapKV(budget=budget),
+        "h2o": lambda: H2O(budget=budget),
+        "arkvale": lambda: ArkVale(budget=budget),
+    }[name]()
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    size = 2 * 1024**3 if device.type == "cuda" else 256 * 1024**2
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    with Timer(device) as timer:
+        for _ in range(10):
+            target.copy_(source)
+    seconds = timer.seconds / 10
+    del source, target
+    return 2 * size / seconds
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Every parameter is read once a step, except an untied input embedding (only B rows are looked up)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if embed.data_ptr() != head.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def run_row(model, spec, method_name: str, budget: int, context: int, batch: int, args, bandwidth: float) -> dict:
+    method = make_method(method_name, budget)
+    # ArkVale's host backups and recalls index host memory from the device: not capturable yet.
+    engine_name = "eager" if method_name == "arkvale" and args.engine != "eager" else args.engine
+    engine = Engine(model, None, method, spec, prefill_chunk=args.prefill_chunk, engine=engine_name)
+    generator = torch.Generator().manual_seed(context + batch)
+    requests = [
+        Request(
+            torch.randint(0, spec_vocab(model), (context,), generator=generator).tolist(),
+            args.new_tokens,
+            min_new_tokens=args.new_tokens,
+        )
+        for _ in range(batch)
+    ]
+    row = {"method": method_name, "budget": None if method_name == "full" else budget, "context": context}
+    row.update(batch=batch, engine=engine_name)
+    try:
+        generations = engine.generate_batch(requests)
+    except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        return {**row, "status": "oom", "error": str(error).splitlines()[0]}
+    m = generations[0].measurement
+    cache_read = m.kv_bytes_device * batch
+    if method_name == "h2o":
+        cache_read += cache_read // 2  # received attention reads the keys again (keys are half of K + V)
+    floor_s = (weight_bytes_per_step(model) + cache_read) / bandwidth
+    decode_ms = 1000 * m.decode_s / m.decode_steps if m.decode_steps else None
+    tokens = sum(g.measurement.decode_tokens for g in generations)
+    row.update(
+        status="ok",
+        prefill_s=sum(g.measurement.prefill_s for g in generations) / batch,
+        decode_ms_per_step=decode_ms,
+        tokens_per_s=tokens / m.decode_s if m.decode_s else None,
+        decode_steps=m.decode_steps,
+        compile_s=m.compile_s,
+        kv_bytes_device=m.kv_bytes_device * batch,
+        kv_bytes_host=m.kv_bytes_host * batch,
+        kv_bytes_device_peak=m.kv_bytes_device_peak,
+        peak_allocated_bytes=m.peak_memory_bytes,
+        floor_ms=1000 * floor_s,
+        x_floor=decode_ms / (1000 * floor_s) if decode_ms else None,
+        method_stats=m.method_stats,
+        measurement=asdict(m),
+    )
+    del engine, generations
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def spec_vocab(model: torch.nn.Module) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["llama-3.1-8b", "llama-2-7b"])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--methods", nargs="+", default=["full", "streamingllm", "snapkv", "h2o", "arkvale"])
+    parser.add_argument("--engine", default="graph", choices=["eager", "graph", "compiled"])
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--prefill-chunk", type=int, default=4096)
+    parser.add_argument("--time-limit-s", type=float, default=480, help="start no new row after this long")
+    parser.add_argument("--quick", action="store_true", help="llama-3.1-8b, 8k, batch 1, budget 2048")
+    parser.add_argument("--device", default="cuda", help="cpu runs the same code (for checking the script)")
+    parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
+    args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.contexts, args.batches, args.budgets = ["llama-3.1-8b"], [8192], [1], [2048]
+
+    began = time.perf_counter()
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    with open(args.out, "a") as out:
+        for shape in args.shapes:
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+            cfg = ModelConfig(name=shape, source="shape", shape=shape, device=device.type, dtype=dtype)
+            spec = model_spec(cfg)
+            model, _ = load_model(cfg, with_tokenizer=False)
+            env = environment(device)
+            warm = Engine(model, None, Full(), spec, prefill_chunk=args.prefill_chunk, engine=args.engine)
+            warm.generate_batch([Request(list(range(1, 300)), 4, min_new_tokens=4)])  # module load, cuBLAS handles
+            for context in args.contexts:
+                for batch in args.batches:
+                    for method_name in args.methods:
+                        for budget in args.budgets if method_name != "full" else args.budgets[:1]:
+                            if time.perf_counter() - began > args.time_limit_s:
+                                print("time limit reached: no new rows", flush=True)
+                                break
+                            row = run_row(model, spec, method_name, budget, context, batch, args, bandwidth)
+                            row.update(shape=shape, bandwidth_bytes_per_s=bandwidth, environment=env)
+                            out.write(json.dumps(row, default=str) + "\n")
+                            out.flush()
+                            rows.append(row)
+                            print(format_row(row), flush=True)
+            del model, warm
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    print("\n" + "\n".join(format_row(row) for row in rows))
+
+
+def format_row(row: dict) -> str:
+    head = (
+        f"{row.get('shape', ''):<13}{row['method']:<13}{row['budget'] or '-':>6}{row['context']:>7}"
+        f"{row['batch']:>3} {row['engine']:<9}"
+    )
+    if row["status"] != "ok":
+        return head + f" {row['status']}: {row.get('error', '')[:60]}"
+    return head + (
+        f" prefill {row['prefill_s']:6.2f}s  decode {row['decode_ms_per_step']:7.2f} ms"
+        f"  floor {row['floor_ms']:6.2f} ms  x{row['x_floor']:5.2f}  {row['tokens_per_s']:8.1f} tok/s"
+        f"  kv {row['kv_bytes_device'] / 2**20:8.1f} MiB  peak {row['peak_allocated_bytes'] / 2**30:5.1f} GiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
