@@ -1,0 +1,495 @@
+"""Decode attention over a fixed-size slot buffer: Triton kernels for CUDA, PyTorch references elsewhere.
+
+The compiled decode step attends one new query per sequence over `S` slots, some empty or evicted
+(positions < 0). SDPA with a boolean mask and `enable_gqa` leaves the fast kernels on CUDA, and expanding
+KV heads (transformers' `repeat_kv`) multiplies the bytes read, so `decode_attention` is flash-decoding
+(Dao et al., "Flash-Decoding for long-context inference", 2023): the slots are split into chunks across
+programs, each program reads its chunk's K/V tiles once for all G query heads of its KV head (GQA is
+never expanded), keeps an online softmax in float32, and a second small kernel combines the chunks
+through their log-sum-exp. `received_attention` recomputes, from that log-sum-exp, the probability each
+slot received (what H2O and Scissorhands accumulate) without materialising the [B, Hq, S] matrix.
+
+Both are `torch.library` operators (`kvbench::decode_attention`, `kvbench::received_attention`), so
+`torch.compile(fullgraph=True)` traces them without graph breaks; their launches have static grids and
+no host syncs, so they can be captured in CUDA graphs. Triton runs on CUDA tensors, and on any tensors
+under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests use); everywhere else, and when Triton
+is not installed, the operators run the PyTorch references.
+
+Conventions: query [B, Hq, D]; keys [B, Hkv, S, D]; values [B, Hkv, S, Dv]; positions [B, Hkv, S]
+(any integer dtype, a slot is live iff its position >= 0); Hq = G * Hkv, and query head `h * G + g`
+belongs to KV head `h` (transformers' `repeat_kv` order). A sequence/KV head with no live slot gets
+out = 0 and lse = -inf, and its slots receive 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # CPU-only installs: the operators run the references
+    triton = None
+
+LOG2E = math.log2(math.e)
+BLOCK_N = 64  # slots per K/V tile
+COMBINE_BLOCK = 16  # splits reduced per step of the combine kernel
+MAX_SPLITS = 256
+PROGRAMS_PER_SM = 2  # flash-decoding's split target at small batch
+NUM_WARPS = 4
+NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
+
+
+def decode_attention_reference(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle: float32 math, KV heads broadcast over their query-head group by einsum (never copied).
+
+    Returns (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32).
+    """
+    b, hq, d = query.shape
+    hkv = keys.shape[1]
+    q = query.float().view(b, hkv, hq // hkv, d)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scale
+    live = (positions >= 0).unsqueeze(2)
+    logits = logits.masked_fill(~live, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # -inf where no slot is live
+    # exp(-inf - -inf) would be NaN on a sequence with no live slot; its probabilities are all 0 instead.
+    probs = torch.where(live, torch.exp(logits - lse.nan_to_num(neginf=0.0).unsqueeze(-1)), 0.0)
+    out = torch.einsum("bhgs,bhsv->bhgv", probs, values.float())
+    return out.reshape(b, hq, values.shape[-1]).to(query.dtype), lse.reshape(b, hq)
+
+
+def received_attention_reference(
+    query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float, lse: torch.Tensor
+) -> torch.Tensor:
+    """The oracle: exp(q·k·scale − lse) on live slots, 0 on empty ones, summed over each KV head's G query
+    heads; float32 [B, Hkv, S]."""
+    b, hq, d = query.shape
+    hkv = keys.shape[1]
+    q = query.float().view(b, hkv, hq // hkv, d)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scale
+    probs = torch.exp(logits - lse.float().view(b, hkv, hq // hkv, 1))
+    return torch.where((positions >= 0).unsqueeze(2), probs, 0.0).sum(dim=2)
+
+
+def _check_shapes(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> None:
+    b, hq, d = query.shape
+    bk, hkv, s, dk = keys.shape
+    if bk != b or dk != d or hq % hkv != 0:
+        raise ValueError(f"query {tuple(query.shape)} does not fit keys {tuple(keys.shape)}")
+    if tuple(positions.shape) != (b, hkv, s):
+        raise ValueError(f"positions {tuple(positions.shape)} should be {(b, hkv, s)}")
+
+
+if triton is not None:
+
+    def _dot_block(n: int) -> int:
+        """tl.dot needs every dimension a power of two and at least 16 on GPUs; padded lanes are masked."""
+        return max(16, triton.next_power_of_2(n))
+
+    @functools.lru_cache
+    def _num_sms(device: torch.device) -> int:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).multi_processor_count
+        # Only Triton's interpreter launches on other devices; a small count keeps several tiles per split
+        # there, so the tests cover both the in-split loop and the cross-split combine.
+        return 4
+
+    def _split_plan(batch_heads: int, seq_len: int, num_sms: int) -> tuple[int, int]:
+        """(number of splits, slots per split), splits a multiple of BLOCK_N slots and none of them empty.
+
+        Flash-decoding's point: at batch 1 the B x Hkv programs alone would occupy a few of the SMs, so the
+        sequence is split until there are about PROGRAMS_PER_SM programs per SM (more splits only add
+        combine work).
+        """
+        tiles = max(1, triton.cdiv(seq_len, BLOCK_N))  # S = 0: one split, empty, so out = 0 and lse = -inf
+        wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, batch_heads)
+        tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles, MAX_SPLITS)))
+        return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        pos_ptr,
+        o_part_ptr,
+        lse_part_ptr,
+        scale_log2,
+        seq_len,
+        num_kv_heads,
+        group,
+        head_dim,
+        value_dim,
+        split_len,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vs,
+        stride_vd,
+        stride_pb,
+        stride_ph,
+        stride_ps,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """One (sequence, KV head, split): softmax-weighted values of the split's live slots for the G query
+        heads, normalised, plus their log2-sum-exp (-inf when none is live). Logits are in log2 units
+        (scale_log2 = scale·log2 e) so the exponentials are exp2."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
+        b = (bh // num_kv_heads).to(tl.int64)
+        h = (bh % num_kv_heads).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        g_ok = offs_g < group
+        d_ok = offs_d < head_dim
+        dv_ok = offs_dv < value_dim
+        heads = h * group + offs_g  # the query heads of KV head h, in repeat_kv order
+
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
+        p_base = pos_ptr + b * stride_pb + h * stride_ph
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        for n0 in range(start, end, BLOCK_N):
+            slots = n0 + offs_n
+            in_split = slots < end
+            live = tl.load(p_base + slots * stride_ps, mask=in_split, other=-1) >= 0
+            # K is loaded transposed, [D, N], so the logits are one q @ kT.
+            kt = tl.load(
+                k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                mask=in_split[None, :] & d_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                v_base + slots[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
+                mask=in_split[:, None] & dv_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                v = v.to(tl.float32)
+            logits = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+            logits = tl.where(live[None, :], logits, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            # While every slot seen so far is empty m_new is -inf; subtracting 0 instead keeps exp2 at 0
+            # rather than exp2(-inf - -inf) = NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(logits - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        any_live = l_i > 0.0
+        out = acc / tl.where(any_live, l_i, 1.0)[:, None]
+        lse2 = tl.where(any_live, m_i + tl.log2(tl.where(any_live, l_i, 1.0)), float("-inf"))
+        rows = (b * num_kv_heads * group + heads) * num_splits + split  # partials are [B*Hq, splits, ...]
+        tl.store(o_part_ptr + rows[:, None] * value_dim + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
+        tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
+
+    @triton.jit
+    def _decode_combine_kernel(
+        o_part_ptr,
+        lse_part_ptr,
+        out_ptr,
+        lse_ptr,
+        num_splits,
+        value_dim,
+        stride_ob,
+        stride_oh,
+        stride_od,
+        num_q_heads,
+        BLOCK_SPLITS: tl.constexpr,
+        COMBINE_BLOCK: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
+        """One (sequence, query head): the splits' outputs weighted by exp2(lse2_split - lse2_total)."""
+        row = tl.program_id(0)
+        b = row // num_q_heads
+        hq = row % num_q_heads
+        offs_s = tl.arange(0, BLOCK_SPLITS)
+        lse2 = tl.load(lse_part_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
+        m = tl.max(lse2, axis=0)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)  # no live slot in any split: all weights 0, not NaN
+        total = tl.sum(tl.exp2(lse2 - m_ref), axis=0)
+
+        offs_c = tl.arange(0, COMBINE_BLOCK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < value_dim
+        acc = tl.zeros([BLOCK_DV], tl.float32)
+        for s0 in range(0, num_splits, COMBINE_BLOCK):
+            splits = s0 + offs_c
+            s_ok = splits < num_splits
+            w = tl.exp2(tl.load(lse_part_ptr + row * num_splits + splits, mask=s_ok, other=float("-inf")) - m_ref)
+            o = tl.load(
+                o_part_ptr + (row * num_splits + splits)[:, None] * value_dim + offs_dv[None, :],
+                mask=s_ok[:, None] & dv_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(w[:, None] * o, axis=0)
+
+        any_live = total > 0.0
+        out = acc / tl.where(any_live, total, 1.0)
+        tl.store(
+            out_ptr + b * stride_ob + hq * stride_oh + offs_dv * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=dv_ok,
+        )
+        # back from log2 to natural-log units: times ln 2
+        lse = tl.where(any_live, (m_ref + tl.log2(tl.where(any_live, total, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _received_kernel(
+        q_ptr,
+        k_ptr,
+        pos_ptr,
+        lse_ptr,
+        out_ptr,
+        scale_log2,
+        seq_len,
+        num_kv_heads,
+        group,
+        head_dim,
+        stride_qb,
+        stride_qh,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        stride_pb,
+        stride_ph,
+        stride_ps,
+        stride_lb,
+        stride_lh,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """One (sequence, KV head, tile of slots): sum over the G query heads of exp2(logit2 - lse2)."""
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+        # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
+        b = (bh // num_kv_heads).to(tl.int64)
+        h = (bh % num_kv_heads).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        g_ok = offs_g < group
+        d_ok = offs_d < head_dim
+        in_seq = slots < seq_len
+        heads = h * group + offs_g
+
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+            mask=g_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        kt = tl.load(
+            k_ptr + b * stride_kb + h * stride_kh + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+            mask=in_seq[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+            kt = kt.to(tl.float32)
+        # lse is natural-log; times log2 e to meet the exp2 logits. Padded heads get +inf, hence p = 0.
+        lse2 = tl.load(lse_ptr + b * stride_lb + heads * stride_lh, mask=g_ok, other=float("inf")) * 1.4426950408889634
+        live = tl.load(pos_ptr + b * stride_pb + h * stride_ph + slots * stride_ps, mask=in_seq, other=-1) >= 0
+        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * scale_log2 - lse2[:, None])
+        # where, not a product: a KV head with no live slot has lse = -inf and p = inf on its (empty) slots.
+        p = tl.where(live[None, :] & g_ok[:, None], p, 0.0)
+        tl.store(out_ptr + (b * num_kv_heads + h) * seq_len + slots, tl.sum(p, axis=0), mask=in_seq)
+
+    def _upcast_and_precision(dtype: torch.dtype) -> tuple[bool, str]:
+        """(UPCAST, PRECISION): float32 inputs get IEEE dots (TF32 would miss 1e-4). Triton 3.7's interpreter
+        miscomputes bfloat16 tl.dot, so there bfloat16 tiles go to float32 first; float16 keeps the GPU path."""
+        upcast = _INTERPRETED and dtype == torch.bfloat16
+        return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+    def _decode_attention_triton(
+        query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, hq, d = query.shape
+        hkv, s = keys.shape[1], keys.shape[2]
+        dv = values.shape[-1]
+        group = hq // hkv
+        num_splits, split_len = _split_plan(b * hkv, s, _num_sms(query.device))
+        o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
+        lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
+        out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=query.device)
+        upcast, precision = _upcast_and_precision(keys.dtype)
+        wrap_triton(_decode_split_kernel)[(b * hkv, num_splits)](
+            query,
+            keys,
+            values,
+            positions,
+            o_part,
+            lse_part,
+            scale * LOG2E,
+            s,
+            hkv,
+            group,
+            d,
+            dv,
+            split_len,
+            num_splits,
+            *query.stride(),
+            *keys.stride(),
+            *values.stride(),
+            *positions.stride(),
+            BLOCK_G=_dot_block(group),
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=_dot_block(d),
+            BLOCK_DV=_dot_block(dv),
+            UPCAST=upcast,
+            PRECISION=precision,
+            num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES,
+        )
+        wrap_triton(_decode_combine_kernel)[(b * hq,)](
+            o_part,
+            lse_part,
+            out,
+            lse,
+            num_splits,
+            dv,
+            *out.stride(),
+            hq,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            COMBINE_BLOCK=COMBINE_BLOCK,
+            BLOCK_DV=triton.next_power_of_2(dv),
+            num_warps=NUM_WARPS,
+        )
+        return out, lse
+
+    def _received_attention_triton(
+        query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float, lse: torch.Tensor
+    ) -> torch.Tensor:
+        b, hq, d = query.shape
+        hkv, s = keys.shape[1], keys.shape[2]
+        group = hq // hkv
+        out = torch.empty(b, hkv, s, dtype=torch.float32, device=query.device)
+        upcast, precision = _upcast_and_precision(keys.dtype)
+        wrap_triton(_received_kernel)[(b * hkv, triton.cdiv(s, BLOCK_N))](
+            query,
+            keys,
+            positions,
+            lse,
+            out,
+            scale * LOG2E,
+            s,
+            hkv,
+            group,
+            d,
+            *query.stride(),
+            *keys.stride(),
+            *positions.stride(),
+            *lse.stride(),
+            BLOCK_G=_dot_block(group),
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=_dot_block(d),
+            UPCAST=upcast,
+            PRECISION=precision,
+            num_warps=NUM_WARPS,
+        )
+        return out
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    _INTERPRETED = isinstance(_decode_split_kernel, InterpretedFunction)
+    _make_op = functools.partial(triton_op, mutates_args=())
+else:
+    _INTERPRETED = False
+
+    def _make_op(name: str):
+        def register(fn):
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)  # fn runs the references, which work on fake tensors too
+            return op
+
+        return register
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return triton is not None and (tensor.is_cuda or _INTERPRETED)
+
+
+# With Triton these are `triton_op`s: their body is also their fake implementation (under fake tensors the
+# wrapped launches are no-ops and only the allocations' shapes count), and torch.compile traces the body
+# into the graph, so Inductor sees the kernels themselves.
+@_make_op("kvbench::decode_attention")
+def _decode_attention_op(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(query):
+        return _decode_attention_triton(query, keys, values, positions, scale)
+    return decode_attention_reference(query, keys, values, positions, scale)
+
+
+@_make_op("kvbench::received_attention")
+def _received_attention_op(
+    query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float, lse: torch.Tensor
+) -> torch.Tensor:
+    if _use_triton(query):
+        return _received_attention_triton(query, keys, positions, scale, lse)
+    return received_attention_reference(query, keys, positions, scale, lse)
+
+
+def decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query per sequence over the live slots (positions >= 0) of a slot buffer.
+
+    query [B, Hq, D], keys [B, Hkv, S, D], values [B, Hkv, S, Dv], positions [B, Hkv, S]; float16, bfloat16
+    or float32. Returns (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32), lse being the
+    log-sum-exp of the scaled logits over live slots. No live slot: out = 0, lse = -inf.
+    """
+    _check_shapes(query, keys, positions)
+    return torch.ops.kvbench.decode_attention(query, keys, values, positions, float(scale))
+
+
+def received_attention(
+    query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float, lse: torch.Tensor
+) -> torch.Tensor:
+    """Probability each slot received from the current query (exp(q·k·scale − lse) for live slots, 0 for
+    empty ones), summed over the G query heads of its KV head: float32 [B, Hkv, S]. `lse` is
+    `decode_attention`'s, so the probabilities are those the output was computed with."""
+    _check_shapes(query, keys, positions)
+    return torch.ops.kvbench.received_attention(query, keys, positions, float(scale), lse)

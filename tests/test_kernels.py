@@ -1,0 +1,284 @@
+"""kvbench.kernels: the Triton decode kernels against the PyTorch references, and their torch.compile wrapping.
+
+The Triton kernels run on CPU tensors under Triton's interpreter, which reads `TRITON_INTERPRET` when
+`triton` is first imported; this pytest process may have imported it already (and the other tests want
+compiled Triton), so the interpreter checks run in one subprocess: this file run as a script, with
+`TRITON_INTERPRET=1`, prints a JSON dict of measurements per case that the tests below assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbench import kernels
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}
+LSE_TOLERANCE = 1e-4  # the logits are float32 math whatever the input dtype
+
+# name: (batch, kv heads, group, slots, head dim, value dim, dtype, positions dtype). Under the interpreter
+# `_num_sms` is 4, so these cover one split per program, several tiles per split, and many splits.
+CASES = {
+    "mha_fp32": (2, 4, 1, 200, 64, 64, "float32", "int64"),
+    "gqa_bf16": (2, 2, 4, 1000, 128, 128, "bfloat16", "int64"),
+    "gqa_fp16_odd_dims": (3, 1, 4, 333, 80, 48, "float16", "int32"),
+    "gqa8_fp32_many_splits": (1, 1, 8, 777, 32, 32, "float32", "int64"),
+}
+
+
+def _case_inputs(name: str, seed: int) -> dict:
+    """Random inputs whose masks hold every hard case: random empty slots, whole splits empty, and the
+    last sequence with no live slot at all. The odd-dims case also has strided (non-contiguous) keys and
+    stride-0 positions, as the dense layer's derived positions are."""
+    b, hkv, group, s, d, dv, dtype, pos_dtype = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    query = torch.randn(b, hkv * group, d, generator=gen).to(dt)
+    if name == "gqa_fp16_odd_dims":
+        keys = torch.randn(b, s, hkv, d, generator=gen).to(dt).transpose(1, 2)  # strided like a [B, S, H, D] cache
+        positions = torch.arange(s).masked_fill(torch.rand(s, generator=gen) < 0.3, -1).to(getattr(torch, pos_dtype))
+        positions = positions.expand(b, hkv, s)
+    else:
+        keys = torch.randn(b, hkv, s, d, generator=gen).to(dt)
+        positions = torch.arange(s).repeat(b, hkv, 1)
+        positions = positions.masked_fill(torch.rand(b, hkv, s, generator=gen) < 0.3, -1).to(getattr(torch, pos_dtype))
+        num_splits, split_len = kernels._split_plan(b * hkv, s, 4)
+        if num_splits > 2:
+            positions[0, 0, split_len : 3 * split_len] = -1  # two whole splits empty
+        if b > 1:
+            positions[-1] = -1  # a sequence with no live slot
+    values = (torch.randn(b, hkv, s, dv, generator=gen) * 2 + 0.5).to(dt)
+    # Scale 1/sqrt(d) * 3 sharpens the softmax, so a wrong mask or head mapping moves the output a lot.
+    return {"query": query, "keys": keys, "values": values, "positions": positions, "scale": 3 * d**-0.5}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _poisoned_empty(*args, **kwargs) -> torch.Tensor:
+    """torch.empty filled with NaN (or -7 for integers), so a kernel that skips a store shows up."""
+    t = _torch_empty(*args, **kwargs)
+    return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+
+_torch_empty = torch.empty
+
+
+def _measure(name: str) -> dict:
+    x = _case_inputs(name, seed=len(name))
+    args = (x["query"], x["keys"], x["values"], x["positions"], x["scale"])
+    ref_out, ref_lse = kernels.decode_attention_reference(*args)
+    out, lse = kernels.decode_attention(*args)
+    received = kernels.received_attention(x["query"], x["keys"], x["positions"], x["scale"], lse)
+    ref_received = kernels.received_attention_reference(x["query"], x["keys"], x["positions"], x["scale"], ref_lse)
+    live = x["positions"] >= 0
+    any_live = live.any(-1).repeat_interleave(x["query"].shape[1] // x["keys"].shape[1], dim=1)  # [B, Hq]
+    finite = torch.isfinite(ref_lse)
+    return {
+        "dtype": str(out.dtype).removeprefix("torch."),
+        "out_dtype_ok": out.dtype == x["query"].dtype and lse.dtype == torch.float32,
+        "nan": bool(out.isnan().any() or lse.isnan().any() or received.isnan().any()),
+        "out_rel": _rel(out[any_live], ref_out[any_live]),
+        "lse_rel": _rel(lse[finite], ref_lse[finite]),
+        "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))),
+        "dead_rows": int((~any_live).sum()),
+        "dead_out_zero": bool((out[~any_live] == 0).all()),
+        "received_rel": _rel(received, ref_received),
+        "received_empty_zero": bool((received[~live] == 0).all()),
+        # each query head's probabilities sum to 1, so a KV head's received sums to G where any slot is live
+        "received_sum_err": (received.sum(-1) - live.any(-1) * (x["query"].shape[1] // x["keys"].shape[1]))
+        .abs()
+        .max()
+        .item(),
+        "splits": kernels._split_plan(x["keys"].shape[0] * x["keys"].shape[1], x["keys"].shape[2], 4)[0],
+    }
+
+
+def _worker() -> None:
+    assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
+    torch.empty = _poisoned_empty  # every buffer the kernels allocate, outputs and split partials alike
+    print(json.dumps({name: _measure(name) for name in CASES}))
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_decode_attention_matches_reference(interpreted: dict, name: str) -> None:
+    m = interpreted[name]
+    assert m["out_dtype_ok"]
+    assert not m["nan"]
+    assert m["out_rel"] < TOLERANCE[m["dtype"]], m
+    assert m["lse_rel"] < LSE_TOLERANCE, m
+
+
+def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
+    assert min(m["splits"] for m in interpreted.values()) == 1
+    assert max(m["splits"] for m in interpreted.values()) > 4
+    assert sum(m["dead_rows"] for m in interpreted.values()) > 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_live_slot_gives_zero_and_minus_inf(interpreted: dict, name: str) -> None:
+    m = interpreted[name]
+    assert m["lse_inf_where_ref"], m
+    assert m["dead_out_zero"], m
+    assert m["received_empty_zero"], m
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_received_attention_matches_reference(interpreted: dict, name: str) -> None:
+    m = interpreted[name]
+    assert m["received_rel"] < TOLERANCE[m["dtype"]], m
+    assert m["received_sum_err"] < 1e-3, m
+
+
+def test_cpu_ops_run_the_references() -> None:
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: CPU tensors go to the interpreted kernels")
+    x = _case_inputs("gqa_bf16", seed=1)
+    args = (x["query"], x["keys"], x["values"], x["positions"], x["scale"])
+    out, lse = kernels.decode_attention(*args)
+    ref_out, ref_lse = kernels.decode_attention_reference(*args)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    received = kernels.received_attention(x["query"], x["keys"], x["positions"], x["scale"], lse)
+    ref = kernels.received_attention_reference(x["query"], x["keys"], x["positions"], x["scale"], ref_lse)
+    assert torch.equal(received, ref)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_ops_compile_without_graph_breaks(backend: str) -> None:
+    """fullgraph=True raises on any graph break; the graph holds each operator as one node."""
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: interpreted kernels cannot run on fake tensors")
+    x = _case_inputs("gqa_bf16", seed=2)
+
+    def step(query, keys, values, positions):
+        out, lse = kernels.decode_attention(query, keys, values, positions, x["scale"])
+        return out, kernels.received_attention(query, keys, positions, x["scale"], lse)
+
+    seen: list[str] = []
+
+    def counting(gm: torch.fx.GraphModule, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    inputs = (x["query"], x["keys"], x["values"], x["positions"])
+    torch.compile(step, fullgraph=True, backend=counting)(*inputs)
+    ops = [target.removesuffix(".default") for target in seen if target.startswith("kvbench.")]
+    assert ops == ["kvbench.decode_attention", "kvbench.received_attention"], seen
+    assert all(target.startswith("kvbench.") or "getitem" in target for target in seen), seen
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)(*inputs)
+    for got, want in zip(compiled, step(*inputs), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_triton_launches_trace_into_a_static_graph() -> None:
+    """What Inductor sees on CUDA: the launch path traced with fake tensors (no data, so any host sync or
+    data-dependent shape would fail) is three kernel launches on static grids and their allocations."""
+    pytest.importorskip("triton")
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: interpreted kernels are not traceable")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = _case_inputs("gqa_bf16", seed=3)
+
+    def launch(query, keys, values, positions):
+        out, lse = kernels._decode_attention_triton(query, keys, values, positions, x["scale"])
+        return out, kernels._received_attention_triton(query, keys, positions, x["scale"], lse)
+
+    gm = make_fx(launch, tracing_mode="fake")(x["query"], x["keys"], x["values"], x["positions"])
+    targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count("triton_kernel_wrapper_mutation") == 3, targets
+    assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
+
+
+def _compile_for_hopper(kernel, pointer_types: dict[str, str], constexprs: dict) -> None:
+    """Compile a kernel for sm_90 with Triton's bundled ptxas: no GPU needed, and it catches what the
+    interpreter cannot (tl.dot shape rules, layouts, lowering)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: pointer_types.get(name, "i32") for name in kernel.arg_names}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(
+        kernel, signature, constexprs={(kernel.arg_names.index(name),): v for name, v in constexprs.items()}
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.NUM_WARPS, "num_stages": 2}
+    )
+    assert compiled.asm["cubin"]
+
+
+@pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 1)])
+def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": precision}
+    tensors = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": "*i64", "scale_log2": "fp32"}
+    partials = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"}
+    _compile_for_hopper(
+        kernels._decode_split_kernel,
+        tensors | partials | {"v_ptr": f"*{dtype}"},
+        blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128},
+    )
+    _compile_for_hopper(
+        kernels._decode_combine_kernel,
+        partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32"},
+        {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": kernels.COMBINE_BLOCK, "BLOCK_DV": 128},
+    )
+    _compile_for_hopper(
+        kernels._received_kernel,
+        tensors | {"lse_ptr": "*fp32", "out_ptr": "*fp32"},
+        blocks | {"BLOCK_G": kernels._dot_block(group)},
+    )
+
+
+def test_without_triton_the_ops_are_the_references() -> None:
+    """CPU-only installs have no Triton: the operators are plain custom ops over the references, and
+    still compile without graph breaks."""
+    script = """
+import sys
+sys.modules["triton"] = None  # import triton raises ImportError
+import torch
+from kvbench import kernels
+assert kernels.triton is None
+q, k, v = torch.randn(2, 8, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+pos = torch.arange(40).repeat(2, 2, 1)
+pos[1] = -1
+def step(q, k, v, pos):
+    out, lse = kernels.decode_attention(q, k, v, pos, 0.25)
+    return out, lse, kernels.received_attention(q, k, pos, 0.25, lse)
+want = (*kernels.decode_attention_reference(q, k, v, pos, 0.25),)
+want += (kernels.received_attention_reference(q, k, pos, 0.25, want[1]),)
+for got in (step(q, k, v, pos), torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, pos)):
+    assert all(torch.equal(g, w) for g, w in zip(got, want)), got
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    _worker()
