@@ -25,6 +25,7 @@ from tests.conftest import REPO
 TINY = ["model=tiny-llama", "model.device=cpu", "kvbench.warmup=false"]
 SHORT_PASSKEY = ["task=passkey", "task.context_lengths=[128]", "task.depths=[0.5]", "task.max_new_tokens=4"]
 RETRY = "kvbench.retry_errors=true"
+RESULTS = "kvbench.results_dir"
 
 
 def cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
@@ -138,31 +139,33 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(run_module, "load_model", refuse)
 
 
-# Overrides ({tmp}: a folder holding `a_file`, a non-GGUF `model.gguf`, an `hf_folder` without config.json)
-# and the key the one-line error must name.
+# Overrides ({tmp}: a folder holding `a_file`, a non-GGUF `model.gguf`, an `hf_folder` without config.json),
+# the key the one-line error must name and what it must say.
 BAD_INPUTS = [
-    (["kvbench.results_dir={tmp}/a_file"], "kvbench.results_dir"),
-    (["kvbench.results_dir={tmp}/a_file/below"], "kvbench.results_dir"),
-    (["kvbench.results_dir=/proc/kvbench-results"], "kvbench.results_dir"),
-    (["kvbench.results_dir="], "kvbench.results_dir"),
-    (["model=gguf", "model.path={tmp}/model.gguf"], "model.path"),
-    (["model=gguf", "model.path={tmp}/missing.gguf"], "model.path"),
-    (["model=hf", "model.path={tmp}/hf_folder"], "model.path"),
-    (["model=hf"], "model.path"),
-    (["model=hf", "model.path=/nonexistent/models/llama"], "model.path"),
-    (["model=hf", "model.path=./nonexistent/model"], "model.path"),
-    (["model.device=tpu9"], "model.device"),
+    pytest.param([f"{RESULTS}={{tmp}}/a_file"], RESULTS, "a folder", id="results_dir-a-file"),
+    pytest.param([f"{RESULTS}={{tmp}}/a_file/below"], RESULTS, "Not a directory", id="results_dir-below-file"),
+    pytest.param([f"{RESULTS}=/proc/kvbench-results"], RESULTS, "created", id="results_dir-in-proc"),
+    pytest.param([f"{RESULTS}="], RESULTS, "a folder path", id="results_dir-empty"),
+    pytest.param(["model=gguf", "model.path={tmp}/model.gguf"], "model.path", "magic", id="gguf-not-gguf"),
+    pytest.param(["model=gguf", "model.path={tmp}/missing.gguf"], "model.path", "existing .gguf", id="gguf-missing"),
+    pytest.param(["model=hf", "model.path={tmp}/hf_folder"], "model.path", "config.json", id="hf-no-config-json"),
+    pytest.param(["model=hf"], "model.path", "required", id="hf-no-path"),
+    pytest.param(["model=hf", "model.path=/nonexistent/models/llama"], "model.path", "no such folder", id="hf-absent"),
+    pytest.param(["model=hf", "model.path=./nonexistent/model"], "model.path", "no such folder", id="hf-absent-rel"),
+    pytest.param(["model.device=tpu9"], "model.device", "torch device", id="device-unknown"),
     pytest.param(
         ["model.device=cuda"],
         "model.device",
+        "this machine has",
+        id="device-cuda-absent",
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there: good input"),
     ),
-    (["task.context_lengths=[9000]"], "task.context_lengths"),  # raised by the task's check()
+    pytest.param(["task.context_lengths=[9000]"], "task.context_lengths", "positions", id="task-check"),
 ]
 
 
-@pytest.mark.parametrize(("overrides", "key"), BAD_INPUTS)
-def test_bad_input_is_one_line_exit_2_before_weights(overrides, key, no_model_loads, monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize(("overrides", "key", "says"), BAD_INPUTS)
+def test_bad_input_one_line_exit_2_before_weights(overrides, key, says, no_model_loads, monkeypatch, capsys, tmp_path):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "model.gguf").write_bytes(b"PK\x03\x04 a zip, not a GGUF")
     (tmp_path / "hf_folder").mkdir()
@@ -174,6 +177,7 @@ def test_bad_input_is_one_line_exit_2_before_weights(overrides, key, no_model_lo
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"kvbench: error: {key}="), captured.err
+    assert says in lines[0]
     assert not list(tmp_path.rglob("record.json"))
 
 
