@@ -76,7 +76,9 @@ def interrupted(outcomes: list[Outcome]) -> str:
 
 
 def main() -> None:
-    outcomes: list[Outcome] = []  # this invocation's jobs: a sweep calls `app` once per job, in this process
+    # This invocation's jobs: Hydra's basic launcher calls `app` once per job, in this process. (A launcher
+    # that runs jobs in other processes, joblib or submitit, would leave this empty: exit status 0.)
+    outcomes: list[Outcome] = []
 
     @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg: DictConfig) -> None:
