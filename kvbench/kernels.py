@@ -11,9 +11,10 @@ slot received (what H2O and Scissorhands accumulate) without materialising the [
 
 Both are `torch.library` operators (`kvbench::decode_attention`, `kvbench::received_attention`), so
 `torch.compile(fullgraph=True)` traces them without graph breaks; their launches have static grids and
-no host syncs, so they can be captured in CUDA graphs. Triton runs on CUDA tensors, and on any tensors
-under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests use); everywhere else, and when Triton
-is not installed, the operators run the PyTorch references.
+no host syncs, so they can be captured in CUDA graphs (keep `scale` a per-model constant: dynamo turns a
+float argument that changes between calls into a graph input read back with .item()). Triton runs on
+CUDA tensors, and on any tensors under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests use);
+everywhere else, and when Triton is not installed, the operators run the PyTorch references.
 
 Conventions: query [B, Hq, D]; keys [B, Hkv, S, D]; values [B, Hkv, S, Dv]; positions [B, Hkv, S]
 (any integer dtype, a slot is live iff its position >= 0); Hq = G * Hkv, and query head `h * G + g`
@@ -86,10 +87,28 @@ def _check_shapes(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tens
         raise ValueError(f"positions {tuple(positions.shape)} should be {(b, hkv, s)}")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split_plan(batch_heads: int, seq_len: int, num_sms: int) -> tuple[int, int]:
+    """(number of splits, slots per split), splits a multiple of BLOCK_N slots and none of them empty.
+
+    Flash-decoding's point: at batch 1 the B x Hkv programs alone would occupy a few of the SMs, so the
+    sequence is split until there are about PROGRAMS_PER_SM programs per SM (more splits only add
+    combine work).
+    """
+    tiles = max(1, _cdiv(seq_len, BLOCK_N))  # S = 0: one split, empty, so out = 0 and lse = -inf
+    wanted = _cdiv(PROGRAMS_PER_SM * num_sms, batch_heads)
+    tiles_per_split = _cdiv(tiles, max(1, min(wanted, tiles, MAX_SPLITS)))
+    return _cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
+
+
 if triton is not None:
 
     def _dot_block(n: int) -> int:
-        """tl.dot needs every dimension a power of two and at least 16 on GPUs; padded lanes are masked."""
+        """Tile sizes are powers of two, and tl.dot's reduction dimension must be at least 16; the group is
+        padded to 16 as well, the row count of one tensor-core MMA. Padded lanes are masked."""
         return max(16, triton.next_power_of_2(n))
 
     @functools.lru_cache
@@ -99,18 +118,6 @@ if triton is not None:
         # Only Triton's interpreter launches on other devices; a small count keeps several tiles per split
         # there, so the tests cover both the in-split loop and the cross-split combine.
         return 4
-
-    def _split_plan(batch_heads: int, seq_len: int, num_sms: int) -> tuple[int, int]:
-        """(number of splits, slots per split), splits a multiple of BLOCK_N slots and none of them empty.
-
-        Flash-decoding's point: at batch 1 the B x Hkv programs alone would occupy a few of the SMs, so the
-        sequence is split until there are about PROGRAMS_PER_SM programs per SM (more splits only add
-        combine work).
-        """
-        tiles = max(1, triton.cdiv(seq_len, BLOCK_N))  # S = 0: one split, empty, so out = 0 and lse = -inf
-        wanted = triton.cdiv(PROGRAMS_PER_SM * num_sms, batch_heads)
-        tiles_per_split = triton.cdiv(tiles, max(1, min(wanted, tiles, MAX_SPLITS)))
-        return triton.cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
 
     @triton.jit
     def _decode_split_kernel(

@@ -64,13 +64,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+_torch_empty = torch.empty
+
+
 def _poisoned_empty(*args, **kwargs) -> torch.Tensor:
     """torch.empty filled with NaN (or -7 for integers), so a kernel that skips a store shows up."""
     t = _torch_empty(*args, **kwargs)
     return t.fill_(float("nan") if t.is_floating_point() else -7)
-
-
-_torch_empty = torch.empty
 
 
 def _measure(name: str) -> dict:
@@ -81,7 +81,8 @@ def _measure(name: str) -> dict:
     received = kernels.received_attention(x["query"], x["keys"], x["positions"], x["scale"], lse)
     ref_received = kernels.received_attention_reference(x["query"], x["keys"], x["positions"], x["scale"], ref_lse)
     live = x["positions"] >= 0
-    any_live = live.any(-1).repeat_interleave(x["query"].shape[1] // x["keys"].shape[1], dim=1)  # [B, Hq]
+    group = x["query"].shape[1] // x["keys"].shape[1]
+    any_live = live.any(-1).repeat_interleave(group, dim=1)  # [B, Hq]
     finite = torch.isfinite(ref_lse)
     return {
         "dtype": str(out.dtype).removeprefix("torch."),
@@ -95,10 +96,7 @@ def _measure(name: str) -> dict:
         "received_rel": _rel(received, ref_received),
         "received_empty_zero": bool((received[~live] == 0).all()),
         # each query head's probabilities sum to 1, so a KV head's received sums to G where any slot is live
-        "received_sum_err": (received.sum(-1) - live.any(-1) * (x["query"].shape[1] // x["keys"].shape[1]))
-        .abs()
-        .max()
-        .item(),
+        "received_sum_err": (received.sum(-1) - live.any(-1) * group).abs().max().item(),
         "splits": kernels._split_plan(x["keys"].shape[0] * x["keys"].shape[1], x["keys"].shape[2], 4)[0],
     }
 
