@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
 if TYPE_CHECKING:
     from kvbench.cache import KVCache
@@ -44,6 +43,8 @@ def kvbench_attention(
 
 def register() -> str:
     """Register the attention function (idempotent) and return the name to select it with."""
+    from transformers import AttentionInterface  # 1.5 s of imports: only once a model is about to load
+
     AttentionInterface.register(NAME, kvbench_attention)
     return NAME
 

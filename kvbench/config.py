@@ -36,12 +36,18 @@ class RunSettings:
 
     results_dir: str = "results"
     prefill_chunk: int = 512
+    engine: str = "eager"
+    batch_size: int = 1
     warmup: bool = True
     retry_errors: bool = False
     debug: bool = False
 
     def __post_init__(self) -> None:
         require(self.prefill_chunk >= 1, "kvbench.prefill_chunk", self.prefill_chunk, "an integer >= 1")
+        # The names of kvbench.engine.ENGINES, spelled out so that checking them imports no torch.
+        engines = ("eager", "graph", "compiled")
+        require(self.engine in engines, "kvbench.engine", self.engine, f"one of {engines}")
+        require(self.batch_size >= 1, "kvbench.batch_size", self.batch_size, "an integer >= 1")
 
 
 def check_results_dir(path: str) -> None:

@@ -164,6 +164,7 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.model_stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._compiled_step: Callable[[KVCache, DecodeState], None] | None = None
+        self.compile_options: dict = {}  # extra `torch.compile` arguments (tests trace with backend="eager")
 
     # ----- building blocks -----
     def new_cache(self, prompt_len: int, decode_len: int) -> KVCache:
@@ -294,7 +295,7 @@ class Engine:
             compiled = self._step
         else:
             if self._compiled_step is None:
-                self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False)
+                self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False, **self.compile_options)
             compiled = self._compiled_step
         began = time.perf_counter()
         if self.device.type != "cuda":

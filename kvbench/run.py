@@ -6,6 +6,7 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,21 +48,40 @@ def identity(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def batched(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` samples (the last may be shorter)."""
+    batch: list[Any] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def summarize(measurements: list[Measurement], device: torch.device) -> dict[str, Any]:
-    """Run-level measurements from per-sample ones (means, and maxima where a peak matters)."""
+    """Run-level measurements from per-sample ones (means, and maxima where a peak matters).
+
+    Every sample of a decode batch carries the batch's decode time and steps, so batch-level times are
+    counted once per batch (each sample contributes 1 / batch_size of them).
+    """
     count = max(len(measurements), 1)
-    decode_s = sum(m.decode_s for m in measurements)
-    steps = sum(m.decode_steps for m in measurements)
+    decode_s = sum(m.decode_s / m.batch_size for m in measurements)
+    steps = sum(m.decode_steps / m.batch_size for m in measurements)
+    tokens = sum(m.decode_tokens for m in measurements)
     device_bytes = sum(m.kv_bytes_device for m in measurements)
     dense_bytes = sum(m.dense_kv_bytes for m in measurements)
     return {
         "samples": len(measurements),
-        "path": "eager",
+        "path": ",".join(sorted({m.engine for m in measurements})) or None,
+        "batch_size_max": max((m.batch_size for m in measurements), default=0),
         "prompt_tokens_mean": sum(m.prompt_tokens for m in measurements) / count,
         "prompt_tokens_max": max((m.prompt_tokens for m in measurements), default=0),
         "prefill_s_mean": sum(m.prefill_s for m in measurements) / count,
-        "decode_ms_per_token": 1000 * decode_s / steps if steps else None,
-        "decode_tokens_per_s": steps / decode_s if decode_s > 0 else None,
+        "decode_ms_per_token": 1000 * decode_s / steps if steps else None,  # per decode step of a batch
+        "decode_tokens_per_s": tokens / decode_s if decode_s > 0 else None,  # over the batch
+        "compile_s": sum(m.compile_s / m.batch_size for m in measurements),
         "kv_bytes_device": device_bytes / count,
         "kv_bytes_device_max": max((m.kv_bytes_device for m in measurements), default=0),
         "kv_bytes_device_peak": max((m.kv_bytes_device_peak for m in measurements), default=0),
@@ -77,30 +97,32 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
     """Load, generate, score. Returns the record's result fields; exceptions propagate to `run`."""
     from kvbench.engine import Engine, Generation
 
+    settings = config.settings
     model, tokenizer = load_model(config.model)
-    engine = Engine(model, tokenizer, config.method, spec, config.settings.prefill_chunk)
-    if config.settings.warmup:
+    engine = Engine(model, tokenizer, config.method, spec, settings.prefill_chunk, settings.engine)
+    if settings.warmup:
         engine.warmup()
     rows, measurements = [], []
     method_stats: dict[str, float] = {}
     # The bar as a context manager: closed (its line ended) before an exception or Ctrl-C is reported.
     with (
         open(directory / PREDICTIONS, "w") as predictions,
-        tqdm(config.task.samples(tokenizer), total=config.task.count(), desc=directory.name) as progress,
+        tqdm(total=config.task.count(), desc=directory.name) as progress,
     ):
-        for sample in progress:
-            output = config.task.evaluate(engine, sample)
-            m = output.measurement
-            row = config.task.score(sample, output)
-            if isinstance(output, Generation):
-                row["generated_tokens"] = len(output.token_ids)
-            row.update({f"m_{k}": v for k, v in asdict(m).items() if k != "method_stats"})
-            predictions.write(json.dumps(row, default=str) + "\n")
-            predictions.flush()
-            rows.append(row)
-            measurements.append(m)
-            for key, value in m.method_stats.items():
-                method_stats[key] = method_stats.get(key, 0) + value
+        for batch in batched(config.task.samples(tokenizer), settings.batch_size):
+            for sample, output in zip(batch, config.task.evaluate_batch(engine, batch), strict=True):
+                m = output.measurement
+                row = config.task.score(sample, output)
+                if isinstance(output, Generation):
+                    row["generated_tokens"] = len(output.token_ids)
+                row.update({f"m_{k}": v for k, v in asdict(m).items() if k != "method_stats"})
+                predictions.write(json.dumps(row, default=str) + "\n")
+                predictions.flush()
+                rows.append(row)
+                measurements.append(m)
+                for key, value in m.method_stats.items():
+                    method_stats[key] = method_stats.get(key, 0) + value
+            progress.update(len(batch))
             progress.set_postfix(config.task.aggregate(rows), refresh=False)
     return {
         "metrics": config.task.aggregate(rows),

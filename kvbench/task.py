@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from kvbench.cache import ModelSpec
-from kvbench.engine import Engine, Generation, Sampling, Scored
+from kvbench.engine import Engine, Generation, Request, Sampling, Scored
 from kvbench.errors import require
 from kvbench.method import Method
 
@@ -65,6 +65,25 @@ class Task:
             sample.sampling,
             sample.min_new_tokens,
         )
+
+    def evaluate_batch(self, engine: Engine, samples: list[Sample]) -> list[Generation | Scored]:
+        """Outputs for several samples: generations decode together in one batch (`kvbench.batch_size`).
+
+        A task that overrides `evaluate` (e.g. a two-pass protocol), a scoring sample, or samples with
+        different sampling settings run one at a time.
+        """
+        together = (
+            type(self).evaluate is Task.evaluate
+            and not any(s.continuation_ids for s in samples)
+            and len({(s.sampling.temperature, s.sampling.top_p) if s.sampling else None for s in samples}) == 1
+        )
+        if len(samples) == 1 or not together:
+            return [self.evaluate(engine, sample) for sample in samples]
+        requests = [
+            Request(s.prompt_ids, s.max_new_tokens, s.question_ids, s.stop_ids, s.sampling, s.min_new_tokens)
+            for s in samples
+        ]
+        return list(engine.generate_batch(requests))
 
     def score(self, sample: Sample, output: Generation | Scored) -> dict[str, Any]:
         """One prediction row: whatever identifies the sample, the prediction, and its metric values."""

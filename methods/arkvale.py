@@ -14,6 +14,7 @@ import torch
 
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec
 from kvbench.errors import require
+from kvbench.host_pages import gather_rows, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
 
 RADII = ("mean", "max", "center")
@@ -68,8 +69,9 @@ class ArkVale(Method):
       missing moves no page. Each new token is backed up to host as it is written (the code copies a
       page once it fills), and the digest of the page being written is recomputed each step (only the
       digest of a full page is ever read). Attention runs over all resident slots with a mask.
-    - Host copies are synchronous with the step (no side stream yet): on a CUDA device the compiled,
-      graph-captured path is not available for ArkVale (the engine says so); the eager path is.
+    - Host copies run inside the step (`kvbench.host_pages`: Triton kernels that read and write pinned
+      host memory directly, masked so only recalled pages cross PCIe), not on a side stream overlapped
+      with other layers' compute as the code's copies are.
     """
 
     exempt_layers: int = 2
@@ -208,11 +210,11 @@ class ArkValeLayer(KVLayer):
         pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
         self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = page_digest(pages, self.method.radius)
         pin = device.type == "cuda"  # pinned host memory lets the copies run asynchronously
-        # Backups and recalls index host memory with device positions: on a GPU that waits on the host.
-        self.graph_safe = not pin
         tokens = self.total_pages * self.page_size
         self.host_keys = torch.zeros(b, h, tokens, d, dtype=self.keys.dtype, pin_memory=pin)
         self.host_values = torch.zeros(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)
+        # On a GPU, backups and recalls need the host-memory kernels to stay on the device (no sync).
+        self.graph_safe = not pin or uses_kernels(self.host_keys, self.keys)
         self.host_keys[:, :, :filled].copy_(self.keys[:, :, :filled], non_blocking=pin)
         self.host_values[:, :, :filled].copy_(self.values[:, :, :filled], non_blocking=pin)
         super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
@@ -292,11 +294,8 @@ class ArkValeLayer(KVLayer):
 
     def _backup_token(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy the token just written to its place in the host backup (indexed by position)."""
-        seen = self.seen if self.host_keys.device == self.seen.device else self.seen.cpu()
-        b, h, _, d = keys.shape
-        index = seen.view(b, 1, 1, 1).expand(b, h, 1, d)
-        self.host_keys.scatter_(2, index, keys.to(self.host_keys.device))
-        self.host_values.scatter_(2, index.expand(b, h, 1, values.shape[-1]), values.to(self.host_values.device))
+        write_rows(self.host_keys, self.seen, keys)
+        write_rows(self.host_values, self.seen, values)
 
     def _digest_page(self, slot: torch.Tensor, page: torch.Tensor) -> None:
         """Digest the page being written (read only once it is full: until then it is never a candidate)."""
@@ -349,12 +348,8 @@ class ArkValeLayer(KVLayer):
         source = per_head(pages.unsqueeze(-1) * p + offsets)  # positions, i.e. host rows
         target = per_head(slots.unsqueeze(-1) * p + offsets)
         take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, p))
-        host_source = source if self.host_keys.device == source.device else source.cpu()
-        for buffer, host in ((self.keys, self.host_keys), (self.values, self.host_values)):
-            width = buffer.shape[-1]
-            fetched = host.gather(2, host_source.unsqueeze(-1).expand(-1, -1, -1, width)).to(buffer.device)
-            index = target.unsqueeze(-1).expand(-1, -1, -1, width)
-            buffer.scatter_(2, index, torch.where(take.unsqueeze(-1), fetched, buffer.gather(2, index)))
+        gather_rows(self.host_keys, self.keys, source, target, take)
+        gather_rows(self.host_values, self.values, source, target, take)
         self.positions.scatter_(2, target, torch.where(take, source, self.positions.gather(2, target)))
         self.slot_page.scatter_(2, slots, torch.where(fetch, pages, self.slot_page.gather(2, slots)))
         self.pages_recalled += fetch.sum(dim=(1, 2)).float()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 
-from kvbench.engine import DecodeState, Engine, Sampling
+from kvbench.config import build
+from kvbench.engine import DecodeState, Engine, Request, Sampling
 from kvbench.methods.full import Full
+from tests.conftest import compose_config, method_names
 
 PROMPT = list(range(200, 260))
 
@@ -48,3 +53,42 @@ def test_min_new_tokens_refuses_stop_tokens_until_reached(tiny):
     assert engine.generate(PROMPT, 5, stop_ids=[first]).token_ids == [first]  # stops at once
     forced = engine.generate(PROMPT, 5, stop_ids=[first], min_new_tokens=1).token_ids
     assert forced[0] != first and len(forced) >= 2
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name):
+    """The decode step traces whole (fullgraph) and is never retraced while the cache fills, evicts and
+    recalls: shapes stay fixed and no step depends on a host value. Its tokens are the eager path's."""
+    model, tokenizer, spec = tiny
+    method = small_budget_method(name)
+    prompt = list(range(100, 340))
+    expected = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(prompt, 40).token_ids
+    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled")
+    compiled.compile_options = {"backend": "eager"}  # dynamo's tracing alone: what breaks a graph breaks here
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled.generate(prompt, 40)
+    assert got.token_ids == expected
+    assert got.measurement.engine == "compiled" and got.measurement.decode_steps == 40 - 2
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_batch_of_different_lengths_gives_each_sequence_its_own_tokens(tiny, name):
+    """Sequences of different prompt lengths decoded together: each selection is per sequence, so every
+    sequence gets the tokens it gets alone (and the batch's padding slots are never attended)."""
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, small_budget_method(name), spec, prefill_chunk=64)
+    prompts = [list(range(100, 340)), list(range(500, 590)), list(range(700, 901))]
+    alone = [engine.generate(p, 10, question_ids=[5, 6, 7] if i == 2 else ()).token_ids for i, p in enumerate(prompts)]
+    requests = [Request(p, 10, question_ids=[5, 6, 7] if i == 2 else ()) for i, p in enumerate(prompts)]
+    together = engine.generate_batch(requests)
+    assert [g.token_ids for g in together] == alone
+    assert {g.measurement.batch_size for g in together} == {3}
+    assert sum(g.measurement.decode_tokens for g in together) == 3 * 9
+
+
+def small_budget_method(name: str):
+    method = build(compose_config(f"method={name}")).method
+    names = {f.name for f in dataclasses.fields(method)}
+    changes = {key: value for key, value in (("budget", 64), ("page_size", 8)) if key in names}
+    return dataclasses.replace(method, **changes)

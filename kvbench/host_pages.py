@@ -1,0 +1,100 @@
+"""Copies between device slot buffers and pinned host memory that a CUDA graph can capture.
+
+ArkVale keeps every token in host memory and recalls pages that rank again. Which token is written, and
+which pages come back, are decided on the device each step; a `torch` copy would need those indices on
+the host first (a sync per layer per step) and cannot be captured. With unified virtual addressing, host
+memory allocated by `cudaHostAlloc` (PyTorch's pinned memory) is directly readable and writable by
+kernels at its host address, so two small Triton kernels move the bytes themselves: masked, so rows that
+need no copy move nothing over PCIe, with static grids and no host sync.
+
+Elsewhere (CPU runs, no Triton) the same functions are plain `torch` ops on same-device tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+def uses_kernels(host: torch.Tensor, device_tensor: torch.Tensor) -> bool:
+    """Whether the copies between `host` and `device_tensor` go through the Triton kernels."""
+    return triton is not None and device_tensor.is_cuda and host.device.type == "cpu" and host.is_pinned()
+
+
+def write_rows(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+    """host[b, h, rows[b]] = source[b, h, 0] for every sequence b and head h.
+
+    host [B, H, N, D] (pinned host memory, or the device's own), rows [B] int64, source [B, H, 1, D].
+    """
+    b, h, _, d = source.shape
+    if not uses_kernels(host, source):
+        index = rows.to(host.device).view(b, 1, 1, 1).expand(b, h, 1, d)
+        host.scatter_(2, index, source.to(host.device))
+        return
+    _write_rows_kernel[(b * h,)](
+        host, rows, source, h, host.stride(0), host.stride(1), host.stride(2),
+        source.stride(0), source.stride(1), D=d, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+
+
+def gather_rows(
+    host: torch.Tensor, target: torch.Tensor, source_rows: torch.Tensor, target_rows: torch.Tensor, take: torch.Tensor
+) -> None:
+    """target[b, h, target_rows[b, h, m]] = host[b, h, source_rows[b, h, m]] wherever take[b, h, m].
+
+    host [B, H, N, D], target [B, H, S, D] on the device; rows [B, H, M] int64; take [B, H, M] bool.
+    """
+    b, h, m = source_rows.shape
+    d = target.shape[-1]
+    if not uses_kernels(host, target):
+        index = target_rows.unsqueeze(-1).expand(b, h, m, d)
+        fetched = host.gather(2, source_rows.to(host.device).unsqueeze(-1).expand(b, h, m, d)).to(target.device)
+        target.scatter_(2, index, torch.where(take.unsqueeze(-1), fetched, target.gather(2, index)))
+        return
+    block_m = 16
+    grid = (b * h, triton.cdiv(m, block_m))
+    _gather_rows_kernel[grid](
+        host, target, source_rows, target_rows, take, h, m,
+        host.stride(0), host.stride(1), host.stride(2), target.stride(0), target.stride(1), target.stride(2),
+        source_rows.stride(0), source_rows.stride(1), D=d, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+
+
+if triton is not None:
+
+    @triton.jit
+    def _write_rows_kernel(
+        host, rows, source, heads, host_sb, host_sh, host_sn, source_sb, source_sh,
+        D: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b, h = pid // heads, pid % heads
+        row = tl.load(rows + b)
+        cols = tl.arange(0, BLOCK_D)
+        value = tl.load(source + b * source_sb + h * source_sh + cols, mask=cols < D)
+        tl.store(host + b * host_sb + h * host_sh + row * host_sn + cols, value, mask=cols < D)
+
+    @triton.jit
+    def _gather_rows_kernel(
+        host, target, source_rows, target_rows, take, heads, m,
+        host_sb, host_sh, host_sn, target_sb, target_sh, target_sn, rows_sb, rows_sh,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b, h = pid // heads, pid % heads
+        offsets = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_range = offsets < m
+        index = b * rows_sb + h * rows_sh + offsets
+        wanted = tl.load(take + index, mask=in_range, other=0) != 0
+        source = tl.load(source_rows + index, mask=wanted, other=0)
+        dest = tl.load(target_rows + index, mask=wanted, other=0)
+        cols = tl.arange(0, BLOCK_D)
+        both = wanted[:, None] & (cols[None, :] < D)
+        # Rows not taken load nothing: a step that recalls no page reads nothing from host memory.
+        value = tl.load(host + b * host_sb + h * host_sh + source[:, None] * host_sn + cols[None, :], mask=both)
+        tl.store(target + b * target_sb + h * target_sh + dest[:, None] * target_sn + cols[None, :], value, mask=both)
