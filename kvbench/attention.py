@@ -49,32 +49,43 @@ def register() -> str:
     return NAME
 
 
-def _kernel():
-    """The Triton decode kernel, or None where Triton is missing (SDPA with a mask then serves)."""
+def _kernels():
+    """kvbench.kernels where Triton can run on this tensor's device, else None (PyTorch serves)."""
     try:
-        from kvbench.kernels import decode_attention as kernel
+        from kvbench import kernels
     except ImportError:
         return None
-    return kernel
+    return kernels if kernels.triton is not None else None
 
 
 def decode_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scaling: float
-) -> torch.Tensor:
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    scaling: float,
+    with_received: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per sequence over a fixed slot buffer, live slots only (positions >= 0).
 
-    query [B, Hq, D], keys/values [B, Hkv, S, D], positions [B, Hkv, S]; returns [B, Hq, D]. KV heads are
-    never expanded: on CUDA a Triton flash-decoding kernel reads each K/V tile once for all the query heads
-    of its group; elsewhere SDPA with `enable_gqa` and a mask (its CPU kernels do not expand either).
+    query [B, Hq, D], keys/values [B, Hkv, S, D], positions [B, Hkv, S]; returns out [B, Hq, D] and, if
+    asked, the attention each slot received, summed over each KV head's query heads (float32 [B, Hkv, S],
+    0 on empty slots). KV heads are never expanded: on CUDA Triton flash-decoding kernels read each K/V
+    tile once for all the query heads of its group (and the received attention comes from their
+    log-sum-exp); elsewhere SDPA with `enable_gqa` and a mask, whose CPU kernels do not expand either.
     """
-    if query.is_cuda and _kernel() is not None:
-        return _kernel()(query, keys, values, positions, scaling)[0]
+    kernels = _kernels() if query.is_cuda else None
+    if kernels is not None:
+        out, lse = kernels.decode_attention(query, keys, values, positions, scaling)
+        received = kernels.received_attention(query, keys, positions, scaling, lse) if with_received else None
+        return out, received
     group = query.shape[1] // keys.shape[1]
     live = (positions >= 0).repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S]
     out = F.scaled_dot_product_attention(
         query.unsqueeze(2), keys, values, attn_mask=live, scale=scaling, enable_gqa=True
     )
-    return out.squeeze(2)
+    received = received_attention(query, keys, positions, scaling) if with_received else None
+    return out.squeeze(2), received
 
 
 def received_attention(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvbench.attention import decode_attention, received_attention, received_attention_prefill
+from kvbench.attention import decode_attention, received_attention_prefill
 
 # Slot buffers are allocated in multiples of this many slots. Two layers that can hold the same tokens
 # then have buffers of the same size, so masked decode attention reduces over the same shapes and a
@@ -164,8 +164,9 @@ class KVLayer(CacheLayerMixin):
         if not self.prefilling:
             q = query[:, :, 0]
             keys = self.keys_for_attention()
-            out = decode_attention(q, keys, self.values, self.positions, scaling)
-            received = received_attention(q, keys, self.positions, scaling) if self.needs_received_attention else None
+            out, received = decode_attention(
+                q, keys, self.values, self.positions, scaling, with_received=self.needs_received_attention
+            )
             self.observe(query, received)
             return out.unsqueeze(1)
         q_len, s = query.shape[2], keys.shape[2]

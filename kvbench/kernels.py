@@ -207,7 +207,8 @@ if triton is not None:
             if UPCAST:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            logits = tl.dot(q, kt, input_precision=PRECISION) * scale_log2
+            # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
+            logits = (tl.dot(q, kt, input_precision=PRECISION) * scale_log2).to(tl.float32)
             logits = tl.where(live[None, :], logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
             # While every slot seen so far is empty m_new is -inf; subtracting 0 instead keeps exp2 at 0
@@ -338,7 +339,7 @@ if triton is not None:
         # lse is natural-log; times log2 e to meet the exp2 logits. Padded heads get +inf, hence p = 0.
         lse2 = tl.load(lse_ptr + b * stride_lb + heads * stride_lh, mask=g_ok, other=float("inf")) * 1.4426950408889634
         live = tl.load(pos_ptr + b * stride_pb + h * stride_ph + slots * stride_ps, mask=in_seq, other=-1) >= 0
-        p = tl.exp2(tl.dot(q, kt, input_precision=PRECISION) * scale_log2 - lse2[:, None])
+        p = tl.exp2((tl.dot(q, kt, input_precision=PRECISION) * scale_log2).to(tl.float32) - lse2[:, None])
         # where, not a product: a KV head with no live slot has lse = -inf and p = inf on its (empty) slots.
         p = tl.where(live[None, :] & g_ok[:, None], p, 0.0)
         tl.store(out_ptr + (b * num_kv_heads + h) * seq_len + slots, tl.sum(p, axis=0), mask=in_seq)
