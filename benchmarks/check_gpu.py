@@ -82,18 +82,20 @@ def check_engines() -> None:
             engine = Engine(model, None, method, spec, prefill_chunk=1024, engine=engine_name)
             generations = engine.generate_batch(requests)
             tokens[engine_name] = [g.token_ids for g in generations]
-            stats = generations[0].measurement.method_stats
-            detail = f"{generations[0].measurement.decode_s * 1000 / max(generations[0].measurement.decode_steps, 1):.2f} ms/step {stats}"
-            print(f"     {name:<13}{engine_name:<9}{detail}", flush=True)
+            m = generations[0].measurement
+            print(
+                f"     {name:<13}{engine_name:<9}{m.decode_s * 1000 / max(m.decode_steps, 1):.2f} ms/step", flush=True
+            )
         # bf16 on a GPU: compiled kernels may reassociate sums, so greedy tokens can part late; require
         # the eager and graph paths (the same kernels) to agree exactly, and compiled on the first tokens.
         check(f"{name}: graph == eager", tokens["graph"] == tokens["eager"])
         if "compiled" in tokens:
-            agree = min(
-                next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-                for x, y in zip(tokens["compiled"], tokens["eager"])
-            )
+            agree = min(first_difference(x, y) for x, y in zip(tokens["compiled"], tokens["eager"], strict=True))
             check(f"{name}: compiled == eager for the first {agree} of 40 tokens", agree >= 8)
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
 if __name__ == "__main__":
