@@ -71,8 +71,7 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
 
 def run_row(model, spec, method_name: str, budget: int, context: int, batch: int, args, bandwidth: float) -> dict:
     method = make_method(method_name, budget)
-    # ArkVale's host backups and recalls index host memory from the device: not capturable yet.
-    engine_name = "eager" if method_name == "arkvale" and args.engine != "eager" else args.engine
+    engine_name = args.engine
     engine = Engine(model, None, method, spec, prefill_chunk=args.prefill_chunk, engine=engine_name)
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
