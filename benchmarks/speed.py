@@ -89,6 +89,8 @@ def run_row(model, spec, method_name: str, budget: int, context: int, batch: int
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         return {**row, "status": "oom", "error": str(error).splitlines()[0]}
+    except Exception as error:  # a failed row is data; the sweep goes on
+        return {**row, "status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0]}
     m = generations[0].measurement
     cache_read = m.kv_bytes_device * batch
     if method_name == "h2o":
