@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbench.config import RunSettings, build
+from kvbench.config import build
 from kvbench.records import environment, write_json_atomic
 from kvbench.run import identity, run
 from tests.conftest import compose_config
@@ -59,17 +59,12 @@ def test_cpu_environment_names_the_device():
 
 
 def test_every_setting_but_location_and_failure_handling_defines_the_run(tmp_path):
-    """A setting added later (the engine, a batch size) must separate runs, or one's record skips the other."""
-
-    @dataclasses.dataclass
-    class WithEngine(RunSettings):
-        engine: str = "eager"
-
+    """The engine and the batch size separate runs, or one's record would skip the other."""
     config = build(compose_config(*TINY, *SHORT_PASSKEY, f"kvbench.results_dir={tmp_path}"))
-    fields = {field.name: getattr(config.settings, field.name) for field in dataclasses.fields(RunSettings)}
-    eager = identity(dataclasses.replace(config, settings=WithEngine(**fields)))
-    compiled = identity(dataclasses.replace(config, settings=WithEngine(**fields, engine="compiled")))
-    assert eager != compiled
+    eager = identity(config)
+    compiled = identity(dataclasses.replace(config, settings=dataclasses.replace(config.settings, engine="compiled")))
+    batched = identity(dataclasses.replace(config, settings=dataclasses.replace(config.settings, batch_size=4)))
+    assert len({str(eager), str(compiled), str(batched)}) == 3
     elsewhere = dataclasses.replace(
         config.settings, results_dir=str(Path(tmp_path) / "other"), retry_errors=True, debug=True
     )
