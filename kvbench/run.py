@@ -227,7 +227,8 @@ def print_summary(record: dict[str, Any], directory: Path) -> None:
             f"{'dense kv bytes (mean)':<28}{_human_bytes(m['dense_kv_bytes'])}",
             f"{'compression (measured)':<28}{m['compression_ratio'] or 0:.2f}x",
             f"{'prefill s (mean)':<28}{m['prefill_s_mean']:.3f}",
-            f"{'decode ms/token':<28}{m['decode_ms_per_token'] or 0:.1f}",
+            f"{'decode ms/step':<28}{m['decode_ms_per_token'] or 0:.1f} ({m['path']}, batch {m['batch_size_max']})",
+            f"{'decode tokens/s':<28}{m['decode_tokens_per_s'] or 0:.1f}",
             f"{'peak memory':<28}{_human_bytes(m['peak_memory_bytes'])} ({m['peak_memory_kind']})",
         ]
     lines += [f"warning: {warning}" for warning in record.get("warnings", [])]
