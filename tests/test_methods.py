@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from kvbench import cache as cache_module
+from kvbench.cache import FullLayer
 from kvbench.config import build
 from kvbench.engine import Engine
 from kvbench.methods.full import Full
@@ -64,15 +66,60 @@ def test_full_bytes_equal_dense_formula(tiny):
 
 
 @pytest.mark.parametrize("name", [n for n in method_names() if n not in ("full",)])
-def test_cache_shapes_stay_fixed_during_decode(tiny, name):
+def test_decode_attention_sees_fixed_shapes_while_the_cache_fills_and_evicts(tiny, name, monkeypatch):
+    """What attention reads (keys, values, positions) keeps one shape every step, not just the buffers."""
+    model, tokenizer, spec = tiny
+    seen_shapes: list[tuple] = []
+    original = cache_module.decode_attention
+
+    def recording(query, keys, values, positions, scaling, with_received=False):
+        seen_shapes.append((tuple(keys.shape), tuple(values.shape), tuple(positions.shape)))
+        return original(query, keys, values, positions, scaling, with_received)
+
+    monkeypatch.setattr(cache_module, "decode_attention", recording)
+    engine = Engine(model, tokenizer, make_method(name, budget=64), spec, prefill_chunk=64)
+    engine.generate(PROMPT, 40)
+    assert len(seen_shapes) >= 39 * spec.num_layers  # every decode step of every layer was seen
+    per_layer = {seen_shapes[i :: spec.num_layers][0] for i in range(spec.num_layers)}
+    for i in range(spec.num_layers):
+        assert set(seen_shapes[i :: spec.num_layers]) <= per_layer
+
+
+@pytest.mark.parametrize("name", [n for n in method_names() if n not in ("full",)])
+def test_compressing_keeps_distinct_real_tokens(tiny, name):
+    """When the budget is below the context (so selection and eviction run, unlike the tests above),
+    every live slot holds a distinct position the sequence has seen, with that position's exact key, and
+    the number of live slots is what the method promises."""
     model, tokenizer, spec = tiny
     method = make_method(name, budget=64)
-    engine = Engine(model, tokenizer, method, spec, prefill_chunk=64)
-    cache = engine.new_cache(len(PROMPT), 6)
+    engines = [Engine(model, tokenizer, m, spec, prefill_chunk=64) for m in (Full(), method)]
+    caches = [engine.new_cache(len(PROMPT), 30) for engine in engines]
     with torch.inference_mode():
-        engine._prefill(cache, PROMPT)
-        cache.finish_prefill()
-        shapes = [tuple(layer.keys.shape) for layer in cache.layers]
-        for step in range(6):
-            engine._forward(cache, [500 + step], len(PROMPT) + step)
-            assert [tuple(layer.keys.shape) for layer in cache.layers] == shapes
+        for engine, cache in zip(engines, caches, strict=True):
+            engine._prefill(cache, PROMPT)
+            cache.finish_prefill()
+        check_live_slots(caches, seen=len(PROMPT))  # right after the prompt is cut
+        for engine, cache in zip(engines, caches, strict=True):
+            for step in range(30):
+                engine._forward(cache, [500 + step], len(PROMPT) + step)
+        check_live_slots(caches, seen=len(PROMPT) + 30)  # after decode evicted and refilled
+
+
+def check_live_slots(caches, seen: int) -> None:
+    for full_layer, layer in zip(caches[0].layers, caches[1].layers, strict=True):
+        if isinstance(layer, FullLayer):
+            continue
+        live_counts = set()
+        for h in range(layer.keys.shape[1]):
+            slots = (layer.positions[0, h] >= 0).nonzero().view(-1)
+            positions = layer.positions[0, h, slots]
+            assert len(set(positions.tolist())) == len(slots)  # no token twice
+            assert int(positions.min()) >= 0 and int(positions.max()) < seen
+            # Prompt tokens' keys come from the same full-attention prefill in both caches (later tokens'
+            # keys differ once attention sees a compressed cache); StreamingLLM's sink slots hold rotated
+            # sinks (its in-cache positions), so they are left out.
+            prompt = (positions < len(PROMPT)) & (positions >= getattr(layer, "sinks", 0))
+            assert torch.equal(layer.keys[0, h, slots[prompt]], full_layer.keys[0, h, positions[prompt]])
+            assert int(prompt.sum()) > 0
+            live_counts.add(len(slots))
+        assert len(live_counts) == 1 and 0 < live_counts.pop() <= layer.capacity < seen
