@@ -35,13 +35,13 @@ from kvbench.models import ModelConfig, load_model, model_spec
 from kvbench.records import environment
 
 
-def make_method(name: str, budget: int) -> Method:
+def make_method(name: str, budget: int, recall_cap: int | None = None) -> Method:
     return {
         "full": lambda: Full(),
         "streamingllm": lambda: StreamingLLM(budget=budget),
         "snapkv": lambda: SnapKV(budget=budget),
         "h2o": lambda: H2O(budget=budget),
-        "arkvale": lambda: ArkVale(budget=budget),
+        "arkvale": lambda: ArkVale(budget=budget, recall_cap=recall_cap),
     }[name]()
 
 
@@ -70,7 +70,7 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
 
 
 def run_row(model, spec, method_name: str, budget: int, context: int, batch: int, args, bandwidth: float) -> dict:
-    method = make_method(method_name, budget)
+    method = make_method(method_name, budget, args.arkvale_recall_cap)
     engine_name = args.engine
     engine = Engine(model, None, method, spec, prefill_chunk=args.prefill_chunk, engine=engine_name)
     generator = torch.Generator().manual_seed(context + batch)
@@ -83,7 +83,9 @@ def run_row(model, spec, method_name: str, budget: int, context: int, batch: int
         for _ in range(batch)
     ]
     row = {"method": method_name, "budget": None if method_name == "full" else budget, "context": context}
-    row.update(batch=batch, engine=engine_name)
+    row.update(
+        batch=batch, engine=engine_name, recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None
+    )
     try:
         generations = engine.generate_batch(requests)
     except torch.OutOfMemoryError as error:
@@ -133,6 +135,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["full", "streamingllm", "snapkv", "h2o", "arkvale"])
     parser.add_argument("--engine", default="graph", choices=["eager", "graph", "compiled"])
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--arkvale-recall-cap",
+        type=int,
+        default=None,
+        help="pin ArkVale's pages recalled per step and layer (random weights recall nearly every page)",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--time-limit-s", type=float, default=480, help="start no new row after this long")
     parser.add_argument("--quick", action="store_true", help="llama-3.1-8b, 8k, batch 1, budget 2048")

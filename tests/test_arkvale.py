@@ -298,3 +298,16 @@ def test_config_builds_and_paper_topk_formula():
     with pytest.raises(ConfigError) as caught:
         build(compose_config("method=arkvale", "method.budget=1000"))
     assert caught.value.key == "method.budget"
+
+
+def test_recall_cap_pins_the_pages_recalled_per_step(tiny):
+    """The benchmark's pinned recall count: 0 recalls nothing, 1 at most one page per step and layer."""
+    model, tokenizer, spec = tiny
+    prompt, question = list(range(100, 400)), list(range(600, 612))
+    counts = {}
+    for cap in (None, 0, 1):
+        method = ArkVale(budget=128, page_size=16, page_topk=5, recall_cap=cap)
+        stats = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(prompt, 24, question).measurement
+        counts[cap] = (stats.method_stats["pages_recalled"], stats.method_stats["selection_steps"])
+    assert counts[0][0] == 0
+    assert 0 < counts[1][0] <= counts[1][1] < counts[None][0]
