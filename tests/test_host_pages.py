@@ -1,0 +1,76 @@
+"""The host-memory copy kernels (`kvbench/host_pages.py`) against torch copies, under Triton's interpreter.
+
+On a GPU the kernels read and write pinned host memory at its host address (checked by
+`benchmarks/check_gpu.py`); here the interpreter runs the same kernels on CPU tensors. The interpreter is
+chosen when Triton is imported, so the checks run in a subprocess: this file as a script, with
+`TRITON_INTERPRET=1`, prints what the tests assert on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _interpreted_checks() -> dict:
+    from kvbench import host_pages
+
+    assert host_pages.INTERPRETED and host_pages.uses_kernels(torch.empty(1), torch.empty(1))
+    generator = torch.Generator().manual_seed(0)
+    b, h, n, s, d, m = 2, 3, 50, 24, 20, 9  # d not a power of two: the column mask matters
+    host = torch.randn(b, h, n, d, generator=generator)
+    expected = host.clone()
+    rows = torch.tensor([7, 41])
+    source = torch.randn(b, h, 1, d, generator=generator)
+    host_pages.write_rows(host, rows, source)
+    expected[torch.arange(b), :, rows] = source[:, :, 0]
+
+    target = torch.full((b, h, s, d), float("nan"))
+    reference = target.clone()
+    source_rows = torch.randint(0, n, (b, h, m), generator=generator)
+    target_rows = torch.stack([torch.randperm(s, generator=generator)[:m] for _ in range(b * h)]).view(b, h, m)
+    take = torch.rand(b, h, m, generator=generator) < 0.5
+    host_pages.gather_rows(host, target, source_rows, target_rows, take)
+    for i in range(b):
+        for j in range(h):
+            for k in range(m):
+                if take[i, j, k]:
+                    reference[i, j, target_rows[i, j, k]] = host[i, j, source_rows[i, j, k]]
+    untouched = torch.equal(target.isnan(), reference.isnan())
+    return {
+        "write_rows_equal": torch.equal(host, expected),
+        "gather_rows_equal": untouched and torch.equal(target.nan_to_num(), reference.nan_to_num()),
+        "gather_rows_untaken_untouched": untouched,
+        "taken": int(take.sum()),
+    }
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_write_rows_writes_each_sequences_row(interpreted: dict) -> None:
+    assert interpreted["write_rows_equal"]
+
+
+def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict) -> None:
+    assert 0 < interpreted["taken"] < 2 * 3 * 9  # some rows taken, some not
+    assert interpreted["gather_rows_untaken_untouched"]
+    assert interpreted["gather_rows_equal"]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_interpreted_checks()))
