@@ -33,6 +33,12 @@ def aligned_slots(tokens: int) -> int:
     return -(-tokens // SLOT_ALIGN) * SLOT_ALIGN
 
 
+def batch_head_index(slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors [B, 1] and [1, H] that, with `slot` [B, H], address one slot per sequence and head."""
+    b, h = slot.shape
+    return torch.arange(b, device=slot.device).view(b, 1), torch.arange(h, device=slot.device).view(1, h)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What methods and tasks may know of a model; readable from its config without loading weights."""
@@ -137,13 +143,17 @@ class KVLayer(CacheLayerMixin):
         self.on_write(slice(start, stop))
 
     def _write_slot(self, slot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write one token per sequence and KV head into `slot` [B, Hkv], at position `seen`."""
-        b, h, _, d = keys.shape
-        index = slot.view(b, h, 1, 1)
-        self.keys.scatter_(2, index.expand(b, h, 1, d), keys)
-        self.values.scatter_(2, index.expand(b, h, 1, values.shape[-1]), values)
+        """Write one token per sequence and KV head into `slot` [B, Hkv], at position `seen`.
+
+        Indexed assignment (`index_put_`), not `scatter_`: under `torch.compile` the functional form of an
+        index_put on a cache buffer is turned back into an in-place write, while a scatter's is not and
+        then costs a copy of the whole buffer every step.
+        """
+        rows, heads = batch_head_index(slot)
+        self.keys[rows, heads, slot] = keys[:, :, 0]
+        self.values[rows, heads, slot] = values[:, :, 0]
         if self.stores_positions:
-            self.positions.scatter_(2, slot.view(b, h, 1), self.seen.view(b, 1, 1).expand(b, h, 1))
+            self.positions[rows, heads, slot] = self.seen.view(-1, 1).expand_as(slot)
         self.on_write(slot)
 
     def on_write(self, slots: slice | torch.Tensor) -> None:

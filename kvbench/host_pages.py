@@ -41,8 +41,9 @@ def write_rows(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> 
     """
     b, h, _, d = source.shape
     if not uses_kernels(host, source):
-        index = rows.to(host.device).view(b, 1, 1, 1).expand(b, h, 1, d)
-        host.scatter_(2, index, source.to(host.device))
+        # Indexed assignment rather than scatter_: `torch.compile` keeps it in place (no buffer copy).
+        batch = torch.arange(b, device=host.device).view(b, 1)
+        host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
         return
     _write_rows_kernel[(b * h,)](
         host, rows, source, h, host.stride(0), host.stride(1), host.stride(2),
@@ -60,9 +61,11 @@ def gather_rows(
     b, h, m = source_rows.shape
     d = target.shape[-1]
     if not uses_kernels(host, target):
-        index = target_rows.unsqueeze(-1).expand(b, h, m, d)
-        fetched = host.gather(2, source_rows.to(host.device).unsqueeze(-1).expand(b, h, m, d)).to(target.device)
-        target.scatter_(2, index, torch.where(take.unsqueeze(-1), fetched, target.gather(2, index)))
+        batch = torch.arange(b, device=target.device).view(b, 1, 1)
+        heads = torch.arange(h, device=target.device).view(1, h, 1)
+        fetched = host[batch.to(host.device), heads.to(host.device), source_rows.to(host.device)].to(target.device)
+        current = target[batch, heads, target_rows]
+        target[batch, heads, target_rows] = torch.where(take.unsqueeze(-1), fetched, current)
         return
     block_m = 16
     grid = (b * h, triton.cdiv(m, block_m))

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.cache import KVLayer, LayerSpec, ModelSpec
+from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
 from kvbench.errors import require
 from kvbench.host_pages import gather_rows, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
@@ -289,13 +289,16 @@ class ArkValeLayer(KVLayer):
             leaving = (page - self.method.n_win_pages).view(b, 1, 1)
             target = (self.slot_page == leaving).int().argmax(dim=-1)  # [B, groups]
             target = torch.where(starting.view(b, 1), target, last)
-            per_group = h // self.groups
+            # Token indices of each head's target slot, and of the last slot; indexed assignment on the
+            # buffers themselves, which `torch.compile` keeps in place (see `KVLayer._write_slot`).
+            offsets = torch.arange(self.page_size, device=target.device)
+            per_head = target.repeat_interleave(h // self.groups, dim=1)  # [B, Hkv]
+            destination = per_head.unsqueeze(-1) * self.page_size + offsets  # [B, Hkv, p]
+            source = (last * self.page_size + offsets).expand_as(destination)
+            rows, heads = batch_head_index(per_head)
+            rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
             for buffer in (self.keys, self.values, self.positions):
-                paged = buffer[:, :, : self.capacity].view(
-                    b, self.groups, per_group, self.resident_pages, self.page_size, -1
-                )
-                index = target.view(b, self.groups, 1, 1, 1, 1).expand(*paged.shape[:3], 1, *paged.shape[4:])
-                paged.scatter_(3, index, paged[:, :, :, last:].clone())
+                buffer[rows, heads, destination] = buffer[rows, heads, source].clone()
             moved = torch.where(
                 starting.view(b, 1), page.view(b, 1) - 1, self.slot_page.gather(2, target[..., None])[..., 0]
             )
@@ -314,9 +317,9 @@ class ArkValeLayer(KVLayer):
             b, 1, self.page_size, 1
         )
         upper, lower = page_digest(self.keys.gather(2, tokens.expand(b, h, self.page_size, d)), self.method.radius)
-        index = page.view(b, 1, 1, 1).expand(b, h, 1, d)
-        self.digest_upper.scatter_(2, index, upper.unsqueeze(2))
-        self.digest_lower.scatter_(2, index, lower.unsqueeze(2))
+        rows = torch.arange(b, device=page.device)
+        self.digest_upper[rows, :, page] = upper
+        self.digest_lower[rows, :, page] = lower
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         if not self.prefilling:  # recalled pages land in the slot buffers that attention reads
@@ -363,7 +366,9 @@ class ArkValeLayer(KVLayer):
         take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, p))
         gather_rows(self.host_keys, self.keys, source, target, take)
         gather_rows(self.host_values, self.values, source, target, take)
-        self.positions.scatter_(2, target, torch.where(take, source, self.positions.gather(2, target)))
+        rows, heads = batch_head_index(target[:, :, 0])
+        rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
+        self.positions[rows, heads, target] = torch.where(take, source, self.positions[rows, heads, target])
         self.slot_page.scatter_(2, slots, torch.where(fetch, pages, self.slot_page.gather(2, slots)))
         self.pages_recalled += fetch.sum(dim=(1, 2)).float()
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.cache import KVLayer, LayerSpec, ModelSpec
+from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
 from kvbench.errors import require
 from kvbench.method import Method, check_budget, check_budget_fits
 
@@ -69,7 +69,8 @@ class H2OLayer(KVLayer):
         if isinstance(slots, slice):
             self.scores[:, :, slots] = 0
         else:
-            self.scores.scatter_(2, slots.unsqueeze(-1), 0.0)
+            rows, heads = batch_head_index(slots)
+            self.scores[rows, heads, slots] = 0.0
 
     def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         self.scores[:, :, : received.shape[-1]] += received
@@ -80,9 +81,9 @@ class H2OLayer(KVLayer):
         positions = self.positions[:, :, : self.capacity]
         live = positions >= 0
         protected = ~live | (positions >= self.seen.view(-1, 1, 1) - self.recent)
-        victim = self.scores[:, :, : self.capacity].masked_fill(protected, float("inf")).argmin(dim=-1, keepdim=True)
-        full = live.all(dim=-1, keepdim=True)
-        self.positions.scatter_(2, victim, torch.where(full, -1, self.positions.gather(2, victim)))
+        victim = self.scores[:, :, : self.capacity].masked_fill(protected, float("inf")).argmin(dim=-1)
+        rows, heads = batch_head_index(victim)
+        self.positions[rows, heads, victim] = torch.where(live.all(dim=-1), -1, self.positions[rows, heads, victim])
 
     def select_prefill(self) -> torch.Tensor | None:
         filled = self.seen

@@ -89,7 +89,10 @@ class StreamingLayer(KVLayer):
             return self.keys
         # Rotate from the pristine copy each step (no rounding builds up), in place: `keys` holds the sinks.
         evicted = self.seen - (self.positions[:, 0] >= 0).sum(dim=-1)  # [B]
-        self.keys[:, :, : self.sinks] = rotate(self.sink_keys, evicted, self.inv_freq)
+        # Indexed assignment, which `torch.compile` keeps in place (a slice assignment there copied the
+        # whole key buffer every step).
+        sink_slots = torch.arange(self.sinks, device=self.keys.device)
+        self.keys[:, :, sink_slots] = rotate(self.sink_keys, evicted, self.inv_freq)
         return self.keys
 
     def decode_state(self) -> dict[str, torch.Tensor]:
