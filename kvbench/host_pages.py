@@ -42,7 +42,7 @@ def write_rows(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> 
     b, h, _, d = source.shape
     if not uses_kernels(host, source):
         # Indexed assignment rather than scatter_: `torch.compile` keeps it in place (no buffer copy).
-        batch = torch.arange(b, device=host.device).view(b, 1)
+        batch = torch.arange(b, device=host.device)  # with rows [B]: one (sequence, row) pair each
         host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
         return
     _write_rows_kernel[(b * h,)](
