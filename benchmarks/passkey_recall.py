@@ -88,15 +88,12 @@ def evaluate(engine: Engine, task: Passkey, samples: list[Sample]) -> dict[str, 
         "method_stats": stats,
         "rows": rows,
     }
-    if stats.get("estimate_calls"):
+    if stats.get("selection_steps"):
         # Per forward through the decode path (all ArkVale layers together); recalls per layer and step.
         result["arkvale_per_step"] = {
             "decode_path_steps": decode_path_steps,
-            "estimate_calls": stats["estimate_calls"] / decode_path_steps,
-            "pages_recalled_per_layer_step": stats["pages_recalled"] / stats["estimate_calls"],
-            "estimate_ms": 1000 * stats["estimate_s"] / decode_path_steps,
-            "select_ms": 1000 * stats["select_s"] / decode_path_steps,
-            "recall_ms": 1000 * stats["recall_s"] / decode_path_steps,
+            "selection_steps": stats["selection_steps"] / decode_path_steps,
+            "pages_recalled_per_layer_step": stats["pages_recalled"] / stats["selection_steps"],
         }
     return result
 
