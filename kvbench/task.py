@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from kvbench.cache import ModelSpec
 from kvbench.engine import Engine, Generation, Request, Sampling, Scored
-from kvbench.errors import require
+from kvbench.errors import ConfigError, require
 from kvbench.method import Method
 
 
@@ -95,6 +95,18 @@ class Task:
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def hub_data_missing(error: OSError, data_dir: str, dataset: str, local_file: str, example_dir: str) -> ConfigError:
+    """The one-line error for hub data that is neither cached nor downloadable (offline: ConnectionError;
+    no such dataset: FileNotFoundError), saying how to point the task at local files instead."""
+    reason = " ".join([f"{type(error).__name__}:", *str(error).splitlines()[:1]])
+    return ConfigError(
+        "task.data_dir",
+        data_dir,
+        f"{dataset} is not cached here and could not be downloaded ({reason}); "
+        f"pass task.data_dir=<folder holding {local_file}> (e.g. task.data_dir={example_dir})",
+    )
 
 
 def mean(values: list[float]) -> float:

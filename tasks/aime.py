@@ -36,7 +36,7 @@ from kvbench.cache import ModelSpec
 from kvbench.engine import Generation, Sampling
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
-from kvbench.task import Sample, Task, mean
+from kvbench.task import Sample, Task, hub_data_missing, mean
 from kvbench.tasks.longbench import chat_wrapper, stop_ids
 
 DEFAULT_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -209,14 +209,9 @@ class AIME(Task):
 
         try:
             rows = list(load_dataset(self.dataset, split=self.split))
-        except OSError as error:  # offline and not cached (ConnectionError), or no such dataset (FileNotFoundError)
-            reason = " ".join([f"{type(error).__name__}:", *str(error).splitlines()[:1]])  # one line
-            raise ConfigError(
-                "task.data_dir",
-                self.data_dir,
-                f"{self.dataset} (split {self.split}) is not cached here and could not be downloaded ({reason}); "
-                f"pass task.data_dir=<folder holding {self.data_file}> (e.g. task.data_dir=../shared/data/aime)",
-            ) from error
+        except OSError as error:
+            where = f"{self.dataset} (split {self.split})"
+            raise hub_data_missing(error, self.data_dir, where, self.data_file, "../shared/data/aime") from error
         # The hub rows as loaded, canonically serialized: any edit of the dataset changes the hash.
         canonical = json.dumps(rows, sort_keys=True, default=str, ensure_ascii=False)
         records = [

@@ -228,7 +228,7 @@ LEADERBOARD: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 # Official prompt lengths (tokens kept by middle truncation) of LongBench/config/model2maxlen.json: 3,500 for
-# 4k-context models, 7,500 for 8k, 15,500 for 16k, 31,500 for 32k. `official_max_length` picks among them.
+# 4k-context models, 7,500 for 8k, 15,500 for 16k, 31,500 for 32k. `resolve_max_length` picks among them.
 V1_MAX_LENGTHS: tuple[int, ...] = (3500, 7500, 15500, 31500)
 REQUIRED_FIELDS: tuple[str, ...] = ("context", "input", "answers")
 E_BUCKETS: tuple[tuple[str, int], ...] = (("0-4k", 4000), ("4-8k", 8000), ("8k+", 2**62))
@@ -360,10 +360,23 @@ def encode_to_fit(
     return encoded
 
 
-def official_max_length(lengths: Sequence[int], positions: int, answer_tokens: int) -> int | None:
-    """The largest official prompt length that leaves the answer room within the model's `positions` (the
-    official tables pick by context window: 3,500 for 4k models ...); None when even the smallest does not."""
-    return max((length for length in lengths if length + answer_tokens <= positions), default=None)
+def resolve_max_length(max_length: int, lengths: Sequence[int], model: ModelSpec, answer_tokens: int) -> int:
+    """The prompt length truncation uses: `max_length` if given (it must leave the answer room), else the
+    largest official length that does (the official tables pick by context window: 3,500 for 4k models
+    ...). Raises the one-line error when neither fits."""
+    room = model.max_positions - answer_tokens
+    why = f"{model.name} has {model.max_positions} positions, {answer_tokens} go to the answer"
+    if max_length:
+        require(max_length <= room, "task.max_length", max_length, f"at most {room} tokens ({why})")
+        return max_length
+    official = max((length for length in lengths if length <= room), default=None)
+    require(
+        official is not None,
+        "task.max_length",
+        0,
+        f"an explicit value of at most {room}: no official length {list(lengths)} fits ({why})",
+    )
+    return official
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -537,24 +550,7 @@ class LongBench(Task):
         """Resolve `max_length` for the model, then check every data file the run reads (before weights load)."""
         self._positions = model.max_positions
         answer = max(self.budget(name) for name in self.task_names())  # the longest answer must fit too
-        room = model.max_positions - answer
-        if self.max_length:
-            require(
-                self.max_length <= room,
-                "task.max_length",
-                self.max_length,
-                f"at most {room} tokens ({model.name} has {model.max_positions} positions, {answer} go to the answer)",
-            )
-        else:
-            official = official_max_length(V1_MAX_LENGTHS, model.max_positions, answer)
-            require(
-                official is not None,
-                "task.max_length",
-                0,
-                f"an explicit value of at most {room}: no official length {V1_MAX_LENGTHS} fits {model.name}'s "
-                f"{model.max_positions} positions with the answer ({answer} tokens)",
-            )
-            self._max_length = official
+        self._max_length = resolve_max_length(self.max_length, V1_MAX_LENGTHS, model, answer)
         self.check_data()
 
     def describe(self) -> dict[str, Any]:

@@ -49,8 +49,8 @@ from kvbench.tasks.longbench import (
     encode_prompt,
     encode_to_fit,
     hub_file,
-    official_max_length,
     read_jsonl,
+    resolve_max_length,
     scan_jsonl,
     stop_ids,
 )
@@ -183,23 +183,7 @@ class LongBenchV2(Task):
         room = model.max_positions - self.budget()
         key = "task.cot_max_new_tokens" if self.cot else "task.max_new_tokens"
         require(room >= 64, key, self.budget(), f"well under {model.name}'s {model.max_positions} positions")
-        if self.max_length:
-            require(
-                self.max_length <= room,
-                "task.max_length",
-                self.max_length,
-                f"at most {room} ({model.name} has {model.max_positions} positions, {self.budget()} go to the answer)",
-            )
-        else:
-            official = official_max_length(MAX_LENGTHS, model.max_positions, self.budget())
-            require(
-                official is not None,
-                "task.max_length",
-                0,
-                f"an explicit value of at most {room}: no official length {MAX_LENGTHS} fits {model.name}'s "
-                f"{model.max_positions} positions with the answer ({self.budget()} tokens)",
-            )
-            self._max_length = official
+        self._max_length = resolve_max_length(self.max_length, MAX_LENGTHS, model, self.budget())
         self.check_data()
 
     def describe(self) -> dict[str, Any]:

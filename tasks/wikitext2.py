@@ -32,7 +32,7 @@ from kvbench.cache import ModelSpec
 from kvbench.engine import Engine, Measurement, Scored, perplexity
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
-from kvbench.task import Sample, Task
+from kvbench.task import Sample, Task, hub_data_missing
 
 LOCAL_FILE = "wiki.test.raw"
 HUB_DATASET = ("wikitext", "wikitext-2-raw-v1")
@@ -179,14 +179,9 @@ class WikiText2(Task):
 
         try:
             return list(load_dataset(*HUB_DATASET, split="test")["text"])
-        except OSError as error:  # offline and not cached (ConnectionError), or not found (FileNotFoundError)
-            reason = " ".join([f"{type(error).__name__}:", *str(error).splitlines()[:1]])  # one line
-            raise ConfigError(
-                "task.data_dir",
-                self.data_dir,
-                f"{'/'.join(HUB_DATASET)} is not cached here and could not be downloaded ({reason}); "
-                f"pass task.data_dir=<folder holding {LOCAL_FILE}> (e.g. task.data_dir=../shared/data/wikitext2)",
-            ) from error
+        except OSError as error:
+            dataset = "/".join(HUB_DATASET)
+            raise hub_data_missing(error, self.data_dir, dataset, LOCAL_FILE, "../shared/data/wikitext2") from error
 
     def smoke_test(self) -> bool:
         """Whether only a prefix of the text is evaluated."""
