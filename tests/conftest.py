@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,16 @@ def embedded():
     cfg = ModelConfig(device="cpu")
     model, tokenizer = load_model(cfg)
     return model, tokenizer, model_spec(cfg)
+
+
+def run_under_triton_interpreter(script: Path, timeout_s: int = 600) -> dict:
+    """Run a test file as a script with TRITON_INTERPRET=1 (Triton reads it once, at import, so the kernels
+    run on CPU tensors only in a fresh process) and return the JSON its last output line holds."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def compose_config(*overrides: str):

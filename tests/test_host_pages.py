@@ -9,13 +9,12 @@ chosen when Triton is imported, so the checks run in a subprocess: this file as 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import run_under_triton_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,11 +54,7 @@ def _interpreted_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_under_triton_interpreter(Path(__file__), timeout_s=300)
 
 
 def test_write_rows_writes_each_sequences_row(interpreted: dict) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvbench import kernels
+from tests.conftest import run_under_triton_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}
@@ -109,11 +110,7 @@ def _worker() -> None:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_under_triton_interpreter(Path(__file__))
 
 
 @pytest.mark.parametrize("name", list(CASES))
