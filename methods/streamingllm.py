@@ -88,7 +88,8 @@ class StreamingLayer(KVLayer):
         if not self.shift_positions:
             return self.keys
         # Rotate from the pristine copy each step (no rounding builds up), in place: `keys` holds the sinks.
-        evicted = self.seen - (self.positions[:, 0] >= 0).sum(dim=-1)  # [B]
+        # Slots fill before anything is evicted, so every token seen beyond the capacity evicted one.
+        evicted = (self.seen - self.capacity).clamp(min=0)  # [B]
         # Indexed assignment, which `torch.compile` keeps in place (a slice assignment there copied the
         # whole key buffer every step).
         sink_slots = torch.arange(self.sinks, device=self.keys.device)
