@@ -34,13 +34,19 @@ def uses_kernels(host: torch.Tensor, device_tensor: torch.Tensor) -> bool:
     return INTERPRETED or (device_tensor.is_cuda and host.device.type == "cpu" and host.is_pinned())
 
 
-def write_rows(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+def write_rows(
+    host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor, through_kernels: bool | None = None
+) -> None:
     """host[b, h, rows[b]] = source[b, h, 0] for every sequence b and head h.
 
     host [B, H, N, D] (pinned host memory, or the device's own), rows [B] int64, source [B, H, 1, D].
+    `through_kernels`: `uses_kernels(host, source)`, decided once by a caller inside a compiled step
+    (`torch.compile` cannot trace `is_pinned`); None decides here.
     """
     b, h, _, d = source.shape
-    if not uses_kernels(host, source):
+    if through_kernels is None:
+        through_kernels = uses_kernels(host, source)
+    if not through_kernels:
         # Indexed assignment rather than scatter_: `torch.compile` keeps it in place (no buffer copy).
         batch = torch.arange(b, device=host.device)  # with rows [B]: one (sequence, row) pair each
         host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
@@ -52,15 +58,23 @@ def write_rows(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> 
 
 
 def gather_rows(
-    host: torch.Tensor, target: torch.Tensor, source_rows: torch.Tensor, target_rows: torch.Tensor, take: torch.Tensor
+    host: torch.Tensor,
+    target: torch.Tensor,
+    source_rows: torch.Tensor,
+    target_rows: torch.Tensor,
+    take: torch.Tensor,
+    through_kernels: bool | None = None,
 ) -> None:
     """target[b, h, target_rows[b, h, m]] = host[b, h, source_rows[b, h, m]] wherever take[b, h, m].
 
     host [B, H, N, D], target [B, H, S, D] on the device; rows [B, H, M] int64; take [B, H, M] bool.
+    `through_kernels` as in `write_rows`.
     """
     b, h, m = source_rows.shape
     d = target.shape[-1]
-    if not uses_kernels(host, target):
+    if through_kernels is None:
+        through_kernels = uses_kernels(host, target)
+    if not through_kernels:
         batch = torch.arange(b, device=target.device).view(b, 1, 1)
         heads = torch.arange(h, device=target.device).view(1, h, 1)
         fetched = host[batch.to(host.device), heads.to(host.device), source_rows.to(host.device)].to(target.device)

@@ -202,6 +202,7 @@ class ArkValeLayer(KVLayer):
         self.digest_lower: torch.Tensor | None = None  # c - r
         self.host_keys: torch.Tensor | None = None  # [B, Hkv, total_pages * p, D], indexed by position
         self.host_values: torch.Tensor | None = None
+        self.host_kernels = False  # whether host copies go through kvbench.host_pages' kernels (set at prefill)
         self.pages_recalled: torch.Tensor | None = None  # [B] counters, kept on the device
         self.selections: torch.Tensor | None = None
 
@@ -224,7 +225,8 @@ class ArkValeLayer(KVLayer):
         self.host_keys = torch.zeros(b, h, tokens, d, dtype=self.keys.dtype, pin_memory=pin)
         self.host_values = torch.zeros(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)
         # On a GPU, backups and recalls need the host-memory kernels to stay on the device (no sync).
-        self.graph_safe = not pin or uses_kernels(self.host_keys, self.keys)
+        self.host_kernels = uses_kernels(self.host_keys, self.keys)  # decided here: a compiled step cannot ask
+        self.graph_safe = not pin or self.host_kernels
         self.host_keys[:, :, :filled].copy_(self.keys[:, :, :filled], non_blocking=pin)
         self.host_values[:, :, :filled].copy_(self.values[:, :, :filled], non_blocking=pin)
         super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
@@ -307,8 +309,8 @@ class ArkValeLayer(KVLayer):
 
     def _backup_token(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy the token just written to its place in the host backup (indexed by position)."""
-        write_rows(self.host_keys, self.seen, keys)
-        write_rows(self.host_values, self.seen, values)
+        write_rows(self.host_keys, self.seen, keys, self.host_kernels)
+        write_rows(self.host_values, self.seen, values, self.host_kernels)
 
     def _digest_page(self, slot: torch.Tensor, page: torch.Tensor) -> None:
         """Digest the page being written (read only once it is full: until then it is never a candidate)."""
@@ -364,8 +366,8 @@ class ArkValeLayer(KVLayer):
         source = per_head(pages.unsqueeze(-1) * p + offsets)  # positions, i.e. host rows
         target = per_head(slots.unsqueeze(-1) * p + offsets)
         take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, p))
-        gather_rows(self.host_keys, self.keys, source, target, take)
-        gather_rows(self.host_values, self.values, source, target, take)
+        gather_rows(self.host_keys, self.keys, source, target, take, self.host_kernels)
+        gather_rows(self.host_values, self.values, source, target, take, self.host_kernels)
         rows, heads = batch_head_index(target[:, :, 0])
         rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
         self.positions[rows, heads, target] = torch.where(take, source, self.positions[rows, heads, target])

@@ -311,3 +311,20 @@ def test_recall_cap_pins_the_pages_recalled_per_step(tiny):
         counts[cap] = (stats.method_stats["pages_recalled"], stats.method_stats["selection_steps"])
     assert counts[0][0] == 0
     assert 0 < counts[1][0] <= counts[1][1] < counts[None][0]
+
+
+def test_decode_never_asks_how_host_copies_run(monkeypatch):
+    """The routing of host copies is decided once at prefill: `torch.compile` cannot trace the `is_pinned`
+    that deciding needs, so a decode step that asks breaks the compiled step on a GPU."""
+    torch.manual_seed(0)
+    layer = make_layer(ArkVale(budget=64, page_size=8, page_topk=4, exempt_layers=0), 96, 8)
+    q, k, v = torch.randn(B, HQ, 104, D), torch.randn(B, HKV, 104, D), torch.randn(B, HKV, 104, D)
+    prefill(layer, q[:, :, :96], k[:, :, :96], v[:, :, :96])
+
+    def asked(*args):
+        raise AssertionError("uses_kernels called during decode")
+
+    monkeypatch.setattr("kvbench.host_pages.uses_kernels", asked)
+    for i in range(96, 104):
+        decode(layer, q, k, v, i)
+    assert layer.stats()["pages_recalled"] > 0  # the host copies did run

@@ -1,0 +1,204 @@
+"""Where a compiled decode step spends its time: kernel time by kind, against the step's floor.
+
+    PYTHONPATH=. python benchmarks/profile_step.py --shape llama-3.1-8b --method full --context 32768 --batch 4
+
+Prefills `batch` random prompts through the engine, compiles the decode step as the `compiled` engine does,
+then (1) times CUDA-graph replays of it (what `speed.py` reports) and (2) runs the same compiled step
+without the graph under `torch.profiler`, summing GPU kernel time by kind: matrix products (cuBLAS /
+CUTLASS / nvjet), kvbench's attention kernels, host-page kernels, Inductor's fused Triton kernels, other.
+The gap between the replay time and the kernel-time sum is idle GPU time between kernels; the gap between
+matrix-product time and weight bytes / bandwidth is how far the projections are from the memory floor.
+
+Options that change the step, for A/B rows: `--autotune` (Inductor's max-autotune of the matrix products,
+without its own CUDA graphs), `--block-n` (the attention kernel's tile). One JSON line per run to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+from speed import copy_bandwidth, make_method, weight_bytes_per_step  # benchmarks/speed.py, beside this file
+
+from kvbench import kernels
+from kvbench.cache import KVCache
+from kvbench.engine import Engine, Request, Timer
+from kvbench.models import ModelConfig, load_model, model_spec
+from kvbench.records import environment
+
+KINDS = (
+    ("attention", ("_decode_split_kernel", "_decode_combine_kernel")),
+    ("received", ("_received_kernel",)),
+    ("host_pages", ("_gather_rows", "_write_rows", "gather_rows", "write_rows")),
+    ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitK", "mm_")),
+    ("fused", ("triton_",)),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, needles in KINDS:
+        if any(needle in name for needle in needles):
+            return kind
+    return "other"
+
+
+def prepared(engine: Engine, requests: list[Request]):
+    """The engine's own prefill and decode state, ready for steps (what `generate_batch` does first)."""
+    from kvbench.engine import Measurement
+
+    prompt_len = max(len(r.prompt_ids) for r in requests)
+    decode_len = max(r.max_new_tokens for r in requests)
+    caches, logits = [], []
+    for request in requests:
+        cache, last = engine._prefill_one(request, prompt_len, decode_len, Measurement())
+        caches.append(cache)
+        logits.append(last)
+    cache = caches[0] if len(caches) == 1 else KVCache.stack(caches)
+    state = engine._decode_state(requests, [len(r.prompt_ids) for r in requests])
+    engine._choose(torch.stack(logits), state)
+    return cache, state
+
+
+@torch.inference_mode()
+def profile(args, model, spec, bandwidth: float) -> dict:
+    method = make_method(args.method, args.budget, args.recall_cap)
+    engine = Engine(model, None, method, spec, prefill_chunk=args.prefill_chunk, engine="compiled")
+    if args.autotune:
+        engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(args.context)
+    steps = args.warmup + 2 * args.replays + args.profiled + 8  # every step below writes one token
+    requests = [
+        Request(torch.randint(0, vocab, (args.context,), generator=generator).tolist(), steps, min_new_tokens=steps)
+        for _ in range(args.batch)
+    ]
+    began = time.perf_counter()
+    cache, state = prepared(engine, requests)
+    prefill_s = time.perf_counter() - began
+    step = torch.compile(engine._step, fullgraph=True, dynamic=False, **engine.compile_options)
+    began = time.perf_counter()
+    for _ in range(args.warmup):
+        step(cache, state)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - began
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(cache, state)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(cache, state)
+    graph.replay()
+    with Timer(torch.device("cuda")) as timer:
+        for _ in range(args.replays):
+            graph.replay()
+    replay_ms = 1000 * timer.seconds / args.replays
+
+    with Timer(torch.device("cuda")) as timer:
+        for _ in range(args.replays):
+            step(cache, state)
+    no_graph_ms = 1000 * timer.seconds / args.replays
+
+    by_kind: dict[str, float] = defaultdict(float)
+    by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.profiled):
+            step(cache, state)
+        torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = event.time_range.elapsed_us()
+        by_kind[kind_of(event.name)] += us / args.profiled
+        entry = by_kernel[event.name]
+        entry[0] += us / args.profiled
+        entry[1] += 1 / args.profiled
+
+    device_bytes, host_bytes = cache.kv_bytes()
+    weights = weight_bytes_per_step(model)
+    cache_read = device_bytes + (device_bytes // 2 if args.method == "h2o" else 0)
+    floor_ms = 1000 * (weights + cache_read) / bandwidth
+    kernel_ms = sum(by_kind.values()) / 1000
+    row = {
+        "shape": args.shape,
+        "method": args.method,
+        "budget": args.budget if args.method != "full" else None,
+        "context": args.context,
+        "batch": args.batch,
+        "autotune": args.autotune,
+        "block_n": kernels.BLOCK_N,
+        "recall_cap": args.recall_cap,
+        "prefill_s": prefill_s,
+        "compile_s": compile_s,
+        "replay_ms": replay_ms,
+        "no_graph_ms": no_graph_ms,
+        "kernel_ms": kernel_ms,
+        "idle_ms": replay_ms - kernel_ms,
+        "floor_ms": floor_ms,
+        "x_floor": replay_ms / floor_ms,
+        "weights_floor_ms": 1000 * weights / bandwidth,
+        "cache_floor_ms": 1000 * cache_read / bandwidth,
+        "kv_bytes_device": device_bytes,
+        "kv_bytes_host": host_bytes,
+        "kinds_ms": {k: v / 1000 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {"name": name[:120], "ms": us / 1000, "calls": calls}
+            for name, (us, calls) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]
+        ],
+        "method_stats": cache.stats(),
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+    }
+    del graph, cache, state, engine, step
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.1-8b")
+    parser.add_argument("--runs", nargs="+", default=None, help="method:budget:context:batch ... (else one run)")
+    parser.add_argument("--method", default="full")
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--recall-cap", type=int, default=None)
+    parser.add_argument("--autotune", action="store_true")
+    parser.add_argument("--block-n", type=int, default=None)
+    parser.add_argument("--prefill-chunk", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--profiled", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--out", default="benchmarks/results/profile_step.jsonl")
+    args = parser.parse_args()
+    if args.block_n:
+        kernels.BLOCK_N = args.block_n
+    bandwidth = copy_bandwidth(torch.device("cuda"))
+    cfg = ModelConfig(name=args.shape, source="shape", shape=args.shape, device="cuda", dtype="bfloat16")
+    spec = model_spec(cfg)
+    model, _ = load_model(cfg, with_tokenizer=False)
+    env = environment(torch.device("cuda"))
+    runs = args.runs or [f"{args.method}:{args.budget}:{args.context}:{args.batch}"]
+    with open(args.out, "a") as out:
+        for run in runs:
+            method, budget, context, batch = run.split(":")
+            args.method, args.budget, args.context, args.batch = method, int(budget), int(context), int(batch)
+            try:
+                row = profile(args, model, spec, bandwidth)
+            except torch.OutOfMemoryError as error:
+                torch.cuda.empty_cache()
+                row = {"run": run, "status": "oom", "error": str(error).splitlines()[0]}
+            row.update(environment=env, bandwidth_bytes_per_s=bandwidth)
+            out.write(json.dumps(row, default=str) + "\n")
+            out.flush()
+            print(json.dumps({k: v for k, v in row.items() if k != "environment"}, default=str, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
