@@ -147,7 +147,7 @@ class ScissorhandsLayer(KVLayer):
         """Alg. 1: once `budget` tokens are live, drop the `drop` with the highest unimportance counts."""
         full = live[:, :, : self.capacity].all(dim=-1, keepdim=True)  # [B, Hkv, 1]
         recent = self.positions >= self.seen.view(-1, 1, 1) - self.method.recent_window
-        key = drop_key(unimportance_counts(self.history), self.positions, candidate=live & ~recent)
+        key = drop_key(unimportance_counts(self.history), self.positions).masked_fill(recent | ~live, NOT_A_CANDIDATE)
         victim_key, victims = key.topk(min(self.method.drop, self.capacity), dim=-1)
         rows, heads = batch_head_index(victims[:, :, 0])
         rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
@@ -162,12 +162,11 @@ class ScissorhandsLayer(KVLayer):
         if filled < self.method.budget:
             return None
         # The prompt filled the budget: compress once, as Alg. 1 would have, to budget - drop tokens.
-        recent = self.method.recent_window
-        positions = torch.arange(filled, device=self.keys.device).expand(*self.keys.shape[:2], -1)
-        key = drop_key(unimportant.sum(dim=2), positions, candidate=positions < filled - recent)
-        kept_older = self.method.budget - self.method.drop - recent
-        older = (-key[:, :, : filled - recent]).topk(kept_older, dim=-1).indices.sort(dim=-1).values
-        newest = torch.arange(filled - recent, filled, device=older.device).expand(*older.shape[:2], -1)
+        recent = filled - self.method.recent_window  # the first recent position: never dropped
+        key = drop_key(unimportant[..., :recent].sum(dim=2), torch.arange(recent, device=self.keys.device))
+        kept_older = self.method.budget - self.method.drop - self.method.recent_window
+        older = (-key).topk(kept_older, dim=-1).indices.sort(dim=-1).values  # the lowest keys stay
+        newest = torch.arange(recent, filled, device=older.device).expand(*older.shape[:2], -1)
         return torch.cat([older, newest], dim=-1)
 
     def compact_state(self, keep: torch.Tensor | None, filled: int) -> None:
@@ -233,7 +232,6 @@ def unimportance_counts(history: torch.Tensor) -> torch.Tensor:
     return bits.sum(dim=(-1, -2))
 
 
-def drop_key(counts: torch.Tensor, positions: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """int64 [..., S]: higher drops first; more unimportant, then older; NOT_A_CANDIDATE where protected."""
-    key = (counts.long() << COUNT_SHIFT) - positions
-    return key.masked_fill(~candidate, NOT_A_CANDIDATE)
+def drop_key(counts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 [..., S]: the higher, the sooner dropped: more often unimportant first, then older."""
+    return (counts.long() << COUNT_SHIFT) - positions

@@ -98,8 +98,12 @@ class Reference:
 
 @pytest.mark.parametrize("threshold", ["average", "top10"])
 @pytest.mark.parametrize("prompt_len", [9, 23])  # the prompt under the budget (fills during decode), and over it
-def test_live_tokens_equal_the_reference_every_step(threshold, prompt_len):
-    method = Scissorhands(budget=16, history_window=6, recent_window=3, drop_ratio=0.25, threshold=threshold)
+# A window shorter than the recent one: recent tokens then have full counts and only protection keeps them.
+@pytest.mark.parametrize(("history_window", "recent_window"), [(6, 3), (3, 8)])
+def test_live_tokens_equal_the_reference_every_step(threshold, prompt_len, history_window, recent_window):
+    method = Scissorhands(
+        budget=16, history_window=history_window, recent_window=recent_window, drop_ratio=0.25, threshold=threshold
+    )
     steps = 40
     trace = list(drive(method, prompt_len, steps, seed=prompt_len))
     q, k = trace[0][1]
