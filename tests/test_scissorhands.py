@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from kvbench.cache import LayerSpec, ModelSpec
 from kvbench.config import build
@@ -158,6 +159,22 @@ def test_cache_holds_at_most_the_budget_and_refills_after_each_compression(tiny)
     # Alg. 1: the prompt is cut to budget - drop, refills to the budget, is cut by `drop` again, and so on.
     assert counts[:18] == [48 + i for i in range(16)] + [48, 49]
     assert max(counts) == 63  # budget 64 is reached inside a step and cut at its end
+
+
+def test_compiled_step_writes_history_and_cache_in_place(tiny):
+    """The step records every slot's bit and evicts through indexed writes, which inductor keeps in place:
+    its generated code has no loop over a whole history or key buffer (as tests/test_engine.py checks for
+    key buffers; a slice assignment or `scatter_` would copy the buffer every step)."""
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, Scissorhands(budget=256), spec, prefill_chunk=256, engine="compiled")
+    prompt = list(range(100, 1100))
+    torch._dynamo.reset()
+    _, sources = run_and_get_code(engine.generate, prompt, 4)
+    layer = engine.new_cache(len(prompt), 4).layers[-1]
+    code = "\n".join(sources)
+    assert code, "inductor produced no code"
+    for per_slot in (spec.head_dim, 50):  # keys (or values), history bytes (400 steps / 8)
+        assert f"<static_cast<int64_t>({spec.num_kv_heads * layer.slots * per_slot}L)" not in code
 
 
 @pytest.mark.parametrize(
