@@ -1,0 +1,413 @@
+"""A KV layer that stores tokens as packed integer codes, with an optional full-precision window of recent ones.
+
+API for methods (KIVI, ZipCache and QuaRot build on it):
+- `QuantSpec(bits, axis, group, clip_ratio)`: how K or V is quantized (`kvbench.quant`): `axis="token"`
+  groups `group` channels of one token (QuaRot: group = head_dim), `axis="channel"` groups `group` tokens of
+  one channel (KIVI's keys). bits in 2, 3, 4, 8; asymmetric round-to-nearest, float16 scale and zero-point.
+- `QuantizedMethod`: base of a quantizing method's hyper-parameters (`storage: packed | simulated`, recorded
+  through `describe()`; `exact = False`: lossy at every setting, which the generic method tests know).
+- `QuantizedLayer(spec, key, value, window, storage)`: one layer, every token kept (capacity = prompt +
+  decode tokens). A subclass may override these hooks (identity by default):
+  `transform_keys(k [B, Hkv, T, D])` and `transform_values(v)` before anything is stored (window included),
+  `transform_query(q [B, Hq, D])` before decode attention and `transform_output(out [B, Hq, Dv])` after it;
+  `quantize_prompt(keys, values)` to place the prompt differently, and `after_attention(query, lse)` to act
+  on each decode step's attention (ZipCache).
+- `tensors()` lists exactly what is held after prefill: codes, scales, zero-points and window, so the
+  measured bytes are codes + parameters + window.
+
+Prefill attends in full precision over the prompt (SDPA), as KIVI, ZipCache and QuaRot's kernels do; at its
+end the prompt is quantized, except the newest tokens that the window keeps. Decode: the new token's K/V go
+into the window (a ring buffer of `window + 1` slots; with no window, straight into the store), then, when
+the window holds more than `window` tokens, its oldest `block` tokens are quantized together (block = the
+channel-axis group: a per-channel group needs all of its tokens; 1 otherwise) and appended to the store. The
+flush is branch-free: every step quantizes the oldest block and writes it with `torch.where(due, new, old)`
+through indexed assignment. That costs one block's quantization per step (block x head_dim values per KV
+head, nothing next to the attention's read of the whole cache) and keeps the step static: no host sync, no
+data-dependent branch, fixed shapes.
+
+Decode attention: the store's live slots through `kvbench.quant_kernels.packed_decode_attention` (the Triton
+kernel on CUDA, which dequantizes in registers; its PyTorch reference elsewhere) and the window's through
+`kvbench.kernels.decode_attention`, merged through their log-sum-exp. `storage="simulated"` keeps the
+dequantized values in model-dtype buffers instead (accuracy studies; more bytes, and counted as such).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvbench import kernels
+from kvbench.cache import KVLayer, LayerSpec, batch_head_index
+from kvbench.errors import require
+from kvbench.method import Method
+from kvbench.quant import AXES, BITS, PARAM_DTYPE, dequantize, packed_width, quantize
+from kvbench.quant_kernels import PackedSlots, live_positions, packed_decode_attention
+
+STORAGES = ("packed", "simulated")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one of K or V is quantized: `bits`; groups of `group` channels of a token (axis="token") or of
+    `group` tokens of a channel (axis="channel"); the range shrunk by `clip_ratio` (1: none)."""
+
+    bits: int
+    axis: str
+    group: int
+    clip_ratio: float = 1.0
+
+
+@dataclass
+class QuantizedMethod(Method):
+    """Base of quantizing methods: `storage` packed (codes in bytes) or simulated (dequantized floats)."""
+
+    storage: str = "packed"
+
+    exact: ClassVar[bool] = False  # lossy at every setting: no configuration reproduces the dense cache
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.storage in STORAGES, "method.storage", self.storage, f"one of {STORAGES}")
+
+
+def check_bits(key: str, bits: int) -> None:
+    require(bits in BITS, key, bits, f"one of {BITS}")
+
+
+def check_clip(key: str, clip_ratio: float) -> None:
+    require(0 < clip_ratio <= 1, key, clip_ratio, "a number in (0, 1]")
+
+
+def check_channel_group(key: str, group: int, head_dim: int, bits: int) -> None:
+    """A group of channels must tile head_dim, which must pack into whole bytes."""
+    require(group >= 1 and head_dim % group == 0, key, group, f"a divisor of the model's head_dim ({head_dim})")
+    require(head_dim % 8 == 0, key, group, f"a model whose head_dim ({head_dim}) is a multiple of 8 (packing)")
+
+
+class PackedStore:
+    """K or V of one part of a layer: `slots` token slots per KV head, as packed codes with their float16
+    scales and zero-points (see `kvbench.quant_kernels.PackedSlots` for which parameter row a slot uses), or,
+    simulated, as the dequantized values in `dtype`."""
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        shape: tuple[int, int, int, int],
+        param_rows: int,
+        row_tokens: int,
+        lead: torch.Tensor,
+        dtype: torch.dtype,
+        simulated: bool,
+    ) -> None:
+        b, h, slots, dim = shape
+        device = lead.device
+        self.spec, self.dim, self.row_tokens, self.lead, self.simulated = spec, dim, row_tokens, lead, simulated
+        self.scale: torch.Tensor | None = None
+        self.zero: torch.Tensor | None = None
+        if simulated:
+            self.codes = torch.zeros(b, h, slots, dim, dtype=dtype, device=device)
+            return
+        self.codes = torch.zeros(b, h, slots, packed_width(dim, spec.bits), dtype=torch.uint8, device=device)
+        cols = dim // spec.group if spec.axis == "token" else dim
+        self.scale = torch.zeros(b, h, param_rows, cols, dtype=PARAM_DTYPE, device=device)
+        self.zero = torch.zeros_like(self.scale)
+
+    def _quantize(self, x: torch.Tensor, group_tokens: int):
+        group = self.spec.group if self.spec.axis == "token" else group_tokens
+        q = quantize(x, self.spec.bits, self.spec.axis, group, self.spec.clip_ratio)
+        if self.simulated:
+            return dequantize(q, self.spec.bits, self.spec.axis, group, self.codes.dtype), None, None
+        return q
+
+    def fill(self, x: torch.Tensor, group_tokens: int = 0) -> None:
+        """Prefill: tokens x [B, H, n, D] into slots [0, n), parameters into rows from 0; per-channel groups
+        of `group_tokens` tokens (0: the store's row_tokens)."""
+        n = x.shape[2]
+        if n == 0:
+            return
+        codes, scale, zero = self._quantize(x, group_tokens or self.row_tokens)
+        self.codes[:, :, :n] = codes
+        if scale is not None:
+            self.scale[:, :, : scale.shape[2]] = scale
+            self.zero[:, :, : zero.shape[2]] = zero
+
+    def write_block(
+        self, start: torch.Tensor, x: torch.Tensor, commit: torch.Tensor | None, group_tokens: int = 0
+    ) -> None:
+        """Decode: tokens x [B, H, n, D] into slots start[b] + [0, n) of each sequence b, where commit[b]
+        (None: all). Indexed assignment of `where(commit, new, old)`: static, in place under torch.compile.
+        A block that is not committed may reach past the buffer; its indices are clamped (it rewrites the
+        old values)."""
+        b, h, n, _ = x.shape
+        rows = torch.arange(b, device=x.device).view(b, 1, 1)
+        heads = torch.arange(h, device=x.device).view(1, h, 1)
+        codes, scale, zero = self._quantize(x, group_tokens or self.row_tokens)
+        slots = (start.view(b, 1, 1) + torch.arange(n, device=x.device)).clamp_max(self.codes.shape[2] - 1)
+        self._put(self.codes, (rows, heads, slots), codes, commit)
+        if scale is None:
+            return
+        if self.spec.axis == "token":
+            param_rows = slots  # one parameter row per slot
+        else:
+            first = torch.where(
+                start < self.lead, 0, 1 + torch.div(start - self.lead, self.row_tokens, rounding_mode="floor")
+            )
+            param_rows = (first.view(b, 1, 1) + torch.arange(scale.shape[2], device=x.device)).clamp_max(
+                self.scale.shape[2] - 1
+            )
+        self._put(self.scale, (rows, heads, param_rows), scale, commit)
+        self._put(self.zero, (rows, heads, param_rows), zero, commit)
+
+    @staticmethod
+    def _put(buffer: torch.Tensor, index: tuple, new: torch.Tensor, commit: torch.Tensor | None) -> None:
+        if commit is not None:
+            new = torch.where(commit.view(-1, 1, 1, 1), new, buffer[index])
+        buffer[index] = new
+
+    def slots_view(self) -> PackedSlots:
+        col_channels = self.spec.group if self.spec.axis == "token" else 1
+        return PackedSlots(self.codes, self.scale, self.zero, self.lead, self.spec.bits, self.row_tokens, col_channels)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        held = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        return {f"{prefix}.{name}": t for name, t in held.items() if t is not None}
+
+    @staticmethod
+    def cat(stores: list[PackedStore]) -> PackedStore:
+        """One store holding the sequences of `stores` as one batch."""
+        out = copy.copy(stores[0])
+        for name in ("codes", "scale", "zero", "lead"):
+            if getattr(out, name) is not None:
+                setattr(out, name, torch.cat([getattr(s, name) for s in stores]))
+        return out
+
+
+@dataclass
+class Part:
+    """A K store and a V store whose slots [0, length[b]) hold the same tokens of sequence b."""
+
+    keys: PackedStore
+    values: PackedStore
+    length: torch.Tensor  # [B]
+
+    def attend(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys.simulated:
+            positions = live_positions(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
+            return kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
+        return packed_decode_attention(query, self.keys.slots_view(), self.values.slots_view(), self.length, scale)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {**self.keys.tensors(f"{prefix}.keys"), **self.values.tensors(f"{prefix}.values")}
+
+    @staticmethod
+    def cat(parts: list[Part]) -> Part:
+        return Part(
+            PackedStore.cat([p.keys for p in parts]),
+            PackedStore.cat([p.values for p in parts]),
+            torch.cat([p.length for p in parts]),
+        )
+
+
+def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over disjoint sets of slots, each (out [B, Hq, Dv], lse [B, Hq]), as one: the outputs
+    weighted by exp(lse_i - lse), lse = logsumexp of the lse_i (-inf and a zero output where none is live)."""
+    lse = torch.logsumexp(torch.stack([piece_lse for _, piece_lse in pieces]), dim=0)
+    finite = lse.nan_to_num(neginf=0.0)
+    out = sum(torch.exp(piece_lse - finite).unsqueeze(-1) * out.float() for out, piece_lse in pieces)
+    return out.to(pieces[0][0].dtype), lse
+
+
+class QuantizedLayer(KVLayer):
+    """Every token kept: quantized in `parts` (one part here), the newest in a full-precision window
+    (see the module doc for the write/flush order and the hooks)."""
+
+    stores_positions = False
+
+    def __init__(self, spec: LayerSpec, key: QuantSpec, value: QuantSpec, window: int, storage: str) -> None:
+        super().__init__(spec, capacity=spec.prompt_len + spec.decode_len)
+        channel_groups = {s.group for s in (key, value) if s.axis == "channel"}
+        if len(channel_groups) > 1 or any(s.axis not in AXES for s in (key, value)):
+            raise ValueError(f"per-channel K and V need one group size; axes must be in {AXES}")
+        self.key_spec, self.value_spec, self.window = key, value, window
+        self.simulated = storage == "simulated"
+        self.block = channel_groups.pop() if channel_groups else 1  # tokens quantized together
+        if window < self.block - 1 or (window == 0 and self.block > 1):
+            raise ValueError(f"a window of {window} tokens cannot gather per-channel groups of {self.block}")
+        self.ring = window + 1 if window else 0  # the window's slots: `window` tokens + the one being written
+        self.parts: list[Part] = []
+        self.quantized: torch.Tensor | None = None  # [B] tokens in the stores
+        self.window_keys: torch.Tensor | None = None
+        self.window_values: torch.Tensor | None = None
+
+    # ----- hooks -----
+    def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys [B, Hkv, T, D] as they are stored (window included)."""
+        return keys
+
+    def transform_values(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def transform_query(self, query: torch.Tensor) -> torch.Tensor:
+        """A decode query [B, Hq, D] as it meets the stored keys."""
+        return query
+
+    def transform_output(self, out: torch.Tensor) -> torch.Tensor:
+        """Decode attention's output [B, Hq, Dv] over the stored values, back to the model's space."""
+        return out
+
+    def after_attention(self, query: torch.Tensor, lse: torch.Tensor) -> None:
+        """Each decode step, after attention: the transformed query and the total log-sum-exp [B, Hq]."""
+
+    # ----- prefill -----
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Only the prompt: the decode tokens go to the packed stores.
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros(b, h, self.spec.prompt_len, d)
+        self.values = value_states.new_zeros(b, h, self.spec.prompt_len, value_states.shape[-1])
+        self.is_initialized = True
+
+    def new_store(
+        self,
+        quant: QuantSpec,
+        slots: int,
+        dim: int,
+        param_rows: int = 0,
+        row_tokens: int = 0,
+        lead: torch.Tensor | int = 0,
+    ) -> PackedStore:
+        """A store for `slots` tokens of this layer; parameter rows follow `quant`'s axis unless given."""
+        b, h = self.keys.shape[:2]
+        device = self.keys.device
+        if not row_tokens:
+            row_tokens = 1 if quant.axis == "token" else quant.group
+            param_rows = slots if quant.axis == "token" else -(-slots // quant.group)
+            lead = row_tokens
+        lead = torch.as_tensor(lead, device=device).expand(b).clone()
+        return PackedStore(quant, (b, h, slots, dim), param_rows, row_tokens, lead, self.keys.dtype, self.simulated)
+
+    def quantize_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Make the stores and quantize the prompt's oldest tokens (keys/values [1, Hkv, L, D], transformed);
+        return how many: the rest stay in the window. Here: all but the newest `window` or fewer, in whole
+        blocks."""
+        filled = keys.shape[2]
+        quantized = max(0, -(-(filled - self.window) // self.block)) * self.block
+        part = Part(
+            self.new_store(self.key_spec, self.slots, keys.shape[-1]),
+            self.new_store(self.value_spec, self.slots, values.shape[-1]),
+            torch.full((keys.shape[0],), quantized, dtype=torch.long, device=keys.device),
+        )
+        part.keys.fill(keys[:, :, :quantized])
+        part.values.fill(values[:, :, :quantized])
+        self.parts = [part]
+        return quantized
+
+    def finish_prefill(self) -> None:
+        self.prefilling = False
+        filled = self.seen
+        keys = self.transform_keys(self.keys[:, :, :filled])
+        values = self.transform_values(self.values[:, :, :filled])
+        quantized = self.quantize_prompt(keys, values)
+        b, h = keys.shape[:2]
+        if self.ring:
+            self.window_keys = keys.new_zeros(b, h, self.ring, keys.shape[-1])
+            self.window_values = values.new_zeros(b, h, self.ring, values.shape[-1])
+            ring_slots = torch.arange(quantized, filled, device=keys.device) % self.ring
+            self.window_keys[:, :, ring_slots] = keys[:, :, quantized:]
+            self.window_values[:, :, ring_slots] = values[:, :, quantized:]
+        self.keys = self.values = None
+        self.seen = torch.full((b,), filled, dtype=torch.long, device=keys.device)
+        self.quantized = torch.full((b,), quantized, dtype=torch.long, device=keys.device)
+
+    # ----- decode -----
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prefilling:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[2] != 1:
+            raise RuntimeError("after prefill, tokens go through the cache one at a time")
+        keys, values = self.transform_keys(key_states), self.transform_values(value_states)
+        if not self.ring:  # no window: quantized as it is written
+            part = self.parts[0]
+            part.keys.write_block(self.seen, keys, None)
+            part.values.write_block(self.seen, values, None)
+            part.length.add_(1)
+            self.quantized.add_(1)
+            self.seen.add_(1)
+            return key_states, value_states
+        slot = (self.seen % self.ring).view(-1, 1).expand(*keys.shape[:2])
+        rows, heads = batch_head_index(slot)
+        self.window_keys[rows, heads, slot] = keys[:, :, 0]
+        self.window_values[rows, heads, slot] = values[:, :, 0]
+        self.seen.add_(1)
+        self.flush_window()
+        # transformers hands these to the attention function, which ignores them (the layer attends itself).
+        return key_states, value_states
+
+    def window_block(self, start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's tokens at positions start[b] + [0, n): keys and values [B, Hkv, n, D]."""
+        b, h, _, d = self.window_keys.shape
+        ring_slots = (start.view(b, 1) + torch.arange(n, device=start.device)) % self.ring
+        index = ring_slots.view(b, 1, n, 1).expand(b, h, n, d)
+        values_index = ring_slots.view(b, 1, n, 1).expand(b, h, n, self.window_values.shape[-1])
+        return self.window_keys.gather(2, index), self.window_values.gather(2, values_index)
+
+    def flush_window(self) -> None:
+        """Once the window holds more than `window` tokens, quantize its oldest block into the store."""
+        due = self.seen - self.quantized > self.window
+        keys, values = self.window_block(self.quantized, self.block)
+        part = self.parts[0]
+        part.keys.write_block(part.length, keys, due)
+        part.values.write_block(part.length, values, due)
+        part.length.add_(due * self.block)
+        self.quantized.add_(due * self.block)
+
+    def window_positions(self) -> torch.Tensor:
+        """[B, Hkv, ring]: each window slot's position, -1 where not live (already quantized, or never written)."""
+        last = (self.seen - 1).view(-1, 1)
+        position = last - (last - torch.arange(self.ring, device=last.device)) % self.ring
+        live = position >= self.quantized.view(-1, 1)
+        return position.masked_fill(~live, -1).unsqueeze(1).expand(-1, self.window_keys.shape[1], -1)
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        if self.prefilling:
+            return super().attend(query, keys, values, scaling)
+        q = self.transform_query(query[:, :, 0])
+        pieces = [part.attend(q, scaling) for part in self.parts]
+        if self.ring:
+            positions = self.window_positions()
+            pieces.append(kernels.decode_attention(q, self.window_keys, self.window_values, positions, scaling))
+        out, lse = merge_attention(pieces)
+        self.after_attention(q, lse)
+        return self.transform_output(out).unsqueeze(1)
+
+    # ----- transformers, batching, accounting -----
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prefilling:
+            return super().get_mask_sizes(query_length)
+        return self.slots, 0
+
+    def decode_state(self) -> dict[str, torch.Tensor]:
+        state = {"seen": self.seen, "quantized": self.quantized}
+        if self.ring:
+            state.update(window_keys=self.window_keys, window_values=self.window_values)
+        return state
+
+    @classmethod
+    def stack(cls, layers: list[KVLayer]) -> KVLayer:
+        stacked = super().stack(layers)
+        stacked.parts = [Part.cat([layer.parts[i] for layer in layers]) for i in range(len(layers[0].parts))]
+        return stacked
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self.prefilling:
+            return super().tensors()
+        held = {}
+        for i, part in enumerate(self.parts):
+            held.update(part.tensors(f"part{i}"))
+        if self.ring:
+            held.update(window_keys=self.window_keys, window_values=self.window_values)
+        return held

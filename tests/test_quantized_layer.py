@@ -1,0 +1,339 @@
+"""kvbench.quant_kernels and kvbench.quantized_layer: the packed decode kernel against its reference (under
+Triton's interpreter, in a subprocess as in tests/test_kernels.py), and the layer's storage, flush schedule,
+byte count, hooks and batching against plain-PyTorch expectations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvbench import kernels, quant_kernels
+from kvbench.cache import LayerSpec, ModelSpec
+from kvbench.quant import dequantize, fake_quantize, quantize
+from kvbench.quant_kernels import PackedSlots, packed_decode_attention, packed_decode_attention_reference
+from kvbench.quantized_layer import QuantizedLayer, QuantSpec
+from tests.conftest import run_under_triton_interpreter
+
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
+LSE_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
+
+# name: (batch, kv heads, group, slots, head dim, key layout, value layout, dtype). A layout is
+# (bits, row_tokens, col_channels, lead): "lead" None means lead = row_tokens (per-token / per-channel
+# groups), a number is ZipCache's first row for a prompt set (different per sequence: lead + 7 * b).
+CASES = {
+    "kivi2_fp32": (2, 2, 4, 200, 64, (2, 32, 1, None), (2, 1, 32, None), "float32"),
+    "kivi4_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
+    "three_bits_fp16": (3, 1, 3, 333, 64, (3, 1, 64, None), (3, 1, 16, None), "float16"),
+    "eight_bits_mha": (2, 4, 1, 130, 32, (8, 1, 32, None), (8, 1, 32, None), "float32"),
+    "gqa8_many_splits": (1, 1, 8, 777, 64, (3, 32, 1, None), (4, 1, 32, None), "float32"),
+    "zipcache_sets": (2, 2, 2, 520, 64, (4, 24, 1, 101), (2, 1, 64, None), "float32"),
+}
+
+
+def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator) -> PackedSlots:
+    """Random bytes and random float16 parameters in the given layout: every byte pattern and row/column
+    mapping is exercised without going through `quantize`."""
+    bits, row_tokens, col_channels, lead = layout
+    lead = torch.full((b,), row_tokens) if lead is None else lead + 7 * torch.arange(b)
+    rows = int(quant_kernels.slot_rows(s, lead, row_tokens).max()) + 1
+    codes = torch.randint(0, 256, (b, h, s, d * bits // 8), dtype=torch.uint8, generator=gen)
+    scale = (torch.rand(b, h, rows, d // col_channels, generator=gen) * 0.3 + 0.02).half()
+    zero = torch.randn(b, h, rows, d // col_channels, generator=gen).half()
+    return PackedSlots(codes, scale, zero, lead, bits, row_tokens, col_channels)
+
+
+def _case_inputs(name: str, seed: int) -> dict:
+    b, hkv, group, s, d, k_layout, v_layout, dtype = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    keys = _layout(b, hkv, s, d, k_layout, gen)
+    values = _layout(b, hkv, s, d, v_layout, gen)
+    lengths = torch.randint(1, s, (b,), generator=gen)
+    lengths[0] = s  # every slot live
+    if b > 2:
+        lengths[-1] = 0  # no slot live
+    query = torch.randn(b, hkv * group, d, generator=gen).to(getattr(torch, dtype))
+    return {"query": query, "keys": keys, "values": values, "lengths": lengths, "scale": 2 * d**-0.5}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _measure(name: str) -> dict:
+    x = _case_inputs(name, seed=len(name))
+    args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
+    ref_out, ref_lse = packed_decode_attention_reference(*args)
+    out, lse = packed_decode_attention(*args)
+    group = x["query"].shape[1] // x["keys"].codes.shape[1]
+    live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
+    finite = torch.isfinite(ref_lse)
+    b, hkv, s = x["keys"].codes.shape[:3]
+    return {
+        "dtype": str(x["query"].dtype).removeprefix("torch."),
+        "out_dtype_ok": out.dtype == x["query"].dtype and lse.dtype == torch.float32,
+        "nan": bool(out.isnan().any() or lse.isnan().any()),
+        "out_rel": _rel(out[live], ref_out[live]),
+        "lse_rel": _rel(lse[finite], ref_lse[finite]),
+        "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))),
+        "dead_rows": int((~live).sum()),
+        "dead_out_zero": bool((out[~live] == 0).all()),
+        "splits": kernels._split_plan(b * hkv, s, 4)[0],
+        "group": group,
+    }
+
+
+def _worker() -> None:
+    assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
+    print(json.dumps({name: _measure(name) for name in CASES}))
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    return run_under_triton_interpreter(Path(__file__))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
+    m = interpreted[name]
+    assert m["out_dtype_ok"] and not m["nan"], m
+    assert m["out_rel"] < TOLERANCE[m["dtype"]], m
+    assert m["lse_rel"] < LSE_TOLERANCE[m["dtype"]], m
+    assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
+
+
+def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
+    assert min(m["splits"] for m in interpreted.values()) == 1
+    assert max(m["splits"] for m in interpreted.values()) > 4
+    assert sum(m["dead_rows"] for m in interpreted.values()) > 0
+
+
+def test_reference_reads_the_packed_layout() -> None:
+    """The reference (which the kernel is held to) against `kvbench.quant`: packed slots made by `quantize`
+    dequantize to `dequantize`'s values, and attention over them is plain attention over those values."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 64, 32, generator=gen)
+    k, v = quantize(x, 4, "channel", 16), quantize(x.flip(2), 3, "token", 8)
+    lead = torch.tensor([16, 16])
+    keys = PackedSlots(*k, lead, 4, 16, 1)
+    values = PackedSlots(*v, torch.tensor([1, 1]), 3, 1, 8)
+    assert torch.equal(quant_kernels.dequantize_slots(keys), dequantize(k, 4, "channel", 16))
+    assert torch.equal(quant_kernels.dequantize_slots(values), dequantize(v, 3, "token", 8))
+    query = torch.randn(2, 4, 32, generator=gen)
+    lengths = torch.tensor([64, 20])
+    out, lse = packed_decode_attention_reference(query, keys, values, lengths, 0.2)
+    positions = quant_kernels.live_positions(lengths, 64, 2)
+    dense = kernels.decode_attention_reference(
+        query, dequantize(k, 4, "channel", 16), dequantize(v, 3, "token", 8), positions, 0.2
+    )
+    assert torch.equal(out, dense[0]) and torch.equal(lse, dense[1])
+
+
+def test_cpu_op_runs_the_reference_and_compiles_whole() -> None:
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: CPU tensors go to the interpreted kernel")
+    x = _case_inputs("zipcache_sets", seed=1)
+    args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
+    out, lse = packed_decode_attention(*args)
+    ref_out, ref_lse = packed_decode_attention_reference(*args)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+    def step(query, keys, values, lengths):
+        return packed_decode_attention(query, keys, values, lengths, x["scale"])
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args[:4])
+    assert torch.equal(compiled[0], out) and torch.equal(compiled[1], lse)
+
+
+@pytest.mark.parametrize(("dtype", "bits"), [("bf16", 4), ("bf16", 3), ("fp32", 2)])
+def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int) -> None:
+    """Lowered for sm_90 with Triton's bundled ptxas (no GPU needed): catches what the interpreter cannot."""
+    pytest.importorskip("triton.backends.nvidia")
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = quant_kernels._packed_split_kernel
+    pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
+    pointers |= {name: "*u8" for name in ("kc_ptr", "vc_ptr")} | {
+        name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")
+    }
+    pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
+    constexprs = {
+        "K_BITS": bits, "K_ROW_TOKENS": 32, "K_COL_CHANNELS": 1, "V_BITS": bits, "V_ROW_TOKENS": 1,
+        "V_COL_CHANNELS": 32, "BLOCK_G": 16, "BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "BLOCK_DV": 128,
+        "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+    }  # fmt: skip
+    signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    assert compiled.asm["cubin"]
+
+
+# ----- the layer -----
+MODEL = ModelSpec("test", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=32, max_positions=4096)
+SCALE = 0.3
+
+
+def _layer(prompt: int, decode: int, key: QuantSpec, value: QuantSpec, window: int, storage: str = "packed",
+           layer_cls: type = QuantizedLayer) -> QuantizedLayer:  # fmt: skip
+    return layer_cls(LayerSpec(0, MODEL, 1, prompt, decode), key, value, window, storage)
+
+
+def _sequence(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 2, tokens, 32, generator=gen) * (1 + 4 * torch.rand(1, 1, 1, 32, generator=gen))
+    values = torch.randn(1, 2, tokens, 32, generator=gen)
+    queries = torch.randn(1, 4, tokens, 32, generator=gen)
+    return keys, values, queries
+
+
+def _run(layer: QuantizedLayer, keys, values, queries, prompt: int, chunk: int = 40) -> list[torch.Tensor]:
+    """Prefill `prompt` tokens in chunks, then decode the rest; decode outputs [B, Hq, D] per step."""
+    for start in range(0, prompt, chunk):
+        stop = min(start + chunk, prompt)
+        layer.update(keys[:, :, start:stop], values[:, :, start:stop])
+    layer.finish_prefill()
+    outs = []
+    for t in range(prompt, keys.shape[2]):
+        layer.update(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        outs.append(layer.attend(queries[:, :, t : t + 1], None, None, SCALE)[:, 0])
+    return outs
+
+
+def _expected(keys, values, queries, t: int, quantized: int, key: QuantSpec, value: QuantSpec) -> torch.Tensor:
+    """Attention of query t over tokens [0, t]: the first `quantized` fake-quantized (groups counted from
+    position 0), the rest as written."""
+    k, v = keys[:, :, : t + 1].clone(), values[:, :, : t + 1].clone()
+    k[:, :, :quantized] = fake_quantize(k[:, :, :quantized], key.bits, key.axis, key.group)
+    v[:, :, :quantized] = fake_quantize(v[:, :, :quantized], value.bits, value.axis, value.group)
+    positions = torch.arange(t + 1).expand(1, 2, t + 1)
+    return kernels.decode_attention_reference(queries[:, :, t], k, v, positions, SCALE)[0]
+
+
+KIVI_LIKE = (QuantSpec(2, "channel", 16), QuantSpec(2, "token", 16))
+PER_TOKEN = (QuantSpec(4, "token", 32), QuantSpec(3, "token", 8))
+
+
+@pytest.mark.parametrize(("specs", "window"), [(KIVI_LIKE, 48), (KIVI_LIKE, 16), (PER_TOKEN, 5), (PER_TOKEN, 0)])
+@pytest.mark.parametrize("prompt", [30, 100])
+def test_decode_sees_quantized_old_tokens_and_a_full_precision_window(specs, window: int, prompt: int) -> None:
+    """Each decode step attends over: every token older than the window, quantized in whole blocks (a
+    per-channel group needs all its tokens), and at most `window` newest tokens in full precision, never
+    fewer than window - block + 1 once that many exist."""
+    key, value = specs
+    block = key.group if key.axis == "channel" else 1
+    keys, values, queries = _sequence(prompt + 70, seed=prompt + window)
+    layer = _layer(prompt, 70, key, value, window)
+    outs = _run(layer, keys, values, queries, prompt)
+    quantized_counts = set()
+    for i, out in enumerate(outs):
+        t = prompt + i
+        # The schedule: the oldest whole blocks go once more than `window` tokens are in full precision.
+        quantized = max(0, -(-(t + 1 - window) // block)) * block
+        assert torch.allclose(out, _expected(keys, values, queries, t, quantized, key, value), atol=1e-5), (
+            t,
+            quantized,
+        )
+        quantized_counts.add(quantized)
+    assert int(layer.quantized) == quantized
+    assert len(quantized_counts) > 3  # blocks were flushed during decode
+
+
+@pytest.mark.parametrize(("specs", "window"), [(KIVI_LIKE, 48), (PER_TOKEN, 0)])
+def test_measured_bytes_are_codes_plus_parameters_plus_window(specs, window: int) -> None:
+    key, value = specs
+    prompt, decode = 100, 30
+    keys, values, queries = _sequence(prompt + decode, seed=3)
+    layer = _layer(prompt, decode, key, value, window)
+    _run(layer, keys, values, queries, prompt)
+    slots = 192  # 130 tokens, buffers aligned to 64 slots
+    b, h, d = 1, 2, 32
+
+    def store_bytes(q: QuantSpec) -> int:
+        codes = slots * d * q.bits // 8
+        groups = slots * d // q.group  # one float16 scale and zero-point each
+        return b * h * (codes + groups * 2 * 2)
+
+    window_bytes = b * h * (window + 1) * d * 4 * 2 if window else 0  # keys + values, float32
+    held = layer.tensors()
+    assert sum(t.numel() * t.element_size() for t in held.values()) == (
+        store_bytes(key) + store_bytes(value) + window_bytes
+    )
+    assert {t.dtype for name, t in held.items() if "codes" in name} == {torch.uint8}
+    assert {t.dtype for name, t in held.items() if "scale" in name or "zero" in name} == {torch.float16}
+
+
+def test_simulated_storage_gives_the_packed_outputs_in_float_buffers() -> None:
+    key, value = KIVI_LIKE
+    keys, values, queries = _sequence(160, seed=5)
+    packed = _run(_layer(100, 60, key, value, 32), keys, values, queries, 100)
+    simulated_layer = _layer(100, 60, key, value, 32, storage="simulated")
+    simulated = _run(simulated_layer, keys, values, queries, 100)
+    for a, b in zip(packed, simulated, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert {t.dtype for t in simulated_layer.tensors().values()} == {torch.float32}
+
+
+class ScaledValues(QuantizedLayer):
+    """Stores values times 4 and keys times 2 (exact in float), undoing both around attention."""
+
+    def transform_keys(self, keys):
+        return keys * 2
+
+    def transform_values(self, values):
+        return values * 4
+
+    def transform_query(self, query):
+        return query / 2
+
+    def transform_output(self, out):
+        return out / 4
+
+
+def test_hooks_transform_what_is_stored_and_undo_it_around_attention() -> None:
+    key, value = KIVI_LIKE
+    keys, values, queries = _sequence(120, seed=7)
+    plain = _run(_layer(80, 40, key, value, 32), keys, values, queries, 80)
+    scaled_layer = _layer(80, 40, key, value, 32, layer_cls=ScaledValues)
+    scaled = _run(scaled_layer, keys, values, queries, 80)
+    for a, b in zip(plain, scaled, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    stored = dequantize(
+        quantize(values[:, :, :16] * 4, value.bits, value.axis, value.group), value.bits, value.axis, value.group
+    )
+    assert torch.equal(quant_kernels.dequantize_slots(scaled_layer.parts[0].values.slots_view())[:, :, :16], stored)
+
+
+def test_stacked_layers_decode_each_sequence_as_alone() -> None:
+    """Sequences of different prompt lengths in one batch: each one's flush schedule and window are its own."""
+    key, value = KIVI_LIKE
+    prompts, decode = (100, 61), 25
+    sequences = [_sequence(p + decode, seed=p) for p in prompts]
+    alone = [_run(_layer(100, decode, key, value, 32), *s, p) for s, p in zip(sequences, prompts, strict=True)]
+    layers = []
+    for (keys, values, _), p in zip(sequences, prompts, strict=True):
+        layer = _layer(100, decode, key, value, 32)
+        layer.update(keys[:, :, :p], values[:, :, :p])
+        layer.finish_prefill()
+        layers.append(layer)
+    stacked = QuantizedLayer.stack(layers)
+    for i in range(decode):
+        k = torch.cat([s[0][:, :, p + i : p + i + 1] for s, p in zip(sequences, prompts, strict=True)])
+        v = torch.cat([s[1][:, :, p + i : p + i + 1] for s, p in zip(sequences, prompts, strict=True)])
+        q = torch.cat([s[2][:, :, p + i : p + i + 1] for s, p in zip(sequences, prompts, strict=True)])
+        stacked.update(k, v)
+        out = stacked.attend(q, None, None, SCALE)[:, 0]
+        for row in range(2):
+            assert torch.allclose(out[row], alone[row][i][0], atol=1e-5), (row, i)
+
+
+if __name__ == "__main__":
+    _worker()
