@@ -1,0 +1,187 @@
+"""Compression during long generation: SnapStream, Scissorhands, H2O, StreamingLLM and SnapKV at equal budgets.
+
+On the embedded SmolLM2-135M-Instruct (CPU): chain-of-thought generation on GSM8K and AIME 2024 (short
+prompts, a few hundred generated tokens, so the budgets are well below what the model generates and
+compression happens while it generates) and passkey retrieval (a long prompt, a short answer), each
+method at every budget plus the full cache. Every run goes through the harness's own runner
+(`kvbench.run.run`, as `python -m kvbench` does), so each number comes from a real record under
+`--results-dir`; a rerun skips complete runs. The summary (accuracy, measured KV bytes, decode time per
+step, agreement with the full cache's generation, sample counts) goes to `--out`.
+
+Agreement with the full cache: for each sample, the share of the full cache's generated text that the
+method reproduces before its first differing character, averaged over samples; and the share of samples
+whose extracted answer equals the full cache's. On a model this small the task accuracies are near zero,
+so agreement is what shows how much each budget changes the generation.
+
+    nice -n 10 python benchmarks/long_generation.py                     # the defaults below, ~30-60 min CPU
+    python benchmarks/long_generation.py --tasks passkey --budgets 64   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from kvbench.records import PREDICTIONS, environment, git_commit, read_record, write_json_atomic
+from kvbench.run import run
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+OUT = Path(__file__).resolve().parent / "results" / "long_generation.json"
+METHODS = ("snapstream", "scissorhands", "h2o", "streamingllm", "snapkv")
+TASKS = ("gsm8k", "aime", "passkey")
+
+
+def task_overrides(task: str, args: argparse.Namespace) -> tuple[list[str], int]:
+    """Hydra overrides of one task, and the decode batch (every sample of the task decodes together)."""
+    if task == "gsm8k":
+        data = f"task.data_dir={args.data / 'gsm8k'}"
+        return ["task=gsm8k", data, f"task.limit={args.gsm8k}", f"task.max_new_tokens={args.new_tokens}"], args.gsm8k
+    if task == "aime":
+        data = f"task.data_dir={args.data / 'aime'}"
+        return ["task=aime24", data, f"task.limit={args.aime}", f"task.max_new_tokens={args.new_tokens}"], args.aime
+    depths = [round((i + 0.5) / args.passkey, 4) for i in range(args.passkey)]
+    overrides = ["task=passkey", f"task.context_lengths=[{args.passkey_context}]", f"task.depths={depths}"]
+    return overrides, args.passkey
+
+
+def runs(args: argparse.Namespace) -> list[tuple[str, str, int | None, list[str]]]:
+    """(task, method, budget, overrides) of every run: the full cache once, each method at each budget."""
+    planned = []
+    for task in args.tasks:
+        overrides, batch = task_overrides(task, args)
+        common = [*overrides, f"kvbench.batch_size={batch}", f"kvbench.results_dir={args.results_dir}"]
+        planned.append((task, "full", None, ["method=full", *common]))
+        for budget in args.budgets:
+            for method in METHODS:
+                planned.append((task, method, budget, [f"method={method}", f"method.budget={budget}", *common]))
+    return planned
+
+
+def predictions(directory: Path) -> dict[str, dict[str, Any]]:
+    with open(directory / PREDICTIONS) as handle:
+        return {row["id"]: row for row in map(json.loads, handle)}
+
+
+def answer_of(row: dict[str, Any]) -> Any:
+    """The row's extracted answer; passkey rows have none, so the first number generated (what it scores)."""
+    if "answer" in row:
+        return row["answer"]
+    found = re.search(r"\d+", row["prediction"])
+    return found.group(0) if found else None
+
+
+def agreement(rows: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """How much of the full cache's generation each sample reproduces (see the module's docstring)."""
+    prefix_shares, same_answers = [], []
+    for sample_id, row in rows.items():
+        reference = full[sample_id]
+        expected, got = reference["prediction"], row["prediction"]
+        differs = (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b)
+        common = next(differs, min(len(expected), len(got)))
+        prefix_shares.append(common / len(expected) if expected else float(not got))
+        same_answers.append(float(answer_of(row) == answer_of(reference)))
+    return {
+        "text_prefix_agreement": sum(prefix_shares) / len(prefix_shares),
+        "answer_agreement": sum(same_answers) / len(same_answers),
+    }
+
+
+def summarize(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run from its record and predictions, with agreement against the same task's full run."""
+    full_rows = {entry["task"]: predictions(entry["directory"]) for entry in done if entry["method"] == "full"}
+    summary = []
+    for entry in done:
+        record = read_record(entry["directory"])
+        row: dict[str, Any] = {
+            "task": entry["task"],
+            "method": entry["method"],
+            "budget": entry["budget"],
+            "status": record["status"],
+            "run_directory": str(entry["directory"]),
+        }
+        if record["status"] == "ok":
+            m = record["measurements"]
+            row.update(
+                samples=m["samples"],
+                primary_metric=record["primary_metric"],
+                metrics=record["metrics"],
+                kv_bytes_device=m["kv_bytes_device"],
+                kv_bytes_device_peak=m["kv_bytes_device_peak"],
+                dense_kv_bytes=m["dense_kv_bytes"],
+                compression_ratio=m["compression_ratio"],
+                decode_ms_per_step=m["decode_ms_per_token"],
+                decode_batch=m["batch_size_max"],
+                prompt_tokens_mean=m["prompt_tokens_mean"],
+                prefill_s_mean=m["prefill_s_mean"],
+                method_params=record["method_params"],
+                commit=record["environment"].get("git_commit"),
+            )
+            if entry["task"] in full_rows:
+                row.update(agreement(predictions(entry["directory"]), full_rows[entry["task"]]))
+        summary.append(row)
+    return summary
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | method | budget | samples | metric | agreement (text / answer) | KV MiB (measured) | compression"
+        " | decode ms/step (batch) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        if row["status"] != "ok":
+            lines.append(f"| {row['task']} | {row['method']} | {row['budget']} | {row['status']} ||||||")
+            continue
+        metric = f"{row['primary_metric']} {row['metrics'][row['primary_metric']]:.1f}"
+        agreed = f"{row.get('text_prefix_agreement', 1.0):.2f} / {row.get('answer_agreement', 1.0):.2f}"
+        lines.append(
+            f"| {row['task']} | {row['method']} | {row['budget'] or '-'} | {row['samples']} | {metric} | {agreed} "
+            f"| {row['kv_bytes_device'] / 2**20:.2f} | {row['compression_ratio']:.2f}x "
+            f"| {row['decode_ms_per_step']:.0f} ({row['decode_batch']}) |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--budgets", type=int, nargs="+", default=[40, 80, 120], help="tokens per layer and KV head")
+    parser.add_argument("--new-tokens", type=int, default=160, help="generated tokens at most (GSM8K, AIME)")
+    parser.add_argument("--gsm8k", type=int, default=4, help="GSM8K problems (the first N of the test split)")
+    parser.add_argument("--aime", type=int, default=2, help="AIME 2024 problems (the first N)")
+    parser.add_argument("--passkey", type=int, default=4, help="passkey depths (one prompt each)")
+    parser.add_argument("--passkey-context", type=int, default=1024, help="passkey prompt tokens")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "results" / "long_generation")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+
+    began = time.perf_counter()
+    done: list[dict[str, Any]] = []
+    env = environment(torch.device("cpu"))
+    env["git_commit"] = git_commit()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        for task, method, budget, overrides in runs(args):
+            directory = run(compose(config_name="config", overrides=overrides))
+            done.append({"task": task, "method": method, "budget": budget, "directory": directory})
+            summary = summarize(done)
+            record = {"benchmark": "long_generation", "complete": False, "environment": env, "settings": settings}
+            record.update(summary=summary, wall_s=time.perf_counter() - began)
+            write_json_atomic(args.out, record)  # after every run: an interrupted benchmark keeps its results
+    record["complete"] = True
+    write_json_atomic(args.out, record)
+    print(table(record["summary"]))
+    print(f"wrote {args.out} in {record['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
