@@ -162,11 +162,12 @@ class ScissorhandsLayer(KVLayer):
         if filled < self.method.budget:
             return None
         # The prompt filled the budget: compress once, as Alg. 1 would have, to budget - drop tokens.
-        recent = filled - self.method.recent_window  # the first recent position: never dropped
-        key = drop_key(unimportant[..., :recent].sum(dim=2), torch.arange(recent, device=self.keys.device))
+        first_recent = filled - self.method.recent_window  # from here on, never dropped
+        counts = unimportant[..., :first_recent].sum(dim=2)
+        key = drop_key(counts, torch.arange(first_recent, device=self.keys.device))
         kept_older = self.method.budget - self.method.drop - self.method.recent_window
         older = (-key).topk(kept_older, dim=-1).indices.sort(dim=-1).values  # the lowest keys stay
-        newest = torch.arange(recent, filled, device=older.device).expand(*older.shape[:2], -1)
+        newest = torch.arange(first_recent, filled, device=older.device).expand(*older.shape[:2], -1)
         return torch.cat([older, newest], dim=-1)
 
     def compact_state(self, keep: torch.Tensor | None, filled: int) -> None:
