@@ -311,8 +311,17 @@ class KVCache(Cache):
 
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
-        """One cache decoding the sequences of `caches` (each finished its prefill) as one batch."""
-        return cls([type(layers[0]).stack(list(layers)) for layers in zip(*(c.layers for c in caches), strict=True)])
+        """One cache decoding the sequences of `caches` (each finished its prefill) as one batch.
+
+        Layer by layer, each sequence's copy of a layer is dropped from its cache once stacked, so the
+        memory peak is the batch's cache plus one layer, not twice the cache; `caches` end empty.
+        """
+        stacked = []
+        for idx in range(len(caches[0].layers)):
+            stacked.append(type(caches[0].layers[idx]).stack([cache.layers[idx] for cache in caches]))
+            for cache in caches:
+                cache.layers[idx] = None
+        return cls(stacked)
 
     def kv_bytes(self) -> tuple[int, int]:
         """(device bytes, host bytes) of every tensor the cache holds, counted from the tensors.

@@ -7,6 +7,11 @@ memory allocated by `cudaHostAlloc` (PyTorch's pinned memory) is directly readab
 kernels at its host address, so two small Triton kernels move the bytes themselves: masked, so rows that
 need no copy move nothing over PCIe, with static grids and no host sync.
 
+The kernels are launched from opaque `torch.library` operators (`kvbench::write_rows`,
+`kvbench::gather_rows`) that mutate their destination in place. Inductor would otherwise compile a
+user-defined Triton kernel itself, for the device of its first tensor argument: the host buffer, a CPU
+tensor, for which Triton has no backend.
+
 Elsewhere (CPU runs, no Triton) the same functions are plain `torch` ops on same-device tensors.
 """
 
@@ -43,7 +48,7 @@ def write_rows(
     `through_kernels`: `uses_kernels(host, source)`, decided once by a caller inside a compiled step
     (`torch.compile` cannot trace `is_pinned`); None decides here.
     """
-    b, h, _, d = source.shape
+    b = source.shape[0]
     if through_kernels is None:
         through_kernels = uses_kernels(host, source)
     if not through_kernels:
@@ -51,10 +56,7 @@ def write_rows(
         batch = torch.arange(b, device=host.device)  # with rows [B]: one (sequence, row) pair each
         host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
         return
-    _write_rows_kernel[(b * h,)](
-        host, rows, source, h, host.stride(0), host.stride(1), host.stride(2),
-        source.stride(0), source.stride(1), D=d, BLOCK_D=triton.next_power_of_2(d),
-    )  # fmt: skip
+    torch.ops.kvbench.write_rows(host, rows, source)
 
 
 def gather_rows(
@@ -70,8 +72,7 @@ def gather_rows(
     host [B, H, N, D], target [B, H, S, D] on the device; rows [B, H, M] int64; take [B, H, M] bool.
     `through_kernels` as in `write_rows`.
     """
-    b, h, m = source_rows.shape
-    d = target.shape[-1]
+    b, h = source_rows.shape[:2]
     if through_kernels is None:
         through_kernels = uses_kernels(host, target)
     if not through_kernels:
@@ -81,16 +82,49 @@ def gather_rows(
         current = target[batch, heads, target_rows]
         target[batch, heads, target_rows] = torch.where(take.unsqueeze(-1), fetched, current)
         return
-    block_m = 16
-    grid = (b * h, triton.cdiv(m, block_m))
-    _gather_rows_kernel[grid](
-        host, target, source_rows, target_rows, take, h, m,
-        host.stride(0), host.stride(1), host.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        source_rows.stride(0), source_rows.stride(1), D=d, BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(d),
-    )  # fmt: skip
+    torch.ops.kvbench.gather_rows(host, target, source_rows, target_rows, take)
 
 
 if triton is not None:
+
+    @torch.library.custom_op("kvbench::write_rows", mutates_args=("host",))
+    def _write_rows_op(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+        b, h, _, d = source.shape
+        _write_rows_kernel[(b * h,)](
+            host, rows, source, h, host.stride(0), host.stride(1), host.stride(2),
+            source.stride(0), source.stride(1), D=d, BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
+
+    @_write_rows_op.register_fake
+    def _(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+        return None
+
+    @torch.library.custom_op("kvbench::gather_rows", mutates_args=("target",))
+    def _gather_rows_op(
+        host: torch.Tensor,
+        target: torch.Tensor,
+        source_rows: torch.Tensor,
+        target_rows: torch.Tensor,
+        take: torch.Tensor,
+    ) -> None:
+        b, h, m = source_rows.shape
+        block_m = 16
+        _gather_rows_kernel[(b * h, triton.cdiv(m, block_m))](
+            host, target, source_rows, target_rows, take, h, m,
+            host.stride(0), host.stride(1), host.stride(2), target.stride(0), target.stride(1), target.stride(2),
+            source_rows.stride(0), source_rows.stride(1),
+            D=target.shape[-1], BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(target.shape[-1]),
+        )  # fmt: skip
+
+    @_gather_rows_op.register_fake
+    def _(
+        host: torch.Tensor,
+        target: torch.Tensor,
+        source_rows: torch.Tensor,
+        target_rows: torch.Tensor,
+        take: torch.Tensor,
+    ) -> None:
+        return None
 
     @triton.jit
     def _write_rows_kernel(

@@ -44,7 +44,22 @@ def _interpreted_checks() -> dict:
                 if take[i, j, k]:
                     reference[i, j, target_rows[i, j, k]] = host[i, j, source_rows[i, j, k]]
     untouched = torch.equal(target.isnan(), reference.isnan())
+
+    # Compiled as a decode step is: the copies stay in place on the caller's buffers.
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(host, rows, source, target, source_rows, target_rows, take):
+        host_pages.write_rows(host, rows, source, through_kernels=True)
+        host_pages.gather_rows(host, target, source_rows, target_rows, take, through_kernels=True)
+
+    compiled_host, compiled_target = expected.clone(), torch.full_like(target, float("nan"))
+    step(compiled_host, rows + 1, source, compiled_target, source_rows, target_rows, take)
+    compiled_expected = expected.clone()
+    compiled_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
+    compiled_reference = torch.full_like(target, float("nan"))
+    host_pages.gather_rows(compiled_expected, compiled_reference, source_rows, target_rows, take)
     return {
+        "compiled_equal": torch.equal(compiled_host, compiled_expected)
+        and torch.equal(compiled_target.nan_to_num(), compiled_reference.nan_to_num()),
         "write_rows_equal": torch.equal(host, expected),
         "gather_rows_equal": untouched and torch.equal(target.nan_to_num(), reference.nan_to_num()),
         "gather_rows_untaken_untouched": untouched,
@@ -59,6 +74,12 @@ def interpreted() -> dict:
 
 def test_write_rows_writes_each_sequences_row(interpreted: dict) -> None:
     assert interpreted["write_rows_equal"]
+
+
+def test_compiled_copies_write_the_callers_buffers(interpreted: dict) -> None:
+    """Inside `torch.compile(fullgraph=True)` (as in the compiled decode step) the copies trace, compile and
+    land in the buffers passed in."""
+    assert interpreted["compiled_equal"]
 
 
 def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict) -> None:

@@ -1,0 +1,38 @@
+"""The cache container: batching finished prefills into one decode batch."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+
+from kvbench.cache import KVCache, ModelSpec
+from kvbench.methods.full import Full
+
+MODEL = ModelSpec("test", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, max_positions=256)
+
+
+def prefilled(prompt_len: int, seed: int) -> KVCache:
+    cache = Full().make_cache(MODEL, prompt_len, decode_len=4)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in cache.layers:
+        keys = torch.randn(1, 2, prompt_len, 8, generator=generator)
+        layer.update(keys, keys + 1)
+    cache.finish_prefill()
+    return cache
+
+
+def test_stack_frees_each_sequences_layers_as_it_goes():
+    """Stacking must not hold every sequence's cache and the batch's at once (twice the KV: a 4 x 30k
+    batch of a 7B MHA model then no longer fits an 80 GB GPU); each sequence's layer is released once
+    stacked."""
+    caches = [prefilled(16, seed) for seed in range(3)]
+    expected = [torch.cat([c.layers[i].keys for c in caches]) for i in range(3)]
+    first_layers = [weakref.ref(c.layers[0]) for c in caches]
+    stacked = KVCache.stack(caches)
+    gc.collect()
+    assert all(ref() is None for ref in first_layers)
+    for i, layer in enumerate(stacked.layers):
+        assert torch.equal(layer.keys, expected[i])
+        assert layer.seen.tolist() == [16, 16, 16]
