@@ -51,10 +51,11 @@ def slot_rows(slots: int, lead: torch.Tensor, row_tokens: int) -> torch.Tensor:
 
 
 def dequantize_slots(packed: PackedSlots, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Every slot's values [B, Hkv, S, D] (float32 math), live or not."""
+    """Every slot's values [B, Hkv, S, D] (float32 math); those of slots that are not live are meaningless."""
     codes = unpack(packed.codes, packed.bits).float()
     b, h, s = codes.shape[:3]
-    rows = slot_rows(s, packed.lead, packed.row_tokens).view(b, 1, s, 1)
+    # Slots past the last parameter row are never live; clamped so that they read some row.
+    rows = slot_rows(s, packed.lead, packed.row_tokens).clamp_max(packed.scale.shape[2] - 1).view(b, 1, s, 1)
 
     def per_slot(param: torch.Tensor) -> torch.Tensor:
         per_row = param.float().gather(2, rows.expand(b, h, s, param.shape[-1]))

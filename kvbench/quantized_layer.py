@@ -10,7 +10,8 @@ API for methods (KIVI, ZipCache and QuaRot build on it):
   decode tokens). A subclass may override these hooks (identity by default):
   `transform_keys(k [B, Hkv, T, D])` and `transform_values(v)` before anything is stored (window included),
   `transform_query(q [B, Hq, D])` before decode attention and `transform_output(out [B, Hq, Dv])` after it;
-  `quantize_prompt(keys, values)` to place the prompt differently, and `after_attention(query, lse)` to act
+  `quantize_prompt(keys, values)` to place the prompt differently, `flush_window()` to change when the window
+  is quantized, and `after_attention(query, lse, scaling)` to act
   on each decode step's attention (ZipCache).
 - `tensors()` lists exactly what is held after prefill: codes, scales, zero-points and window, so the
   measured bytes are codes + parameters + window.
@@ -258,8 +259,9 @@ class QuantizedLayer(KVLayer):
         """Decode attention's output [B, Hq, Dv] over the stored values, back to the model's space."""
         return out
 
-    def after_attention(self, query: torch.Tensor, lse: torch.Tensor) -> None:
-        """Each decode step, after attention: the transformed query and the total log-sum-exp [B, Hq]."""
+    def after_attention(self, query: torch.Tensor, lse: torch.Tensor, scaling: float) -> None:
+        """Each decode step, after attention: the transformed query, the total log-sum-exp [B, Hq] and the
+        attention scale."""
 
     # ----- prefill -----
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -381,7 +383,7 @@ class QuantizedLayer(KVLayer):
             positions = self.window_positions()
             pieces.append(kernels.decode_attention(q, self.window_keys, self.window_values, positions, scaling))
         out, lse = merge_attention(pieces)
-        self.after_attention(q, lse)
+        self.after_attention(q, lse, scaling)
         return self.transform_output(out).unsqueeze(1)
 
     # ----- transformers, batching, accounting -----
