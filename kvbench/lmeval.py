@@ -31,7 +31,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import lm_eval.models  # noqa: F401  lm-eval's own models: its registry fills itself only while empty
 import torch
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
@@ -315,9 +314,10 @@ def main() -> None:
         sys.exit(2)
 
 
-# Registered by import path, as lm-eval registers its own models: one entry whether this module is imported
-# or runs as `python -m kvbench.lmeval` (as `__main__`, a second copy of the class), and none over an entry
-# point placeholder that a plugin-discovering lm-eval registered first.
+# Registered by import path, as lm-eval registers its own models (which importing `lm_eval.models.huggingface`
+# registered first; lm-eval's registry fills itself only while empty): one entry whether this module is
+# imported or runs as `python -m kvbench.lmeval` (as `__main__`, a second copy of the class), and none over
+# an entry point placeholder that a plugin-discovering lm-eval registered first.
 if MODEL_NAME not in model_registry:
     model_registry.register(MODEL_NAME, target="kvbench.lmeval:KVBenchLM")
 
