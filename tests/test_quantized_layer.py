@@ -335,5 +335,27 @@ def test_stacked_layers_decode_each_sequence_as_alone() -> None:
             assert torch.allclose(out[row], alone[row][i][0], atol=1e-5), (row, i)
 
 
+def test_compiled_step_writes_packed_stores_in_place(tiny):
+    """Under inductor, the flush's masked writes into codes and parameters stay in place (index_put), as the
+    dense cache's writes do (tests/test_engine.py): no loop over a whole store in the generated CPU code."""
+    from torch._inductor.utils import run_and_get_code
+
+    from kvbench.engine import Engine
+    from kvbench.methods.kivi import KIVI
+
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, KIVI(bits=4, window=32), spec, prefill_chunk=256, engine="compiled")
+    prompt = list(range(100, 700))
+    torch._dynamo.reset()
+    _, sources = run_and_get_code(engine.generate, prompt, 4)
+    layer = engine.new_cache(len(prompt), 4).layers[-1]
+    codes_numel = spec.num_kv_heads * layer.slots * spec.head_dim * 4 // 8  # one store's codes, batch 1
+    key_params_numel = spec.num_kv_heads * (layer.slots // 32) * spec.head_dim
+    code = "\n".join(sources)
+    assert code, "inductor produced no code"
+    assert f"<static_cast<int64_t>({codes_numel}L)" not in code
+    assert f"<static_cast<int64_t>({key_params_numel}L)" not in code
+
+
 if __name__ == "__main__":
     _worker()
