@@ -13,7 +13,10 @@ method reproduces before its first differing character, averaged over samples; a
 whose extracted answer equals the full cache's. On a model this small the task accuracies are near zero,
 so agreement is what shows how much each budget changes the generation.
 
-    nice -n 10 python benchmarks/long_generation.py                     # the defaults below, ~30-60 min CPU
+The samples of a task decode together in one batch: on this CPU a decode step costs about the same for
+1 and 8 sequences (the eager step is overhead-bound), so samples are cheap and decode steps are not.
+
+    nice -n 10 python benchmarks/long_generation.py                     # the defaults below, ~30 min CPU idle
     python benchmarks/long_generation.py --tasks passkey --budgets 64   # a subset
 """
 
@@ -155,8 +158,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--budgets", type=int, nargs="+", default=[40, 80, 120], help="tokens per layer and KV head")
     parser.add_argument("--new-tokens", type=int, default=160, help="generated tokens at most (GSM8K, AIME)")
-    parser.add_argument("--gsm8k", type=int, default=4, help="GSM8K problems (the first N of the test split)")
-    parser.add_argument("--aime", type=int, default=2, help="AIME 2024 problems (the first N)")
+    parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K problems (the first N of the test split)")
+    parser.add_argument("--aime", type=int, default=4, help="AIME 2024 problems (the first N)")
     parser.add_argument("--passkey", type=int, default=4, help="passkey depths (one prompt each)")
     parser.add_argument("--passkey-context", type=int, default=1024, help="passkey prompt tokens")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
