@@ -78,12 +78,14 @@ def profile(args, model, spec, bandwidth: float) -> dict:
     began = time.perf_counter()
     cache, state = prepared(engine, requests)
     prefill_s = time.perf_counter() - began
+    print(f"{args.method} {args.context}x{args.batch}: prefill {prefill_s:.1f} s", flush=True)
     step = torch.compile(engine._step, fullgraph=True, dynamic=False, **engine.compile_options)
     began = time.perf_counter()
     for _ in range(args.warmup):
         step(cache, state)
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - began
+    print(f"{args.method} {args.context}x{args.batch}: compiled in {compile_s:.1f} s", flush=True)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -49,7 +49,8 @@ class ArkVale(Method):
 
     Deviations from the paper and its code:
     - Pure PyTorch: SDPA over the resident slots instead of FlashInfer paged kernels; the estimate as
-      two matmuls, q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max because c + r >= c - r);
+      two matmuls, q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max because c + r >= c - r), in
+      the cache's dtype (bf16 on a GPU: float32 accumulation, scores rounded to bf16);
       `torch.topk` instead of RAFT's radix top-k. Only the cuboid digests; the sphere digests and the
       speculative prefetch of later layers (`n_prefetch_layers`, off by default) are not implemented.
     - Slot layout: the page being written always sits in the last page slot. When it fills and the
@@ -174,9 +175,10 @@ def digest_scores(query: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor)
     hkv = upper.shape[1]
     q = query.float().view(b, hkv, hq // hkv, d)
     positive, negative = q.clamp(min=0).mean(dim=2), q.clamp(max=0).mean(dim=2)
-    return torch.einsum("bhd,bhnd->bhn", positive, upper.float()) + torch.einsum(
-        "bhd,bhnd->bhn", negative, lower.float()
-    )
+    # In the digests' dtype: converting them to float32 first would write and read them again every step.
+    positive, negative = positive.to(upper.dtype), negative.to(upper.dtype)
+    scores = torch.einsum("bhd,bhnd->bhn", positive, upper) + torch.einsum("bhd,bhnd->bhn", negative, lower)
+    return scores.float()
 
 
 class ArkValeLayer(KVLayer):
@@ -348,10 +350,11 @@ class ArkValeLayer(KVLayer):
         keep_score = scores.masked_fill(~candidate, float("inf")).scatter(2, top, float("inf"))
         victims = keep_score.gather(2, self.slot_page.clamp(min=0)).topk(self.free_topk, dim=-1, largest=False)
         order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
-        fetch = missing.gather(2, order)
-        if self.method.recall_cap is not None:  # the benchmark's pinned recall count
-            fetch &= torch.arange(fetch.shape[-1], device=fetch.device) < self.method.recall_cap
-        self._recall(top.gather(2, order), victims.indices, fetch)
+        victim_slots = victims.indices
+        if self.method.recall_cap is not None:  # the benchmark's pinned recall count: only the first pairs
+            order, victim_slots = order[..., : self.method.recall_cap], victim_slots[..., : self.method.recall_cap]
+        if order.shape[-1] > 0:
+            self._recall(top.gather(2, order), victim_slots, missing.gather(2, order))
         self.selections += active.view(b).float()
 
     def _recall(self, pages: torch.Tensor, slots: torch.Tensor, fetch: torch.Tensor) -> None:
