@@ -61,11 +61,15 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack`: uint8 bytes [..., n * bits / 8] to uint8 codes [..., n]."""
     if bits == 8:
         return packed
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:  # whole codes per byte: shift the bytes themselves (cheaper than 64-bit words)
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
     chunks = packed.to(torch.int64).unflatten(-1, (-1, bits))
     byte_shifts = torch.arange(bits, device=packed.device) * 8
     words = (chunks << byte_shifts).sum(dim=-1, keepdim=True)
     shifts = torch.arange(8, device=packed.device) * bits
-    return ((words >> shifts) & ((1 << bits) - 1)).to(torch.uint8).flatten(-2)
+    return ((words >> shifts) & mask).to(torch.uint8).flatten(-2)
 
 
 def _round_to_param(x: torch.Tensor, toward: float) -> torch.Tensor:
