@@ -156,8 +156,8 @@ def table(summary: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--budgets", type=int, nargs="+", default=[40, 80, 120], help="tokens per layer and KV head")
-    parser.add_argument("--new-tokens", type=int, default=160, help="generated tokens at most (GSM8K, AIME)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[40, 64, 96], help="tokens per layer and KV head")
+    parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens at most (GSM8K, AIME)")
     parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K problems (the first N of the test split)")
     parser.add_argument("--aime", type=int, default=4, help="AIME 2024 problems (the first N)")
     parser.add_argument("--passkey", type=int, default=4, help="passkey depths (one prompt each)")
