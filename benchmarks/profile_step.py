@@ -56,7 +56,7 @@ def prepared(engine: Engine, requests: list[Request]):
         cache, last = engine._prefill_one(request, prompt_len, decode_len, Measurement())
         caches.append(cache)
         logits.append(last)
-    cache = caches[0] if len(caches) == 1 else KVCache.stack(caches)
+    cache = KVCache.stack(caches)
     state = engine._decode_state(requests, [len(r.prompt_ids) for r in requests])
     engine._choose(torch.stack(logits), state)
     return cache, state

@@ -251,7 +251,8 @@ class KVLayer(CacheLayerMixin):
         """One layer decoding every sequence of `layers` (each finished its prefill) as one batch."""
         stacked = copy.copy(layers[0])
         for name in layers[0].decode_state():
-            setattr(stacked, name, torch.cat([getattr(layer, name) for layer in layers]))
+            parts = [getattr(layer, name) for layer in layers]
+            setattr(stacked, name, torch.cat(parts) if len(parts) > 1 else parts[0])
         stacked.spec = dataclasses.replace(layers[0].spec, batch_size=len(layers))
         return stacked
 
@@ -311,7 +312,8 @@ class KVCache(Cache):
 
     @classmethod
     def stack(cls, caches: list[KVCache]) -> KVCache:
-        """One cache decoding the sequences of `caches` (each finished its prefill) as one batch.
+        """One cache decoding the sequences of `caches` (each finished its prefill) as one batch; the
+        engine stacks even one cache, so that layers set up what decode needs for the whole batch once.
 
         Layer by layer, each sequence's copy of a layer is dropped from its cache once stacked, so the
         memory peak is the batch's cache plus one layer, not twice the cache; `caches` end empty.

@@ -350,7 +350,7 @@ class Engine:
             cache, last = self._prefill_one(request, prompt_len, decode_len, m)
             caches.append(cache)
             logits.append(last)
-        cache = caches[0] if len(caches) == 1 else KVCache.stack(caches)
+        cache = KVCache.stack(caches)
         del caches
         state = self._decode_state(requests, [len(r.prompt_ids) + len(r.question_ids) for r in requests])
         seed = requests[0].sampling.seed if requests[0].sampling else 0

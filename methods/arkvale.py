@@ -222,15 +222,16 @@ class ArkValeLayer(KVLayer):
         full = filled // self.page_size
         pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
         self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = page_digest(pages, self.method.radius)
-        pin = device.type == "cuda"  # pinned host memory lets the copies run asynchronously
+        # Pageable here; `stack` pins the batch's backup once. Pinning each sequence's backup too would keep
+        # both pinned: PyTorch caches freed pinned blocks instead of returning them (a 4 x 30k batch of a
+        # 7B MHA model then needs 126 GB of host memory, not 63). Rows past the prompt are written (at
+        # decode) before any recall reads them, so the buffer starts uninitialised.
         tokens = self.total_pages * self.page_size
-        self.host_keys = torch.zeros(b, h, tokens, d, dtype=self.keys.dtype, pin_memory=pin)
-        self.host_values = torch.zeros(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype, pin_memory=pin)
-        # On a GPU, backups and recalls need the host-memory kernels to stay on the device (no sync).
-        self.host_kernels = uses_kernels(self.host_keys, self.keys)  # decided here: a compiled step cannot ask
-        self.graph_safe = not pin or self.host_kernels
-        self.host_keys[:, :, :filled].copy_(self.keys[:, :, :filled], non_blocking=pin)
-        self.host_values[:, :, :filled].copy_(self.values[:, :, :filled], non_blocking=pin)
+        self.host_keys = torch.empty(b, h, tokens, d, dtype=self.keys.dtype)
+        self.host_values = torch.empty(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype)
+        self.host_keys[:, :, :filled].copy_(self.keys[:, :, :filled])
+        self.host_values[:, :, :filled].copy_(self.values[:, :, :filled])
+        self._route_host_copies()
         super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
         if self.slot_page is None:  # everything fit: page i in slot i
             slots = torch.arange(self.resident_pages, device=device)
@@ -400,9 +401,16 @@ class ArkValeLayer(KVLayer):
     @classmethod
     def stack(cls, layers: list[KVLayer]) -> KVLayer:
         stacked = super().stack(layers)
-        if layers[0].host_keys.is_pinned():  # concatenation does not keep host memory pinned
+        if stacked.keys.is_cuda:  # pinned host memory: the copy kernels read and write it directly
             stacked.host_keys, stacked.host_values = stacked.host_keys.pin_memory(), stacked.host_values.pin_memory()
+        stacked._route_host_copies()
         return stacked
+
+    def _route_host_copies(self) -> None:
+        """Decide once how host copies run (a compiled step cannot ask `is_pinned`): on a GPU, through
+        the host-memory kernels (no sync, capturable) once the backup is pinned."""
+        self.host_kernels = uses_kernels(self.host_keys, self.keys)
+        self.graph_safe = not self.keys.is_cuda or self.host_kernels
 
     def tensors(self) -> dict[str, torch.Tensor]:
         held = super().tensors()
