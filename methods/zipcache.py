@@ -23,7 +23,13 @@ from kvbench.quantized_layer import Part, QuantizedLayer, QuantizedMethod, Quant
 # set that depends on the position only (not on the chunking or the prompt's length), so a sequence gets the
 # same probes alone and in a batch. The golden ratio's Weyl sequence is the most evenly spread such choice.
 GOLDEN = (math.sqrt(5) - 1) / 2
-PROBE_BLOCK = 64  # probe queries per block when their attention is computed (bounds the [probes, L] matrix)
+PROBE_BLOCK = 64
+# The paper's score, and two ablations: accumulated attention (H2O's, biased toward early tokens) and random.
+SALIENCY = (
+    "normalized",
+    "accumulated",
+    "random",
+)  # probe queries per block when their attention is computed (bounds the [probes, L] matrix)
 
 
 @dataclass
@@ -40,7 +46,8 @@ class ZipCache(QuantizedMethod):
     §4.1): each channel divided by c = sqrt(max |v|) over the prompt, then asymmetric per token. Prefill
     attends in full precision; decode tokens wait in a full-precision buffer, and every `gap` tokens
     (paper: 100) the buffer is split by the current query's attention (un-normalized, as in the code) and
-    quantized into the two sets.
+    quantized into the two sets. `saliency` offers two ablations of the prompt's ranking: "accumulated"
+    (no normalization, the paper's foil) and "random" (does the ranking matter at all?).
 
     Deviations from the paper and its code:
     - Normalization divides by the number of *probe* queries that see the token (the metric's definition
@@ -65,6 +72,7 @@ class ZipCache(QuantizedMethod):
     probe_recent: float = 0.05
     probe_random: float = 0.05
     gap: int = 100
+    saliency: str = "normalized"
 
     gqa_policy: ClassVar[str] = "one saliency ranking per KV head, probe attention summed over its query heads"
     scores_question: ClassVar[str] = "yes: the prompt's last tokens are probes"
@@ -76,6 +84,7 @@ class ZipCache(QuantizedMethod):
         require(0 <= self.low_ratio <= 1, "method.low_ratio", self.low_ratio, "a fraction in [0, 1]")
         require(0 < self.probe_recent <= 1, "method.probe_recent", self.probe_recent, "a fraction in (0, 1]")
         require(0 <= self.probe_random <= 1, "method.probe_random", self.probe_random, "a fraction in [0, 1]")
+        require(self.saliency in SALIENCY, "method.saliency", self.saliency, f"one of {SALIENCY}")
         require(self.gap >= 2, "method.gap", self.gap, "an integer >= 2 (decode tokens quantized together)")
 
     def check(self, model: ModelSpec) -> None:
@@ -153,8 +162,12 @@ class ZipCacheLayer(QuantizedLayer):
 
     def saliency(self, keys: torch.Tensor) -> torch.Tensor:
         """Normalized attention of each prompt token from the probes, summed over each KV head's query
-        heads: float32 [B, Hkv, L] (paper §4.2-4.3)."""
+        heads: float32 [B, Hkv, L] (paper §4.2-4.3); or, as ablations, the accumulated attention
+        (un-normalized, H2O's score) or random scores."""
         queries, positions = self.probes(keys.shape[2])
+        if self.method.saliency == "random":
+            gen = torch.Generator(device=keys.device).manual_seed(self.spec.layer_idx)
+            return torch.rand(keys.shape[:3], generator=gen, device=keys.device)
         b, hq, p, d = queries.shape
         hkv, filled = keys.shape[1], keys.shape[2]
         k = keys.float()
@@ -166,6 +179,8 @@ class ZipCacheLayer(QuantizedLayer):
             visible = torch.arange(filled, device=keys.device) <= positions[start : start + PROBE_BLOCK, None]
             received += logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).sum(dim=(2, 3))
         # Probes that could see token j: those at positions >= j (at least the last token, always a probe).
+        if self.method.saliency == "accumulated":
+            return received
         seen_by = (positions.view(-1, 1) >= torch.arange(filled, device=keys.device)).sum(dim=0)
         return received / seen_by
 

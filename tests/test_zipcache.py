@@ -34,6 +34,7 @@ SCALE = 0.25
         (dict(probe_random=2.0), "method.probe_random"),
         (dict(gap=1), "method.gap"),
         (dict(storage="fp8"), "method.storage"),
+        (dict(saliency="h2o"), "method.saliency"),
     ],
 )
 def test_bad_hyper_parameters_fail_at_construction(kwargs, key):
@@ -67,8 +68,9 @@ def _sequence(tokens: int, seed: int):
     return keys, torch.randn(1, 2, tokens, 32, generator=gen), torch.randn(1, 4, tokens, 32, generator=gen)
 
 
-def _reference_saliency(keys, queries, probe_recent: float, probe_random: float) -> torch.Tensor:
-    """Normalized attention from the probe rows of the full causal attention matrix: [B, Hkv, L]."""
+def _reference_saliency(keys, queries, probe_recent: float, probe_random: float, normalized: bool = True):
+    """Normalized (or accumulated) attention from the probe rows of the full causal attention matrix:
+    [B, Hkv, L]."""
     length = keys.shape[2]
     recent = math.ceil(probe_recent * length)
     probes = [p for p in range(length - recent) if (p * GOLDEN) % 1 < probe_random] + list(
@@ -80,16 +82,18 @@ def _reference_saliency(keys, queries, probe_recent: float, probe_random: float)
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, probes]  # [B, Hq, P, L]
     summed = probs.sum(2).view(1, 2, 2, length).sum(2)
     seen_by = (torch.tensor(probes).view(-1, 1) >= torch.arange(length)).sum(0)
-    return summed / seen_by
+    return summed / seen_by if normalized else summed
 
 
-def test_saliency_is_the_probes_normalized_attention():
-    method = ZipCache(probe_recent=0.05, probe_random=0.1)
+@pytest.mark.parametrize("saliency", ["normalized", "accumulated"])
+def test_saliency_is_the_probes_normalized_attention(saliency: str):
+    method = ZipCache(probe_recent=0.05, probe_random=0.1, saliency=saliency)
     keys, values, queries = _sequence(230, seed=1)
     layer = _layer(method, 230, 10)
     _prefill(layer, keys, values, queries)
     got = layer.saliency(layer.keys[:, :, :230])
-    assert torch.allclose(got, _reference_saliency(keys, queries, 0.05, 0.1), rtol=1e-4, atol=1e-7)
+    expected = _reference_saliency(keys, queries, 0.05, 0.1, normalized=saliency == "normalized")
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_prefill_puts_the_least_salient_share_at_low_bits():
