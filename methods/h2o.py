@@ -70,7 +70,8 @@ class H2OLayer(KVLayer):
             self.scores[:, :, slots] = 0
         else:
             rows, heads = batch_head_index(slots)
-            self.scores[rows, heads, slots] = 0.0
+            # A device zero: a Python scalar is a CPU tensor, which a CUDA graph capture cannot copy from.
+            self.scores[rows, heads, slots] = self.scores.new_zeros(())
 
     def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         self.scores[:, :, : received.shape[-1]] += received
