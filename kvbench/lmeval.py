@@ -113,7 +113,8 @@ class KVBenchLM(HFLM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> KVBenchLM:
         """`arg_dict`: kvbench config overrides plus `HF_OPTIONS`; `additional_config`: lm-eval's
-        `batch_size` and `device` (`--device` is `model.device` unless the overrides set that)."""
+        `batch_size`. Its `device` is ignored: lm-eval's command line passes `cuda:0` whether or not `--device`
+        was given, so the device is kvbench's `model.device` (`auto` by default: CUDA where there is one)."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         overrides, hf_options = [], {}
         for key, value in arg_dict.items():
@@ -128,8 +129,6 @@ class KVBenchLM(HFLM):
                 f"or one of {', '.join(HF_OPTIONS)}",
             )
             overrides.append(f"{key}={_hydra_value(value)}")
-        if "device" in extra and "model.device" not in arg_dict:
-            overrides.append(f"model.device={extra['device']}")
         batch_size = extra.get("batch_size", 1)
         batch_size = int(batch_size) if str(batch_size).isdigit() else batch_size
         _check_batch_size(batch_size)  # before the model loads
