@@ -4,6 +4,12 @@ transformers calls the function with the keys/values the cache's `update` return
 cache layer's `attend`. The engine passes its cache to the forward as the keyword `kvbench_cache`, which
 transformers forwards untouched to every attention call: nothing is patched, nothing global is looked up
 (a context variable would break `torch.compile` graphs), and a forward without it is plain causal attention.
+
+A model trained with cross-layer KV sharing (CLA) is a stock model whose config carries
+`kvbench_kv_sharing: s`: layer i attends over the keys and values of layer i - i % s. With a kvbench cache,
+the cache's layers do the sharing (`kvbench.cache.SharedLayer`). Without one (training, sliding-window
+perplexity), the caller passes an empty dict per forward as `kvbench_shared_kv`: producer layers put their
+keys and values in it, the layers after them read theirs from it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ if TYPE_CHECKING:
 
 NAME = "kvbench"
 CACHE_KWARG = "kvbench_cache"
+SHARED_KV_KWARG = "kvbench_shared_kv"
+KV_SHARING_CONFIG = "kvbench_kv_sharing"  # the model config's key for its sharing factor
 
 
 def kvbench_attention(
@@ -34,11 +42,33 @@ def kvbench_attention(
     cache: KVCache | None = kwargs.get(CACHE_KWARG)
     if cache is None:
         # A forward without a kvbench cache (e.g. sliding-window perplexity): plain causal attention.
+        key, value = shared_key_value(module, key, value, kwargs.get(SHARED_KV_KWARG))
         out = F.scaled_dot_product_attention(
             query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True
         )
         return out.transpose(1, 2), None
     return cache.layers[module.layer_idx].attend(query, key, value, scaling), None
+
+
+def shared_key_value(
+    module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor, shared: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values this layer attends over in a forward without a cache: its own, unless the model
+    shares them across layers; then a producer records its own in `shared` and a consumer reads its
+    producer's (recorded earlier in the same forward)."""
+    sharing = getattr(module.config, KV_SHARING_CONFIG, 1)
+    if sharing == 1:
+        return key, value
+    if shared is None:
+        raise RuntimeError(
+            f"this model shares keys and values across layers ({KV_SHARING_CONFIG}={sharing}): pass "
+            f"{SHARED_KV_KWARG}={{}} (a new empty dict) to each forward, or a kvbench cache"
+        )
+    producer = module.layer_idx - module.layer_idx % sharing
+    if producer == module.layer_idx:
+        shared[producer] = (key, value)
+        return key, value
+    return shared[producer]
 
 
 def register() -> str:

@@ -7,6 +7,10 @@ state changes in place during decode, so the step compiles and is captured in a 
 the cache holds are the bytes its tensors hold.
 
 Attention runs through `KVLayer.attend` (see `kvbench.attention`), never by expanding KV heads under GQA.
+
+Cross-layer sharing (CLA): a `SharedLayer` caches nothing and attends over another layer's keys and values;
+which layer produces for which is the method's choice (`Method.kv_producer`), and the cache binds each
+consumer to its producer (`KVLayer.bind`) whenever it is built or stacked.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class ModelSpec:
     num_kv_heads: int
     head_dim: int
     max_positions: int
+    # Cross-layer KV sharing the model was trained with (`kvbench_kv_sharing` in its config): layer i
+    # attends over the keys and values of layer i - i % kv_sharing. 1: every layer has its own.
+    kv_sharing: int = 1
 
 
 @dataclass(frozen=True)
@@ -179,20 +186,12 @@ class KVLayer(CacheLayerMixin):
             )
             self.observe(query, received)
             return out.unsqueeze(1)
-        q_len, s = query.shape[2], keys.shape[2]
-        # During prefill, slot i holds position i; a chunk after the first needs an explicit causal mask.
-        causal = q_len > 1 and q_len == s
-        mask = None
-        if q_len > 1 and not causal:
-            mask = torch.ones(q_len, s, dtype=torch.bool, device=query.device).tril(s - q_len)
         # The output always comes from the same SDPA call as the dense baseline, so a method that keeps
         # everything matches it bit for bit; the attention a method scores with is computed apart.
-        out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
-        )
+        out = prefill_attention(query, keys, values, scaling)
         received = received_attention_prefill(query, keys, scaling) if self.needs_received_attention else None
         self.observe(query, received)
-        return out.transpose(1, 2)
+        return out
 
     def keys_for_attention(self) -> torch.Tensor:
         """The keys decode attention sees; a method that re-positions keys overrides this."""
@@ -237,6 +236,17 @@ class KVLayer(CacheLayerMixin):
 
     def compact_state(self, keep: torch.Tensor | None, filled: int) -> None:
         """Move per-slot state the same way `finish_prefill` moved keys (None: kept slots in place)."""
+
+    # ----- cross-layer sharing -----
+    def bind(self, layers: list[KVLayer]) -> None:
+        """Called with the cache's layers whenever a cache is built or stacked (a `SharedLayer` finds its
+        producer there); nothing to do for a layer with its own keys and values."""
+
+    def decodes_from_slots(self) -> bool:
+        """Whether decode attention reads this layer's slot buffers (`keys_for_attention()`, `values`,
+        `positions`), so that a `SharedLayer` can attend over them too. A layer that keeps its keys and values
+        in another form (packed codes) has no `keys` and `values` in its decode state."""
+        return {"keys", "values"} <= self.decode_state().keys()
 
     # ----- batching and accounting -----
     def decode_state(self) -> dict[str, torch.Tensor]:
@@ -300,11 +310,79 @@ class FullLayer(KVLayer):
         return self.seen.view(-1, 1).expand(*self.keys.shape[:2])
 
 
+class SharedLayer(KVLayer):
+    """A layer that attends over its producer's keys and values and caches nothing: Cross-Layer Attention
+    (Brandon et al., "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention", NeurIPS 2024,
+    arXiv 2405.12981). The model still computes this layer's own keys and values; they are dropped.
+
+    The producer is whatever layer the method made for it (dense, evicting, paged...), as long as its decode
+    attention reads slot buffers (`decodes_from_slots`); `KVCache` binds the two. The producer comes earlier
+    in the forward, so when this layer runs, the producer already holds the current token:
+    - prefill: `update` returns the producer's first `seen` slots, and attention is the same SDPA call as
+      `KVLayer.attend`;
+    - decode: attention is `decode_attention` over the producer's `keys_for_attention()`, `values` and
+      `positions`, as they are after the producer's own step (after, say, Scissorhands dropped tokens).
+    Policy: this layer never calls `observe`. A method's scores (SnapKV's votes, H2O's accumulated
+    attention...) come from the producer's queries alone, and the consumers follow the producer's selection.
+    """
+
+    def __init__(self, spec: LayerSpec, producer_idx: int) -> None:
+        super().__init__(spec, capacity=0)
+        self.producer_idx = producer_idx
+        self.producer: KVLayer | None = None
+
+    def bind(self, layers: list[KVLayer]) -> None:
+        producer = layers[self.producer_idx]
+        if not producer.decodes_from_slots():
+            raise ValueError(
+                f"layer {self.spec.layer_idx} shares layer {self.producer_idx}'s keys and values, but "
+                f"{type(producer).__name__} keeps them in a form decode attention cannot share"
+            )
+        self.producer = producer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.is_initialized = True
+        producer = self.producer
+        if self.prefilling:
+            return producer.keys[:, :, : producer.seen], producer.values[:, :, : producer.seen]
+        return producer.keys, producer.values
+
+    def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+        if self.prefilling:
+            return prefill_attention(query, keys, values, scaling)
+        producer = self.producer
+        keys = producer.keys_for_attention()
+        out, _ = decode_attention(query[:, :, 0], keys, producer.values, producer.positions, scaling)
+        return out.unsqueeze(1)
+
+    def get_seq_length(self) -> int:
+        return self.producer.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.producer.get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return self.producer.get_max_length()
+
+    def finish_prefill(self) -> None:
+        self.prefilling = False  # nothing of its own to select or compact
+
+    def decode_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
 class KVCache(Cache):
     """transformers' `Cache` over kvbench layers, plus prefill control and byte accounting."""
 
     def __init__(self, layers: list[KVLayer]) -> None:
         super().__init__(layers=layers)
+        for layer in layers:
+            layer.bind(layers)
 
     def finish_prefill(self) -> None:
         for layer in self.layers:
@@ -341,6 +419,21 @@ class KVCache(Cache):
             for name, value in layer.stats().items():
                 totals[name] = totals.get(name, 0) + float(value)
         return totals
+
+
+def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal attention of a prefill chunk `query` [B, Hq, T, D], the last T of the S positions in `keys`;
+    returns [B, T, Hq, D]."""
+    q_len, s = query.shape[2], keys.shape[2]
+    # During prefill, slot i holds position i; a chunk after the first needs an explicit causal mask.
+    causal = q_len > 1 and q_len == s
+    mask = None
+    if q_len > 1 and not causal:
+        mask = torch.ones(q_len, s, dtype=torch.bool, device=query.device).tril(s - q_len)
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from kvbench.cache import FullLayer, KVCache, KVLayer, LayerSpec, ModelSpec
+from kvbench.cache import FullLayer, KVCache, KVLayer, LayerSpec, ModelSpec, SharedLayer
 from kvbench.errors import require
 
 
@@ -38,6 +38,40 @@ class Method:
             self.exempt_layers,
             f"at most the model's {model.num_layers} layers",
         )
+        self.check_kv_sharing(model)
+
+    def check_kv_sharing(self, model: ModelSpec) -> None:
+        """Every layer that shares its keys and values must keep them where a `SharedLayer` can read them.
+
+        The layer a method would make is built for a one-token generation (no tensors) and asked; unit RoPE
+        frequencies stand in for the model's, which are unknown before it loads and change no layer's type.
+        """
+        inv_freq = torch.ones(model.head_dim // 2)
+        for idx in range(model.num_layers):
+            producer = self.kv_producer(idx, model)
+            if producer == idx:
+                continue
+            layer = self.own_layer(LayerSpec(producer, model, 1, 1, 1, inv_freq))
+            require(
+                layer.decodes_from_slots(),
+                "method",
+                type(self).__name__,
+                f"a method whose decode attention reads key/value slots: layer {idx} attends over layer "
+                f"{producer}'s keys and values (kvbench_kv_sharing={model.kv_sharing}), which "
+                f"{type(layer).__name__} keeps in another form",
+            )
+
+    def kv_producer(self, layer_idx: int, model: ModelSpec) -> int:
+        """The layer whose keys and values layer `layer_idx` attends over (itself: it caches its own).
+
+        Here: the model's own sharing, groups of `kv_sharing` layers from layer 0 whose first layer
+        produces. Exempt layers follow it too: a model trained with sharing needs it whatever the method.
+        """
+        return layer_idx - layer_idx % model.kv_sharing
+
+    def own_layer(self, spec: LayerSpec) -> KVLayer:
+        """The cache of a layer that keeps its own keys and values: dense if exempt, else the method's."""
+        return FullLayer(spec) if spec.layer_idx < self.exempt_layers else self.make_layer(spec)
 
     def make_layer(self, spec: LayerSpec) -> KVLayer:
         raise NotImplementedError
@@ -53,7 +87,8 @@ class Method:
         layers = []
         for idx in range(model.num_layers):
             spec = LayerSpec(idx, model, batch_size, prompt_len, decode_len, rope_inv_freq)
-            layers.append(FullLayer(spec) if idx < self.exempt_layers else self.make_layer(spec))
+            producer = self.kv_producer(idx, model)
+            layers.append(self.own_layer(spec) if producer == idx else SharedLayer(spec, producer))
         return KVCache(layers)
 
     def describe(self) -> dict:

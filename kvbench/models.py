@@ -168,11 +168,20 @@ def _hf_config(cfg: ModelConfig) -> PretrainedConfig:
 
 def model_spec(cfg: ModelConfig) -> ModelSpec:
     """The model's shape, from its config alone."""
+    from kvbench.attention import KV_SHARING_CONFIG
     from kvbench.cache import ModelSpec
 
     config = _hf_config(cfg)
     text = config.get_text_config()
     heads = text.num_attention_heads
+    # A model trained with cross-layer KV sharing says so in its config (kvbench.train writes it).
+    kv_sharing = getattr(text, KV_SHARING_CONFIG, 1)
+    require(
+        type(kv_sharing) is int and 1 <= kv_sharing <= text.num_hidden_layers,
+        f"{KV_SHARING_CONFIG} (model {cfg.name}'s config)",
+        kv_sharing,
+        f"an integer from 1 to the model's {text.num_hidden_layers} layers",
+    )
     return ModelSpec(
         name=cfg.name,
         num_layers=text.num_hidden_layers,
@@ -180,6 +189,7 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
         num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
         max_positions=text.max_position_embeddings,
+        kv_sharing=kv_sharing,
     )
 
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvbench.attention import SHARED_KV_KWARG
 from kvbench.cache import ModelSpec
 from kvbench.engine import Engine, Measurement, Scored, perplexity
 from kvbench.errors import ConfigError, require
@@ -82,8 +83,8 @@ def sliding_window_nll(engine: Engine, token_ids: Sequence[int], window: int, st
     for begin, end in spans:
         first = max(scored_end, begin + 1)  # first token this window scores
         ids = torch.tensor([token_ids[begin:end]], device=engine.device)
-        with torch.inference_mode():  # no kvbench cache: plain causal attention
-            logits = engine.model(input_ids=ids, use_cache=False).logits[0]
+        with torch.inference_mode():  # no kvbench cache: plain causal attention (layers that share KV use the dict)
+            logits = engine.model(input_ids=ids, use_cache=False, **{SHARED_KV_KWARG: {}}).logits[0]
         # Logit i predicts token i + 1 of the window.
         predictions = logits[first - begin - 1 : end - begin - 1].float()
         targets = ids[0, first - begin : end - begin]
