@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import sys
+import time
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -81,6 +85,67 @@ class EarlyChecks(Callback):
                 raise
             report(error)
             sys.exit(2)
+
+
+class SweepProgress(Callback):
+    """Hydra callback: after each job of a sweep, one line with runs done / total, elapsed and time left.
+
+    Progress is kept as files under the sweep's folder (`.progress/`: the start time and total, then one
+    file per finished job), so the count is right whether jobs run in this process (basic launcher), in
+    joblib workers or on SLURM nodes sharing the folder. Time left = elapsed / jobs done x jobs left: it
+    counts parallel workers without knowing them, and runs skipped as complete make it optimistic.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = _progress_dir(config)
+        folder.mkdir(parents=True, exist_ok=True)
+        total = sweep_size(config)
+        (folder / "start").write_text(f"{time.time()} {total}")
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        folder = _progress_dir(config)
+        (folder / f"done-{config.hydra.job.num}").touch()
+        try:
+            started_s, total = (folder / "start").read_text().split()
+        except (OSError, ValueError):
+            return  # the sweep folder was not made by on_multirun_start (a launcher that skips it)
+        done = len(list(folder.glob("done-*")))
+        print(progress_line(done, int(total), time.time() - float(started_s)), file=sys.stderr, flush=True)
+
+
+def _progress_dir(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir)) / ".progress"
+
+
+def sweep_size(config: DictConfig) -> int:
+    """How many jobs the basic sweeper makes of the sweep's params and command-line overrides (0: unknown)."""
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    choices: dict[str, int] = {}  # the last override of a key wins, as in the sweeper
+    try:
+        for override in OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task]):
+            count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+            choices[override.get_key_element()] = count
+    except HydraException:  # a sweep only the sweeper can expand (a glob over a group's options)
+        return 0
+    return math.prod(choices.values())
+
+
+def progress_line(done: int, total: int, elapsed_s: float) -> str:
+    if total <= 0:
+        return f"kvbench sweep: {done} runs done, elapsed {_duration(elapsed_s)}"
+    left_s = elapsed_s / done * max(total - done, 0)
+    return (
+        f"kvbench sweep: {done}/{total} runs done, elapsed {_duration(elapsed_s)}, "
+        f"about {_duration(left_s)} left"
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @dataclass

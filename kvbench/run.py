@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from kvbench import model_pool
 from kvbench.config import RunConfig, build, check_results_dir
 from kvbench.models import load_model, model_spec, resolve_device
 from kvbench.records import PREDICTIONS, RECORD, environment, read_record, run_dir, write_json_atomic
@@ -98,7 +99,10 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
     from kvbench.engine import Engine, Generation
 
     settings = config.settings
-    model, tokenizer = load_model(config.model)
+    # The model kept from the sweep's previous run when it has the same config (`load_model` looked up
+    # here, at call time, so tests can replace it).
+    loaded = model_pool.get(config.model, load_model)
+    model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, config.method, spec, settings.prefill_chunk, settings.engine)
     if settings.warmup:
         engine.warmup()
@@ -124,11 +128,10 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
                     method_stats[key] = method_stats.get(key, 0) + value
             progress.update(len(batch))
             progress.set_postfix(config.task.aggregate(rows), refresh=False)
-    return {
-        "metrics": config.task.aggregate(rows),
-        "measurements": summarize(measurements, engine.device),
-        "method_stats": method_stats,
-    }
+    summary = summarize(measurements, engine.device)
+    summary["model_reused"] = loaded.reused
+    summary["model_load_s"] = 0.0 if loaded.reused else loaded.load_s  # what this run spent loading
+    return {"metrics": config.task.aggregate(rows), "measurements": summary, "method_stats": method_stats}
 
 
 def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
