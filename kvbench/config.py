@@ -136,10 +136,7 @@ def progress_line(done: int, total: int, elapsed_s: float) -> str:
     if total <= 0:
         return f"kvbench sweep: {done} runs done, elapsed {_duration(elapsed_s)}"
     left_s = elapsed_s / done * max(total - done, 0)
-    return (
-        f"kvbench sweep: {done}/{total} runs done, elapsed {_duration(elapsed_s)}, "
-        f"about {_duration(left_s)} left"
-    )
+    return f"kvbench sweep: {done}/{total} runs done, elapsed {_duration(elapsed_s)}, about {_duration(left_s)} left"
 
 
 def _duration(seconds: float) -> str:
