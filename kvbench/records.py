@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 RECORD = "record.json"
+CONFIG = "config.yaml"
 PREDICTIONS = "predictions.jsonl"
 
 
@@ -129,26 +130,74 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def load_table(results_dir: str | Path) -> pd.DataFrame:
-    """One row per complete run under `results_dir`: names, status, metrics, measurements, parameters."""
+def base_commit(commit: str | None) -> str:
+    """The commit without `+dirty`: runs of one commit share it, whatever the working tree held."""
+    return str(commit or "unknown").split("+")[0]
+
+
+def record_row(record: dict[str, Any], directory: Path, current_commit: str = COMMIT_AT_IMPORT) -> dict[str, Any]:
+    """One run as a flat row: names, status, metrics, measurements, method and task parameters, the run
+    settings that change timings (`model.*`, `kvbench.*`), timings of the run itself and its commit.
+
+    `other_commit` is true when the run's code is not the current checkout's commit (uncommitted changes
+    aside, which `dirty` says), so its numbers may not be what this code measures now.
+    """
+    config = record.get("config") or {}
+    commit = (record.get("environment") or {}).get("git_commit")
+    row = {
+        "task": record["task"],
+        "model": record["model"],
+        "method": record["method"],
+        "status": record["status"],
+        "primary_metric": record.get("primary_metric"),
+        "higher_is_better": record.get("higher_is_better", True),
+        "run_dir": str(directory),
+    }
+    row.update(_flatten("", record.get("metrics") or {}))
+    row.update(_flatten("", record.get("measurements") or {}))
+    row.update(_flatten("method.", record.get("method_params") or {}))
+    row.update(_flatten("task.", record.get("task_params") or {}))
+    row.update(_flatten("model.", config.get("model") or {}))
+    row.update(_flatten("kvbench.", {k: v for k, v in (config.get("kvbench") or {}).items() if k in RUN_SETTINGS}))
+    row["error"] = record.get("error")
+    row["warnings"] = len(record.get("warnings") or [])
+    row["wall_s"] = record.get("wall_s")
+    row["finished_at"] = record.get("finished_at")
+    row["commit"] = commit
+    row["dirty"] = str(commit or "").endswith("+dirty")
+    row["other_commit"] = commit is not None and base_commit(commit) != base_commit(current_commit)
+    return row
+
+
+# The `kvbench.*` settings that change what a run measures (where it is written does not).
+RUN_SETTINGS = ("engine", "batch_size", "prefill_chunk", "warmup")
+
+
+def incomplete_row(directory: Path) -> dict[str, Any]:
+    """A run directory without a record: killed, crashed or still running. Names come from its path
+    (`<task>/<model>/<method>-<hash>`), which `run_dir` makes."""
+    return {
+        "task": directory.parent.parent.name,
+        "model": directory.parent.name,
+        "method": directory.name.rpartition("-")[0],
+        "status": "incomplete",
+        "run_dir": str(directory),
+    }
+
+
+def load_table(results_dir: str | Path, incomplete: bool = False) -> pd.DataFrame:
+    """One row per complete run under `results_dir` (see `record_row`); with `incomplete`, also one per
+    run directory that has a config but no record yet (status `incomplete`)."""
     import pandas as pd
 
     rows = []
     for path in sorted(Path(results_dir).rglob(RECORD)):
-        record = json.loads(path.read_text())
-        row = {
-            "task": record["task"],
-            "model": record["model"],
-            "method": record["method"],
-            "status": record["status"],
-            "primary_metric": record.get("primary_metric"),
-            "higher_is_better": record.get("higher_is_better", True),
-            "run_dir": str(path.parent),
-        }
-        row.update(_flatten("", record.get("metrics") or {}))
-        row.update(_flatten("", record.get("measurements") or {}))
-        row.update(_flatten("method.", record.get("method_params") or {}))
-        row.update(_flatten("task.", record.get("task_params") or {}))
-        row["error"] = record.get("error")
-        rows.append(row)
+        rows.append(record_row(json.loads(path.read_text()), path.parent))
+    if incomplete:
+        root = Path(results_dir)
+        for path in sorted(root.rglob(CONFIG)):
+            # Hydra keeps its own config.yaml files under hidden folders (`.hydra/`): not run directories.
+            hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+            if not hidden and not (path.parent / RECORD).exists():
+                rows.append(incomplete_row(path.parent))
     return pd.DataFrame(rows)
