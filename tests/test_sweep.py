@@ -128,8 +128,8 @@ def test_a_sweep_killed_mid_run_redoes_that_run_only(tmp_path):
     redoes the second from scratch and runs the third."""
     command = [
         sys.executable, "-m", "kvbench", "-m", *TINY, "task=passkey", "task.context_lengths=[256]",
-        "task.depths=[0.5]", "task.samples_per_cell=2", "task.max_new_tokens=4", "method=streamingllm", "method.budget=32,48,64",
-        f"kvbench.results_dir={tmp_path}",
+        "task.depths=[0.5]", "task.samples_per_cell=2", "task.max_new_tokens=4", "method=streamingllm",
+        "method.budget=32,48,64", f"kvbench.results_dir={tmp_path}",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     deadline = time.monotonic() + 240
