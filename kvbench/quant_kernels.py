@@ -1,11 +1,11 @@
 """Decode attention over packed (quantized) K/V slots: a Triton kernel for CUDA and its PyTorch reference.
 
-The kernel is `kvbench.kernels`' flash-decoding split kernel with its K/V tile loads replaced: each program
-reads the packed codes of its tiles (a 4-bit cache reads a quarter of bf16's bytes) plus their float16
-scale and zero-point, and dequantizes in registers; the online softmax, the partial outputs and the combine
-kernel that merges the splits are `kvbench.kernels`' own. It returns the same contract as
-`kvbench.kernels.decode_attention`: (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32), so a
-layer merges it with attention over other slots (a full-precision window) through the log-sum-exp.
+The kernel is `kvbench.kernels`' flash-decoding split kernel with its K/V tiles read packed: each program
+reads the codes of its tiles (a 4-bit cache reads a quarter of bf16's bytes) plus their float16 scales and
+zero-points, and the online softmax, the partial outputs and the combine kernel that merges the splits are
+`kvbench.kernels`' own. It returns the same contract as `kvbench.kernels.decode_attention`: (out [B, Hq, Dv]
+in the query's dtype, lse [B, Hq] float32), so a layer merges it with attention over other slots (a
+full-precision window) through the log-sum-exp.
 
 Slot layout (`PackedSlots`): slots [0, length[b]) of sequence b are live (quantized tokens fill a store
 from its front; the order of tokens does not matter to attention, keys being stored post-RoPE). Codes are
@@ -16,6 +16,22 @@ row_tokens, and channel d uses column d // col_channels. This one rule covers pe
 col_channels = 1) and ZipCache's keys (one row for the whole prompt set, lead = its size, then one row per
 decode block of row_tokens tokens).
 
+Why the kernel is shaped as it is (decode attention is bound by memory, and a packed tile holds 2-8 times
+more values per byte than a bf16 one, so dequantization must cost a few instructions per value):
+- A tile's codes are one contiguous uint8 load per slot row ([BLOCK_N, D * bits / 8]), split into codes
+  by shifts and masks on whole fields (a byte into two nibbles, a nibble into two 2-bit codes; 3-bit rows
+  as 24-bit words of 8 codes), never a gather per value.
+- Codes become floats by the exponent trick: code | 0x4B000000 is the float32 2^23 + code, so one OR and
+  one subtraction replace an integer-to-float conversion (a quarter-rate instruction on NVIDIA GPUs).
+- Scales and zero-points are applied where they are cheapest, per parameter layout (`_param_mode`):
+  one parameter per slot (per-token groups spanning the head: QuaRot, ZipCache's values) is folded into
+  the attention algebra, q.(c s + z) = s (q.c) + z sum(q) for keys and p (c s + z) = (p s) c + (p.z) for
+  values, so the tile's codes go to the tensor cores as they are; per-channel keys whose rows span whole
+  tiles (tiles are aligned to the rows) fold one scale row into the query, (q * s).c + q.z; rows shorter
+  than a tile and per-token groups of a power-of-two width are loaded once per row or group and broadcast
+  over the tile; any other layout (ZipCache's odd block sizes) reads each slot's parameter row.
+- Each K/V tile is read once for all query heads of its KV head (GQA), as in `kvbench.kernels`.
+
 Like `kvbench.kernels`, the attention is a `torch.library` operator (`kvbench::packed_decode_attention`):
 Triton on CUDA tensors and under Triton's interpreter (`TRITON_INTERPRET=1`, the tests), the reference
 elsewhere; static grids and no host syncs, so it runs in the compiled, graph-captured decode step.
@@ -23,6 +39,7 @@ elsewhere; static grids and no host syncs, so it runs in the compiled, graph-cap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -79,43 +96,179 @@ def packed_decode_attention_reference(
     return kernels.decode_attention_reference(query, k, v, positions, scale)
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the split kernel is launched: slots per tile, warps and pipeline stages per program, and the
+    flash-decoding split target (programs per SM when batch x KV heads alone would not fill the GPU)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 4
+
+
+# The launch every call uses; `benchmarks/quant_attention.py --configs` times alternatives to this one.
+LAUNCH = LaunchConfig()
+
+
+def _split_plan(batch_heads: int, slots: int, num_sms: int, launch: LaunchConfig) -> tuple[int, int]:
+    """(number of splits, slots per split): `kvbench.kernels._split_plan` with this kernel's tile and target."""
+    tiles = max(1, -(-slots // launch.block_n))  # S = 0: one split, empty, so out = 0 and lse = -inf
+    wanted = -(-launch.programs_per_sm * num_sms // batch_heads)
+    tiles_per_split = -(-tiles // max(1, min(wanted, tiles, kernels.MAX_SPLITS)))
+    return -(-tiles // tiles_per_split), tiles_per_split * launch.block_n
+
+
+def _param_mode(packed: PackedSlots, dim: int, block_n: int, can_align: bool) -> str:
+    """How the kernel applies a store's scales and zero-points (the module doc says why):
+    "slot": one parameter per slot, folded into the dot products;
+    "row": per-channel rows of a multiple of block_n slots, tiles aligned to them, one row folded per tile;
+    "rows": per-channel rows of a power-of-two divisor of block_n slots, tiles aligned, each row broadcast;
+    "columns": per-token groups of a power-of-two width, each group's parameter broadcast;
+    "gather": anything else, every slot's row read for every value.
+    Only keys align tiles to their rows (`can_align`), so per-channel values take "gather"."""
+    rows, cols = packed.row_tokens, packed.col_channels
+    if rows == 1 and cols >= dim:
+        return "slot"
+    if rows == 1 and cols & (cols - 1) == 0:
+        return "columns"
+    if can_align and cols == 1 and rows % block_n == 0:
+        return "row"
+    if can_align and cols == 1 and block_n % rows == 0:
+        return "rows"
+    return "gather"
+
+
 if kernels.triton is not None:
     import triton
     import triton.language as tl
     from torch.library import wrap_triton
 
     @triton.jit
-    def _load_dequantized(
-        codes_ptr,
-        scale_ptr,
-        zero_ptr,
-        slot,
-        chan,
-        mask,
+    def _halve(fields, HALF: tl.constexpr):
+        """int32 fields [N, W] of 2 * HALF bits -> their low and high halves in stream order, [N, 2W]."""
+        low = fields & ((1 << HALF) - 1)
+        return tl.reshape(tl.join(low, fields >> HALF), [fields.shape[0], 2 * fields.shape[1]])
+
+    @triton.jit
+    def _split_fields(fields, FIELD_BITS: tl.constexpr, BITS: tl.constexpr):
+        """int32 fields [N, W], each FIELD_BITS bits holding FIELD_BITS // BITS codes -> codes in stream order
+        (code i of a field at bits [i * BITS, (i + 1) * BITS)); at most three halvings (a 24-bit word of
+        eight 3-bit codes)."""
+        codes = fields
+        if FIELD_BITS // 2 >= BITS:
+            codes = _halve(codes, FIELD_BITS // 2)
+        if FIELD_BITS // 4 >= BITS:
+            codes = _halve(codes, FIELD_BITS // 4)
+        if FIELD_BITS // 8 >= BITS:
+            codes = _halve(codes, FIELD_BITS // 8)
+        return codes
+
+    @triton.jit
+    def _load_codes(base, slots, live, stride_s, stride_c, row_bytes, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked)."""
+        if 8 % BITS == 0:  # whole codes per byte: one contiguous load of the rows' bytes
+            offs = tl.arange(0, BLOCK_D * BITS // 8)
+            fields = tl.load(
+                base + slots[:, None] * stride_s + offs[None, :] * stride_c,
+                mask=live[:, None] & (offs < row_bytes)[None, :],
+                other=0,
+            ).to(tl.int32)
+            codes = _split_fields(fields, 8, BITS)
+        else:  # 3 bits: 8 codes per 3 bytes, read as 24-bit words
+            chunk = tl.arange(0, BLOCK_D // 8)
+            ptr = base + slots[:, None] * stride_s + (chunk * 3)[None, :] * stride_c
+            mask = live[:, None] & (chunk * 3 < row_bytes)[None, :]
+            fields = tl.load(ptr, mask=mask, other=0).to(tl.int32)
+            fields |= tl.load(ptr + stride_c, mask=mask, other=0).to(tl.int32) << 8
+            fields |= tl.load(ptr + 2 * stride_c, mask=mask, other=0).to(tl.int32) << 16
+            codes = _split_fields(fields, 24, BITS)
+        return codes
+
+    @triton.jit
+    def _as_float(codes):
+        """int32 codes as float32, exactly: 0x4B000000 is 2^23, whose last mantissa bit weighs 1, so OR-ing a
+        code < 2^23 into it gives 2^23 + code, and subtracting 2^23 is exact too."""
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _dot_codes(a, codes, BITS: tl.constexpr, PRECISION: tl.constexpr):
+        """a [M, K] @ codes [K, N] (int32) in float32, the codes given to the tensor cores in a's dtype. In
+        16 bits the exponent trick needs no subtraction per value: 0x4300 | code is the bfloat16 128 + code
+        (exact for codes < 128: 8 significant bits) and 0x6400 | code the float16 1024 + code, so the dot
+        is taken over offset codes and the offset's share, offset * sum(a), subtracted once per row."""
+        if a.dtype == tl.bfloat16 and BITS < 8:
+            offset_codes = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            dot = tl.dot(a, offset_codes, input_precision=PRECISION)
+            dot -= 128.0 * tl.sum(a.to(tl.float32), axis=1)[:, None]
+        elif a.dtype == tl.float16:
+            offset_codes = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            dot = tl.dot(a, offset_codes, input_precision=PRECISION)
+            dot -= 1024.0 * tl.sum(a.to(tl.float32), axis=1)[:, None]
+        else:
+            dot = tl.dot(a, _as_float(codes).to(a.dtype), input_precision=PRECISION)
+        return dot
+
+    @triton.jit
+    def _slot_rows(slots, lead, ROW_TOKENS: tl.constexpr):
+        """The parameter row of each slot (the module doc's rule); meaningless where slots < 0."""
+        return tl.where(slots < lead, 0, 1 + (slots - lead) // ROW_TOKENS)
+
+    @triton.jit
+    def _slot_params(base, slots, live, lead, stride_r, ROW_TOKENS: tl.constexpr):
+        """Mode "slot": the one parameter of each slot, float32 [N]."""
+        rows = _slot_rows(slots, lead, ROW_TOKENS)
+        return tl.load(base + rows * stride_r, mask=live, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _tile_params(
+        base,
+        slots,
+        live,
+        tile,
+        start,
+        end,
         lead,
-        row_bytes,
-        stride_cs,
-        stride_cc,
-        stride_sr,
-        stride_sc,
-        BITS: tl.constexpr,
+        stride_r,
+        stride_c,
+        dim,
+        MODE: tl.constexpr,
         ROW_TOKENS: tl.constexpr,
         COL_CHANNELS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        """float32 values at (slot, chan), two index tensors that broadcast to the tile's shape."""
-        bit = chan * BITS
-        byte = bit // 8
-        ptr = codes_ptr + slot * stride_cs + byte * stride_cc
-        raw = tl.load(ptr, mask=mask, other=0).to(tl.int32)
-        if 8 % BITS != 0:  # 3-bit codes may straddle two bytes: read the next one too
-            nxt = tl.load(ptr + stride_cc, mask=mask & (byte + 1 < row_bytes), other=0).to(tl.int32)
-            raw = raw | (nxt << 8)
-        code = (raw >> (bit % 8)) & ((1 << BITS) - 1)
-        row = tl.where(slot < lead, 0, 1 + (slot - lead) // ROW_TOKENS)
-        params = row * stride_sr + (chan // COL_CHANNELS) * stride_sc
-        scale = tl.load(scale_ptr + params, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(zero_ptr + params, mask=mask, other=0.0).to(tl.float32)
-        return code.to(tl.float32) * scale + zero
+        """Modes "rows", "columns" and "gather": the parameter of every value of the tile, float32
+        [BLOCK_N, BLOCK_D]; `tile` is the first slot of a tile aligned to the rows (mode "rows")."""
+        offs_d = tl.arange(0, BLOCK_D)
+        if MODE == "rows":  # BLOCK_N // ROW_TOKENS whole rows, each read once
+            firsts = tile + tl.arange(0, BLOCK_N // ROW_TOKENS) * ROW_TOKENS
+            any_live = (firsts < end) & (firsts + ROW_TOKENS > start)
+            rows = _slot_rows(firsts, lead, ROW_TOKENS)
+            params = tl.load(
+                base + rows[:, None] * stride_r + offs_d[None, :] * stride_c,
+                mask=any_live[:, None] & (offs_d < dim)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            params = tl.broadcast_to(params[:, None, :], [BLOCK_N // ROW_TOKENS, ROW_TOKENS, BLOCK_D])
+            return tl.reshape(params, [BLOCK_N, BLOCK_D])
+        elif MODE == "columns":  # one row per slot, one parameter per group of COL_CHANNELS channels
+            cols = tl.arange(0, BLOCK_D // COL_CHANNELS)
+            rows = _slot_rows(slots, lead, ROW_TOKENS)
+            params = tl.load(
+                base + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                mask=live[:, None] & (cols < dim // COL_CHANNELS)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            params = tl.broadcast_to(params[:, :, None], [BLOCK_N, BLOCK_D // COL_CHANNELS, COL_CHANNELS])
+            return tl.reshape(params, [BLOCK_N, BLOCK_D])
+        else:
+            rows = _slot_rows(slots, lead, ROW_TOKENS)
+            return tl.load(
+                base + rows[:, None] * stride_r + (offs_d // COL_CHANNELS)[None, :] * stride_c,
+                mask=live[:, None] & (offs_d < dim)[None, :],
+                other=0.0,
+            ).to(tl.float32)
 
     @triton.jit
     def _packed_split_kernel(
@@ -162,9 +315,11 @@ if kernels.triton is not None:
         K_BITS: tl.constexpr,
         K_ROW_TOKENS: tl.constexpr,
         K_COL_CHANNELS: tl.constexpr,
+        K_MODE: tl.constexpr,
         V_BITS: tl.constexpr,
         V_ROW_TOKENS: tl.constexpr,
         V_COL_CHANNELS: tl.constexpr,
+        V_MODE: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -194,70 +349,83 @@ if kernels.triton is not None:
         )
         if UPCAST:
             q = q.to(tl.float32)
+        q_f32 = q.to(tl.float32)
+        q_sum = tl.sum(q_f32, axis=1)  # the zero-points' weight when they are folded
         kc_base = kc_ptr + b * stride_kcb + h * stride_kch
         ks_base = ks_ptr + b * stride_ksb + h * stride_ksh
         kz_base = kz_ptr + b * stride_ksb + h * stride_ksh
         vc_base = vc_ptr + b * stride_vcb + h * stride_vch
         vs_base = vs_ptr + b * stride_vsb + h * stride_vsh
         vz_base = vz_ptr + b * stride_vsb + h * stride_vsh
-        k_lead = tl.load(k_lead_ptr + b)
-        v_lead = tl.load(v_lead_ptr + b)
-        length = tl.load(len_ptr + b)
+        # int32 slot arithmetic: 64-bit compares and divisions per slot cost twice the instructions
+        k_lead = tl.load(k_lead_ptr + b).to(tl.int32)
+        v_lead = tl.load(v_lead_ptr + b).to(tl.int32)
+        length = tl.load(len_ptr + b).to(tl.int32)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
         start = split * split_len
         end = tl.minimum(start + split_len, length)
-        for n0 in range(start, end, BLOCK_N):
-            slots = n0 + offs_n
-            live = slots < end
-            # K transposed, [D, N], so the logits are one q @ kT.
-            kt = _load_dequantized(
-                kc_base,
-                ks_base,
-                kz_base,
-                slots[None, :],
-                offs_d[:, None],
-                live[None, :] & d_ok[:, None],
-                k_lead,
-                k_row_bytes,
-                stride_kcs,
-                stride_kcc,
-                stride_ksr,
-                stride_ksc,
-                K_BITS,
-                K_ROW_TOKENS,
-                K_COL_CHANNELS,
-            )
-            v = _load_dequantized(
-                vc_base,
-                vs_base,
-                vz_base,
-                slots[:, None],
-                offs_dv[None, :],
-                live[:, None] & dv_ok[None, :],
-                v_lead,
-                v_row_bytes,
-                stride_vcs,
-                stride_vcc,
-                stride_vsr,
-                stride_vsc,
-                V_BITS,
-                V_ROW_TOKENS,
-                V_COL_CHANNELS,
-            )
-            if not UPCAST:  # the tensor cores' input type: the query's
-                kt = kt.to(q.dtype)
-                v = v.to(q.dtype)
-            logits = (tl.dot(q, kt, input_precision=PRECISION) * scale_log2).to(tl.float32)
+        first = start
+        if K_MODE == "row" or K_MODE == "rows":
+            # Tiles start where key parameter rows do (lead + a multiple of BLOCK_N), so none straddles
+            # two rows ("row") or a row boundary cuts it into whole rows ("rows"); the first may begin
+            # before the split and the last reach past it, their outside slots masked.
+            first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        for tile in range(first, end, BLOCK_N):
+            slots = tile + offs_n
+            live = (slots >= start) & (slots < end)
+            k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, k_row_bytes, K_BITS, BLOCK_D)
+            if K_MODE == "slot":  # q.(c s + z) = s (q.c) + z sum(q)
+                scale = _slot_params(ks_base, slots, live, k_lead, stride_ksr, K_ROW_TOKENS)
+                zero = _slot_params(kz_base, slots, live, k_lead, stride_ksr, K_ROW_TOKENS)
+                qk = _dot_codes(q, tl.trans(k), K_BITS, PRECISION)
+                logits = qk * scale[None, :] + q_sum[:, None] * zero[None, :]
+            elif K_MODE == "row":  # one row for the tile: (q * s).c + q.z
+                row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
+                scale = tl.load(ks_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
+                zero = tl.load(kz_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
+                q_scaled = (q_f32 * scale.to(tl.float32)[None, :]).to(q.dtype)
+                bias = tl.sum(q_f32 * zero.to(tl.float32)[None, :], axis=1)
+                logits = _dot_codes(q_scaled, tl.trans(k), K_BITS, PRECISION) + bias[:, None]
+            else:
+                scale = _tile_params(
+                    ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, head_dim,
+                    K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                )  # fmt: skip
+                zero = _tile_params(
+                    kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, head_dim,
+                    K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                )  # fmt: skip
+                k = (_as_float(k) * scale + zero).to(q.dtype)
+                logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
+            logits = (logits * scale_log2).to(tl.float32)
             logits = tl.where(live[None, :], logits, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
             alpha = tl.exp2(m_i - m_ref)
             p = tl.exp2(logits - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+            v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, v_row_bytes, V_BITS, BLOCK_DV)
+            if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
+                scale = _slot_params(vs_base, slots, live, v_lead, stride_vsr, V_ROW_TOKENS)
+                zero = _slot_params(vz_base, slots, live, v_lead, stride_vsr, V_ROW_TOKENS)
+                p_scaled = (p * scale[None, :]).to(q.dtype)
+                pv = _dot_codes(p_scaled, v, V_BITS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
+            else:
+                scale = _tile_params(
+                    vs_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, value_dim,
+                    V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
+                )  # fmt: skip
+                zero = _tile_params(
+                    vz_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, value_dim,
+                    V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
+                )  # fmt: skip
+                pv = tl.dot(p.to(q.dtype), (_as_float(v) * scale + zero).to(q.dtype), input_precision=PRECISION)
+            acc = acc * alpha[:, None] + pv
             m_i = m_new
 
         any_live = l_i > 0.0
@@ -268,13 +436,18 @@ if kernels.triton is not None:
         tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
 
     def _packed_attention_triton(
-        query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor, scale: float
+        query: torch.Tensor,
+        keys: PackedSlots,
+        values: PackedSlots,
+        lengths: torch.Tensor,
+        scale: float,
+        launch: LaunchConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         dv = values.codes.shape[-1] * 8 // values.bits
         group = hq // hkv
-        num_splits, split_len = kernels._split_plan(b * hkv, s, kernels._num_sms(query.device))
+        num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
         o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
         out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
@@ -310,17 +483,19 @@ if kernels.triton is not None:
             K_BITS=keys.bits,
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,
+            K_MODE=_param_mode(keys, d, launch.block_n, can_align=True),
             V_BITS=values.bits,
             V_ROW_TOKENS=values.row_tokens,
             V_COL_CHANNELS=values.col_channels,
+            V_MODE=_param_mode(values, dv, launch.block_n, can_align=False),
             BLOCK_G=kernels._dot_block(group),
-            BLOCK_N=kernels.BLOCK_N,
+            BLOCK_N=launch.block_n,
             BLOCK_D=kernels._dot_block(d),
             BLOCK_DV=kernels._dot_block(dv),
             UPCAST=upcast,
             PRECISION=precision,
-            num_warps=kernels.NUM_WARPS,
-            num_stages=kernels.NUM_STAGES,
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
         )
         wrap_triton(kernels._decode_combine_kernel)[(b * hq,)](
             o_part,
@@ -358,7 +533,7 @@ def _packed_attention_op(
     keys = PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format)
     values = PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format)
     if kernels._use_triton(query):
-        return _packed_attention_triton(query, keys, values, lengths, scale)
+        return _packed_attention_triton(query, keys, values, lengths, scale, LAUNCH)
     return packed_decode_attention_reference(query, keys, values, lengths, scale)
 
 

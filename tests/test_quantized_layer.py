@@ -30,7 +30,15 @@ CASES = {
     "eight_bits_mha": (2, 4, 1, 130, 32, (8, 1, 32, None), (8, 1, 32, None), "float32"),
     "gqa8_many_splits": (1, 1, 8, 777, 64, (3, 32, 1, None), (4, 1, 32, None), "float32"),
     "zipcache_sets": (2, 2, 2, 520, 64, (4, 24, 1, 101), (2, 1, 64, None), "float32"),
+    # key rows of 64 slots (one row per tile, folded into the query), tiles aligned to a lead of 30 + 7b
+    "row_fold_misaligned": (2, 2, 4, 700, 64, (4, 64, 1, 30), (4, 1, 64, None), "float16"),
+    # head_dim 48 (padded tiles), key rows of 16 from a lead of 21 + 7b, value groups of 24 channels
+    "odd_dim_rows": (3, 1, 2, 300, 48, (2, 16, 1, 21), (3, 1, 24, None), "float32"),
+    # per-token keys in groups of 16 channels, per-channel values (parameters read per slot)
+    "channel_values": (2, 2, 2, 260, 32, (8, 1, 16, None), (2, 32, 1, None), "float16"),
 }
+# Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold.
+LAUNCHES = {"kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1)}
 
 
 def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator) -> PackedSlots:
@@ -67,12 +75,18 @@ def _measure(name: str) -> dict:
     x = _case_inputs(name, seed=len(name))
     args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
     ref_out, ref_lse = packed_decode_attention_reference(*args)
+    launch = LAUNCHES.get(name, quant_kernels.LaunchConfig())
+    quant_kernels.LAUNCH = launch
     out, lse = packed_decode_attention(*args)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
-    b, hkv, s = x["keys"].codes.shape[:3]
+    b, hkv, s, d = (*x["keys"].codes.shape[:3], x["query"].shape[-1])
     return {
+        "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True),
+        "value_mode": quant_kernels._param_mode(x["values"], d, launch.block_n, can_align=False),
+        "bits": [x["keys"].bits, x["values"].bits],
+        "lead_misaligned": bool((x["keys"].lead % launch.block_n != 0).any()),
         "dtype": str(x["query"].dtype).removeprefix("torch."),
         "out_dtype_ok": out.dtype == x["query"].dtype and lse.dtype == torch.float32,
         "nan": bool(out.isnan().any() or lse.isnan().any()),
@@ -81,7 +95,7 @@ def _measure(name: str) -> dict:
         "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))),
         "dead_rows": int((~live).sum()),
         "dead_out_zero": bool((out[~live] == 0).all()),
-        "splits": kernels._split_plan(b * hkv, s, 4)[0],
+        "splits": quant_kernels._split_plan(b * hkv, s, kernels._num_sms(x["query"].device), launch)[0],
         "group": group,
     }
 
@@ -106,9 +120,16 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
 
 
 def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
-    assert min(m["splits"] for m in interpreted.values()) == 1
-    assert max(m["splits"] for m in interpreted.values()) > 4
-    assert sum(m["dead_rows"] for m in interpreted.values()) > 0
+    """Every way the kernel applies parameters, for K and V, every bit width, tiles aligned to key rows
+    from a lead that is not a multiple of the tile, one split and many, sequences with no live slot."""
+    cases = interpreted.values()
+    assert {m["key_mode"] for m in cases} == {"slot", "row", "rows", "columns", "gather"}
+    assert {m["value_mode"] for m in cases} == {"slot", "columns", "gather"}
+    assert {bits for m in cases for bits in m["bits"]} == {2, 3, 4, 8}
+    assert {m["key_mode"] for m in cases if m["lead_misaligned"]} >= {"row", "rows"}
+    assert min(m["splits"] for m in cases) == 1
+    assert max(m["splits"] for m in cases) > 4
+    assert sum(m["dead_rows"] for m in cases) > 0
 
 
 def test_reference_reads_the_packed_layout() -> None:
@@ -149,9 +170,18 @@ def test_cpu_op_runs_the_reference_and_compiles_whole() -> None:
     assert torch.equal(compiled[0], out) and torch.equal(compiled[1], lse)
 
 
-@pytest.mark.parametrize(("dtype", "bits"), [("bf16", 4), ("bf16", 3), ("fp32", 2)])
-def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int) -> None:
-    """Lowered for sm_90 with Triton's bundled ptxas (no GPU needed): catches what the interpreter cannot."""
+@pytest.mark.parametrize(
+    ("dtype", "bits", "key_mode", "value_mode"),
+    [
+        ("bf16", 4, "slot", "slot"),
+        ("bf16", 2, "rows", "columns"),
+        ("fp16", 3, "row", "gather"),
+        ("fp32", 8, "gather", "slot"),
+    ],
+)
+def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, value_mode: str) -> None:
+    """Lowered for sm_90 with Triton's bundled ptxas (no GPU needed): catches what the interpreter cannot,
+    including bfloat16's offset codes, which the interpreter never runs (its bfloat16 dots go to float32)."""
     pytest.importorskip("triton.backends.nvidia")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
@@ -165,10 +195,12 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int) -> None:
         name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")
     }
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
+    layouts = {"slot": (1, 128), "row": (64, 1), "rows": (32, 1), "columns": (1, 32), "gather": (24, 1)}
     constexprs = {
-        "K_BITS": bits, "K_ROW_TOKENS": 32, "K_COL_CHANNELS": 1, "V_BITS": bits, "V_ROW_TOKENS": 1,
-        "V_COL_CHANNELS": 32, "BLOCK_G": 16, "BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "BLOCK_DV": 128,
-        "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        "K_BITS": bits, "K_ROW_TOKENS": layouts[key_mode][0], "K_COL_CHANNELS": layouts[key_mode][1],
+        "K_MODE": key_mode, "V_BITS": bits, "V_ROW_TOKENS": layouts[value_mode][0],
+        "V_COL_CHANNELS": layouts[value_mode][1], "V_MODE": value_mode, "BLOCK_G": 16, "BLOCK_N": 64,
+        "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
     }  # fmt: skip
     signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
