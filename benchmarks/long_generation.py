@@ -13,11 +13,17 @@ method reproduces before its first differing character, averaged over samples; a
 whose extracted answer equals the full cache's. On a model this small the task accuracies are near zero,
 so agreement is what shows how much each budget changes the generation.
 
-The samples of a task decode together in one batch: on this CPU a decode step costs about the same for
-1 and 8 sequences (the eager step is overhead-bound), so samples are cheap and decode steps are not.
+The samples of a task decode together in one batch: on this CPU a decode step of 8 sequences costs
+about 1.5-2x a step of one, so samples are cheap and decode steps are not.
 
-    nice -n 10 python benchmarks/long_generation.py                     # the defaults below, ~30 min CPU idle
-    python benchmarks/long_generation.py --tasks passkey --budgets 64   # a subset
+Threads. torch runs one thread by default here (`--threads`). On a CPU that other jobs share, OpenMP's
+spin-waiting workers collapse when a core is taken away: with 2 threads and ~8 runnable processes on 2
+cores, a batch-8 decode step of the embedded model took 3.5-5.5 s, against 0.26-0.40 s with 1 thread
+(and 0.42 s with 2 threads under OMP_WAIT_POLICY=PASSIVE), which is what made an earlier run report
+2.7 s per step. On an idle machine more threads may be faster (not measured here).
+
+    nice -n 10 python benchmarks/long_generation.py                      # the defaults below, ~40 min shared CPU
+    python benchmarks/long_generation.py --tasks passkey --budgets 64    # a subset
 """
 
 from __future__ import annotations
@@ -153,10 +159,36 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def falloff(summary: list[dict[str, Any]]) -> str:
+    """Per task, each method's primary metric and agreement with the full cache (text / answer) by budget."""
+    budgets = sorted({row["budget"] for row in summary if row["budget"] is not None})
+    lines = []
+    for task in dict.fromkeys(row["task"] for row in summary):
+        lines += [
+            f"\n{task}: metric, text agreement, answer agreement with the full cache, by budget\n",
+            "| method | " + " | ".join(map(str, budgets)) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        rows = {(row["method"], row["budget"]): row for row in summary if row["task"] == task}
+        for method in METHODS:
+            cells = []
+            for budget in budgets:
+                row = rows.get((method, budget), {"status": "not run"})
+                if row["status"] != "ok":
+                    cells.append(row["status"])
+                    continue
+                metric = row["metrics"][row["primary_metric"]]
+                agreed = f"{row.get('text_prefix_agreement', 1.0):.2f} / {row.get('answer_agreement', 1.0):.2f}"
+                cells.append(f"{metric:.0f} · {agreed}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--budgets", type=int, nargs="+", default=[40, 64, 96], help="tokens per layer and KV head")
+    # Multiples of 64: buffers are allocated in 64-slot steps, so these budgets are also the measured bytes.
+    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192], help="tokens per layer and KV head")
     parser.add_argument("--new-tokens", type=int, default=128, help="generated tokens at most (GSM8K, AIME)")
     parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K problems (the first N of the test split)")
     parser.add_argument("--aime", type=int, default=4, help="AIME 2024 problems (the first N)")
@@ -165,7 +197,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder")
     parser.add_argument("--results-dir", type=Path, default=REPO / "results" / "long_generation")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (see Threads above)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)  # before `environment`, which records it
 
     began = time.perf_counter()
     done: list[dict[str, Any]] = []
@@ -183,6 +217,7 @@ def main() -> None:
     record["complete"] = True
     write_json_atomic(args.out, record)
     print(table(record["summary"]))
+    print(falloff(record["summary"]))
     print(f"wrote {args.out} in {record['wall_s']:.0f} s")
 
 
