@@ -9,7 +9,7 @@ import torch
 
 from kvbench import cache as cache_module
 from kvbench import quantized_layer
-from kvbench.cache import FullLayer
+from kvbench.cache import FullLayer, SharedLayer
 from kvbench.config import build
 from kvbench.engine import Engine
 from kvbench.methods.full import Full
@@ -37,7 +37,7 @@ def test_budget_at_least_context_reproduces_full_cache(tiny, name):
     model, tokenizer, spec = tiny
     method = make_method(name, budget=1024)
     if not getattr(method, "exact", True):
-        pytest.skip("lossy at every setting (quantization): its own tests bound the difference from the full cache")
+        pytest.skip("lossy whatever the budget (quantization, cross-layer sharing): its own tests bound or check it")
     reference = Engine(model, tokenizer, Full(), spec, prefill_chunk=64)
     engine = Engine(model, tokenizer, method, spec, prefill_chunk=64)
     expected = reference.generate(PROMPT, NEW_TOKENS)
@@ -54,8 +54,9 @@ def test_budget_at_least_context_reproduces_full_cache(tiny, name):
 @pytest.mark.parametrize("name", [n for n in method_names() if n != "full"])
 def test_small_budget_stores_fewer_bytes_than_dense(tiny, name):
     model, tokenizer, spec = tiny
-    if "budget" not in {f.name for f in dataclasses.fields(make_method(name, None))}:
-        # No token budget (quantization keeps every token): its default setting must still hold fewer bytes.
+    if "budget" not in make_method(name, None).describe():
+        # No token budget that matters (quantization and cross-layer sharing keep every token; a budget left out
+        # of the record has no effect): its default setting must still hold fewer bytes.
         m = Engine(model, tokenizer, make_method(name, None), spec, prefill_chunk=64).generate(PROMPT, 8).measurement
         assert 0 < m.kv_bytes_device < m.dense_kv_bytes and m.kv_bytes_device_peak >= m.kv_bytes_device
         return
@@ -118,8 +119,8 @@ def test_compressing_keeps_distinct_real_tokens(tiny, name):
     method = make_method(name, budget=64)
     engines = [Engine(model, tokenizer, m, spec, prefill_chunk=64) for m in (Full(), method)]
     caches = [engine.new_cache(len(PROMPT), 30) for engine in engines]
-    if all(layer.capacity >= len(PROMPT) + 30 for layer in caches[1].layers):
-        pytest.skip("keeps every token (quantization): nothing is selected or evicted")
+    if all(isinstance(layer, SharedLayer) or layer.capacity >= len(PROMPT) + 30 for layer in caches[1].layers):
+        pytest.skip("keeps every token (quantization, cross-layer sharing): nothing is selected or evicted")
     with torch.inference_mode():
         for engine, cache in zip(engines, caches, strict=True):
             engine._prefill(cache, PROMPT)
