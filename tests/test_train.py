@@ -30,6 +30,7 @@ from methods.full import Full
 from tests.conftest import CONFIGS, REPO
 
 TOY_VOCAB = 64
+STEPS, SAVE_EVERY = 150, 10  # the CLI runs
 
 
 def toy_pieces(seq_len: int = 16):
@@ -165,7 +166,7 @@ def cli_args(text: Path, out_dir: Path, steps: int) -> list[str]:
     return [
         "model.name=tiny_cla", "model.layers=2", "model.hidden=32", "model.heads=2", "model.kv_heads=1",
         "model.kv_sharing=2", f"data.paths=[{text}]", "data.val_every=10", "train.seq_len=32", "train.batch=2",
-        f"train.steps={steps}", "train.save_every=10", "train.eval_every=50", "train.warmup_steps=5",
+        f"train.steps={steps}", f"train.save_every={SAVE_EVERY}", "train.eval_every=50", "train.warmup_steps=5",
         "train.device=cpu", "train.progress=false", f"train.out_dir={out_dir}",
     ]  # fmt: skip
 
@@ -179,9 +180,6 @@ def cli(args: list[str]) -> subprocess.Popen:
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
     stdout, stderr = process.communicate(timeout=600)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-STEPS = 150
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +196,15 @@ def test_killed_run_resumes_without_losing_or_repeating_steps(reference):
     text, out_dir = reference / "corpus.txt", reference / "killed"
     process = cli(cli_args(text, out_dir, STEPS))
     deadline = time.monotonic() + 300
-    while not (out_dir / "checkpoint" / "trainer_state.pt").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+    # Kill between checkpoints: a checkpoint exists and the log has steps past it (resume must drop them).
+    while not (checkpoint.has_checkpoint(out_dir) and len(checkpoint.read_loss_log(out_dir)) > SAVE_EVERY + 1):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = len(checkpoint.read_loss_log(out_dir))
-    assert killed_at < STEPS, "the run finished before the kill: make it longer"
+    saved_step = torch.load(out_dir / "checkpoint" / "trainer_state.pt", weights_only=True)["step"]
+    logged = len(checkpoint.read_loss_log(out_dir))
+    assert saved_step < logged < STEPS, (saved_step, logged)
     done = finish(cli(cli_args(text, out_dir, STEPS)))
     assert done.returncode == 0, done.stderr[-3000:]
 
