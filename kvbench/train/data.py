@@ -105,8 +105,9 @@ def token_stream(docs: list[str], tokenizer, max_tokens: int = 0) -> torch.Tenso
     """All documents as one int64 stream, each followed by the EOS token (so the model learns where text ends)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    encoded = tokenizer([doc for doc in docs if doc.strip()], add_special_tokens=False, verbose=False)
-    for doc_ids in encoded["input_ids"]:
+    texts = [doc for doc in docs if doc.strip()]
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+    for doc_ids in encoded:
         ids.extend(doc_ids)
         ids.append(eos)
         if max_tokens and len(ids) >= max_tokens:
