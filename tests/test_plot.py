@@ -13,7 +13,18 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from kvbench.plot import comparable_groups, front_table, group_labels, main, mixed_settings, pareto_mask
+from kvbench.plot import (
+    FRONT_AXES,
+    comparable_groups,
+    front_table,
+    fronts_figure,
+    fronts_summary,
+    group_labels,
+    main,
+    method_style,
+    mixed_settings,
+    pareto_mask,
+)
 from kvbench.records import load_table
 
 MIB = 2**20
@@ -27,6 +38,9 @@ def test_pareto_mask_by_hand():
     assert pareto_mask(x, y, higher_is_better=True).tolist() == [True, True, False, False]
     # Lower is better (perplexity): (1, .5) is best in both; the rest are dominated.
     assert pareto_mask(x, y, higher_is_better=False).tolist() == [True, False, False, False]
+    # A cost where more is better (compression ratio): (3, .8) and (2, .9) are on the front, (1, .5) is beaten
+    # by both, (2, .7) by (2, .9).
+    assert pareto_mask(x, y, higher_is_better=True, x_lower_is_better=False).tolist() == [False, True, True, False]
 
 
 def write_record(
@@ -38,6 +52,7 @@ def write_record(
     model: str = "tiny",
     task_params: dict[str, Any] | None = None,
     samples: int = 10,
+    engine: str = "eager",
 ) -> None:
     """A passkey run record as `kvbench.run` writes it (only the fields the table reads)."""
     params = {"context_lengths": [1024], "depths": [0.1, 0.5], "limit": 0, **(task_params or {})}
@@ -47,30 +62,83 @@ def write_record(
         "task": "passkey", "model": model, "method": method, "status": "ok",
         "primary_metric": "accuracy", "higher_is_better": True,
         "metrics": {"accuracy": accuracy},
-        "measurements": {"kv_bytes_device": kv_bytes, "samples": samples, "prompt_tokens_mean": 1000.0},
+        "measurements": {"kv_bytes_device": kv_bytes, "samples": samples, "prompt_tokens_mean": 1000.0,
+                         "compression_ratio": 20 * MIB / kv_bytes, "decode_ms_per_token": 10 + kv_bytes / MIB},
         "method_params": {"budget": budget}, "task_params": params,
+        "config": {"kvbench": {"engine": engine}},
     }  # fmt: skip
     (directory / "record.json").write_text(json.dumps(record))
 
 
-def write_sweep(root: Path, model: str = "tiny", **task_params: Any) -> None:
+def write_sweep(root: Path, model: str = "tiny", engine: str = "eager", **task_params: Any) -> None:
     """full and snapkv at three budgets; accuracy falls with the context length, as passkey's does."""
     length = int(str(task_params.get("context_lengths", [1024])[0]))
     drop = 0.0 if length <= 1024 else 0.4
-    write_record(root, "full", None, 20 * MIB * length / 1024, 1.0, model, task_params)
+    write_record(root, "full", None, 20 * MIB * length / 1024, 1.0, model, task_params, engine=engine)
     for budget, acc in [(64, 0.4), (128, 0.9), (256, 0.8)]:
-        write_record(root, "snapkv", budget, budget / 16 * MIB, max(acc - drop, 0.0), model, task_params)
+        write_record(root, "snapkv", budget, budget / 16 * MIB, max(acc - drop, 0.0), model, task_params, engine=engine)
 
 
-def test_plot_cli_writes_png_svg_and_prints_table(tmp_path, capsys):
+def test_plot_cli_writes_png_svg_and_the_front_table(tmp_path, capsys):
     write_sweep(tmp_path)
-    assert main([str(tmp_path)]) == 0
-    assert (tmp_path / "pareto-passkey.png").stat().st_size > 1000
-    assert (tmp_path / "pareto-passkey.svg").exists()
-    printed = capsys.readouterr().out
-    assert "snapkv" in printed and "on_method_front" in printed
-    table = load_table(tmp_path)
-    assert len(table) == 4 and set(table["method"]) == {"full", "snapkv"}
+    out = tmp_path / "figures"
+    assert main([str(tmp_path), "--out", str(out)]) == 0
+    assert (out / "pareto-passkey.png").stat().st_size > 1000
+    assert (out / "pareto-passkey.svg").exists()
+    table = (out / "pareto-passkey.md").read_text()
+    assert table in capsys.readouterr().out
+    header = "| group | method | setting | accuracy | KV cache on device (MiB, measured) | front: kv_bytes_device |"
+    assert table.startswith(header)
+    # Budget 128 (0.9 at 8 MiB) is on the front of bytes; 256 (0.8 at 16 MiB) is beaten by it.
+    assert "| tiny | snapkv | budget=128 | 0.9 | 8 | ✓ |" in table
+    assert "| tiny | snapkv | budget=256 | 0.8 | 16 |  |" in table
+    assert len(pd.read_csv(out / "pareto-passkey.csv")) == 4
+
+
+def test_front_summary_marks_the_front_on_each_axis(tmp_path):
+    write_sweep(tmp_path)
+    summary = fronts_summary(load_table(tmp_path), "accuracy").set_index("setting")
+    # Fewer bytes, less time, more compression: 64 and 128 are on every front, 256 on none; full (1.0,
+    # the most accurate) is on every front too.
+    for x in FRONT_AXES:
+        assert summary[f"front: {x}"].to_dict() == {
+            "": True,
+            "budget=64": True,
+            "budget=128": True,
+            "budget=256": False,
+        }
+    assert summary.loc["budget=64", "compression ratio (x, measured)"] == pytest.approx(5.0)
+
+
+def test_figure_has_a_row_per_group_and_a_column_per_cost(tmp_path):
+    write_sweep(tmp_path, context_lengths=[1024])
+    write_sweep(tmp_path, context_lengths=[2048])
+    fig = fronts_figure("passkey", load_table(tmp_path), "accuracy")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 6
+    assert [ax.get_xlabel() for ax in panels[:3]] == [
+        "KV cache on device (MiB, measured)", "decode time (ms/token)", "compression ratio (x, measured)"
+    ]  # fmt: skip
+    assert panels[0].get_ylabel().startswith("tiny | context_lengths=1024")
+    assert [t.get_text() for t in fig.legends[0].get_texts()][:2] == ["full", "snapkv"]
+
+
+def test_method_styles_are_fixed_by_name():
+    """A method looks the same in every figure, and the known methods do not share a colour and marker."""
+    assert method_style("snapkv") == method_style("snapkv")
+    styles = {method_style(m) for m in ["arkvale", "cla", "h2o", "kivi", "quarot", "rtn", "scissorhands",
+                                        "snapkv", "snapstream", "streamingllm", "zipcache"]}  # fmt: skip
+    assert len(styles) == 11
+    assert len({colour for colour, _ in styles}) == 10  # tab10: the eleventh reuses a colour, not a marker
+
+
+def test_engines_do_not_share_a_front(tmp_path):
+    """An eager and a compiled run differ in decode time for reasons that are not the method's."""
+    write_sweep(tmp_path, engine="eager")
+    write_sweep(tmp_path, engine="compiled")
+    assert group_labels(comparable_groups(load_table(tmp_path))) == [
+        "tiny | kvbench.engine=compiled", "tiny | kvbench.engine=eager"
+    ]  # fmt: skip
 
 
 def test_plot_cli_reports_an_empty_directory(tmp_path, capsys):
@@ -137,9 +205,9 @@ def test_plot_cli_draws_one_panel_per_comparable_group(tmp_path, capsys):
         warnings.simplefilter("error")
         assert main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "== passkey | tiny | context_lengths=1024" in printed
-    assert "== passkey | tiny | context_lengths=2048,4096" in printed
-    assert printed.count("full ") == 2  # one full row in each table
+    assert "| tiny \\| context_lengths=1024 | full |" in printed
+    assert "| tiny \\| context_lengths=2048,4096 | full |" in printed
+    assert printed.count("| full |") == 2  # one full row in each group
 
 
 def test_importing_the_module_leaves_the_backend_alone():
