@@ -23,7 +23,7 @@ from kvbench.models import ModelConfig, load_model, model_spec
 from kvbench.train import checkpoint
 from kvbench.train.__main__ import build
 from kvbench.train.config import DataSettings, ModelShape, TrainConfig, TrainSettings
-from kvbench.train.data import BatchOrder, split_pieces
+from kvbench.train.data import BatchOrder, read_documents, split_pieces
 from kvbench.train.loop import Trainer, batch_loss, train
 from kvbench.train.model import build_model, forward_kwargs, parameter_counts, unused_parameters
 from methods.full import Full
@@ -280,6 +280,12 @@ def test_corpus_problems_fail_before_training(tmp_path, shared_data):
             train(replace(base, data=data))
         assert error.value.key == key
     assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_jsonl_records_may_hold_unicode_line_separators(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"context": "one\u2028two"}, ensure_ascii=False) + "\n" + json.dumps({"context": "x"}))
+    assert read_documents(path, "context") == ["one\u2028two", "x"]
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):

@@ -66,7 +66,9 @@ def read_documents(path: Path, text_field: str) -> list[str]:
         records = records if isinstance(records, list) else [records]
         return [_field(record, text_field, str(path)) for record in records]
     documents = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are split on "\n" only: str.splitlines would also split at U+2028 and other separators,
+    # which JSON strings may hold unescaped.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
