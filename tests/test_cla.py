@@ -174,6 +174,12 @@ def test_bad_input_is_one_line_naming_the_key(method, key, says):
     assert caught.value.key == key and says in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_cache_built_directly_refuses_a_packed_producer():
+    """What `check` refuses before loading, building the cache refuses too (for code that skips `check`)."""
+    with pytest.raises(ValueError, match="layer 1 shares layer 0's keys and values, but QuantizedLayer"):
+        KIVI().make_cache(spec_of(tiny_llama(kv_sharing=2)), len(PROMPT), len(DECODE))
+
+
 @pytest.fixture
 def native_folder(tmp_path):
     """A model folder whose config says kvbench_kv_sharing=2 (no weights: nothing may load them)."""
