@@ -267,6 +267,9 @@ def fronts_summary(runs: pd.DataFrame, metric: str, axes: tuple[str, ...] = FRON
         ok.insert(0, "group", label)
         ok["setting"] = run_setting(ok)
         shown = ["group", "method", "setting", metric]
+        if "other_commit" in ok and ok["other_commit"].fillna(False).astype(bool).any():
+            ok["other commit"] = ok["other_commit"].fillna(False).astype(bool)  # not this checkout's code
+            shown.append("other commit")
         for x in axes:
             if x not in ok:
                 continue

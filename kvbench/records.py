@@ -163,6 +163,7 @@ def record_row(record: dict[str, Any], directory: Path, current_commit: str = CO
     row["warnings"] = len(record.get("warnings") or [])
     row["wall_s"] = record.get("wall_s")
     row["finished_at"] = record.get("finished_at")
+    row["device_name"] = (record.get("environment") or {}).get("device_name")
     row["commit"] = commit
     row["dirty"] = str(commit or "").endswith("+dirty")
     row["other_commit"] = commit is not None and base_commit(commit) != base_commit(current_commit)
