@@ -1,112 +1,185 @@
 """Decode attention over packed quantized K/V against the bf16 kernel, Llama-3.1-8B shape, one GPU.
 
+    PYTHONPATH=. python benchmarks/quant_attention.py --quick --out quant_attention.jsonl   # < 1 minute
     PYTHONPATH=. python benchmarks/quant_attention.py --out benchmarks/results/quant_attention_h100.jsonl
-    PYTHONPATH=. python benchmarks/quant_attention.py --device cpu   # a smoke run of the same code, small shapes
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/quant_attention.py --device cpu   # a smoke run, small shapes
 
-One query per sequence, Hq = 32, Hkv = 8, D = 128, every slot live, batch 1 and 4 at 8k, 32k and 128k
-tokens. Rows: `bf16` (kvbench.kernels.decode_attention over bf16 K/V), and kvbench.quant_kernels'
-packed kernel for `int4_token` (K and V per token, one group per head: QuaRot's layout), `kivi4` and
-`kivi2` (keys per channel in groups of 32 tokens, values per token in groups of 32 channels). Each row
-gives the bytes the kernel must read (codes + float16 scales/zero-points, or bf16 K/V), the floor (those
-bytes over 3.0e12 B/s), the median time (triton.testing.do_bench, L2 flushed), and the speed-up over bf16.
+One query per sequence, Hq = 32, Hkv = 8, D = 128, every slot live; batch 1 and 4 at 32k and 128k tokens
+(8k too without --quick). Rows: `bf16` (kvbench.kernels.decode_attention over bf16 K/V), and
+kvbench.quant_kernels' packed kernel for `int4_token` (K and V per token, one group per head: QuaRot's
+layout), `kivi4` and `kivi2` (keys per channel in groups of 32 tokens, values per token in groups of 32
+channels), under each launch configuration of --configs (the default `LAUNCH` first; the others are the
+alternatives one GPU run can choose from). Each row gives the bytes the kernel must read (codes + float16
+scales/zero-points, or bf16 K/V), the floor (those bytes at the read bandwidth measured first, a bf16
+sum over 1 GiB), the time per call, x_floor = time / floor and the speed-up over bf16.
 
-Before timing: each packed layout against the float32 reference on an 8k shape (GPU: the Triton kernel;
-CPU: the reference itself), and the operator under CUDA-graph capture and torch.compile(fullgraph=True).
-Imports only torch, triton and kvbench. Appends one JSON line per row to --out and prints a table.
+Timing: each call is replayed from a CUDA graph (as the compiled decode step runs it, so no host launch
+cost), over enough copies of the inputs, used in turn, that together they exceed twice the L2 cache;
+the median of 5 replays of 20 calls. Before timing, under every configuration: the kernel against the
+float32 reference (bf16 queries, 4k slots, a full and a partial sequence) for the timed layouts, and under
+the default one also float16 queries and the layouts no timed row uses (ZipCache's odd key blocks from a
+lead, key rows spanning whole tiles from a misaligned lead, 3- and 8-bit codes), and the operator under
+CUDA-graph capture (and torch.compile(fullgraph=True) without --quick). A failed check is a row with
+"ok": false and the exit status 1; timing goes on. Imports only torch, triton and kvbench; appends one
+JSON line per row to --out and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import subprocess
+import sys
 import time
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from kvbench import kernels
+from kvbench import kernels, quant_kernels
 from kvbench.quant import PARAM_DTYPE, packed_width
-from kvbench.quant_kernels import PackedSlots, packed_decode_attention, packed_decode_attention_reference
+from kvbench.quant_kernels import LaunchConfig, PackedSlots, packed_decode_attention, packed_decode_attention_reference
 
-NOMINAL_BANDWIDTH = 3.0e12  # B/s
 HQ, HKV, D = 32, 8, 128
-# name: (key bits, key axis, value bits, value axis); groups of 32 (channel axis: tokens; token axis: channels)
-# except int4_token, one group per token and head (128 channels).
-LAYOUTS = {
-    "int4_token": (4, "token", 4, "token", 128),
-    "kivi4": (4, "channel", 4, "token", 32),
-    "kivi2": (2, "channel", 2, "token", 32),
+SCALE = D**-0.5
+# A store's format: (bits, row_tokens, col_channels, lead); lead None = row_tokens (kvbench.quant_kernels).
+TIMED = {
+    "int4_token": ((4, 1, 128, None), (4, 1, 128, None)),
+    "kivi4": ((4, 32, 1, None), (4, 1, 32, None)),
+    "kivi2": ((2, 32, 1, None), (2, 1, 32, None)),
 }
+CHECKED_ONLY = {
+    "zipcache8_lead3001": ((8, 60, 1, 3001), (8, 1, 128, None)),  # gathered key rows; 8-bit codes
+    "rows128_lead1000_3bit": ((4, 128, 1, 1000), (3, 1, 32, None)),  # key rows span tiles, misaligned
+}
+CONFIGS = {
+    "default": quant_kernels.LAUNCH,
+    "n128_w8": LaunchConfig(block_n=128, num_warps=8),
+    "n64_s3_pps8": LaunchConfig(num_stages=3, programs_per_sm=8),
+    "n32": LaunchConfig(block_n=32),  # KIVI's key rows of 32 span whole tiles: their scales fold
+}
+DEFAULT_CONFIGS = "default,n128_w8,n64_s3_pps8"  # each configuration compiles the kernel once per layout
+TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # (output relative, lse absolute)
+TIMED_CALLS, REPLAYS = 20, 5
 
 
-def packed_inputs(batch: int, slots: int, layout: str, device: torch.device, seed: int) -> tuple[PackedSlots, ...]:
-    """Random codes and parameters in the layout (the kernel's cost does not depend on their values)."""
-    k_bits, k_axis, v_bits, v_axis, group = LAYOUTS[layout]
+def store(batch: int, slots: int, fmt: tuple, device: torch.device, gen: torch.Generator) -> PackedSlots:
+    """Random codes and parameters in a format (the kernel's cost does not depend on their values)."""
+    bits, row_tokens, col_channels, lead = fmt
+    lead = torch.full((batch,), row_tokens if lead is None else lead, device=device)
+    rows = int(quant_kernels.slot_rows(max(slots, 1), lead[:1].cpu(), row_tokens).max()) + 1
+    shape = (batch, HKV, slots, packed_width(D, bits))
+    codes = torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=gen)
+    params = (batch, HKV, rows, D // col_channels)
+    scale = (torch.rand(params, device=device, generator=gen) * 0.1 + 0.01).to(PARAM_DTYPE)
+    zero = (torch.randn(params, device=device, generator=gen) * 0.5).to(PARAM_DTYPE)
+    return PackedSlots(codes, scale, zero, lead, bits, row_tokens, col_channels)
+
+
+def packed_inputs(batch: int, slots: int, layout: tuple, device: torch.device, seed: int) -> tuple[PackedSlots, ...]:
     gen = torch.Generator(device=device).manual_seed(seed)
-
-    def store(bits: int, axis: str) -> PackedSlots:
-        codes = torch.randint(
-            0, 256, (batch, HKV, slots, packed_width(D, bits)), dtype=torch.uint8, device=device, generator=gen
-        )
-        rows, cols, row_tokens, col_channels = (
-            (slots, D // group, 1, group) if axis == "token" else (-(-slots // 32), D, 32, 1)
-        )
-        scale = (torch.rand(batch, HKV, rows, cols, device=device, generator=gen) * 0.1 + 0.01).to(PARAM_DTYPE)
-        zero = (torch.randn(batch, HKV, rows, cols, device=device, generator=gen) * 0.5).to(PARAM_DTYPE)
-        lead = torch.full((batch,), row_tokens, device=device)
-        return PackedSlots(codes, scale, zero, lead, bits, row_tokens, col_channels)
-
-    return store(k_bits, k_axis), store(v_bits, v_axis)
+    return store(batch, slots, layout[0], device, gen), store(batch, slots, layout[1], device, gen)
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def timer(device: torch.device):
-    if device.type == "cuda":
-        import triton.testing
+def packed_bytes(keys: PackedSlots, values: PackedSlots) -> int:
+    return nbytes(keys.codes, keys.scale, keys.zero, values.codes, values.scale, values.zero)
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
 
-    def host_us(fn) -> float:
-        fn()
+def time_us(calls: list[Callable[[], object]], device: torch.device) -> float:
+    """Time per call: CUDA-graph replays of TIMED_CALLS calls taking the inputs in turn (GPU); host clock
+    otherwise."""
+    if device.type != "cuda":
+        calls[0]()
         began = time.perf_counter()
-        for _ in range(3):
-            fn()
-        return (time.perf_counter() - began) / 3 * 1e6
+        for call in calls:
+            call()
+        return (time.perf_counter() - began) / len(calls) * 1e6
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(TIMED_CALLS):
+            calls[i % len(calls)]()
+    graph.replay()
+    per_call_us = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        per_call_us.append(start.elapsed_time(end) * 1e3 / TIMED_CALLS)
+    return statistics.median(per_call_us)
 
-    return host_us
+
+def copies_past_l2(bytes_per_copy: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(8, math.ceil(2 * l2_bytes / bytes_per_copy)))
 
 
-def checks(device: torch.device, slots: int) -> list[dict]:
+def read_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a bf16 sum over 1 GiB (the floor's bandwidth), or a nominal 3e12 off the GPU."""
+    if device.type != "cuda":
+        return 3.0e12
+    x = torch.ones(2**29, dtype=torch.bfloat16, device=device)
+    us = time_us([x.sum], device)
+    return 2**30 / (us * 1e-6)
+
+
+def check(query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor) -> dict:
+    out, lse = packed_decode_attention(query, keys, values, lengths, SCALE)
+    ref_out, ref_lse = packed_decode_attention_reference(query, keys, values, lengths, SCALE)
+    err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
+    lse_err = (lse - ref_lse).abs().max().item()
+    out_tol, lse_tol = TOLERANCE[query.dtype]
+    return {"out_rel": err, "lse_abs": lse_err, "ok": err < out_tol and lse_err < lse_tol}
+
+
+def reference_checks(device: torch.device, slots: int, config: str) -> list[dict]:
+    """bf16 queries over the timed layouts; under the default configuration also the check-only layouts,
+    and float16 queries (the float16 offset codes) on int4_token and those."""
+    layouts = TIMED | (CHECKED_ONLY if config == "default" else {})
+    lengths = torch.tensor([slots, slots // 3 + 5], device=device)
     rows = []
-    query = torch.randn(2, HQ, D, device=device, dtype=torch.bfloat16)
-    lengths = torch.tensor([slots, slots // 3], device=device)
-    for layout in LAYOUTS:
+    for name, layout in layouts.items():
         keys, values = packed_inputs(2, slots, layout, device, seed=1)
-        out, lse = packed_decode_attention(query, keys, values, lengths, D**-0.5)
-        ref_out, ref_lse = packed_decode_attention_reference(query, keys, values, lengths, D**-0.5)
-        err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
-        lse_err = (lse - ref_lse).abs().max().item()
-        rows.append(
-            {"check": f"reference_{layout}", "out_rel": err, "lse_abs": lse_err, "ok": err < 2e-2 and lse_err < 1e-2}
-        )
-    keys, values = packed_inputs(2, slots, "kivi2", device, seed=2)
+        with_fp16 = config == "default" and (name in CHECKED_ONLY or name == "int4_token")
+        for dtype in (torch.bfloat16, torch.float16) if with_fp16 else (torch.bfloat16,):
+            query = torch.randn(2, HQ, D, device=device).to(dtype)
+            result = check(query, keys, values, lengths)
+            rows.append({"check": f"reference_{name}_{str(dtype).removeprefix('torch.')}", "config": config} | result)
+    return rows
 
-    def step(q):
-        return packed_decode_attention(q, keys, values, lengths, D**-0.5)
+
+def capture_checks(device: torch.device, slots: int, with_compile: bool) -> list[dict]:
+    rows = []
+    keys, values = packed_inputs(2, slots, TIMED["kivi2"], device, seed=2)
+    lengths = torch.tensor([slots, slots // 3], device=device)
+    query = torch.randn(2, HQ, D, device=device, dtype=torch.bfloat16)
+
+    def step(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return packed_decode_attention(q, keys, values, lengths, SCALE)
 
     want = step(query)
-    try:
-        got = torch.compile(step, fullgraph=True)(query)
-        same = all(torch.allclose(g.float(), w.float(), atol=1e-2) for g, w in zip(got, want, strict=True))
-        rows.append({"check": "torch_compile_fullgraph", "ok": same})
-    except Exception as err:  # report, keep benchmarking
-        rows.append({"check": "torch_compile_fullgraph", "ok": False, "error": repr(err)[:500]})
+    if with_compile:
+        try:
+            got = torch.compile(step, fullgraph=True)(query)
+            rows.append({"check": "torch_compile_fullgraph", "ok": all(map(torch.equal, got, want))})
+        except Exception as err:  # reported as a failed check; the benchmark goes on
+            rows.append({"check": "torch_compile_fullgraph", "ok": False, "error": repr(err)[:500]})
     if device.type == "cuda":
         try:
             static = query.clone()
@@ -116,89 +189,136 @@ def checks(device: torch.device, slots: int) -> list[dict]:
                 got = step(static)
             graph.replay()
             torch.cuda.synchronize()
-            rows.append({"check": "cuda_graph", "ok": all(torch.equal(g, w) for g, w in zip(got, want, strict=True))})
+            rows.append({"check": "cuda_graph", "ok": all(map(torch.equal, got, want))})
         except Exception as err:
             rows.append({"check": "cuda_graph", "ok": False, "error": repr(err)[:500]})
     return rows
 
 
-def sweep(device: torch.device, contexts: list[int], batches: list[int]) -> list[dict]:
-    measure = timer(device)
-    rows = []
+def dense_rows(device: torch.device, contexts: list[int], batches: list[int]) -> dict[tuple[int, int], dict]:
+    rows = {}
     for slots in contexts:
         for batch in batches:
-            query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
-            keys = torch.randn(batch, HKV, slots, D, device=device, dtype=torch.bfloat16)
-            values = torch.randn_like(keys)
-            positions = torch.arange(slots, device=device).expand(batch, HKV, slots)
-            dense_us = measure(partial(kernels.decode_attention, query, keys, values, positions, D**-0.5))
-            dense_bytes = nbytes(keys, values)
-            rows.append({"kernel": "bf16", "batch": batch, "context": slots, "us": dense_us, "bytes": dense_bytes})
-            del keys, values
-            lengths = torch.full((batch,), slots, device=device)
-            for layout in LAYOUTS:
-                k, v = packed_inputs(batch, slots, layout, device, seed=3)
-                us = measure(partial(packed_decode_attention, query, k, v, lengths, D**-0.5))
-                read = nbytes(k.codes, k.scale, k.zero, v.codes, v.scale, v.zero)
-                rows.append(
-                    {
-                        "kernel": layout,
-                        "batch": batch,
-                        "context": slots,
-                        "us": us,
-                        "bytes": read,
-                        "speedup_vs_bf16": dense_us / us,
-                    }
-                )
-                del k, v
-    for row in rows:
-        row["floor_us"] = row["bytes"] / NOMINAL_BANDWIDTH * 1e6
-        row["x_floor"] = row["us"] / row["floor_us"]
+            bytes_per_copy = 2 * batch * HKV * slots * D * 2
+            calls = []
+            for _ in range(copies_past_l2(bytes_per_copy, device)):
+                query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
+                keys = torch.randn(batch, HKV, slots, D, device=device, dtype=torch.bfloat16)
+                values = torch.randn_like(keys)
+                positions = torch.arange(slots, device=device).expand(batch, HKV, slots)
+                calls.append(lambda q=query, k=keys, v=values, p=positions: kernels.decode_attention(q, k, v, p, SCALE))
+            us = time_us(calls, device)
+            rows[slots, batch] = {"kernel": "bf16", "batch": batch, "context": slots, "us": us, "bytes": bytes_per_copy}
+            del calls
     return rows
 
 
-def environment(device: torch.device) -> dict:
+def packed_rows(device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict) -> list[dict]:
+    rows = []
+    for slots in contexts:
+        for batch in batches:
+            for layout, formats in TIMED.items():
+                keys, values = packed_inputs(batch, slots, formats, device, seed=3)
+                copies = [(keys, values)]
+                for seed in range(4, 3 + copies_past_l2(packed_bytes(keys, values), device)):
+                    copies.append(packed_inputs(batch, slots, formats, device, seed))
+                query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
+                lengths = torch.full((batch,), slots, device=device)
+                calls = [
+                    lambda k=k, v=v, q=query, n=lengths: packed_decode_attention(q, k, v, n, SCALE) for k, v in copies
+                ]  # fmt: skip
+                us = time_us(calls, device)
+                row = {"kernel": layout, "config": config, "batch": batch, "context": slots, "us": us}
+                rows.append(
+                    row | {"bytes": packed_bytes(keys, values), "speedup_vs_bf16": dense[slots, batch]["us"] / us}
+                )
+                del copies, calls
+    return rows
+
+
+def environment(device: torch.device, bandwidth: float) -> dict:
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "kvbench", "benchmarks"], capture_output=True, text=True)
+        commit += "+dirty" if dirty.stdout.strip() else ""
     except OSError:
         commit = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "torch": torch.__version__, "triton": triton_version, "commit": commit}
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+        "timing": "cuda_graph" if device.type == "cuda" else "host",
+        "read_bandwidth_Bps": bandwidth,
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", default="")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    small = device.type != "cuda"  # the reference path on a CPU: small shapes, to check the script runs
-    contexts, batches = ([512, 2048], [1, 2]) if small else ([8192, 32768, 131072], [1, 4])
-    env = environment(device)
-    rows = [env | row for row in checks(device, 1024 if small else 8192)]
-    rows += [env | row for row in sweep(device, contexts, batches)]
-    if args.out:
-        with Path(args.out).open("a") as out:
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
+def print_table(rows: list[dict]) -> None:
     for row in rows:
         if "check" in row:
-            print(f"check {row['check']}: {'ok' if row['ok'] else 'FAILED'} {row.get('error', '')}")
-    print(f"{'kernel':<11} {'batch':>5} {'context':>7} {'MB read':>8} {'us':>9} {'x floor':>8} {'vs bf16':>8}")
+            status = "ok" if row["ok"] else "FAILED"
+            print(f"check {row['check']} [{row.get('config', '')}]: {status} {row.get('error', '')}")
+    header = ("kernel", "config", "batch", "context", "MB read", "us", "x floor", "vs bf16")
+    print("{:<11} {:<12} {:>5} {:>7} {:>8} {:>9} {:>8} {:>8}".format(*header))
     for row in rows:
         if "kernel" in row:
             speedup = row.get("speedup_vs_bf16")
             print(
-                f"{row['kernel']:<11} {row['batch']:>5} {row['context']:>7} {row['bytes'] / 1e6:>8.1f} "
-                f"{row['us']:>9.1f} {row['x_floor']:>8.2f} {f'{speedup:.2f}x' if speedup else '':>8}"
+                f"{row['kernel']:<11} {row.get('config', ''):<12} {row['batch']:>5} {row['context']:>7} "
+                f"{row['bytes'] / 1e6:>8.1f} {row['us']:>9.1f} {row['x_floor']:>8.2f} "
+                f"{f'{speedup:.2f}x' if speedup else '':>8}"
             )
 
 
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default="", help="append the JSON rows to this file")
+    parser.add_argument("--quick", action="store_true", help="32k and 128k only; no torch.compile check")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"launch configurations, of {list(CONFIGS)}")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs={args.configs} is not valid: {unknown} not among {list(CONFIGS)}")
+    began = time.perf_counter()
+    small = device.type != "cuda"  # Triton's interpreter or the reference on a CPU: small shapes
+    contexts = [256, 700] if small else ([32768, 131072] if args.quick else [8192, 32768, 131072])
+    batches = [1, 2] if small else [1, 4]
+    check_slots = 300 if small else 4096
+    bandwidth = read_bandwidth(device)
+    # Under Triton's interpreter no triton_op compiles (fake tensors reach the interpreted launch).
+    rows = capture_checks(device, check_slots, with_compile=not (args.quick or kernels._INTERPRETED))
+    dense = dense_rows(device, contexts, batches)
+    rows += list(dense.values())
+    for config in configs:
+        quant_kernels.LAUNCH = CONFIGS[config]
+        rows += reference_checks(device, check_slots, config)
+        rows += packed_rows(device, contexts, batches, config, dense)
+        print(f"[{time.perf_counter() - began:.0f} s] config {config} done", file=sys.stderr)
+    env = environment(device, bandwidth)
+    for row in rows:
+        if "kernel" in row:
+            row["floor_us"] = row["bytes"] / bandwidth * 1e6
+            row["x_floor"] = row["us"] / row["floor_us"]
+    rows = [env | row for row in rows]
+    if args.out:
+        with Path(args.out).open("a") as out:
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+    print_table(rows)
+    print(f"{time.perf_counter() - began:.0f} s, read bandwidth {bandwidth / 1e12:.2f} TB/s", file=sys.stderr)
+    return 0 if all(row["ok"] for row in rows if "check" in row) else 1
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -151,22 +151,33 @@ if kernels.triton is not None:
         return tl.reshape(tl.join(low, fields >> HALF), [fields.shape[0], 2 * fields.shape[1]])
 
     @triton.jit
-    def _split_fields(fields, FIELD_BITS: tl.constexpr, BITS: tl.constexpr):
-        """int32 fields [N, W], each FIELD_BITS bits holding FIELD_BITS // BITS codes -> codes in stream order
-        (code i of a field at bits [i * BITS, (i + 1) * BITS)); at most three halvings (a 24-bit word of
-        eight 3-bit codes)."""
+    def _split_fields(fields, FIELD_BITS: tl.constexpr, BITS: tl.constexpr, PAIRS: tl.constexpr):
+        """int32 fields [N, W], each FIELD_BITS bits holding FIELD_BITS // BITS codes (code i at bits
+        [i * BITS, (i + 1) * BITS)) -> the codes in stream order, [N, W * FIELD_BITS // BITS]; with PAIRS
+        (BITS < 8), the codes two by two instead, [N, W * FIELD_BITS // BITS // 2]: the even channel's code
+        in the low 16 bits and the odd one's in the high 16, as a pair of 16-bit floats sits in a register
+        (`_dot_codes`). Fields are halved down to two codes each (at most twice: a 24-bit word of eight
+        3-bit codes), then split once more or spread into a pair by one shift: the two codes' bits are
+        disjoint from the shifted ones, so f | f << (16 - BITS) holds the first at bit 0 and the second at
+        bit 16."""
         codes = fields
-        if FIELD_BITS // 2 >= BITS:
+        if FIELD_BITS // 2 >= 2 * BITS:
             codes = _halve(codes, FIELD_BITS // 2)
-        if FIELD_BITS // 4 >= BITS:
+        if FIELD_BITS // 4 >= 2 * BITS:
             codes = _halve(codes, FIELD_BITS // 4)
-        if FIELD_BITS // 8 >= BITS:
-            codes = _halve(codes, FIELD_BITS // 8)
+        if 2 * BITS <= FIELD_BITS:  # fields of two codes (8-bit codes are whole bytes already)
+            if PAIRS:  # noqa: SIM108 (a constexpr branch: Triton compiles only the side taken)
+                codes = (codes | (codes << (16 - BITS))) & (((1 << BITS) - 1) * 0x10001)
+            else:
+                codes = _halve(codes, BITS)
         return codes
 
     @triton.jit
-    def _load_codes(base, slots, live, stride_s, stride_c, row_bytes, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked)."""
+    def _load_codes(
+        base, slots, live, stride_s, stride_c, row_bytes, BITS: tl.constexpr, BLOCK_D: tl.constexpr, PAIRS: tl.constexpr
+    ):
+        """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked), or with PAIRS
+        [N, BLOCK_D // 2] pairs of them (`_split_fields`)."""
         if 8 % BITS == 0:  # whole codes per byte: one contiguous load of the rows' bytes
             offs = tl.arange(0, BLOCK_D * BITS // 8)
             fields = tl.load(
@@ -174,7 +185,7 @@ if kernels.triton is not None:
                 mask=live[:, None] & (offs < row_bytes)[None, :],
                 other=0,
             ).to(tl.int32)
-            codes = _split_fields(fields, 8, BITS)
+            codes = _split_fields(fields, 8, BITS, PAIRS)
         else:  # 3 bits: 8 codes per 3 bytes, read as 24-bit words
             chunk = tl.arange(0, BLOCK_D // 8)
             ptr = base + slots[:, None] * stride_s + (chunk * 3)[None, :] * stride_c
@@ -182,7 +193,7 @@ if kernels.triton is not None:
             fields = tl.load(ptr, mask=mask, other=0).to(tl.int32)
             fields |= tl.load(ptr + stride_c, mask=mask, other=0).to(tl.int32) << 8
             fields |= tl.load(ptr + 2 * stride_c, mask=mask, other=0).to(tl.int32) << 16
-            codes = _split_fields(fields, 24, BITS)
+            codes = _split_fields(fields, 24, BITS, PAIRS)
         return codes
 
     @triton.jit
@@ -192,21 +203,29 @@ if kernels.triton is not None:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _dot_codes(a, codes, BITS: tl.constexpr, PRECISION: tl.constexpr):
-        """a [M, K] @ codes [K, N] (int32) in float32, the codes given to the tensor cores in a's dtype. In
-        16 bits the exponent trick needs no subtraction per value: 0x4300 | code is the bfloat16 128 + code
-        (exact for codes < 128: 8 significant bits) and 0x6400 | code the float16 1024 + code, so the dot
-        is taken over offset codes and the offset's share, offset * sum(a), subtracted once per row."""
-        if a.dtype == tl.bfloat16 and BITS < 8:
-            offset_codes = (codes | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            dot = tl.dot(a, offset_codes, input_precision=PRECISION)
-            dot -= 128.0 * tl.sum(a.to(tl.float32), axis=1)[:, None]
-        elif a.dtype == tl.float16:
-            offset_codes = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            dot = tl.dot(a, offset_codes, input_precision=PRECISION)
-            dot -= 1024.0 * tl.sum(a.to(tl.float32), axis=1)[:, None]
+    def _dot_codes(a, codes, TRANS: tl.constexpr, PAIRS: tl.constexpr, PRECISION: tl.constexpr):
+        """a [M, K] @ the codes' values in float32: codes int32 [K, N], or [N, K] with TRANS, or with PAIRS
+        (a in 16 bits, codes below 128) their pairs, [.., K // 2] or [.., N // 2] (`_split_fields`). The
+        codes go to the tensor cores in a's dtype. In 16 bits the exponent trick needs no subtraction per
+        value: 0x4300 | code is the bfloat16 128 + code (exact below 128: 8 significant bits) and
+        0x6400 | code the float16 1024 + code, so one OR makes a register of two offset codes, the dot is
+        taken over them, and the offset's share, offset * sum(a), is subtracted once per row."""
+        if PAIRS:
+            if a.dtype == tl.bfloat16:
+                halves = codes | 0x43004300
+                offset = 128.0
+            else:
+                halves = codes | 0x64006400
+                offset = 1024.0
+            both = tl.join(halves.to(tl.int16), (halves >> 16).to(tl.int16))
+            values = tl.reshape(both, [codes.shape[0], 2 * codes.shape[1]]).to(a.dtype, bitcast=True)
         else:
-            dot = tl.dot(a, _as_float(codes).to(a.dtype), input_precision=PRECISION)
+            values = _as_float(codes).to(a.dtype)
+        if TRANS:
+            values = tl.trans(values)
+        dot = tl.dot(a, values, input_precision=PRECISION)
+        if PAIRS:
+            dot -= offset * tl.sum(a.to(tl.float32), axis=1)[:, None]
         return dot
 
     @triton.jit
@@ -270,7 +289,9 @@ if kernels.triton is not None:
                 other=0.0,
             ).to(tl.float32)
 
-    @triton.jit
+    # Split sizes change with batch and context; specialising on them (== 1, divisible by 16) would only
+    # recompile the kernel.
+    @triton.jit(do_not_specialize=["split_len", "num_splits"])
     def _packed_split_kernel(
         q_ptr,
         kc_ptr,
@@ -316,10 +337,12 @@ if kernels.triton is not None:
         K_ROW_TOKENS: tl.constexpr,
         K_COL_CHANNELS: tl.constexpr,
         K_MODE: tl.constexpr,
+        K_PAIRS: tl.constexpr,
         V_BITS: tl.constexpr,
         V_ROW_TOKENS: tl.constexpr,
         V_COL_CHANNELS: tl.constexpr,
         V_MODE: tl.constexpr,
+        V_PAIRS: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -376,11 +399,11 @@ if kernels.triton is not None:
         for tile in range(first, end, BLOCK_N):
             slots = tile + offs_n
             live = (slots >= start) & (slots < end)
-            k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, k_row_bytes, K_BITS, BLOCK_D)
+            k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, k_row_bytes, K_BITS, BLOCK_D, K_PAIRS)
             if K_MODE == "slot":  # q.(c s + z) = s (q.c) + z sum(q)
                 scale = _slot_params(ks_base, slots, live, k_lead, stride_ksr, K_ROW_TOKENS)
                 zero = _slot_params(kz_base, slots, live, k_lead, stride_ksr, K_ROW_TOKENS)
-                qk = _dot_codes(q, tl.trans(k), K_BITS, PRECISION)
+                qk = _dot_codes(q, k, True, K_PAIRS, PRECISION)
                 logits = qk * scale[None, :] + q_sum[:, None] * zero[None, :]
             elif K_MODE == "row":  # one row for the tile: (q * s).c + q.z
                 row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
@@ -388,7 +411,7 @@ if kernels.triton is not None:
                 zero = tl.load(kz_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
                 q_scaled = (q_f32 * scale.to(tl.float32)[None, :]).to(q.dtype)
                 bias = tl.sum(q_f32 * zero.to(tl.float32)[None, :], axis=1)
-                logits = _dot_codes(q_scaled, tl.trans(k), K_BITS, PRECISION) + bias[:, None]
+                logits = _dot_codes(q_scaled, k, True, K_PAIRS, PRECISION) + bias[:, None]
             else:
                 scale = _tile_params(
                     ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, head_dim,
@@ -409,12 +432,12 @@ if kernels.triton is not None:
             p = tl.exp2(logits - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
 
-            v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, v_row_bytes, V_BITS, BLOCK_DV)
+            v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, v_row_bytes, V_BITS, BLOCK_DV, V_PAIRS)
             if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
                 scale = _slot_params(vs_base, slots, live, v_lead, stride_vsr, V_ROW_TOKENS)
                 zero = _slot_params(vz_base, slots, live, v_lead, stride_vsr, V_ROW_TOKENS)
                 p_scaled = (p * scale[None, :]).to(q.dtype)
-                pv = _dot_codes(p_scaled, v, V_BITS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
+                pv = _dot_codes(p_scaled, v, False, V_PAIRS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
             else:
                 scale = _tile_params(
                     vs_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, value_dim,
@@ -453,6 +476,10 @@ if kernels.triton is not None:
         out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=query.device)
         upcast, precision = kernels._upcast_and_precision(query.dtype)
+        key_mode = _param_mode(keys, d, launch.block_n, can_align=True)
+        value_mode = _param_mode(values, dv, launch.block_n, can_align=False)
+        # Offset codes in pairs (`_dot_codes`) where the dot is in 16 bits over raw codes below 128.
+        half_dot = query.dtype in (torch.bfloat16, torch.float16) and not upcast
         wrap_triton(_packed_split_kernel)[(b * hkv, num_splits)](
             query,
             keys.codes,
@@ -483,11 +510,13 @@ if kernels.triton is not None:
             K_BITS=keys.bits,
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,
-            K_MODE=_param_mode(keys, d, launch.block_n, can_align=True),
+            K_MODE=key_mode,
+            K_PAIRS=half_dot and keys.bits < 8 and key_mode in ("slot", "row"),
             V_BITS=values.bits,
             V_ROW_TOKENS=values.row_tokens,
             V_COL_CHANNELS=values.col_channels,
-            V_MODE=_param_mode(values, dv, launch.block_n, can_align=False),
+            V_MODE=value_mode,
+            V_PAIRS=half_dot and values.bits < 8 and value_mode == "slot",
             BLOCK_G=kernels._dot_block(group),
             BLOCK_N=launch.block_n,
             BLOCK_D=kernels._dot_block(d),
