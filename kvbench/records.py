@@ -154,6 +154,7 @@ def record_row(record: dict[str, Any], directory: Path, current_commit: str = CO
         "run_dir": str(directory),
     }
     row.update(_flatten("", record.get("metrics") or {}))
+    row["metric_names"] = ",".join(record.get("metrics") or {})  # which columns are the task's metrics
     row.update(_flatten("", record.get("measurements") or {}))
     row.update(_flatten("method.", record.get("method_params") or {}))
     row.update(_flatten("task.", record.get("task_params") or {}))
