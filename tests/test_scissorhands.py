@@ -186,6 +186,8 @@ def test_compiled_step_writes_history_and_cache_in_place(tiny):
         (dict(budget=8, recent_window=10), "method.recent_window"),  # a recent window larger than the budget
         (dict(recent_window=-1), "method.recent_window"),
         (dict(history_window=0), "method.history_window"),
+        (dict(history_window=-100), "method.history_window"),
+        (dict(drop_ratio=-0.25), "method.drop_ratio"),
         (dict(drop_ratio=0.0), "method.drop_ratio"),
         (dict(drop_ratio=1.5), "method.drop_ratio"),
         (dict(threshold="p90"), "method.threshold"),

@@ -140,6 +140,7 @@ def test_compiled_batch_selects_per_sequence(tiny):
         (dict(kernel=-1), "method.kernel"),
         (dict(ring_ratio=0.0), "method.ring_ratio"),
         (dict(ring_ratio=1.0), "method.ring_ratio"),
+        (dict(ring_ratio=-0.5), "method.ring_ratio"),
         (dict(pooling="min"), "method.pooling"),
         (dict(exempt_layers=-1), "method.exempt_layers"),
     ],
