@@ -9,9 +9,11 @@ method at every budget plus the full cache. Every run goes through the harness's
 step, agreement with the full cache's generation, sample counts) goes to `--out`.
 
 Agreement with the full cache: for each sample, the share of the full cache's generated text that the
-method reproduces before its first differing character, averaged over samples; and the share of samples
-whose extracted answer equals the full cache's. On a model this small the task accuracies are near zero,
-so agreement is what shows how much each budget changes the generation.
+method reproduces before its first differing character, averaged over samples; and, over the samples
+where the full cache gave an answer (`answers_compared`), the share whose extracted answer equals it
+(none to compare, e.g. AIME cut at 128 tokens before any \\boxed{}: null, not a vacuous 1.0). On a model
+this small the task accuracies are near zero, so agreement is what shows how much each budget changes
+the generation.
 
 The samples of a task decode together in one batch: on this CPU a decode step of 8 sequences costs
 about 1.5-2x a step of one, so samples are cheap and decode steps are not.
@@ -96,11 +98,19 @@ def agreement(rows: dict[str, dict[str, Any]], full: dict[str, dict[str, Any]]) 
         differs = (i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b)
         common = next(differs, min(len(expected), len(got)))
         prefix_shares.append(common / len(expected) if expected else float(not got))
-        same_answers.append(float(answer_of(row) == answer_of(reference)))
+        if answer_of(reference) is not None:  # two missing answers are no agreement about an answer
+            same_answers.append(float(answer_of(row) == answer_of(reference)))
     return {
         "text_prefix_agreement": sum(prefix_shares) / len(prefix_shares),
-        "answer_agreement": sum(same_answers) / len(same_answers),
+        "answer_agreement": sum(same_answers) / len(same_answers) if same_answers else None,
+        "answers_compared": len(same_answers),
     }
+
+
+def agreed(row: dict[str, Any]) -> str:
+    """ "text / answer" agreement of a summary row ("n/a" where no answer could be compared)."""
+    answer = row.get("answer_agreement")
+    return f"{row.get('text_prefix_agreement', 1.0):.2f} / " + ("n/a" if answer is None else f"{answer:.2f}")
 
 
 def summarize(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,6 +142,7 @@ def summarize(done: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 prefill_s_mean=m["prefill_s_mean"],
                 method_params=record["method_params"],
                 commit=record["environment"].get("git_commit"),
+                wall_s=record["wall_s"],
             )
             if entry["task"] in full_rows:
                 row.update(agreement(predictions(entry["directory"]), full_rows[entry["task"]]))
@@ -150,9 +161,8 @@ def table(summary: list[dict[str, Any]]) -> str:
             lines.append(f"| {row['task']} | {row['method']} | {row['budget']} | {row['status']} ||||||")
             continue
         metric = f"{row['primary_metric']} {row['metrics'][row['primary_metric']]:.1f}"
-        agreed = f"{row.get('text_prefix_agreement', 1.0):.2f} / {row.get('answer_agreement', 1.0):.2f}"
         lines.append(
-            f"| {row['task']} | {row['method']} | {row['budget'] or '-'} | {row['samples']} | {metric} | {agreed} "
+            f"| {row['task']} | {row['method']} | {row['budget'] or '-'} | {row['samples']} | {metric} | {agreed(row)} "
             f"| {row['kv_bytes_device'] / 2**20:.2f} | {row['compression_ratio']:.2f}x "
             f"| {row['decode_ms_per_step']:.0f} ({row['decode_batch']}) |"
         )
@@ -177,9 +187,7 @@ def falloff(summary: list[dict[str, Any]]) -> str:
                 if row["status"] != "ok":
                     cells.append(row["status"])
                     continue
-                metric = row["metrics"][row["primary_metric"]]
-                agreed = f"{row.get('text_prefix_agreement', 1.0):.2f} / {row.get('answer_agreement', 1.0):.2f}"
-                cells.append(f"{metric:.0f} · {agreed}")
+                cells.append(f"{row['metrics'][row['primary_metric']]:.0f} · {agreed(row)}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -212,7 +220,9 @@ def main() -> None:
             done.append({"task": task, "method": method, "budget": budget, "directory": directory})
             summary = summarize(done)
             record = {"benchmark": "long_generation", "complete": False, "environment": env, "settings": settings}
-            record.update(summary=summary, wall_s=time.perf_counter() - began)
+            # The runs' own wall time too: a rerun that skips complete runs keeps it.
+            runs_wall_s = sum(row.get("wall_s", 0.0) for row in summary)
+            record.update(summary=summary, wall_s=time.perf_counter() - began, runs_wall_s=runs_wall_s)
             write_json_atomic(args.out, record)  # after every run: an interrupted benchmark keeps its results
     record["complete"] = True
     write_json_atomic(args.out, record)
