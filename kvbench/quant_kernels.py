@@ -203,30 +203,44 @@ if kernels.triton is not None:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _dot_codes(a, codes, TRANS: tl.constexpr, PAIRS: tl.constexpr, PRECISION: tl.constexpr):
-        """a [M, K] @ the codes' values in float32: codes int32 [K, N], or [N, K] with TRANS, or with PAIRS
-        (a in 16 bits, codes below 128) their pairs, [.., K // 2] or [.., N // 2] (`_split_fields`). The
-        codes go to the tensor cores in a's dtype. In 16 bits the exponent trick needs no subtraction per
-        value: 0x4300 | code is the bfloat16 128 + code (exact below 128: 8 significant bits) and
-        0x6400 | code the float16 1024 + code, so one OR makes a register of two offset codes, the dot is
-        taken over them, and the offset's share, offset * sum(a), is subtracted once per row."""
+    def _code_values(codes, dtype: tl.constexpr, PAIRS: tl.constexpr):
+        """int32 codes [R, W] as dtype values, or with PAIRS (dtype in 16 bits) their pairs [R, W]
+        (`_split_fields`) as offset codes [R, 2W]: in 16 bits the exponent trick needs no subtraction per
+        value, 0x4300 | code being the bfloat16 128 + code (exact below 128: 8 significant bits) and
+        0x6400 | code the float16 1024 + code, so one OR makes a register of two."""
         if PAIRS:
-            if a.dtype == tl.bfloat16:
-                halves = codes | 0x43004300
-                offset = 128.0
-            else:
-                halves = codes | 0x64006400
-                offset = 1024.0
+            halves = codes | (0x43004300 if dtype == tl.bfloat16 else 0x64006400)
             both = tl.join(halves.to(tl.int16), (halves >> 16).to(tl.int16))
-            values = tl.reshape(both, [codes.shape[0], 2 * codes.shape[1]]).to(a.dtype, bitcast=True)
+            values = tl.reshape(both, [codes.shape[0], 2 * codes.shape[1]]).to(dtype, bitcast=True)
         else:
-            values = _as_float(codes).to(a.dtype)
+            values = _as_float(codes).to(dtype)
+        return values
+
+    @triton.jit
+    def _dot_codes(a, codes, TRANS: tl.constexpr, PAIRS: tl.constexpr, PRECISION: tl.constexpr):
+        """a [M, K] @ the codes' values in float32, given to the tensor cores in a's dtype as `_code_values`
+        of codes [K, .] (or [., K] with TRANS); with PAIRS the offset's share of the dot, offset * sum(a),
+        is subtracted once per row."""
+        values = _code_values(codes, a.dtype, PAIRS)
         if TRANS:
             values = tl.trans(values)
         dot = tl.dot(a, values, input_precision=PRECISION)
         if PAIRS:
+            offset = 128.0 if a.dtype == tl.bfloat16 else 1024.0  # what `_code_values` added
             dot -= offset * tl.sum(a.to(tl.float32), axis=1)[:, None]
         return dot
+
+    @triton.jit
+    def _dequantize(codes, scale, zero, DTYPE: tl.constexpr, PAIRS: tl.constexpr):
+        """code * scale + zero in DTYPE, from int32 codes, or with PAIRS their pairs (`_split_fields`). Pairs
+        are dequantized in float16, the parameters' own type: 0x6400 | code is 1024 + code, minus 1024 is the
+        code exactly, and code * scale + zero is then one rounded multiply-add, with no conversion per value
+        of the codes or the parameters."""
+        if PAIRS:
+            values = ((_code_values(codes, tl.float16, True) - 1024.0) * scale + zero).to(DTYPE)
+        else:
+            values = (_as_float(codes) * scale.to(tl.float32) + zero.to(tl.float32)).to(DTYPE)
+        return values
 
     @triton.jit
     def _slot_rows(slots, lead, ROW_TOKENS: tl.constexpr):
@@ -257,7 +271,7 @@ if kernels.triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        """Modes "rows", "columns" and "gather": the parameter of every value of the tile, float32
+        """Modes "rows", "columns" and "gather": the parameter of every value of the tile as stored (float16),
         [BLOCK_N, BLOCK_D]; `tile` is the first slot of a tile aligned to the rows (mode "rows")."""
         offs_d = tl.arange(0, BLOCK_D)
         if MODE == "rows":  # BLOCK_N // ROW_TOKENS whole rows, each read once
@@ -268,7 +282,7 @@ if kernels.triton is not None:
                 base + rows[:, None] * stride_r + offs_d[None, :] * stride_c,
                 mask=any_live[:, None] & (offs_d < dim)[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            )
             params = tl.broadcast_to(params[:, None, :], [BLOCK_N // ROW_TOKENS, ROW_TOKENS, BLOCK_D])
             return tl.reshape(params, [BLOCK_N, BLOCK_D])
         elif MODE == "columns":  # one row per slot, one parameter per group of COL_CHANNELS channels
@@ -278,7 +292,7 @@ if kernels.triton is not None:
                 base + rows[:, None] * stride_r + cols[None, :] * stride_c,
                 mask=live[:, None] & (cols < dim // COL_CHANNELS)[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            )
             params = tl.broadcast_to(params[:, :, None], [BLOCK_N, BLOCK_D // COL_CHANNELS, COL_CHANNELS])
             return tl.reshape(params, [BLOCK_N, BLOCK_D])
         else:
@@ -287,7 +301,7 @@ if kernels.triton is not None:
                 base + rows[:, None] * stride_r + (offs_d // COL_CHANNELS)[None, :] * stride_c,
                 mask=live[:, None] & (offs_d < dim)[None, :],
                 other=0.0,
-            ).to(tl.float32)
+            )
 
     # Split sizes change with batch and context; specialising on them (== 1, divisible by 16) would only
     # recompile the kernel.
@@ -421,7 +435,7 @@ if kernels.triton is not None:
                     kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, head_dim,
                     K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
                 )  # fmt: skip
-                k = (_as_float(k) * scale + zero).to(q.dtype)
+                k = _dequantize(k, scale, zero, q.dtype, K_PAIRS)
                 logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
             logits = (logits * scale_log2).to(tl.float32)
@@ -447,7 +461,7 @@ if kernels.triton is not None:
                     vz_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, value_dim,
                     V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
                 )  # fmt: skip
-                pv = tl.dot(p.to(q.dtype), (_as_float(v) * scale + zero).to(q.dtype), input_precision=PRECISION)
+                pv = tl.dot(p.to(q.dtype), _dequantize(v, scale, zero, q.dtype, V_PAIRS), input_precision=PRECISION)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
@@ -478,7 +492,7 @@ if kernels.triton is not None:
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         key_mode = _param_mode(keys, d, launch.block_n, can_align=True)
         value_mode = _param_mode(values, dv, launch.block_n, can_align=False)
-        # Offset codes in pairs (`_dot_codes`) where the dot is in 16 bits over raw codes below 128.
+        # Codes in pairs (`_split_fields`) where the dot is in 16 bits and codes are below 128.
         half_dot = query.dtype in (torch.bfloat16, torch.float16) and not upcast
         wrap_triton(_packed_split_kernel)[(b * hkv, num_splits)](
             query,
@@ -511,12 +525,12 @@ if kernels.triton is not None:
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,
             K_MODE=key_mode,
-            K_PAIRS=half_dot and keys.bits < 8 and key_mode in ("slot", "row"),
+            K_PAIRS=half_dot and keys.bits < 8,
             V_BITS=values.bits,
             V_ROW_TOKENS=values.row_tokens,
             V_COL_CHANNELS=values.col_channels,
             V_MODE=value_mode,
-            V_PAIRS=half_dot and values.bits < 8 and value_mode == "slot",
+            V_PAIRS=half_dot and values.bits < 8,
             BLOCK_G=kernels._dot_block(group),
             BLOCK_N=launch.block_n,
             BLOCK_D=kernels._dot_block(d),

@@ -200,8 +200,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         "K_BITS": bits, "K_ROW_TOKENS": layouts[key_mode][0], "K_COL_CHANNELS": layouts[key_mode][1],
         "K_MODE": key_mode, "V_BITS": bits, "V_ROW_TOKENS": layouts[value_mode][0],
         "V_COL_CHANNELS": layouts[value_mode][1], "V_MODE": value_mode, "BLOCK_G": 16, "BLOCK_N": 64,
-        "K_PAIRS": dtype != "fp32" and bits < 8 and key_mode in ("slot", "row"),
-        "V_PAIRS": dtype != "fp32" and bits < 8 and value_mode == "slot",
+        "K_PAIRS": dtype != "fp32" and bits < 8,
+        "V_PAIRS": dtype != "fp32" and bits < 8,
         "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
     }  # fmt: skip
     signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
