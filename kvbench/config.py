@@ -115,6 +115,59 @@ class SweepProgress(Callback):
         print(progress_line(done, int(total), time.time() - float(started_s)), file=sys.stderr, flush=True)
 
 
+class GpuPerWorker(Callback):
+    """Hydra callback for the joblib launcher over GPUs (configs/hydra/launcher/joblib_gpus.yaml): each
+    worker process claims one GPU for all its jobs, before anything there touches CUDA.
+
+    A claim is a file `.gpus/<i>` in the sweep's folder holding the worker's pid, made with O_EXCL so two
+    workers never take the same GPU; a claim whose process has died is taken over (loky replaces a
+    crashed worker). The GPUs are those of the launching shell (`CUDA_VISIBLE_DEVICES`, else 0..n_jobs-1).
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get(CLAIMED_GPU) is None:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(int(config.hydra.launcher.n_jobs))]
+            gpu = claim_gpu(Path(str(config.hydra.sweep.dir)) / ".gpus", gpus)
+            os.environ["CUDA_VISIBLE_DEVICES"] = os.environ[CLAIMED_GPU] = gpu
+        print(f"kvbench: job {config.hydra.job.num} on GPU {os.environ[CLAIMED_GPU]}", file=sys.stderr, flush=True)
+
+
+CLAIMED_GPU = "KVBENCH_WORKER_GPU"
+
+
+def claim_gpu(folder: Path, gpus: list[str]) -> str:
+    """The first of `gpus` no live process has claimed under `folder`; claimed for this process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for gpu in gpus:
+        claim = folder / gpu
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            owner = claim.read_text()
+            if not owner or _alive(int(owner)):  # empty: its claimant is writing its pid right now
+                continue
+            claim.unlink(missing_ok=True)  # its worker died: take it over (O_EXCL still decides a race)
+            try:
+                fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return gpu
+    raise RuntimeError(f"every GPU of {gpus} is claimed by a live worker: more workers (n_jobs) than GPUs")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def _progress_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)) / ".progress"
 

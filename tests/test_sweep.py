@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 import kvbench.run as run_module
 from kvbench import model_pool
 from kvbench.__main__ import main
-from kvbench.config import build, progress_line, sweep_size
+from kvbench.config import build, claim_gpu, progress_line, sweep_size
 from kvbench.models import ModelConfig, model_spec
 from tests.conftest import CONFIGS, compose_config, method_names
 
@@ -151,3 +151,37 @@ def test_a_sweep_killed_mid_run_redoes_that_run_only(tmp_path):
     assert (finished / "record.json").stat().st_mtime == kept_mtime
     records = [json.loads(p.read_text()) for p in Path(tmp_path).rglob("record.json")]
     assert len(records) == 3 and all(r["status"] == "ok" and r["measurements"]["samples"] == 2 for r in records)
+
+
+def test_each_worker_claims_its_own_gpu(tmp_path):
+    folder = tmp_path / ".gpus"
+    assert claim_gpu(folder, ["2", "5"]) == "2"
+    assert claim_gpu(folder, ["2", "5"]) == "5"  # "2" is held by a live process (this one)
+    with pytest.raises(RuntimeError, match="more workers"):
+        claim_gpu(folder, ["2", "5"])
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (folder / "5").write_text(finished.stdout.strip())  # a worker that died: its GPU is free again
+    assert claim_gpu(folder, ["2", "5"]) == "5"
+    (folder / "7").write_text("")  # a claimant still writing its pid: taken
+    with pytest.raises(RuntimeError):
+        claim_gpu(folder, ["7"])
+
+
+def test_joblib_sweep_over_two_workers(tmp_path):
+    """`hydra/launcher=joblib_gpus` with two workers: each claims its own GPU (harmless on a CPU), loads the
+    model once for its jobs, and the progress count is shared through the sweep folder."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    command = [
+        sys.executable, "-m", "kvbench", "-m", "+sweep=nightly_cpu", "+sweep/cpu_task=passkey",
+        "+sweep/method=streamingllm", "sweep.size=small", "sweep.budgets.small=32,40,48,56", *TINY, *SHORT_PASSKEY,
+        "hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=2", f"kvbench.results_dir={tmp_path}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    gpus = {line.rsplit(" ", 1)[1] for line in result.stderr.splitlines() if " on GPU " in line}
+    assert gpus == {"0", "1"}
+    done = sorted(line.split(",")[0] for line in result.stderr.splitlines() if line.startswith("kvbench sweep:"))
+    assert done == [f"kvbench sweep: {n}/4 runs done" for n in (1, 2, 3, 4)]
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("record.json")]
+    assert len(records) == 4
+    assert sum(not r["measurements"]["model_reused"] for r in records) == 2  # one load per worker
