@@ -160,7 +160,7 @@ def table(summary: list[dict[str, Any]]) -> str:
         if row["status"] != "ok":
             lines.append(f"| {row['task']} | {row['method']} | {row['budget']} | {row['status']} ||||||")
             continue
-        metric = f"{row['primary_metric']} {row['metrics'][row['primary_metric']]:.1f}"
+        metric = f"{row['primary_metric']} {row['metrics'][row['primary_metric']]:.3g}"
         lines.append(
             f"| {row['task']} | {row['method']} | {row['budget'] or '-'} | {row['samples']} | {metric} | {agreed(row)} "
             f"| {row['kv_bytes_device'] / 2**20:.2f} | {row['compression_ratio']:.2f}x "
@@ -187,7 +187,7 @@ def falloff(summary: list[dict[str, Any]]) -> str:
                 if row["status"] != "ok":
                     cells.append(row["status"])
                     continue
-                cells.append(f"{row['metrics'][row['primary_metric']]:.0f} · {agreed(row)}")
+                cells.append(f"{row['metrics'][row['primary_metric']]:.3g} · {agreed(row)}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
