@@ -55,6 +55,19 @@ def test_every_method_at_every_size_is_a_valid_run(sweep):
         assert len(described) == (1 if method == "full" else len(SIZES[sweep])), method
 
 
+@pytest.mark.parametrize("task", ["passkey", "wikitext2", "longbench"])
+def test_every_cpu_task_of_the_nightly_sweep_is_a_valid_run(task, shared_data, monkeypatch):
+    """The tasks' data settings resolve to the shared data (KVBENCH_DATA) and pass the data checks."""
+    monkeypatch.setenv("KVBENCH_DATA", str(shared_data))
+    assert OmegaConf.load(CONFIGS / "sweep" / "nightly_cpu.yaml").hydra.sweeper.params["+sweep/cpu_task"] == (
+        "passkey,wikitext2,longbench"
+    )
+    cfg = compose_config("+sweep=nightly_cpu", f"+sweep/cpu_task={task}", "+sweep/method=snapkv", "sweep.size=small")
+    config = build(cfg)
+    config.task.check(model_spec(config.model), config.method)
+    assert type(config.task).__module__.endswith(task)
+
+
 def test_sweep_size_is_the_product_of_the_sweeps_last_override_winning():
     config = OmegaConf.create(
         {
