@@ -57,12 +57,16 @@ CHECKED_ONLY = {
 }
 CONFIGS = {
     "default": quant_kernels.LAUNCH,
-    "n128_w8": LaunchConfig(block_n=128, num_warps=8),
-    "n64_s3_pps8": LaunchConfig(num_stages=3, programs_per_sm=8),
+    # Split targets (no recompilation: split sizes are not specialised): at ~3 programs per SM of
+    # occupancy the default 2 per SM is one wave with fewer bytes in flight, 4 and 8 more waves and a tail.
+    "pps4": LaunchConfig(programs_per_sm=4),
+    "pps8": LaunchConfig(programs_per_sm=8),
+    "stages3": LaunchConfig(num_stages=3),  # one more tile of codes in flight per program
+    "n128_w8": LaunchConfig(block_n=128, num_warps=8),  # tiles of twice the bytes
     "n32": LaunchConfig(block_n=32),  # KIVI's key rows of 32 span whole tiles: their scales fold
 }
-DEFAULT_CONFIGS = "default,n128_w8,n64_s3_pps8"  # each configuration compiles the kernel once per layout
-TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # (output relative, lse absolute)
+DEFAULT_CONFIGS = "default,pps4,pps8,stages3,n128_w8"  # each block/warp/stage change compiles per layout
+TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 
 
@@ -143,9 +147,9 @@ def check(query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: 
     out, lse = packed_decode_attention(query, keys, values, lengths, SCALE)
     ref_out, ref_lse = packed_decode_attention_reference(query, keys, values, lengths, SCALE)
     err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
-    lse_err = (lse - ref_lse).abs().max().item()
+    lse_err = ((lse.double() - ref_lse.double()).norm() / ref_lse.double().norm()).item()
     out_tol, lse_tol = TOLERANCE[query.dtype]
-    return {"out_rel": err, "lse_abs": lse_err, "ok": err < out_tol and lse_err < lse_tol}
+    return {"out_rel": err, "lse_rel": lse_err, "ok": err < out_tol and lse_err < lse_tol}
 
 
 def reference_checks(device: torch.device, slots: int, config: str) -> list[dict]:

@@ -21,8 +21,11 @@ more values per byte than a bf16 one, so dequantization must cost a few instruct
 - A tile's codes are one contiguous uint8 load per slot row ([BLOCK_N, D * bits / 8]), split into codes
   by shifts and masks on whole fields (a byte into two nibbles, a nibble into two 2-bit codes; 3-bit rows
   as 24-bit words of 8 codes), never a gather per value.
-- Codes become floats by the exponent trick: code | 0x4B000000 is the float32 2^23 + code, so one OR and
-  one subtraction replace an integer-to-float conversion (a quarter-rate instruction on NVIDIA GPUs).
+- Codes become floats by the exponent trick, never by an integer-to-float conversion (a low-throughput
+  instruction on NVIDIA GPUs): with a 16-bit query, two codes spread into one 32-bit register and one OR
+  make it two bfloat16 128 + code (or float16 1024 + code) values, whose offset's share of a dot product
+  is subtracted once per row (`_split_fields`, `_code_values`); a float32 query's codes are
+  (code | 0x4B000000) - 2^23, exact in float32.
 - Scales and zero-points are applied where they are cheapest, per parameter layout (`_param_mode`):
   one parameter per slot (per-token groups spanning the head: QuaRot, ZipCache's values) is folded into
   the attention algebra, q.(c s + z) = s (q.c) + z sum(q) for keys and p (c s + z) = (p s) c + (p.z) for
@@ -30,6 +33,10 @@ more values per byte than a bf16 one, so dequantization must cost a few instruct
   tiles (tiles are aligned to the rows) fold one scale row into the query, (q * s).c + q.z; rows shorter
   than a tile and per-token groups of a power-of-two width are loaded once per row or group and broadcast
   over the tile; any other layout (ZipCache's odd block sizes) reads each slot's parameter row.
+- Numerics against the float32 reference: where a layout is folded, q * s or p * s is rounded to the
+  query's dtype for the tensor cores instead of the dequantized key or value; where values are
+  dequantized for a 16-bit query, c * s + z is one float16 multiply-add (the parameters are float16;
+  11 significant bits) before the rounding to the query's dtype; float32 queries stay in float32.
 - Each K/V tile is read once for all query heads of its KV head (GQA), as in `kvbench.kernels`.
 
 Like `kvbench.kernels`, the attention is a `torch.library` operator (`kvbench::packed_decode_attention`):
@@ -104,7 +111,9 @@ class LaunchConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    programs_per_sm: int = 4
+    # As `kvbench.kernels`: at ~150 registers a thread, about 3 programs of 4 warps fit on an SM, so 2 per
+    # SM start in one wave (more would leave a partial second wave: a tail of idle SMs).
+    programs_per_sm: int = 2
 
 
 # The launch every call uses; `benchmarks/quant_attention.py --configs` times alternatives to this one.
