@@ -278,7 +278,8 @@ def fronts_summary(runs: pd.DataFrame, metric: str, axes: tuple[str, ...] = FRON
             front = front_table(ok, metric, x) if ok[x].notna().any() else pd.DataFrame(columns=["run_dir"])
             ok[f"front: {x}"] = ok["run_dir"].isin(set(front.loc[front.get("on_overall_front", []), "run_dir"]))
             shown += [axis.label, f"front: {x}"]
-        tables.append(ok[shown].sort_values(["method", metric]))
+        order = ["method", *(x for x in axes[:1] if x in ok)]  # a method's runs from the smallest cache up
+        tables.append(ok.sort_values(order)[shown])
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
