@@ -419,13 +419,26 @@ if kernels.triton is not None:
             # two rows ("row") or a row boundary cuts it into whole rows ("rows"); the first may begin
             # before the split and the last reach past it, their outside slots masked.
             first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        # One parameter per slot ("slot") is read a tile ahead: 2-byte loads are too narrow for the
+        # pipeliner's asynchronous copies, so read in the tile that uses them they would stall it.
+        ahead = first + offs_n
+        ahead_live = (ahead >= start) & (ahead < end)
+        if K_MODE == "slot":
+            k_scale = _slot_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
+            k_zero = _slot_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
+        if V_MODE == "slot":
+            v_scale = _slot_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
+            v_zero = _slot_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
         for tile in range(first, end, BLOCK_N):
             slots = tile + offs_n
             live = (slots >= start) & (slots < end)
+            ahead = slots + BLOCK_N
+            ahead_live = (ahead >= start) & (ahead < end)
             k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, k_row_bytes, K_BITS, BLOCK_D, K_PAIRS)
             if K_MODE == "slot":  # q.(c s + z) = s (q.c) + z sum(q)
-                scale = _slot_params(ks_base, slots, live, k_lead, stride_ksr, K_ROW_TOKENS)
-                zero = _slot_params(kz_base, slots, live, k_lead, stride_ksr, K_ROW_TOKENS)
+                scale, zero = k_scale, k_zero
+                k_scale = _slot_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
+                k_zero = _slot_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
                 qk = _dot_codes(q, k, True, K_PAIRS, PRECISION)
                 logits = qk * scale[None, :] + q_sum[:, None] * zero[None, :]
             elif K_MODE == "row":  # one row for the tile: (q * s).c + q.z
@@ -457,8 +470,9 @@ if kernels.triton is not None:
 
             v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, v_row_bytes, V_BITS, BLOCK_DV, V_PAIRS)
             if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
-                scale = _slot_params(vs_base, slots, live, v_lead, stride_vsr, V_ROW_TOKENS)
-                zero = _slot_params(vz_base, slots, live, v_lead, stride_vsr, V_ROW_TOKENS)
+                scale, zero = v_scale, v_zero
+                v_scale = _slot_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
+                v_zero = _slot_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
                 p_scaled = (p * scale[None, :]).to(q.dtype)
                 pv = _dot_codes(p_scaled, v, False, V_PAIRS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
             else:
