@@ -240,26 +240,28 @@ def packed_rows(device: torch.device, contexts: list[int], batches: list[int], c
     return rows
 
 
-def environment(device: torch.device, bandwidth: float) -> dict:
+def environment(device: torch.device, bandwidth: float, commit: str) -> dict:
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
     try:
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "kvbench", "benchmarks"], capture_output=True, text=True)
-        commit += "+dirty" if dirty.stdout.strip() else ""
+        if not commit:  # a copy without .git (a device machine) records none unless --commit names it
+            commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+            status = [*git, "status", "--porcelain", "kvbench", "benchmarks"]
+            dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+            commit += "+dirty" if commit and dirty else ""
     except OSError:
-        commit = None
+        commit = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": name,
         "torch": torch.__version__,
         "triton": triton_version,
-        "commit": commit,
+        "commit": commit or None,
         "timing": "cuda_graph" if device.type == "cuda" else "host",
         "read_bandwidth_Bps": bandwidth,
     }
@@ -288,6 +290,7 @@ def main() -> int:
     parser.add_argument("--out", default="", help="append the JSON rows to this file")
     parser.add_argument("--quick", action="store_true", help="32k and 128k only; no torch.compile check")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"launch configurations, of {list(CONFIGS)}")
+    parser.add_argument("--commit", default="", help="the commit to record (default: git's, where there is one)")
     args = parser.parse_args()
     device = torch.device(args.device)
     configs = args.configs.split(",")
@@ -309,7 +312,7 @@ def main() -> int:
         rows += reference_checks(device, check_slots, config)
         rows += packed_rows(device, contexts, batches, config, dense)
         print(f"[{time.perf_counter() - began:.0f} s] config {config} done", file=sys.stderr)
-    env = environment(device, bandwidth)
+    env = environment(device, bandwidth, args.commit)
     for row in rows:
         if "kernel" in row:
             row["floor_us"] = row["bytes"] / bandwidth * 1e6
