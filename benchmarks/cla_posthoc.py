@@ -1,6 +1,6 @@
 """Post-hoc Cross-Layer Attention on the embedded model: WikiText-2 perplexity and measured KV bytes per token.
 
-    nice -n 10 python benchmarks/cla_posthoc.py                   # CPU, the defaults below (~6 min on 2 cores)
+    nice -n 10 python benchmarks/cla_posthoc.py   # CPU, the defaults below: 17 min on 2 cores shared (load ~9)
 
 SmolLM2-135M (30 layers, 3 KV heads) was trained without sharing; `method=cla` makes each group of s layers
 attend over the first layer's keys and values. Rows: s = 1 (the dense cache), 2, 3, and s = 2 with the lower
