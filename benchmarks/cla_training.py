@@ -48,7 +48,7 @@ import torch
 from kvbench.train.config import DataSettings, ModelShape, TrainConfig, TrainSettings
 from kvbench.train.data import Pieces, read_documents, split_pieces
 from kvbench.train.loop import Trainer, autocast_dtype, evaluate
-from kvbench.train.model import kv_bytes_per_token, parameter_counts
+from kvbench.train.model import build_model, kv_bytes_per_token, parameter_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -212,6 +212,16 @@ def train_and_measure(name: str, args, steps: int, pieces: Pieces, windows: torc
     return row
 
 
+def preflight(args: argparse.Namespace, windows: torch.Tensor, vocab_size: int) -> None:
+    """Every design's evaluation path once, untrained: a failure shows in seconds, not after the training."""
+    for name in DESIGNS:
+        config = config_for(name, args, steps=1)
+        device = torch.device(args.device)
+        model = build_model(config.model, vocab_size).to(device)
+        evaluate(model, windows[:1], 1, autocast_dtype(config.train.precision, device))
+        kv_bytes_measured(model, config)
+
+
 def run(args: argparse.Namespace) -> None:
     from kvbench.records import environment, git_commit, write_json_atomic
 
@@ -220,6 +230,7 @@ def run(args: argparse.Namespace) -> None:
     seq_len = (TINY_TRAIN if args.tiny else GPU_TRAIN)["seq_len"]
     pieces, windows, meta = load_data(Path(args.gpu_data), seq_len, args.tiny)
     requested = args.steps or (TINY_TRAIN if args.tiny else GPU_TRAIN)["steps"]
+    preflight(args, windows, meta["vocab_size"])
     largest = config_for("gqa2", args, requested)
     step_s = seconds_per_step(largest, pieces, meta["vocab_size"])
     # 85% of what is left goes to training, the rest to evaluation and checkpoints.
