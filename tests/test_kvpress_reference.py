@@ -71,15 +71,17 @@ def kvbench_kept(model: torch.nn.Module, spec: ModelSpec, method: Method, ids: l
     """Positions each layer and KV head holds after prefill, read from `layer.positions` (-1 = empty)."""
     engine = Engine(model, None, method, spec, prefill_chunk=chunk)
     caches: list[KVCache] = []
-    make_cache = engine.new_cache
+    stack = KVCache.stack
 
-    def keep_cache(prompt_len: int, decode_len: int) -> KVCache:
-        caches.append(make_cache(prompt_len, decode_len))
+    def keep_stacked(prefilled: list[KVCache]) -> KVCache:
+        # The engine stacks even one sequence's cache, emptying the one it prefilled: keep the stacked one.
+        caches.append(stack(prefilled))
         return caches[-1]
 
-    engine.new_cache = keep_cache
     # One new token: the engine prefills, compresses, picks the token and stops before any decode write.
-    engine.generate(ids, max_new_tokens=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KVCache, "stack", keep_stacked)
+        engine.generate(ids, max_new_tokens=1)
     (cache,) = caches
     return [[sorted(p for p in head.tolist() if p >= 0) for head in layer.positions[0]] for layer in cache.layers]
 
