@@ -19,12 +19,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from kvbench.cache import aligned_slots  # noqa: E402
-from kvbench.plot import pareto_mask  # noqa: E402
-from kvbench.records import load_table  # noqa: E402
+from kvbench.cache import aligned_slots
+from kvbench.plot import pareto_mask
+from kvbench.records import load_table
 
 H200 = Path(__file__).resolve().parent / "results" / "cla_training_h200.json"
 
