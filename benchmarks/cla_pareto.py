@@ -94,9 +94,8 @@ def main() -> int:
     lines = ["| scale | model | KV bytes / token | perplexity |", "|---|---|---|---|"]
     for points, title in panels:
         for _, row in points.sort_values("kv_bytes_per_token").iterrows():
-            lines.append(
-                f"| {title.split(',')[0]} | {row['model']} | {row['kv_bytes_per_token']:.0f} | {row['perplexity']:.1f} |"
-            )
+            scale = title.split(",")[0]
+            lines.append(f"| {scale} | {row['model']} | {row['kv_bytes_per_token']:.0f} | {row['perplexity']:.1f} |")
     (args.out / "cla-pareto.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {args.out}/cla-pareto.png, .svg, .md")
