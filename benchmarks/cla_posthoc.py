@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
+from quant_accuracy import wikitext  # the same stream-perplexity loop and byte counts (a sibling script)
 
-from kvbench.engine import Engine, perplexity
+from kvbench.engine import Engine
 from kvbench.method import Method
 from kvbench.methods.cla import CLA
 from kvbench.models import ModelConfig, load_model, model_spec
@@ -93,27 +92,6 @@ def reference_check(engine: Engine, ids: list[int]) -> dict[str, float]:
         "check_max_logit_diff": float((got - expected).abs().max()),
         "check_ppl": ppl(got),
         "check_ppl_reference": ppl(expected),
-    }
-
-
-def wikitext(engine: Engine, task: WikiText2, tokenizer) -> dict[str, Any]:
-    nll, tokens, held, dense, seconds = 0.0, 0, [], [], 0.0
-    for sample in task.samples(tokenizer):
-        began = time.perf_counter()
-        scored = task.evaluate(engine, sample)
-        seconds += time.perf_counter() - began
-        nll += scored.nll_sum
-        tokens += scored.tokens
-        window = len(sample.prompt_ids) + len(sample.continuation_ids)
-        held.append(scored.measurement.kv_bytes_device / window)
-        dense.append(scored.measurement.dense_kv_bytes / window)
-    return {
-        "perplexity": perplexity(nll, tokens),
-        "nll_per_token": nll / tokens,
-        "scored_tokens": tokens,
-        "kv_bytes_per_token": sum(held) / len(held),
-        "dense_kv_bytes_per_token": sum(dense) / len(dense),
-        "wikitext_seconds": seconds,
     }
 
 

@@ -193,7 +193,8 @@ def model_spec(cfg: ModelConfig) -> ModelSpec:
     )
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "model.device") -> torch.device:
+    """`auto` (CUDA if there is one, else CPU) or a device this machine has; `key` names the setting in errors."""
     import torch
 
     if name == "auto":
@@ -201,8 +202,8 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError("model.device", name, "auto or a torch device (cpu, cuda, cuda:1, ...)") from None
-    require(device.type != "cuda" or torch.cuda.is_available(), "model.device", name, "a device this machine has")
+        raise ConfigError(key, name, "auto or a torch device (cpu, cuda, cuda:1, ...)") from None
+    require(device.type != "cuda" or torch.cuda.is_available(), key, name, "a device this machine has")
     return device
 
 

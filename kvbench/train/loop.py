@@ -21,6 +21,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
 from kvbench.errors import ConfigError, require
+from kvbench.models import resolve_device
 from kvbench.train import checkpoint
 from kvbench.train.config import TrainConfig, TrainSettings
 from kvbench.train.data import BatchOrder, Pieces, load_pieces
@@ -42,17 +43,6 @@ class TrainResult:
     val_loss: float  # on the held-out pieces, at the last evaluation (every eval_every steps and the last)
     params: dict[str, int]
     stopped_early: bool  # `max_seconds` ran out before `train.steps`
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("train.device", name, "auto or a torch device (cpu, cuda, cuda:1, ...)") from None
-    require(device.type != "cuda" or torch.cuda.is_available(), "train.device", name, "a device this machine has")
-    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -133,7 +123,7 @@ class Trainer:
         self.config, self.settings, self.pieces, self.tokenizer = config, config.train, pieces, tokenizer
         self.out_dir = Path(self.settings.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(self.settings.device)
+        self.device = resolve_device(self.settings.device, "train.device")
         self.dtype = autocast_dtype(self.settings.precision, self.device)
         torch.manual_seed(self.settings.seed)  # the initial weights
         bos, eos = (tokenizer.bos_token_id, tokenizer.eos_token_id) if tokenizer is not None else (None, None)
@@ -239,7 +229,7 @@ def load_tokenizer(name: str):
 def train(config: TrainConfig) -> TrainResult:
     """`python -m kvbench.train`: check the settings and the output folder, read the corpus, train."""
     check_resume(config)
-    resolve_device(config.train.device)
+    resolve_device(config.train.device, "train.device")
     tokenizer = load_tokenizer(config.data.tokenizer)
     pieces = load_pieces(config.data, tokenizer, config.train.seq_len)
     return Trainer(config, pieces, len(tokenizer), tokenizer).run()
