@@ -168,6 +168,10 @@ class Engine:
 
     # ----- building blocks -----
     def new_cache(self, prompt_len: int, decode_len: int) -> KVCache:
+        # A model with its own cache layout (the Block Transformer's) builds it; the method is its to check.
+        own_cache = getattr(self.model, "make_kvbench_cache", None)
+        if own_cache is not None:
+            return own_cache(self.method, prompt_len, decode_len)
         return self.method.make_cache(self.spec, prompt_len, decode_len, 1, self.inv_freq)
 
     def _logits(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, all_logits: bool = False):
@@ -303,17 +307,35 @@ class Engine:
             return (lambda: compiled(cache, state)), time.perf_counter() - began, 1
         # Warm up on a side stream (the first call compiles), then capture one step; capture records the
         # kernels without running them, and each replay runs the whole step with no Python in between.
+        # A cache whose step takes one of a few shapes chosen on the host from the step count (the Block
+        # Transformer runs its block decoder every L_B-th step) names the shapes of its next steps over one
+        # cycle; every one is warmed up, then captured once, and each replay picks its step's graph.
+        variants = cache.decode_variants() if hasattr(cache, "decode_variants") else None
+        warmup = WARMUP_STEPS if variants is None else max(WARMUP_STEPS, len(variants))
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
+            for _ in range(warmup):
                 compiled(cache, state)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            compiled(cache, state)
+        if variants is None:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                compiled(cache, state)
+            torch.cuda.synchronize(self.device)
+            return graph.replay, time.perf_counter() - began, warmup
+        graphs = {}
+        for variant in dict.fromkeys(variants):
+            graphs[variant] = torch.cuda.CUDAGraph()
+            with cache.hold_variant(variant), torch.cuda.graph(graphs[variant]):
+                compiled(cache, state)
         torch.cuda.synchronize(self.device)
-        return graph.replay, time.perf_counter() - began, WARMUP_STEPS
+
+        def replay() -> None:
+            graphs[cache.decode_variant()].replay()
+            cache.advance()  # a replay runs no Python: the host's step count moves here
+
+        return replay, time.perf_counter() - began, warmup
 
     # ----- what tasks ask for -----
     @torch.inference_mode()
@@ -350,7 +372,7 @@ class Engine:
             cache, last = self._prefill_one(request, prompt_len, decode_len, m)
             caches.append(cache)
             logits.append(last)
-        cache = KVCache.stack(caches)
+        cache = type(caches[0]).stack(caches)
         del caches
         state = self._decode_state(requests, [len(r.prompt_ids) + len(r.question_ids) for r in requests])
         seed = requests[0].sampling.seed if requests[0].sampling else 0
