@@ -299,6 +299,15 @@ class Engine:
             compiled = self._step
         else:
             if self._compiled_step is None:
+                # Dynamo keeps compiled code per code object, and every Engine's `_step` shares one: without
+                # a reset, a sweep's 9th compiled run in one process hit the recompile limit (8) and
+                # fullgraph raised. A new engine starts from empty caches (inductor's on-disk cache stays).
+                # Within an engine, one compile per cache size is by design (prompt lengths round to
+                # aligned sizes), so the limits allow as many as the model's positions can make.
+                torch._dynamo.reset()
+                limits = torch._dynamo.config
+                limits.recompile_limit = max(limits.recompile_limit, self.spec.max_positions)
+                limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, self.spec.max_positions)
                 self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False, **self.compile_options)
             compiled = self._compiled_step
         began = time.perf_counter()
