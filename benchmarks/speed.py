@@ -27,21 +27,53 @@ import torch
 from kvbench.engine import Engine, Request, Timer
 from kvbench.method import Method
 from kvbench.methods.arkvale import ArkVale
+from kvbench.methods.cla import CLA
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
+from kvbench.methods.kivi import KIVI
+from kvbench.methods.quarot import QuaRot
+from kvbench.methods.scissorhands import Scissorhands
 from kvbench.methods.snapkv import SnapKV
+from kvbench.methods.snapstream import SnapStream
 from kvbench.methods.streamingllm import StreamingLLM
+from kvbench.methods.zipcache import ZipCache
 from kvbench.models import ModelConfig, load_model, model_spec
 from kvbench.records import environment
 
+# What a row's `size` means: tokens per layer and KV head for eviction methods, bits per element for the
+# quantizers, layers per KV group for CLA; `full` and ZipCache (its paper's 4/2 bits, 40% low) take none.
+SIZED_BY = {
+    "full": None,
+    "streamingllm": "budget",
+    "snapkv": "budget",
+    "h2o": "budget",
+    "arkvale": "budget",
+    "scissorhands": "budget",
+    "snapstream": "budget",
+    "kivi": "bits",
+    "quarot": "bits",
+    "rtn": "bits",
+    "zipcache": None,
+    "cla": "sharing",
+}
+# Methods that read the keys a second time each step for the attention every slot received.
+READS_KEYS_TWICE = {"h2o", "scissorhands"}
 
-def make_method(name: str, budget: int, recall_cap: int | None = None) -> Method:
+
+def make_method(name: str, size: int, recall_cap: int | None = None) -> Method:
     return {
         "full": lambda: Full(),
-        "streamingllm": lambda: StreamingLLM(budget=budget),
-        "snapkv": lambda: SnapKV(budget=budget),
-        "h2o": lambda: H2O(budget=budget),
-        "arkvale": lambda: ArkVale(budget=budget, recall_cap=recall_cap),
+        "streamingllm": lambda: StreamingLLM(budget=size),
+        "snapkv": lambda: SnapKV(budget=size),
+        "h2o": lambda: H2O(budget=size),
+        "arkvale": lambda: ArkVale(budget=size, recall_cap=recall_cap),
+        "scissorhands": lambda: Scissorhands(budget=size),
+        "snapstream": lambda: SnapStream(budget=size),
+        "kivi": lambda: KIVI(bits=size),
+        "quarot": lambda: QuaRot(bits=size),
+        "rtn": lambda: QuaRot(bits=size, rotate=False),
+        "zipcache": lambda: ZipCache(),
+        "cla": lambda: CLA(sharing=size),
     }[name]()
 
 
@@ -69,10 +101,16 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     return total
 
 
-def run_row(model, spec, method_name: str, budget: int, context: int, batch: int, args, bandwidth: float) -> dict:
+def run_row(
+    model, spec, method_name: str, budget: int, context: int, batch: int, engine_name: str, args, bandwidth: float
+) -> dict:
     method = make_method(method_name, budget, args.arkvale_recall_cap)
-    engine_name = args.engine
-    engine = Engine(model, None, method, spec, prefill_chunk=args.prefill_chunk, engine=engine_name)
+    # A fresh dynamo cache per row: each row compiles its own step anyway, and a long sweep in one process
+    # would otherwise pile guards on one code object up to dynamo's recompile limit.
+    torch._dynamo.reset()
+    engine = Engine(
+        model, None, method, spec, prefill_chunk=args.prefill_chunk, engine=engine_name, fuse=not args.unfused
+    )
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
         Request(
@@ -82,9 +120,13 @@ def run_row(model, spec, method_name: str, budget: int, context: int, batch: int
         )
         for _ in range(batch)
     ]
-    row = {"method": method_name, "budget": None if method_name == "full" else budget, "context": context}
+    row = {"method": method_name, "budget": budget if SIZED_BY[method_name] else None, "context": context}
     row.update(
-        batch=batch, engine=engine_name, recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None
+        size_means=SIZED_BY[method_name],
+        batch=batch,
+        engine=engine_name,
+        fused_projections=engine_name != "eager" and not args.unfused,
+        recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
     try:
         generations = engine.generate_batch(requests)
@@ -95,7 +137,7 @@ def run_row(model, spec, method_name: str, budget: int, context: int, batch: int
         return {**row, "status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0]}
     m = generations[0].measurement
     cache_read = m.kv_bytes_device * batch
-    if method_name == "h2o":
+    if method_name in READS_KEYS_TWICE:
         cache_read += cache_read // 2  # received attention reads the keys again (keys are half of K + V)
     floor_s = (weight_bytes_per_step(model) + cache_read) / bandwidth
     decode_ms = 1000 * m.decode_s / m.decode_steps if m.decode_steps else None
@@ -132,8 +174,19 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
-    parser.add_argument("--methods", nargs="+", default=["full", "streamingllm", "snapkv", "h2o", "arkvale"])
-    parser.add_argument("--engine", default="graph", choices=["eager", "graph", "compiled"])
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4], help="quantizers' sizes")
+    parser.add_argument("--sharing", type=int, nargs="+", default=[2], help="CLA's layers per KV group")
+    parser.add_argument("--commit", default="", help="stamp rows with this commit (the GPU copy has no .git)")
+    parser.add_argument("--methods", nargs="+", default=list(SIZED_BY), choices=list(SIZED_BY))
+    parser.add_argument("--engine", default="compiled", choices=["eager", "graph", "compiled"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE]",
+        help="these rows, in this order, instead of the grid (size 0 for methods that take none)",
+    )
+    parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument(
         "--arkvale-recall-cap",
@@ -154,33 +207,69 @@ def main() -> None:
     device = torch.device(args.device)
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
-    rows = []
+    plan = parse_runs(args.runs) if args.runs else grid(args)
+    rows, loaded_shape, model, spec, env = [], None, None, None, None
     with open(args.out, "a") as out:
-        for shape in args.shapes:
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
-            cfg = ModelConfig(name=shape, source="shape", shape=shape, device=device.type, dtype=dtype)
-            spec = model_spec(cfg)
-            model, _ = load_model(cfg, with_tokenizer=False)
-            env = environment(device)
-            warm = Engine(model, None, Full(), spec, prefill_chunk=args.prefill_chunk, engine=args.engine)
-            warm.generate_batch([Request(list(range(1, 300)), 4, min_new_tokens=4)])  # module load, cuBLAS handles
-            for context in args.contexts:
-                for batch in args.batches:
-                    for method_name in args.methods:
-                        for budget in args.budgets if method_name != "full" else args.budgets[:1]:
-                            if time.perf_counter() - began > args.time_limit_s:
-                                print("time limit reached: no new rows", flush=True)
-                                break
-                            row = run_row(model, spec, method_name, budget, context, batch, args, bandwidth)
-                            row.update(shape=shape, bandwidth_bytes_per_s=bandwidth, environment=env)
-                            out.write(json.dumps(row, default=str) + "\n")
-                            out.flush()
-                            rows.append(row)
-                            print(format_row(row), flush=True)
-            del model, warm
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        for shape, method_name, size, context, batch, engine_name in plan:
+            if time.perf_counter() - began > args.time_limit_s:
+                print("time limit reached: no new rows", flush=True)
+                break
+            if shape != loaded_shape:  # rows of one shape run together: the model loads once for them
+                del model
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                dtype = "bfloat16" if device.type == "cuda" else "float32"
+                cfg = ModelConfig(name=shape, source="shape", shape=shape, device=device.type, dtype=dtype)
+                spec = model_spec(cfg)
+                model, _ = load_model(cfg, with_tokenizer=False)
+                env, loaded_shape = environment(device), shape
+                warm = Engine(model, None, Full(), spec, prefill_chunk=args.prefill_chunk, engine="eager")
+                warm.generate_batch([Request(list(range(1, 300)), 4, min_new_tokens=4)])  # module load, cuBLAS
+            row = run_row(model, spec, method_name, size, context, batch, engine_name, args, bandwidth)
+            row.update(
+                shape=shape,
+                bandwidth_bytes_per_s=bandwidth,
+                environment=env,
+                commit=args.commit or env.get("git_commit"),
+            )
+            out.write(json.dumps(row, default=str) + "\n")
+            out.flush()
+            rows.append(row)
+            print(format_row(row), flush=True)
     print("\n" + "\n".join(format_row(row) for row in rows))
+    print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
+
+
+def grid(args) -> list[tuple[str, str, int, int, int, str]]:
+    """Every shape x context x batch x method x size (one size for methods that take none)."""
+    return [
+        (shape, method_name, size, context, batch, args.engine)
+        for shape in args.shapes
+        for context in args.contexts
+        for batch in args.batches
+        for method_name in args.methods
+        for size in (SIZE_OF[SIZED_BY[method_name]](args) if SIZED_BY[method_name] else [0])
+    ]
+
+
+SIZE_OF = {
+    "budget": lambda args: args.budgets,
+    "bits": lambda args: args.bits,
+    "sharing": lambda args: args.sharing,
+}
+
+
+def parse_runs(specs: list[str]) -> list[tuple[str, str, int, int, int, str]]:
+    plan = []
+    for spec in specs:
+        fields = spec.split(":")
+        if len(fields) not in (5, 6) or fields[1] not in SIZED_BY:
+            raise SystemExit(
+                f"--runs {spec!r}: SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE], METHOD one of {list(SIZED_BY)}"
+            )
+        engine = fields[5] if len(fields) == 6 else "compiled"
+        plan.append((fields[0], fields[1], int(fields[2]), int(fields[3]), int(fields[4]), engine))
+    return plan
 
 
 def format_row(row: dict) -> str:

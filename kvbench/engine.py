@@ -5,7 +5,8 @@ method). `compiled` runs the same step through `torch.compile(fullgraph=True)` a
 once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop
 checks and positions all stay on the device), so the replay launches no Python. `graph` captures the
 eager step without compiling it (no compile time; unfused kernels). The host looks at the stop flags only
-every `STOP_CHECK_EVERY` steps.
+every `STOP_CHECK_EVERY` steps. Both fast paths fuse the projections that share an input
+(`kvbench.fused_projections`: one product for q/k/v and one for gate/up, as gpt-fast stores them).
 
 Sequences of different lengths decode together: each is prefilled on its own (exact positions, no
 padding), then their caches are stacked into one batch whose slot buffers have the same size (empty slots
@@ -26,6 +27,7 @@ import torch
 
 from kvbench.attention import CACHE_KWARG
 from kvbench.cache import KVCache, ModelSpec, aligned_slots
+from kvbench.fused_projections import fuse_projections
 from kvbench.method import Method
 from kvbench.models import rope_inv_freq
 
@@ -147,12 +149,17 @@ class Engine:
         spec: ModelSpec,
         prefill_chunk: int = 512,
         engine: str = "eager",
+        fuse: bool = True,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: one of {ENGINES}")
         self.model, self.tokenizer, self.method, self.spec = model, tokenizer, method, spec
         self.prefill_chunk = prefill_chunk
         self.engine = engine
+        if engine != "eager" and fuse:
+            # The fast paths read each layer's q/k/v (and gate/up) weights in one product; in place and
+            # idempotent, so a model kept for the next run of a sweep stays fused (same math, same memory).
+            fuse_projections(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.inv_freq = rope_inv_freq(model)
