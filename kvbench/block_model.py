@@ -138,12 +138,14 @@ class Decoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(Layer(config) for _ in range(layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x [B, T, d] at `positions` [B, T] (or [T])."""
-        angles = positions.float().unsqueeze(-1) * self.inv_freq
+        # RoPE frequencies made per call, not kept as a buffer: from_pretrained leaves non-persistent
+        # buffers uninitialised (a few tiny kernels per step).
+        exponents = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
+        angles = positions.float().unsqueeze(-1) * self.rope_theta**-exponents
         angles = torch.cat((angles, angles), dim=-1)
         if angles.dim() == 2:
             angles = angles.unsqueeze(0)

@@ -160,10 +160,18 @@ def _hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if cfg.source == "gguf":
         path = Path(cfg.path)
         return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    _register_kvbench_architectures()
     try:
         return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as error:  # not found, not a model folder, an id the hub refuses
         raise ConfigError("model.path", cfg.path, f"a readable HF model ({error})") from None
+
+
+def _register_kvbench_architectures() -> None:
+    """Architectures kvbench trains (the Block Transformer) load from their folders with no remote code."""
+    from kvbench import block_model
+
+    block_model.register()
 
 
 def model_spec(cfg: ModelConfig) -> ModelSpec:
@@ -274,6 +282,7 @@ def load_model(cfg: ModelConfig, with_tokenizer: bool = True) -> tuple[torch.nn.
         elif cfg.source == "gguf":
             where, extra = str(Path(cfg.path).parent), {"gguf_file": Path(cfg.path).name}
         else:
+            _register_kvbench_architectures()
             where, extra = cfg.path, {"trust_remote_code": cfg.trust_remote_code, "use_safetensors": True}
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=attn, **extra)
         model.to(device)
