@@ -249,7 +249,7 @@ def compose_train(*overrides: str):
         ("train.steps=0", "train.steps"),
         ("train.batch=0", "train.batch"),
         ("train.precision=fp16", "train.precision"),
-        ("model.arch=block", "model.arch"),
+        ("model.arch=nope", "model.arch"),
         ("+model.colour=blue", "model.colour"),
         ("train.lr=fast", "train.lr"),
     ],

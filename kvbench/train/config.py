@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 
 from kvbench.errors import require
 
-# Model constructions `model.arch` selects (kvbench/train/model.py builds them); Block Transformer
-# (issue #20) is to be added here.
-ARCHS = ("llama",)
+# Model constructions `model.arch` selects (kvbench/train/model.py builds them): a Llama-style decoder, or
+# a Block Transformer (kvbench/block_model.py) whose `layers` are split between its block and token decoders.
+ARCHS = ("llama", "block")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
 class ModelShape:
     """A Llama-style decoder. `kv_heads`: 1 = MQA, `heads` = MHA, between = GQA. `kv_sharing`: CLA's
-    sharing factor s (Brandon et al. 2024): layer i attends over the keys and values of layer i - i % s."""
+    sharing factor s (Brandon et al. 2024): layer i attends over the keys and values of layer i - i % s.
+
+    `arch: block` (Ho et al. 2024): `block_layers` of the `layers` form the block decoder (0: half), the
+    rest the token decoder; `block_len` tokens per block; `prefix_tokens` vectors of prefix per block."""
 
     name: str = "gqa"
     arch: str = "llama"
@@ -31,6 +34,9 @@ class ModelShape:
     max_positions: int = 2048
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    block_len: int = 4
+    block_layers: int = 0  # 0: half of `layers`
+    prefix_tokens: int = 2
 
     def __post_init__(self) -> None:
         require(self.arch in ARCHS, "model.arch", self.arch, f"one of {ARCHS}")
@@ -58,10 +64,44 @@ class ModelShape:
         require(self.head_dim >= 0, "model.head_dim", self.head_dim, "0 (hidden / heads) or an integer >= 1")
         require(self.intermediate >= 0, "model.intermediate", self.intermediate, "0 (8/3 hidden) or an integer >= 1")
         require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "a positive number")
+        if self.arch == "block":
+            self._check_block()
+
+    def _check_block(self) -> None:
+        require(self.block_len >= 1, "model.block_len", self.block_len, "an integer >= 1 (tokens per block)")
+        require(
+            self.hidden % self.block_len == 0,
+            "model.block_len",
+            self.block_len,
+            f"a divisor of model.hidden ({self.hidden}): each token's block embedding is hidden / block_len wide",
+        )
+        require(
+            self.layers >= 2,
+            "model.layers",
+            self.layers,
+            "an integer >= 2 for arch=block (block and token decoders need a layer each)",
+        )
+        require(
+            0 <= self.block_layers < self.layers,
+            "model.block_layers",
+            self.block_layers,
+            f"0 (half) or 1..{self.layers - 1}: the rest of model.layers ({self.layers}) form the token decoder",
+        )
+        require(self.prefix_tokens >= 1, "model.prefix_tokens", self.prefix_tokens, "an integer >= 1")
+        require(
+            self.kv_sharing == 1,
+            "model.kv_sharing",
+            self.kv_sharing,
+            "1 for arch=block (cross-layer sharing is a llama-arch option)",
+        )
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden // self.heads
+
+    @property
+    def resolved_block_layers(self) -> int:
+        return self.block_layers or self.layers // 2
 
     @property
     def resolved_intermediate(self) -> int:
@@ -144,3 +184,10 @@ class TrainConfig:
             self.train.seq_len,
             f"at most model.max_positions ({self.model.max_positions})",
         )
+        if self.model.arch == "block":
+            require(
+                self.train.seq_len % self.model.block_len == 0,
+                "train.seq_len",
+                self.train.seq_len,
+                f"a multiple of model.block_len ({self.model.block_len}): pieces are whole blocks",
+            )

@@ -1,4 +1,5 @@
-"""Model construction for training, keyed by `model.arch` (only `llama` now; issue #20 adds `block`).
+"""Model construction for training, keyed by `model.arch`: `llama`, or `block` (a Block Transformer,
+`kvbench.block_model`, Ho et al., NeurIPS 2024, arXiv 2406.02657).
 
 A CLA model (Brandon et al., "Reducing Transformer Key-Value Cache Size with Cross-Layer Attention",
 NeurIPS 2024, arXiv 2405.12981) is a stock `LlamaForCausalLM` whose config carries `kvbench_kv_sharing: s`;
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
-from kvbench import attention
+from kvbench import attention, block_model
 from kvbench.attention import KV_SHARING_CONFIG, SHARED_KV_KWARG
 from kvbench.train.config import ModelShape
 
@@ -39,7 +40,29 @@ def _llama(shape: ModelShape, vocab_size: int, bos_id: int | None, eos_id: int |
     return AutoModelForCausalLM.from_config(config, attn_implementation=attention.register())
 
 
-ARCHITECTURES: dict[str, Callable[..., PreTrainedModel]] = {"llama": _llama}
+def _block(shape: ModelShape, vocab_size: int, bos_id: int | None, eos_id: int | None) -> PreTrainedModel:
+    block_layers = shape.resolved_block_layers
+    config = block_model.BlockConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.resolved_intermediate,
+        block_layers=block_layers,
+        token_layers=shape.layers - block_layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.resolved_head_dim,
+        block_len=shape.block_len,
+        prefix_tokens=shape.prefix_tokens,
+        max_position_embeddings=shape.max_positions,
+        rope_theta=shape.rope_theta,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    block_model.register()
+    return AutoModelForCausalLM.from_config(config)
+
+
+ARCHITECTURES: dict[str, Callable[..., PreTrainedModel]] = {"llama": _llama, "block": _block}
 
 
 def build_model(
@@ -82,9 +105,14 @@ def parameter_counts(model: PreTrainedModel) -> dict[str, int]:
     return {"params": total, "params_non_embedding": total - embedding, "params_unused": unused_count}
 
 
-def kv_bytes_per_token(model: PreTrainedModel, bytes_per_element: int) -> int:
+def kv_bytes_per_token(model: PreTrainedModel, bytes_per_element: int) -> float:
     """What the architecture stores per token (2 x KV-producing layers x kv heads x head_dim x element size):
     the formula, for reference next to bytes measured from a kvbench cache."""
     config = model.config
+    if config.model_type == block_model.MODEL_TYPE:
+        # One block-decoder entry per L_B tokens; the token decoder's P + L_B - 1 local entries and the start
+        # block's are per sequence, not per token (`block_model.kv_bytes_formula` counts them for a length).
+        per_block = 2 * config.block_layers * config.num_key_value_heads * config.head_dim * bytes_per_element
+        return per_block / config.block_len
     producers = len(range(0, config.num_hidden_layers, getattr(config, KV_SHARING_CONFIG, 1)))
     return 2 * producers * config.num_key_value_heads * config.head_dim * bytes_per_element
