@@ -4,6 +4,7 @@ sizes each compile the decode step, past dynamo's default recompile limit of 8, 
 from __future__ import annotations
 
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list  # dynamo's own view of a code's cache
 
 from kvbench.engine import Engine
 from kvbench.methods.full import Full
@@ -21,14 +22,16 @@ def compiled_engine(tiny, method) -> Engine:
 
 
 def test_ten_engines_in_one_process_each_compile_their_step(tiny):
-    """As a sweep does: one Engine per run, each with another budget (another cache shape). Without a
-    reset per engine, the 9th raised FailOnRecompileLimitHit (fullgraph)."""
+    """As a sweep does: one Engine per run, each with another budget (another cache shape). Before the fix
+    the 9th raised FailOnRecompileLimitHit (fullgraph). Each engine starts from empty caches: the step's
+    code object holds only its own compile, so a sweep's runs never add up to a limit."""
     model, tokenizer, spec = tiny
     for budget in range(32, 32 + 10 * 8, 8):
         method = StreamingLLM(budget=budget)
         expected = Engine(model, tokenizer, method, spec).generate(PROMPT, NEW_TOKENS).token_ids
         got = compiled_engine(tiny, method).generate(PROMPT, NEW_TOKENS)
         assert got.measurement.engine == "compiled" and got.token_ids == expected, budget
+        assert len(_debug_get_cache_entry_list(Engine._step)) == 1, budget
 
 
 def test_one_engine_compiles_a_step_per_cache_size_beyond_eight(tiny):
