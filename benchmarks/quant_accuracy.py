@@ -27,8 +27,9 @@ full-precision windows; float32 on CPU) divided by the tokens it holds, and the 
 
 Rows (one per method and sample) are appended to `--rows` as they finish; a row already there (same method,
 sample and settings) is skipped, so an interrupted run continues where it stopped. Samples run in rounds
-(round r: WikiText window r, the r-th passkey key at each depth, the r-th record of each LongBench task),
-each round for every method, so a stopped run still compares every method on the same samples.
+(round r: WikiText windows 2r and 2r + 1, the r-th passkey key at each depth, the r-th record of each
+LongBench task), each sample for every method before the next, so a stopped run still compares every method
+on the same samples.
 `--out` gets the summary: per method and task the metrics, paired differences against the full cache (and
 between the methods each paper compares) with bootstrap 95% intervals over samples, and counts of answers
 that differ from the full cache's.
@@ -108,6 +109,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefix", type=int, default=1024, help="WikiText-2 prefix tokens per window")
     parser.add_argument("--continuation", type=int, default=128, help="WikiText-2 scored tokens per window")
     parser.add_argument("--windows", type=int, default=4, help="WikiText-2 windows")
+    parser.add_argument("--windows-per-round", type=int, default=2, help="WikiText-2 windows in each round")
     parser.add_argument("--passkey-length", type=int, default=1536)
     parser.add_argument("--passkey-depths", default="0.1,0.5,0.9")
     parser.add_argument("--passkey-per-depth", type=int, default=2)
@@ -125,6 +127,8 @@ def parse_args() -> argparse.Namespace:
     depths = [float(part) for part in args.passkey_depths.split(",")]
     if not all(0 <= depth <= 1 for depth in depths):
         parser.error(f"--passkey-depths {args.passkey_depths}: fractions between 0 and 1 allowed")
+    if args.windows_per_round < 1:
+        parser.error(f"--windows-per-round {args.windows_per_round}: an integer >= 1 allowed")
     for key in ("windows", "passkey_per_depth", "longbench_per_task"):
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} {getattr(args, key)}: an integer >= 0 allowed")
@@ -172,13 +176,19 @@ def passkey_round(sample: Sample) -> int:
     return int(sample.id.rsplit("-", 1)[1])
 
 
-def rounds(tasks: dict[str, Task], tokenizer) -> Iterator[list[tuple[str, Sample]]]:
-    """Samples grouped in rounds: round r holds the r-th sample of every task (the r-th key at each depth)."""
+def rounds(tasks: dict[str, Task], tokenizer, windows_per_round: int) -> Iterator[list[tuple[str, Sample]]]:
+    """Samples grouped in rounds: round r holds WikiText-2 windows [r * windows_per_round, (r + 1) *
+    windows_per_round), the r-th key at each passkey depth and the r-th record of each LongBench task."""
     per_task: dict[str, list[list[Sample]]] = {}
     for task_name, task in tasks.items():
         groups: list[list[Sample]] = []
         for index, sample in enumerate(task.samples(tokenizer)):
-            position = passkey_round(sample) if task_name == "passkey" else index
+            if task_name == "passkey":
+                position = passkey_round(sample)
+            elif task_name == "wikitext2":
+                position = index // windows_per_round
+            else:
+                position = index
             while len(groups) <= position:
                 groups.append([])
             groups[position].append(sample)
@@ -396,11 +406,12 @@ def main() -> None:
         engines = {name: Engine(model, tokenizer, method, spec) for name, method in methods.items()}
         commit = git_commit()
         args.rows.parent.mkdir(parents=True, exist_ok=True)
-        for number, samples in enumerate(rounds(tasks, tokenizer)):
-            for name, engine in engines.items():
-                began = time.perf_counter()
-                for task_name, sample in samples:
-                    settings = settings_key(args, task_name)
+        # Sample-major: each sample runs for every method before the next, so a stopped run compares every
+        # method on the same samples.
+        for number, samples in enumerate(rounds(tasks, tokenizer, args.windows_per_round)):
+            for task_name, sample in samples:
+                settings = settings_key(args, task_name)
+                for name, engine in engines.items():
                     if row_key(name, task_name, sample.id, settings) in done:
                         continue
                     row = {"method": name, "task": task_name, "sample_id": sample.id, "settings": settings}
@@ -409,7 +420,7 @@ def main() -> None:
                     with open(args.rows, "a") as handle:  # one line per finished sample: a crash loses one
                         handle.write(json.dumps(row) + "\n")
                     rows.append(row)
-                print(f"round {number} {name}: {time.perf_counter() - began:.0f} s", flush=True)
+                    print(f"round {number} {task_name} {sample.id} {name}: {row['seconds']:.0f} s", flush=True)
     summary = summarize(rows, args)
     payload = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("rows", "out")}
