@@ -45,6 +45,7 @@ class RunSettings:
     warmup: bool = True
     retry_errors: bool = False
     debug: bool = False
+    prefetch_next_model: bool = True
 
     def __post_init__(self) -> None:
         require(self.prefill_chunk >= 1, "kvbench.prefill_chunk", self.prefill_chunk, "an integer >= 1")
@@ -172,12 +173,17 @@ def _progress_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir)) / ".progress"
 
 
+def _sweep_arguments(config: DictConfig) -> list[str]:
+    """What the basic sweeper expands: its `params`, then the command line's overrides (the sweep's config)."""
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    return [*params, *config.hydra.overrides.task]
+
+
 def sweep_size(config: DictConfig) -> int:
     """How many jobs the basic sweeper makes of the sweep's params and command-line overrides (0: unknown)."""
-    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
     choices: dict[str, int] = {}  # the last override of a key wins, as in the sweeper
     try:
-        for override in OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task]):
+        for override in OverridesParser.create().parse_overrides(_sweep_arguments(config)):
             count = len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
             choices[override.get_key_element()] = count
     except HydraException:  # a sweep only the sweeper can expand (a glob over a group's options)
@@ -281,3 +287,83 @@ def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
     }
     chosen.update(names or {})
     return RunConfig(model, method, task, settings, chosen)
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+# Launchers whose worker processes run many jobs in sweep order: the basic one (this process, one job after
+# another) and joblib (each worker takes the first job left when it finishes one). Submitit runs a process
+# per job, where a prefetch would be read for nothing.
+JOB_REUSING_LAUNCHERS = (
+    "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+    "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+)
+
+
+def sweep_jobs(sweep_config: DictConfig) -> list[list[str]]:
+    """Every job's overrides, in the order the basic sweeper makes them: the cartesian product of the swept
+    keys, the first key varying slowest (keys in order of first appearance, `params` before the command
+    line). Raises HydraException for sweeps only the sweeper expands (a glob over a group's options)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    overrides = OverridesParser.create().parse_overrides(_sweep_arguments(sweep_config))
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def next_sweep_model() -> ModelConfig | None:
+    """The model of the first job after this one, in sweep order, that uses another model than this job:
+    the one this worker will need next, for `model_pool.prefetch`.
+
+    Exact for the basic launcher. A joblib worker takes jobs in sweep order but skips those other workers
+    took, so it may never run that model (then the read was for nothing: the pool keeps one model ahead).
+    None outside a sweep, when no later job uses another model, with a sweeper or launcher whose order is
+    not known (Optuna, submitit), or when a later job's config does not compose (it fails on its own turn).
+    The jobs are recomputed from the `multirun.yaml` that the basic sweeper saves before launching; a job
+    whose overrides differ from that list's gets no prefetch.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if (
+        str(hydra_cfg.mode) != "RunMode.MULTIRUN"
+        or hydra_cfg.sweeper.get("_target_") != BASIC_SWEEPER
+        or hydra_cfg.launcher.get("_target_") not in JOB_REUSING_LAUNCHERS
+    ):
+        return None
+    try:
+        sweep_dir, number = str(hydra_cfg.sweep.dir), int(hydra_cfg.job.num)
+        jobs = _saved_sweep_jobs(sweep_dir)
+        if number >= len(jobs) or jobs[number] != list(hydra_cfg.overrides.task):
+            return None
+        current = _job_model(sweep_dir, number, hydra_cfg.job.config_name)
+        for later in range(number + 1, len(jobs)):
+            model = _job_model(sweep_dir, later, hydra_cfg.job.config_name)
+            if model != current:
+                return model
+        return None
+    except Exception as error:  # a prefetch is an optimization: never a reason for this run to fail
+        print(f"kvbench: no model prefetch ({type(error).__name__}: {error})", file=sys.stderr, flush=True)
+        return None
+
+
+# Per sweep folder (a process may run several sweeps): its jobs, and each job's model once composed.
+_jobs_by_sweep_dir: dict[str, list[list[str]]] = {}
+_models_by_job: dict[tuple[str, int], ModelConfig] = {}
+
+
+def _saved_sweep_jobs(sweep_dir: str) -> list[list[str]]:
+    if sweep_dir not in _jobs_by_sweep_dir:
+        _jobs_by_sweep_dir[sweep_dir] = sweep_jobs(OmegaConf.load(Path(sweep_dir) / "multirun.yaml"))
+    return _jobs_by_sweep_dir[sweep_dir]
+
+
+def _job_model(sweep_dir: str, number: int, config_name: str) -> ModelConfig:
+    """Job `number`'s model config, composed as Hydra composes the job (~0.1-0.3 s, once per job)."""
+    from hydra import compose
+
+    if (sweep_dir, number) not in _models_by_job:
+        overrides = _saved_sweep_jobs(sweep_dir)[number]
+        node = OmegaConf.to_container(compose(config_name=config_name, overrides=overrides).model, resolve=True)
+        _models_by_job[sweep_dir, number] = build_dataclass(ModelConfig, node, "model")
+    return _models_by_job[sweep_dir, number]

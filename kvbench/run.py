@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from kvbench import model_pool
-from kvbench.config import RunConfig, build, check_results_dir
+from kvbench.config import RunConfig, build, check_results_dir, next_sweep_model
 from kvbench.models import load_model, model_spec, resolve_device
 from kvbench.records import PREDICTIONS, RECORD, environment, read_record, run_dir, write_json_atomic
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # its result; `prefill_chunk` is in under its own key; `warmup` stays out so runs recorded before this list
 # keep their directories. Any other setting (a new one too) defines the run: better a needless rerun than
 # a wrong skip.
-NOT_IDENTITY = ("results_dir", "prefill_chunk", "warmup", "retry_errors", "debug")
+NOT_IDENTITY = ("results_dir", "prefill_chunk", "warmup", "retry_errors", "debug", "prefetch_next_model")
 RETRY_HINT = "kvbench.retry_errors=true"
 
 
@@ -102,6 +102,8 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
     # The model kept from the sweep's previous run when it has the same config (`load_model` looked up
     # here, at call time, so tests can replace it).
     loaded = model_pool.get(config.model, load_model)
+    if settings.prefetch_next_model:  # the sweep's next model, read in the background while this one runs
+        model_pool.prefetch(next_sweep_model(), load_model)
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = Engine(model, tokenizer, config.method, spec, settings.prefill_chunk, settings.engine)
     if settings.warmup:
@@ -131,6 +133,10 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
     summary = summarize(measurements, engine.device)
     summary["model_reused"] = loaded.reused
     summary["model_load_s"] = 0.0 if loaded.reused else loaded.load_s  # what this run spent loading
+    summary["model_prefetched"] = loaded.prefetched  # read in the background during earlier runs
+    summary["model_prefetch_wait_s"] = loaded.prefetch_wait_s  # of model_load_s: waiting for that read
+    summary["model_prefetch_s"] = loaded.prefetch_s  # that read's own duration
+    summary["model_prefetch_error"] = loaded.prefetch_error  # a prefetch that failed (then loaded here)
     return {"metrics": config.task.aggregate(rows), "measurements": summary, "method_stats": method_stats}
 
 
