@@ -436,7 +436,8 @@ class BlockCache:
     def _token_step(self, model, tokens, offset, rows, everyone: bool) -> torch.Tensor:
         """The token decoder's step within a block: attend over the block's local entries only."""
         slot = self.prefix_tokens + offset  # the local slot of a block's (offset)-th token
-        self.token_live[rows, slot] = True
+        # Values as device tensors, not Python scalars: nothing in a captured step may come from the host.
+        self.token_live[rows, slot] = torch.ones_like(slot, dtype=torch.bool)
         live = self.token_live if everyone else self.token_live[rows]
         mask = live.view(len(rows), 1, 1, -1)
 
@@ -470,7 +471,7 @@ class BlockCache:
         prefix = model.prefixes(context)[:, 0]  # [n, P, d]
         self.block_seen[rows] = slot + 1
         self.prefix[rows] = prefix
-        self.pending[rows] = 0
+        self.pending.index_fill_(0, rows, 0)
         p = self.prefix_tokens
         live = torch.zeros(len(rows), self.local_slots, dtype=torch.bool, device=rows.device)
         live[:, :p] = True
