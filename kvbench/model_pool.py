@@ -74,6 +74,7 @@ def get(cfg: ModelConfig, load: Loader) -> Loaded:
     if _loaded is not None and _key == key:
         return dataclasses.replace(_loaded, reused=True, prefetched=False, prefetch_wait_s=0.0, prefetch_s=0.0)
     release(keep_prefetch=True)
+    _keep_this_worker()
     began = time.perf_counter()
     taken, error = _take_prefetch(key, cfg)
     if taken is not None:
@@ -104,6 +105,7 @@ def prefetch(cfg: ModelConfig | None, load: Loader) -> bool:
         print(f"kvbench: not prefetching model {_describe(cfg)} ({error})", file=sys.stderr, flush=True)
         return False
     _drop_prefetch()  # one model ahead at most: a guess that was not taken gives way to the new one
+    _keep_this_worker()
     _prefetch = _Prefetch(key)
     print(f"kvbench: reading model {_describe(cfg)} into host memory for a later run", file=sys.stderr, flush=True)
     threading.Thread(target=_read, args=(_prefetch, host_cfg, load), name="kvbench-prefetch", daemon=True).start()
@@ -124,6 +126,16 @@ def release(keep_prefetch: bool = False) -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _keep_this_worker() -> None:
+    """Lift joblib's leak guard in this process. A loky worker shuts itself down once its memory has grown
+    by 300 MB since its first job, and the worker replacing it starts empty: a prefetched model (or memory
+    a model switch left with the allocator) would trigger it and cost both models. The pool holds at most
+    two models: bounded, not a leak. (A module constant of loky's, read at each check; absent: no-op.)"""
+    loky = sys.modules.get("joblib.externals.loky.process_executor")
+    if loky is not None and hasattr(loky, "_MAX_MEMORY_LEAK_SIZE"):
+        loky._MAX_MEMORY_LEAK_SIZE = sys.maxsize
 
 
 def _describe(cfg: ModelConfig) -> str:

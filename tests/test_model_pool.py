@@ -7,6 +7,7 @@ import gc
 import json
 import sys
 import threading
+import time
 import weakref
 
 import pytest
@@ -36,6 +37,7 @@ class Loader:
 
     def __init__(self, fail: tuple[str, ...] = (), gate: threading.Event | None = None) -> None:
         self.loads: list[tuple[str, str, str, bool]] = []
+        self.made: list[weakref.ref] = []  # the models returned, to see which are still alive
         self.fail, self.gate = fail, gate
 
     def __call__(self, cfg: ModelConfig) -> tuple[FakeModel, object]:
@@ -45,7 +47,9 @@ class Loader:
             self.gate.wait()
         if cfg.name in self.fail and not main_thread:
             raise OSError(f"cannot read {cfg.name}")
-        return FakeModel(cfg), object()
+        model = FakeModel(cfg)
+        self.made.append(weakref.ref(model))
+        return model, object()
 
 
 A, B, C = (ModelConfig(name=name, device="cpu") for name in "abc")
@@ -110,16 +114,32 @@ def test_nothing_is_read_without_another_model():
 
 
 def test_at_most_one_model_ahead():
-    load = Loader()
+    """A prefetch not taken gives way to the next one once its read has ended: never two reads at once,
+    which with the kept model would be three models in host memory."""
+    gate = threading.Event()
+    load = Loader(gate=gate)
     model_pool.get(A, load)
     model_pool.prefetch(B, load)
-    model_pool.prefetch(C, load)  # B was not taken: C replaces it, B is freed
-    model_pool.get(A, load)  # a run of the kept model leaves C waiting
-    first_b = weakref.ref(model_pool._prefetch.model) if model_pool._prefetch.model else None
+    threading.Timer(1.5, gate.set).start()  # B's read ends 1.5 s from now
+    began = time.perf_counter()
+    model_pool.prefetch(C, load)
+    assert time.perf_counter() - began >= 0.5  # C's read started only after B's ended
     gc.collect()
-    assert first_b is None or first_b().cfg.name == "c"
-    taken = model_pool.get(C, load)
-    assert taken.prefetched and [name for name, *_ in load.loads] == ["a", "b", "c"]
+    assert [model() is None for model in load.made] == [False, True, False]  # B's model is freed
+    assert model_pool.get(C, load).prefetched and [name for name, *_ in load.loads] == ["a", "b", "c"]
+
+
+def test_a_joblib_worker_holding_models_is_not_shut_down_as_leaking():
+    """loky restarts a worker whose memory grew 300 MB after its first job; a prefetched model is such
+    growth, and the restarted worker would load both models again."""
+    loky = pytest.importorskip("joblib.externals.loky.process_executor")
+    default = loky._MAX_MEMORY_LEAK_SIZE
+    try:
+        loky._MAX_MEMORY_LEAK_SIZE = int(3e8)
+        model_pool.get(A, Loader())
+        assert loky._MAX_MEMORY_LEAK_SIZE > 2**40
+    finally:
+        loky._MAX_MEMORY_LEAK_SIZE = default
 
 
 def test_model_major_sweeps_put_the_model_first():
