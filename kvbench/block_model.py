@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvbench.attention import decode_attention
@@ -174,6 +174,9 @@ class BlockForCausalLM(PreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, d)  # the token decoder's; also its output head
         self.token_decoder = Decoder(config, config.token_layers)
         self.post_init()
+        # transformers gives generation settings only to models with its `generate()` (this one decodes
+        # through kvbench's engine); the engine reads the end-of-text token from here.
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -26,7 +26,7 @@ def block_model(block_len: int = 4, prefix_tokens: int = 2, seed: int = 0) -> Bl
     torch.manual_seed(seed)
     config = BlockConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, block_layers=2, token_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, block_len=block_len,
-                         prefix_tokens=prefix_tokens, max_position_embeddings=256)  # fmt: skip
+                         prefix_tokens=prefix_tokens, max_position_embeddings=256, eos_token_id=2)  # fmt: skip
     model = BlockForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the 0.02 init, so attention is peaked and tokens matter
         for name, param in model.named_parameters():
@@ -200,6 +200,7 @@ def test_checkpoint_loads_as_model_hf(tmp_path):
     cfg = ModelConfig(name="block", source="hf", path=str(tmp_path), device="cpu")
     assert model_spec(cfg).num_layers == 4
     loaded, _ = load_model(cfg, with_tokenizer=False)
+    assert engine_for(loaded).model_stop_ids == {model.config.eos_token_id}  # generation ends at end of text
     ids = torch.randint(0, VOCAB, (1, 11))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
