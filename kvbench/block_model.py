@@ -25,9 +25,13 @@ graph per shape (at most L_B). Logits follow transformers' convention: position 
 Deviations from the paper (all stated in the benchmark's output as well):
 - Llama-style layers (RMSNorm, RoPE, SwiGLU, no biases) instead of the paper's GPT-NeoX/Pythia layers,
   so the vanilla baseline (kvbench.train's `llama`) and both decoders share one layer design.
-- The block decoder's first input is a learned start vector (the paper pads with a block of padding
-  tokens); prefix expansion is one linear map d -> prefix_tokens x d (the paper's `prefix` projection
-  with expansion ratio 2 is the default `prefix_tokens=2`).
+- The block decoder's first input is a learned start vector, so block 0's tokens are predicted too (from
+  its prefix) and every token but the first is a target, as in the vanilla model. The official code
+  (itsnamgyu/block-transformer, model/block_transformer.py) feeds blocks 0..K-1 and token-decodes blocks
+  1..K only, and left-pads a prompt with masked padding tokens to a block boundary; here no prompt is
+  padded (each sequence keeps its exact positions; rows complete blocks at different steps).
+- Prefix expansion is one linear map d -> prefix_tokens x d (the official `prefix` strategy expands with a
+  kernel-1 convolution, the same map; `expansion_ratio: 2` there is the default `prefix_tokens=2` here).
 - The token decoder's output head is tied to its input embedding; the embedder has its own table.
 - The loss skips the prediction of the first token (as the vanilla model's), so both train on the same
   targets.
