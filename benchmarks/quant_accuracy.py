@@ -281,12 +281,14 @@ def paired_difference(
     draws = sorted(difference([rng.choice(shared) for _ in shared]) for _ in range(BOOTSTRAP_RESAMPLES))
     low, high = draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1]
     if task == "wikitext2":
-        per_sample = [rows_a[i]["score"]["nll_sum"] - rows_b[i]["score"]["nll_sum"] for i in shared]
-        better, worse = sum(d < 0 for d in per_sample), sum(d > 0 for d in per_sample)
+        # Per window, NLL per scored token: with a handful of windows the bootstrap interval is coarse, and
+        # the signs say more.
+        per_window = [difference([i]) for i in shared]
+        better, worse = sum(d < 0 for d in per_window), sum(d > 0 for d in per_window)
         return {"samples": len(shared), "difference": difference(shared), "ci95": [low, high],
-                "a_lower_nll": better, "a_higher_nll": worse}  # fmt: skip
-    answer = "prediction"
-    differing = sum(rows_a[i]["score"][answer].strip() != rows_b[i]["score"][answer].strip() for i in shared)
+                "a_lower_nll": better, "a_higher_nll": worse,
+                "per_window": dict(zip(shared, per_window, strict=True))}  # fmt: skip
+    differing = sum(rows_a[i]["score"]["prediction"].strip() != rows_b[i]["score"]["prediction"].strip() for i in shared)
     field = "correct" if task == "passkey" else "score"
     a_better = sum(rows_a[i]["score"][field] > rows_b[i]["score"][field] for i in shared)
     b_better = sum(rows_a[i]["score"][field] < rows_b[i]["score"][field] for i in shared)
@@ -379,8 +381,9 @@ def print_tables(summary: dict[str, Any]) -> None:
         for task, diff in claim["per_task"].items():
             if diff is None:
                 continue
+            per_window = ", ".join(f"{d:+.3f}" for d in diff.get("per_window", {}).values())
             wins = (
-                f"{diff['a_lower_nll']} / {diff['a_higher_nll']} windows"
+                f"{diff['a_lower_nll']} / {diff['a_higher_nll']} windows ({per_window})"
                 if task == "wikitext2"
                 else f"{diff['a_better']} / {diff['b_better']}"
             )
