@@ -20,7 +20,6 @@ THRESHOLDS = ("average", "top10")
 # A drop key sorts by unimportance count first, then by age: count * 2**32 - position (positions < 2**31).
 COUNT_SHIFT = 32
 NOT_A_CANDIDATE = -(2**62)
-BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 @dataclass
@@ -229,7 +228,9 @@ def pack_history(unimportant: torch.Tensor, filled: int, window: int) -> torch.T
 
 def unimportance_counts(history: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, S]: set bits per slot over the history window."""
-    bits = (history.unsqueeze(-1) >> BIT_SHIFTS.to(history.device)) & 1
+    # Made on the history's device: a module-level CPU tensor copied in the step breaks CUDA-graph capture.
+    shifts = torch.arange(8, dtype=torch.uint8, device=history.device)
+    bits = (history.unsqueeze(-1) >> shifts) & 1
     return bits.sum(dim=(-1, -2))
 
 
