@@ -288,7 +288,8 @@ def paired_difference(
         return {"samples": len(shared), "difference": difference(shared), "ci95": [low, high],
                 "a_lower_nll": better, "a_higher_nll": worse,
                 "per_window": dict(zip(shared, per_window, strict=True))}  # fmt: skip
-    differing = sum(rows_a[i]["score"]["prediction"].strip() != rows_b[i]["score"]["prediction"].strip() for i in shared)
+    answers = [(rows_a[i]["score"]["prediction"].strip(), rows_b[i]["score"]["prediction"].strip()) for i in shared]
+    differing = sum(a != b for a, b in answers)
     field = "correct" if task == "passkey" else "score"
     a_better = sum(rows_a[i]["score"][field] > rows_b[i]["score"][field] for i in shared)
     b_better = sum(rows_a[i]["score"][field] < rows_b[i]["score"][field] for i in shared)
