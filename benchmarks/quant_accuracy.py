@@ -49,12 +49,14 @@ from typing import Any
 import torch
 
 from kvbench.engine import Engine, Generation, Scored
+from kvbench.hadamard import hadamard_transform
 from kvbench.method import Method
 from kvbench.methods.full import Full
 from kvbench.methods.kivi import KIVI
 from kvbench.methods.quarot import QuaRot
 from kvbench.methods.zipcache import ZipCache
 from kvbench.models import ModelConfig, load_model, model_spec
+from kvbench.quant import fake_quantize
 from kvbench.records import environment, git_commit, write_json_atomic
 from kvbench.task import Sample, Task
 from kvbench.tasks.longbench import LongBench
@@ -68,6 +70,7 @@ LONGBENCH_TASKS = ("multi_news", "multifieldqa_zh", "passage_retrieval_zh")
 # per sample and method would take the whole budget. Capped answers are scored as truncated.
 LONGBENCH_NEW_TOKENS = {"multi_news": 64, "multifieldqa_zh": 32, "passage_retrieval_zh": 32}
 BOOTSTRAP_RESAMPLES = 2000
+ATTENTION_ERROR_OUT = RESULTS / "quant_accuracy_attention_error.json"
 
 CONFIGS: list[tuple[str, Callable[[], Method]]] = [
     ("full", Full),
@@ -123,6 +126,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=Path, default=RESULTS / "quant_accuracy_rows.jsonl")
     parser.add_argument("--out", type=Path, default=RESULTS / "quant_accuracy.json")
     parser.add_argument("--summary-only", action="store_true", help="summarize the rows; run nothing")
+    parser.add_argument(
+        "--attention-error",
+        action="store_true",
+        help=f"only the RTN/QuaRot attention-error diagnostic on the WikiText-2 windows, to {ATTENTION_ERROR_OUT.name}",
+    )
     args = parser.parse_args()
     depths = [float(part) for part in args.passkey_depths.split(",")]
     if not all(0 <= depth <= 1 for depth in depths):
@@ -249,6 +257,79 @@ def evaluate(engine: Engine, task: Task, sample: Sample) -> dict[str, Any]:
         "window_bytes_per_token": window_bytes(engine, held) / held,
         "dense_kv_bytes_per_token": per_token * element,
     }
+
+
+# ----- diagnostic: where the rotation acts -----
+def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Plain causal softmax attention, [1, heads, T, D]; KV heads repeated for their query heads."""
+    repeat = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+    scores = query @ keys.transpose(-1, -2) / query.shape[-1] ** 0.5
+    tokens = scores.shape[-1]
+    scores = scores.masked_fill(torch.ones(tokens, tokens, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ values
+
+
+@torch.inference_mode()
+def attention_error(model, spec, tokenizer, task: WikiText2, bits_options: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Relative squared error of every layer's attention output (summed over layers) when its keys and values
+    are quantized per token and head with the `rtn`/`quarot` quantizer (`kvbench.quant.fake_quantize`,
+    group head_dim, its clip ratio), without and with the Hadamard rotation of queries, keys and values after
+    RoPE. Every query of a WikiText-2 prefix reads the quantized K/V (QuaRot's own perplexity protocol), so
+    this isolates the mechanism the paper relies on from the decode-time perplexity the main table measures.
+    Queries, keys and values come from hooks on the projections; RoPE is transformers' own."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for part in ("q", "k", "v"):
+            projection = getattr(layer.self_attn, f"{part}_proj")
+            hook = lambda _m, _i, out, key=(part, index): captured.__setitem__(key, out.detach())  # noqa: E731
+            handles.append(projection.register_forward_hook(hook))
+    heads, kv_heads, head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    clip_ratio = QuaRot().clip_ratio  # the `rtn` / `quarot` default
+    results = []
+    try:
+        for sample in task.samples(tokenizer):
+            ids = torch.tensor([sample.prompt_ids])
+            model(ids)
+            positions = torch.arange(ids.shape[1])[None]
+            for bits in bits_options:
+                error = {"rtn": 0.0, "quarot": 0.0}
+                reference_norm = 0.0
+                for index in range(spec.num_layers):
+                    query = captured[("q", index)].view(1, -1, heads, head_dim).transpose(1, 2).float()
+                    keys = captured[("k", index)].view(1, -1, kv_heads, head_dim).transpose(1, 2).float()
+                    values = captured[("v", index)].view(1, -1, kv_heads, head_dim).transpose(1, 2).float()
+                    cos, sin = model.model.rotary_emb(keys, positions)
+                    query, keys = apply_rotary_pos_emb(query, keys, cos, sin)
+                    exact = causal_attention(query, keys, values)
+                    reference_norm += exact.square().sum().item()
+
+                    def quantized(x: torch.Tensor, bits: int = bits) -> torch.Tensor:
+                        return fake_quantize(x, bits, "token", head_dim, clip_ratio)
+
+                    plain = causal_attention(query, quantized(keys), quantized(values))
+                    error["rtn"] += (plain - exact).square().sum().item()
+                    rotated_q, rotated_k, rotated_v = (hadamard_transform(x) for x in (query, keys, values))
+                    if index == 0:  # unquantized, the rotations must give the exact output back
+                        unquantized = hadamard_transform(causal_attention(rotated_q, rotated_k, rotated_v))
+                        assert torch.allclose(unquantized, exact, atol=1e-4), "rotation does not cancel"
+                    # H is its own inverse: rotating the output back gives the un-rotated attention output.
+                    rotated = hadamard_transform(
+                        causal_attention(rotated_q, quantized(rotated_k), quantized(rotated_v))
+                    )
+                    error["quarot"] += (rotated - exact).square().sum().item()
+                row = {"window": sample.id, "bits": bits, "tokens": ids.shape[1]}
+                row |= {f"{name}_relative_mse": value / reference_norm for name, value in error.items()}
+                results.append(row)
+                print(f"attention error {sample.id} {bits}-bit: rtn {row['rtn_relative_mse']:.4f}, "
+                      f"quarot {row['quarot_relative_mse']:.4f}", flush=True)  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results
 
 
 # ----- summary -----
@@ -403,6 +484,15 @@ def main() -> None:
         method.check(spec)
     for task in tasks.values():  # these tasks' checks read the model's shape only (no method-specific rule)
         task.check(spec, next(iter(methods.values())))
+    if args.attention_error:
+        model, tokenizer = load_model(model_cfg)
+        wikitext = tasks["wikitext2"]
+        assert isinstance(wikitext, WikiText2)
+        results = attention_error(model, spec, tokenizer, wikitext, (4, 2))
+        payload = {"settings": {"windows": args.windows, "prefix": args.prefix, "model": model_cfg.name}}
+        payload |= {"rows": results, "environment": environment(torch.device("cpu")), "commit": git_commit()}
+        write_json_atomic(ATTENTION_ERROR_OUT, payload)
+        return
     rows = read_rows(args.rows)
     if not args.summary_only:
         done = {row_key(r["method"], r["task"], r["sample_id"], r["settings"]) for r in rows}
