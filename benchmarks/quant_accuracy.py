@@ -156,19 +156,21 @@ def chosen_configs(methods: str, extra: bool) -> list[tuple[str, Callable[[], Me
 
 
 def build_tasks(args: argparse.Namespace) -> dict[str, Task]:
-    """The harness's tasks, one per LongBench subtask so each keeps its own answer budget."""
-    tasks: dict[str, Task] = {
-        "wikitext2": WikiText2(
+    """The harness's tasks, one per LongBench subtask so each keeps its own answer budget; a task with a
+    sample count of 0 is left out (the tasks' own `limit=0` would mean every sample)."""
+    tasks: dict[str, Task] = {}
+    if args.windows:
+        tasks["wikitext2"] = WikiText2(
             data_dir=str(SHARED_DATA / "wikitext2"),
             prefix_tokens=args.prefix,
             continuation_tokens=args.continuation,
             limit=args.windows,
-        ),
-        "passkey": Passkey(
+        )
+    if args.passkey_per_depth:
+        tasks["passkey"] = Passkey(
             context_lengths=[args.passkey_length], depths=args.depths, samples_per_cell=args.passkey_per_depth
-        ),
-    }
-    for name in LONGBENCH_TASKS:
+        )
+    for name in LONGBENCH_TASKS if args.longbench_per_task else ():
         tasks[f"longbench/{name}"] = LongBench(
             subtasks=[name],
             data_dir=str(SHARED_DATA / "longbench"),
@@ -485,9 +487,10 @@ def main() -> None:
     for task in tasks.values():  # these tasks' checks read the model's shape only (no method-specific rule)
         task.check(spec, next(iter(methods.values())))
     if args.attention_error:
+        wikitext = tasks.get("wikitext2")
+        if not isinstance(wikitext, WikiText2):
+            raise SystemExit(f"--attention-error reads WikiText-2 windows: --windows {args.windows}: >= 1 allowed")
         model, tokenizer = load_model(model_cfg)
-        wikitext = tasks["wikitext2"]
-        assert isinstance(wikitext, WikiText2)
         results = attention_error(model, spec, tokenizer, wikitext, (4, 2))
         payload = {"settings": {"windows": args.windows, "prefix": args.prefix, "model": model_cfg.name}}
         payload |= {"rows": results, "environment": environment(torch.device("cpu")), "commit": git_commit()}
