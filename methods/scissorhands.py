@@ -117,7 +117,8 @@ class ScissorhandsLayer(KVLayer):
     def on_write(self, slots: slice | torch.Tensor) -> None:
         if self.history is not None:  # decode: a new token has no history
             rows, heads = batch_head_index(slots)
-            self.history[rows, heads, slots] = 0
+            # A device zero: a Python scalar is a CPU tensor, which a CUDA graph capture cannot copy from.
+            self.history[rows, heads, slots] = self.history.new_zeros(())
 
     def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         if self.prefilling:
