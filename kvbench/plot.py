@@ -81,8 +81,9 @@ def settings_columns(table: pd.DataFrame) -> list[str]:
 
 def _as_text(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     # Compared as text: a setting may be a list (flattened to "1024,2048"), missing (NaN) in another
-    # task's rows, or of another type there; text compares and sorts them all the same way.
-    return table[columns].astype(str)
+    # task's rows, or of another type there; text compares and sorts them all the same way. pandas 3 keeps
+    # NaN through astype(str), and groupby drops NaN keys: a missing setting becomes the text "nan" first.
+    return table[columns].astype(str).fillna("nan")
 
 
 def mixed_settings(runs: pd.DataFrame) -> dict[str, list[str]]:

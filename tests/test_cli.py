@@ -117,8 +117,13 @@ def test_ctrl_c_signal_prints_one_line(tmp_path):
         sys.executable, "-m", "kvbench", *TINY, "task=passkey", "task.context_lengths=[256]",
         "task.samples_per_cell=50", "task.max_new_tokens=8", "method=full", f"kvbench.results_dir={tmp_path}",
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    deadline = time.monotonic() + 120
+    # One thread: on a busy 2-core machine two spin-waiting OpenMP threads made a sample ~10x slower, and the
+    # first prediction then missed the deadline (seen in CI runs beside a sweep); threads do not matter here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+    )
+    deadline = time.monotonic() + 300
     while not any(path.stat().st_size for path in tmp_path.rglob("predictions.jsonl")):  # samples are running
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)

@@ -216,3 +216,18 @@ def test_importing_the_module_leaves_the_backend_alone():
     env = {**os.environ, "MPLBACKEND": "svg"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "svg"
+
+
+def test_runs_missing_a_setting_still_form_a_group():
+    """A task's runs lack the other tasks' settings (NaN in a mixed sweep's table); pandas 3 keeps NaN through
+    astype(str) and groupby drops NaN keys, which once left such a task with no group and no figure."""
+    table = pd.DataFrame(
+        {
+            "task": ["wikitext2", "wikitext2", "passkey"],
+            "model": ["m", "m", "m"],
+            "method": ["full", "snapkv", "full"],
+            "task.context_lengths": [float("nan"), float("nan"), "1024"],
+        }
+    )
+    groups = comparable_groups(table[table["task"] == "wikitext2"])
+    assert len(groups) == 1 and len(groups[0][1]) == 2
