@@ -5,7 +5,7 @@ method). `compiled` runs the same step through `torch.compile(fullgraph=True)` a
 once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop
 checks and positions all stay on the device), so the replay launches no Python. `graph` captures the
 eager step without compiling it (no compile time; unfused kernels). The host looks at the stop flags only
-every `STOP_CHECK_EVERY` steps. Both fast paths fuse the projections that share an input
+every `STOP_CHECK_EVERY` steps. On a GPU both fast paths fuse the projections that share an input
 (`kvbench.fused_projections`: one product for q/k/v and one for gate/up, as gpt-fast stores them).
 
 Sequences of different lengths decode together: each is prefilled on its own (exact positions, no
@@ -156,9 +156,11 @@ class Engine:
         self.model, self.tokenizer, self.method, self.spec = model, tokenizer, method, spec
         self.prefill_chunk = prefill_chunk
         self.engine = engine
-        if engine != "eager" and fuse:
-            # The fast paths read each layer's q/k/v (and gate/up) weights in one product; in place and
-            # idempotent, so a model kept for the next run of a sweep stays fused (same math, same memory).
+        if engine != "eager" and fuse and next(model.parameters()).is_cuda:
+            # The fast paths on a GPU read each layer's q/k/v (and gate/up) weights in one product; in place
+            # and idempotent, so a model kept for the next run of a sweep stays fused (same math, same
+            # memory). Not on a CPU, where it buys nothing and a fused model ignores weights replaced later
+            # (a test that folds a rotation into a shared model's weights would silently see the old ones).
             fuse_projections(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

@@ -13,6 +13,9 @@ whole product and keeps it for the others; each later member checks that it rece
 tensor and returns its slice (a forward that called them in another order or on another input fails
 loudly instead of computing something wrong). Each output element is the same dot product as before;
 only the kernel that computes it changes, so results agree to float rounding, not bit for bit.
+
+Fuse after the weights are final: a member's parameter replaced afterwards (not written in place) is not
+seen by the fused product, which reads the group's own matrix.
 """
 
 from __future__ import annotations
