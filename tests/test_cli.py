@@ -115,8 +115,10 @@ def test_ctrl_c_signal_prints_one_line(tmp_path):
     """A real SIGINT to a real process in the middle of a run: one line, status 130, no traceback."""
     command = [
         sys.executable, "-m", "kvbench", *TINY, "task=passkey", "task.context_lengths=[256]",
-        "task.samples_per_cell=50", "task.max_new_tokens=8", "method=full", f"kvbench.results_dir={tmp_path}",
+        "task.samples_per_cell=1000", "task.max_new_tokens=8", "method=full", f"kvbench.results_dir={tmp_path}",
     ]  # fmt: skip
+    # 3000 samples: with one thread the tiny model ran all of 150 (the old count) before the first predictions
+    # reached the file, and the run ended with status 0 before the signal (seen in CI).
     # One thread: on a busy 2-core machine two spin-waiting OpenMP threads made a sample ~10x slower, and the
     # first prediction then missed the deadline (seen in CI runs beside a sweep); threads do not matter here.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
