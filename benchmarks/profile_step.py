@@ -26,7 +26,7 @@ from speed import copy_bandwidth, make_method, weight_bytes_per_step  # benchmar
 from kvbench import kernels
 from kvbench.cache import KVCache
 from kvbench.engine import Engine, Request, Timer
-from kvbench.models import ModelConfig, load_model, model_spec
+from kvbench.models import SHAPES, ModelConfig, load_model, model_spec
 from kvbench.records import environment
 
 KINDS = (
@@ -134,6 +134,8 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "context": args.context,
         "batch": args.batch,
         "autotune": args.autotune,
+        "coordinate_descent": args.coordinate_descent,
+        "layers": spec.num_layers,
         "block_n": kernels.BLOCK_N,
         "recall_cap": args.recall_cap,
         "prefill_s": prefill_s,
@@ -172,6 +174,13 @@ def main() -> None:
     parser.add_argument("--recall-cap", type=int, default=None)
     parser.add_argument("--autotune", action="store_true")
     parser.add_argument("--block-n", type=int, default=None)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="fewer layers of one shape: per-layer costs, less compile",
+    )
+    parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--replays", type=int, default=20)
@@ -181,6 +190,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.block_n:
         kernels.BLOCK_N = args.block_n
+    if args.coordinate_descent:
+        torch._inductor.config.coordinate_descent_tuning = True
+    if args.layers:  # the same layers, fewer of them: kernels per layer are what a profile compares
+        SHAPES[args.shape] = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
     bandwidth = copy_bandwidth(torch.device("cuda"))
     cfg = ModelConfig(name=args.shape, source="shape", shape=args.shape, device="cuda", dtype="bfloat16")
     spec = model_spec(cfg)

@@ -1,0 +1,230 @@
+"""The parts of a dense decode step in isolation, against the read bandwidth: where its time above the floor goes.
+
+    PYTHONPATH=<copy> python benchmarks/decode_parts.py --commit <sha> --out decode_parts.jsonl
+
+Two parts, each timed from a CUDA graph of `TIMED_CALLS` calls whose inputs rotate past twice the L2 (so
+every call reads from HBM), median of `REPLAYS` replays, as `quant_attention.py` times:
+- the projections of one layer (q/k/v fused, o, gate/up fused, down) and the LM head, for 1 and 4 rows,
+  through cuBLAS (`F.linear`, what the compiled step calls) and through a plain Triton GEMV
+  (`_gemv_kernel` below, a few tile shapes): if cuBLAS is far from the read bandwidth at these shapes, a
+  hand kernel has room; if not, the dense step's excess is elsewhere (small kernels, launch gaps);
+- `kvbench.kernels.decode_attention` at 32k under launch variants (tile size, programs per SM, stages,
+  warps), GQA and MHA, batch 1 and 4.
+
+Imports only torch, triton and kvbench. One JSON line per timing to `--out`; a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kvbench import kernels
+
+TIMED_CALLS, REPLAYS = 20, 5
+HIDDEN = 4096
+# (rows, columns) of each weight a decode step reads, with q/k/v and gate/up fused as the engine fuses them.
+PROJECTIONS = {
+    "llama-3.1-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+                     "lm_head": (128256, 4096)},
+    "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
+                   "lm_head": (32000, 4096)},
+}  # fmt: skip
+ATTENTION_VARIANTS = {
+    "default": {},
+    "n128": {"BLOCK_N": 128},
+    "n128_w8": {"BLOCK_N": 128, "NUM_WARPS": 8},
+    "pps4": {"PROGRAMS_PER_SM": 4},
+    "stages3": {"NUM_STAGES": 3},
+    "n128_stages3": {"BLOCK_N": 128, "NUM_STAGES": 3},
+    "n32_pps4": {"BLOCK_N": 32, "PROGRAMS_PER_SM": 4},
+}
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y [ROWS, N] = x [ROWS, K] @ w [N, K].T for a few rows: one program per BLOCK_N output columns, the
+    whole K per program, float32 accumulation (the weights are read once; x is tiny and stays in L1/L2)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    for row in tl.static_range(ROWS):
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+            x = tl.load(x_ptr + row * K + k, mask=k < K, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        tl.store(y_ptr + row * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_rows_kernel(x_ptr, w_ptr, y_ptr, M, N, K, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As `_gemv_kernel` for up to 16 rows: each weight tile is loaded once for all rows and multiplied on
+    the tensor cores (rows padded to 16, one MMA's row count)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, 16)
+    n_ok = offs_n < N
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_r[:, None] * K + k[None, :], mask=(offs_r < M)[:, None] & (k < K)[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    out = y_ptr + offs_r[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(offs_r < M)[:, None] & n_ok[None, :])
+
+
+def triton_gemv(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, warps: int, stages: int) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    kernel = _gemv_kernel if m == 1 else _gemv_rows_kernel
+    kernel[(triton.cdiv(n, block_n),)](
+        x, w, y, m, n, k, ROWS=1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages
+    )
+    return y
+
+
+GEMV_CONFIGS = [  # (block_n, block_k, warps, stages)
+    (8, 512, 4, 3),
+    (16, 256, 4, 4),
+    (16, 512, 4, 3),
+    (32, 256, 4, 3),
+    (16, 1024, 8, 3),
+]
+
+
+def time_us(calls: list[Callable[[], object]]) -> float:
+    """Per call: CUDA-graph replays of TIMED_CALLS calls taking the inputs in turn."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(TIMED_CALLS):
+            calls[i % len(calls)]()
+    graph.replay()
+    per_call_us = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        per_call_us.append(start.elapsed_time(end) * 1e3 / TIMED_CALLS)
+    return statistics.median(per_call_us)
+
+
+def copies_past_l2(bytes_per_copy: int) -> int:
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, min(8, math.ceil(2 * l2_bytes / bytes_per_copy)))
+
+
+def read_bandwidth() -> float:
+    x = torch.ones(2**30, dtype=torch.bfloat16, device="cuda")
+    return 2**31 / (time_us([x.sum]) * 1e-6)
+
+
+def matmul_rows(shape: str, bandwidth: float) -> list[dict]:
+    rows = []
+    for name, (n, k) in PROJECTIONS[shape].items():
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_past_l2(2 * n * k))]
+        floor_us = 2 * n * k / bandwidth * 1e6
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            reference = F.linear(x, weights[0]).float()
+            variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"cublas": lambda w, x=x: F.linear(x, w)}
+            for config in GEMV_CONFIGS:
+                variants["triton_n{}_k{}_w{}_s{}".format(*config)] = lambda w, x=x, c=config: triton_gemv(x, w, *c)
+            for variant, fn in variants.items():
+                error = (fn(weights[0]).float() - reference).abs().max().item()
+                us = time_us([lambda w=w, fn=fn: fn(w) for w in weights])
+                rows.append(
+                    {"part": "matmul", "shape": shape, "name": name, "rows": m, "variant": variant, "us": us,
+                     "floor_us": floor_us, "x_floor": us / floor_us, "max_abs_error": error}
+                )  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    return rows
+
+
+def attention_rows(bandwidth: float, context: int) -> list[dict]:
+    rows, saved = (
+        [],
+        {name: getattr(kernels, name) for name in ("BLOCK_N", "PROGRAMS_PER_SM", "NUM_STAGES", "NUM_WARPS")},
+    )
+    for heads, hkv in (("gqa", 8), ("mha", 32)):
+        for batch in (1, 4):
+            kv_bytes = 2 * batch * hkv * context * 128 * 2
+            inputs = []
+            for _ in range(copies_past_l2(kv_bytes)):
+                keys = torch.randn(batch, hkv, context, 128, device="cuda", dtype=torch.bfloat16)
+                inputs.append(
+                    (torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16), keys, torch.randn_like(keys),
+                     torch.arange(context, device="cuda").expand(batch, hkv, context))
+                )  # fmt: skip
+            floor_us = (kv_bytes + batch * hkv * context * 8) / bandwidth * 1e6  # K, V and the int64 positions
+            reference = kernels.decode_attention_reference(*inputs[0], 128**-0.5)[0].float()
+            for variant, settings in ATTENTION_VARIANTS.items():
+                for name, value in {**saved, **settings}.items():
+                    setattr(kernels, name, value)
+                out = kernels.decode_attention(*inputs[0], 128**-0.5)[0].float()
+                us = time_us([lambda i=i: kernels.decode_attention(*i, 128**-0.5) for i in inputs])
+                rows.append(
+                    {"part": "attention", "heads": heads, "batch": batch, "context": context, "variant": variant,
+                     "us": us, "floor_us": floor_us, "x_floor": us / floor_us,
+                     "max_abs_error": (out - reference).abs().max().item()}
+                )  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+            del inputs
+            torch.cuda.empty_cache()
+    for name, value in saved.items():
+        setattr(kernels, name, value)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(PROJECTIONS))
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", default="benchmarks/results/decode_parts.jsonl")
+    args = parser.parse_args()
+    began = time.perf_counter()
+    bandwidth = read_bandwidth()
+    env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+           "commit": args.commit or None, "read_bandwidth_Bps": bandwidth}  # fmt: skip
+    print(json.dumps(env), flush=True)
+    rows = [row for shape in args.shapes for row in matmul_rows(shape, bandwidth)]
+    rows += attention_rows(bandwidth, args.context)
+    with open(args.out, "a") as out:
+        for row in rows:
+            out.write(json.dumps({**row, "environment": env}) + "\n")
+    print(f"{'part':<10}{'what':<34}{'rows/batch':>10}{'us':>9}{'x floor':>9}")
+    for row in rows:
+        what = f"{row.get('shape', row.get('heads'))} {row.get('name', '')} {row['variant']}"
+        print(
+            f"{row['part']:<10}{what:<34}{row.get('rows', row.get('batch')):>10}{row['us']:>9.1f}{row['x_floor']:>9.2f}"
+        )
+    print(f"{time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
