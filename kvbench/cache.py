@@ -15,8 +15,10 @@ consumer to its producer (`KVLayer.bind`) whenever it is built or stacked.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -281,6 +283,11 @@ class KVLayer(CacheLayerMixin):
         """Counters a method wants in the record (e.g. recalls); summed over layers."""
         return {}
 
+    # ----- step variants (see KVCache.decode_variant) -----
+    def decode_variants(self) -> tuple:
+        """The variants its decode steps may take, ordered (empty: one decode step, no schedule)."""
+        return ()
+
 
 class FullLayer(KVLayer):
     """The dense cache: room for the whole prompt and every decode token, nothing ever evicted.
@@ -383,6 +390,8 @@ class KVCache(Cache):
         super().__init__(layers=layers)
         for layer in layers:
             layer.bind(layers)
+        self.variant_layers = [layer for layer in layers if layer.decode_variants()]
+        self._schedule()
 
     def finish_prefill(self) -> None:
         for layer in self.layers:
@@ -419,6 +428,58 @@ class KVCache(Cache):
             for name, value in layer.stats().items():
                 totals[name] = totals.get(name, 0) + float(value)
         return totals
+
+    # ----- step variants, for the engine's compiled and captured steps -----
+    # A layer may do periodic work (a quantized window's flush) only on the steps that need it. It lists its
+    # variants (`decode_variants()`, ordered: a larger one does more and is exact on every step, a smaller
+    # one only where the layer's `decode_variant()`, computed on the host from counters it keeps there, is
+    # no larger), is told the next step's (`take_variant`) and moves its counters after a step that ran no
+    # Python (`advance`). The cache gives every such layer one variant per step, the largest any needs, so
+    # a compiled step has one version per variant, not per combination of layers.
+    def decode_variants(self) -> list[Hashable] | None:
+        """The variants of the decode step, smallest first (None: one step, no schedule)."""
+        if not self.variant_layers:
+            return None
+        return sorted({variant for layer in self.variant_layers for variant in layer.decode_variants()})
+
+    def decode_variant(self) -> Hashable:
+        """The next step's variant, from the layers' host counters (no device sync)."""
+        return max(layer.decode_variant() for layer in self.variant_layers)
+
+    def safe_variants(self) -> list[Hashable]:
+        """The variants the next step may take, its own first (the larger ones are exact too)."""
+        own = self.decode_variant()
+        return [own, *(variant for variant in self.decode_variants() if variant > own)]
+
+    def select_variant(self, variant: Hashable) -> None:
+        """Run the next step in `variant`, one of `safe_variants()` (the engine's warm-up compiles each)."""
+        if variant not in self.safe_variants():
+            raise ValueError(f"decode variant {variant!r} is not safe now (allowed: {self.safe_variants()})")
+        self._give(variant)
+
+    @contextlib.contextmanager
+    def hold_variant(self, variant: Hashable) -> Iterator[None]:
+        """Make the step captured inside take `variant` (a capture runs nothing), then the next step's own."""
+        self._give(variant)
+        try:
+            yield
+        finally:
+            self._schedule()
+
+    def advance(self) -> None:
+        """A decode step ran without Python (a compiled step, a graph replay): move the host counters."""
+        for layer in self.variant_layers:
+            layer.advance()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self.variant_layers:
+            self._give(self.decode_variant())
+
+    def _give(self, variant: Hashable) -> None:
+        # A layer that never takes `variant` (QuaRot at 16 bits never flushes) takes its own.
+        for layer in self.variant_layers:
+            layer.take_variant(variant if variant in layer.decode_variants() else layer.decode_variant())
 
 
 def prefill_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:

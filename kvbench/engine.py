@@ -16,6 +16,7 @@ steps are timed apart from decode.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import resource
@@ -296,11 +297,19 @@ class Engine:
             top_p=sampling.top_p if sampling else 1.0,
         )
 
-    def _step_runner(self, cache: KVCache, state: DecodeState) -> tuple[Callable[[], None], float, int]:
+    def _step_runner(
+        self, cache: KVCache, state: DecodeState, steps_left: int
+    ) -> tuple[Callable[[], None], float, int]:
         """The step to repeat, the seconds spent making it (compile, capture, warm-up steps), and how many
-        real steps that already ran (their tokens count; their time is not decode time)."""
+        real steps that already ran (their tokens count; their time is not decode time; at most `steps_left`).
+
+        A cache whose step takes one of a few versions chosen on the host (`decode_variants`: the Block
+        Transformer runs its block decoder every L_B-th step; a quantized window flushes once every block of
+        steps) names them; each version is compiled by a warm-up step, captured once on CUDA, and each step
+        after that picks its version from the host's counters, which the engine moves after a step that ran
+        no Python (`cache.advance()`)."""
         if self.engine == "eager" or (self.engine == "graph" and self.device.type != "cuda"):
-            return (lambda: self._step(cache, state)), 0.0, 0
+            return (lambda: self._step(cache, state)), 0.0, 0  # a step run as Python schedules itself
         unsafe = [type(layer).__name__ for layer in cache.layers if not layer.graph_safe]
         if self.device.type == "cuda" and unsafe:
             raise ValueError(f"kvbench.engine={self.engine}: {unsafe[0]} cannot run in a CUDA graph yet; use eager")
@@ -319,23 +328,40 @@ class Engine:
                 limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, self.spec.max_positions)
                 self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False, **self.compile_options)
             compiled = self._compiled_step
-        began = time.perf_counter()
-        if self.device.type != "cuda":
-            compiled(cache, state)  # the first call compiles
-            return (lambda: compiled(cache, state)), time.perf_counter() - began, 1
-        # Warm up on a side stream (the first call compiles), then capture one step; capture records the
-        # kernels without running them, and each replay runs the whole step with no Python in between.
-        # A cache whose step takes one of a few shapes chosen on the host from the step count (the Block
-        # Transformer runs its block decoder every L_B-th step) names the shapes of its next steps over one
-        # cycle; every one is warmed up, then captured once, and each replay picks its step's graph.
         variants = cache.decode_variants() if hasattr(cache, "decode_variants") else None
-        warmup = WARMUP_STEPS if variants is None else max(WARMUP_STEPS, len(variants))
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                compiled(cache, state)
+        runs_python = self.engine == "graph"  # the eager step moves the host counters itself
+
+        def step() -> None:
+            compiled(cache, state)
+            if variants is not None and not runs_python:
+                cache.advance()
+
+        began = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if variants is None and not cuda:
+            step()  # the first call compiles
+            return step, time.perf_counter() - began, 1
+        # Warm-up steps compile every version (on a side stream on CUDA): each takes a version not yet run if
+        # one is safe now (a quantized window's flush is exact on any step), else its own.
+        pending = set(variants or ())
+        warmup = 0
+        side = torch.cuda.Stream(self.device) if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            while warmup < steps_left and (pending or (cuda and warmup < WARMUP_STEPS)):
+                if pending:
+                    safe = cache.safe_variants() if hasattr(cache, "safe_variants") else [cache.decode_variant()]
+                    variant = next((v for v in safe if v in pending), safe[0])
+                    if variant != safe[0]:
+                        cache.select_variant(variant)
+                    pending.discard(variant)
+                step()
+                warmup += 1
+        if not cuda:
+            return step, time.perf_counter() - began, warmup
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # Capture records the kernels without running them; each replay runs a whole step with no Python.
         if variants is None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -343,7 +369,7 @@ class Engine:
             torch.cuda.synchronize(self.device)
             return graph.replay, time.perf_counter() - began, warmup
         graphs = {}
-        for variant in dict.fromkeys(variants):
+        for variant in set(variants) - pending:  # a version never warmed up has no step left to run
             graphs[variant] = torch.cuda.CUDAGraph()
             with cache.hold_variant(variant), torch.cuda.graph(graphs[variant]):
                 compiled(cache, state)
@@ -351,7 +377,7 @@ class Engine:
 
         def replay() -> None:
             graphs[cache.decode_variant()].replay()
-            cache.advance()  # a replay runs no Python: the host's step count moves here
+            cache.advance()  # a replay runs no Python: the host's counters move here
 
         return replay, time.perf_counter() - began, warmup
 
@@ -424,7 +450,7 @@ class Engine:
         remaining = int(state.max_new.max()) - 1  # the first token came from the prefill's logits
         if remaining <= 0 or bool(state.done.all()):
             return 0, 0.0, 0.0, state.count.tolist()
-        step, compile_s, ran = self._step_runner(cache, state)
+        step, compile_s, ran = self._step_runner(cache, state, remaining)
         remaining -= ran
         before = state.count.tolist()
         steps = 0

@@ -10,9 +10,10 @@ API for methods (KIVI, ZipCache and QuaRot build on it):
   decode tokens). A subclass may override these hooks (identity by default):
   `transform_keys(k [B, Hkv, T, D])` and `transform_values(v)` before anything is stored (window included),
   `transform_query(q [B, Hq, D])` before decode attention and `transform_output(out [B, Hq, Dv])` after it;
-  `quantize_prompt(keys, values)` to place the prompt differently, `flush_window()` to change when the window
-  is quantized, and `after_attention(query, lse, scaling)` to act
-  on each decode step's attention (ZipCache).
+  `quantize_prompt(keys, values)` to place the prompt differently, `flush_window()` (with `flush_tokens`, the
+  tokens one flush takes out of the window) to change how the window is quantized, `decode_variants()` to
+  narrow its flush schedule (QuaRot at 16 bits never flushes), and `after_attention(query, lse, scaling)` to
+  act on each decode step's attention (ZipCache).
 - `tensors()` lists exactly what is held after prefill: codes, scales, zero-points and window, so the
   measured bytes are codes + parameters + window.
 
@@ -22,9 +23,20 @@ into the window (a ring buffer of `window + 1` slots; with no window, straight i
 the window holds more than `window` tokens, its oldest `block` tokens are quantized together (block = the
 channel-axis group: a per-channel group needs all of its tokens; 1 otherwise) and appended to the store. The
 flush is branch-free: every step quantizes the oldest block and writes it with `torch.where(due, new, old)`
-through indexed assignment. That costs one block's quantization per step (block x head_dim values per KV
-head, nothing next to the attention's read of the whole cache) and keeps the step static: no host sync, no
-data-dependent branch, fixed shapes.
+through indexed assignment (`due` per row: rows of a batch are due on different steps), so a flush is exact on
+any step and the step stays static: no host sync, no data-dependent branch, fixed shapes.
+
+Flush schedule (host-side step variants): a flush is due once every `flush_tokens` steps per row (KIVI: the
+group, 32), and the host knows when without asking the device: each row's window count starts from the
+prompt's split (`window_tokens`, plain ints) and moves by one token per step, less `flush_tokens` when the
+row flushed. Before each decode step the layer's `flush_step` (a Python bool, the only schedule state the
+step reads) says whether it runs `flush_window()` at all; it is True whenever some row is due, so a
+"no flush" step never meets a due row. Variants are ordered: "flush" is safe on every step (its device mask
+commits nothing where no row is due), "no flush" only where none is. A step run as Python (eager, the
+question tokens, `score_continuation`) moves the host counters itself and schedules its next step; a compiled
+step or a CUDA-graph replay runs none of this Python, and the engine moves the counters after it
+(`KVCache.advance`). `torch.compile` guards on the bool, so the step has two compiled versions, never one per
+step.
 
 Decode attention: the store's live slots through `kvbench.quant_kernels.packed_decode_attention` (the Triton
 kernel on CUDA, which dequantizes in registers; its PyTorch reference elsewhere) and the window's through
@@ -226,6 +238,7 @@ class QuantizedLayer(KVLayer):
     (see the module doc for the write/flush order and the hooks)."""
 
     stores_positions = False
+    flushes_after_attention: ClassVar[bool] = False  # the flush needs the step's attention (ZipCache's ranking)
 
     def __init__(self, spec: LayerSpec, key: QuantSpec, value: QuantSpec, window: int, storage: str) -> None:
         super().__init__(spec, capacity=spec.prompt_len + spec.decode_len)
@@ -235,6 +248,7 @@ class QuantizedLayer(KVLayer):
         self.key_spec, self.value_spec, self.window = key, value, window
         self.simulated = storage == "simulated"
         self.block = channel_groups.pop() if channel_groups else 1  # tokens quantized together
+        self.flush_tokens = self.block  # tokens one flush takes out of the window
         if window < self.block - 1 or (window == 0 and self.block > 1):
             raise ValueError(f"a window of {window} tokens cannot gather per-channel groups of {self.block}")
         self.ring = window + 1 if window else 0  # the window's slots: `window` tokens + the one being written
@@ -242,6 +256,9 @@ class QuantizedLayer(KVLayer):
         self.quantized: torch.Tensor | None = None  # [B] tokens in the stores
         self.window_keys: torch.Tensor | None = None
         self.window_values: torch.Tensor | None = None
+        # The flush schedule, on the host: each row's tokens in the window, and whether the next step flushes.
+        self.window_tokens: list[int] = []
+        self.flush_step = True
 
     # ----- hooks -----
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -322,6 +339,8 @@ class QuantizedLayer(KVLayer):
         self.keys = self.values = None
         self.seen = torch.full((b,), filled, dtype=torch.long, device=keys.device)
         self.quantized = torch.full((b,), quantized, dtype=torch.long, device=keys.device)
+        self.window_tokens = [filled - quantized] * b
+        self.flush_step = self.decode_variant()
 
     # ----- decode -----
     def update(
@@ -345,9 +364,19 @@ class QuantizedLayer(KVLayer):
         self.window_keys[rows, heads, slot] = keys[:, :, 0]
         self.window_values[rows, heads, slot] = values[:, :, 0]
         self.seen.add_(1)
-        self.flush_window()
+        if self.flush_step:
+            self.flush_window()
+        if not self.flushes_after_attention:
+            self._step_done()
         # transformers hands these to the attention function, which ignores them (the layer attends itself).
         return key_states, value_states
+
+    def _step_done(self) -> None:
+        # A step run as Python moves the host counters; after a compiled step or a graph replay the engine does
+        # (a capture runs nothing: each replay is one step). Dynamo sees a constant and traces no branch here.
+        if torch.compiler.is_compiling() or (self.window_keys.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        self.advance()
 
     def window_block(self, start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The window's tokens at positions start[b] + [0, n): keys and values [B, Hkv, n, D]."""
@@ -357,9 +386,13 @@ class QuantizedLayer(KVLayer):
         values_index = ring_slots.view(b, 1, n, 1).expand(b, h, n, self.window_values.shape[-1])
         return self.window_keys.gather(2, index), self.window_values.gather(2, values_index)
 
+    def due_rows(self) -> torch.Tensor:
+        """[B] bool, on the device: the rows whose window holds more than `window` tokens (a flush is due)."""
+        return self.seen - self.quantized > self.window
+
     def flush_window(self) -> None:
-        """Once the window holds more than `window` tokens, quantize its oldest block into the store."""
-        due = self.seen - self.quantized > self.window
+        """Where a row's window holds more than `window` tokens, quantize its oldest block into the store."""
+        due = self.due_rows()
         keys, values = self.window_block(self.quantized, self.block)
         part = self.parts[0]
         part.keys.write_block(part.length, keys, due)
@@ -384,7 +417,38 @@ class QuantizedLayer(KVLayer):
             pieces.append(kernels.decode_attention(q, self.window_keys, self.window_values, positions, scaling))
         out, lse = merge_attention(pieces)
         self.after_attention(q, lse, scaling)
+        if self.ring and self.flushes_after_attention:
+            self._step_done()
         return self.transform_output(out).unsqueeze(1)
+
+    # ----- the flush schedule, on the host (see the module doc) -----
+    def decode_variants(self) -> tuple[bool, ...]:
+        """The values `flush_step` takes over the coming steps (empty: no window, no schedule)."""
+        return (False, True) if self.ring else ()
+
+    def decode_variant(self) -> bool:
+        """Whether the next step must flush: some row's window will hold more than `window` tokens."""
+        return bool(self.ring) and any(tokens + 1 > self.window for tokens in self.window_tokens)
+
+    def take_variant(self, flush: bool) -> None:
+        """The next step flushes or not; the cache passes True wherever `decode_variant()` is (a flush is
+        exact on any step, skipping a due one is not)."""
+        self.flush_step = flush
+
+    def advance(self) -> None:
+        """A decode step ran with `flush_step`: move each row's window count as the device did, and schedule
+        the next step from the counts."""
+        flushed = self.flush_step
+        self.window_tokens = [
+            tokens + 1 - (self.flush_tokens if flushed and tokens + 1 > self.window else 0)
+            for tokens in self.window_tokens
+        ]
+        self.flush_step = self.decode_variant()
+
+    def window_overflow(self) -> bool:
+        """Whether some row's window holds more than `window` tokens after a step, which only a skipped due
+        flush leaves (the ring's next write would overwrite its oldest token). One device sync: for checks."""
+        return bool(self.due_rows().any())
 
     # ----- transformers, batching, accounting -----
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -402,6 +466,8 @@ class QuantizedLayer(KVLayer):
     def stack(cls, layers: list[KVLayer]) -> KVLayer:
         stacked = super().stack(layers)
         stacked.parts = [Part.cat([layer.parts[i] for layer in layers]) for i in range(len(layers[0].parts))]
+        stacked.window_tokens = [tokens for layer in layers for tokens in layer.window_tokens]
+        stacked.flush_step = stacked.decode_variant()
         return stacked
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -28,8 +28,9 @@ class KIVI(QuantizedMethod):
       in full precision at each decode step. At the end of prefill all but the newest window - group + 1
       to window tokens are quantized, in whole groups.
     - The window lives in a fixed ring buffer of window + 1 slots in the model's dtype (the code: fp16
-      tensors grown by concatenation), and the flush is computed every step and committed with a mask
-      (static decode step, `kvbench.quantized_layer`).
+      tensors grown by concatenation), and the flush runs on the steps the host schedules (once every
+      `group` steps per sequence), committed with a per-row mask (static decode step, two compiled
+      variants: `kvbench.quantized_layer`).
     - Decode attention dequantizes in a flash-decoding kernel (`kvbench.quant_kernels`) rather than the
       code's quantized matmuls; prefill attends in full precision, as the code does.
     """

@@ -129,6 +129,7 @@ class QuaRotLayer(QuantizedLayer):
         self.parts = []
         return 0  # the whole prompt stays in the window
 
-    def flush_window(self) -> None:
-        if self.quantizes:  # otherwise the window has room for the whole generation and never overflows
-            super().flush_window()
+    def decode_variants(self) -> tuple[bool, ...]:
+        if self.quantizes:  # no window: tokens are quantized as they are written, nothing to schedule
+            return super().decode_variants()
+        return (False,)  # the window has room for the whole generation: never due, so no step flushes

@@ -60,8 +60,8 @@ class ZipCache(QuantizedMethod):
     - Decode: each `gap`-token block is quantized on its own (key ranges over the block's salient and
       other tokens; values with the prompt's channel scales) and older tokens keep their codes; the code
       re-quantizes the whole cache from its dequantized values every `gap` steps. Ours keeps the decode
-      step static (the block's flush is computed every step and committed with a mask) and does not
-      compound rounding error; a partial last block stays in full precision.
+      step static (the block's flush runs on the steps the host schedules, committed with a per-row mask)
+      and does not compound rounding error; a partial last block stays in full precision.
     - Codes are packed and decode attention reads them (`kvbench.quant_kernels`); the code dequantizes
       the whole cache each step and runs FlashAttention on fp16.
     """
@@ -114,6 +114,8 @@ class ZipCache(QuantizedMethod):
 class ZipCacheLayer(QuantizedLayer):
     """Two parts, the salient set (high bits) and the rest (low bits); the window is the decode buffer."""
 
+    flushes_after_attention = True
+
     def __init__(self, spec: LayerSpec, method: ZipCache) -> None:
         self.method = method
         self.block_counts = (method.gap - method.low_count(method.gap), method.low_count(method.gap))
@@ -121,6 +123,7 @@ class ZipCacheLayer(QuantizedLayer):
         value = QuantSpec(method.high_bits, "token", spec.model.head_dim)
         # The window (the decode buffer) holds up to `gap` tokens: window = gap - 1 gives a ring of gap slots.
         super().__init__(spec, key, value, method.gap - 1, method.storage)
+        self.flush_tokens = method.gap  # a flush empties the buffer
         self.channel_scale: torch.Tensor | None = None  # CSTQuant's c [B, Hkv, 1, D], float16
         self.part_sets: list[int] = []  # which set (0: salient, 1: the rest) each part holds
         self.recent_queries: torch.Tensor | None = None
@@ -243,10 +246,13 @@ class ZipCacheLayer(QuantizedLayer):
 
     def after_attention(self, query: torch.Tensor, lse: torch.Tensor, scaling: float) -> None:
         """Once the buffer holds `gap` tokens, split them by the attention the current query gave them (the
-        `low_ratio` least attended to the low set) and quantize each share into its set. Every step, masked."""
+        `low_ratio` least attended to the low set) and quantize each share into its set: on the steps the host
+        schedules a flush (`flush_step`), masked to the rows that are due."""
+        if not self.flush_step:
+            return
         positions = self.window_positions()
         received = kernels.received_attention(query, self.window_keys, positions, scaling, lse)
-        due = self.seen - self.quantized == self.method.gap
+        due = self.due_rows()  # the buffer holds `gap` tokens
         order = received.argsort(dim=-1, stable=True)  # least attended first
         low = self.block_counts[1]
         shares = (order[..., low:], order[..., :low])
