@@ -127,7 +127,8 @@ def test_host_says_flush_exactly_when_the_device_finds_a_row_due(tiny, name, mon
         engine._step(cache, state)
         assert len(device_due) == len(layers)
         device.append(any(device_due))
-        assert [layer.window_tokens for layer in layers] == [(layer.seen - layer.quantized).tolist() for layer in layers]
+        device_counts = [(layer.seen - layer.quantized).tolist() for layer in layers]
+        assert [layer.window_tokens for layer in layers] == device_counts
     assert host == device
     assert True in host and False in host
     assert any(0 < sum(rows) < len(requests) for rows in rows_due), "rows should be due on different steps"
@@ -152,4 +153,3 @@ def test_no_compiled_step_skips_a_due_flush(tiny, name, monkeypatch):
     _generate(engine)
     assert len(checks) == NEW_TOKENS - 1
     assert checks == [(False, True)] * len(checks)
-
