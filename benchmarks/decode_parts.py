@@ -39,14 +39,14 @@ PROJECTIONS = {
     "llama-2-7b": {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
                    "lm_head": (32000, 4096)},
 }  # fmt: skip
-ATTENTION_VARIANTS = {
+ATTENTION_VARIANTS = {  # changes to kvbench.kernels' launch constants (the default first)
     "default": {},
-    "n128": {"BLOCK_N": 128},
-    "n128_w8": {"BLOCK_N": 128, "NUM_WARPS": 8},
-    "pps4": {"PROGRAMS_PER_SM": 4},
+    "pps2": {"PROGRAMS_PER_SM": 2},
+    "pps8": {"PROGRAMS_PER_SM": 8},
     "stages3": {"NUM_STAGES": 3},
-    "n128_stages3": {"BLOCK_N": 128, "NUM_STAGES": 3},
-    "n32_pps4": {"BLOCK_N": 32, "PROGRAMS_PER_SM": 4},
+    "n128": {"BLOCK_N": 128},
+    "n128_pps8": {"BLOCK_N": 128, "PROGRAMS_PER_SM": 8},
+    "w8_stages3": {"NUM_WARPS": 8, "NUM_STAGES": 3},
 }
 
 
@@ -204,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(PROJECTIONS))
     parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--parts", nargs="+", default=["matmul", "attention"], choices=["matmul", "attention"])
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", default="benchmarks/results/decode_parts.jsonl")
     args = parser.parse_args()
@@ -212,8 +213,8 @@ def main() -> None:
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "commit": args.commit or None, "read_bandwidth_Bps": bandwidth}  # fmt: skip
     print(json.dumps(env), flush=True)
-    rows = [row for shape in args.shapes for row in matmul_rows(shape, bandwidth)]
-    rows += attention_rows(bandwidth, args.context)
+    rows = [row for shape in args.shapes for row in matmul_rows(shape, bandwidth)] if "matmul" in args.parts else []
+    rows += attention_rows(bandwidth, args.context) if "attention" in args.parts else []
     with open(args.out, "a") as out:
         for row in rows:
             out.write(json.dumps({**row, "environment": env}) + "\n")

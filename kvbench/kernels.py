@@ -40,7 +40,9 @@ LOG2E = math.log2(math.e)
 BLOCK_N = 64  # slots per K/V tile
 COMBINE_BLOCK = 16  # splits reduced per step of the combine kernel
 MAX_SPLITS = 256
-PROGRAMS_PER_SM = 2  # flash-decoding's split target at small batch
+# Flash-decoding's split target at small batch. 4, not 2: on an H200 (benchmarks/decode_parts.py) 4 took the
+# 32k decode from 44.9 to 41.6 us (GQA, batch 1), 142 to 131 (GQA, batch 4) and 143 to 131 (MHA, batch 1).
+PROGRAMS_PER_SM = 4
 NUM_WARPS = 4
 NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
 
@@ -131,8 +133,6 @@ if triton is not None:
         seq_len,
         num_kv_heads,
         group,
-        head_dim,
-        value_dim,
         split_len,
         num_splits,
         stride_qb,
@@ -149,6 +149,8 @@ if triton is not None:
         stride_pb,
         stride_ph,
         stride_ps,
+        HEAD_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -169,8 +171,9 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         g_ok = offs_g < group
-        d_ok = offs_d < head_dim
-        dv_ok = offs_dv < value_dim
+        # Constant masks when a tile spans the whole head (the usual case), so K/V rows load in wide vectors.
+        d_ok = offs_d < HEAD_DIM
+        dv_ok = offs_dv < VALUE_DIM
         heads = h * group + offs_g  # the query heads of KV head h, in repeat_kv order
 
         q = tl.load(
@@ -224,7 +227,7 @@ if triton is not None:
         out = acc / tl.where(any_live, l_i, 1.0)[:, None]
         lse2 = tl.where(any_live, m_i + tl.log2(tl.where(any_live, l_i, 1.0)), float("-inf"))
         rows = (b * num_kv_heads * group + heads) * num_splits + split  # partials are [B*Hq, splits, ...]
-        tl.store(o_part_ptr + rows[:, None] * value_dim + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
+        tl.store(o_part_ptr + rows[:, None] * VALUE_DIM + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
 
     @triton.jit
@@ -290,7 +293,6 @@ if triton is not None:
         seq_len,
         num_kv_heads,
         group,
-        head_dim,
         stride_qb,
         stride_qh,
         stride_qd,
@@ -303,6 +305,7 @@ if triton is not None:
         stride_ps,
         stride_lb,
         stride_lh,
+        HEAD_DIM: tl.constexpr,
         BLOCK_G: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -319,7 +322,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         slots = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         g_ok = offs_g < group
-        d_ok = offs_d < head_dim
+        d_ok = offs_d < HEAD_DIM
         in_seq = slots < seq_len
         heads = h * group + offs_g
 
@@ -374,14 +377,14 @@ if triton is not None:
             s,
             hkv,
             group,
-            d,
-            dv,
             split_len,
             num_splits,
             *query.stride(),
             *keys.stride(),
             *values.stride(),
             *positions.stride(),
+            HEAD_DIM=d,
+            VALUE_DIM=dv,
             BLOCK_G=_dot_block(group),
             BLOCK_N=BLOCK_N,
             BLOCK_D=_dot_block(d),
@@ -425,11 +428,11 @@ if triton is not None:
             s,
             hkv,
             group,
-            d,
             *query.stride(),
             *keys.stride(),
             *positions.stride(),
             *lse.stride(),
+            HEAD_DIM=d,
             BLOCK_G=_dot_block(group),
             BLOCK_N=BLOCK_N,
             BLOCK_D=_dot_block(d),

@@ -183,22 +183,30 @@ if kernels.triton is not None:
 
     @triton.jit
     def _load_codes(
-        base, slots, live, stride_s, stride_c, row_bytes, BITS: tl.constexpr, BLOCK_D: tl.constexpr, PAIRS: tl.constexpr
+        base,
+        slots,
+        live,
+        stride_s,
+        stride_c,
+        ROW_BYTES: tl.constexpr,
+        BITS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PAIRS: tl.constexpr,
     ):
         """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked), or with PAIRS
         [N, BLOCK_D // 2] pairs of them (`_split_fields`)."""
         if 8 % BITS == 0:  # whole codes per byte: one contiguous load of the rows' bytes
             offs = tl.arange(0, BLOCK_D * BITS // 8)
-            fields = tl.load(
-                base + slots[:, None] * stride_s + offs[None, :] * stride_c,
-                mask=live[:, None] & (offs < row_bytes)[None, :],
-                other=0,
-            ).to(tl.int32)
+            # ROW_BYTES is a constant: for whole rows (the usual case) the column mask folds away.
+            mask = live[:, None] & (offs < ROW_BYTES)[None, :]
+            fields = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0).to(
+                tl.int32
+            )
             codes = _split_fields(fields, 8, BITS, PAIRS)
         else:  # 3 bits: 8 codes per 3 bytes, read as 24-bit words
             chunk = tl.arange(0, BLOCK_D // 8)
             ptr = base + slots[:, None] * stride_s + (chunk * 3)[None, :] * stride_c
-            mask = live[:, None] & (chunk * 3 < row_bytes)[None, :]
+            mask = live[:, None] & (chunk * 3 < ROW_BYTES)[None, :]
             fields = tl.load(ptr, mask=mask, other=0).to(tl.int32)
             fields |= tl.load(ptr + stride_c, mask=mask, other=0).to(tl.int32) << 8
             fields |= tl.load(ptr + 2 * stride_c, mask=mask, other=0).to(tl.int32) << 16
@@ -331,10 +339,6 @@ if kernels.triton is not None:
         scale_log2,
         num_kv_heads,
         group,
-        head_dim,
-        value_dim,
-        k_row_bytes,
-        v_row_bytes,
         split_len,
         num_splits,
         stride_qb,
@@ -356,6 +360,10 @@ if kernels.triton is not None:
         stride_vsh,
         stride_vsr,
         stride_vsc,
+        HEAD_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
+        K_ROW_BYTES: tl.constexpr,
+        V_ROW_BYTES: tl.constexpr,
         K_BITS: tl.constexpr,
         K_ROW_TOKENS: tl.constexpr,
         K_COL_CHANNELS: tl.constexpr,
@@ -384,8 +392,8 @@ if kernels.triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         g_ok = offs_g < group
-        d_ok = offs_d < head_dim
-        dv_ok = offs_dv < value_dim
+        d_ok = offs_d < HEAD_DIM
+        dv_ok = offs_dv < VALUE_DIM
         heads = h * group + offs_g
 
         q = tl.load(
@@ -434,7 +442,7 @@ if kernels.triton is not None:
             live = (slots >= start) & (slots < end)
             ahead = slots + BLOCK_N
             ahead_live = (ahead >= start) & (ahead < end)
-            k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, k_row_bytes, K_BITS, BLOCK_D, K_PAIRS)
+            k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, K_ROW_BYTES, K_BITS, BLOCK_D, K_PAIRS)
             if K_MODE == "slot":  # q.(c s + z) = s (q.c) + z sum(q)
                 scale, zero = k_scale, k_zero
                 k_scale = _slot_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
@@ -450,11 +458,11 @@ if kernels.triton is not None:
                 logits = _dot_codes(q_scaled, k, True, K_PAIRS, PRECISION) + bias[:, None]
             else:
                 scale = _tile_params(
-                    ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, head_dim,
+                    ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
                     K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
                 )  # fmt: skip
                 zero = _tile_params(
-                    kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, head_dim,
+                    kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
                     K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
                 )  # fmt: skip
                 k = _dequantize(k, scale, zero, q.dtype, K_PAIRS)
@@ -468,7 +476,7 @@ if kernels.triton is not None:
             p = tl.exp2(logits - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
 
-            v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, v_row_bytes, V_BITS, BLOCK_DV, V_PAIRS)
+            v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, V_ROW_BYTES, V_BITS, BLOCK_DV, V_PAIRS)
             if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
                 scale, zero = v_scale, v_zero
                 v_scale = _slot_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
@@ -477,11 +485,11 @@ if kernels.triton is not None:
                 pv = _dot_codes(p_scaled, v, False, V_PAIRS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
             else:
                 scale = _tile_params(
-                    vs_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, value_dim,
+                    vs_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, VALUE_DIM,
                     V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
                 )  # fmt: skip
                 zero = _tile_params(
-                    vz_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, value_dim,
+                    vz_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, VALUE_DIM,
                     V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
                 )  # fmt: skip
                 pv = tl.dot(p.to(q.dtype), _dequantize(v, scale, zero, q.dtype, V_PAIRS), input_precision=PRECISION)
@@ -492,7 +500,7 @@ if kernels.triton is not None:
         out = acc / tl.where(any_live, l_i, 1.0)[:, None]
         lse2 = tl.where(any_live, m_i + tl.log2(tl.where(any_live, l_i, 1.0)), float("-inf"))
         rows = (b * num_kv_heads * group + heads) * num_splits + split  # kvbench.kernels' partial layout
-        tl.store(o_part_ptr + rows[:, None] * value_dim + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
+        tl.store(o_part_ptr + rows[:, None] * VALUE_DIM + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
 
     def _packed_attention_triton(
@@ -533,10 +541,6 @@ if kernels.triton is not None:
             scale * kernels.LOG2E,
             hkv,
             group,
-            d,
-            dv,
-            keys.codes.shape[-1],
-            values.codes.shape[-1],
             split_len,
             num_splits,
             *query.stride(),
@@ -544,6 +548,10 @@ if kernels.triton is not None:
             *keys.scale.stride(),
             *values.codes.stride(),
             *values.scale.stride(),
+            HEAD_DIM=d,
+            VALUE_DIM=dv,
+            K_ROW_BYTES=keys.codes.shape[-1],
+            V_ROW_BYTES=values.codes.shape[-1],
             K_BITS=keys.bits,
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,

@@ -27,7 +27,7 @@ LSE_TOLERANCE = 1e-4  # the logits are float32 math whatever the input dtype
 # name: (batch, kv heads, group, slots, head dim, value dim, dtype, positions dtype). Under the interpreter
 # `_num_sms` is 4, so these cover one split per program, several tiles per split, and many splits.
 CASES = {
-    "mha_fp32": (2, 4, 1, 200, 64, 64, "float32", "int64"),
+    "mha_fp32": (4, 4, 1, 200, 64, 64, "float32", "int64"),
     "gqa_bf16": (2, 2, 4, 1000, 128, 128, "bfloat16", "int64"),
     "gqa_fp16_odd_dims": (3, 1, 4, 333, 80, 48, "float16", "int32"),
     "gqa8_fp32_many_splits": (1, 1, 8, 777, 32, 32, "float32", "int64"),
@@ -229,13 +229,13 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
     precision = "ieee" if dtype == "fp32" else "tf32"
-    blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": precision}
+    blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": precision, "HEAD_DIM": 128}
     tensors = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": "*i64", "scale_log2": "fp32"}
     partials = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"}
     _compile_for_hopper(
         kernels._decode_split_kernel,
         tensors | partials | {"v_ptr": f"*{dtype}"},
-        blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128},
+        blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128, "VALUE_DIM": 128},
     )
     _compile_for_hopper(
         kernels._decode_combine_kernel,
