@@ -22,9 +22,10 @@ end the prompt is quantized, except the newest tokens that the window keeps. Dec
 into the window (a ring buffer of `window + 1` slots; with no window, straight into the store), then, when
 the window holds more than `window` tokens, its oldest `block` tokens are quantized together (block = the
 channel-axis group: a per-channel group needs all of its tokens; 1 otherwise) and appended to the store. The
-flush is branch-free: every step quantizes the oldest block and writes it with `torch.where(due, new, old)`
-through indexed assignment (`due` per row: rows of a batch are due on different steps), so a flush is exact on
-any step and the step stays static: no host sync, no data-dependent branch, fixed shapes.
+flush is branch-free: on a step that flushes (see the schedule below) it quantizes every row's oldest block
+and writes it with `torch.where(due, new, old)` through indexed assignment (`due` per row: rows of a batch
+are due on different steps), so a flush is exact on any step and the step stays static: no host sync, no
+data-dependent branch, fixed shapes.
 
 Flush schedule (host-side step variants): a flush is due once every `flush_tokens` steps per row (KIVI: the
 group, 32), and the host knows when without asking the device: each row's window count starts from the
