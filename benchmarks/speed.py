@@ -109,7 +109,14 @@ def run_row(
     # would otherwise pile guards on one code object up to dynamo's recompile limit.
     torch._dynamo.reset()
     engine = Engine(
-        model, None, method, spec, prefill_chunk=args.prefill_chunk, engine=engine_name, fuse=not args.unfused
+        model,
+        None,
+        method,
+        spec,
+        prefill_chunk=args.prefill_chunk,
+        engine=engine_name,
+        fuse=not args.unfused,
+        compile_scope=args.compile_scope,
     )
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
@@ -126,6 +133,7 @@ def run_row(
         batch=batch,
         engine=engine_name,
         fused_projections=engine_name != "eager" and not args.unfused,
+        compile_scope=args.compile_scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
     try:
@@ -187,6 +195,9 @@ def main() -> None:
         help="these rows, in this order, instead of the grid (size 0 for methods that take none)",
     )
     parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
+    parser.add_argument(
+        "--compile-scope", default="layer", choices=["layer", "step"], help="engine=compiled: what is compiled"
+    )
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument(
         "--arkvale-recall-cap",

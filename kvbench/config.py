@@ -41,6 +41,7 @@ class RunSettings:
     results_dir: str = "results"
     prefill_chunk: int = 512
     engine: str = "eager"
+    compile_scope: str = "layer"  # engine=compiled: one decoder layer compiled and reused, or the whole step
     batch_size: int = 1
     warmup: bool = True
     retry_errors: bool = False
@@ -52,6 +53,8 @@ class RunSettings:
         # The names of kvbench.engine.ENGINES, spelled out so that checking them imports no torch.
         engines = ("eager", "graph", "compiled")
         require(self.engine in engines, "kvbench.engine", self.engine, f"one of {engines}")
+        scopes = ("layer", "step")  # kvbench.engine.COMPILE_SCOPES
+        require(self.compile_scope in scopes, "kvbench.compile_scope", self.compile_scope, f"one of {scopes}")
         require(self.batch_size >= 1, "kvbench.batch_size", self.batch_size, "an integer >= 1")
 
 

@@ -2,11 +2,16 @@
 
 Three paths with the same results. `eager` runs the decode step as plain PyTorch (CPU, debugging, any
 method). `compiled` runs the same step through `torch.compile(fullgraph=True)` and, on CUDA, captures it
-once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop
-checks and positions all stay on the device), so the replay launches no Python. `graph` captures the
-eager step without compiling it (no compile time; unfused kernels). The host looks at the stop flags only
-every `STOP_CHECK_EVERY` steps. On a GPU both fast paths fuse the projections that share an input
-(`kvbench.fused_projections`: one product for q/k/v and one for gate/up, as gpt-fast stores them).
+once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop checks
+and positions all stay on the device), so the replay launches no Python. What is compiled is
+`compile_scope`: `layer` (the default) compiles a decoder layer's forward, which every layer reuses (one
+Inductor compile, then graph-cache hits: layers differ only in weights and cache tensors, which are inputs),
+and runs the rest of the step (embedding, final norm, LM head, token choice) eagerly inside the same CUDA
+graph; `step` compiles the whole step as one graph (fusions across layer boundaries, at a compile time that
+grows with the layer count). `graph` captures the eager step without compiling it (no compile time;
+unfused kernels). The host looks at the stop flags only every `STOP_CHECK_EVERY` steps. On a GPU both fast
+paths fuse the projections that share an input (`kvbench.fused_projections`: one product for q/k/v and one
+for gate/up, as gpt-fast stores them).
 
 Sequences of different lengths decode together: each is prefilled on its own (exact positions, no
 padding), then their caches are stacked into one batch whose slot buffers have the same size (empty slots
@@ -21,7 +26,7 @@ import inspect
 import math
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +38,7 @@ from kvbench.method import Method
 from kvbench.models import rope_inv_freq
 
 ENGINES = ("eager", "graph", "compiled")
+COMPILE_SCOPES = ("layer", "step")
 STOP_CHECK_EVERY = 16  # decode steps between looks at the stop flags (each look is one host sync)
 WARMUP_STEPS = 2  # compiled steps run (and kept) before the CUDA graph is captured
 
@@ -151,9 +157,13 @@ class Engine:
         prefill_chunk: int = 512,
         engine: str = "eager",
         fuse: bool = True,
+        compile_scope: str = "layer",
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: one of {ENGINES}")
+        if compile_scope not in COMPILE_SCOPES:
+            raise ValueError(f"compile_scope={compile_scope!r}: one of {COMPILE_SCOPES}")
+        self.compile_scope = compile_scope
         self.model, self.tokenizer, self.method, self.spec = model, tokenizer, method, spec
         self.prefill_chunk = prefill_chunk
         self.engine = engine
@@ -174,6 +184,7 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.model_stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._compiled_step: Callable[[KVCache, DecodeState], None] | None = None
+        self._compiled_layers: list[Callable] = []  # compile_scope="layer": each decoder layer's compiled forward
         self.compile_options: dict = {}  # extra `torch.compile` arguments (tests trace with backend="eager")
 
     # ----- building blocks -----
@@ -315,17 +326,11 @@ class Engine:
             raise ValueError(f"kvbench.engine={self.engine}: {unsafe[0]} cannot run in a CUDA graph yet; use eager")
         if self.engine == "graph":  # the eager step, captured: no compilation, launches still unfused
             compiled = self._step
+        elif self.compile_scope == "layer":
+            compiled = self._step  # its decoder layers run compiled (`_layers_compiled`), the rest as Python
         else:
             if self._compiled_step is None:
-                # Dynamo keeps compiled code per code object, and every Engine's `_step` shares one: without
-                # a reset, a sweep's 9th compiled run in one process hit the recompile limit (8) and
-                # fullgraph raised. A new engine starts from empty caches (inductor's on-disk cache stays).
-                # Within an engine, one compile per cache size is by design (prompt lengths round to
-                # aligned sizes), so the limits allow as many as the model's positions can make.
-                torch._dynamo.reset()
-                limits = torch._dynamo.config
-                limits.recompile_limit = max(limits.recompile_limit, self.spec.max_positions)
-                limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, self.spec.max_positions)
+                self._reset_dynamo()
                 self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False, **self.compile_options)
             compiled = self._compiled_step
         variants = cache.decode_variants() if hasattr(cache, "decode_variants") else None
@@ -380,6 +385,48 @@ class Engine:
             cache.advance()  # a replay runs no Python: the host's counters move here
 
         return replay, time.perf_counter() - began, warmup
+
+    def _reset_dynamo(self) -> None:
+        """Dynamo keeps compiled code per code object, and every Engine's `_step` (or decoder layer class's
+        `forward`) shares one: without a reset, a sweep's 9th compiled run in one process hit the recompile
+        limit (8) and fullgraph raised. A new engine starts from empty caches (Inductor's on-disk cache
+        stays). Within an engine, one compile per cache size (and step variant, and layer) is by design, so
+        the limits allow as many as the model's positions can make."""
+        torch._dynamo.reset()
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, self.spec.max_positions)
+        limits.accumulated_recompile_limit = max(limits.accumulated_recompile_limit, self.spec.max_positions)
+
+    def _decoder_layers(self) -> list[torch.nn.Module]:
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if layers is None:
+            raise ValueError(f"compile_scope=layer: {type(self.model).__name__} has no decoder layers; use step")
+        return list(layers)
+
+    @contextlib.contextmanager
+    def _layers_compiled(self) -> Iterator[None]:
+        """While decode steps run (and are captured), each decoder layer's forward is its compiled version;
+        prefill stays eager (its chunks change shape). Only for `engine=compiled` with `compile_scope=layer`.
+
+        One `torch.compile` per layer, all of one code object: dynamo traces each layer (it guards on the
+        layer's cache index), and Inductor compiles the first and finds the others in its graph cache, so
+        compile time no longer grows with the layer count (32 layers of QuaRot took 209 s as one graph)."""
+        if self.engine != "compiled" or self.compile_scope != "layer":
+            yield
+            return
+        layers = self._decoder_layers()
+        if not self._compiled_layers:
+            self._reset_dynamo()
+            options = {"fullgraph": True, "dynamic": False, **self.compile_options}
+            self._compiled_layers = [torch.compile(layer.forward, **options) for layer in layers]
+        for layer, forward in zip(layers, self._compiled_layers, strict=True):
+            layer.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
 
     # ----- what tasks ask for -----
     @torch.inference_mode()
@@ -450,16 +497,17 @@ class Engine:
         remaining = int(state.max_new.max()) - 1  # the first token came from the prefill's logits
         if remaining <= 0 or bool(state.done.all()):
             return 0, 0.0, 0.0, state.count.tolist()
-        step, compile_s, ran = self._step_runner(cache, state, remaining)
-        remaining -= ran
-        before = state.count.tolist()
-        steps = 0
-        with Timer(self.device) as timer:
-            while steps < remaining:
-                step()
-                steps += 1
-                if steps % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
-                    break
+        with self._layers_compiled():
+            step, compile_s, ran = self._step_runner(cache, state, remaining)
+            remaining -= ran
+            before = state.count.tolist()
+            steps = 0
+            with Timer(self.device) as timer:
+                while steps < remaining:
+                    step()
+                    steps += 1
+                    if steps % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
+                        break
         return steps, timer.seconds if steps else 0.0, compile_s, before
 
     @torch.inference_mode()

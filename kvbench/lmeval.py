@@ -299,7 +299,15 @@ def engine_from_overrides(overrides: list[str]) -> Engine:
     config.method.check(spec)
     model, tokenizer = load_model(config.model)
     settings = config.settings
-    return Engine(model, tokenizer, config.method, spec, settings.prefill_chunk, settings.engine)
+    return Engine(
+        model,
+        tokenizer,
+        config.method,
+        spec,
+        settings.prefill_chunk,
+        settings.engine,
+        compile_scope=settings.compile_scope,
+    )
 
 
 def main() -> None:

@@ -172,7 +172,7 @@ def record_row(record: dict[str, Any], directory: Path, current_commit: str = CO
 
 
 # The `kvbench.*` settings that change what a run measures (where it is written does not).
-RUN_SETTINGS = ("engine", "batch_size", "prefill_chunk", "warmup")
+RUN_SETTINGS = ("engine", "compile_scope", "batch_size", "prefill_chunk", "warmup")
 
 
 def incomplete_row(directory: Path) -> dict[str, Any]:

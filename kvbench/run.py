@@ -39,6 +39,8 @@ RETRY_HINT = "kvbench.retry_errors=true"
 def identity(config: RunConfig) -> dict[str, Any]:
     """What defines a run's result (not where it is written, nor debug switches)."""
     settings = {k: v for k, v in asdict(config.settings).items() if k not in NOT_IDENTITY}
+    if settings["engine"] != "compiled":  # it changes nothing elsewhere; out, earlier runs keep their directories
+        settings.pop("compile_scope")
     return {
         "names": config.names,
         "model": asdict(config.model),
@@ -105,7 +107,15 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
     if settings.prefetch_next_model:  # the sweep's next model, read in the background while this one runs
         model_pool.prefetch(next_sweep_model(), load_model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    engine = Engine(model, tokenizer, config.method, spec, settings.prefill_chunk, settings.engine)
+    engine = Engine(
+        model,
+        tokenizer,
+        config.method,
+        spec,
+        settings.prefill_chunk,
+        settings.engine,
+        compile_scope=settings.compile_scope,
+    )
     if settings.warmup:
         engine.warmup()
     rows, measurements = [], []

@@ -279,7 +279,7 @@ def test_native_compiled_step_is_one_graph_with_the_eager_tokens(method):
     model = tiny_llama(kv_sharing=2)
     spec = spec_of(model)
     expected = Engine(model, None, method, spec, prefill_chunk=48).generate(PROMPT, 20).token_ids
-    compiled = Engine(model, None, method, spec, prefill_chunk=48, engine="compiled")
+    compiled = Engine(model, None, method, spec, prefill_chunk=48, engine="compiled", compile_scope="step")
     compiled.compile_options = {"backend": "eager"}  # dynamo's tracing: what breaks a graph breaks here
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):

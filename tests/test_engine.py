@@ -56,17 +56,18 @@ def test_min_new_tokens_refuses_stop_tokens_until_reached(tiny):
     assert forced[0] != first and len(forced) >= 2
 
 
+@pytest.mark.parametrize("scope", ["step", "layer"])
 @pytest.mark.parametrize("name", method_names())
-def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name):
-    """The decode step traces whole (fullgraph) and is never retraced while the cache fills, evicts and
-    recalls: shapes stay fixed and no step depends on a host value, except the variant the host picks for
-    each step (a quantized window flushes or not): one compiled version per variant. Its tokens are the
-    eager path's."""
+def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name, scope):
+    """The decode step (or, `compile_scope="layer"`, each decoder layer) traces whole (fullgraph) and is
+    never retraced while the cache fills, evicts and recalls: shapes stay fixed and no step depends on a host
+    value, except the variant the host picks for each step (a quantized window flushes or not): one
+    compiled version per variant (and per layer). Its tokens are the eager path's."""
     model, tokenizer, spec = tiny
     method = small_budget_method(name)
     prompt = list(range(100, 340))
     expected = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(prompt, 40).token_ids
-    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled")
+    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled", compile_scope=scope)
     graphs = []
 
     def tracing_only(gm: torch.fx.GraphModule, example_inputs) -> object:
@@ -77,9 +78,28 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name):
     torch._dynamo.reset()
     got = compiled.generate(prompt, 40)
     assert got.token_ids == expected
-    assert len(graphs) == len(compiled.new_cache(len(prompt), 40).decode_variants() or [None])
+    variants = len(compiled.new_cache(len(prompt), 40).decode_variants() or [None])
+    assert len(graphs) == variants * (spec.num_layers if scope == "layer" else 1)
     # the first token comes from the prefill, then one warm-up step per compiled version, untimed
-    assert got.measurement.engine == "compiled" and got.measurement.decode_steps == 40 - 1 - len(graphs)
+    assert got.measurement.engine == "compiled" and got.measurement.decode_steps == 40 - 1 - variants
+
+
+def test_layer_scope_compiles_only_decode_and_restores_the_layers(tiny):
+    """`compile_scope="layer"` swaps each decoder layer's forward for its compiled one during decode only:
+    prefill runs eagerly (no compile per chunk shape), and the layers are plain modules again afterwards."""
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, Full(), spec, prefill_chunk=64, engine="compiled", compile_scope="layer")
+    shapes = []
+
+    def tracing_only(gm: torch.fx.GraphModule, example_inputs) -> object:
+        shapes.append(tuple(example_inputs[0].shape) if example_inputs else ())
+        return gm.forward
+
+    engine.compile_options = {"backend": tracing_only}
+    torch._dynamo.reset()
+    engine.generate(list(range(100, 300)), 6)
+    assert len(shapes) == spec.num_layers  # decode steps only: the 4 prefill chunks compiled nothing
+    assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
 
 
 @pytest.mark.parametrize("name", method_names())

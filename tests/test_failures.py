@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbench.config import build
+from kvbench.config import RunSettings, build
+from kvbench.errors import ConfigError
 from kvbench.records import environment, write_json_atomic
 from kvbench.run import identity, run
 from tests.conftest import compose_config
@@ -69,3 +70,23 @@ def test_every_setting_but_location_and_failure_handling_defines_the_run(tmp_pat
         config.settings, results_dir=str(Path(tmp_path) / "other"), retry_errors=True, debug=True
     )
     assert identity(dataclasses.replace(config, settings=elsewhere)) == identity(config)
+
+
+def test_compile_scope_defines_compiled_runs_only(tmp_path):
+    """`kvbench.compile_scope` separates compiled runs; eager and graph runs keep the directories they had
+    before the setting existed (it changes nothing there)."""
+    config = build(compose_config(*TINY, *SHORT_PASSKEY, f"kvbench.results_dir={tmp_path}"))
+
+    def with_settings(**changes) -> dict:
+        return identity(dataclasses.replace(config, settings=dataclasses.replace(config.settings, **changes)))
+
+    assert "compile_scope" not in identity(config)
+    assert with_settings(compile_scope="step") == identity(config)
+    assert with_settings(engine="compiled") != with_settings(engine="compiled", compile_scope="step")
+
+
+def test_bad_compile_scope_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as caught:
+        RunSettings(compile_scope="model")
+    assert "kvbench.compile_scope" in str(caught.value) and "layer" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -257,7 +257,7 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, method):
     """The settings the generic engine test (configs as shipped) does not reach."""
     model, tokenizer, spec = tiny
     expected = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(PROMPT, 20).token_ids
-    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled")
+    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled", compile_scope="step")
     compiled.compile_options = {"backend": "eager"}
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):

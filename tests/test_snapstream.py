@@ -117,7 +117,7 @@ def test_compiled_batch_selects_per_sequence(tiny):
     prompts = [list(range(100, 340)), list(range(500, 520)), list(range(700, 901))]
     eager = Engine(model, tokenizer, method, spec, prefill_chunk=64)
     alone = [eager.generate(p, 50).token_ids for p in prompts]
-    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled")
+    compiled = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled", compile_scope="step")
     compiled.compile_options = {"backend": "eager"}  # dynamo's tracing alone: what breaks a graph breaks here
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):

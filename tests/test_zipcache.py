@@ -175,7 +175,7 @@ def test_compiled_decode_with_flushes_gives_the_eager_tokens(tiny, small_gap):
     model, tokenizer, spec = tiny
     prompt = list(range(100, 340))
     expected = Engine(model, tokenizer, small_gap, spec, prefill_chunk=64).generate(prompt, 30).token_ids
-    compiled = Engine(model, tokenizer, small_gap, spec, prefill_chunk=64, engine="compiled")
+    compiled = Engine(model, tokenizer, small_gap, spec, prefill_chunk=64, engine="compiled", compile_scope="step")
     graphs = []
 
     def tracing_only(gm: torch.fx.GraphModule, example_inputs) -> object:
