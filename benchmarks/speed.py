@@ -105,6 +105,8 @@ def run_row(
     model, spec, method_name: str, budget: int, context: int, batch: int, engine_name: str, args, bandwidth: float
 ) -> dict:
     method = make_method(method_name, budget, args.arkvale_recall_cap)
+    engine_name, _, scope = engine_name.partition("-")  # "compiled-step": a row's own compile scope
+    scope = scope or args.compile_scope
     # A fresh dynamo cache per row: each row compiles its own step anyway, and a long sweep in one process
     # would otherwise pile guards on one code object up to dynamo's recompile limit.
     torch._dynamo.reset()
@@ -116,7 +118,7 @@ def run_row(
         prefill_chunk=args.prefill_chunk,
         engine=engine_name,
         fuse=not args.unfused,
-        compile_scope=args.compile_scope,
+        compile_scope=scope,
     )
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
@@ -133,7 +135,7 @@ def run_row(
         batch=batch,
         engine=engine_name,
         fused_projections=engine_name != "eager" and not args.unfused,
-        compile_scope=args.compile_scope if engine_name == "compiled" else None,
+        compile_scope=scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
     try:
@@ -191,8 +193,8 @@ def main() -> None:
         "--runs",
         nargs="+",
         default=None,
-        metavar="SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE]",
-        help="these rows, in this order, instead of the grid (size 0 for methods that take none)",
+        metavar="SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE[-SCOPE]]",
+        help="these rows in this order, not the grid (size 0: methods that take none; compiled-step: whole step)",
     )
     parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
     parser.add_argument(
@@ -276,7 +278,7 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str, int, int, int, str]]:
         fields = spec.split(":")
         if len(fields) not in (5, 6) or fields[1] not in SIZED_BY:
             raise SystemExit(
-                f"--runs {spec!r}: SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE], METHOD one of {list(SIZED_BY)}"
+                f"--runs {spec!r}: SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE[-SCOPE]], METHOD one of {list(SIZED_BY)}"
             )
         engine = fields[5] if len(fields) == 6 else "compiled"
         plan.append((fields[0], fields[1], int(fields[2]), int(fields[3]), int(fields[4]), engine))
