@@ -40,9 +40,13 @@ LOG2E = math.log2(math.e)
 BLOCK_N = 64  # slots per K/V tile
 COMBINE_BLOCK = 16  # splits reduced per step of the combine kernel
 MAX_SPLITS = 256
-# Flash-decoding's split target at small batch. 4, not 2: on an H200 (benchmarks/decode_parts.py) 4 took the
-# 32k decode from 44.9 to 41.6 us (GQA, batch 1), 142 to 131 (GQA, batch 4) and 143 to 131 (MHA, batch 1).
+# Flash-decoding's split target: programs per SM while batch x KV heads alone would not fill the GPU. Measured
+# on an H200 at 32k (benchmarks/decode_parts.py): 4 beats 2 up to 32 (sequence, KV head) pairs (GQA batch 1:
+# 43.4 -> 40.6 us; GQA batch 4: 140 -> 131; MHA batch 1: 141 -> 129), 2 beats 4 at 128 (MHA batch 4: 611 ->
+# 483 us: 5 splits a head overfill the SMs, 3 do not).
 PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM_MANY_HEADS = 2  # above FEW_HEADS (sequence, KV head) pairs
+FEW_HEADS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
 
@@ -97,11 +101,12 @@ def _split_plan(batch_heads: int, seq_len: int, num_sms: int) -> tuple[int, int]
     """(number of splits, slots per split), splits a multiple of BLOCK_N slots and none of them empty.
 
     Flash-decoding's point: at batch 1 the B x Hkv programs alone would occupy a few of the SMs, so the
-    sequence is split until there are about PROGRAMS_PER_SM programs per SM (more splits only add
-    combine work).
+    sequence is split until there are about PROGRAMS_PER_SM programs per SM (fewer once the pairs are many:
+    more splits only add combine work and a partial last wave).
     """
     tiles = max(1, _cdiv(seq_len, BLOCK_N))  # S = 0: one split, empty, so out = 0 and lse = -inf
-    wanted = _cdiv(PROGRAMS_PER_SM * num_sms, batch_heads)
+    per_sm = PROGRAMS_PER_SM if batch_heads <= FEW_HEADS else PROGRAMS_PER_SM_MANY_HEADS
+    wanted = _cdiv(per_sm * num_sms, batch_heads)
     tiles_per_split = _cdiv(tiles, max(1, min(wanted, tiles, MAX_SPLITS)))
     return _cdiv(tiles, tiles_per_split), tiles_per_split * BLOCK_N
 
