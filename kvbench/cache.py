@@ -288,6 +288,10 @@ class KVLayer(CacheLayerMixin):
         """The variants its decode steps may take, ordered (empty: one decode step, no schedule)."""
         return ()
 
+    def variant_period(self) -> int:
+        """Steps after which its schedule repeats (each row's variants come round once in that many)."""
+        return 1
+
 
 class FullLayer(KVLayer):
     """The dense cache: room for the whole prompt and every decode token, nothing ever evicted.
@@ -441,6 +445,11 @@ class KVCache(Cache):
         if not self.variant_layers:
             return None
         return sorted({variant for layer in self.variant_layers for variant in layer.decode_variants()})
+
+    def variant_period(self) -> int:
+        """Steps within which every variant the schedule can still take comes round (the engine's warm-up
+        waits no longer for one: with every step due somewhere, "no flush" never comes)."""
+        return max((layer.variant_period() for layer in self.variant_layers), default=1)
 
     def decode_variant(self) -> Hashable:
         """The next step's variant, from the layers' host counters (no device sync)."""

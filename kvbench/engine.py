@@ -349,12 +349,15 @@ class Engine:
         # Warm-up steps compile every version (on a side stream on CUDA): each takes a version not yet run if
         # one is safe now (a quantized window's flush is exact on any step), else its own.
         pending = set(variants or ())
+        # A version not met within one period of the schedule never will be (in a batch with a row due on
+        # every step, "no flush" is never safe): the warm-up stops waiting, and replays take a larger one.
+        period = cache.variant_period() if hasattr(cache, "variant_period") else len(variants or ())
         warmup = 0
         side = torch.cuda.Stream(self.device) if cuda else None
         if cuda:
             side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-            while warmup < steps_left and (pending or (cuda and warmup < WARMUP_STEPS)):
+            while warmup < steps_left and ((pending and warmup < period) or (cuda and warmup < WARMUP_STEPS)):
                 if pending:
                     safe = cache.safe_variants() if hasattr(cache, "safe_variants") else [cache.decode_variant()]
                     variant = next((v for v in safe if v in pending), safe[0])
@@ -381,7 +384,11 @@ class Engine:
         torch.cuda.synchronize(self.device)
 
         def replay() -> None:
-            graphs[cache.decode_variant()].replay()
+            variant = cache.decode_variant()
+            if variant not in graphs:  # never safe during the warm-up: a larger version is exact too
+                variant = next(v for v in cache.safe_variants() if v in graphs)
+                cache.select_variant(variant)
+            graphs[variant].replay()
             cache.advance()  # a replay runs no Python: the host's counters move here
 
         return replay, time.perf_counter() - began, warmup

@@ -427,6 +427,10 @@ class QuantizedLayer(KVLayer):
         """The values `flush_step` takes over the coming steps (empty: no window, no schedule)."""
         return (False, True) if self.ring else ()
 
+    def variant_period(self) -> int:
+        """Each row is due once every `flush_tokens` steps."""
+        return self.flush_tokens
+
     def decode_variant(self) -> bool:
         """Whether the next step must flush: some row's window will hold more than `window` tokens."""
         return bool(self.ring) and any(tokens + 1 > self.window for tokens in self.window_tokens)

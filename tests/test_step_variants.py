@@ -156,3 +156,19 @@ def test_no_compiled_step_skips_a_due_flush(tiny, name, monkeypatch):
     _generate(engine)
     assert len(checks) == NEW_TOKENS - 1
     assert checks == [(False, True)] * len(checks)
+
+
+def test_a_batch_due_on_every_step_still_times_its_decode(tiny):
+    """Four rows whose windows fill on successive steps (KIVI, flush every 4 tokens): some row is due on
+    every step, so "no flush" is never safe. The warm-up waits for it one flush period at most (the schedule
+    repeats with that period), and the steps after it take the captured "flush" version: the decode is
+    timed, and its tokens are the eager ones."""
+    model, tokenizer, spec = tiny
+    method = KIVI(bits=4, group=4, window=8)
+    requests = [Request(list(range(100, 100 + n)), 20) for n in (100, 101, 102, 103)]
+    expected = [g.token_ids for g in Engine(model, tokenizer, method, spec).generate_batch(requests)]
+    engine, _ = _compiled(tiny, method)
+    got = engine.generate_batch(requests)
+    assert [g.token_ids for g in got] == expected
+    steps = got[0].measurement.decode_steps
+    assert 0 < steps and steps >= 19 - 4 - 2, steps  # 19 steps after the prefill's token, a period of warm-up
