@@ -122,8 +122,16 @@ def test_ctrl_c_signal_prints_one_line(tmp_path):
     # One thread: on a busy 2-core machine two spin-waiting OpenMP threads made a sample ~10x slower, and the
     # first prediction then missed the deadline (seen in CI runs beside a sweep); threads do not matter here.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The child takes SIGINT's default disposition whatever ours is: a test run started in the background
+    # (`cmd &` in a script) ignores SIGINT, the child inherited that, ran all its samples and exited 0.
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while not any(path.stat().st_size for path in tmp_path.rglob("predictions.jsonl")):  # samples are running
