@@ -171,4 +171,4 @@ def test_a_batch_due_on_every_step_still_times_its_decode(tiny):
     got = engine.generate_batch(requests)
     assert [g.token_ids for g in got] == expected
     steps = got[0].measurement.decode_steps
-    assert 0 < steps and steps >= 19 - 4 - 2, steps  # 19 steps after the prefill's token, a period of warm-up
+    assert steps >= 19 - 4 - 2, steps  # 19 steps after the prefill token, one period of warm-up at most
