@@ -2,8 +2,8 @@
 
     PYTHONPATH=<copy> python benchmarks/decode_parts.py --commit <sha> --out decode_parts.jsonl
 
-Two parts, each timed from a CUDA graph of `TIMED_CALLS` calls whose inputs rotate past twice the L2 (so
-every call reads from HBM), median of `REPLAYS` replays, as `quant_attention.py` times:
+Two parts, each timed by `quant_attention.py`'s helpers: a CUDA graph of 20 calls whose inputs rotate past
+twice the L2 (so every call reads from HBM), median of 5 replays:
 - the projections of one layer (q/k/v fused, o, gate/up fused, down) and the LM head, for 1 and 4 rows,
   through cuBLAS (`F.linear`, what the compiled step calls) and through a plain Triton GEMV
   (`_gemv_kernel` below, a few tile shapes): if cuBLAS is far from the read bandwidth at these shapes, a
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import time
 from collections.abc import Callable
 
@@ -27,11 +25,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from quant_attention import copies_past_l2, read_bandwidth, time_us  # beside this file
 
 from kvbench import kernels
 
-TIMED_CALLS, REPLAYS = 20, 5
-HIDDEN = 4096
+CUDA = torch.device("cuda")
 # (rows, columns) of each weight a decode step reads, with q/k/v and gate/up fused as the engine fuses them.
 PROJECTIONS = {
     "llama-3.1-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -107,44 +105,12 @@ GEMV_CONFIGS = [  # (block_n, block_k, warps, stages)
 ]
 
 
-def time_us(calls: list[Callable[[], object]]) -> float:
-    """Per call: CUDA-graph replays of TIMED_CALLS calls taking the inputs in turn."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(TIMED_CALLS):
-            calls[i % len(calls)]()
-    graph.replay()
-    per_call_us = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        per_call_us.append(start.elapsed_time(end) * 1e3 / TIMED_CALLS)
-    return statistics.median(per_call_us)
-
-
-def copies_past_l2(bytes_per_copy: int) -> int:
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    return max(2, min(8, math.ceil(2 * l2_bytes / bytes_per_copy)))
-
-
-def read_bandwidth() -> float:
-    x = torch.ones(2**30, dtype=torch.bfloat16, device="cuda")
-    return 2**31 / (time_us([x.sum]) * 1e-6)
-
-
 def matmul_rows(shape: str, bandwidth: float) -> list[dict]:
     rows = []
     for name, (n, k) in PROJECTIONS[shape].items():
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_past_l2(2 * n * k))]
+        weights = [
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies_past_l2(2 * n * k, CUDA))
+        ]
         floor_us = 2 * n * k / bandwidth * 1e6
         for m in (1, 4):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -154,7 +120,7 @@ def matmul_rows(shape: str, bandwidth: float) -> list[dict]:
                 variants["triton_n{}_k{}_w{}_s{}".format(*config)] = lambda w, x=x, c=config: triton_gemv(x, w, *c)
             for variant, fn in variants.items():
                 error = (fn(weights[0]).float() - reference).abs().max().item()
-                us = time_us([lambda w=w, fn=fn: fn(w) for w in weights])
+                us = time_us([lambda w=w, fn=fn: fn(w) for w in weights], CUDA)
                 rows.append(
                     {"part": "matmul", "shape": shape, "name": name, "rows": m, "variant": variant, "us": us,
                      "floor_us": floor_us, "x_floor": us / floor_us, "max_abs_error": error}
@@ -174,7 +140,7 @@ def attention_rows(bandwidth: float, context: int) -> list[dict]:
         for batch in (1, 4):
             kv_bytes = 2 * batch * hkv * context * 128 * 2
             inputs = []
-            for _ in range(copies_past_l2(kv_bytes)):
+            for _ in range(copies_past_l2(kv_bytes, CUDA)):
                 keys = torch.randn(batch, hkv, context, 128, device="cuda", dtype=torch.bfloat16)
                 inputs.append(
                     (torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16), keys, torch.randn_like(keys),
@@ -186,7 +152,7 @@ def attention_rows(bandwidth: float, context: int) -> list[dict]:
                 for name, value in {**saved, **settings}.items():
                     setattr(kernels, name, value)
                 out = kernels.decode_attention(*inputs[0], 128**-0.5)[0].float()
-                us = time_us([lambda i=i: kernels.decode_attention(*i, 128**-0.5) for i in inputs])
+                us = time_us([lambda i=i: kernels.decode_attention(*i, 128**-0.5) for i in inputs], CUDA)
                 rows.append(
                     {"part": "attention", "heads": heads, "batch": batch, "context": context, "variant": variant,
                      "us": us, "floor_us": floor_us, "x_floor": us / floor_us,
@@ -209,7 +175,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/decode_parts.jsonl")
     args = parser.parse_args()
     began = time.perf_counter()
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(CUDA)
     env = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
            "commit": args.commit or None, "read_bandwidth_Bps": bandwidth}  # fmt: skip
     print(json.dumps(env), flush=True)

@@ -187,6 +187,19 @@ class Engine:
         self._compiled_layers: list[Callable] = []  # compile_scope="layer": each decoder layer's compiled forward
         self.compile_options: dict = {}  # extra `torch.compile` arguments (tests trace with backend="eager")
 
+    @classmethod
+    def for_run(cls, model: torch.nn.Module, tokenizer, method: Method, spec: ModelSpec, settings) -> Engine:
+        """The engine a run's `kvbench:` settings (`kvbench.config.RunSettings`) ask for."""
+        return cls(
+            model,
+            tokenizer,
+            method,
+            spec,
+            settings.prefill_chunk,
+            settings.engine,
+            compile_scope=settings.compile_scope,
+        )
+
     # ----- building blocks -----
     def new_cache(self, prompt_len: int, decode_len: int) -> KVCache:
         # A model with its own cache layout (the Block Transformer's) builds it; the method is its to check.

@@ -298,16 +298,7 @@ def engine_from_overrides(overrides: list[str]) -> Engine:
     spec = model_spec(config.model)
     config.method.check(spec)
     model, tokenizer = load_model(config.model)
-    settings = config.settings
-    return Engine(
-        model,
-        tokenizer,
-        config.method,
-        spec,
-        settings.prefill_chunk,
-        settings.engine,
-        compile_scope=settings.compile_scope,
-    )
+    return Engine.for_run(model, tokenizer, config.method, spec, config.settings)
 
 
 def main() -> None:

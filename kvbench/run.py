@@ -107,15 +107,7 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
     if settings.prefetch_next_model:  # the sweep's next model, read in the background while this one runs
         model_pool.prefetch(next_sweep_model(), load_model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    engine = Engine(
-        model,
-        tokenizer,
-        config.method,
-        spec,
-        settings.prefill_chunk,
-        settings.engine,
-        compile_scope=settings.compile_scope,
-    )
+    engine = Engine.for_run(model, tokenizer, config.method, spec, settings)
     if settings.warmup:
         engine.warmup()
     rows, measurements = [], []
