@@ -12,9 +12,14 @@ A value is stored as `code = round((x - zero) / scale)`, clamped to [0, 2^bits -
 they are rounded outward (zero down, scale up), so every value of the group stays inside the representable
 range and, without clipping, the round trip is off by at most half a step (scale / 2).
 
-Codes are packed along the last dimension, little-endian, as one bit stream per row: code i occupies bits
-[i * bits, (i + 1) * bits) of the row, so a row of D codes takes D * bits / 8 bytes (two 4-bit codes per
-byte; eight 3-bit codes per 3 bytes, some straddling a byte boundary).
+Codes are packed along the last dimension, little-endian. 3- and 8-bit rows are one bit stream: code i
+occupies bits [i * bits, (i + 1) * bits) of the row (eight 3-bit codes per 3 bytes, some straddling a byte
+boundary). 2- and 4-bit rows are planar, for the decode kernel (`kvbench.quant_kernels`): the D channels
+are 4 planes of W = D / 4, and element e of the row (a byte of four 2-bit codes, or a 16-bit word of four
+4-bit codes) holds channel g * W + e in bits [g * bits, (g + 1) * bits), g = 0..3. The kernel then turns a
+32-bit register of two elements into a pair of 16-bit floats per plane with one shift and one mask-or, and
+each plane is a contiguous block of channels that it multiplies on the tensor cores as it is. Either way a
+row of D codes takes D * bits / 8 bytes.
 """
 
 from __future__ import annotations
@@ -45,11 +50,20 @@ def packed_width(channels: int, bits: int) -> int:
     return channels * bits // 8
 
 
+PLANES = 4  # planes of a planar row (2- and 4-bit codes)
+
+
+def is_planar(bits: int) -> bool:
+    return bits in (2, 4)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., n] (each < 2^bits) to the bit stream [..., n * bits / 8]: 8 codes make `bits` bytes."""
+    """uint8 codes [..., n] (each < 2^bits) to packed bytes [..., n * bits / 8] (the module doc's layout)."""
     if bits == 8:
         return codes.to(torch.uint8)
     packed_width(codes.shape[-1], bits)
+    if is_planar(bits):  # element e's codes are channels e, W + e, 2W + e, 3W + e: a stream in that order
+        codes = codes.unflatten(-1, (PLANES, -1)).transpose(-1, -2).flatten(-2)
     chunks = codes.to(torch.int64).unflatten(-1, (-1, 8))  # 8 codes = `bits` whole bytes
     shifts = torch.arange(8, device=codes.device) * bits
     words = (chunks << shifts).sum(dim=-1, keepdim=True)  # at most 32 bits for bits <= 4
@@ -62,9 +76,10 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     mask = (1 << bits) - 1
-    if 8 % bits == 0:  # whole codes per byte: shift the bytes themselves (cheaper than 64-bit words)
+    if is_planar(bits):  # whole codes per byte: shift the bytes themselves (cheaper than 64-bit words)
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+        stream = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+        return stream.unflatten(-1, (-1, PLANES)).transpose(-1, -2).flatten(-2)
     chunks = packed.to(torch.int64).unflatten(-1, (-1, bits))
     byte_shifts = torch.arange(bits, device=packed.device) * 8
     words = (chunks << byte_shifts).sum(dim=-1, keepdim=True)

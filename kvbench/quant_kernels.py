@@ -46,13 +46,13 @@ elsewhere; static grids and no host syncs, so it runs in the compiled, graph-cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
 from kvbench import kernels
-from kvbench.quant import unpack
+from kvbench.quant import is_planar, unpack
 
 
 class PackedSlots(NamedTuple):
@@ -148,10 +148,35 @@ def _param_mode(packed: PackedSlots, dim: int, block_n: int, can_align: bool) ->
     return "gather"
 
 
+def _fits_planes(group: int, dim: int) -> bool:
+    """Per-token groups of `group` channels that each of the 4 planes of `dim` lies inside, at most 16 of them."""
+    return dim % 4 == 0 and group % (dim // 4) == 0 and dim // min(group, dim) <= 16
+
+
+def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
+    """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
+    does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
+    ("token") or per channel in rows of a multiple of 16 tokens ("row", tiles of up to `launch.block_n`
+    slots that divide the rows)."""
+    d = keys.codes.shape[-1] * 8 // keys.bits
+    dv = values.codes.shape[-1] * 8 // values.bits
+    if not (is_planar(keys.bits) and is_planar(values.bits)) or keys.scale.stride(-1) != 1 != values.scale.stride(-1):
+        return None
+    if values.row_tokens != 1 or not _fits_planes(values.col_channels, dv):
+        return None
+    if keys.row_tokens == 1 and _fits_planes(keys.col_channels, d):
+        return "token", launch.block_n
+    if keys.col_channels == 1 and keys.row_tokens % 16 == 0:
+        return "row", min(launch.block_n, keys.row_tokens & -keys.row_tokens)
+    return None
+
+
 if kernels.triton is not None:
     import triton
     import triton.language as tl
     from torch.library import wrap_triton
+
+    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
     def _halve(fields, HALF: tl.constexpr):
@@ -194,15 +219,22 @@ if kernels.triton is not None:
         PAIRS: tl.constexpr,
     ):
         """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked), or with PAIRS
-        [N, BLOCK_D // 2] pairs of them (`_split_fields`)."""
-        if 8 % BITS == 0:  # whole codes per byte: one contiguous load of the rows' bytes
-            offs = tl.arange(0, BLOCK_D * BITS // 8)
-            # ROW_BYTES is a constant: for whole rows (the usual case) the column mask folds away.
+        (3 bits) [N, BLOCK_D // 2] pairs of them (`_split_fields`). Planar rows (2 and 4 bits) are read a
+        code at a time: this kernel takes them only for layouts `_plane_split_kernel` does not."""
+        if BITS == 2 or BITS == 4:  # planar (`kvbench.quant`): channel d is plane d // W of element d % W
+            offs = tl.arange(0, BLOCK_D)
+            width = ROW_BYTES * 8 // (4 * BITS)
+            plane = offs // width
+            byte = (offs % width) * (BITS // 2) + plane * BITS // 8
+            mask = live[:, None] & (offs < 4 * width)[None, :]
+            fields = tl.load(base + slots[:, None] * stride_s + byte[None, :] * stride_c, mask=mask, other=0)
+            codes = (fields.to(tl.int32) >> ((plane * BITS) % 8)[None, :]) & ((1 << BITS) - 1)
+        elif BITS == 8:
+            offs = tl.arange(0, BLOCK_D)
             mask = live[:, None] & (offs < ROW_BYTES)[None, :]
-            fields = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0).to(
+            codes = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0).to(
                 tl.int32
             )
-            codes = _split_fields(fields, 8, BITS, PAIRS)
         else:  # 3 bits: 8 codes per 3 bytes, read as 24-bit words
             chunk = tl.arange(0, BLOCK_D // 8)
             ptr = base + slots[:, None] * stride_s + (chunk * 3)[None, :] * stride_c
@@ -503,13 +535,325 @@ if kernels.triton is not None:
         tl.store(o_part_ptr + rows[:, None] * VALUE_DIM + offs_dv[None, :], out, mask=g_ok[:, None] & dv_ok[None, :])
         tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
 
-    def _packed_attention_triton(
+    # ---- Planar 2- and 4-bit codes (`kvbench.quant`): the fast path ----------------------------------------
+
+    # 4-bit codes to 16-bit floats, two elements (one 32-bit register of two 16-bit words) at a time: plane g
+    # is bits [4g, 4g + 4) of each word, so one shift and one mask-or (`lop3`) make a register of two floats
+    # 2^m + code (m = 7: bfloat16 128 + code; m = 10: float16 1024 + code), and one packed subtract leaves
+    # the codes exactly. 11 instructions make 8 values.
+    _NIBBLES_ASM = """
+    {
+    .reg .b32 t, m;
+    mov.b32 m, MAGIC;
+    lop3.b32 $0, $4, 0x000F000F, MAGIC, 0xEA;
+    shr.b32 t, $4, 4;
+    lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
+    shr.b32 t, $4, 8;
+    lop3.b32 $2, t, 0x000F000F, MAGIC, 0xEA;
+    shr.b32 t, $4, 12;
+    lop3.b32 $3, t, 0x000F000F, MAGIC, 0xEA;
+    SUB $0, $0, m;
+    SUB $1, $1, m;
+    SUB $2, $2, m;
+    SUB $3, $3, m;
+    }
+    """
+    _BF16_NIBBLES_ASM = tl.constexpr(_NIBBLES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2"))
+    _F16_NIBBLES_ASM = tl.constexpr(_NIBBLES_ASM.replace("MAGIC", "0x64006400").replace("SUB", "sub.rn.f16x2"))
+
+    @triton.jit
+    def _bf16_nibbles(elements):
+        bf16 = tl.bfloat16
+        return tl.inline_asm_elementwise(
+            _BF16_NIBBLES_ASM, "=r,=r,=r,=r,r", [elements], dtype=(bf16, bf16, bf16, bf16), is_pure=True, pack=2
+        )
+
+    @triton.jit
+    def _f16_nibbles(elements):
+        f16 = tl.float16
+        return tl.inline_asm_elementwise(
+            _F16_NIBBLES_ASM, "=r,=r,=r,=r,r", [elements], dtype=(f16, f16, f16, f16), is_pure=True, pack=2
+        )
+
+    @triton.jit
+    def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+        """Planar elements [N, W] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit ones) -> the
+        4 planes' codes as DTYPE values, exactly, each [N, W]. With ASM (4 bits, 16-bit DTYPE, compiled for
+        CUDA) through `_NIBBLES_ASM`; otherwise by integer shifts and the exact float32 exponent trick."""
+        if ASM and DTYPE == tl.bfloat16:
+            c0, c1, c2, c3 = _bf16_nibbles(elements)
+        elif ASM:
+            c0, c1, c2, c3 = _f16_nibbles(elements)
+        else:
+            words = elements.to(tl.int32)
+            c0 = _as_float(words & ((1 << BITS) - 1)).to(DTYPE)
+            c1 = _as_float((words >> BITS) & ((1 << BITS) - 1)).to(DTYPE)
+            c2 = _as_float((words >> (2 * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
+            c3 = _as_float((words >> (3 * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _load_elements(base, slots, live, stride_s, offs_w, WIDTH: tl.constexpr):
+        """A tile's planar elements [N, BLOCK_W] (0 where masked); strides in elements."""
+        mask = live[:, None] & (offs_w < WIDTH)[None, :]
+        return tl.load(base + slots[:, None] * stride_s + offs_w[None, :], mask=mask, other=0)
+
+    @triton.jit
+    def _column_params(base, slots, live, lead, stride_r, COLUMN: tl.constexpr, ROW_TOKENS: tl.constexpr):
+        """The parameter in column COLUMN of each slot's row, float32 [N] (0 where masked)."""
+        rows = _slot_rows(slots, lead, ROW_TOKENS)
+        return tl.load(base + rows * stride_r + COLUMN, mask=live, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _zero_matrix(base, slots, live, lead, stride_r, COLUMNS: tl.constexpr, ROW_TOKENS: tl.constexpr):
+        """Every slot's zero-points [N, 16] (columns past COLUMNS are 0), for one tensor-core product that
+        gives each query row its sum of p * zero per column."""
+        cols = tl.arange(0, 16)
+        rows = _slot_rows(slots, lead, ROW_TOKENS)
+        return tl.load(
+            base + rows[:, None] * stride_r + cols[None, :], mask=live[:, None] & (cols < COLUMNS)[None, :], other=0.0
+        )
+
+    @triton.jit(do_not_specialize=["split_len", "num_splits"])
+    def _plane_split_kernel(
+        q_ptr,
+        kc_ptr,
+        ks_ptr,
+        kz_ptr,
+        k_lead_ptr,
+        vc_ptr,
+        vs_ptr,
+        vz_ptr,
+        v_lead_ptr,
+        len_ptr,
+        o_part_ptr,
+        lse_part_ptr,
+        scale_log2,
+        num_kv_heads,
+        group,
+        split_len,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_kcb,
+        stride_kch,
+        stride_kcs,
+        stride_ksb,
+        stride_ksh,
+        stride_ksr,
+        stride_vcb,
+        stride_vch,
+        stride_vcs,
+        stride_vsb,
+        stride_vsh,
+        stride_vsr,
+        HEAD_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
+        K_BITS: tl.constexpr,
+        K_ROW_TOKENS: tl.constexpr,
+        K_GROUP: tl.constexpr,
+        K_MODE: tl.constexpr,
+        V_BITS: tl.constexpr,
+        V_GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_WV: tl.constexpr,
+        DTYPE: tl.constexpr,
+        K_ASM: tl.constexpr,
+        V_ASM: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
+        online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
+        parameters folded into the products (the module doc's algebra, per plane):
+        - keys "token" (per-token groups, each plane inside one group): logits = sum over planes g of
+          s_g (q_g . c_g) + z_g sum(q_g);
+        - keys "row" (per-channel groups of K_ROW_TOKENS tokens; tiles aligned to them): the tile's row of
+          scales folds into the query, logits = sum_g (q_g * s_g) . c_g + q . z;
+        - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
+          zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles.
+        Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
+        cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
+        loads stall the pipeline when read in the tile that uses them)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bh // num_kv_heads).to(tl.int64)
+        h = (bh % num_kv_heads).to(tl.int64)
+        K_WIDTH: tl.constexpr = HEAD_DIM // 4
+        V_WIDTH: tl.constexpr = VALUE_DIM // 4
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, BLOCK_W)
+        offs_wv = tl.arange(0, BLOCK_WV)
+        g_ok = offs_g < group
+        w_ok = offs_w < K_WIDTH
+        heads = h * group + offs_g
+
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        q_mask = g_ok[:, None] & w_ok[None, :]
+        q0 = tl.load(q_rows + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        qsum0 = tl.sum(q0.to(tl.float32), axis=1)
+        qsum1 = tl.sum(q1.to(tl.float32), axis=1)
+        qsum2 = tl.sum(q2.to(tl.float32), axis=1)
+        qsum3 = tl.sum(q3.to(tl.float32), axis=1)
+        kc_base = kc_ptr + b * stride_kcb + h * stride_kch
+        ks_base = ks_ptr + b * stride_ksb + h * stride_ksh
+        kz_base = kz_ptr + b * stride_ksb + h * stride_ksh
+        vc_base = vc_ptr + b * stride_vcb + h * stride_vch
+        vs_base = vs_ptr + b * stride_vsb + h * stride_vsh
+        vz_base = vz_ptr + b * stride_vsb + h * stride_vsh
+        k_lead = tl.load(k_lead_ptr + b).to(tl.int32)
+        v_lead = tl.load(v_lead_ptr + b).to(tl.int32)
+        length = tl.load(len_ptr + b).to(tl.int32)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc0 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        acc2 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        acc3 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        zacc = tl.zeros([BLOCK_G, 16], tl.float32)
+        start = split * split_len
+        end = tl.minimum(start + split_len, length)
+        first = start
+        if K_MODE == "row":  # tiles start where key parameter rows do (`_packed_split_kernel`)
+            first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        ahead = first + offs_n
+        ahead_live = (ahead >= start) & (ahead < end)
+        if K_MODE == "token":
+            ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            if K_GROUP < HEAD_DIM:
+                ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                kz1 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                ks2 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                kz2 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+        vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
+        if V_GROUP < VALUE_DIM:
+            vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
+            vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+            vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+        vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+        for tile in range(first, end, BLOCK_N):
+            slots = tile + offs_n
+            live = (slots >= start) & (slots < end)
+            ahead = slots + BLOCK_N
+            ahead_live = (ahead >= start) & (ahead < end)
+
+            k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
+            c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM)
+            if K_MODE == "token":
+                if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
+                    logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+                    logits += ks1[None, :] * tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
+                    logits += ks2[None, :] * tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
+                    logits += ks3[None, :] * tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
+                    logits += qsum0[:, None] * kz0[None, :] + qsum1[:, None] * kz1[None, :]
+                    logits += qsum2[:, None] * kz2[None, :] + qsum3[:, None] * kz3[None, :]
+                    ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                    kz1 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                    ks2 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                    kz2 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                    ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                    kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                else:  # one scale and zero-point per slot
+                    qc = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+                    qc = tl.dot(q1, tl.trans(c1), qc, input_precision=PRECISION)
+                    qc = tl.dot(q2, tl.trans(c2), qc, input_precision=PRECISION)
+                    qc = tl.dot(q3, tl.trans(c3), qc, input_precision=PRECISION)
+                    logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
+                ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+                kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            else:  # "row": one row of per-channel parameters for the whole tile
+                row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
+                params = ks_base + row * stride_ksr + offs_w
+                zeros = kz_base + row * stride_ksr + offs_w
+                s0 = tl.load(params, mask=w_ok, other=0.0).to(tl.float32)
+                s1 = tl.load(params + K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
+                s2 = tl.load(params + 2 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
+                s3 = tl.load(params + 3 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
+                z0 = tl.load(zeros, mask=w_ok, other=0.0).to(tl.float32)
+                z1 = tl.load(zeros + K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
+                z2 = tl.load(zeros + 2 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
+                z3 = tl.load(zeros + 3 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
+                bias = tl.sum(
+                    q0.to(tl.float32) * z0[None, :]
+                    + q1.to(tl.float32) * z1[None, :]
+                    + q2.to(tl.float32) * z2[None, :]
+                    + q3.to(tl.float32) * z3[None, :],
+                    axis=1,
+                )
+                logits = tl.dot((q0.to(tl.float32) * s0[None, :]).to(DTYPE), tl.trans(c0), input_precision=PRECISION)
+                logits = tl.dot(
+                    (q1.to(tl.float32) * s1[None, :]).to(DTYPE), tl.trans(c1), logits, input_precision=PRECISION
+                )
+                logits = tl.dot(
+                    (q2.to(tl.float32) * s2[None, :]).to(DTYPE), tl.trans(c2), logits, input_precision=PRECISION
+                )
+                logits = tl.dot(
+                    (q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION
+                )
+                logits += bias[:, None]
+            logits = (logits * scale_log2).to(tl.float32)
+            logits = tl.where(live[None, :], logits, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(logits - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+
+            v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
+            c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM)
+            zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
+            vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+            if V_GROUP < VALUE_DIM:
+                acc0 = tl.dot((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], input_precision=PRECISION)
+                acc1 = tl.dot((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], input_precision=PRECISION)
+                acc3 = tl.dot((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], input_precision=PRECISION)
+                vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
+                vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+                vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+            else:
+                p_scaled = (p * vs0[None, :]).to(DTYPE)
+                acc0 = tl.dot(p_scaled, c0, acc0 * alpha[:, None], input_precision=PRECISION)
+                acc1 = tl.dot(p_scaled, c1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot(p_scaled, c2, acc2 * alpha[:, None], input_precision=PRECISION)
+                acc3 = tl.dot(p_scaled, c3, acc3 * alpha[:, None], input_precision=PRECISION)
+            vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
+            m_i = m_new
+
+        any_live = l_i > 0.0
+        norm = tl.where(any_live, l_i, 1.0)
+        lse2 = tl.where(any_live, m_i + tl.log2(norm), float("-inf"))
+        rows = (b * num_kv_heads * group + heads) * num_splits + split  # kvbench.kernels' partial layout
+        out = o_part_ptr + rows[:, None] * VALUE_DIM + offs_wv[None, :]
+        mask = g_ok[:, None] & (offs_wv < V_WIDTH)[None, :]
+        cols = tl.arange(0, 16)[None, :]
+        z0 = tl.sum(tl.where(cols == 0 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        tl.store(out, (acc0 + z0[:, None]) / norm[:, None], mask=mask)
+        tl.store(out + V_WIDTH, (acc1 + z1[:, None]) / norm[:, None], mask=mask)
+        tl.store(out + 2 * V_WIDTH, (acc2 + z2[:, None]) / norm[:, None], mask=mask)
+        tl.store(out + 3 * V_WIDTH, (acc3 + z3[:, None]) / norm[:, None], mask=mask)
+        tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
+
+    def _plane_attention_triton(
         query: torch.Tensor,
         keys: PackedSlots,
         values: PackedSlots,
         lengths: torch.Tensor,
         scale: float,
         launch: LaunchConfig,
+        key_mode: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
@@ -518,8 +862,102 @@ if kernels.triton is not None:
         num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
         o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
-        out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-        lse = torch.empty(b, hq, dtype=torch.float32, device=query.device)
+        upcast, precision = kernels._upcast_and_precision(query.dtype)
+        dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
+        # 4-bit elements are 16-bit words; `_NIBBLES_ASM` needs the compiled GPU path and a 16-bit dot.
+        k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
+        v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
+        asm = not kernels._INTERPRETED and dtype in (tl.bfloat16, tl.float16)
+        wrap_triton(_plane_split_kernel)[(b * hkv, num_splits)](
+            query,
+            k_codes,
+            keys.scale,
+            keys.zero,
+            keys.lead,
+            v_codes,
+            values.scale,
+            values.zero,
+            values.lead,
+            lengths,
+            o_part,
+            lse_part,
+            scale * kernels.LOG2E,
+            hkv,
+            group,
+            split_len,
+            num_splits,
+            query.stride(0),
+            query.stride(1),
+            *k_codes.stride()[:3],
+            *keys.scale.stride()[:3],
+            *v_codes.stride()[:3],
+            *values.scale.stride()[:3],
+            HEAD_DIM=d,
+            VALUE_DIM=dv,
+            K_BITS=keys.bits,
+            K_ROW_TOKENS=keys.row_tokens,
+            K_GROUP=keys.col_channels,
+            K_MODE=key_mode,
+            V_BITS=values.bits,
+            V_GROUP=values.col_channels,
+            BLOCK_G=kernels._dot_block(group),
+            BLOCK_N=launch.block_n,
+            BLOCK_W=kernels._dot_block(d // 4),
+            BLOCK_WV=kernels._dot_block(dv // 4),
+            DTYPE=dtype,
+            K_ASM=asm and keys.bits == 4,
+            V_ASM=asm and values.bits == 4,
+            PRECISION=precision,
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+        )
+        return _combine(o_part, lse_part, b, hq, query.dtype)
+
+    def _combine(
+        o_part: torch.Tensor, lse_part: torch.Tensor, b: int, hq: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kvbench.kernels`' combine kernel: the splits' partial outputs [B * Hq, splits, Dv] and their
+        log-sum-exps into (out [B, Hq, Dv] in dtype, lse [B, Hq])."""
+        num_splits, dv = o_part.shape[1], o_part.shape[2]
+        out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
+        wrap_triton(kernels._decode_combine_kernel)[(b * hq,)](
+            o_part,
+            lse_part,
+            out,
+            lse,
+            num_splits,
+            dv,
+            *out.stride(),
+            hq,
+            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+            COMBINE_BLOCK=kernels.COMBINE_BLOCK,
+            BLOCK_DV=triton.next_power_of_2(dv),
+            num_warps=kernels.NUM_WARPS,
+        )
+        return out, lse
+
+    def _packed_attention_triton(
+        query: torch.Tensor,
+        keys: PackedSlots,
+        values: PackedSlots,
+        lengths: torch.Tensor,
+        scale: float,
+        launch: LaunchConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = plane_plan(keys, values, launch)
+        if plan is not None:
+            key_mode, block_n = plan
+            return _plane_attention_triton(
+                query, keys, values, lengths, scale, replace(launch, block_n=block_n), key_mode
+            )
+        b, hq, d = query.shape
+        hkv, s = keys.codes.shape[1], keys.codes.shape[2]
+        dv = values.codes.shape[-1] * 8 // values.bits
+        group = hq // hkv
+        num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
+        o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
+        lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         key_mode = _param_mode(keys, d, launch.block_n, can_align=True)
         value_mode = _param_mode(values, dv, launch.block_n, can_align=False)
@@ -556,12 +994,12 @@ if kernels.triton is not None:
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,
             K_MODE=key_mode,
-            K_PAIRS=half_dot and keys.bits < 8,
+            K_PAIRS=half_dot and keys.bits == 3,
             V_BITS=values.bits,
             V_ROW_TOKENS=values.row_tokens,
             V_COL_CHANNELS=values.col_channels,
             V_MODE=value_mode,
-            V_PAIRS=half_dot and values.bits < 8,
+            V_PAIRS=half_dot and values.bits == 3,
             BLOCK_G=kernels._dot_block(group),
             BLOCK_N=launch.block_n,
             BLOCK_D=kernels._dot_block(d),
@@ -571,21 +1009,7 @@ if kernels.triton is not None:
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
-        wrap_triton(kernels._decode_combine_kernel)[(b * hq,)](
-            o_part,
-            lse_part,
-            out,
-            lse,
-            num_splits,
-            dv,
-            *out.stride(),
-            hq,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            COMBINE_BLOCK=kernels.COMBINE_BLOCK,
-            BLOCK_DV=triton.next_power_of_2(dv),
-            num_warps=kernels.NUM_WARPS,
-        )
-        return out, lse
+        return _combine(o_part, lse_part, b, hq, query.dtype)
 
 
 @kernels._make_op("kvbench::packed_decode_attention")

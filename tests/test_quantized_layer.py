@@ -4,6 +4,7 @@ byte count, hooks and batching against plain-PyTorch expectations."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,6 +37,13 @@ CASES = {
     "odd_dim_rows": (3, 1, 2, 300, 48, (2, 16, 1, 21), (3, 1, 24, None), "float32"),
     # per-token keys in groups of 16 channels, per-channel values (parameters read per slot)
     "channel_values": (2, 2, 2, 260, 32, (8, 1, 16, None), (2, 32, 1, None), "float16"),
+    # `_packed_split_kernel`'s "row" fold, now that planar 4-bit rows of 64 go to `_plane_split_kernel`
+    "row_fold_three_bits": (2, 2, 4, 300, 64, (3, 64, 1, 30), (8, 1, 64, None), "float16"),
+    # planar cases: QuaRot's one parameter per token; per-token groups of one plane (keys) and of two
+    # (2-bit values); head_dim 96 (planes of 24 channels in tiles of 32)
+    "quarot4_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
+    "plane_groups_fp16": (3, 2, 2, 300, 64, (4, 1, 16, None), (2, 1, 32, None), "float16"),
+    "plane_odd_dim": (1, 2, 3, 250, 96, (4, 1, 96, None), (4, 1, 48, None), "float32"),
 }
 # Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold.
 LAUNCHES = {"kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1)}
@@ -82,9 +90,17 @@ def _measure(name: str) -> dict:
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
     b, hkv, s, d = (*x["keys"].codes.shape[:3], x["query"].shape[-1])
+    plan = quant_kernels.plane_plan(x["keys"], x["values"], launch)
+    if plan is not None:  # what `_packed_attention_triton` launched
+        launch = dataclasses.replace(launch, block_n=plan[1])
     return {
-        "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True),
-        "value_mode": quant_kernels._param_mode(x["values"], d, launch.block_n, can_align=False),
+        "kernel": "packed" if plan is None else "plane",
+        "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True)
+        if plan is None
+        else plan[0],
+        "value_mode": quant_kernels._param_mode(x["values"], d, launch.block_n, can_align=False)
+        if plan is None
+        else f"token/{d // x['values'].col_channels}",
         "bits": [x["keys"].bits, x["values"].bits],
         "lead_misaligned": bool((x["keys"].lead % launch.block_n != 0).any()),
         "dtype": str(x["query"].dtype).removeprefix("torch."),
@@ -120,13 +136,20 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
 
 
 def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
-    """Every way the kernel applies parameters, for K and V, every bit width, tiles aligned to key rows
+    """Every way each kernel applies parameters, for K and V, every bit width, tiles aligned to key rows
     from a lead that is not a multiple of the tile, one split and many, sequences with no live slot."""
     cases = interpreted.values()
-    assert {m["key_mode"] for m in cases} == {"slot", "row", "rows", "columns", "gather"}
-    assert {m["value_mode"] for m in cases} == {"slot", "columns", "gather"}
-    assert {bits for m in cases for bits in m["bits"]} == {2, 3, 4, 8}
-    assert {m["key_mode"] for m in cases if m["lead_misaligned"]} >= {"row", "rows"}
+    packed = [m for m in cases if m["kernel"] == "packed"]
+    assert {m["key_mode"] for m in packed} == {"slot", "row", "rows", "columns", "gather"}
+    assert {m["value_mode"] for m in packed} == {"slot", "columns", "gather"}
+    assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
+    assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "rows"}
+    plane = [m for m in cases if m["kernel"] == "plane"]
+    assert {m["key_mode"] for m in plane} == {"token", "row"}
+    assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
+    assert {bits for m in plane for bits in m["bits"]} == {2, 4}
+    assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
+    assert any(m["lead_misaligned"] for m in plane if m["key_mode"] == "row")
     assert min(m["splits"] for m in cases) == 1
     assert max(m["splits"] for m in cases) > 4
     assert sum(m["dead_rows"] for m in cases) > 0
@@ -200,8 +223,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         "K_BITS": bits, "K_ROW_TOKENS": layouts[key_mode][0], "K_COL_CHANNELS": layouts[key_mode][1],
         "K_MODE": key_mode, "V_BITS": bits, "V_ROW_TOKENS": layouts[value_mode][0],
         "V_COL_CHANNELS": layouts[value_mode][1], "V_MODE": value_mode, "BLOCK_G": 16, "BLOCK_N": 64,
-        "K_PAIRS": dtype != "fp32" and bits < 8,
-        "V_PAIRS": dtype != "fp32" and bits < 8,
+        "K_PAIRS": dtype != "fp32" and bits == 3,
+        "V_PAIRS": dtype != "fp32" and bits == 3,
         "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_ROW_BYTES": 128 * bits // 8, "V_ROW_BYTES": 128 * bits // 8,
     }  # fmt: skip
@@ -210,6 +233,41 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
     assert compiled.asm["cubin"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bits", "key_mode", "groups"),
+    [("bf16", 4, "token", 1), ("fp16", 4, "row", 4), ("bf16", 2, "row", 4), ("fp16", 4, "token", 4)],
+)
+def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, groups: int) -> None:
+    """`_plane_split_kernel` lowered for sm_90 as above: its inline PTX (`_NIBBLES_ASM`, 4-bit codes with a
+    16-bit dot) goes through ptxas here; the interpreter runs the integer path instead."""
+    pytest.importorskip("triton.backends.nvidia")
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = quant_kernels._plane_split_kernel
+    codes = "*i16" if bits == 4 else "*u8"
+    pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
+    pointers |= {"kc_ptr": codes, "vc_ptr": codes} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
+    constexprs = {
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits, "K_ROW_TOKENS": 32 if key_mode == "row" else 1,
+        "K_GROUP": 1 if key_mode == "row" else 128 // groups, "K_MODE": key_mode, "V_BITS": bits,
+        "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
+        "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
+        "K_ASM": bits == 4, "V_ASM": bits == 4, "PRECISION": "tf32",
+    }  # fmt: skip
+    signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+    assert compiled.asm["cubin"]
+    assert ("lop3.b32" in compiled.asm["ptx"]) == (bits == 4)  # the inline PTX is in the kernel
 
 
 # ----- the layer -----
