@@ -156,8 +156,7 @@ def _fits_planes(group: int, dim: int) -> bool:
 def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
     """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
     does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
-    ("token") or per channel in rows of a multiple of 16 tokens ("row", tiles of up to `launch.block_n`
-    slots that divide the rows)."""
+    ("token") or per channel ("row" where tiles divide the rows, "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
     if not (is_planar(keys.bits) and is_planar(values.bits)) or keys.scale.stride(-1) != 1 != values.scale.stride(-1):
@@ -166,8 +165,8 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
         return None
     if keys.row_tokens == 1 and _fits_planes(keys.col_channels, d):
         return "token", launch.block_n
-    if keys.col_channels == 1 and keys.row_tokens % 16 == 0:
-        return "row", min(launch.block_n, keys.row_tokens & -keys.row_tokens)
+    if keys.col_channels == 1:
+        return ("row" if keys.row_tokens % launch.block_n == 0 else "rows"), launch.block_n
     return None
 
 
@@ -558,32 +557,23 @@ if kernels.triton is not None:
     SUB $3, $3, m;
     }
     """
-    _BF16_NIBBLES_ASM = tl.constexpr(_NIBBLES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2"))
-    _F16_NIBBLES_ASM = tl.constexpr(_NIBBLES_ASM.replace("MAGIC", "0x64006400").replace("SUB", "sub.rn.f16x2"))
-
-    @triton.jit
-    def _bf16_nibbles(elements):
-        bf16 = tl.bfloat16
-        return tl.inline_asm_elementwise(
-            _BF16_NIBBLES_ASM, "=r,=r,=r,=r,r", [elements], dtype=(bf16, bf16, bf16, bf16), is_pure=True, pack=2
-        )
-
-    @triton.jit
-    def _f16_nibbles(elements):
-        f16 = tl.float16
-        return tl.inline_asm_elementwise(
-            _F16_NIBBLES_ASM, "=r,=r,=r,=r,r", [elements], dtype=(f16, f16, f16, f16), is_pure=True, pack=2
-        )
+    _BF16_NIBBLES_ASM = _NIBBLES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2")
+    _F16_NIBBLES_ASM = _NIBBLES_ASM.replace("MAGIC", "0x64006400").replace("SUB", "sub.rn.f16x2")
 
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
         """Planar elements [N, W] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit ones) -> the
-        4 planes' codes as DTYPE values, exactly, each [N, W]. With ASM (4 bits, 16-bit DTYPE, compiled for
-        CUDA) through `_NIBBLES_ASM`; otherwise by integer shifts and the exact float32 exponent trick."""
-        if ASM and DTYPE == tl.bfloat16:
-            c0, c1, c2, c3 = _bf16_nibbles(elements)
-        elif ASM:
-            c0, c1, c2, c3 = _f16_nibbles(elements)
+        4 planes' codes as DTYPE values, exactly, each [N, W]: through the inline PTX ASM where it is given
+        (`_NIBBLES_ASM`, passed as a kernel constant: torch.compile regenerates user kernels' source, and a
+        constant argument needs no global), otherwise by integer shifts and the exact float32 exponent trick."""
+        if ASM != "" and DTYPE == tl.bfloat16:  # noqa: SIM300
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                ASM, "=r,=r,=r,=r,r", [elements], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2
+            )
+        elif ASM != "":
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                ASM, "=r,=r,=r,=r,r", [elements], (tl.float16, tl.float16, tl.float16, tl.float16), True, 2
+            )
         else:
             words = elements.to(tl.int32)
             c0 = _as_float(words & ((1 << BITS) - 1)).to(DTYPE)
@@ -660,6 +650,7 @@ if kernels.triton is not None:
         BLOCK_W: tl.constexpr,
         BLOCK_WV: tl.constexpr,
         DTYPE: tl.constexpr,
+        K_DTYPE: tl.constexpr,
         K_ASM: tl.constexpr,
         V_ASM: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -671,6 +662,9 @@ if kernels.triton is not None:
           s_g (q_g . c_g) + z_g sum(q_g);
         - keys "row" (per-channel groups of K_ROW_TOKENS tokens; tiles aligned to them): the tile's row of
           scales folds into the query, logits = sum_g (q_g * s_g) . c_g + q . z;
+        - keys "rows" (per-channel groups of any size, from any lead: KIVI's 32 tokens in tiles of 64,
+          ZipCache's blocks): each slot's row is read and the keys dequantized, c * s + z in K_DTYPE
+          (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values);
         - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles.
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
@@ -747,7 +741,7 @@ if kernels.triton is not None:
             ahead_live = (ahead >= start) & (ahead < end)
 
             k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
-            c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM)
+            c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM)
             if K_MODE == "token":
                 if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
                     logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
@@ -770,6 +764,28 @@ if kernels.triton is not None:
                     logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
                 ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
                 kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            elif K_MODE == "rows":  # per-channel rows of any size: each slot's row read, keys dequantized
+                params = _slot_rows(slots, k_lead, K_ROW_TOKENS)[:, None] * stride_ksr + offs_w[None, :]
+                k_mask = live[:, None] & w_ok[None, :]
+                k0 = c0 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
+                    kz_base + params, mask=k_mask, other=0.0
+                )
+                params += K_WIDTH
+                k1 = c1 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
+                    kz_base + params, mask=k_mask, other=0.0
+                )
+                params += K_WIDTH
+                k2 = c2 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
+                    kz_base + params, mask=k_mask, other=0.0
+                )
+                params += K_WIDTH
+                k3 = c3 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
+                    kz_base + params, mask=k_mask, other=0.0
+                )
+                logits = tl.dot(q0.to(K_DTYPE), tl.trans(k0.to(K_DTYPE)), input_precision=PRECISION)
+                logits = tl.dot(q1.to(K_DTYPE), tl.trans(k1.to(K_DTYPE)), logits, input_precision=PRECISION)
+                logits = tl.dot(q2.to(K_DTYPE), tl.trans(k2.to(K_DTYPE)), logits, input_precision=PRECISION)
+                logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
             else:  # "row": one row of per-channel parameters for the whole tile
                 row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
                 params = ks_base + row * stride_ksr + offs_w
@@ -867,7 +883,9 @@ if kernels.triton is not None:
         # 4-bit elements are 16-bit words; `_NIBBLES_ASM` needs the compiled GPU path and a 16-bit dot.
         k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
         v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
-        asm = not kernels._INTERPRETED and dtype in (tl.bfloat16, tl.float16)
+        # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
+        key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
+        asm = {} if kernels._INTERPRETED else {tl.bfloat16: _BF16_NIBBLES_ASM, tl.float16: _F16_NIBBLES_ASM}
         wrap_triton(_plane_split_kernel)[(b * hkv, num_splits)](
             query,
             k_codes,
@@ -905,8 +923,9 @@ if kernels.triton is not None:
             BLOCK_W=kernels._dot_block(d // 4),
             BLOCK_WV=kernels._dot_block(dv // 4),
             DTYPE=dtype,
-            K_ASM=asm and keys.bits == 4,
-            V_ASM=asm and values.bits == 4,
+            K_DTYPE=key_dtype,
+            K_ASM=asm.get(key_dtype, "") if keys.bits == 4 else "",
+            V_ASM=asm.get(dtype, "") if values.bits == 4 else "",
             PRECISION=precision,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,

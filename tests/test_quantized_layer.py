@@ -44,6 +44,8 @@ CASES = {
     "quarot4_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "plane_groups_fp16": (3, 2, 2, 300, 64, (4, 1, 16, None), (2, 1, 32, None), "float16"),
     "plane_odd_dim": (1, 2, 3, 250, 96, (4, 1, 96, None), (4, 1, 48, None), "float32"),
+    # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
+    "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
 }
 # Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold.
 LAUNCHES = {"kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1)}
@@ -145,11 +147,11 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
     assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "rows"}
     plane = [m for m in cases if m["kernel"] == "plane"]
-    assert {m["key_mode"] for m in plane} == {"token", "row"}
+    assert {m["key_mode"] for m in plane} == {"token", "row", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {2, 4}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
-    assert any(m["lead_misaligned"] for m in plane if m["key_mode"] == "row")
+    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "rows"}
     assert min(m["splits"] for m in cases) == 1
     assert max(m["splits"] for m in cases) > 4
     assert sum(m["dead_rows"] for m in cases) > 0
@@ -237,7 +239,13 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 @pytest.mark.parametrize(
     ("dtype", "bits", "key_mode", "groups"),
-    [("bf16", 4, "token", 1), ("fp16", 4, "row", 4), ("bf16", 2, "row", 4), ("fp16", 4, "token", 4)],
+    [
+        ("bf16", 4, "token", 1),
+        ("fp16", 4, "row", 4),
+        ("bf16", 2, "row", 4),
+        ("fp16", 4, "token", 4),
+        ("bf16", 4, "rows", 4),
+    ],
 )
 def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, groups: int) -> None:
     """`_plane_split_kernel` lowered for sm_90 as above: its inline PTX (`_NIBBLES_ASM`, 4-bit codes with a
@@ -256,11 +264,15 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, 
     pointers |= {"kc_ptr": codes, "vc_ptr": codes} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     constexprs = {
-        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits, "K_ROW_TOKENS": 32 if key_mode == "row" else 1,
-        "K_GROUP": 1 if key_mode == "row" else 128 // groups, "K_MODE": key_mode, "V_BITS": bits,
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
+        "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": bits,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
-        "K_ASM": bits == 4, "V_ASM": bits == 4, "PRECISION": "tf32",
+        "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
+        "K_ASM": "" if bits == 2 else quant_kernels._F16_NIBBLES_ASM if key_mode == "rows" or dtype == "fp16"
+        else quant_kernels._BF16_NIBBLES_ASM,
+        "V_ASM": "" if bits == 2 else quant_kernels._BF16_NIBBLES_ASM if dtype == "bf16"
+        else quant_kernels._F16_NIBBLES_ASM,
     }  # fmt: skip
     signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
