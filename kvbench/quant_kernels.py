@@ -538,42 +538,51 @@ if kernels.triton is not None:
 
     # 4-bit codes to 16-bit floats, two elements (one 32-bit register of two 16-bit words) at a time: plane g
     # is bits [4g, 4g + 4) of each word, so one shift and one mask-or (`lop3`) make a register of two floats
-    # 2^m + code (m = 7: bfloat16 128 + code; m = 10: float16 1024 + code), and one packed subtract leaves
-    # the codes exactly. 11 instructions make 8 values.
-    _NIBBLES_ASM = """
-    {
-    .reg .b32 t, m;
-    mov.b32 m, MAGIC;
-    lop3.b32 $0, $4, 0x000F000F, MAGIC, 0xEA;
-    shr.b32 t, $4, 4;
-    lop3.b32 $1, t, 0x000F000F, MAGIC, 0xEA;
-    shr.b32 t, $4, 8;
-    lop3.b32 $2, t, 0x000F000F, MAGIC, 0xEA;
-    shr.b32 t, $4, 12;
-    lop3.b32 $3, t, 0x000F000F, MAGIC, 0xEA;
-    SUB $0, $0, m;
-    SUB $1, $1, m;
-    SUB $2, $2, m;
-    SUB $3, $3, m;
-    }
-    """
-    _BF16_NIBBLES_ASM = _NIBBLES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2")
-    _F16_NIBBLES_ASM = _NIBBLES_ASM.replace("MAGIC", "0x64006400").replace("SUB", "sub.rn.f16x2")
+    # 2^m + code (m = 7: bfloat16 128 + code, 0x4300; m = 10: float16 1024 + code, 0x6400), and one packed
+    # subtract leaves the codes exactly: 11 instructions make 8 values. The PTX is a literal in each function
+    # (torch.compile copies user kernels' source; a global or a string argument does not survive that).
+    @triton.jit
+    def _bf16_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, m; mov.b32 m, 0x43004300;
+            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
+            sub.rn.bf16x2 $0, $0, m; sub.rn.bf16x2 $1, $1, m; sub.rn.bf16x2 $2, $2, m; sub.rn.bf16x2 $3, $3, m; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _f16_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, m; mov.b32 m, 0x64006400;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA;
+            sub.rn.f16x2 $0, $0, m; sub.rn.f16x2 $1, $1, m; sub.rn.f16x2 $2, $2, m; sub.rn.f16x2 $3, $3, m; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            2,
+        )
 
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
         """Planar elements [N, W] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit ones) -> the
-        4 planes' codes as DTYPE values, exactly, each [N, W]: through the inline PTX ASM where it is given
-        (`_NIBBLES_ASM`, passed as a kernel constant: torch.compile regenerates user kernels' source, and a
-        constant argument needs no global), otherwise by integer shifts and the exact float32 exponent trick."""
-        if ASM != "" and DTYPE == tl.bfloat16:  # noqa: SIM300
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                ASM, "=r,=r,=r,=r,r", [elements], (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16), True, 2
-            )
-        elif ASM != "":
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                ASM, "=r,=r,=r,=r,r", [elements], (tl.float16, tl.float16, tl.float16, tl.float16), True, 2
-            )
+        4 planes' codes as DTYPE values, exactly, each [N, W]: with ASM (4 bits, a 16-bit DTYPE, compiled
+        for CUDA) through `_bf16_nibbles` / `_f16_nibbles`, otherwise by integer shifts and the exact float32
+        exponent trick."""
+        if ASM and DTYPE == tl.bfloat16:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_nibbles(elements)
+        elif ASM:
+            c0, c1, c2, c3 = _f16_nibbles(elements)
         else:
             words = elements.to(tl.int32)
             c0 = _as_float(words & ((1 << BITS) - 1)).to(DTYPE)
@@ -880,12 +889,12 @@ if kernels.triton is not None:
         lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
-        # 4-bit elements are 16-bit words; `_NIBBLES_ASM` needs the compiled GPU path and a 16-bit dot.
+        # 4-bit elements are 16-bit words; the inline PTX needs the compiled GPU path and a 16-bit dot.
         k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
         v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
         # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
         key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
-        asm = {} if kernels._INTERPRETED else {tl.bfloat16: _BF16_NIBBLES_ASM, tl.float16: _F16_NIBBLES_ASM}
+        asm = not kernels._INTERPRETED
         wrap_triton(_plane_split_kernel)[(b * hkv, num_splits)](
             query,
             k_codes,
@@ -924,8 +933,8 @@ if kernels.triton is not None:
             BLOCK_WV=kernels._dot_block(dv // 4),
             DTYPE=dtype,
             K_DTYPE=key_dtype,
-            K_ASM=asm.get(key_dtype, "") if keys.bits == 4 else "",
-            V_ASM=asm.get(dtype, "") if values.bits == 4 else "",
+            K_ASM=asm and keys.bits == 4 and key_dtype != tl.float32,
+            V_ASM=asm and values.bits == 4 and dtype != tl.float32,
             PRECISION=precision,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,

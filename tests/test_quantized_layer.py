@@ -248,8 +248,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
     ],
 )
 def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, groups: int) -> None:
-    """`_plane_split_kernel` lowered for sm_90 as above: its inline PTX (`_NIBBLES_ASM`, 4-bit codes with a
-    16-bit dot) goes through ptxas here; the interpreter runs the integer path instead."""
+    """`_plane_split_kernel` lowered for sm_90 as above: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`: 4-bit
+    codes with a 16-bit dot) goes through ptxas here; the interpreter runs the integer path instead."""
     pytest.importorskip("triton.backends.nvidia")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
@@ -269,10 +269,7 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, 
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
-        "K_ASM": "" if bits == 2 else quant_kernels._F16_NIBBLES_ASM if key_mode == "rows" or dtype == "fp16"
-        else quant_kernels._BF16_NIBBLES_ASM,
-        "V_ASM": "" if bits == 2 else quant_kernels._BF16_NIBBLES_ASM if dtype == "bf16"
-        else quant_kernels._F16_NIBBLES_ASM,
+        "K_ASM": bits == 4, "V_ASM": bits == 4,
     }  # fmt: skip
     signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
