@@ -1,26 +1,30 @@
 """Decode attention over packed (quantized) K/V slots: a Triton kernel for CUDA and its PyTorch reference.
 
-The kernel is `kvbench.kernels`' flash-decoding split kernel with its K/V tiles read packed: each program
-reads the codes of its tiles (a 4-bit cache reads a quarter of bf16's bytes) plus their float16 scales and
-zero-points, and the online softmax, the partial outputs and the combine kernel that merges the splits are
-`kvbench.kernels`' own. It returns the same contract as `kvbench.kernels.decode_attention`: (out [B, Hq, Dv]
-in the query's dtype, lse [B, Hq] float32), so a layer merges it with attention over other slots (a
-full-precision window) through the log-sum-exp.
+Two kernels. `_plane_split_kernel` takes planar codes (2 and 4 bits, `kvbench.quant`) whose parameters it
+can fold per plane: values in per-token groups, keys per token or per channel (`plane_plan`; KIVI, QuaRot,
+RTN and ZipCache's layouts); its own docstring says how. `_packed_split_kernel`, described below, takes
+everything else (3- and 8-bit codes, per-channel values, token groups narrower than a plane); it reads a
+planar row a code at a time. Both are `kvbench.kernels`' flash-decoding split kernel with K/V tiles read
+packed: each program reads the codes of its tiles (a 4-bit cache reads a quarter of bf16's bytes) plus their
+float16 scales and zero-points, and the online softmax, the partial outputs and the combine kernel that
+merges the splits are `kvbench.kernels`' own. The operator returns the same contract as
+`kvbench.kernels.decode_attention`: (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32), so a layer
+merges it with attention over other slots (a full-precision window) through the log-sum-exp.
 
-Slot layout (`PackedSlots`): slots [0, length[b]) of sequence b are live (quantized tokens fill a store
-from its front; the order of tokens does not matter to attention, keys being stored post-RoPE). Codes are
-[B, Hkv, S, D * bits / 8] uint8 (`kvbench.quant.pack`, one bit stream per slot). Scale and zero-point are
-float16 [B, Hkv, R, C]: slot s uses parameter row 0 if s < lead[b], else row 1 + (s - lead[b]) //
-row_tokens, and channel d uses column d // col_channels. This one rule covers per-token groups
+Slot layout (`PackedSlots`): slots [0, length[b]) of sequence b are live (quantized tokens fill a store from
+its front; the order of tokens does not matter to attention, keys being stored post-RoPE). Codes are [B,
+Hkv, S, D * bits / 8] uint8 (`kvbench.quant.pack`: planar for 2 and 4 bits, a bit stream otherwise). Scale
+and zero-point are float16 [B, Hkv, R, C]: slot s uses parameter row 0 if s < lead[b], else row 1 + (s -
+lead[b]) // row_tokens, and channel d uses column d // col_channels. This one rule covers per-token groups
 (row_tokens = lead = 1, col_channels = group), per-channel groups of G tokens (row_tokens = lead = G,
 col_channels = 1) and ZipCache's keys (one row for the whole prompt set, lead = its size, then one row per
 decode block of row_tokens tokens).
 
-Why the kernel is shaped as it is (decode attention is bound by memory, and a packed tile holds 2-8 times
-more values per byte than a bf16 one, so dequantization must cost a few instructions per value):
-- A tile's codes are one contiguous uint8 load per slot row ([BLOCK_N, D * bits / 8]), split into codes
-  by shifts and masks on whole fields (a byte into two nibbles, a nibble into two 2-bit codes; 3-bit rows
-  as 24-bit words of 8 codes), never a gather per value.
+Why `_packed_split_kernel` is shaped as it is (decode attention is bound by memory, and a packed tile holds
+2-8 times more values per byte than a bf16 one, so dequantization must cost a few instructions per value):
+- A tile's codes are contiguous loads per slot row, split into codes by shifts and masks on whole fields
+  (3-bit rows as 24-bit words of 8 codes; 8-bit codes are whole bytes), never a gather per value (planar
+  2- and 4-bit rows, which only odd layouts bring here, excepted).
 - Codes become floats by the exponent trick, never by an integer-to-float conversion (a low-throughput
   instruction on NVIDIA GPUs): with a 16-bit query, two codes spread into one 32-bit register and one OR
   make it two bfloat16 128 + code (or float16 1024 + code) values, whose offset's share of a dot product
