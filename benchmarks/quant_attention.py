@@ -16,7 +16,8 @@ sum over 1 GiB), the time per call, x_floor = time / floor and the speed-up over
 Timing: each call is replayed from a CUDA graph (as the compiled decode step runs it, so no host launch
 cost), over enough copies of the inputs, used in turn, that together they exceed twice the L2 cache;
 the median of 5 replays of 20 calls. Before timing, under every configuration: the kernel against the
-float32 reference (bf16 queries, 4k slots, a full and a partial sequence) for the timed layouts, and under
+float32 reference (bf16 queries, 4k slots, a full and a partial sequence) for the timed layouts, alone and
+with a full-precision window of 129 slots (the plane kernel's window program), and under
 the default one also float16 queries and the layouts no timed row uses (ZipCache's odd key blocks from a
 lead, key rows spanning whole tiles from a misaligned lead, 3- and 8-bit codes), and the operator under
 CUDA-graph capture (and torch.compile(fullgraph=True) without --quick). A failed check is a row with
@@ -143,9 +144,28 @@ def read_bandwidth(device: torch.device) -> float:
     return 2**30 / (us * 1e-6)
 
 
-def check(query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor) -> dict:
-    out, lse = packed_decode_attention(query, keys, values, lengths, SCALE)
+def window_inputs(query: torch.Tensor, slots: int) -> quant_kernels.Window:
+    """A full-precision window of `slots` ring slots (KIVI's 128 + 1), every third one not live."""
+    b = query.shape[0]
+    keys = torch.randn(b, HKV, slots, D, device=query.device).to(query.dtype)
+    values = torch.randn(b, HKV, slots, D, device=query.device).to(query.dtype)
+    positions = torch.arange(slots, device=query.device).expand(b, HKV, slots).clone()
+    positions[..., ::3] = -1
+    return quant_kernels.Window(keys, values, positions)
+
+
+def check(
+    query: torch.Tensor,
+    keys: PackedSlots,
+    values: PackedSlots,
+    lengths: torch.Tensor,
+    window: quant_kernels.Window | None = None,
+) -> dict:
+    out, lse = packed_decode_attention(query, keys, values, lengths, SCALE, window)
     ref_out, ref_lse = packed_decode_attention_reference(query, keys, values, lengths, SCALE)
+    if window is not None:
+        dense = kernels.decode_attention_reference(query, *window, SCALE)
+        ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
     err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
     lse_err = ((lse.double() - ref_lse.double()).norm() / ref_lse.double().norm()).item()
     out_tol, lse_tol = TOLERANCE[query.dtype]
@@ -165,6 +185,9 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
             query = torch.randn(2, HQ, D, device=device).to(dtype)
             result = check(query, keys, values, lengths)
             rows.append({"check": f"reference_{name}_{str(dtype).removeprefix('torch.')}", "config": config} | result)
+        if name in TIMED:  # with a window: the plane kernel's window program, or the separate kernel merged
+            result = check(query, keys, values, lengths, window_inputs(query, 129))
+            rows.append({"check": f"reference_{name}_window", "config": config} | result)
     return rows
 
 

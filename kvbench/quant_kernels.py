@@ -71,6 +71,15 @@ class PackedSlots(NamedTuple):
     col_channels: int
 
 
+class Window(NamedTuple):
+    """A full-precision window next to a packed store: keys [B, Hkv, R, D] and values [B, Hkv, R, Dv] in the
+    query's dtype, positions [B, Hkv, R] (>= 0 where live: `kvbench.kernels`' convention)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+
+
 def slot_rows(slots: int, lead: torch.Tensor, row_tokens: int) -> torch.Tensor:
     """[B, S]: the parameter row each slot uses."""
     s = torch.arange(slots, device=lead.device)
@@ -617,7 +626,19 @@ if kernels.triton is not None:
             base + rows[:, None] * stride_r + cols[None, :], mask=live[:, None] & (cols < COLUMNS)[None, :], other=0.0
         )
 
-    @triton.jit(do_not_specialize=["split_len", "num_splits"])
+    @triton.jit
+    def _online_softmax(logits, live, m_i, l_i, scale_log2):
+        """One tile of the online softmax: (p, alpha, m_new, l_new) from the tile's raw logits [G, N]."""
+        # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
+        logits = (logits * scale_log2).to(tl.float32)
+        logits = tl.where(live[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(logits - m_ref[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+    @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
     def _plane_split_kernel(
         q_ptr,
         kc_ptr,
@@ -650,6 +671,20 @@ if kernels.triton is not None:
         stride_vsb,
         stride_vsh,
         stride_vsr,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        total_splits,
+        window_slots,
+        stride_wkb,
+        stride_wkh,
+        stride_wks,
+        stride_wvb,
+        stride_wvh,
+        stride_wvs,
+        stride_wpb,
+        stride_wph,
+        stride_wps,
         HEAD_DIM: tl.constexpr,
         VALUE_DIM: tl.constexpr,
         K_BITS: tl.constexpr,
@@ -666,6 +701,7 @@ if kernels.triton is not None:
         K_DTYPE: tl.constexpr,
         K_ASM: tl.constexpr,
         V_ASM: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
@@ -682,7 +718,10 @@ if kernels.triton is not None:
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles.
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
-        loads stall the pipeline when read in the tile that uses them)."""
+        loads stall the pipeline when read in the tile that uses them).
+        With HAS_WINDOW, one more program per (sequence, KV head), split == num_splits, attends over the
+        full-precision window instead (slots whose position is >= 0, `kvbench.kernels`' convention), and
+        the combine kernel merges it with the splits: the window costs no launch of its own and no merge."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -729,6 +768,7 @@ if kernels.triton is not None:
         first = start
         if K_MODE == "row":  # tiles start where key parameter rows do (`_packed_split_kernel`)
             first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
         ahead = first + offs_n
         ahead_live = (ahead >= start) & (ahead < end)
         if K_MODE == "token":
@@ -829,13 +869,7 @@ if kernels.triton is not None:
                     (q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION
                 )
                 logits += bias[:, None]
-            logits = (logits * scale_log2).to(tl.float32)
-            logits = tl.where(live[None, :], logits, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(logits - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
             v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
             c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM)
@@ -858,10 +892,44 @@ if kernels.triton is not None:
             vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
             m_i = m_new
 
+        if HAS_WINDOW:  # the window's program: slots of the model's dtype, read plane by plane as the codes
+            wk_base = wk_ptr + b * stride_wkb + h * stride_wkh
+            wv_base = wv_ptr + b * stride_wvb + h * stride_wvh
+            wv_mask = (offs_wv < V_WIDTH)[None, :]
+            for tile in range(0, tl.where(split == num_splits, window_slots, 0), BLOCK_N):
+                slots = tile + offs_n
+                position = tl.load(
+                    wpos_ptr + b * stride_wpb + h * stride_wph + slots * stride_wps, mask=slots < window_slots, other=-1
+                )
+                live = position >= 0
+                k_rows = wk_base + slots[:, None] * stride_wks + offs_w[None, :]
+                k_mask = live[:, None] & w_ok[None, :]
+                k0 = tl.load(k_rows, mask=k_mask, other=0.0).to(DTYPE)
+                k1 = tl.load(k_rows + K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
+                k2 = tl.load(k_rows + 2 * K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
+                k3 = tl.load(k_rows + 3 * K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
+                logits = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+                logits = tl.dot(q1, tl.trans(k1), logits, input_precision=PRECISION)
+                logits = tl.dot(q2, tl.trans(k2), logits, input_precision=PRECISION)
+                logits = tl.dot(q3, tl.trans(k3), logits, input_precision=PRECISION)
+                p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
+                p = p.to(DTYPE)
+                v_rows = wv_base + slots[:, None] * stride_wvs + offs_wv[None, :]
+                v_mask = live[:, None] & wv_mask
+                v0 = tl.load(v_rows, mask=v_mask, other=0.0).to(DTYPE)
+                v1 = tl.load(v_rows + V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
+                v2 = tl.load(v_rows + 2 * V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
+                v3 = tl.load(v_rows + 3 * V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
+                acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
+                acc3 = tl.dot(p, v3, acc3 * alpha[:, None], input_precision=PRECISION)
+                m_i = m_new
+
         any_live = l_i > 0.0
         norm = tl.where(any_live, l_i, 1.0)
         lse2 = tl.where(any_live, m_i + tl.log2(norm), float("-inf"))
-        rows = (b * num_kv_heads * group + heads) * num_splits + split  # kvbench.kernels' partial layout
+        rows = (b * num_kv_heads * group + heads) * total_splits + split  # kvbench.kernels' partial layout
         out = o_part_ptr + rows[:, None] * VALUE_DIM + offs_wv[None, :]
         mask = g_ok[:, None] & (offs_wv < V_WIDTH)[None, :]
         cols = tl.arange(0, 16)[None, :]
@@ -883,14 +951,19 @@ if kernels.triton is not None:
         scale: float,
         launch: LaunchConfig,
         key_mode: str,
+        window: Window | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         dv = values.codes.shape[-1] * 8 // values.bits
         group = hq // hkv
         num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
-        o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
-        lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
+        total_splits = num_splits + (window is not None)  # the window's program is the last split
+        o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)
+        lse_part = torch.empty(b * hq, total_splits, dtype=torch.float32, device=query.device)
+        # Without a window its pointers are the query's and its sizes 0: the kernel never reads them.
+        wk, wv, wpos = window if window is not None else (query, query, query)
+        window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride()) if window is not None else (0,) * 9
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
         # 4-bit elements are 16-bit words; the inline PTX needs the compiled GPU path and a 16-bit dot.
@@ -899,7 +972,7 @@ if kernels.triton is not None:
         # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
         key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
-        wrap_triton(_plane_split_kernel)[(b * hkv, num_splits)](
+        wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
             query,
             k_codes,
             keys.scale,
@@ -923,6 +996,12 @@ if kernels.triton is not None:
             *keys.scale.stride()[:3],
             *v_codes.stride()[:3],
             *values.scale.stride()[:3],
+            wk,
+            wv,
+            wpos,
+            total_splits,
+            wk.shape[2] if window is not None else 0,
+            *window_strides,
             HEAD_DIM=d,
             VALUE_DIM=dv,
             K_BITS=keys.bits,
@@ -939,6 +1018,7 @@ if kernels.triton is not None:
             K_DTYPE=key_dtype,
             K_ASM=asm and keys.bits == 4 and key_dtype != tl.float32,
             V_ASM=asm and values.bits == 4 and dtype != tl.float32,
+            HAS_WINDOW=window is not None,
             PRECISION=precision,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
@@ -1067,23 +1147,73 @@ def _packed_attention_op(
     return packed_decode_attention_reference(query, keys, values, lengths, scale)
 
 
+@kernels._make_op("kvbench::packed_window_attention")
+def _packed_window_attention_op(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_lead: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_lead: torch.Tensor,
+    lengths: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    window_positions: torch.Tensor,
+    scale: float,
+    k_format: list[int],
+    v_format: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed store in the plane kernel's layouts (`plane_plan`) and a full-precision window, in one launch
+    of `_plane_split_kernel` and the combine on CUDA; the two references merged elsewhere."""
+    keys = PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format)
+    values = PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format)
+    window = Window(window_keys, window_values, window_positions)
+    if kernels._use_triton(query):
+        key_mode, block_n = plane_plan(keys, values, LAUNCH)
+        launch = replace(LAUNCH, block_n=block_n)
+        return _plane_attention_triton(query, keys, values, lengths, scale, launch, key_mode, window)
+    return merge_attention(
+        [
+            packed_decode_attention_reference(query, keys, values, lengths, scale),
+            kernels.decode_attention_reference(query, *window, scale),
+        ]
+    )
+
+
+def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over disjoint sets of slots, each (out [B, Hq, Dv], lse [B, Hq]), as one: the outputs
+    weighted by exp(lse_i - lse), lse = logsumexp of the lse_i (-inf and a zero output where none is live)."""
+    lse = torch.logsumexp(torch.stack([piece_lse for _, piece_lse in pieces]), dim=0)
+    finite = lse.nan_to_num(neginf=0.0)
+    out = sum(torch.exp(piece_lse - finite).unsqueeze(-1) * out.float() for out, piece_lse in pieces)
+    return out.to(pieces[0][0].dtype), lse
+
+
 def packed_decode_attention(
-    query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor, scale: float
+    query: torch.Tensor,
+    keys: PackedSlots,
+    values: PackedSlots,
+    lengths: torch.Tensor,
+    scale: float,
+    window: Window | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence, query [B, Hq, D], over the live slots (slot < lengths[b]) of a
-    packed store. Returns (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32); no live slot gives
-    out = 0 and lse = -inf, as `kvbench.kernels.decode_attention`."""
+    packed store, and over a full-precision `window` too where one is given. Returns (out [B, Hq, Dv] in the
+    query's dtype, lse [B, Hq] float32); no live slot gives out = 0 and lse = -inf, as
+    `kvbench.kernels.decode_attention`. Where the plane kernel takes the store, the window is one more of
+    its programs; otherwise it is `kvbench.kernels.decode_attention`, merged through the log-sum-exp."""
     b, hq, d = query.shape
     if keys.codes.shape[0] != b or hq % keys.codes.shape[1] or keys.codes.shape[-1] * 8 != d * keys.bits:
         raise ValueError(f"query {tuple(query.shape)} does not fit packed keys {tuple(keys.codes.shape)}")
     if keys.scale.stride() != keys.zero.stride() or values.scale.stride() != values.zero.stride():
         raise ValueError("scale and zero-point must share one layout")
-    return torch.ops.kvbench.packed_decode_attention(
-        query,
-        *keys[:4],
-        *values[:4],
-        lengths,
-        float(scale),
-        list(keys[4:]),
-        list(values[4:]),
-    )
+    formats = (float(scale), list(keys[4:]), list(values[4:]))
+    if window is not None and plane_plan(keys, values, LAUNCH) is not None:
+        return torch.ops.kvbench.packed_window_attention(query, *keys[:4], *values[:4], lengths, *window, *formats)
+    out = torch.ops.kvbench.packed_decode_attention(query, *keys[:4], *values[:4], lengths, *formats)
+    if window is None:
+        return out
+    return merge_attention([out, kernels.decode_attention(query, *window, scale)])

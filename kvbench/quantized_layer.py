@@ -58,7 +58,7 @@ from kvbench.cache import KVLayer, LayerSpec, batch_head_index
 from kvbench.errors import require
 from kvbench.method import Method
 from kvbench.quant import AXES, BITS, PARAM_DTYPE, dequantize, packed_width, quantize
-from kvbench.quant_kernels import PackedSlots, live_positions, packed_decode_attention
+from kvbench.quant_kernels import PackedSlots, Window, live_positions, merge_attention, packed_decode_attention
 
 STORAGES = ("packed", "simulated")
 
@@ -207,11 +207,16 @@ class Part:
     values: PackedStore
     length: torch.Tensor  # [B]
 
-    def attend(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys.simulated:
-            positions = live_positions(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
-            return kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
-        return packed_decode_attention(query, self.keys.slots_view(), self.values.slots_view(), self.length, scale)
+    def attend(
+        self, query: torch.Tensor, scale: float, window: Window | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over this part's slots, and over `window` too where one is given."""
+        if not self.keys.simulated:
+            keys, values = self.keys.slots_view(), self.values.slots_view()
+            return packed_decode_attention(query, keys, values, self.length, scale, window)
+        positions = live_positions(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
+        out = kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
+        return out if window is None else merge_attention([out, kernels.decode_attention(query, *window, scale)])
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {**self.keys.tensors(f"{prefix}.keys"), **self.values.tensors(f"{prefix}.values")}
@@ -223,15 +228,6 @@ class Part:
             PackedStore.cat([p.values for p in parts]),
             torch.cat([p.length for p in parts]),
         )
-
-
-def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over disjoint sets of slots, each (out [B, Hq, Dv], lse [B, Hq]), as one: the outputs
-    weighted by exp(lse_i - lse), lse = logsumexp of the lse_i (-inf and a zero output where none is live)."""
-    lse = torch.logsumexp(torch.stack([piece_lse for _, piece_lse in pieces]), dim=0)
-    finite = lse.nan_to_num(neginf=0.0)
-    out = sum(torch.exp(piece_lse - finite).unsqueeze(-1) * out.float() for out, piece_lse in pieces)
-    return out.to(pieces[0][0].dtype), lse
 
 
 class QuantizedLayer(KVLayer):
@@ -412,11 +408,14 @@ class QuantizedLayer(KVLayer):
         if self.prefilling:
             return super().attend(query, keys, values, scaling)
         q = self.transform_query(query[:, :, 0])
-        pieces = [part.attend(q, scaling) for part in self.parts]
-        if self.ring:
-            positions = self.window_positions()
-            pieces.append(kernels.decode_attention(q, self.window_keys, self.window_values, positions, scaling))
-        out, lse = merge_attention(pieces)
+        window = Window(self.window_keys, self.window_values, self.window_positions()) if self.ring else None
+        if len(self.parts) == 1:  # one call: the packed kernel attends over the window too where it can
+            out, lse = self.parts[0].attend(q, scaling, window)
+        else:
+            pieces = [part.attend(q, scaling) for part in self.parts]
+            if window is not None:
+                pieces.append(kernels.decode_attention(q, *window, scaling))
+            out, lse = merge_attention(pieces)
         self.after_attention(q, lse, scaling)
         if self.ring and self.flushes_after_attention:
             self._step_done()

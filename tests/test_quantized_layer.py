@@ -47,6 +47,9 @@ CASES = {
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
 }
+# Cases also run with a full-precision window: the plane kernel's window program (KIVI's layout, per-token
+# groups, float32), and `_packed_split_kernel` with the window merged apart.
+WINDOW_CASES = ("kivi4_bf16", "plane_groups_fp16", "kivi2_fp32", "three_bits_fp16")
 # Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold.
 LAUNCHES = {"kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1)}
 
@@ -81,13 +84,31 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _measure(name: str) -> dict:
+def _window(x: dict, slots: int, gen: torch.Generator) -> quant_kernels.Window:
+    """A full-precision window of `slots` ring slots, every third one not live; a sequence with no packed
+    slot live has no window slot live either."""
+    b, _, d = x["query"].shape
+    hkv = x["keys"].codes.shape[1]
+    keys = torch.randn(b, hkv, slots, d, generator=gen).to(x["query"].dtype)
+    values = torch.randn(b, hkv, slots, d, generator=gen).to(x["query"].dtype)
+    positions = torch.arange(slots).expand(b, hkv, slots).clone()
+    positions[..., ::3] = -1
+    positions[x["lengths"] == 0] = -1
+    return quant_kernels.Window(keys, values, positions)
+
+
+def _measure(name: str, with_window: bool = False) -> dict:
     x = _case_inputs(name, seed=len(name))
     args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
     ref_out, ref_lse = packed_decode_attention_reference(*args)
     launch = LAUNCHES.get(name, quant_kernels.LaunchConfig())
     quant_kernels.LAUNCH = launch
-    out, lse = packed_decode_attention(*args)
+    window = None
+    if with_window:  # the window's own reference, merged: what the fused window program must give
+        window = _window(x, 70, torch.Generator().manual_seed(7))
+        dense = kernels.decode_attention_reference(x["query"], *window, x["scale"])
+        ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
+    out, lse = packed_decode_attention(*args, window)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -96,6 +117,7 @@ def _measure(name: str) -> dict:
     if plan is not None:  # what `_packed_attention_triton` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     return {
+        "window": with_window,
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True)
         if plan is None
@@ -120,7 +142,9 @@ def _measure(name: str) -> dict:
 
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
-    print(json.dumps({name: _measure(name) for name in CASES}))
+    cases = {name: _measure(name) for name in CASES}
+    cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
+    print(json.dumps(cases))
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +152,7 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__))
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + [f"{name}+window" for name in WINDOW_CASES])
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     m = interpreted[name]
     assert m["out_dtype_ok"] and not m["nan"], m
@@ -152,6 +176,7 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in plane for bits in m["bits"]} == {2, 4}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
     assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "rows"}
+    assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
     assert min(m["splits"] for m in cases) == 1
     assert max(m["splits"] for m in cases) > 4
     assert sum(m["dead_rows"] for m in cases) > 0
@@ -262,6 +287,7 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, 
     codes = "*i16" if bits == 4 else "*u8"
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
     pointers |= {"kc_ptr": codes, "vc_ptr": codes} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64"}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
@@ -269,7 +295,7 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, 
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
-        "K_ASM": bits == 4, "V_ASM": bits == 4,
+        "K_ASM": bits == 4, "V_ASM": bits == 4, "HAS_WINDOW": key_mode != "row",
     }  # fmt: skip
     signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
