@@ -6,11 +6,8 @@ unchanged (`(Hq)·(Hk) = q·k`). Rotating a vector spreads an outlier coordinate
 is why QuaRot (Ashkboos et al., arXiv 2404.00456, §4) rotates keys and values before quantizing them.
 
 `hadamard_transform` is the fast transform (log2(n) butterfly stages, O(n log n) per vector, no n x n
-matrix held on the device); `hadamard_matrix` is the explicit matrix, the reference the transform is tested
-against; `hadamard_rotate` applies a held matrix as one float32 product, the form QuaRot's layer uses: in a
-compiled decode step it is one kernel, where the butterfly's stages compile to several (Inductor realizes
-intermediate stages rather than recompute them), and at head_dim 128 the product's 128 multiply-adds per
-value cost nothing next to a launch.
+matrix held on the device), the form QuaRot applies online to queries and keys; `hadamard_matrix` is the
+explicit matrix, the reference the transform is tested against.
 """
 
 from __future__ import annotations
@@ -52,9 +49,3 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack((first + second, first - second), dim=2).view(-1, n)
         half *= 2
     return (y * n**-0.5).view(x.shape).to(x.dtype)
-
-
-def hadamard_rotate(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """`x @ matrix` over the last dimension in float32 (matrix: `hadamard_matrix(n)` in float32 on x's
-    device), returned in x's dtype."""
-    return (x.float() @ matrix).to(x.dtype)

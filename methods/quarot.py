@@ -14,7 +14,7 @@ import torch
 
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec
 from kvbench.errors import require
-from kvbench.hadamard import hadamard_matrix, hadamard_rotate, is_power_of_two
+from kvbench.hadamard import hadamard_transform, is_power_of_two
 from kvbench.quant import BITS
 from kvbench.quantized_layer import QuantizedLayer, QuantizedMethod, QuantSpec, check_channel_group, check_clip
 
@@ -107,14 +107,9 @@ class QuaRotLayer(QuantizedLayer):
         window = 0 if quantizes else spec.prompt_len + spec.decode_len
         super().__init__(spec, quant, quant, window, storage)
         self.rotate, self.quantizes = rotate, quantizes
-        self.rotation: torch.Tensor | None = None  # H, float32, on the cache's device (made at the first use)
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.rotate:
-            return x
-        if self.rotation is None or self.rotation.device != x.device:
-            self.rotation = hadamard_matrix(x.shape[-1], device=x.device)
-        return hadamard_rotate(x, self.rotation)
+        return hadamard_transform(x) if self.rotate else x
 
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return self._rotated(keys)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.hadamard import hadamard_matrix, hadamard_rotate, hadamard_transform, is_power_of_two
+from kvbench.hadamard import hadamard_matrix, hadamard_transform, is_power_of_two
 
 SIZES = [1, 2, 4, 8, 64, 128, 256]
 
@@ -71,14 +71,3 @@ def test_transform_traces_into_one_graph():
     compiled = torch.compile(hadamard_transform, backend="eager", fullgraph=True)
     x = torch.randn(2, 3, 1, 64)
     assert torch.allclose(compiled(x), hadamard_transform(x))
-
-
-def test_rotate_is_the_matrix_product_in_float32_returned_in_the_input_dtype():
-    """`hadamard_rotate` (QuaRot's layer: one product per rotation) agrees with the butterfly and the exact product."""
-    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    h = hadamard_matrix(128)
-    got = hadamard_rotate(x, h)
-    assert got.dtype == torch.bfloat16
-    exact = x.double() @ hadamard_matrix(128, dtype=torch.float64)
-    assert bool(((got.double() - exact).abs() <= exact.abs() * (2**-8 + 1e-6) + 1e-30).all())  # one rounding
-    assert torch.allclose(hadamard_rotate(x.float(), h), hadamard_transform(x.float()), atol=1e-5)
