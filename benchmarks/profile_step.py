@@ -30,7 +30,7 @@ from kvbench.models import SHAPES, ModelConfig, load_model, model_spec
 from kvbench.records import environment
 
 KINDS = (
-    ("attention", ("_decode_split_kernel", "_decode_combine_kernel", "_packed_split_kernel")),
+    ("attention", ("_decode_split_kernel", "_decode_combine_kernel", "_packed_split_kernel", "_plane_split_kernel")),
     ("received", ("_received_kernel",)),
     ("host_pages", ("_gather_rows", "_write_rows", "gather_rows", "write_rows")),
     ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitK", "mm_")),

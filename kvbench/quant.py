@@ -12,14 +12,14 @@ A value is stored as `code = round((x - zero) / scale)`, clamped to [0, 2^bits -
 they are rounded outward (zero down, scale up), so every value of the group stays inside the representable
 range and, without clipping, the round trip is off by at most half a step (scale / 2).
 
-Codes are packed along the last dimension, little-endian. 3- and 8-bit rows are one bit stream: code i
-occupies bits [i * bits, (i + 1) * bits) of the row (eight 3-bit codes per 3 bytes, some straddling a byte
-boundary). 2- and 4-bit rows are planar, for the decode kernel (`kvbench.quant_kernels`): the D channels
-are 4 planes of W = D / 4, and element e of the row (a byte of four 2-bit codes, or a 16-bit word of four
-4-bit codes) holds channel g * W + e in bits [g * bits, (g + 1) * bits), g = 0..3. The kernel then turns a
-32-bit register of two elements into a pair of 16-bit floats per plane with one shift and one mask-or, and
-each plane is a contiguous block of channels that it multiplies on the tensor cores as it is. Either way a
-row of D codes takes D * bits / 8 bytes.
+Codes are packed along the last dimension, little-endian. 2-, 3- and 8-bit rows are one bit stream: code i
+occupies bits [i * bits, (i + 1) * bits) of the row (four 2-bit codes per byte; eight 3-bit codes per 3
+bytes, some straddling a byte boundary). 4-bit rows are planar, for the decode kernel
+(`kvbench.quant_kernels`): the D channels are 4 planes of W = D / 4, and element e of the row (a 16-bit word
+of four codes) holds channel g * W + e in bits [4g, 4g + 4), g = 0..3. The kernel then turns a 32-bit
+register of two words into a pair of 16-bit floats per plane with one shift and one mask-or, and each
+plane is a contiguous block of channels that it multiplies on the tensor cores as it is. Either way a row
+of D codes takes D * bits / 8 bytes.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def packed_width(channels: int, bits: int) -> int:
     return channels * bits // 8
 
 
-PLANES = 4  # planes of a planar row (2- and 4-bit codes)
+PLANES = 4  # planes of a planar row (4-bit codes)
 
 
 def is_planar(bits: int) -> bool:
-    return bits in (2, 4)
+    return bits == 4
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,9 +76,11 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     mask = (1 << bits) - 1
-    if is_planar(bits):  # whole codes per byte: shift the bytes themselves (cheaper than 64-bit words)
+    if 8 % bits == 0:  # whole codes per byte: shift the bytes themselves (cheaper than 64-bit words)
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         stream = ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)
+        if not is_planar(bits):
+            return stream
         return stream.unflatten(-1, (-1, PLANES)).transpose(-1, -2).flatten(-2)
     chunks = packed.to(torch.int64).unflatten(-1, (-1, bits))
     byte_shifts = torch.arange(bits, device=packed.device) * 8

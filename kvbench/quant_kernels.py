@@ -1,10 +1,10 @@
 """Decode attention over packed (quantized) K/V slots: a Triton kernel for CUDA and its PyTorch reference.
 
-Two kernels. `_plane_split_kernel` takes planar codes (2 and 4 bits, `kvbench.quant`) whose parameters it
+Two kernels. `_plane_split_kernel` takes planar codes (4 bits, `kvbench.quant`) whose parameters it
 can fold per plane: values in per-token groups, keys per token or per channel (`plane_plan`; KIVI, QuaRot,
-RTN and ZipCache's layouts); its own docstring says how. `_packed_split_kernel`, described below, takes
-everything else (3- and 8-bit codes, per-channel values, token groups narrower than a plane); it reads a
-planar row a code at a time. Both are `kvbench.kernels`' flash-decoding split kernel with K/V tiles read
+RTN and ZipCache's 4-bit layouts); its own docstring says how. `_packed_split_kernel`, described below,
+takes everything else (2-, 3- and 8-bit codes, per-channel values, token groups narrower than a plane); it
+reads a planar row a code at a time. Both are `kvbench.kernels`' flash-decoding split kernel with K/V tiles read
 packed: each program reads the codes of its tiles (a 4-bit cache reads a quarter of bf16's bytes) plus their
 float16 scales and zero-points, and the online softmax, the partial outputs and the combine kernel that
 merges the splits are `kvbench.kernels`' own. The operator returns the same contract as
@@ -13,7 +13,7 @@ merges it with attention over other slots (a full-precision window) through the 
 
 Slot layout (`PackedSlots`): slots [0, length[b]) of sequence b are live (quantized tokens fill a store from
 its front; the order of tokens does not matter to attention, keys being stored post-RoPE). Codes are [B,
-Hkv, S, D * bits / 8] uint8 (`kvbench.quant.pack`: planar for 2 and 4 bits, a bit stream otherwise). Scale
+Hkv, S, D * bits / 8] uint8 (`kvbench.quant.pack`: planar for 4 bits, a bit stream otherwise). Scale
 and zero-point are float16 [B, Hkv, R, C]: slot s uses parameter row 0 if s < lead[b], else row 1 + (s -
 lead[b]) // row_tokens, and channel d uses column d // col_channels. This one rule covers per-token groups
 (row_tokens = lead = 1, col_channels = group), per-channel groups of G tokens (row_tokens = lead = G,
@@ -23,8 +23,8 @@ decode block of row_tokens tokens).
 Why `_packed_split_kernel` is shaped as it is (decode attention is bound by memory, and a packed tile holds
 2-8 times more values per byte than a bf16 one, so dequantization must cost a few instructions per value):
 - A tile's codes are contiguous loads per slot row, split into codes by shifts and masks on whole fields
-  (3-bit rows as 24-bit words of 8 codes; 8-bit codes are whole bytes), never a gather per value (planar
-  2- and 4-bit rows, which only odd layouts bring here, excepted).
+  (a byte into four 2-bit codes; 3-bit rows as 24-bit words of 8 codes; 8-bit codes are whole bytes),
+  never a gather per value (planar 4-bit rows, which only odd layouts bring here, excepted).
 - Codes become floats by the exponent trick, never by an integer-to-float conversion (a low-throughput
   instruction on NVIDIA GPUs): with a 16-bit query, two codes spread into one 32-bit register and one OR
   make it two bfloat16 128 + code (or float16 1024 + code) values, whose offset's share of a dot product
@@ -168,7 +168,7 @@ def _fits_planes(group: int, dim: int) -> bool:
 
 def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
     """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
-    does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
+    does): planar codes (4 bits), values in per-token groups that planes lie inside, keys either so too
     ("token") or per channel ("row" where tiles divide the rows, "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
@@ -231,22 +231,22 @@ if kernels.triton is not None:
         PAIRS: tl.constexpr,
     ):
         """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked), or with PAIRS
-        (3 bits) [N, BLOCK_D // 2] pairs of them (`_split_fields`). Planar rows (2 and 4 bits) are read a
+        (2 and 3 bits) [N, BLOCK_D // 2] pairs of them (`_split_fields`). Planar rows (4 bits) are read a
         code at a time: this kernel takes them only for layouts `_plane_split_kernel` does not."""
-        if BITS == 2 or BITS == 4:  # planar (`kvbench.quant`): channel d is plane d // W of element d % W
+        if BITS == 4:  # planar (`kvbench.quant`): channel d is plane d // W of element d % W, read code by code
             offs = tl.arange(0, BLOCK_D)
-            width = ROW_BYTES * 8 // (4 * BITS)
+            width = ROW_BYTES // 2
             plane = offs // width
-            byte = (offs % width) * (BITS // 2) + plane * BITS // 8
+            byte = (offs % width) * 2 + plane // 2
             mask = live[:, None] & (offs < 4 * width)[None, :]
             fields = tl.load(base + slots[:, None] * stride_s + byte[None, :] * stride_c, mask=mask, other=0)
-            codes = (fields.to(tl.int32) >> ((plane * BITS) % 8)[None, :]) & ((1 << BITS) - 1)
-        elif BITS == 8:
-            offs = tl.arange(0, BLOCK_D)
+            codes = (fields.to(tl.int32) >> ((plane % 2) * 4)[None, :]) & 15
+        elif 8 % BITS == 0:  # whole codes per byte: one contiguous load of the rows' bytes
+            offs = tl.arange(0, BLOCK_D * BITS // 8)
+            # ROW_BYTES is a constant: for whole rows (the usual case) the column mask folds away.
             mask = live[:, None] & (offs < ROW_BYTES)[None, :]
-            codes = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0).to(
-                tl.int32
-            )
+            fields = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0)
+            codes = _split_fields(fields.to(tl.int32), 8, BITS, PAIRS)
         else:  # 3 bits: 8 codes per 3 bytes, read as 24-bit words
             chunk = tl.arange(0, BLOCK_D // 8)
             ptr = base + slots[:, None] * stride_s + (chunk * 3)[None, :] * stride_c
@@ -588,7 +588,7 @@ if kernels.triton is not None:
 
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-        """Planar elements [N, W] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit ones) -> the
+        """Planar elements [N, W] (int16 words of four 4-bit codes; the integer path takes any BITS) -> the
         4 planes' codes as DTYPE values, exactly, each [N, W]: with ASM (4 bits, a 16-bit DTYPE, compiled
         for CUDA) through `_bf16_nibbles` / `_f16_nibbles`, otherwise by integer shifts and the exact float32
         exponent trick."""
@@ -967,8 +967,7 @@ if kernels.triton is not None:
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
         # 4-bit elements are 16-bit words; the inline PTX needs the compiled GPU path and a 16-bit dot.
-        k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
-        v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
+        k_codes, v_codes = keys.codes.view(torch.int16), values.codes.view(torch.int16)
         # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
         key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
@@ -1016,8 +1015,8 @@ if kernels.triton is not None:
             BLOCK_WV=kernels._dot_block(dv // 4),
             DTYPE=dtype,
             K_DTYPE=key_dtype,
-            K_ASM=asm and keys.bits == 4 and key_dtype != tl.float32,
-            V_ASM=asm and values.bits == 4 and dtype != tl.float32,
+            K_ASM=asm and key_dtype != tl.float32,
+            V_ASM=asm and dtype != tl.float32,
             HAS_WINDOW=window is not None,
             PRECISION=precision,
             num_warps=launch.num_warps,
@@ -1106,12 +1105,12 @@ if kernels.triton is not None:
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,
             K_MODE=key_mode,
-            K_PAIRS=half_dot and keys.bits == 3,
+            K_PAIRS=half_dot and keys.bits < 8 and not is_planar(keys.bits),
             V_BITS=values.bits,
             V_ROW_TOKENS=values.row_tokens,
             V_COL_CHANNELS=values.col_channels,
             V_MODE=value_mode,
-            V_PAIRS=half_dot and values.bits == 3,
+            V_PAIRS=half_dot and values.bits < 8 and not is_planar(values.bits),
             BLOCK_G=kernels._dot_block(group),
             BLOCK_N=launch.block_n,
             BLOCK_D=kernels._dot_block(d),

@@ -40,9 +40,9 @@ CASES = {
     # `_packed_split_kernel`'s "row" fold, now that planar 4-bit rows of 64 go to `_plane_split_kernel`
     "row_fold_three_bits": (2, 2, 4, 300, 64, (3, 64, 1, 30), (8, 1, 64, None), "float16"),
     # planar cases: QuaRot's one parameter per token; per-token groups of one plane (keys) and of two
-    # (2-bit values); head_dim 96 (planes of 24 channels in tiles of 32)
+    # (values); head_dim 96 (planes of 24 channels in tiles of 32)
     "quarot4_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
-    "plane_groups_fp16": (3, 2, 2, 300, 64, (4, 1, 16, None), (2, 1, 32, None), "float16"),
+    "plane_groups_fp16": (3, 2, 2, 300, 64, (4, 1, 16, None), (4, 1, 32, None), "float16"),
     "plane_odd_dim": (1, 2, 3, 250, 96, (4, 1, 96, None), (4, 1, 48, None), "float32"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
@@ -173,7 +173,7 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     plane = [m for m in cases if m["kernel"] == "plane"]
     assert {m["key_mode"] for m in plane} == {"token", "row", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
-    assert {bits for m in plane for bits in m["bits"]} == {2, 4}
+    assert {bits for m in plane for bits in m["bits"]} == {4}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
     assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "rows"}
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
@@ -250,8 +250,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         "K_BITS": bits, "K_ROW_TOKENS": layouts[key_mode][0], "K_COL_CHANNELS": layouts[key_mode][1],
         "K_MODE": key_mode, "V_BITS": bits, "V_ROW_TOKENS": layouts[value_mode][0],
         "V_COL_CHANNELS": layouts[value_mode][1], "V_MODE": value_mode, "BLOCK_G": 16, "BLOCK_N": 64,
-        "K_PAIRS": dtype != "fp32" and bits == 3,
-        "V_PAIRS": dtype != "fp32" and bits == 3,
+        "K_PAIRS": dtype != "fp32" and bits in (2, 3),
+        "V_PAIRS": dtype != "fp32" and bits in (2, 3),
         "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_ROW_BYTES": 128 * bits // 8, "V_ROW_BYTES": 128 * bits // 8,
     }  # fmt: skip
