@@ -713,7 +713,9 @@ if kernels.triton is not None:
           scales folds into the query, logits = sum_g (q_g * s_g) . c_g + q . z;
         - keys "rows" (per-channel groups of any size, from any lead: KIVI's 32 tokens in tiles of 64,
           ZipCache's blocks): each slot's row is read and the keys dequantized, c * s + z in K_DTYPE
-          (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values);
+          (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values; a
+          bfloat16 query meets them in float16 too, exact unless a query value lies outside float16's range
+          or below its normal range, 6e-5, where it loses bits);
         - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles.
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
