@@ -39,10 +39,12 @@ step or a CUDA-graph replay runs none of this Python, and the engine moves the c
 (`KVCache.advance`). `torch.compile` guards on the bool, so the step has two compiled versions, never one per
 step.
 
-Decode attention: the store's live slots through `kvbench.quant_kernels.packed_decode_attention` (the Triton
-kernel on CUDA, which dequantizes in registers; its PyTorch reference elsewhere) and the window's through
-`kvbench.kernels.decode_attention`, merged through their log-sum-exp. `storage="simulated"` keeps the
-dequantized values in model-dtype buffers instead (accuracy studies; more bytes, and counted as such).
+Decode attention: the store's live slots and the window's in one
+`kvbench.quant_kernels.packed_decode_attention` call (Triton on CUDA, dequantizing in registers; where the
+plane kernel takes the store, the window is one more of its programs, otherwise
+`kvbench.kernels.decode_attention` merged through the log-sum-exp; the PyTorch references elsewhere). A layer
+with several parts (ZipCache) merges its parts and window itself. `storage="simulated"` keeps the dequantized
+values in model-dtype buffers instead (accuracy studies; more bytes, and counted as such).
 """
 
 from __future__ import annotations
