@@ -44,6 +44,9 @@ CASES = {
     "quarot4_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "plane_groups_fp16": (3, 2, 2, 300, 64, (4, 1, 16, None), (4, 1, 32, None), "float16"),
     "plane_odd_dim": (1, 2, 3, 250, 96, (4, 1, 96, None), (4, 1, 48, None), "float32"),
+    # per-channel key rows of 32 from a lead of 5 + 7b in 64-slot tiles ("rows"), float16: the keys
+    # dequantized in float16 as on the GPU (bfloat16 goes to float32 under the interpreter)
+    "rows_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
 }
@@ -175,6 +178,7 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {4}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
+    assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
     assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "rows"}
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
     assert min(m["splits"] for m in cases) == 1
