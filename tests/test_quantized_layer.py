@@ -13,6 +13,8 @@ import torch
 
 from kvbench import kernels, quant_kernels
 from kvbench.cache import LayerSpec, ModelSpec
+from kvbench.methods.kivi import KIVI
+from kvbench.methods.quarot import QuaRot
 from kvbench.quant import dequantize, fake_quantize, quantize
 from kvbench.quant_kernels import PackedSlots, packed_decode_attention, packed_decode_attention_reference
 from kvbench.quantized_layer import QuantizedLayer, QuantSpec
@@ -307,6 +309,29 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, 
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
     assert compiled.asm["cubin"]
     assert ("lop3.b32" in compiled.asm["ptx"]) == (bits == 4)  # the inline PTX is in the kernel
+
+
+@pytest.mark.parametrize(
+    ("method", "key_mode"),
+    [
+        (KIVI(bits=4), "rows"),
+        (KIVI(bits=4, group=64, window=128), "row"),
+        (QuaRot(bits=4), "token"),
+        (QuaRot(bits=4, rotate=False), "token"),  # RTN
+        (KIVI(bits=2), None),  # 2-bit rows are a bit stream: the split kernel
+    ],
+)
+def test_methods_stores_take_the_plane_kernel(method, key_mode: str | None) -> None:
+    """The stores the methods build (Llama-3.1-8B's head_dim) are the plane kernel's layouts: a layout change
+    would send them back to the split kernel, slower on the GPU, and no other test would notice."""
+    model = ModelSpec("llama-shape", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=128, max_positions=4096)
+    layer = method.make_layer(LayerSpec(0, model, 1, 300, 4))
+    gen = torch.Generator().manual_seed(0)
+    layer.update(torch.randn(1, 2, 300, 128, generator=gen), torch.randn(1, 2, 300, 128, generator=gen))
+    layer.finish_prefill()
+    part = layer.parts[0]
+    plan = quant_kernels.plane_plan(part.keys.slots_view(), part.values.slots_view(), quant_kernels.LAUNCH)
+    assert (plan and plan[0]) == key_mode
 
 
 # ----- the layer -----
