@@ -127,6 +127,21 @@ if triton is not None:
         return 4
 
     @triton.jit
+    def _online_softmax(logits, live, m_i, l_i, scale_log2):
+        """One tile of the online softmax, logits in log2 units (scale_log2 = scale·log2 e): (p, alpha, m_new,
+        l_new) from the tile's raw logits [G, N] and the running maxima m_i and sums l_i [G]."""
+        # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
+        logits = (logits * scale_log2).to(tl.float32)
+        logits = tl.where(live[None, :], logits, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        # While every slot seen so far is empty m_new is -inf; subtracting 0 instead keeps exp2 at 0 rather
+        # than exp2(-inf - -inf) = NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(logits - m_ref[:, None])
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr,
         k_ptr,
@@ -215,16 +230,7 @@ if triton is not None:
             if UPCAST:
                 kt = kt.to(tl.float32)
                 v = v.to(tl.float32)
-            # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
-            logits = (tl.dot(q, kt, input_precision=PRECISION) * scale_log2).to(tl.float32)
-            logits = tl.where(live[None, :], logits, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            # While every slot seen so far is empty m_new is -inf; subtracting 0 instead keeps exp2 at 0
-            # rather than exp2(-inf - -inf) = NaN.
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(logits - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_new, l_i = _online_softmax(tl.dot(q, kt, input_precision=PRECISION), live, m_i, l_i, scale_log2)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
@@ -368,8 +374,6 @@ if triton is not None:
         num_splits, split_len = _split_plan(b * hkv, s, _num_sms(query.device))
         o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
-        out = torch.empty(b, hq, dv, dtype=query.dtype, device=query.device)
-        lse = torch.empty(b, hq, dtype=torch.float32, device=query.device)
         upcast, precision = _upcast_and_precision(keys.dtype)
         wrap_triton(_decode_split_kernel)[(b * hkv, num_splits)](
             query,
@@ -399,6 +403,16 @@ if triton is not None:
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
+        return _combine_splits(o_part, lse_part, b, hq, query.dtype)
+
+    def _combine_splits(
+        o_part: torch.Tensor, lse_part: torch.Tensor, b: int, hq: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The combine kernel: the splits' partial outputs [B * Hq, splits, Dv] (normalised) and log2-sum-exps
+        [B * Hq, splits] into (out [B, Hq, Dv] in dtype, lse [B, Hq] float32)."""
+        num_splits, dv = o_part.shape[1], o_part.shape[2]
+        out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
+        lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
         wrap_triton(_decode_combine_kernel)[(b * hq,)](
             o_part,
             lse_part,

@@ -188,6 +188,8 @@ if kernels.triton is not None:
     import triton.language as tl
     from torch.library import wrap_triton
 
+    # A plain global of this module, as the kernels' other helpers: jit code calls it by name.
+    _online_softmax = kernels._online_softmax
     _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
@@ -511,14 +513,7 @@ if kernels.triton is not None:
                 )  # fmt: skip
                 k = _dequantize(k, scale, zero, q.dtype, K_PAIRS)
                 logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
-            logits = (logits * scale_log2).to(tl.float32)
-            logits = tl.where(live[None, :], logits, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(logits - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
             v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, V_ROW_BYTES, V_BITS, BLOCK_DV, V_PAIRS)
             if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
@@ -625,18 +620,6 @@ if kernels.triton is not None:
         return tl.load(
             base + rows[:, None] * stride_r + cols[None, :], mask=live[:, None] & (cols < COLUMNS)[None, :], other=0.0
         )
-
-    @triton.jit
-    def _online_softmax(logits, live, m_i, l_i, scale_log2):
-        """One tile of the online softmax: (p, alpha, m_new, l_new) from the tile's raw logits [G, N]."""
-        # The cast keeps the loop-carried maxima fp32 when the compiler passes the scale as fp64.
-        logits = (logits * scale_log2).to(tl.float32)
-        logits = tl.where(live[None, :], logits, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: exp2 gives 0, not NaN
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(logits - m_ref[:, None])
-        return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
 
     @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
     def _plane_split_kernel(
@@ -1024,31 +1007,7 @@ if kernels.triton is not None:
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
-        return _combine(o_part, lse_part, b, hq, query.dtype)
-
-    def _combine(
-        o_part: torch.Tensor, lse_part: torch.Tensor, b: int, hq: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`kvbench.kernels`' combine kernel: the splits' partial outputs [B * Hq, splits, Dv] and their
-        log-sum-exps into (out [B, Hq, Dv] in dtype, lse [B, Hq])."""
-        num_splits, dv = o_part.shape[1], o_part.shape[2]
-        out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
-        lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
-        wrap_triton(kernels._decode_combine_kernel)[(b * hq,)](
-            o_part,
-            lse_part,
-            out,
-            lse,
-            num_splits,
-            dv,
-            *out.stride(),
-            hq,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            COMBINE_BLOCK=kernels.COMBINE_BLOCK,
-            BLOCK_DV=triton.next_power_of_2(dv),
-            num_warps=kernels.NUM_WARPS,
-        )
-        return out, lse
+        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype)
 
     def _packed_attention_triton(
         query: torch.Tensor,
@@ -1122,7 +1081,7 @@ if kernels.triton is not None:
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
-        return _combine(o_part, lse_part, b, hq, query.dtype)
+        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype)
 
 
 @kernels._make_op("kvbench::packed_decode_attention")

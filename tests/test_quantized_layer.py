@@ -226,6 +226,22 @@ def test_cpu_op_runs_the_reference_and_compiles_whole() -> None:
     assert torch.equal(compiled[0], out) and torch.equal(compiled[1], lse)
 
 
+def _compile_for_hopper(kernel, types: dict, constexprs: dict):
+    """`kernel` lowered for sm_90 with Triton's bundled ptxas (no GPU needed); arguments not in `types` or
+    `constexprs` are i32."""
+    pytest.importorskip("triton.backends.nvidia")
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: types.get(name, "i32") for name in kernel.arg_names}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+
+
 @pytest.mark.parametrize(
     ("dtype", "bits", "key_mode", "value_mode"),
     [
@@ -238,14 +254,6 @@ def test_cpu_op_runs_the_reference_and_compiles_whole() -> None:
 def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, value_mode: str) -> None:
     """Lowered for sm_90 with Triton's bundled ptxas (no GPU needed): catches what the interpreter cannot,
     including bfloat16's offset codes, which the interpreter never runs (its bfloat16 dots go to float32)."""
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = quant_kernels._packed_split_kernel
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
     pointers |= {name: "*u8" for name in ("kc_ptr", "vc_ptr")} | {
         name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")
@@ -261,54 +269,32 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_ROW_BYTES": 128 * bits // 8, "V_ROW_BYTES": 128 * bits // 8,
     }  # fmt: skip
-    signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-    assert compiled.asm["cubin"]
+    assert _compile_for_hopper(quant_kernels._packed_split_kernel, pointers, constexprs).asm["cubin"]
 
 
 @pytest.mark.parametrize(
-    ("dtype", "bits", "key_mode", "groups"),
-    [
-        ("bf16", 4, "token", 1),
-        ("fp16", 4, "row", 4),
-        ("bf16", 2, "row", 4),
-        ("fp16", 4, "token", 4),
-        ("bf16", 4, "rows", 4),
-    ],
+    ("dtype", "key_mode", "groups"),
+    [("bf16", "token", 1), ("fp16", "row", 4), ("fp16", "token", 4), ("bf16", "rows", 4)],
 )
-def test_plane_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, groups: int) -> None:
-    """`_plane_split_kernel` lowered for sm_90 as above: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`: 4-bit
-    codes with a 16-bit dot) goes through ptxas here; the interpreter runs the integer path instead."""
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
-    import triton
+def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int) -> None:
+    """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`) goes through
+    ptxas here; the interpreter runs the integer path instead."""
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    kernel = quant_kernels._plane_split_kernel
-    codes = "*i16" if bits == 4 else "*u8"
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
-    pointers |= {"kc_ptr": codes, "vc_ptr": codes} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64"}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     constexprs = {
-        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
-        "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": bits,
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": 4, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
+        "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": 4,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
-        "K_ASM": bits == 4, "V_ASM": bits == 4, "HAS_WINDOW": key_mode != "row",
+        "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row",
     }  # fmt: skip
-    signature = {name: pointers.get(name, "i32") for name in kernel.arg_names}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-    assert compiled.asm["cubin"]
-    assert ("lop3.b32" in compiled.asm["ptx"]) == (bits == 4)  # the inline PTX is in the kernel
+    compiled = _compile_for_hopper(quant_kernels._plane_split_kernel, pointers, constexprs)
+    assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
 
 
 @pytest.mark.parametrize(
