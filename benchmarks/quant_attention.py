@@ -65,6 +65,11 @@ CONFIGS = {
     "stages3": LaunchConfig(num_stages=3),  # one more tile of codes in flight per program
     "n128_w8": LaunchConfig(block_n=128, num_warps=8),  # tiles of twice the bytes
     "n32": LaunchConfig(block_n=32),  # KIVI's key rows of 32 span whole tiles: their scales fold
+    # Warps per program at the same tile: more warps share a tile's conversion and softmax (fewer
+    # instructions each), fewer leave more programs resident.
+    "w8": LaunchConfig(num_warps=8),
+    "w2_pps4": LaunchConfig(num_warps=2, programs_per_sm=4),
+    "n32_pps4": LaunchConfig(block_n=32, programs_per_sm=4),
 }
 DEFAULT_CONFIGS = "default,pps4,pps8,stages3,n128_w8"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
