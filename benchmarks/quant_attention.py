@@ -58,20 +58,19 @@ CHECKED_ONLY = {
 }
 CONFIGS = {
     "default": quant_kernels.LAUNCH,
-    # Split targets (no recompilation: split sizes are not specialised): at ~3 programs per SM of
-    # occupancy the default 2 per SM is one wave with fewer bytes in flight, 4 and 8 more waves and a tail.
-    "pps4": LaunchConfig(programs_per_sm=4),
-    "pps8": LaunchConfig(programs_per_sm=8),
-    "stages3": LaunchConfig(num_stages=3),  # one more tile of codes in flight per program
-    "n128_w8": LaunchConfig(block_n=128, num_warps=8),  # tiles of twice the bytes
+    # The launch before 2 warps x 4 programs per SM became the default.
+    "w4_pps2": LaunchConfig(num_warps=4, programs_per_sm=2),
+    # Split targets at 2 warps (no recompilation: split sizes are not specialised): fewer programs, one
+    # wave; more, several waves and a tail.
+    "w2_pps3": LaunchConfig(num_warps=2, programs_per_sm=3),
+    "w2_pps6": LaunchConfig(num_warps=2, programs_per_sm=6),
+    "w2_pps8": LaunchConfig(num_warps=2, programs_per_sm=8),
+    "w1_pps8": LaunchConfig(num_warps=1, programs_per_sm=8),  # one warp: the smallest program
+    "w2_stages3": LaunchConfig(num_warps=2, programs_per_sm=4, num_stages=3),  # one more tile in flight
+    "n128_w4": LaunchConfig(block_n=128, num_warps=4, programs_per_sm=4),  # tiles of twice the bytes
     "n32": LaunchConfig(block_n=32),  # KIVI's key rows of 32 span whole tiles: their scales fold
-    # Warps per program at the same tile: more warps share a tile's conversion and softmax (fewer
-    # instructions each), fewer leave more programs resident.
-    "w8": LaunchConfig(num_warps=8),
-    "w2_pps4": LaunchConfig(num_warps=2, programs_per_sm=4),
-    "n32_pps4": LaunchConfig(block_n=32, programs_per_sm=4),
 }
-DEFAULT_CONFIGS = "default,pps4,pps8,stages3,n128_w8"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,w4_pps2,w2_pps3,w2_pps6,w2_stages3"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

@@ -19,15 +19,19 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix `H_n / sqrt(n)` (n a power of two), built by Kronecker products."""
+def hadamard_matrix(
+    n: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", normalized: bool = True
+) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix `H_n / sqrt(n)` (n a power of two), built by Kronecker
+    products; with `normalized=False`, `H_n` itself, whose +-1 entries every float type holds exactly (the
+    form decode kernels take, scaling by 1 / sqrt(n) in float32)."""
     if not is_power_of_two(n):
         raise ValueError(f"a Walsh-Hadamard matrix needs a power-of-two size, got {n}")
     base = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     matrix = torch.ones(1, 1, dtype=torch.float64)
     while matrix.shape[0] < n:
         matrix = torch.kron(base, matrix)
-    return (matrix / n**0.5).to(dtype=dtype, device=device)
+    return (matrix / n**0.5 if normalized else matrix).to(dtype=dtype, device=device)
 
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:

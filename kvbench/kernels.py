@@ -253,11 +253,16 @@ if triton is not None:
         stride_oh,
         stride_od,
         num_q_heads,
+        rotation_ptr,
+        rotation_scale,
         BLOCK_SPLITS: tl.constexpr,
         COMBINE_BLOCK: tl.constexpr,
         BLOCK_DV: tl.constexpr,
+        ROTATE: tl.constexpr,
     ):
-        """One (sequence, query head): the splits' outputs weighted by exp2(lse2_split - lse2_total)."""
+        """One (sequence, query head): the splits' outputs weighted by exp2(lse2_split - lse2_total); with
+        ROTATE, then multiplied by the [Dv, Dv] matrix at rotation_ptr times rotation_scale (a +-1 Hadamard
+        matrix and 1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32."""
         row = tl.program_id(0)
         b = row // num_q_heads
         hq = row % num_q_heads
@@ -284,6 +289,13 @@ if triton is not None:
 
         any_live = total > 0.0
         out = acc / tl.where(any_live, total, 1.0)
+        if ROTATE:  # out @ R * scale: a [Dv, Dv] product per head, a few multiply-adds per thread
+            rotation = tl.load(
+                rotation_ptr + offs_dv[:, None] * value_dim + offs_dv[None, :],
+                mask=dv_ok[:, None] & dv_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            out = tl.sum(out[:, None] * rotation, axis=0) * rotation_scale
         tl.store(
             out_ptr + b * stride_ob + hq * stride_oh + offs_dv * stride_od,
             out.to(out_ptr.dtype.element_ty),
@@ -406,10 +418,16 @@ if triton is not None:
         return _combine_splits(o_part, lse_part, b, hq, query.dtype)
 
     def _combine_splits(
-        o_part: torch.Tensor, lse_part: torch.Tensor, b: int, hq: int, dtype: torch.dtype
+        o_part: torch.Tensor,
+        lse_part: torch.Tensor,
+        b: int,
+        hq: int,
+        dtype: torch.dtype,
+        rotation: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The combine kernel: the splits' partial outputs [B * Hq, splits, Dv] (normalised) and log2-sum-exps
-        [B * Hq, splits] into (out [B, Hq, Dv] in dtype, lse [B, Hq] float32)."""
+        [B * Hq, splits] into (out [B, Hq, Dv] in dtype, lse [B, Hq] float32); with `rotation` (a [Dv, Dv]
+        matrix of +-1, contiguous), out is multiplied by rotation / sqrt(Dv) before it is rounded to dtype."""
         num_splits, dv = o_part.shape[1], o_part.shape[2]
         out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
@@ -422,9 +440,12 @@ if triton is not None:
             dv,
             *out.stride(),
             hq,
+            lse_part if rotation is None else rotation,  # never read without ROTATE
+            dv**-0.5,
             BLOCK_SPLITS=triton.next_power_of_2(num_splits),
             COMBINE_BLOCK=COMBINE_BLOCK,
             BLOCK_DV=triton.next_power_of_2(dv),
+            ROTATE=rotation is not None,
             num_warps=NUM_WARPS,
         )
         return out, lse

@@ -122,11 +122,13 @@ class LaunchConfig:
     flash-decoding split target (programs per SM when batch x KV heads alone would not fill the GPU)."""
 
     block_n: int = 64
-    num_warps: int = 4
+    # Two warps a program, four programs an SM: measured on the H200 (benchmarks/README.md, "Launch of the
+    # 4-bit kernels"), the per-token 4-bit layout at 32k took 30.0 us at batch 1 and 113 at batch 4 against
+    # 35.6 and 122 with four warps and two programs; KIVI-4 43.9 and 160 against 56.5 and 198. The kernels
+    # are bound by instruction latency, not bytes: more, smaller programs keep more tiles in flight per SM.
+    num_warps: int = 2
     num_stages: int = 2
-    # As `kvbench.kernels`: at ~150 registers a thread, about 3 programs of 4 warps fit on an SM, so 2 per
-    # SM start in one wave (more would leave a partial second wave: a tail of idle SMs).
-    programs_per_sm: int = 2
+    programs_per_sm: int = 4
 
 
 # The launch every call uses; `benchmarks/quant_attention.py --configs` times alternatives to this one.
@@ -668,6 +670,8 @@ if kernels.triton is not None:
         stride_wpb,
         stride_wph,
         stride_wps,
+        rotation_ptr,
+        rotation_scale,
         HEAD_DIM: tl.constexpr,
         VALUE_DIM: tl.constexpr,
         K_BITS: tl.constexpr,
@@ -685,6 +689,7 @@ if kernels.triton is not None:
         K_ASM: tl.constexpr,
         V_ASM: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
+        ROTATE: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
@@ -706,7 +711,11 @@ if kernels.triton is not None:
         loads stall the pipeline when read in the tile that uses them).
         With HAS_WINDOW, one more program per (sequence, KV head), split == num_splits, attends over the
         full-precision window instead (slots whose position is >= 0, `kvbench.kernels`' convention), and
-        the combine kernel merges it with the splits: the window costs no launch of its own and no merge."""
+        the combine kernel merges it with the splits: the window costs no launch of its own and no merge.
+        With ROTATE (QuaRot: keys and values stored rotated), the query is rotated here to meet them, each
+        plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
+        HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
+        the combine kernel rotates the output back."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -727,6 +736,19 @@ if kernels.triton is not None:
         q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
         q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
         q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        if ROTATE:  # the planes of q @ R * scale, from the whole query row
+            offs_d = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
+            r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
+            r_mask = w_ok[None, :]
+            q0 = tl.dot(q, tl.load(r_cols, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q1 = tl.dot(q, tl.load(r_cols + K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q2 = tl.dot(q, tl.load(r_cols + 2 * K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q3 = tl.dot(q, tl.load(r_cols + 3 * K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q0 = (q0 * rotation_scale).to(DTYPE)
+            q1 = (q1 * rotation_scale).to(DTYPE)
+            q2 = (q2 * rotation_scale).to(DTYPE)
+            q3 = (q3 * rotation_scale).to(DTYPE)
         qsum0 = tl.sum(q0.to(tl.float32), axis=1)
         qsum1 = tl.sum(q1.to(tl.float32), axis=1)
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
@@ -937,6 +959,7 @@ if kernels.triton is not None:
         launch: LaunchConfig,
         key_mode: str,
         window: Window | None = None,
+        rotation: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
@@ -986,6 +1009,8 @@ if kernels.triton is not None:
             total_splits,
             wk.shape[2] if window is not None else 0,
             *window_strides,
+            query if rotation is None else rotation,  # never read without ROTATE
+            d**-0.5,
             HEAD_DIM=d,
             VALUE_DIM=dv,
             K_BITS=keys.bits,
@@ -1003,11 +1028,12 @@ if kernels.triton is not None:
             K_ASM=asm and key_dtype != tl.float32,
             V_ASM=asm and dtype != tl.float32,
             HAS_WINDOW=window is not None,
+            ROTATE=rotation is not None,
             PRECISION=precision,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
-        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype)
+        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)
 
     def _packed_attention_triton(
         query: torch.Tensor,
@@ -1107,8 +1133,8 @@ def _packed_attention_op(
     return packed_decode_attention_reference(query, keys, values, lengths, scale)
 
 
-@kernels._make_op("kvbench::packed_window_attention")
-def _packed_window_attention_op(
+@kernels._make_op("kvbench::plane_attention")
+def _plane_attention_op(
     query: torch.Tensor,
     k_codes: torch.Tensor,
     k_scale: torch.Tensor,
@@ -1119,28 +1145,35 @@ def _packed_window_attention_op(
     v_zero: torch.Tensor,
     v_lead: torch.Tensor,
     lengths: torch.Tensor,
-    window_keys: torch.Tensor,
-    window_values: torch.Tensor,
-    window_positions: torch.Tensor,
+    window_keys: torch.Tensor | None,
+    window_values: torch.Tensor | None,
+    window_positions: torch.Tensor | None,
+    rotation: torch.Tensor | None,
     scale: float,
     k_format: list[int],
     v_format: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed store in the plane kernel's layouts (`plane_plan`) and a full-precision window, in one launch
-    of `_plane_split_kernel` and the combine on CUDA; the two references merged elsewhere."""
+    """A packed store in the plane kernel's layouts (`plane_plan`), with a full-precision window and a
+    rotation where given (`packed_decode_attention`), in one launch of `_plane_split_kernel` and the
+    combine on CUDA; elsewhere the references, merged, with the rotation as two products."""
     keys = PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format)
     values = PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format)
-    window = Window(window_keys, window_values, window_positions)
+    window = None if window_keys is None else Window(window_keys, window_values, window_positions)
     if kernels._use_triton(query):
         key_mode, block_n = plane_plan(keys, values, LAUNCH)
         launch = replace(LAUNCH, block_n=block_n)
-        return _plane_attention_triton(query, keys, values, lengths, scale, launch, key_mode, window)
-    return merge_attention(
-        [
-            packed_decode_attention_reference(query, keys, values, lengths, scale),
-            kernels.decode_attention_reference(query, *window, scale),
-        ]
-    )
+        return _plane_attention_triton(query, keys, values, lengths, scale, launch, key_mode, window, rotation)
+    q = query if rotation is None else rotate(query, rotation)
+    out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
+    if window is not None:
+        out, lse = merge_attention([(out, lse), kernels.decode_attention_reference(q, *window, scale)])
+    return (out if rotation is None else rotate(out, rotation)), lse
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x @ rotation / sqrt(n) over x's last dimension n, in float32, returned in x's dtype (rotation: a
+    [n, n] matrix of +-1 entries, `kvbench.hadamard.hadamard_matrix(n, normalized=False)`)."""
+    return (x.float() @ rotation.float() * x.shape[-1] ** -0.5).to(x.dtype)
 
 
 def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1159,21 +1192,36 @@ def packed_decode_attention(
     lengths: torch.Tensor,
     scale: float,
     window: Window | None = None,
+    rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence, query [B, Hq, D], over the live slots (slot < lengths[b]) of a
     packed store, and over a full-precision `window` too where one is given. Returns (out [B, Hq, Dv] in the
     query's dtype, lse [B, Hq] float32); no live slot gives out = 0 and lse = -inf, as
-    `kvbench.kernels.decode_attention`. Where the plane kernel takes the store, the window is one more of
-    its programs; otherwise it is `kvbench.kernels.decode_attention`, merged through the log-sum-exp."""
+    `kvbench.kernels.decode_attention`. With `rotation` R (a +-1 [D, D] matrix, D = Dv; QuaRot), the slots
+    hold rotated keys and values: the query is rotated to meet them, q R / sqrt(D), and the output rotated
+    back, out R / sqrt(D) (R R = D I for a Hadamard matrix). Where the plane kernel takes the store, the
+    window is one more of its programs and the rotations happen in its prologue and in the combine kernel;
+    otherwise the window is `kvbench.kernels.decode_attention`, merged through the log-sum-exp, and the
+    rotations are products around the call."""
     b, hq, d = query.shape
     if keys.codes.shape[0] != b or hq % keys.codes.shape[1] or keys.codes.shape[-1] * 8 != d * keys.bits:
         raise ValueError(f"query {tuple(query.shape)} does not fit packed keys {tuple(keys.codes.shape)}")
     if keys.scale.stride() != keys.zero.stride() or values.scale.stride() != values.zero.stride():
         raise ValueError("scale and zero-point must share one layout")
+    dv = values.codes.shape[-1] * 8 // values.bits
+    if rotation is not None and (rotation.shape != (d, d) or dv != d or d & (d - 1) or not rotation.is_contiguous()):
+        raise ValueError(
+            f"rotation {tuple(rotation.shape)} for head_dim {d}, value dim {dv}: a contiguous [D, D] matrix, "
+            "D = head_dim = value dim, a power of two"
+        )
     formats = (float(scale), list(keys[4:]), list(values[4:]))
-    if window is not None and plane_plan(keys, values, LAUNCH) is not None:
-        return torch.ops.kvbench.packed_window_attention(query, *keys[:4], *values[:4], lengths, *window, *formats)
-    out = torch.ops.kvbench.packed_decode_attention(query, *keys[:4], *values[:4], lengths, *formats)
-    if window is None:
-        return out
-    return merge_attention([out, kernels.decode_attention(query, *window, scale)])
+    if plane_plan(keys, values, LAUNCH) is not None:
+        held = window if window is not None else (None, None, None)
+        return torch.ops.kvbench.plane_attention(
+            query, *keys[:4], *values[:4], lengths, *held, rotation, *formats
+        )  # fmt: skip
+    q = query if rotation is None else rotate(query, rotation)
+    out, lse = torch.ops.kvbench.packed_decode_attention(q, *keys[:4], *values[:4], lengths, *formats)
+    if window is not None:
+        out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window, scale)])
+    return (out if rotation is None else rotate(out, rotation)), lse

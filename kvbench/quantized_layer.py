@@ -10,6 +10,9 @@ API for methods (KIVI, ZipCache and QuaRot build on it):
   decode tokens). A subclass may override these hooks (identity by default):
   `transform_keys(k [B, Hkv, T, D])` and `transform_values(v)` before anything is stored (window included),
   `transform_query(q [B, Hq, D])` before decode attention and `transform_output(out [B, Hq, Dv])` after it;
+  `decode_rotation(dim, device)`: a +-1 matrix R the stored keys and values are rotated by (QuaRot's
+  Hadamard), so that decode attention rotates the query by R / sqrt(D) to meet them and its output back,
+  inside the attention kernels where they take the store (`packed_decode_attention`), else by products;
   `quantize_prompt(keys, values)` to place the prompt differently, `flush_window()` (with `flush_tokens`, the
   tokens one flush takes out of the window) to change how the window is quantized, `decode_variants()` to
   narrow its flush schedule (QuaRot at 16 bits never flushes), and `after_attention(query, lse, scaling)` to
@@ -60,7 +63,14 @@ from kvbench.cache import KVLayer, LayerSpec, batch_head_index
 from kvbench.errors import require
 from kvbench.method import Method
 from kvbench.quant import AXES, BITS, PARAM_DTYPE, dequantize, packed_width, quantize
-from kvbench.quant_kernels import PackedSlots, Window, live_positions, merge_attention, packed_decode_attention
+from kvbench.quant_kernels import (
+    PackedSlots,
+    Window,
+    live_positions,
+    merge_attention,
+    packed_decode_attention,
+    rotate,
+)
 
 STORAGES = ("packed", "simulated")
 
@@ -210,15 +220,19 @@ class Part:
     length: torch.Tensor  # [B]
 
     def attend(
-        self, query: torch.Tensor, scale: float, window: Window | None = None
+        self, query: torch.Tensor, scale: float, window: Window | None = None, rotation: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over this part's slots, and over `window` too where one is given."""
+        """Attention over this part's slots, and over `window` too where one is given; with `rotation`, in
+        the basis the slots are stored in (`packed_decode_attention`)."""
         if not self.keys.simulated:
             keys, values = self.keys.slots_view(), self.values.slots_view()
-            return packed_decode_attention(query, keys, values, self.length, scale, window)
+            return packed_decode_attention(query, keys, values, self.length, scale, window, rotation)
+        q = query if rotation is None else rotate(query, rotation)
         positions = live_positions(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
-        out = kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
-        return out if window is None else merge_attention([out, kernels.decode_attention(query, *window, scale)])
+        out, lse = kernels.decode_attention(q, self.keys.codes, self.values.codes, positions, scale)
+        if window is not None:
+            out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window, scale)])
+        return (out if rotation is None else rotate(out, rotation)), lse
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {**self.keys.tensors(f"{prefix}.keys"), **self.values.tensors(f"{prefix}.values")}
@@ -258,6 +272,7 @@ class QuantizedLayer(KVLayer):
         # The flush schedule, on the host: each row's tokens in the window, and whether the next step flushes.
         self.window_tokens: list[int] = []
         self.flush_step = True
+        self.rotation: torch.Tensor | None = None  # `decode_rotation`'s matrix, made at the end of prefill
 
     # ----- hooks -----
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -275,9 +290,16 @@ class QuantizedLayer(KVLayer):
         """Decode attention's output [B, Hq, Dv] over the stored values, back to the model's space."""
         return out
 
+    def decode_rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
+        """A contiguous float32 [dim, dim] matrix R of +-1 entries (R R = dim I) that `transform_keys` and
+        `transform_values` rotate by (x R / sqrt(dim)), or None. Decode attention then computes in the
+        rotated basis, q R / sqrt(dim) against the stored keys, and rotates its output back. Asked once, at
+        the end of prefill, before the prompt is transformed (made eagerly; a compiled step only reads it)."""
+        return None
+
     def after_attention(self, query: torch.Tensor, lse: torch.Tensor, scaling: float) -> None:
-        """Each decode step, after attention: the transformed query, the total log-sum-exp [B, Hq] and the
-        attention scale."""
+        """Each decode step, after attention: the transformed query (not rotated by `decode_rotation`), the
+        total log-sum-exp [B, Hq] and the attention scale."""
 
     # ----- prefill -----
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -325,6 +347,7 @@ class QuantizedLayer(KVLayer):
     def finish_prefill(self) -> None:
         self.prefilling = False
         filled = self.seen
+        self.rotation = self.decode_rotation(self.keys.shape[-1], self.keys.device)
         keys = self.transform_keys(self.keys[:, :, :filled])
         values = self.transform_values(self.values[:, :, :filled])
         quantized = self.quantize_prompt(keys, values)
@@ -412,12 +435,14 @@ class QuantizedLayer(KVLayer):
         q = self.transform_query(query[:, :, 0])
         window = Window(self.window_keys, self.window_values, self.window_positions()) if self.ring else None
         if len(self.parts) == 1:  # one call: the packed kernel attends over the window too where it can
-            out, lse = self.parts[0].attend(q, scaling, window)
+            out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
         else:
-            pieces = [part.attend(q, scaling) for part in self.parts]
+            rotated = q if self.rotation is None else rotate(q, self.rotation)
+            pieces = [part.attend(rotated, scaling) for part in self.parts]
             if window is not None:
-                pieces.append(kernels.decode_attention(q, *window, scaling))
+                pieces.append(kernels.decode_attention(rotated, *window, scaling))
             out, lse = merge_attention(pieces)
+            out = out if self.rotation is None else rotate(out, self.rotation)
         self.after_attention(q, lse, scaling)
         if self.ring and self.flushes_after_attention:
             self._step_done()

@@ -7,6 +7,7 @@ code spcl/QuaRot@5008669 (`fake_quant/rotation_utils.py`: `QKRotationWrapper`, `
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,8 +15,9 @@ import torch
 
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec
 from kvbench.errors import require
-from kvbench.hadamard import hadamard_transform, is_power_of_two
+from kvbench.hadamard import hadamard_matrix, is_power_of_two
 from kvbench.quant import BITS
+from kvbench.quant_kernels import rotate
 from kvbench.quantized_layer import QuantizedLayer, QuantizedMethod, QuantSpec, check_channel_group, check_clip
 
 UNQUANTIZED = 16  # `bits` that turns quantization off: the rotations alone, for checking them
@@ -33,7 +35,8 @@ class QuaRot(QuantizedMethod):
     columns per head (`rotate_ov_proj`); kvbench methods build caches and leave weights alone, so the layer
     rotates each value as it is written and un-rotates each query head's attention output. With
     probabilities p_i, sum_i p_i (H v_i) = H o and H^-1 = H, so `o_proj` sees what the folded weights
-    give it, up to float rounding (tested against a model with folded weights).
+    give it, up to float rounding (tested against a model with folded weights). On the GPU the query's
+    rotation and the output's run inside the decode attention kernels (`packed_decode_attention`).
 
     Deviations from the paper/code:
     - Clipping: `clip_ratio` scales each group's minimum and maximum before the scale is computed, as the
@@ -98,30 +101,26 @@ class QuaRot(QuantizedMethod):
 
 
 class QuaRotLayer(QuantizedLayer):
-    """With `rotate`, stores H k and H v; decode queries are rotated to meet the keys and attention outputs
-    rotated back (H = H^-1); prefill attends to the unrotated prompt in full precision. Without `quantizes`
-    (bits 16) the full-precision window holds the whole generation, so no packed store exists, and the
-    decode path (hooks, window attention, merge) is still the quantized layer's."""
+    """With `rotate`, stores H k and H v (`decode_rotation`: H held as a +-1 matrix, x H / sqrt(D) one
+    float32 product); decode attention rotates the query to meet the keys and rotates its output back (H =
+    H^-1), inside the attention kernels on the GPU; prefill attends to the unrotated prompt in full
+    precision. Without `quantizes` (bits 16) the full-precision window holds the whole generation, so no
+    packed store exists, and the decode path (hooks, window attention, merge) is still the quantized
+    layer's."""
 
     def __init__(self, spec: LayerSpec, quant: QuantSpec, storage: str, rotate: bool, quantizes: bool) -> None:
         window = 0 if quantizes else spec.prompt_len + spec.decode_len
         super().__init__(spec, quant, quant, window, storage)
         self.rotate, self.quantizes = rotate, quantizes
 
-    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
-        return hadamard_transform(x) if self.rotate else x
+    def decode_rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
+        return _sign_hadamard(dim, device) if self.rotate else None
 
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return self._rotated(keys)
+        return keys if self.rotation is None else rotate(keys, self.rotation)
 
     def transform_values(self, values: torch.Tensor) -> torch.Tensor:
-        return self._rotated(values)
-
-    def transform_query(self, query: torch.Tensor) -> torch.Tensor:
-        return self._rotated(query)
-
-    def transform_output(self, out: torch.Tensor) -> torch.Tensor:
-        return self._rotated(out)
+        return values if self.rotation is None else rotate(values, self.rotation)
 
     def quantize_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> int:
         if self.quantizes:
@@ -133,3 +132,9 @@ class QuaRotLayer(QuantizedLayer):
         if self.quantizes:  # no window: tokens are quantized as they are written, nothing to schedule
             return super().decode_variants()
         return (False,)  # the window has room for the whole generation: never due, so no step flushes
+
+
+@functools.cache
+def _sign_hadamard(dim: int, device: torch.device) -> torch.Tensor:
+    """One +-1 Sylvester-Hadamard matrix per size and device, shared by every layer (64 KiB at head_dim 128)."""
+    return hadamard_matrix(dim, device=device, normalized=False)

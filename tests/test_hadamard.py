@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvbench.hadamard import hadamard_matrix, hadamard_transform, is_power_of_two
+from kvbench.quant_kernels import rotate
 
 SIZES = [1, 2, 4, 8, 64, 128, 256]
 
@@ -54,6 +55,18 @@ def test_low_precision_input_is_rotated_in_float32_and_returned_in_its_dtype():
     assert got.dtype == torch.bfloat16
     # Only the final cast rounds: within half a bfloat16 step (2^-8 relative) of the exact rotation. Seven
     # butterfly stages in bfloat16 would round seven times.
+    exact = x.double() @ hadamard_matrix(128, dtype=torch.float64)
+    assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all())
+
+
+def test_the_layers_product_with_the_sign_matrix_is_the_rotation():
+    """QuaRot's layers rotate by `quant_kernels.rotate` with the unnormalized (+-1) matrix: the same
+    rotation, one float32 product, one rounding to the input's dtype."""
+    x = torch.randn(2, 3, 7, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    signs = hadamard_matrix(128, normalized=False)
+    assert torch.equal(signs.abs(), torch.ones(128, 128)) and torch.equal(signs, signs.T)
+    got = rotate(x, signs)
+    assert got.dtype == torch.bfloat16
     exact = x.double() @ hadamard_matrix(128, dtype=torch.float64)
     assert bool(((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-30).all())
 

@@ -13,6 +13,7 @@ import torch
 
 from kvbench import kernels, quant_kernels
 from kvbench.cache import LayerSpec, ModelSpec
+from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.kivi import KIVI
 from kvbench.methods.quarot import QuaRot
 from kvbench.quant import dequantize, fake_quantize, quantize
@@ -55,6 +56,9 @@ CASES = {
 # Cases also run with a full-precision window: the plane kernel's window program (KIVI's layout, per-token
 # groups, float32), and `_packed_split_kernel` with the window merged apart.
 WINDOW_CASES = ("kivi4_bf16", "plane_groups_fp16", "kivi2_fp32", "three_bits_fp16")
+# Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
+# combine, alone and with a window; around `_packed_split_kernel` (products outside it).
+ROTATION_CASES = ("quarot4_bf16", "plane_groups_fp16+window", "kivi2_fp32")
 # Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold.
 LAUNCHES = {"kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1)}
 
@@ -102,18 +106,23 @@ def _window(x: dict, slots: int, gen: torch.Generator) -> quant_kernels.Window:
     return quant_kernels.Window(keys, values, positions)
 
 
-def _measure(name: str, with_window: bool = False) -> dict:
+def _measure(name: str, with_window: bool = False, with_rotation: bool = False) -> dict:
     x = _case_inputs(name, seed=len(name))
     args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
-    ref_out, ref_lse = packed_decode_attention_reference(*args)
+    rotation = hadamard_matrix(x["query"].shape[-1], normalized=False) if with_rotation else None
+    # The reference meets the stored (rotated) keys with the rotated query and rotates its output back.
+    query = x["query"] if rotation is None else quant_kernels.rotate(x["query"], rotation)
+    ref_out, ref_lse = packed_decode_attention_reference(query, *args[1:])
     launch = LAUNCHES.get(name, quant_kernels.LaunchConfig())
     quant_kernels.LAUNCH = launch
     window = None
     if with_window:  # the window's own reference, merged: what the fused window program must give
         window = _window(x, 70, torch.Generator().manual_seed(7))
-        dense = kernels.decode_attention_reference(x["query"], *window, x["scale"])
+        dense = kernels.decode_attention_reference(query, *window, x["scale"])
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
-    out, lse = packed_decode_attention(*args, window)
+    if rotation is not None:
+        ref_out = quant_kernels.rotate(ref_out, rotation)
+    out, lse = packed_decode_attention(*args, window, rotation)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -123,6 +132,7 @@ def _measure(name: str, with_window: bool = False) -> dict:
         launch = dataclasses.replace(launch, block_n=plan[1])
     return {
         "window": with_window,
+        "rotation": with_rotation,
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True)
         if plan is None
@@ -149,6 +159,9 @@ def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     cases = {name: _measure(name) for name in CASES}
     cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
+    for name in ROTATION_CASES:
+        case, _, window = name.partition("+")
+        cases[f"{name}+rotation"] = _measure(case, with_window=window == "window", with_rotation=True)
     print(json.dumps(cases))
 
 
@@ -157,7 +170,9 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__))
 
 
-@pytest.mark.parametrize("name", list(CASES) + [f"{name}+window" for name in WINDOW_CASES])
+@pytest.mark.parametrize(
+    "name", [*CASES, *(f"{name}+window" for name in WINDOW_CASES), *(f"{name}+rotation" for name in ROTATION_CASES)]
+)
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     m = interpreted[name]
     assert m["out_dtype_ok"] and not m["nan"], m
@@ -183,6 +198,11 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
     assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "rows"}
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
+    assert {(m["kernel"], m["window"]) for m in cases if m["rotation"]} == {
+        ("plane", False),
+        ("plane", True),
+        ("packed", False),
+    }
     assert min(m["splits"] for m in cases) == 1
     assert max(m["splits"] for m in cases) > 4
     assert sum(m["dead_rows"] for m in cases) > 0
@@ -285,13 +305,14 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int
     pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64"}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
+    pointers |= {"rotation_ptr": "*fp32", "rotation_scale": "fp32"}
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": 4, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
         "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": 4,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
-        "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row",
+        "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
     }  # fmt: skip
     compiled = _compile_for_hopper(quant_kernels._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
