@@ -17,7 +17,8 @@ Timing: each call is replayed from a CUDA graph (as the compiled decode step run
 cost), over enough copies of the inputs, used in turn, that together they exceed twice the L2 cache;
 the median of 5 replays of 20 calls. Before timing, under every configuration: the kernel against the
 float32 reference (bf16 queries, 4k slots, a full and a partial sequence) for the timed layouts, alone and
-with a full-precision window of 129 slots (the plane kernel's window program), and under
+with a full-precision window of 129 slots (the plane kernel's window program), and QuaRot's rotations on
+the per-token layout, and under
 the default one also float16 queries and the layouts no timed row uses (ZipCache's odd key blocks from a
 lead, key rows spanning whole tiles from a misaligned lead, 3- and 8-bit codes), and the operator under
 CUDA-graph capture (and torch.compile(fullgraph=True) without --quick). A failed check is a row with
@@ -41,6 +42,7 @@ from pathlib import Path
 import torch
 
 from kvbench import kernels, quant_kernels
+from kvbench.hadamard import hadamard_matrix
 from kvbench.quant import PARAM_DTYPE, packed_width
 from kvbench.quant_kernels import LaunchConfig, PackedSlots, packed_decode_attention, packed_decode_attention_reference
 
@@ -164,12 +166,16 @@ def check(
     values: PackedSlots,
     lengths: torch.Tensor,
     window: quant_kernels.Window | None = None,
+    rotation: torch.Tensor | None = None,
 ) -> dict:
-    out, lse = packed_decode_attention(query, keys, values, lengths, SCALE, window)
-    ref_out, ref_lse = packed_decode_attention_reference(query, keys, values, lengths, SCALE)
+    out, lse = packed_decode_attention(query, keys, values, lengths, SCALE, window, rotation)
+    rotated = query if rotation is None else quant_kernels.rotate(query, rotation)
+    ref_out, ref_lse = packed_decode_attention_reference(rotated, keys, values, lengths, SCALE)
     if window is not None:
-        dense = kernels.decode_attention_reference(query, *window, SCALE)
+        dense = kernels.decode_attention_reference(rotated, *window, SCALE)
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
+    if rotation is not None:
+        ref_out = quant_kernels.rotate(ref_out, rotation)
     err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
     lse_err = ((lse.double() - ref_lse.double()).norm() / ref_lse.double().norm()).item()
     out_tol, lse_tol = TOLERANCE[query.dtype]
@@ -192,6 +198,10 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
         if name in TIMED:  # with a window: the plane kernel's window program, or the separate kernel merged
             result = check(query, keys, values, lengths, window_inputs(query, 129))
             rows.append({"check": f"reference_{name}_window", "config": config} | result)
+        if name == "int4_token":  # QuaRot's rotations, in the plane kernel's prologue and the combine
+            signs = hadamard_matrix(D, device=device, normalized=False)
+            result = check(query, keys, values, lengths, rotation=signs)
+            rows.append({"check": f"reference_{name}_rotation", "config": config} | result)
     return rows
 
 
