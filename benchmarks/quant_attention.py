@@ -71,6 +71,7 @@ CONFIGS = {
     "w2_stages3": LaunchConfig(num_warps=2, programs_per_sm=4, num_stages=3),  # one more tile in flight
     "n128_w4": LaunchConfig(block_n=128, num_warps=4, programs_per_sm=4),  # tiles of twice the bytes
     "n32": LaunchConfig(block_n=32),  # KIVI's key rows of 32 span whole tiles: their scales fold
+    "n32_w2": LaunchConfig(block_n=32, num_warps=2, programs_per_sm=4),
 }
 DEFAULT_CONFIGS = "default,w4_pps2,w2_pps3,w2_pps6,w2_stages3"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
