@@ -58,22 +58,28 @@ CHECKED_ONLY = {
     "zipcache8_lead3001": ((8, 60, 1, 3001), (8, 1, 128, None)),  # gathered key rows; 8-bit codes
     "rows128_lead1000_3bit": ((4, 128, 1, 1000), (3, 1, 32, None)),  # key rows span tiles, misaligned
 }
+
+
+def fixed(programs_per_sm: int, **launch) -> LaunchConfig:
+    """A launch with one split target whatever the number of (sequence, KV head) pairs."""
+    return LaunchConfig(programs_per_sm=programs_per_sm, programs_per_sm_many_heads=programs_per_sm, **launch)
+
+
 CONFIGS = {
     "default": quant_kernels.LAUNCH,
-    # The launch before 2 warps x 4 programs per SM became the default.
-    "w4_pps2": LaunchConfig(num_warps=4, programs_per_sm=2),
+    "w4_pps2": fixed(2, num_warps=4),  # the launch before two warps became the default
     # Split targets at 2 warps (no recompilation: split sizes are not specialised): fewer programs, one
     # wave; more, several waves and a tail.
-    "w2_pps3": LaunchConfig(num_warps=2, programs_per_sm=3),
-    "w2_pps6": LaunchConfig(num_warps=2, programs_per_sm=6),
-    "w2_pps8": LaunchConfig(num_warps=2, programs_per_sm=8),
-    "w1_pps8": LaunchConfig(num_warps=1, programs_per_sm=8),  # one warp: the smallest program
-    "w2_stages3": LaunchConfig(num_warps=2, programs_per_sm=4, num_stages=3),  # one more tile in flight
-    "n128_w4": LaunchConfig(block_n=128, num_warps=4, programs_per_sm=4),  # tiles of twice the bytes
-    "n32": LaunchConfig(block_n=32),  # KIVI's key rows of 32 span whole tiles: their scales fold
-    "n32_w2": LaunchConfig(block_n=32, num_warps=2, programs_per_sm=4),
+    "w2_pps3": fixed(3, num_warps=2),
+    "w2_pps4": fixed(4, num_warps=2),
+    "w2_pps6": fixed(6, num_warps=2),
+    "w2_pps8": fixed(8, num_warps=2),
+    "w1_pps8": fixed(8, num_warps=1),  # one warp: the smallest program
+    "w2_stages3": fixed(4, num_warps=2, num_stages=3),  # one more tile in flight
+    "n128_w4": fixed(4, block_n=128, num_warps=4),  # tiles of twice the bytes
+    "n32_w2": fixed(4, block_n=32, num_warps=2),  # KIVI's key rows of 32 span whole tiles: their scales fold
 }
-DEFAULT_CONFIGS = "default,w4_pps2,w2_pps3,w2_pps6,w2_stages3"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,w4_pps2,w2_pps4,w2_pps8,w2_stages3"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

@@ -118,17 +118,24 @@ def packed_decode_attention_reference(
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How the split kernel is launched: slots per tile, warps and pipeline stages per program, and the
-    flash-decoding split target (programs per SM when batch x KV heads alone would not fill the GPU)."""
+    """How the split kernels are launched: slots per tile, warps and pipeline stages per program, and the
+    flash-decoding split target (programs per SM when batch x KV heads alone would not fill the GPU), for
+    few (sequence, KV head) pairs and for many."""
 
     block_n: int = 64
-    # Two warps a program, four programs an SM: measured on the H200 (benchmarks/README.md, "Launch of the
-    # 4-bit kernels"), the per-token 4-bit layout at 32k took 30.0 us at batch 1 and 113 at batch 4 against
-    # 35.6 and 122 with four warps and two programs; KIVI-4 43.9 and 160 against 56.5 and 198. The kernels
-    # are bound by instruction latency, not bytes: more, smaller programs keep more tiles in flight per SM.
+    # Two warps a program; four programs an SM up to FEW_HEADS (sequence, KV head) pairs, eight above.
+    # Measured on the H200, kernel alone (benchmarks/README.md, "Launch of the 4-bit kernels"): the kernels
+    # are bound by instruction latency, not bytes, so more, smaller programs keep more tiles in flight. At
+    # 32k, per-token 4-bit codes took 30.0 us at batch 1 (8 pairs; 35.4 at eight programs an SM, 35.8 with
+    # the former four warps x two programs) and 92.9 at batch 4 (32 pairs; 111.7 at four programs, 121.4
+    # before); KIVI-4 44.1 / 134.5 (50.6 at eight programs at batch 1; 158.4 at four at batch 4).
     num_warps: int = 2
     num_stages: int = 2
     programs_per_sm: int = 4
+    programs_per_sm_many_heads: int = 8
+
+
+FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
 
 
 # The launch every call uses; `benchmarks/quant_attention.py --configs` times alternatives to this one.
@@ -138,7 +145,8 @@ LAUNCH = LaunchConfig()
 def _split_plan(batch_heads: int, slots: int, num_sms: int, launch: LaunchConfig) -> tuple[int, int]:
     """(number of splits, slots per split): `kvbench.kernels._split_plan` with this kernel's tile and target."""
     tiles = max(1, -(-slots // launch.block_n))  # S = 0: one split, empty, so out = 0 and lse = -inf
-    wanted = -(-launch.programs_per_sm * num_sms // batch_heads)
+    per_sm = launch.programs_per_sm if batch_heads <= FEW_HEADS else launch.programs_per_sm_many_heads
+    wanted = -(-per_sm * num_sms // batch_heads)
     tiles_per_split = -(-tiles // max(1, min(wanted, tiles, kernels.MAX_SPLITS)))
     return -(-tiles // tiles_per_split), tiles_per_split * launch.block_n
 

@@ -15,9 +15,8 @@ import torch
 
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec
 from kvbench.errors import require
-from kvbench.hadamard import hadamard_matrix, is_power_of_two
+from kvbench.hadamard import hadamard_matrix, hadamard_transform, is_power_of_two
 from kvbench.quant import BITS
-from kvbench.quant_kernels import rotate
 from kvbench.quantized_layer import QuantizedLayer, QuantizedMethod, QuantSpec, check_channel_group, check_clip
 
 UNQUANTIZED = 16  # `bits` that turns quantization off: the rotations alone, for checking them
@@ -101,12 +100,11 @@ class QuaRot(QuantizedMethod):
 
 
 class QuaRotLayer(QuantizedLayer):
-    """With `rotate`, stores H k and H v (`decode_rotation`: H held as a +-1 matrix, x H / sqrt(D) one
-    float32 product); decode attention rotates the query to meet the keys and rotates its output back (H =
-    H^-1), inside the attention kernels on the GPU; prefill attends to the unrotated prompt in full
-    precision. Without `quantizes` (bits 16) the full-precision window holds the whole generation, so no
-    packed store exists, and the decode path (hooks, window attention, merge) is still the quantized
-    layer's."""
+    """With `rotate`, stores H k and H v (the fast transform); decode attention rotates the query to meet
+    the keys and rotates its output back (H = H^-1; `decode_rotation` holds H as a +-1 matrix for that),
+    inside the attention kernels on the GPU; prefill attends to the unrotated prompt in full precision.
+    Without `quantizes` (bits 16) the full-precision window holds the whole generation, so no packed store
+    exists, and the decode path (hooks, window attention, merge) is still the quantized layer's."""
 
     def __init__(self, spec: LayerSpec, quant: QuantSpec, storage: str, rotate: bool, quantizes: bool) -> None:
         window = 0 if quantizes else spec.prompt_len + spec.decode_len
@@ -116,11 +114,14 @@ class QuaRotLayer(QuantizedLayer):
     def decode_rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
         return _sign_hadamard(dim, device) if self.rotate else None
 
+    # Keys and values by the butterfly, not by a float32 product with the held matrix: in the compiled
+    # decode step cuBLAS ran that [8, 128] x [128, 128] product in 52 us (an sm80 SIMT kernel; H200,
+    # profile_step.py), against a few us for the butterfly's fused kernels.
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return keys if self.rotation is None else rotate(keys, self.rotation)
+        return keys if self.rotation is None else hadamard_transform(keys)
 
     def transform_values(self, values: torch.Tensor) -> torch.Tensor:
-        return values if self.rotation is None else rotate(values, self.rotation)
+        return values if self.rotation is None else hadamard_transform(values)
 
     def quantize_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> int:
         if self.quantizes:

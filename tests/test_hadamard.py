@@ -60,8 +60,9 @@ def test_low_precision_input_is_rotated_in_float32_and_returned_in_its_dtype():
 
 
 def test_the_layers_product_with_the_sign_matrix_is_the_rotation():
-    """QuaRot's layers rotate by `quant_kernels.rotate` with the unnormalized (+-1) matrix: the same
-    rotation, one float32 product, one rounding to the input's dtype."""
+    """Decode attention rotates QuaRot's query and output by `quant_kernels.rotate` with the unnormalized
+    (+-1) matrix where the plane kernel does not take the store: the same rotation as the transform, one
+    float32 product, one rounding to the input's dtype."""
     x = torch.randn(2, 3, 7, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     signs = hadamard_matrix(128, normalized=False)
     assert torch.equal(signs.abs(), torch.ones(128, 128)) and torch.equal(signs, signs.T)

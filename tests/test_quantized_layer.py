@@ -208,6 +208,15 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert sum(m["dead_rows"] for m in cases) > 0
 
 
+def test_split_target_grows_with_the_pairs() -> None:
+    """Up to FEW_HEADS (sequence, KV head) pairs a launch aims at `programs_per_sm` programs an SM, above at
+    `programs_per_sm_many_heads` (the H200 sweep's choice: 4 and 8 at 2 warps)."""
+    launch = quant_kernels.LaunchConfig(programs_per_sm=4, programs_per_sm_many_heads=8)
+    few, many = quant_kernels.FEW_HEADS, 2 * quant_kernels.FEW_HEADS
+    assert quant_kernels._split_plan(few, 1 << 20, 132, launch)[0] == -(-4 * 132 // few)
+    assert quant_kernels._split_plan(many, 1 << 20, 132, launch)[0] == -(-8 * 132 // many)
+
+
 def test_reference_reads_the_packed_layout() -> None:
     """The reference (which the kernel is held to) against `kvbench.quant`: packed slots made by `quantize`
     dequantize to `dequantize`'s values, and attention over them is plain attention over those values."""
