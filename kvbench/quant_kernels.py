@@ -43,9 +43,11 @@ Why `_packed_split_kernel` is shaped as it is (decode attention is bound by memo
   11 significant bits) before the rounding to the query's dtype; float32 queries stay in float32.
 - Each K/V tile is read once for all query heads of its KV head (GQA), as in `kvbench.kernels`.
 
-Like `kvbench.kernels`, the attention is a `torch.library` operator (`kvbench::packed_decode_attention`):
-Triton on CUDA tensors and under Triton's interpreter (`TRITON_INTERPRET=1`, the tests), the reference
-elsewhere; static grids and no host syncs, so it runs in the compiled, graph-captured decode step.
+Like `kvbench.kernels`, the attention is `torch.library` operators (`kvbench::packed_decode_attention`, and
+`kvbench::plane_attention` for the stores the plane kernel takes, with a full-precision window and QuaRot's
+rotation where given, both inside the launch): Triton on CUDA tensors and under Triton's interpreter
+(`TRITON_INTERPRET=1`, the tests), the reference elsewhere; static grids and no host syncs, so they run in
+the compiled, graph-captured decode step.
 """
 
 from __future__ import annotations
@@ -739,11 +741,6 @@ if kernels.triton is not None:
         heads = h * group + offs_g
 
         q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        q_mask = g_ok[:, None] & w_ok[None, :]
-        q0 = tl.load(q_rows + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
-        q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
-        q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
-        q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
         if ROTATE:  # the planes of q @ R * scale, from the whole query row
             offs_d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
@@ -757,6 +754,12 @@ if kernels.triton is not None:
             q1 = (q1 * rotation_scale).to(DTYPE)
             q2 = (q2 * rotation_scale).to(DTYPE)
             q3 = (q3 * rotation_scale).to(DTYPE)
+        else:
+            q_mask = g_ok[:, None] & w_ok[None, :]
+            q0 = tl.load(q_rows + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+            q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+            q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+            q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
         qsum0 = tl.sum(q0.to(tl.float32), axis=1)
         qsum1 = tl.sum(q1.to(tl.float32), axis=1)
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
