@@ -9,13 +9,17 @@ CUTLASS / nvjet), kvbench's attention kernels, host-page kernels, Inductor's fus
 The gap between the replay time and the kernel-time sum is idle GPU time between kernels; the gap between
 matrix-product time and weight bytes / bandwidth is how far the projections are from the memory floor.
 
-Options that change the step, for A/B rows: `--autotune` (Inductor's max-autotune of the matrix products,
-without its own CUDA graphs), `--block-n` (the attention kernel's tile). One JSON line per run to --out.
+`--compile-scope` (default `layer`, as `speed.py` and the engine: each decoder layer compiled, the rest of
+the step as Python; `step`: the whole step compiled) says what is compiled; under `layer` the no-graph
+time includes the Python of the uncompiled part. Options that change the step, for A/B rows: `--autotune`
+(Inductor's max-autotune of the matrix products, without its own CUDA graphs), `--block-n` (the attention
+kernel's tile). One JSON line per run to --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import defaultdict
@@ -65,7 +69,9 @@ def prepared(engine: Engine, requests: list[Request]):
 @torch.inference_mode()
 def profile(args, model, spec, bandwidth: float) -> dict:
     method = make_method(args.method, args.budget, args.recall_cap)
-    engine = Engine(model, None, method, spec, prefill_chunk=args.prefill_chunk, engine="compiled")
+    engine = Engine(
+        model, None, method, spec, prefill_chunk=args.prefill_chunk, engine="compiled", compile_scope=args.compile_scope
+    )
     if args.autotune:
         engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -79,48 +85,54 @@ def profile(args, model, spec, bandwidth: float) -> dict:
     cache, state = prepared(engine, requests)
     prefill_s = time.perf_counter() - began
     print(f"{args.method} {args.context}x{args.batch}: prefill {prefill_s:.1f} s", flush=True)
-    step = torch.compile(engine._step, fullgraph=True, dynamic=False, **engine.compile_options)
-    began = time.perf_counter()
-    for _ in range(args.warmup):
-        step(cache, state)
-    torch.cuda.synchronize()
-    compile_s = time.perf_counter() - began
-    print(f"{args.method} {args.context}x{args.batch}: compiled in {compile_s:.1f} s", flush=True)
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(cache, state)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(cache, state)
-    graph.replay()
-    with Timer(torch.device("cuda")) as timer:
-        for _ in range(args.replays):
-            graph.replay()
-    replay_ms = 1000 * timer.seconds / args.replays
-
-    with Timer(torch.device("cuda")) as timer:
-        for _ in range(args.replays):
-            step(cache, state)
-    no_graph_ms = 1000 * timer.seconds / args.replays
-
-    by_kind: dict[str, float] = defaultdict(float)
-    by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    activities = [torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(args.profiled):
+    # As the engine (and speed.py) runs it: "layer", each decoder layer compiled and the rest of the step as
+    # Python inside the same graph capture; "step", the whole step compiled.
+    step, compiled_layers = engine._step, engine._layers_compiled()
+    if args.compile_scope == "step":
+        step = torch.compile(engine._step, fullgraph=True, dynamic=False, **engine.compile_options)
+        compiled_layers = contextlib.nullcontext()
+    with compiled_layers:
+        began = time.perf_counter()
+        for _ in range(args.warmup):
             step(cache, state)
         torch.cuda.synchronize()
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        us = event.time_range.elapsed_us()
-        by_kind[kind_of(event.name)] += us / args.profiled
-        entry = by_kernel[event.name]
-        entry[0] += us / args.profiled
-        entry[1] += 1 / args.profiled
+        compile_s = time.perf_counter() - began
+        print(f"{args.method} {args.context}x{args.batch}: compiled in {compile_s:.1f} s", flush=True)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step(cache, state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step(cache, state)
+        graph.replay()
+        with Timer(torch.device("cuda")) as timer:
+            for _ in range(args.replays):
+                graph.replay()
+        replay_ms = 1000 * timer.seconds / args.replays
+
+        with Timer(torch.device("cuda")) as timer:
+            for _ in range(args.replays):
+                step(cache, state)
+        no_graph_ms = 1000 * timer.seconds / args.replays
+
+        by_kind: dict[str, float] = defaultdict(float)
+        by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        activities = [torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.profiled):
+                step(cache, state)
+            torch.cuda.synchronize()
+        for event in prof.events():
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.time_range.elapsed_us()
+            by_kind[kind_of(event.name)] += us / args.profiled
+            entry = by_kernel[event.name]
+            entry[0] += us / args.profiled
+            entry[1] += 1 / args.profiled
 
     device_bytes, host_bytes = cache.kv_bytes()
     weights = weight_bytes_per_step(model)
@@ -135,6 +147,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "batch": args.batch,
         "autotune": args.autotune,
         "coordinate_descent": args.coordinate_descent,
+        "compile_scope": args.compile_scope,
         "layers": spec.num_layers,
         "block_n": kernels.BLOCK_N,
         "recall_cap": args.recall_cap,
@@ -179,6 +192,9 @@ def main() -> None:
         type=int,
         default=None,
         help="fewer layers of one shape: per-layer costs, less compile",
+    )
+    parser.add_argument(
+        "--compile-scope", default="layer", choices=["layer", "step"], help="as speed.py: what is compiled"
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
