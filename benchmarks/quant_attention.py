@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,8 +79,10 @@ CONFIGS = {
     "w2_stages3": fixed(4, num_warps=2, num_stages=3),  # one more tile in flight
     "n128_w4": fixed(4, block_n=128, num_warps=4),  # tiles of twice the bytes
     "n32_w2": fixed(4, block_n=32, num_warps=2),  # KIVI's key rows of 32 span whole tiles: their scales fold
+    # KIVI's key rows folded per half of a 64-slot tile instead of dequantized per slot
+    "halves": replace(quant_kernels.LAUNCH, fold_half_rows=True),
 }
-DEFAULT_CONFIGS = "default,w4_pps2,w2_pps4,w2_pps8,w2_stages3"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,halves,w4_pps2,w2_pps4,w2_pps8"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

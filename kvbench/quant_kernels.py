@@ -135,6 +135,10 @@ class LaunchConfig:
     num_stages: int = 2
     programs_per_sm: int = 4
     programs_per_sm_many_heads: int = 8
+    # Per-channel key rows of half a tile (KIVI's 32 tokens in 64-slot tiles) folded per half ("halves")
+    # instead of dequantized per slot ("rows"): 2,512 SASS instructions per tile against 4,011 (offline,
+    # 2 warps) but 39 spill operations; not yet timed, so off by default (`quant_attention.py` times it).
+    fold_half_rows: bool = False
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
@@ -181,7 +185,8 @@ def _fits_planes(group: int, dim: int) -> bool:
 def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
     """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
     does): planar codes (4 bits), values in per-token groups that planes lie inside, keys either so too
-    ("token") or per channel ("row" where tiles divide the rows, "rows" otherwise)."""
+    ("token") or per channel ("row" where tiles divide the rows, "halves" where a row is half a tile and
+    the launch asks for it: KIVI's 32 tokens in 64-slot tiles, "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
     if not (is_planar(keys.bits) and is_planar(values.bits)) or keys.scale.stride(-1) != 1 != values.scale.stride(-1):
@@ -190,8 +195,12 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
         return None
     if keys.row_tokens == 1 and _fits_planes(keys.col_channels, d):
         return "token", launch.block_n
+    if keys.col_channels == 1 and keys.row_tokens % launch.block_n == 0:
+        return "row", launch.block_n
+    if keys.col_channels == 1 and launch.fold_half_rows and 2 * keys.row_tokens == launch.block_n:
+        return "halves", launch.block_n
     if keys.col_channels == 1:
-        return ("row" if keys.row_tokens % launch.block_n == 0 else "rows"), launch.block_n
+        return "rows", launch.block_n
     return None
 
 
@@ -633,6 +642,34 @@ if kernels.triton is not None:
             base + rows[:, None] * stride_r + cols[None, :], mask=live[:, None] & (cols < COLUMNS)[None, :], other=0.0
         )
 
+    @triton.jit
+    def _folded_row_logits(
+        q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
+        s0 = tl.load(scales + offs_w, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(scales + K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(scales + 2 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        s3 = tl.load(scales + 3 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z0 = tl.load(zeros + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z1 = tl.load(zeros + K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z2 = tl.load(zeros + 2 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z3 = tl.load(zeros + 3 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.sum(
+            q0.to(tl.float32) * z0[None, :]
+            + q1.to(tl.float32) * z1[None, :]
+            + q2.to(tl.float32) * z2[None, :]
+            + q3.to(tl.float32) * z3[None, :],
+            axis=1,
+        )
+        logits = tl.dot((q0.to(tl.float32) * s0[None, :]).to(DTYPE), tl.trans(c0), input_precision=PRECISION)
+        logits = tl.dot((q1.to(tl.float32) * s1[None, :]).to(DTYPE), tl.trans(c1), logits, input_precision=PRECISION)
+        logits = tl.dot((q2.to(tl.float32) * s2[None, :]).to(DTYPE), tl.trans(c2), logits, input_precision=PRECISION)
+        logits = tl.dot((q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION)
+        return logits, bias
+
     @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
     def _plane_split_kernel(
         q_ptr,
@@ -709,8 +746,11 @@ if kernels.triton is not None:
           s_g (q_g . c_g) + z_g sum(q_g);
         - keys "row" (per-channel groups of K_ROW_TOKENS tokens; tiles aligned to them): the tile's row of
           scales folds into the query, logits = sum_g (q_g * s_g) . c_g + q . z;
-        - keys "rows" (per-channel groups of any size, from any lead: KIVI's 32 tokens in tiles of 64,
-          ZipCache's blocks): each slot's row is read and the keys dequantized, c * s + z in K_DTYPE
+        - keys "halves" (per-channel groups of half a tile, KIVI's 32 tokens in tiles of 64; tiles aligned
+          to the rows): each half's row folds into its own copy of the query as in "row", both halves'
+          logits come from the whole tile's codes (twice the key products) and each slot takes its half's;
+        - keys "rows" (per-channel groups of any other size, from any lead: KIVI's 32 tokens in tiles of
+          64 by default, ZipCache's blocks): each slot's row is read and the keys dequantized, c * s + z in K_DTYPE
           (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values; a
           bfloat16 query meets them in float16 too, exact unless a query value lies outside float16's range
           or below its normal range, 6e-5, where it loses bits);
@@ -786,6 +826,8 @@ if kernels.triton is not None:
         first = start
         if K_MODE == "row":  # tiles start where key parameter rows do (`_packed_split_kernel`)
             first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
+            first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
         ahead = first + offs_n
         ahead_live = (ahead >= start) & (ahead < end)
@@ -857,35 +899,29 @@ if kernels.triton is not None:
                 logits = tl.dot(q1.to(K_DTYPE), tl.trans(k1.to(K_DTYPE)), logits, input_precision=PRECISION)
                 logits = tl.dot(q2.to(K_DTYPE), tl.trans(k2.to(K_DTYPE)), logits, input_precision=PRECISION)
                 logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
+            elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
+                half = tile + K_ROW_TOKENS
+                row_a = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
+                row_b = tl.where(half < k_lead, 0, 1 + (half - k_lead) // K_ROW_TOKENS)
+                a_mask = w_ok
+                b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
+                logits_a, bias_a = _folded_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
+                    offs_w, a_mask, K_WIDTH, DTYPE, PRECISION,
+                )  # fmt: skip
+                logits_b, bias_b = _folded_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
+                    offs_w, b_mask, K_WIDTH, DTYPE, PRECISION,
+                )  # fmt: skip
+                logits = tl.where(
+                    (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
+                )
             else:  # "row": one row of per-channel parameters for the whole tile
                 row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
-                params = ks_base + row * stride_ksr + offs_w
-                zeros = kz_base + row * stride_ksr + offs_w
-                s0 = tl.load(params, mask=w_ok, other=0.0).to(tl.float32)
-                s1 = tl.load(params + K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
-                s2 = tl.load(params + 2 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
-                s3 = tl.load(params + 3 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
-                z0 = tl.load(zeros, mask=w_ok, other=0.0).to(tl.float32)
-                z1 = tl.load(zeros + K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
-                z2 = tl.load(zeros + 2 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
-                z3 = tl.load(zeros + 3 * K_WIDTH, mask=w_ok, other=0.0).to(tl.float32)
-                bias = tl.sum(
-                    q0.to(tl.float32) * z0[None, :]
-                    + q1.to(tl.float32) * z1[None, :]
-                    + q2.to(tl.float32) * z2[None, :]
-                    + q3.to(tl.float32) * z3[None, :],
-                    axis=1,
-                )
-                logits = tl.dot((q0.to(tl.float32) * s0[None, :]).to(DTYPE), tl.trans(c0), input_precision=PRECISION)
-                logits = tl.dot(
-                    (q1.to(tl.float32) * s1[None, :]).to(DTYPE), tl.trans(c1), logits, input_precision=PRECISION
-                )
-                logits = tl.dot(
-                    (q2.to(tl.float32) * s2[None, :]).to(DTYPE), tl.trans(c2), logits, input_precision=PRECISION
-                )
-                logits = tl.dot(
-                    (q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION
-                )
+                logits, bias = _folded_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row * stride_ksr, kz_base + row * stride_ksr,
+                    offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                )  # fmt: skip
                 logits += bias[:, None]
             p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 

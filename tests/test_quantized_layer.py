@@ -50,17 +50,26 @@ CASES = {
     # per-channel key rows of 32 from a lead of 5 + 7b in 64-slot tiles ("rows"), float16: the keys
     # dequantized in float16 as on the GPU (bfloat16 goes to float32 under the interpreter)
     "rows_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
+    # the same two layouts with the launch's `fold_half_rows` ("halves": tiles aligned to the rows, each
+    # half's row folded into the query)
+    "halves_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
+    "kivi4_halves_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
 }
 # Cases also run with a full-precision window: the plane kernel's window program (KIVI's layout, per-token
 # groups, float32), and `_packed_split_kernel` with the window merged apart.
-WINDOW_CASES = ("kivi4_bf16", "plane_groups_fp16", "kivi2_fp32", "three_bits_fp16")
+WINDOW_CASES = ("kivi4_bf16", "kivi4_halves_bf16", "plane_groups_fp16", "kivi2_fp32", "three_bits_fp16")
 # Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
 # combine, alone and with a window; around `_packed_split_kernel` (products outside it).
 ROTATION_CASES = ("quarot4_bf16", "plane_groups_fp16+window", "kivi2_fp32")
-# Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold.
-LAUNCHES = {"kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1)}
+# Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold; the
+# half-tile fold.
+LAUNCHES = {
+    "kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1),
+    "halves_fp16": quant_kernels.LaunchConfig(fold_half_rows=True),
+    "kivi4_halves_bf16": quant_kernels.LaunchConfig(fold_half_rows=True),
+}
 
 
 def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator) -> PackedSlots:
@@ -191,12 +200,12 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
     assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "rows"}
     plane = [m for m in cases if m["kernel"] == "plane"]
-    assert {m["key_mode"] for m in plane} == {"token", "row", "rows"}
+    assert {m["key_mode"] for m in plane} == {"token", "row", "halves", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {4}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
     assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
-    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "rows"}
+    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "halves", "rows"}
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
     assert {(m["kernel"], m["window"]) for m in cases if m["rotation"]} == {
         ("plane", False),
@@ -303,7 +312,7 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 @pytest.mark.parametrize(
     ("dtype", "key_mode", "groups"),
-    [("bf16", "token", 1), ("fp16", "row", 4), ("fp16", "token", 4), ("bf16", "rows", 4)],
+    [("bf16", "token", 1), ("fp16", "row", 4), ("fp16", "token", 4), ("bf16", "rows", 4), ("bf16", "halves", 4)],
 )
 def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`) goes through
