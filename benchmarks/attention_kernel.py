@@ -39,8 +39,20 @@ HEAD_DIM = 128
 HEADS = {"gqa": (32, 8), "mha": (32, 32)}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 SWEEP_SHAPES = [("gqa", 1, 32768), ("gqa", 4, 8192), ("mha", 1, 32768)]
-# (BLOCK_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM); the first is the module's default
-SWEEP = [(64, 4, 2, 2), (32, 4, 2, 2), (64, 4, 3, 2), (64, 8, 2, 2), (128, 4, 2, 2), (128, 8, 3, 2), (64, 4, 2, 4)]
+# (BLOCK_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM); the first is the module's default (up to FEW_HEADS
+# pairs, which every sweep shape is). Two warps: what made the 4-bit kernels faster (quant_attention.py).
+SWEEP = [
+    (64, 4, 2, 4),
+    (64, 4, 2, 2),
+    (32, 4, 2, 2),
+    (64, 4, 3, 2),
+    (64, 8, 2, 2),
+    (128, 4, 2, 2),
+    (128, 8, 3, 2),
+    (64, 2, 2, 4),
+    (64, 2, 2, 8),
+    (64, 2, 3, 4),
+]
 
 
 def bench_us(fn: Callable[[], object]) -> float:
