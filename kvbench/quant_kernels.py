@@ -901,13 +901,12 @@ if kernels.triton is not None:
                 logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
             elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
                 half = tile + K_ROW_TOKENS
-                row_a = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
-                row_b = tl.where(half < k_lead, 0, 1 + (half - k_lead) // K_ROW_TOKENS)
-                a_mask = w_ok
+                row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
+                row_b = _slot_rows(half, k_lead, K_ROW_TOKENS)
                 b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
                 logits_a, bias_a = _folded_row_logits(
                     q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                    offs_w, a_mask, K_WIDTH, DTYPE, PRECISION,
+                    offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
                 )  # fmt: skip
                 logits_b, bias_b = _folded_row_logits(
                     q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
@@ -917,7 +916,7 @@ if kernels.triton is not None:
                     (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
                 )
             else:  # "row": one row of per-channel parameters for the whole tile
-                row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
+                row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
                 logits, bias = _folded_row_logits(
                     q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row * stride_ksr, kz_base + row * stride_ksr,
                     offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
@@ -1090,12 +1089,6 @@ if kernels.triton is not None:
         scale: float,
         launch: LaunchConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = plane_plan(keys, values, launch)
-        if plan is not None:
-            key_mode, block_n = plan
-            return _plane_attention_triton(
-                query, keys, values, lengths, scale, replace(launch, block_n=block_n), key_mode
-            )
         b, hq, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         dv = values.codes.shape[-1] * 8 // values.bits
@@ -1157,7 +1150,7 @@ if kernels.triton is not None:
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype)
 
 
-@kernels._make_op("kvbench::packed_decode_attention")
+@kernels._make_op("kvbench::packed_decode_attention")  # the layouts `plane_plan` leaves to the split kernel
 def _packed_attention_op(
     query: torch.Tensor,
     k_codes: torch.Tensor,

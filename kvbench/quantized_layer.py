@@ -46,7 +46,8 @@ Decode attention: the store's live slots and the window's in one
 `kvbench.quant_kernels.packed_decode_attention` call (Triton on CUDA, dequantizing in registers; where the
 plane kernel takes the store, the window is one more of its programs, otherwise
 `kvbench.kernels.decode_attention` merged through the log-sum-exp; the PyTorch references elsewhere). A layer
-with several parts (ZipCache) merges its parts and window itself. `storage="simulated"` keeps the dequantized
+with several parts (ZipCache), or with simulated storage, merges its parts and window itself (and applies
+`decode_rotation` around them). `storage="simulated"` keeps the dequantized
 values in model-dtype buffers instead (accuracy studies; more bytes, and counted as such).
 """
 
@@ -222,17 +223,16 @@ class Part:
     def attend(
         self, query: torch.Tensor, scale: float, window: Window | None = None, rotation: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over this part's slots, and over `window` too where one is given; with `rotation`, in
-        the basis the slots are stored in (`packed_decode_attention`)."""
+        """Attention over this part's slots; a packed part's also over `window` and in the basis `rotation`
+        stores the slots in where given (`packed_decode_attention`); a simulated one's takes neither (the
+        layer merges and rotates around it)."""
         if not self.keys.simulated:
             keys, values = self.keys.slots_view(), self.values.slots_view()
             return packed_decode_attention(query, keys, values, self.length, scale, window, rotation)
-        q = query if rotation is None else rotate(query, rotation)
+        if window is not None or rotation is not None:
+            raise ValueError("a simulated part attends over its own slots only")
         positions = live_positions(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
-        out, lse = kernels.decode_attention(q, self.keys.codes, self.values.codes, positions, scale)
-        if window is not None:
-            out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window, scale)])
-        return (out if rotation is None else rotate(out, rotation)), lse
+        return kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {**self.keys.tensors(f"{prefix}.keys"), **self.values.tensors(f"{prefix}.values")}
@@ -434,7 +434,7 @@ class QuantizedLayer(KVLayer):
             return super().attend(query, keys, values, scaling)
         q = self.transform_query(query[:, :, 0])
         window = Window(self.window_keys, self.window_values, self.window_positions()) if self.ring else None
-        if len(self.parts) == 1:  # one call: the packed kernel attends over the window too where it can
+        if len(self.parts) == 1 and not self.simulated:  # one call: window and rotation inside where it can
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
         else:
             rotated = q if self.rotation is None else rotate(q, self.rotation)

@@ -137,7 +137,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
     finite = torch.isfinite(ref_lse)
     b, hkv, s, d = (*x["keys"].codes.shape[:3], x["query"].shape[-1])
     plan = quant_kernels.plane_plan(x["keys"], x["values"], launch)
-    if plan is not None:  # what `_packed_attention_triton` launched
+    if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     return {
         "window": with_window,
