@@ -21,7 +21,8 @@ with a full-precision window of 129 slots (the plane kernel's window program), a
 the per-token layout, and under
 the default one also float16 queries and the layouts no timed row uses (ZipCache's odd key blocks from a
 lead, key rows spanning whole tiles from a misaligned lead, 3- and 8-bit codes), and the operator under
-CUDA-graph capture (and torch.compile(fullgraph=True) without --quick). A failed check is a row with
+CUDA-graph capture (and torch.compile(fullgraph=True) without --quick); also `kvbench.token_quant`'s
+one-launch quantization of a decode token against its reference. A failed check is a row with
 "ok": false and the exit status 1; timing goes on. Imports only torch, triton and kvbench; appends one
 JSON line per row to --out and prints a table.
 """
@@ -42,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-from kvbench import kernels, quant_kernels
+from kvbench import kernels, quant_kernels, token_quant
 from kvbench.hadamard import hadamard_matrix
-from kvbench.quant import PARAM_DTYPE, packed_width
+from kvbench.quant import PARAM_DTYPE, dequantize, packed_width
 from kvbench.quant_kernels import LaunchConfig, PackedSlots, packed_decode_attention, packed_decode_attention_reference
 
 HQ, HKV, D = 32, 8, 128
@@ -215,6 +216,30 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
     return rows
 
 
+def token_quant_checks(device: torch.device) -> list[dict]:
+    """`kvbench.token_quant`'s one-launch quantization of a decode token (4 sequences x 8 KV heads, bf16, an
+    outlier channel) against its reference, with and without QuaRot's rotation: unrotated equal bit for bit;
+    rotated within one step (the float32 sums' order differs from the butterfly's)."""
+    gen = torch.Generator(device=device).manual_seed(5)
+    keys = torch.randn(4, HKV, 1, D, device=device, generator=gen) * 2
+    keys[..., 7] += 30.0
+    keys, values = keys.bfloat16(), torch.randn(4, HKV, 1, D, device=device, generator=gen).bfloat16()
+    rows = []
+    for rotation in (None, hadamard_matrix(D, device=device, normalized=False)):
+        got = token_quant.quantize_tokens(keys, values, rotation, 4, D, 0.95)
+        want = token_quant.quantize_tokens_reference(keys, values, rotation, 4, D, 0.95)
+        equal = all(torch.equal(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
+        error = max(
+            float(((dequantize(g, 4, "token", D) - dequantize(w, 4, "token", D)).abs() / w.scale.float()).max())
+            for g, w in zip(got, want, strict=True)
+        )
+        differing = max(float((g.codes != w.codes).float().mean()) for g, w in zip(got, want, strict=True))
+        ok = equal if rotation is None else error <= 1.01 and differing < 0.02
+        name = "token_quant_rotated" if rotation is not None else "token_quant"
+        rows.append({"check": name, "ok": ok, "equal": equal, "error_steps": error, "codes_differing": differing})
+    return rows
+
+
 def capture_checks(device: torch.device, slots: int, with_compile: bool) -> list[dict]:
     rows = []
     keys, values = packed_inputs(2, slots, TIMED["kivi2"], device, seed=2)
@@ -352,6 +377,7 @@ def main() -> int:
     bandwidth = read_bandwidth(device)
     # Under Triton's interpreter no triton_op compiles (fake tensors reach the interpreted launch).
     rows = capture_checks(device, check_slots, with_compile=not (args.quick or kernels._INTERPRETED))
+    rows += token_quant_checks(device)
     dense = dense_rows(device, contexts, batches)
     rows += list(dense.values())
     for config in configs:

@@ -59,11 +59,11 @@ from typing import ClassVar
 
 import torch
 
-from kvbench import kernels
+from kvbench import kernels, token_quant
 from kvbench.cache import KVLayer, LayerSpec, batch_head_index
 from kvbench.errors import require
 from kvbench.method import Method
-from kvbench.quant import AXES, BITS, PARAM_DTYPE, dequantize, packed_width, quantize
+from kvbench.quant import AXES, BITS, PARAM_DTYPE, Quantized, dequantize, packed_width, quantize
 from kvbench.quant_kernels import (
     PackedSlots,
     Window,
@@ -142,11 +142,14 @@ class PackedStore:
         self.scale = torch.zeros(b, h, param_rows, cols, dtype=PARAM_DTYPE, device=device)
         self.zero = torch.zeros_like(self.scale)
 
-    def _quantize(self, x: torch.Tensor, group_tokens: int):
+    def quantize(self, x: torch.Tensor, group_tokens: int = 0) -> Quantized:
+        """x [B, H, n, D] in this store's layout (per-channel groups of `group_tokens`, 0: row_tokens);
+        simulated: (the dequantized values, None, None)."""
+        group_tokens = group_tokens or self.row_tokens
         group = self.spec.group if self.spec.axis == "token" else group_tokens
         q = quantize(x, self.spec.bits, self.spec.axis, group, self.spec.clip_ratio)
         if self.simulated:
-            return dequantize(q, self.spec.bits, self.spec.axis, group, self.codes.dtype), None, None
+            return Quantized(dequantize(q, self.spec.bits, self.spec.axis, group, self.codes.dtype), None, None)
         return q
 
     def fill(self, x: torch.Tensor, group_tokens: int = 0) -> None:
@@ -155,7 +158,7 @@ class PackedStore:
         n = x.shape[2]
         if n == 0:
             return
-        codes, scale, zero = self._quantize(x, group_tokens or self.row_tokens)
+        codes, scale, zero = self.quantize(x, group_tokens)
         self.codes[:, :, :n] = codes
         if scale is not None:
             self.scale[:, :, : scale.shape[2]] = scale
@@ -168,11 +171,16 @@ class PackedStore:
         (None: all). Indexed assignment of `where(commit, new, old)`: static, in place under torch.compile.
         A block that is not committed may reach past the buffer; its indices are clamped (it rewrites the
         old values)."""
-        b, h, n, _ = x.shape
-        rows = torch.arange(b, device=x.device).view(b, 1, 1)
-        heads = torch.arange(h, device=x.device).view(1, h, 1)
-        codes, scale, zero = self._quantize(x, group_tokens or self.row_tokens)
-        slots = (start.view(b, 1, 1) + torch.arange(n, device=x.device)).clamp_max(self.codes.shape[2] - 1)
+        self.write_quantized(start, self.quantize(x, group_tokens), commit)
+
+    def write_quantized(self, start: torch.Tensor, quantized: Quantized, commit: torch.Tensor | None) -> None:
+        """`write_block` of tokens already quantized in this store's layout (codes [B, H, n, bytes] and their
+        parameter rows; simulated: the dequantized values, no parameters)."""
+        codes, scale, zero = quantized
+        b, h, n = codes.shape[:3]
+        rows = torch.arange(b, device=codes.device).view(b, 1, 1)
+        heads = torch.arange(h, device=codes.device).view(1, h, 1)
+        slots = (start.view(b, 1, 1) + torch.arange(n, device=codes.device)).clamp_max(self.codes.shape[2] - 1)
         self._put(self.codes, (rows, heads, slots), codes, commit)
         if scale is None:
             return
@@ -182,7 +190,7 @@ class PackedStore:
             first = torch.where(
                 start < self.lead, 0, 1 + torch.div(start - self.lead, self.row_tokens, rounding_mode="floor")
             )
-            param_rows = (first.view(b, 1, 1) + torch.arange(scale.shape[2], device=x.device)).clamp_max(
+            param_rows = (first.view(b, 1, 1) + torch.arange(scale.shape[2], device=codes.device)).clamp_max(
                 self.scale.shape[2] - 1
             )
         self._put(self.scale, (rows, heads, param_rows), scale, commit)
@@ -252,6 +260,9 @@ class QuantizedLayer(KVLayer):
 
     stores_positions = False
     flushes_after_attention: ClassVar[bool] = False  # the flush needs the step's attention (ZipCache's ranking)
+    # transform_keys / transform_values are the identity, or the rotation by `decode_rotation` (QuaRot): a new
+    # token may then be rotated and quantized in one kernel (`quantize_new_token`). Other transforms: False.
+    transforms_are_rotation: ClassVar[bool] = True
 
     def __init__(self, spec: LayerSpec, key: QuantSpec, value: QuantSpec, window: int, storage: str) -> None:
         super().__init__(spec, capacity=spec.prompt_len + spec.decode_len)
@@ -372,15 +383,16 @@ class QuantizedLayer(KVLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         if key_states.shape[2] != 1:
             raise RuntimeError("after prefill, tokens go through the cache one at a time")
-        keys, values = self.transform_keys(key_states), self.transform_values(value_states)
         if not self.ring:  # no window: quantized as it is written
             part = self.parts[0]
-            part.keys.write_block(self.seen, keys, None)
-            part.values.write_block(self.seen, values, None)
+            new_keys, new_values = self.quantize_new_token(key_states, value_states)
+            part.keys.write_quantized(self.seen, new_keys, None)
+            part.values.write_quantized(self.seen, new_values, None)
             part.length.add_(1)
             self.quantized.add_(1)
             self.seen.add_(1)
             return key_states, value_states
+        keys, values = self.transform_keys(key_states), self.transform_values(value_states)
         slot = (self.seen % self.ring).view(-1, 1).expand(*keys.shape[:2])
         rows, heads = batch_head_index(slot)
         self.window_keys[rows, heads, slot] = keys[:, :, 0]
@@ -392,6 +404,21 @@ class QuantizedLayer(KVLayer):
             self._step_done()
         # transformers hands these to the attention function, which ignores them (the layer attends itself).
         return key_states, value_states
+
+    def quantize_new_token(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Quantized, Quantized]:
+        """A decode token's K and V [B, Hkv, 1, D], transformed and quantized for the store (no window). One
+        kernel launch for both where the layout allows (`kvbench.token_quant`: per-token 4-bit groups, the
+        same for K and V, packed, transforms that are `rotation` or nothing); else transform, then quantize."""
+        part, spec = self.parts[0], self.key_spec
+        if (
+            self.transforms_are_rotation
+            and not self.simulated
+            and spec == self.value_spec
+            and keys.shape == values.shape
+            and token_quant.fits(spec.bits, spec.axis, spec.group, keys.shape[-1])
+        ):
+            return token_quant.quantize_tokens(keys, values, self.rotation, spec.bits, spec.group, spec.clip_ratio)
+        return part.keys.quantize(self.transform_keys(keys)), part.values.quantize(self.transform_values(values))
 
     def _step_done(self) -> None:
         # A step run as Python moves the host counters; after a compiled step or a graph replay the engine does

@@ -115,6 +115,7 @@ class ZipCacheLayer(QuantizedLayer):
     """Two parts, the salient set (high bits) and the rest (low bits); the window is the decode buffer."""
 
     flushes_after_attention = True
+    transforms_are_rotation = False  # transform_values is not a rotation
 
     def __init__(self, spec: LayerSpec, method: ZipCache) -> None:
         self.method = method
