@@ -138,7 +138,7 @@ class LaunchConfig:
     # Per-channel key rows of half a tile (KIVI's 32 tokens in 64-slot tiles) folded per half ("halves")
     # instead of dequantized per slot ("rows"): 2,512 SASS instructions per tile against 4,011 (offline,
     # 2 warps) but 39 spill operations; not yet timed, so off by default (`quant_attention.py` times it).
-    fold_half_rows: bool = False
+    fold_half_rows: bool = True
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`

@@ -182,6 +182,9 @@ if kernels.triton is not None:
     ):
         """Program (i, 0) quantizes key rows [i * BLOCK_R, (i + 1) * BLOCK_R), program (i, 1) those values."""
         first_row = tl.program_id(0) * BLOCK_R
+        # Python floats arrive as float64 under torch.compile: the reference multiplies in float32.
+        rotation_scale = tl.cast(rotation_scale, tl.float32)
+        clip = tl.cast(clip, tl.float32)
         if tl.program_id(1) == 0:
             _quantize_rows(k_ptr, kc_ptr, ks_ptr, kz_ptr, rotation_ptr, first_row, rows, rotation_scale, clip,
                            DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip

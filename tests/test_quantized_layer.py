@@ -50,8 +50,8 @@ CASES = {
     # per-channel key rows of 32 from a lead of 5 + 7b in 64-slot tiles ("rows"), float16: the keys
     # dequantized in float16 as on the GPU (bfloat16 goes to float32 under the interpreter)
     "rows_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
-    # the same two layouts with the launch's `fold_half_rows` ("halves": tiles aligned to the rows, each
-    # half's row folded into the query)
+    # the same two layouts under the default launch (`fold_half_rows`, "halves": tiles aligned to the rows,
+    # each half's row folded into the query)
     "halves_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     "kivi4_halves_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
@@ -63,12 +63,12 @@ WINDOW_CASES = ("kivi4_bf16", "kivi4_halves_bf16", "plane_groups_fp16", "kivi2_f
 # Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
 # combine, alone and with a window; around `_packed_split_kernel` (products outside it).
 ROTATION_CASES = ("quarot4_bf16", "plane_groups_fp16+window", "kivi2_fp32")
-# Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold; the
-# half-tile fold.
+# Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold; rows of
+# half a tile dequantized per slot ("rows", the default before the half-tile fold).
 LAUNCHES = {
     "kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1),
-    "halves_fp16": quant_kernels.LaunchConfig(fold_half_rows=True),
-    "kivi4_halves_bf16": quant_kernels.LaunchConfig(fold_half_rows=True),
+    "rows_fp16": quant_kernels.LaunchConfig(fold_half_rows=False),
+    "kivi4_bf16": quant_kernels.LaunchConfig(fold_half_rows=False),
 }
 
 
@@ -339,7 +339,7 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int
 @pytest.mark.parametrize(
     ("method", "key_mode"),
     [
-        (KIVI(bits=4), "rows"),
+        (KIVI(bits=4), "halves"),
         (KIVI(bits=4, group=64, window=128), "row"),
         (QuaRot(bits=4), "token"),
         (QuaRot(bits=4, rotate=False), "token"),  # RTN

@@ -154,7 +154,7 @@ def test_kernel_compiles_for_hopper(rotate: bool) -> None:
 
     pointers = {name: "*bf16" for name in ("k_ptr", "v_ptr")} | {"rotation_ptr": "*fp32"}
     pointers |= {"kc_ptr": "*u8", "vc_ptr": "*u8"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
-    pointers |= {"rotation_scale": "fp32", "clip": "fp32"}
+    pointers |= {"rotation_scale": "fp64", "clip": "fp64"}  # Python floats, as Inductor types them
     constexprs = {"DIM": 128, "GROUP": 128, "ROTATE": rotate, "UPCAST": False, "BLOCK_R": token_quant.BLOCK_ROWS}
     assert _compile_for_hopper(token_quant._quantize_tokens_kernel, pointers, constexprs).asm["cubin"]
 
