@@ -210,7 +210,7 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
             result = check(query, keys, values, lengths, window_inputs(query, 129))
             rows.append({"check": f"reference_{name}_window", "config": config} | result)
         if name == "int4_token":  # QuaRot's rotations, in the plane kernel's prologue and the combine
-            signs = hadamard_matrix(D, device=device, normalized=False)
+            signs = hadamard_matrix(D, dtype=torch.int8, device=device, normalized=False)
             result = check(query, keys, values, lengths, rotation=signs)
             rows.append({"check": f"reference_{name}_rotation", "config": config} | result)
     return rows
@@ -225,7 +225,7 @@ def token_quant_checks(device: torch.device) -> list[dict]:
     keys[..., 7] += 30.0
     keys, values = keys.bfloat16(), torch.randn(4, HKV, 1, D, device=device, generator=gen).bfloat16()
     rows = []
-    for rotation in (None, hadamard_matrix(D, device=device, normalized=False)):
+    for rotation in (None, hadamard_matrix(D, dtype=torch.int8, device=device, normalized=False)):
         got = token_quant.quantize_tokens(keys, values, rotation, 4, D, 0.95)
         want = token_quant.quantize_tokens_reference(keys, values, rotation, 4, D, 0.95)
         equal = all(torch.equal(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))

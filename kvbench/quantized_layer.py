@@ -302,7 +302,8 @@ class QuantizedLayer(KVLayer):
         return out
 
     def decode_rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
-        """A contiguous float32 [dim, dim] matrix R of +-1 entries (R R = dim I) that `transform_keys` and
+        """A contiguous [dim, dim] matrix R of +-1 entries (R R = dim I; any dtype, int8 the cheapest to read,
+        the kernels convert it exactly) that `transform_keys` and
         `transform_values` rotate by (x R / sqrt(dim)), or None. Decode attention then computes in the
         rotated basis, q R / sqrt(dim) against the stored keys, and rotates its output back. Asked once, at
         the end of prefill, before the prompt is transformed (made eagerly; a compiled step only reads it)."""

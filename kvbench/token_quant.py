@@ -131,7 +131,7 @@ if kernels.triton is not None:
         if ROTATE:
             rotation = tl.load(rotation_ptr + d[:, None] * DIM + d[None, :])
             if UPCAST:  # float32 inputs, and bfloat16 under the interpreter (whose bfloat16 dots are wrong)
-                rotated = tl.dot(x.to(tl.float32), rotation, input_precision="ieee")
+                rotated = tl.dot(x.to(tl.float32), rotation.to(tl.float32), input_precision="ieee")
             else:  # +-1 is exact in 16 bits: exact products, float32 sums on the tensor cores
                 rotated = tl.dot(x, rotation.to(x.dtype))
             # The transform's output is in the model's dtype (QuaRot rotates in float32 and casts back).

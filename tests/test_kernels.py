@@ -239,7 +239,7 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
     )
     _compile_for_hopper(
         kernels._decode_combine_kernel,
-        partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*fp32", "rotation_scale": "fp32"},
+        partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"},
         # bf16: the combine that rotates QuaRot's outputs back (`kvbench.quant_kernels`)
         {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": kernels.COMBINE_BLOCK, "BLOCK_DV": 128, "ROTATE": dtype == "bf16"},
     )

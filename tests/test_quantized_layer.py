@@ -118,7 +118,7 @@ def _window(x: dict, slots: int, gen: torch.Generator) -> quant_kernels.Window:
 def _measure(name: str, with_window: bool = False, with_rotation: bool = False) -> dict:
     x = _case_inputs(name, seed=len(name))
     args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
-    rotation = hadamard_matrix(x["query"].shape[-1], normalized=False) if with_rotation else None
+    rotation = hadamard_matrix(x["query"].shape[-1], dtype=torch.int8, normalized=False) if with_rotation else None
     # The reference meets the stored (rotated) keys with the rotated query and rotates its output back.
     query = x["query"] if rotation is None else quant_kernels.rotate(x["query"], rotation)
     ref_out, ref_lse = packed_decode_attention_reference(query, *args[1:])
@@ -323,7 +323,7 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int
     pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64"}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
-    pointers |= {"rotation_ptr": "*fp32", "rotation_scale": "fp32"}
+    pointers |= {"rotation_ptr": "*i8", "rotation_scale": "fp32"}
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": 4, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
         "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": 4,

@@ -38,7 +38,7 @@ def _inputs(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch
     keys[0, 0, 0, 5] = 40.0  # an outlier channel, what the rotation spreads
     values[0, 1, 0] = 0.25  # a constant row: the smallest step, every code 0
     values[-1, -1, 0] = -torch.rand(d, generator=gen)  # all negative
-    rotation = hadamard_matrix(d, normalized=False) if rotate else None
+    rotation = hadamard_matrix(d, dtype=torch.int8, normalized=False) if rotate else None
     return keys.to(getattr(torch, dtype)), values.to(getattr(torch, dtype)), rotation
 
 
@@ -152,7 +152,7 @@ def test_kernel_compiles_for_hopper(rotate: bool) -> None:
     in float32, and the reshapes, permute and split of the packing."""
     from tests.test_quantized_layer import _compile_for_hopper
 
-    pointers = {name: "*bf16" for name in ("k_ptr", "v_ptr")} | {"rotation_ptr": "*fp32"}
+    pointers = {name: "*bf16" for name in ("k_ptr", "v_ptr")} | {"rotation_ptr": "*i8"}
     pointers |= {"kc_ptr": "*u8", "vc_ptr": "*u8"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {"rotation_scale": "fp64", "clip": "fp64"}  # Python floats, as Inductor types them
     constexprs = {"DIM": 128, "GROUP": 128, "ROTATE": rotate, "UPCAST": False, "BLOCK_R": token_quant.BLOCK_ROWS}
