@@ -38,7 +38,7 @@ NOMINAL_BANDWIDTH = 3.0e12  # B/s
 HEAD_DIM = 128
 HEADS = {"gqa": (32, 8), "mha": (32, 32)}
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-SWEEP_SHAPES = [("gqa", 1, 32768), ("gqa", 4, 8192), ("mha", 1, 32768)]
+SWEEP_SHAPES = [("gqa", 1, 32768), ("gqa", 4, 32768), ("mha", 1, 32768)]  # the dense targets: 32k, batch 1 and 4
 # (BLOCK_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM); the first is the module's default (up to FEW_HEADS
 # pairs, which every sweep shape is). Two warps: what made the 4-bit kernels faster (quant_attention.py).
 SWEEP = [
