@@ -13,6 +13,9 @@ API for methods (KIVI, ZipCache and QuaRot build on it):
   `decode_rotation(dim, device)`: a +-1 matrix R the stored keys and values are rotated by (QuaRot's
   Hadamard), so that decode attention rotates the query by R / sqrt(D) to meet them and its output back,
   inside the attention kernels where they take the store (`packed_decode_attention`), else by products;
+  a decode token written straight to the store (no window) in per-token 4-bit groups is transformed and
+  quantized in one kernel launch (`kvbench.token_quant`), which assumes the transforms are `decode_rotation`
+  or nothing: a subclass with other transforms sets `transforms_are_rotation = False` (ZipCache);
   `quantize_prompt(keys, values)` to place the prompt differently, `flush_window()` (with `flush_tokens`, the
   tokens one flush takes out of the window) to change how the window is quantized, `decode_variants()` to
   narrow its flush schedule (QuaRot at 16 bits never flushes), and `after_attention(query, lse, scaling)` to

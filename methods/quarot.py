@@ -100,7 +100,8 @@ class QuaRot(QuantizedMethod):
 
 
 class QuaRotLayer(QuantizedLayer):
-    """With `rotate`, stores H k and H v (the fast transform); decode attention rotates the query to meet
+    """With `rotate`, stores H k and H v (on the GPU a decode token's are rotated and quantized in one kernel,
+    `kvbench.token_quant`; elsewhere the fast transform, then `quantize`); decode attention rotates the query to meet
     the keys and rotates its output back (H = H^-1; `decode_rotation` holds H as a +-1 matrix for that),
     inside the attention kernels on the GPU; prefill attends to the unrotated prompt in full precision.
     Without `quantizes` (bits 16) the full-precision window holds the whole generation, so no packed store
@@ -114,9 +115,9 @@ class QuaRotLayer(QuantizedLayer):
     def decode_rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
         return _sign_hadamard(dim, device) if self.rotate else None
 
-    # Keys and values by the butterfly, not by a float32 product with the held matrix: in the compiled
-    # decode step cuBLAS ran that [8, 128] x [128, 128] product in 52 us (an sm80 SIMT kernel; H200,
-    # profile_step.py), against a few us for the butterfly's fused kernels.
+    # The prompt's keys and values (and a decode token's where `kvbench.token_quant` does not run) by the
+    # butterfly, not by a float32 product with the held matrix: in the compiled decode step cuBLAS ran that
+    # [8, 128] x [128, 128] product in 52 us (an sm80 SIMT kernel; H200, profile_step.py).
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
         return keys if self.rotation is None else hadamard_transform(keys)
 
