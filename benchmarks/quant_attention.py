@@ -80,10 +80,13 @@ CONFIGS = {
     "w2_stages3": fixed(4, num_warps=2, num_stages=3),  # one more tile in flight
     "n128_w4": fixed(4, block_n=128, num_warps=4),  # tiles of twice the bytes
     "n32_w2": fixed(4, block_n=32, num_warps=2),  # KIVI's key rows of 32 span whole tiles: their scales fold
-    # KIVI's key rows folded per half of a 64-slot tile instead of dequantized per slot
-    "halves": replace(quant_kernels.LAUNCH, fold_half_rows=True),
+    # KIVI's key rows dequantized per slot, as before the half-tile fold became the default
+    "rows": replace(quant_kernels.LAUNCH, fold_half_rows=False),
+    # one value zero-point per slot (int4_token's layout) summed per tile instead of the zero-point product
+    "zero_sums": replace(quant_kernels.LAUNCH, zero_row_sums=True),
+    "zero_sums_w1": replace(quant_kernels.LAUNCH, zero_row_sums=True, num_warps=1),
 }
-DEFAULT_CONFIGS = "default,halves,w4_pps2,w2_pps4,w2_pps8"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,zero_sums,zero_sums_w1,w2_pps4,w2_pps8"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

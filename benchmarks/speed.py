@@ -18,12 +18,14 @@ row to `--out`, with device, versions and commit; a table at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from dataclasses import asdict
 
 import torch
 
+from kvbench import quant_kernels
 from kvbench.engine import Engine, Request, Timer
 from kvbench.method import Method
 from kvbench.methods.arkvale import ArkVale
@@ -207,12 +209,20 @@ def main() -> None:
         default=None,
         help="pin ArkVale's pages recalled per step and layer (random weights recall nearly every page)",
     )
+    parser.add_argument(
+        "--quant-launch",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override fields of the 4-bit kernels' launch (kvbench.quant_kernels.LaunchConfig), e.g. zero_row_sums=1",
+    )
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--time-limit-s", type=float, default=480, help="start no new row after this long")
     parser.add_argument("--quick", action="store_true", help="llama-3.1-8b, 8k, batch 1, budget 2048")
     parser.add_argument("--device", default="cuda", help="cpu runs the same code (for checking the script)")
     parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
     args = parser.parse_args()
+    quant_kernels.LAUNCH = quant_launch(args.quant_launch)
     if args.quick:
         args.shapes, args.contexts, args.batches, args.budgets = ["llama-3.1-8b"], [8192], [1], [2048]
 
@@ -241,6 +251,7 @@ def main() -> None:
             row = run_row(model, spec, method_name, size, context, batch, engine_name, args, bandwidth)
             row.update(
                 shape=shape,
+                quant_launch=asdict(quant_kernels.LAUNCH),
                 bandwidth_bytes_per_s=bandwidth,
                 environment=env,
                 commit=args.commit or env.get("git_commit"),
@@ -251,6 +262,19 @@ def main() -> None:
             print(format_row(row), flush=True)
     print("\n" + "\n".join(format_row(row) for row in rows))
     print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
+
+
+def quant_launch(overrides: list[str]) -> quant_kernels.LaunchConfig:
+    """The default launch with FIELD=VALUE overrides (integers; booleans as 0/1 or true/false)."""
+    fields = {f.name: f.type for f in dataclasses.fields(quant_kernels.LaunchConfig)}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            raise SystemExit(f"--quant-launch {item!r} is not valid: FIELD=VALUE, FIELD one of {list(fields)}")
+        is_flag = fields[name] in (bool, "bool")
+        changes[name] = value.lower() in ("1", "true") if is_flag else int(value)
+    return dataclasses.replace(quant_kernels.LAUNCH, **changes)
 
 
 def grid(args) -> list[tuple[str, str, int, int, int, str]]:

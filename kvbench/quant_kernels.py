@@ -136,9 +136,14 @@ class LaunchConfig:
     programs_per_sm: int = 4
     programs_per_sm_many_heads: int = 8
     # Per-channel key rows of half a tile (KIVI's 32 tokens in 64-slot tiles) folded per half ("halves")
-    # instead of dequantized per slot ("rows"): 2,512 SASS instructions per tile against 4,011 (offline,
-    # 2 warps) but 39 spill operations; not yet timed, so off by default (`quant_attention.py` times it).
+    # instead of dequantized per slot ("rows"). H200, kernel alone, KIVI-4 at 32k: 40.4 vs 43.8 us at batch
+    # 1, 129.1 vs 134.3 at batch 4 (benchmarks/README.md, "One launch for the new token").
     fold_half_rows: bool = True
+    # Values with one zero-point per slot (QuaRot's and RTN's layout): p . z as a float32 row sum per tile
+    # instead of the [N, 16] zero-point product that any parameter layout takes. Offline (sm_90, Triton
+    # 3.6, the runtime's argument specialisation, 2 warps) the token-mode tile loop drops from ~1,150 to
+    # ~870 instructions per warp; not yet timed, so off (`quant_attention.py`'s `zero_sums` config times it).
+    zero_row_sums: bool = False
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
@@ -738,6 +743,7 @@ if kernels.triton is not None:
         HAS_WINDOW: tl.constexpr,
         ROTATE: tl.constexpr,
         PRECISION: tl.constexpr,
+        ZERO_SUMS: tl.constexpr,
     ):
         """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -755,7 +761,8 @@ if kernels.triton is not None:
           bfloat16 query meets them in float16 too, exact unless a query value lies outside float16's range
           or below its normal range, 6e-5, where it loses bits);
         - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
-          zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles.
+          zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles; with
+          ZERO_SUMS (one zero-point per slot: V_GROUP = VALUE_DIM), p . z is a float32 row sum per tile.
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
         loads stall the pipeline when read in the tile that uses them).
@@ -821,6 +828,7 @@ if kernels.triton is not None:
         acc2 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
         acc3 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
         zacc = tl.zeros([BLOCK_G, 16], tl.float32)
+        zsum = tl.zeros([BLOCK_G], tl.float32)  # ZERO_SUMS: sum of p * z over the slots so far
         start = split * split_len
         end = tl.minimum(start + split_len, length)
         first = start
@@ -846,7 +854,10 @@ if kernels.triton is not None:
             vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
             vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
             vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
-        vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+        if ZERO_SUMS:
+            vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
+        else:
+            vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
         for tile in range(first, end, BLOCK_N):
             slots = tile + offs_n
             live = (slots >= start) & (slots < end)
@@ -926,8 +937,12 @@ if kernels.triton is not None:
 
             v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
             c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM)
-            zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
-            vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+            if ZERO_SUMS:
+                zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
+                vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
+            else:
+                zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
+                vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
             if V_GROUP < VALUE_DIM:
                 acc0 = tl.dot((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], input_precision=PRECISION)
                 acc1 = tl.dot((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], input_precision=PRECISION)
@@ -985,11 +1000,17 @@ if kernels.triton is not None:
         rows = (b * num_kv_heads * group + heads) * total_splits + split  # kvbench.kernels' partial layout
         out = o_part_ptr + rows[:, None] * VALUE_DIM + offs_wv[None, :]
         mask = g_ok[:, None] & (offs_wv < V_WIDTH)[None, :]
-        cols = tl.arange(0, 16)[None, :]
-        z0 = tl.sum(tl.where(cols == 0 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
-        z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
-        z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
-        z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        if ZERO_SUMS:
+            z0 = zsum
+            z1 = zsum
+            z2 = zsum
+            z3 = zsum
+        else:
+            cols = tl.arange(0, 16)[None, :]
+            z0 = tl.sum(tl.where(cols == 0 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+            z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+            z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+            z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
         tl.store(out, (acc0 + z0[:, None]) / norm[:, None], mask=mask)
         tl.store(out + V_WIDTH, (acc1 + z1[:, None]) / norm[:, None], mask=mask)
         tl.store(out + 2 * V_WIDTH, (acc2 + z2[:, None]) / norm[:, None], mask=mask)
@@ -1076,6 +1097,7 @@ if kernels.triton is not None:
             HAS_WINDOW=window is not None,
             ROTATE=rotation is not None,
             PRECISION=precision,
+            ZERO_SUMS=launch.zero_row_sums and values.col_channels == dv,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
