@@ -1,0 +1,162 @@
+"""Offline instruction counts of the 4-bit plane kernel's tile loop for sm_90 (no GPU needed).
+
+    PYTHONPATH=. python benchmarks/plane_sass.py                               # token mode, every variant
+    PYTHONPATH=/path/to/triton-3.6:. python benchmarks/plane_sass.py --modes token halves
+
+Compiles `kvbench.quant_kernels._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
+integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
+batch 1, 32k slots: strides that are multiples of 16 and 16-byte-aligned pointers marked divisible by 16,
+arguments equal to 1 made constants). Without that specialisation the codes load 16 bits at a time and the
+counts are ~60% higher than what runs. Prints, per variant, the SASS instructions in the largest loop (the
+tile loop) per warp, registers, local-memory (spill) operations, and the loop's instructions by class.
+Counts depend on the Triton version (the GPU image has 3.6; put its wheel first on PYTHONPATH to match).
+Instructions are not time: the kernel is bound by latency as much as by issue (benchmarks/README.md,
+"Where the plane kernel's instructions go"); `quant_attention.py` times the variants on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+
+from kvbench import quant_kernels
+
+try:  # where Triton keeps its argument specialisation (3.6 and 3.7)
+    from triton._C.libtriton import native_specialize_impl
+except ImportError:  # pragma: no cover - other Triton versions
+    native_specialize_impl = None
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+HKV, HQ, D, SLOTS = 8, 32, 128, 32768
+# key mode: (K_ROW_TOKENS, K_GROUP, V_GROUP, key parameter row stride, value parameter row stride)
+MODES = {
+    "token": (1, D, D, 1, 1),  # QuaRot / RTN: one scale and zero-point per token, K and V
+    "halves": (32, 1, 32, D, 4),  # KIVI-4: per-channel key rows of 32 tokens, values in groups of 32
+    "rows": (32, 1, 32, D, 4),  # the same, keys dequantized per slot
+}
+VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}}
+CLASSES = [
+    ("mma", r"^HMMA"), ("shared", r"^(LDS|STS|LDSM)"), ("shuffle", r"^SHFL"), ("global", r"^(LDG|STG|LDGSTS)"),
+    ("barrier", r"^(BAR|DEPBAR|LDGDEPBAR)"), ("logic/shift", r"^(LOP3|SHF|PRMT)"), ("half2", r"^H(ADD|FMA|MUL)2"),
+    ("convert", r"^(F2F|F2FP|I2F|F2I)"), ("float32", r"^(FFMA|FMUL|FADD|FMNMX|FSEL|FSETP|MUFU)"),
+    ("integer", r"^(IMAD|IADD3|LEA|ISETP|SEL|VIADD|IMNMX)"),
+]  # fmt: skip
+INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
+LABEL = re.compile(r"^\s*\.?(L_x_\d+|LBB\d+_\d+):")
+BACK_BRANCH = re.compile(r"BRA\s+.*?`?\(?\.?(L_x_\d+|LBB\d+_\d+)")
+
+
+def argument_values(mode: str) -> dict[str, int]:
+    """The integer arguments of the benchmark's launch (batch 1; codes of D/4 16-bit elements per slot)."""
+    row_tokens, _, _, key_row_stride, value_row_stride = MODES[mode]
+    key_rows = SLOTS // row_tokens + 1
+    elements = D // 4
+    values = {"num_kv_heads": HKV, "group": HQ // HKV, "stride_qb": HQ * D, "stride_qh": D}
+    values |= {"stride_kcb": HKV * SLOTS * elements, "stride_kch": SLOTS * elements, "stride_kcs": elements}
+    values |= {"stride_vcb": HKV * SLOTS * elements, "stride_vch": SLOTS * elements, "stride_vcs": elements}
+    values |= {"stride_ksb": HKV * key_rows * key_row_stride, "stride_ksh": key_rows * key_row_stride}
+    values |= {"stride_vsb": HKV * SLOTS * value_row_stride, "stride_vsh": SLOTS * value_row_stride}
+    values |= {"stride_ksr": key_row_stride, "stride_vsr": value_row_stride}
+    return values
+
+
+def compile_plane(mode: str, variant: str, num_warps: int):
+    kernel = quant_kernels._plane_split_kernel
+    row_tokens, k_group, v_group, _, _ = MODES[mode]
+    pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
+    pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16", "wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}
+    pointers |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
+    floats = {"scale_log2": "fp32", "rotation_scale": "fp32"}
+    constexprs = {
+        "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": 4, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
+        "V_BITS": 4, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
+        "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode == "rows" else tl.bfloat16, "K_ASM": True,
+        "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
+    } | VARIANTS[variant]  # fmt: skip
+    values = argument_values(mode)
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name], attrs[(index,)] = pointers[name], [["tt.divisibility", 16]]
+        elif name in floats:
+            signature[name] = floats[name]
+        elif name in values and native_specialize_impl is not None:
+            kind, spec = native_specialize_impl(CUDABackend, values[name], False, True, True)
+            if kind == "constexpr":  # an argument equal to 1
+                signature[name], constexprs[name] = "constexpr", spec
+            else:
+                signature[name] = kind
+                if spec == "D":
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        else:  # split sizes and counts: not specialised (do_not_specialize) or per-call
+            signature[name] = "i32"
+    positions = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
+    source = ASTSource(kernel, signature, constexprs=positions, attrs=attrs)
+    options = {"num_warps": num_warps, "num_stages": 2}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def tile_loop(sass: str) -> list[str]:
+    """The opcodes of the largest loop (a backward branch to a label above it)."""
+    lines, labels, best = sass.splitlines(), {}, []
+    for i, line in enumerate(lines):
+        if match := LABEL.search(line):
+            labels[match.group(1)] = i
+        if (match := BACK_BRANCH.search(line)) and labels.get(match.group(1), i) < i:
+            body = [m.group(1) for m in map(INSTRUCTION.search, lines[labels[match.group(1)] : i + 1]) if m]
+            best = max(best, body, key=len)
+    return best
+
+
+def measure(compiled) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([BIN / "nvdisasm", "-c", cubin.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([BIN / "cuobjdump", "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    loop = tile_loop(sass)
+    classes = collections.Counter(
+        next((name for name, pattern in CLASSES if re.search(pattern, op)), "other") for op in loop
+    )
+    return {
+        "loop": len(loop),
+        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+        "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        "classes": dict(classes.most_common()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["token"], choices=list(MODES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--warps", type=int, nargs="+", default=[2])
+    args = parser.parse_args()
+    if native_specialize_impl is None:
+        print("this Triton has no native_specialize_impl: counts without argument specialisation")
+    print(f"triton {triton.__version__}, sm_90, 64-slot tiles; loop = SASS instructions per warp and tile")
+    for mode in args.modes:
+        for variant in args.variants:
+            if variant == "zero_sums" and MODES[mode][2] != D:
+                continue  # one value zero-point per slot only
+            for warps in args.warps:
+                m = measure(compile_plane(mode, variant, warps))
+                print(f"{mode:<7}{variant:<10} {warps} warps: loop {m['loop']:5d}  registers {m['registers']:3d}  "
+                      f"spill ops {m['spill_ops']:3d}  {m['classes']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
