@@ -9,13 +9,16 @@ the rotation as one tensor-core product with the +-1 Sylvester matrix (exact pro
 scaled by 1 / sqrt(D) and rounded to the model's dtype as the transform's output is, then
 `kvbench.quant.quantize`'s per-token arithmetic and the planar 4-bit packing. It covers the layout that
 QuaRot and its RTN ablation store (per-token groups, 4 bits); `fits` says when. Elsewhere (CPU, other
-layouts) the reference runs: the fast transform, then `quantize`.
+layouts) the reference runs: the fast transform, then `quantize`. Measured (H200, profile_step.py, batch 1,
+32k): 4.6 us a layer with the rotation (the matrix held as int8), 2.9 without; QuaRot-4's step 6.43 ->
+6.19 ms at batch 1 and 9.08 -> 8.18 ms at batch 4 (benchmarks/README.md, "One launch for the new token").
 
 Exactness against the reference: without a rotation the kernel does `quantize`'s float32 operations in
 the same order (minimum and maximum, clip, float16 parameters rounded outward, division rounded to
 nearest, round half to even), so codes and parameters are equal bit for bit. With one, its float32 sums
 of +-x come in another order than the butterfly's, so a rotated value can differ from the transform's in
-its last bit (then rarely a code by one step); the tests bound that.
+its last bit (then rarely a code by one step); the tests bound that. (Measured: none did, on the GPU
+check of 4 x 8 bf16 tokens and in every interpreted case.)
 """
 
 from __future__ import annotations
