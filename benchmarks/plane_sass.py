@@ -44,7 +44,7 @@ MODES = {
     "halves": (32, 1, 32, D, 4),  # KIVI-4: per-channel key rows of 32 tokens, values in groups of 32
     "rows": (32, 1, 32, D, 4),  # the same, keys dequantized per slot
 }
-VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}}
+VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 CLASSES = [
     ("mma", r"^HMMA"), ("shared", r"^(LDS|STS|LDSM)"), ("shuffle", r"^SHFL"), ("global", r"^(LDG|STG|LDGSTS)"),
     ("barrier", r"^(BAR|DEPBAR|LDGDEPBAR)"), ("logic/shift", r"^(LOP3|SHF|PRMT)"), ("half2", r"^H(ADD|FMA|MUL)2"),
@@ -83,6 +83,7 @@ def compile_plane(mode: str, variant: str, num_warps: int):
         "V_BITS": 4, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode == "rows" else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
+        "OFFSET": 0.0,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}
@@ -150,7 +151,7 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, 64-slot tiles; loop = SASS instructions per warp and tile")
     for mode in args.modes:
         for variant in args.variants:
-            if variant == "zero_sums" and MODES[mode][2] != D:
+            if variant != "default" and (MODES[mode][2] != D or mode != "token"):
                 continue  # one value zero-point per slot only
             for warps in args.warps:
                 m = measure(compile_plane(mode, variant, warps))

@@ -85,8 +85,10 @@ CONFIGS = {
     # one value zero-point per slot (int4_token's layout) summed per tile instead of the zero-point product
     "zero_sums": replace(quant_kernels.LAUNCH, zero_row_sums=True),
     "zero_sums_w1": replace(quant_kernels.LAUNCH, zero_row_sums=True, num_warps=1),
+    # and codes converted as 2^m + c, the offset taken out of the sums
+    "offset": replace(quant_kernels.LAUNCH, zero_row_sums=True, offset_codes=True),
 }
-DEFAULT_CONFIGS = "default,zero_sums,zero_sums_w1,w2_pps4,w2_pps8"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,zero_sums,offset,zero_sums_w1,w2_pps8"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

@@ -146,6 +146,9 @@ class LaunchConfig:
     # KIVI's values (a zero-point per plane) keep the product: four row sums took its "halves" loop to 255
     # registers and 52 spill operations (offline, 2,012 -> 1,912 instructions).
     zero_row_sums: bool = False
+    # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
+    # taken out of the sums once per slot). Offline: 867 -> 800 instructions per warp and tile; not timed.
+    offset_codes: bool = False
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
@@ -609,22 +612,59 @@ if kernels.triton is not None:
             2,
         )
 
+    # The same without the subtract: 2^m + code (bfloat16 128 + code, float16 1024 + code), for kernels that
+    # take the offset out of their sums instead (`_plane_split_kernel`'s OFFSET): 7 instructions make 8 values.
     @triton.jit
-    def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    def _bf16_offset_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _f16_offset_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
         """Planar elements [N, W] (int16 words of four 4-bit codes; the integer path takes any BITS) -> the
-        4 planes' codes as DTYPE values, exactly, each [N, W]: with ASM (4 bits, a 16-bit DTYPE, compiled
-        for CUDA) through `_bf16_nibbles` / `_f16_nibbles`, otherwise by integer shifts and the exact float32
-        exponent trick."""
-        if ASM and DTYPE == tl.bfloat16:  # noqa: SIM300
+        4 planes' codes plus OFFSET as DTYPE values, exactly, each [N, W]: with ASM (4 bits, a 16-bit DTYPE,
+        compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (OFFSET 0) or their offset forms
+        (OFFSET 128 for bfloat16, 1024 for float16), otherwise by integer shifts and the exact float32
+        exponent trick, the offset added in float32."""
+        if ASM and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_offset_nibbles(elements)
+        elif ASM and DTYPE == tl.bfloat16:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_nibbles(elements)
+        elif ASM and OFFSET != 0.0:
+            c0, c1, c2, c3 = _f16_offset_nibbles(elements)
         elif ASM:
             c0, c1, c2, c3 = _f16_nibbles(elements)
         else:
             words = elements.to(tl.int32)
-            c0 = _as_float(words & ((1 << BITS) - 1)).to(DTYPE)
-            c1 = _as_float((words >> BITS) & ((1 << BITS) - 1)).to(DTYPE)
-            c2 = _as_float((words >> (2 * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
-            c3 = _as_float((words >> (3 * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
+            c0 = (_as_float(words & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c1 = (_as_float((words >> BITS) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c2 = (_as_float((words >> (2 * BITS)) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c3 = (_as_float((words >> (3 * BITS)) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
         return c0, c1, c2, c3
 
     @triton.jit
@@ -746,6 +786,7 @@ if kernels.triton is not None:
         ROTATE: tl.constexpr,
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
+        OFFSET: tl.constexpr,
     ):
         """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -765,6 +806,11 @@ if kernels.triton is not None:
         - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles; with
           ZERO_SUMS (one zero-point per slot: V_GROUP = VALUE_DIM), p . z is a float32 row sum per tile.
+        With OFFSET m (0: off; token keys with one parameter per slot, ZERO_SUMS values; 128 for bfloat16,
+        1024 for float16), codes come out of the nibble conversion as m + c, one subtract fewer per
+        register, and m is taken out of the sums: logits = s (q . (m + c)) + sum(q) (z - m s), and the value
+        row sum holds p . z - m sum(p * s) (the same rounded p * s the products take), exact in exact
+        arithmetic; the float32 sums then carry an offset ~10x their value (about 3 bits of 24).
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
         loads stall the pipeline when read in the tile that uses them).
@@ -867,7 +913,7 @@ if kernels.triton is not None:
             ahead_live = (ahead >= start) & (ahead < end)
 
             k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
-            c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM)
+            c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
             if K_MODE == "token":
                 if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
                     logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
@@ -887,6 +933,8 @@ if kernels.triton is not None:
                     qc = tl.dot(q1, tl.trans(c1), qc, input_precision=PRECISION)
                     qc = tl.dot(q2, tl.trans(c2), qc, input_precision=PRECISION)
                     qc = tl.dot(q3, tl.trans(c3), qc, input_precision=PRECISION)
+                    if OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
+                        kz0 = kz0 - OFFSET * ks0
                     logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
                 ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
                 kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
@@ -938,9 +986,13 @@ if kernels.triton is not None:
             p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
             v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
-            c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM)
+            c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
             if ZERO_SUMS:
-                zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
+                if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
+                    rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
+                    zsum = zsum * alpha + tl.sum(p * vz0[None, :] - OFFSET * rounded, axis=1)
+                else:
+                    zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
                 vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
             else:
                 zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
@@ -1048,6 +1100,10 @@ if kernels.triton is not None:
         # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
         key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
+        zero_sums = launch.zero_row_sums and values.col_channels == dv
+        # Offset codes: per-token keys with one parameter per slot and summed value zero-points only.
+        offset_fits = zero_sums and key_mode == "token" and keys.col_channels == d and key_dtype == dtype
+        offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
         wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
             query,
             k_codes,
@@ -1099,7 +1155,8 @@ if kernels.triton is not None:
             HAS_WINDOW=window is not None,
             ROTATE=rotation is not None,
             PRECISION=precision,
-            ZERO_SUMS=launch.zero_row_sums and values.col_channels == dv,
+            ZERO_SUMS=zero_sums,
+            OFFSET=offset,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )

@@ -60,6 +60,9 @@ CASES = {
     # float16 per-token keys in planes of their own with whole-head value groups
     "quarot4_zero_sums_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "zero_sums_fp16": (3, 2, 2, 300, 64, (4, 1, 16, None), (4, 1, 64, None), "float16"),
+    # codes as 2^m + c, the offset taken out of the sums (the launch's `offset_codes`), bf16 and fp16
+    "quarot4_offset_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
+    "offset_fp16": (3, 2, 2, 300, 64, (4, 1, 64, None), (4, 1, 64, None), "float16"),
 }
 # Cases also run with a full-precision window: the plane kernel's window program (KIVI's layout, per-token
 # groups, float32), and `_packed_split_kernel` with the window merged apart.
@@ -70,10 +73,17 @@ WINDOW_CASES = (
     "kivi2_fp32",
     "three_bits_fp16",
     "zero_sums_fp16",
+    "offset_fp16",
 )
 # Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
 # combine, alone and with a window; around `_packed_split_kernel` (products outside it).
-ROTATION_CASES = ("quarot4_bf16", "plane_groups_fp16+window", "kivi2_fp32", "quarot4_zero_sums_bf16")
+ROTATION_CASES = (
+    "quarot4_bf16",
+    "plane_groups_fp16+window",
+    "kivi2_fp32",
+    "quarot4_zero_sums_bf16",
+    "quarot4_offset_bf16",
+)
 # Cases run with a launch other than the default one: KIVI's rows of 32 with tiles of 32 slots fold; rows of
 # half a tile dequantized per slot ("rows", the default before the half-tile fold).
 LAUNCHES = {
@@ -82,6 +92,8 @@ LAUNCHES = {
     "kivi4_bf16": quant_kernels.LaunchConfig(fold_half_rows=False),
     "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(zero_row_sums=True),
     "zero_sums_fp16": quant_kernels.LaunchConfig(zero_row_sums=True),
+    "quarot4_offset_bf16": quant_kernels.LaunchConfig(zero_row_sums=True, offset_codes=True),
+    "offset_fp16": quant_kernels.LaunchConfig(zero_row_sums=True, offset_codes=True),
 }
 
 
@@ -156,6 +168,11 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         "window": with_window,
         "rotation": with_rotation,
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
+        "offset": launch.offset_codes
+        and launch.zero_row_sums
+        and plan is not None
+        and plan[0] == "token"
+        and x["keys"].col_channels == d,
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True)
         if plan is None
@@ -221,6 +238,12 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
     assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "halves", "rows"}
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
+    assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
+        (False, False),
+        (True, False),
+        (False, True),
+    }
+    assert {m["dtype"] for m in cases if m["offset"]} == {"bfloat16", "float16"}
     assert {(m["window"], m["rotation"]) for m in cases if m["zero_sums"]} == {
         (False, False),
         (True, False),
@@ -330,17 +353,21 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 
 @pytest.mark.parametrize(
-    ("dtype", "key_mode", "groups", "zero_sums"),
+    ("dtype", "key_mode", "groups", "zero_sums", "offset"),
     [
-        ("bf16", "token", 1, False),
-        ("bf16", "token", 1, True),  # the launch's `zero_row_sums`
-        ("fp16", "row", 4, False),
-        ("fp16", "token", 4, False),
-        ("bf16", "rows", 4, False),
-        ("bf16", "halves", 4, False),
+        ("bf16", "token", 1, False, False),
+        ("bf16", "token", 1, True, False),  # the launch's `zero_row_sums`
+        ("bf16", "token", 1, True, True),  # and its `offset_codes`: the offset nibble PTX
+        ("fp16", "token", 1, True, True),
+        ("fp16", "row", 4, False, False),
+        ("fp16", "token", 4, False, False),
+        ("bf16", "rows", 4, False, False),
+        ("bf16", "halves", 4, False, False),
     ],
 )
-def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int, zero_sums: bool) -> None:
+def test_plane_kernel_compiles_for_hopper(
+    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool
+) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`) goes through
     ptxas here; the interpreter runs the integer path instead."""
     import triton.language as tl
@@ -357,7 +384,7 @@ def test_plane_kernel_compiles_for_hopper(dtype: str, key_mode: str, groups: int
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
-        "ZERO_SUMS": zero_sums,
+        "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
     }  # fmt: skip
     compiled = _compile_for_hopper(quant_kernels._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
