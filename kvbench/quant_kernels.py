@@ -141,13 +141,14 @@ class LaunchConfig:
     fold_half_rows: bool = True
     # Values with one zero-point per slot (QuaRot's and RTN's layout): p . z as a float32 row sum per tile
     # instead of the [N, 16] zero-point product that any parameter layout takes. Offline (sm_90, Triton
-    # 3.6, the runtime's argument specialisation, 2 warps) the token-mode tile loop drops from ~1,150 to
-    # ~870 instructions per warp; not yet timed, so off (`quant_attention.py`'s `zero_sums` config times it).
+    # 3.6, the runtime's argument specialisation, 2 warps) the token-mode tile loop drops from 1,035 to
+    # 846 instructions per warp (benchmarks/plane_sass.py); not yet timed, so off (`quant_attention.py`'s
+    # `zero_sums` config times it).
     # KIVI's values (a zero-point per plane) keep the product: four row sums took its "halves" loop to 255
     # registers and 52 spill operations (offline, 2,012 -> 1,912 instructions).
     zero_row_sums: bool = False
     # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
-    # taken out of the sums once per slot). Offline: 867 -> 800 instructions per warp and tile; not timed.
+    # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile; not timed.
     offset_codes: bool = False
 
 
@@ -339,6 +340,8 @@ if kernels.triton is not None:
     @triton.jit
     def _slot_rows(slots, lead, ROW_TOKENS: tl.constexpr):
         """The parameter row of each slot (the module doc's rule); meaningless where slots < 0."""
+        if ROW_TOKENS == 1:  # one row per slot after the lead's: one max, not a compare and a select
+            return tl.maximum(slots + 1 - lead, 0)
         return tl.where(slots < lead, 0, 1 + (slots - lead) // ROW_TOKENS)
 
     @triton.jit
@@ -885,8 +888,11 @@ if kernels.triton is not None:
         if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
             first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
+        # Tiles aligned to rows start before the split and mask its slots below `start`; the others start
+        # at `start`, so only `end` bounds them.
+        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves"
         ahead = first + offs_n
-        ahead_live = (ahead >= start) & (ahead < end)
+        ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
         if K_MODE == "token":
             ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
             kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
@@ -908,9 +914,9 @@ if kernels.triton is not None:
             vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
         for tile in range(first, end, BLOCK_N):
             slots = tile + offs_n
-            live = (slots >= start) & (slots < end)
+            live = ((slots >= start) & (slots < end)) if ALIGNED else slots < end
             ahead = slots + BLOCK_N
-            ahead_live = (ahead >= start) & (ahead < end)
+            ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
 
             k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
             c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
