@@ -287,6 +287,13 @@ class QuantizedLayer(KVLayer):
         self.window_tokens: list[int] = []
         self.flush_step = True
         self.rotation: torch.Tensor | None = None  # `decode_rotation`'s matrix, made at the end of prefill
+        # Whether `quantize_new_token` takes one kernel launch (decided once, not per decode step).
+        self.one_launch_tokens = (
+            self.transforms_are_rotation
+            and not self.simulated
+            and key == value
+            and token_quant.fits(key.bits, key.axis, key.group, spec.model.head_dim)
+        )
 
     # ----- hooks -----
     def transform_keys(self, keys: torch.Tensor) -> torch.Tensor:
@@ -413,15 +420,10 @@ class QuantizedLayer(KVLayer):
         """A decode token's K and V [B, Hkv, 1, D], transformed and quantized for the store (no window). One
         kernel launch for both where the layout allows (`kvbench.token_quant`: per-token 4-bit groups, the
         same for K and V, packed, transforms that are `rotation` or nothing); else transform, then quantize."""
-        part, spec = self.parts[0], self.key_spec
-        if (
-            self.transforms_are_rotation
-            and not self.simulated
-            and spec == self.value_spec
-            and keys.shape == values.shape
-            and token_quant.fits(spec.bits, spec.axis, spec.group, keys.shape[-1])
-        ):
+        if self.one_launch_tokens:
+            spec = self.key_spec
             return token_quant.quantize_tokens(keys, values, self.rotation, spec.bits, spec.group, spec.clip_ratio)
+        part = self.parts[0]
         return part.keys.quantize(self.transform_keys(keys)), part.values.quantize(self.transform_values(values))
 
     def _step_done(self) -> None:

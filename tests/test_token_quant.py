@@ -75,9 +75,10 @@ def _layer_paths(rotate: bool) -> dict:
     keys, values = (torch.randn(1, 2, 46, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
     queries = torch.randn(1, 8, 6, 64, generator=gen).to(torch.bfloat16)
     quant = QuantSpec(4, "token", 64, 0.95)
-    outputs, stores = [], []
+    outputs, stores, one_launch = [], [], []
     for cls in (QuaRotLayer, _Unfused):
         layer = cls(spec, quant, "packed", rotate, True)
+        one_launch.append(layer.one_launch_tokens)
         layer.update(keys[:, :, :40], values[:, :, :40])
         layer.finish_prefill()
         outs = []
@@ -90,6 +91,7 @@ def _layer_paths(rotate: bool) -> dict:
         "stores_equal": all(torch.equal(a, b) for a, b in zip(*stores, strict=True)),
         "decoded_written": bool((stores[0][0][:, :, 40:46] != 0).any()),
         "outputs_equal": bool(torch.equal(*outputs)),
+        "one_launch": one_launch,  # the kernel path, then the transform-then-quantize path
     }
 
 
@@ -126,7 +128,7 @@ def test_quarot_layer_writes_the_same_store_through_the_kernel(interpreted: dict
     """QuaRot's layer (and its RTN ablation) decoding through `quantize_new_token`'s kernel path stores what
     the transform-then-quantize path stores, and attends the same."""
     m = interpreted["layer"][rotate]
-    assert m["decoded_written"] and m["stores_equal"] and m["outputs_equal"], m
+    assert m["one_launch"] == [True, False] and m["decoded_written"] and m["stores_equal"] and m["outputs_equal"], m
 
 
 def test_reference_runs_off_triton_and_matches_quantize() -> None:
