@@ -148,6 +148,10 @@ class LaunchConfig:
     # KIVI's values (a zero-point per plane) keep the product: four row sums took its "halves" loop to 255
     # registers and 52 spill operations (offline, 2,012 -> 1,912 instructions).
     zero_row_sums: bool = True
+    # Warps a program where the value zero-points are summed (above): one. H200, kernel alone, int4 per
+    # token at eight programs an SM: 64.1 vs 78.6 us at 32k batch 4, 218.2 vs 270.5 at 128k batch 4, 68.5
+    # vs 84.0 at 128k batch 1; KIVI's layout at one warp was 1.6x slower, so it keeps `num_warps`.
+    num_warps_summed_zeros: int = 1
     # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
     # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile; not timed.
     offset_codes: bool = False
@@ -1164,7 +1168,7 @@ if kernels.triton is not None:
             PRECISION=precision,
             ZERO_SUMS=zero_sums,
             OFFSET=offset,
-            num_warps=launch.num_warps,
+            num_warps=launch.num_warps_summed_zeros if zero_sums else launch.num_warps,
             num_stages=launch.num_stages,
         )
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)

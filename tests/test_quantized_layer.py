@@ -90,10 +90,10 @@ LAUNCHES = {
     "kivi2_fp32": quant_kernels.LaunchConfig(block_n=32, programs_per_sm=1),
     "rows_fp16": quant_kernels.LaunchConfig(fold_half_rows=False),
     "kivi4_bf16": quant_kernels.LaunchConfig(fold_half_rows=False),
-    "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(zero_row_sums=True),
-    "zero_sums_fp16": quant_kernels.LaunchConfig(zero_row_sums=True),
-    "quarot4_offset_bf16": quant_kernels.LaunchConfig(zero_row_sums=True, offset_codes=True),
-    "offset_fp16": quant_kernels.LaunchConfig(zero_row_sums=True, offset_codes=True),
+    # one value zero-point per slot through the zero-point product, as before row sums became the default
+    "quarot4_bf16": quant_kernels.LaunchConfig(zero_row_sums=False),
+    "quarot4_offset_bf16": quant_kernels.LaunchConfig(offset_codes=True),
+    "offset_fp16": quant_kernels.LaunchConfig(offset_codes=True),
 }
 
 
@@ -249,6 +249,8 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
         (True, False),
         (False, True),
     }
+    # and one value zero-point per slot through the product, the launch's zero_row_sums=False
+    assert any(m["value_mode"] == "token/1" and not m["zero_sums"] for m in plane)
     assert {(m["kernel"], m["window"]) for m in cases if m["rotation"]} == {
         ("plane", False),
         ("plane", True),
