@@ -83,14 +83,13 @@ CONFIGS = {
     # KIVI's key rows dequantized per slot, as before the half-tile fold became the default
     "rows": replace(quant_kernels.LAUNCH, fold_half_rows=False),
     # one value zero-point per slot (int4_token's layout) summed per tile instead of the zero-point product
-    "no_sums": replace(quant_kernels.LAUNCH, zero_row_sums=False),
-    # summed zero-points at two warps, the launch before one warp became theirs
-    "zero_sums_w2": replace(quant_kernels.LAUNCH, num_warps_summed_zeros=2),
-    # and codes converted as 2^m + c, the offset taken out of the sums
-    "offset": replace(quant_kernels.LAUNCH, offset_codes=True),
-    "offset_w2": replace(quant_kernels.LAUNCH, offset_codes=True, num_warps_summed_zeros=2),
+    # value zero-points through the product, as before row sums became the default
+    "no_sums": replace(quant_kernels.LAUNCH, zero_row_sums=False, offset_codes=False),
+    # summed zero-points without offset codes, at the default warps and at two warps for many pairs
+    "no_offset": replace(quant_kernels.LAUNCH, offset_codes=False),
+    "sums_w2": replace(quant_kernels.LAUNCH, offset_codes=False, num_warps_summed_many_heads=2),
 }
-DEFAULT_CONFIGS = "default,zero_sums_w2,offset,w2_pps8"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,no_offset,sums_w2,w2_pps8"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

@@ -148,13 +148,16 @@ class LaunchConfig:
     # KIVI's values (a zero-point per plane) keep the product: four row sums took its "halves" loop to 255
     # registers and 52 spill operations (offline, 2,012 -> 1,912 instructions).
     zero_row_sums: bool = True
-    # Warps a program where the value zero-points are summed (above): one. H200, kernel alone, int4 per
-    # token at eight programs an SM: 64.1 vs 78.6 us at 32k batch 4, 218.2 vs 270.5 at 128k batch 4, 68.5
-    # vs 84.0 at 128k batch 1; KIVI's layout at one warp was 1.6x slower, so it keeps `num_warps`.
-    num_warps_summed_zeros: int = 1
+    # Warps a program where the value zero-points are summed (above) and more than FEW_HEADS (sequence, KV
+    # head) pairs share the GPU: one. H200, kernel alone, int4 per token: 64.4 vs 78.7 us at 32k batch 4,
+    # 218.7 vs 269.1 at 128k batch 4. With fewer pairs two warps stay (one: 29.4 vs 26.7 at 32k batch 1),
+    # and KIVI's layout at one warp was 1.6x slower, so it keeps `num_warps`.
+    num_warps_summed_many_heads: int = 1
     # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
-    # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile; not timed.
-    offset_codes: bool = False
+    # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile. H200, kernel
+    # alone, int4 per token at one warp: 64.4 -> 60.5 us at 32k batch 4, 218.7 -> 205.4 at 128k batch 4; at
+    # two warps and batch 1 within 2% either way (26.7 / 27.2 us).
+    offset_codes: bool = True
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
@@ -1168,7 +1171,7 @@ if kernels.triton is not None:
             PRECISION=precision,
             ZERO_SUMS=zero_sums,
             OFFSET=offset,
-            num_warps=launch.num_warps_summed_zeros if zero_sums else launch.num_warps,
+            num_warps=launch.num_warps_summed_many_heads if zero_sums and b * hkv > FEW_HEADS else launch.num_warps,
             num_stages=launch.num_stages,
         )
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)

@@ -92,8 +92,9 @@ LAUNCHES = {
     "kivi4_bf16": quant_kernels.LaunchConfig(fold_half_rows=False),
     # one value zero-point per slot through the zero-point product, as before row sums became the default
     "quarot4_bf16": quant_kernels.LaunchConfig(zero_row_sums=False),
-    "quarot4_offset_bf16": quant_kernels.LaunchConfig(offset_codes=True),
-    "offset_fp16": quant_kernels.LaunchConfig(offset_codes=True),
+    # summed zero-points with the codes as they are (offset_codes=False)
+    "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(offset_codes=False),
+    "zero_sums_fp16": quant_kernels.LaunchConfig(offset_codes=False),
 }
 
 
