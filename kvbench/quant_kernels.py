@@ -1115,8 +1115,10 @@ if kernels.triton is not None:
         key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
         zero_sums = launch.zero_row_sums and values.col_channels == dv
-        # Offset codes: per-token keys with one parameter per slot and summed value zero-points only.
-        offset_fits = zero_sums and key_mode == "token" and keys.col_channels == d and key_dtype == dtype
+        # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
+        # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).
+        sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
+        offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
         wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
             query,

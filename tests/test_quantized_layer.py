@@ -171,6 +171,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
         "offset": launch.offset_codes
         and launch.zero_row_sums
+        and x["query"].dtype != torch.float32
         and plan is not None
         and plan[0] == "token"
         and x["keys"].col_channels == d,
