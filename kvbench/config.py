@@ -103,6 +103,8 @@ class SweepProgress(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = _progress_dir(config)
         folder.mkdir(parents=True, exist_ok=True)
+        for finished in folder.glob("done-*"):  # a resumed sweep counts its own jobs (skipped ones included)
+            finished.unlink(missing_ok=True)
         total = sweep_size(config)
         (folder / "start").write_text(f"{time.time()} {total}")
 
@@ -110,12 +112,11 @@ class SweepProgress(Callback):
         if str(config.hydra.mode) != "RunMode.MULTIRUN":
             return
         folder = _progress_dir(config)
-        (folder / f"done-{config.hydra.job.num}").touch()
         try:
             started_s, total = (folder / "start").read_text().split()
         except (OSError, ValueError):
             return  # the sweep folder was not made by on_multirun_start (a launcher that skips it)
-        done = len(list(folder.glob("done-*")))
+        done = claim_finish_number(folder)
         print(progress_line(done, int(total), time.time() - float(started_s)), file=sys.stderr, flush=True)
 
 
@@ -138,6 +139,19 @@ class GpuPerWorker(Callback):
 
 
 CLAIMED_GPU = "KVBENCH_WORKER_GPU"
+
+
+def claim_finish_number(folder: Path) -> int:
+    """This job's place among the finished ones: the smallest n whose file `done-<n>` this process created
+    (O_EXCL). Touching a file per job and then counting them let two jobs ending together both read the
+    same count (a sweep of four printed 1, 2, 4, 4)."""
+    number = len(list(folder.glob("done-*"))) + 1  # files are only added, so this is never past the answer
+    while True:
+        try:
+            os.close(os.open(folder / f"done-{number}", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+            return number
+        except FileExistsError:
+            number += 1
 
 
 def claim_gpu(folder: Path, gpus: list[str]) -> str:

@@ -4,6 +4,7 @@ estimates, the model loads once per worker, and a sweep killed mid-run resumes w
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from omegaconf import OmegaConf
 import kvbench.run as run_module
 from kvbench import model_pool
 from kvbench.__main__ import main
-from kvbench.config import build, claim_gpu, progress_line, sweep_size
+from kvbench.config import build, claim_finish_number, claim_gpu, progress_line, sweep_size
 from kvbench.models import ModelConfig, model_spec
 from tests.conftest import CONFIGS, compose_config, method_names
 
@@ -83,6 +84,26 @@ def test_sweep_size_is_the_product_of_the_sweeps_last_override_winning():
 def test_sweep_size_is_unknown_for_a_glob():
     config = OmegaConf.create({"hydra": {"sweeper": {"params": {}}, "overrides": {"task": ["method=glob(*)"]}}})
     assert sweep_size(config) == 0
+
+
+def _finish_after(barrier, folder: Path, numbers) -> None:
+    barrier.wait()
+    numbers.put(claim_finish_number(folder))
+
+
+def test_jobs_ending_together_get_different_progress_counts(tmp_path):
+    """Twelve jobs ending at once (released by a barrier) each get their own place 1..12: touching a file
+    and counting the folder gave two jobs the same count (a flaky sweep test printed 1, 2, 4, 4 of 4)."""
+    context = multiprocessing.get_context("fork")
+    barrier, numbers = context.Barrier(12), context.Queue()
+    workers = [context.Process(target=_finish_after, args=(barrier, tmp_path, numbers)) for _ in range(12)]
+    for worker in workers:
+        worker.start()
+    got = sorted(numbers.get(timeout=60) for _ in workers)
+    for worker in workers:
+        worker.join()
+    assert got == list(range(1, 13))
+    assert claim_finish_number(tmp_path) == 13
 
 
 def test_progress_line_estimates_time_left_from_finished_runs():
