@@ -15,11 +15,15 @@ import torch
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
 from kvbench.errors import require
 from kvbench.method import Method, check_budget_fits
+from kvbench.topk import largest_keys
 
 THRESHOLDS = ("average", "top10")
 # A drop key sorts by unimportance count first, then by age: count * 2**32 - position (positions < 2**31).
+# Counts stay below 2**15 (the history window's bound), so keys lie within +-2**47, which
+# `kvbench.topk.largest_keys`' kernel packs with slot indices of up to 14 bits.
 COUNT_SHIFT = 32
-NOT_A_CANDIDATE = -(2**62)
+MAX_HISTORY_WINDOW = 2**15 - 1
+NOT_A_CANDIDATE = -(2**47)
 
 
 @dataclass
@@ -73,7 +77,12 @@ class Scissorhands(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.budget > 0, "method.budget", self.budget, "a positive number of tokens per layer and KV head")
-        require(self.history_window >= 1, "method.history_window", self.history_window, "an integer >= 1 (steps)")
+        require(
+            1 <= self.history_window <= MAX_HISTORY_WINDOW,
+            "method.history_window",
+            self.history_window,
+            f"an integer in [1, {MAX_HISTORY_WINDOW}] (steps)",
+        )
         require(self.recent_window >= 0, "method.recent_window", self.recent_window, "an integer >= 0")
         require(0 < self.drop_ratio < 1, "method.drop_ratio", self.drop_ratio, "a number in (0, 1)")
         require(
@@ -148,7 +157,7 @@ class ScissorhandsLayer(KVLayer):
         full = live[:, :, : self.capacity].all(dim=-1, keepdim=True)  # [B, Hkv, 1]
         recent = self.positions >= self.seen.view(-1, 1, 1) - self.method.recent_window
         key = drop_key(unimportance_counts(self.history), self.positions).masked_fill(recent | ~live, NOT_A_CANDIDATE)
-        victim_key, victims = key.topk(min(self.method.drop, self.capacity), dim=-1)
+        victim_key, victims = largest_keys(key, min(self.method.drop, self.capacity))
         rows, heads = batch_head_index(victims[:, :, 0])
         rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
         evict = full & (victim_key > NOT_A_CANDIDATE)
