@@ -187,6 +187,7 @@ def test_compiled_step_writes_history_and_cache_in_place(tiny):
         (dict(recent_window=-1), "method.recent_window"),
         (dict(history_window=0), "method.history_window"),
         (dict(history_window=-100), "method.history_window"),
+        (dict(history_window=2**15), "method.history_window"),  # counts would leave the victim kernel's key range
         (dict(drop_ratio=-0.25), "method.drop_ratio"),
         (dict(drop_ratio=0.0), "method.drop_ratio"),
         (dict(drop_ratio=1.5), "method.drop_ratio"),
