@@ -87,9 +87,12 @@ CONFIGS = {
     "no_sums": replace(quant_kernels.LAUNCH, zero_row_sums=False, offset_codes=False),
     # summed zero-points without offset codes, at the default warps and at two warps for many pairs
     "no_offset": replace(quant_kernels.LAUNCH, offset_codes=False),
-    "sums_w2": replace(quant_kernels.LAUNCH, offset_codes=False, num_warps_summed_many_heads=2),
+    "sums_w2": replace(quant_kernels.LAUNCH, offset_codes=False, one_warp_summed_slots=2**62),
+    # one warp and 8 programs an SM whatever the size, and never (two warps, the pairs' split target)
+    "sums_w1_always": replace(quant_kernels.LAUNCH, one_warp_summed_slots=0),
+    "sums_w2_always": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
 }
-DEFAULT_CONFIGS = "default,no_offset,sums_w2,w2_pps8"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,no_offset,sums_w1_always,sums_w2_always"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

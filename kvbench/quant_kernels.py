@@ -148,11 +148,12 @@ class LaunchConfig:
     # KIVI's values (a zero-point per plane) keep the product: four row sums took its "halves" loop to 255
     # registers and 52 spill operations (offline, 2,012 -> 1,912 instructions).
     zero_row_sums: bool = True
-    # Warps a program where the value zero-points are summed (above) and more than FEW_HEADS (sequence, KV
-    # head) pairs share the GPU: one. H200, kernel alone, int4 per token: 64.4 vs 78.7 us at 32k batch 4,
-    # 218.7 vs 269.1 at 128k batch 4. With fewer pairs two warps stay (one: 29.4 vs 26.7 at 32k batch 1),
-    # and KIVI's layout at one warp was 1.6x slower, so it keeps `num_warps`.
-    num_warps_summed_many_heads: int = 1
+    # Where the value zero-points are summed (above) and (sequence, KV head) pairs x slots reach this, one
+    # warp a program at `programs_per_sm_many_heads`. H200, kernel alone, int4 per token: 64.4 vs 78.7 us
+    # at 32k batch 4 (2^20), 218.7 vs 269.1 at 128k batch 4 (2^22), 68.5 vs 77.2 at 128k batch 1 (2^20);
+    # below, at 32k batch 1 (2^18), one warp lost (29.4 at 4 programs an SM, 27.8 at 8, vs 26.7). KIVI's
+    # layout at one warp was 1.6x slower, so it keeps `num_warps`.
+    one_warp_summed_slots: int = 2**20
     # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
     # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile. H200, kernel
     # alone, int4 per token at one warp: 64.4 -> 60.5 us at 32k batch 4, 218.7 -> 205.4 at 128k batch 4; at
@@ -221,6 +222,14 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     if keys.col_channels == 1:
         return "rows", launch.block_n
     return None
+
+
+def plane_launch(launch: LaunchConfig, zero_sums: bool, pairs: int, slots: int) -> LaunchConfig:
+    """The plane kernel's launch for a store: with summed value zero-points and pairs x slots of at least
+    `one_warp_summed_slots`, one warp a program at the many-heads split target."""
+    if zero_sums and pairs * slots >= launch.one_warp_summed_slots:
+        return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
+    return launch
 
 
 if kernels.triton is not None:
@@ -1100,6 +1109,8 @@ if kernels.triton is not None:
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         dv = values.codes.shape[-1] * 8 // values.bits
         group = hq // hkv
+        zero_sums = launch.zero_row_sums and values.col_channels == dv
+        launch = plane_launch(launch, zero_sums, b * hkv, s)
         num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
         total_splits = num_splits + (window is not None)  # the window's program is the last split
         o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)
@@ -1114,7 +1125,6 @@ if kernels.triton is not None:
         # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
         key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
-        zero_sums = launch.zero_row_sums and values.col_channels == dv
         # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
         # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).
         sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
@@ -1173,7 +1183,7 @@ if kernels.triton is not None:
             PRECISION=precision,
             ZERO_SUMS=zero_sums,
             OFFSET=offset,
-            num_warps=launch.num_warps_summed_many_heads if zero_sums and b * hkv > FEW_HEADS else launch.num_warps,
+            num_warps=launch.num_warps,
             num_stages=launch.num_stages,
         )
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)

@@ -165,6 +165,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
     plan = quant_kernels.plane_plan(x["keys"], x["values"], launch)
     if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
+    sums = plan is not None and launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1]
     return {
         "window": with_window,
         "rotation": with_rotation,
@@ -192,7 +193,9 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))),
         "dead_rows": int((~live).sum()),
         "dead_out_zero": bool((out[~live] == 0).all()),
-        "splits": quant_kernels._split_plan(b * hkv, s, kernels._num_sms(x["query"].device), launch)[0],
+        "splits": quant_kernels._split_plan(
+            b * hkv, s, kernels._num_sms(x["query"].device), quant_kernels.plane_launch(launch, sums, b * hkv, s)
+        )[0],
         "group": group,
     }
 
@@ -261,6 +264,18 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert min(m["splits"] for m in cases) == 1
     assert max(m["splits"] for m in cases) > 4
     assert sum(m["dead_rows"] for m in cases) > 0
+
+
+def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
+    """QuaRot's and RTN's layout (summed value zero-points) runs one warp a program at the many-heads
+    target from `one_warp_summed_slots` pairs x slots on (32k batch 4, 128k batch 1); smaller launches and
+    KIVI's layout keep the default."""
+    launch = quant_kernels.LaunchConfig()
+    big = quant_kernels.plane_launch(launch, True, 8, 131072)
+    assert (big.num_warps, big.programs_per_sm) == (1, launch.programs_per_sm_many_heads)
+    assert quant_kernels.plane_launch(launch, True, 32, 32768).num_warps == 1
+    assert quant_kernels.plane_launch(launch, True, 8, 32768) == launch
+    assert quant_kernels.plane_launch(launch, False, 32, 131072) == launch
 
 
 def test_split_target_grows_with_the_pairs() -> None:
