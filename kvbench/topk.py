@@ -23,6 +23,13 @@ from kvbench import kernels
 MAX_KERNEL_SLOTS = 16384  # 2^14: keys within +-2^48 pack without overflow; a row's registers stay small
 
 
+def float_order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of the float32 `scores` (no NaN): the bits as int32, the magnitude bits of
+    negative values flipped so that a more negative value gets a smaller key; within +-2^31."""
+    bits = scores.float().contiguous().view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+
 def largest_keys_reference(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return keys.topk(k, dim=-1)
 

@@ -75,6 +75,16 @@ def test_scissorhands_case_has_victims_and_non_candidates(interpreted: dict) -> 
     assert 0 < interpreted["scissorhands"]["victims"] < 8 * 512  # the last rows have fewer than 512 candidates
 
 
+def test_float_order_keys_keep_the_floats_order() -> None:
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.cat([torch.randn(500, generator=gen) * 10, torch.tensor([0.0, -0.0, float("inf"), -float("inf")])])
+    scores = torch.cat([scores, -torch.rand(50, generator=gen) * 1e-30])  # tiny negatives near -0
+    keys = topk.float_order_keys(scores)
+    assert (scores[keys.argsort()].diff() >= 0).all()  # sorted by key, sorted by value (-0.0 just below 0.0)
+    assert len(keys.unique()) == len(scores) and keys.abs().max() < 2**31
+    assert torch.equal(topk.largest_keys(keys, 20)[1], scores.topk(20).indices)  # distinct values here
+
+
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="int64 keys"):
         topk.largest_keys(torch.zeros(2, 5), 2)
