@@ -353,9 +353,9 @@ class ArkValeLayer(KVLayer):
         missing = ~resident.gather(2, top) & candidate.expand_as(scores).gather(2, top) & active
         # Sinks, window pages and the top-k are never victims; the rest go lowest score first.
         keep_score = scores.masked_fill(~candidate, float("inf")).scatter(2, top, float("inf"))
-        victims = keep_score.gather(2, self.slot_page.clamp(min=0)).topk(self.free_topk, dim=-1, largest=False)
+        resident_score = keep_score.gather(2, self.slot_page.clamp(min=0))
+        _, victim_slots = largest_keys(float_order_keys(-resident_score), self.free_topk)  # lowest score first
         order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
-        victim_slots = victims.indices
         if self.method.recall_cap is not None:  # the benchmark's pinned recall count: only the first pairs
             order, victim_slots = order[..., : self.method.recall_cap], victim_slots[..., : self.method.recall_cap]
         if order.shape[-1] > 0:
