@@ -54,7 +54,7 @@ if kernels.triton is not None:
         row = tl.program_id(0)
         offs = tl.arange(0, S_PAD)
         keys = tl.load(keys_ptr + row * S + offs, mask=offs < S, other=0)
-        # Padding packs below every real key (those are >= -2^62): int64's minimum.
+        # Padding packs below every real packed value (those lie within +-2^62): int64's minimum.
         lowest = tl.full([S_PAD], -(2**63), tl.int64)
         packed = tl.where(offs < S, keys * (1 << BITS) + offs, lowest)
         top = tl.topk(packed, K_PAD)
@@ -68,7 +68,8 @@ if kernels.triton is not None:
         rows = keys.reshape(-1, s).contiguous()
         values = torch.empty(rows.shape[0], k, dtype=torch.int64, device=keys.device)
         slots = torch.empty_like(values)
-        s_pad = triton.next_power_of_2(s)
+        # At least 2 each: Triton's top-k of one element reduces the row away and does not compile.
+        s_pad = max(2, triton.next_power_of_2(s))
         wrap_triton(_largest_keys_kernel)[(rows.shape[0],)](
             rows,
             values,
@@ -77,7 +78,7 @@ if kernels.triton is not None:
             k,
             BITS=max(1, s_pad.bit_length() - 1),
             S_PAD=s_pad,
-            K_PAD=triton.next_power_of_2(k),
+            K_PAD=max(2, triton.next_power_of_2(k)),
             # Chosen by code length, not yet timed: 2,048 slots take 12,352 PTX lines at 4 warps, 7,324 at 8.
             num_warps=4 if s_pad <= 1024 else 8,
         )

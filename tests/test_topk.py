@@ -38,6 +38,8 @@ def _interpreted_checks() -> dict:
         ("distinct_300_75", _distinct_keys(6, 300, gen).view(2, 3, 300), 75),
         ("distinct_k_equals_s", _distinct_keys(2, 37, gen), 37),
         ("one_slot", _distinct_keys(3, 1, gen), 1),
+        ("k_is_one", _distinct_keys(3, 50, gen), 1),  # Triton's top-k needs k >= 2: padded
+        ("arkvale_pages", topk.float_order_keys(torch.randn(4, 1, 1026, generator=gen)), 30),
     ]:
         values, slots = topk.largest_keys(keys, k)
         ref_values, ref_slots = topk.largest_keys_reference(keys, k)
@@ -66,7 +68,9 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__), timeout_s=300)
 
 
-@pytest.mark.parametrize("case", ["distinct_300_75", "distinct_k_equals_s", "one_slot", "scissorhands", "ties"])
+@pytest.mark.parametrize(
+    "case", ["distinct_300_75", "distinct_k_equals_s", "one_slot", "k_is_one", "arkvale_pages", "scissorhands", "ties"]
+)
 def test_kernel_matches_torch_topk(interpreted: dict, case: str) -> None:
     assert interpreted[case]["values"] and interpreted[case]["slots"], interpreted[case]
 
