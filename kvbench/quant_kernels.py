@@ -144,7 +144,7 @@ class LaunchConfig:
     # 3.6, the runtime's argument specialisation, 2 warps) the token-mode tile loop drops from 1,035 to
     # 846 instructions per warp (benchmarks/plane_sass.py). H200, int4 per token, kernel alone: 29.1 ->
     # 26.8 us at 32k batch 1, 87.8 -> 78.9 at batch 4, 304.6 -> 271.3 at 128k batch 4; RTN-4's compiled
-    # step at 32k batch 4: 7.89 -> 7.65 ms (benchmarks/README.md, "Row sums for the value zero-points").
+    # step at 32k batch 4: 7.89 -> 7.65 ms (benchmarks/README.md, "Row sums, offset codes, one warp").
     # KIVI's values (a zero-point per plane) keep the product: four row sums took its "halves" loop to 255
     # registers and 52 spill operations (offline, 2,012 -> 1,912 instructions).
     zero_row_sums: bool = True
