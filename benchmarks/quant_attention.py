@@ -82,17 +82,15 @@ CONFIGS = {
     "n32_w2": fixed(4, block_n=32, num_warps=2),  # KIVI's key rows of 32 span whole tiles: their scales fold
     # KIVI's key rows dequantized per slot, as before the half-tile fold became the default
     "rows": replace(quant_kernels.LAUNCH, fold_half_rows=False),
-    # one value zero-point per slot (int4_token's layout) summed per tile instead of the zero-point product
-    # value zero-points through the product, as before row sums became the default
+    # QuaRot's and RTN's layout (one value zero-point per slot): the zero-points through the product, as
+    # before row sums became the default; row sums without the offset codes; one warp a program (at 8
+    # programs an SM) at every size, and at none (`one_warp_summed_slots` decides by default)
     "no_sums": replace(quant_kernels.LAUNCH, zero_row_sums=False, offset_codes=False),
-    # summed zero-points without offset codes, at the default warps and at two warps for many pairs
     "no_offset": replace(quant_kernels.LAUNCH, offset_codes=False),
-    "sums_w2": replace(quant_kernels.LAUNCH, offset_codes=False, one_warp_summed_slots=2**62),
-    # one warp and 8 programs an SM whatever the size, and never (two warps, the pairs' split target)
-    "sums_w1_always": replace(quant_kernels.LAUNCH, one_warp_summed_slots=0),
-    "sums_w2_always": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
+    "one_warp": replace(quant_kernels.LAUNCH, one_warp_summed_slots=0),
+    "two_warps": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
 }
-DEFAULT_CONFIGS = "default,no_offset,sums_w1_always,sums_w2_always"  # each block/warp/stage change compiles per layout
+DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
 

@@ -76,7 +76,7 @@ if kernels.triton is not None:
             slots,
             s,
             k,
-            BITS=max(1, s_pad.bit_length() - 1),
+            BITS=s_pad.bit_length() - 1,
             S_PAD=s_pad,
             K_PAD=max(2, triton.next_power_of_2(k)),
             # Chosen by code length, not yet timed: 2,048 slots take 12,352 PTX lines at 4 warps, 7,324 at 8.
