@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_attention import environment, read_bandwidth, time_us
 
 from kvbench import topk
-from methods.scissorhands import NOT_A_CANDIDATE, drop_key
+from kvbench.methods.scissorhands import NOT_A_CANDIDATE, drop_key
 
 KV_HEADS = 8
 

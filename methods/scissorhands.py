@@ -35,10 +35,12 @@ class Scissorhands(Method):
     tokens, Compress drops `drop = max(1, int(budget * drop_ratio))` tokens at once: those unimportant
     the most times over the last `history_window` steps, never one of the `recent_window` most recent
     tokens. The cache then refills for `drop` steps before the next compression (the paper amortizes
-    compression this way). Ties drop the older token first. Importance thresholds (`threshold`):
-    "average": attention below 1 / (tokens the query sees) is unimportant (the uniform share, as
-    AnswerDotAI's cold-compress implements the paper's Alg. 2); "top10": attention outside the step's
-    top 10% of tokens is unimportant (the official code's 90th-percentile threshold).
+    compression this way; kvbench's step runs Compress only on the steps that may fill a row, which the
+    host knows from its own counts, so the other steps only record). Ties drop the older token first.
+    Importance thresholds (`threshold`): "average": attention below 1 / (tokens the query sees) is
+    unimportant (the uniform share, as AnswerDotAI's cold-compress implements the paper's Alg. 2);
+    "top10": attention outside the step's top 10% of tokens is unimportant (the official code's
+    90th-percentile threshold).
 
     The prompt is prefilled with full attention; at its end the last `history_window` prompt queries
     give each prompt token its counts (the steps of a prompt are its positions), and a prompt that
@@ -118,6 +120,11 @@ class ScissorhandsLayer(KVLayer):
         self.scaling = 1.0
         # Decode needs the attention each slot received; prefill computes its own per-query statistics.
         self.needs_received_attention = False
+        # The compression schedule, on the host (as a quantized window's flush, kvbench/quantized_layer.py):
+        # each row's live tokens, moved by one a step and cut by `drop` when the row fills, so the host knows
+        # which steps may compress without asking the device. Only those run Compress (`compress_step`).
+        self.live_tokens: list[int] = []
+        self.compress_step = True
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         self.scaling = scaling  # the model's attention scale, reused for the prompt's counts
@@ -137,7 +144,9 @@ class ScissorhandsLayer(KVLayer):
         live = self.positions >= 0
         unimportant = live & ~important(received / self.group, live, live.sum(dim=-1, keepdim=True), self.method)
         self.record(unimportant)
-        self.compress_if_full(live)
+        if self.compress_step:
+            self.compress_if_full(live)
+        self._step_done()
 
     def record(self, unimportant: torch.Tensor) -> None:
         """Set this step's bit of every slot: column (query position mod w) of the history ring."""
@@ -181,6 +190,50 @@ class ScissorhandsLayer(KVLayer):
 
     def compact_state(self, keep: torch.Tensor | None, filled: int) -> None:
         self.history = self._compact(self.history, keep, filled)
+        self.live_tokens = [filled if keep is None else keep.shape[-1]] * self.keys.shape[0]
+        self.compress_step = self.decode_variant()
+
+    # ----- the compression schedule, on the host -----
+    def decode_variants(self) -> tuple[bool, ...]:
+        """Steps that compress where a row is full, and steps that do not run Compress at all."""
+        return (False, True)
+
+    def variant_period(self) -> int:
+        """A row refills `drop` steps after each compression."""
+        return self.method.drop
+
+    def decode_variant(self) -> bool:
+        """Whether the next step may fill a row (its new token makes `capacity` live tokens)."""
+        return any(tokens + 1 >= self.capacity for tokens in self.live_tokens)
+
+    def take_variant(self, compress: bool) -> None:
+        """The cache passes True wherever `decode_variant()` is: Compress is exact on any step (rows that are
+        not full evict nothing), skipping it on a step that fills a row is not."""
+        self.compress_step = compress
+
+    def advance(self) -> None:
+        """A decode step ran with `compress_step`: move each row's live count as the device did."""
+        # A full row drops `drop` tokens, fewer only if the recent window leaves fewer candidates.
+        dropped = min(self.method.drop, max(0, self.capacity - self.method.recent_window))
+        self.live_tokens = [
+            tokens + 1 - (dropped if self.compress_step and tokens + 1 >= self.capacity else 0)
+            for tokens in self.live_tokens
+        ]
+        self.compress_step = self.decode_variant()
+
+    def _step_done(self) -> None:
+        # A step run as Python moves the host counters; after a compiled step or a graph replay the engine does
+        # (a capture runs nothing: each replay is one step). Dynamo sees a constant and traces no branch here.
+        if torch.compiler.is_compiling() or (self.keys.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        self.advance()
+
+    @classmethod
+    def stack(cls, layers: list[KVLayer]) -> KVLayer:
+        stacked = super().stack(layers)
+        stacked.live_tokens = [tokens for layer in layers for tokens in layer.live_tokens]
+        stacked.compress_step = stacked.decode_variant()
+        return stacked
 
     def decode_state(self) -> dict[str, torch.Tensor]:
         return {**super().decode_state(), "history": self.history}

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from kvbench.cache import LayerSpec, ModelSpec
+from kvbench.cache import KVCache, LayerSpec, ModelSpec
 from kvbench.config import build
-from kvbench.engine import Engine
+from kvbench.engine import Engine, Request
 from kvbench.errors import ConfigError
 from kvbench.methods.scissorhands import Scissorhands, ScissorhandsLayer
 from tests.conftest import compose_config
@@ -175,6 +175,55 @@ def test_compiled_step_writes_history_and_cache_in_place(tiny):
     assert code, "inductor produced no code"
     for per_slot in (spec.head_dim, 50):  # keys (or values), history bytes (400 steps / 8)
         assert f"<static_cast<int64_t>({spec.num_kv_heads * layer.slots * per_slot}L)" not in code
+
+
+def _generate_keeping_cache(engine: Engine, requests: list[Request]) -> tuple[list[list[int]], KVCache]:
+    kept = {}
+    decode = engine._decode
+
+    def keep_cache(cache, state):
+        kept["cache"] = cache
+        return decode(cache, state)
+
+    engine._decode = keep_cache
+    return [g.token_ids for g in engine.generate_batch(requests)], kept["cache"]
+
+
+def test_compiled_schedule_gives_the_always_compressing_tokens_and_cache(tiny, monkeypatch):
+    """Rows of a batch fill on different steps (prompts under the budget, staggered by question tokens). The
+    compiled step on the host's schedule (two versions: Compress or not) gives the tokens and leaves the cache
+    of the eager step that runs Compress on every step (exact: a row that is not full evicts nothing), and
+    after every compiled step the host's live counts equal the device's."""
+    model, tokenizer, spec = tiny
+    method = Scissorhands(budget=64, history_window=40, drop_ratio=0.25)
+    prompts = [list(range(100, 140)), list(range(200, 245)), list(range(300, 352))]
+    requests = [Request(p, 40, question_ids=q) for p, q in zip(prompts, [(), (7, 8, 9), (11,)], strict=True)]
+    with monkeypatch.context() as patch:
+        patch.setattr(ScissorhandsLayer, "decode_variant", lambda self: True)
+        reference = _generate_keeping_cache(Engine(model, tokenizer, method, spec, prefill_chunk=32), requests)
+    steps: list[tuple[bool, bool]] = []
+    advance = KVCache.advance
+
+    def checked(self: KVCache) -> None:
+        compressed = self.variant_layers[0].compress_step
+        advance(self)
+        device = [(layer.positions[:, 0] >= 0).sum(dim=-1).tolist() for layer in self.variant_layers]
+        steps.append((compressed, device == [layer.live_tokens for layer in self.variant_layers]))
+
+    monkeypatch.setattr(KVCache, "advance", checked)
+    torch._dynamo.reset()
+    tokens, cache = _generate_keeping_cache(
+        Engine(model, tokenizer, method, spec, prefill_chunk=32, engine="compiled"), requests
+    )
+    assert tokens == reference[0]
+    # The same evictions and history bits; keys and values as close as compiled and eager projections come.
+    for got, expected in zip(cache.layers, reference[1].layers, strict=True):
+        assert torch.equal(got.positions, expected.positions) and torch.equal(got.history, expected.history)
+        torch.testing.assert_close(got.keys, expected.keys, rtol=0, atol=1e-5)
+    assert all(agree for _, agree in steps), steps
+    compressed = [c for c, _ in steps]
+    assert True in compressed and False in compressed  # both versions ran
+    assert sum(compressed) < len(compressed) / 2  # most steps skip Compress
 
 
 @pytest.mark.parametrize(
