@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--recall-cap", type=int, default=None)
+    parser.add_argument("--recall-cap", type=float, default=None)
     parser.add_argument("--autotune", action="store_true")
     parser.add_argument("--block-n", type=int, default=None)
     parser.add_argument(

@@ -62,7 +62,7 @@ SIZED_BY = {
 READS_KEYS_TWICE = {"h2o", "scissorhands"}
 
 
-def make_method(name: str, size: int, recall_cap: int | None = None) -> Method:
+def make_method(name: str, size: int, recall_cap: float | None = None) -> Method:
     return {
         "full": lambda: Full(),
         "streamingllm": lambda: StreamingLLM(budget=size),
@@ -205,9 +205,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument(
         "--arkvale-recall-cap",
-        type=int,
+        type=float,
         default=None,
-        help="pin ArkVale's pages recalled per step and layer (random weights recall nearly every page)",
+        help="pin ArkVale's pages recalled per step and layer; a fraction is a rate (random weights recall every page)",
     )
     parser.add_argument(
         "--quant-launch",

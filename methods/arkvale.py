@@ -89,7 +89,8 @@ class ArkVale(Method):
     # Benchmark setting, not the paper's: at most this many pages recalled per step, layer and group
     # (None: every missing top-k page, as in the paper). Random-weight speed runs recall nearly every
     # page each step; pinning the count to what a trained model recalls makes them stand in for one.
-    recall_cap: int | None = None
+    # A fraction is a rate: 0.3 recalls at most one page on 3 of every 10 selection steps, evenly spread.
+    recall_cap: float | None = None
 
     gqa_policy: ClassVar[str] = (
         "one page ranking per layer, scores averaged over all query heads (n_groups: per KV-head group)"
@@ -109,7 +110,7 @@ class ArkVale(Method):
             self.recall_cap is None or self.recall_cap >= 0,
             "method.recall_cap",
             self.recall_cap,
-            "null (recall every missing page) or an integer >= 0",
+            "null (recall every missing page) or a number >= 0 (pages per step; a fraction is a rate)",
         )
         require(
             self.budget % self.page_size == 0,
@@ -356,10 +357,17 @@ class ArkValeLayer(KVLayer):
         resident_score = keep_score.gather(2, self.slot_page.clamp(min=0))
         _, victim_slots = largest_keys(float_order_keys(-resident_score), self.free_topk)  # lowest score first
         order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
-        if self.method.recall_cap is not None:  # the benchmark's pinned recall count: only the first pairs
-            order, victim_slots = order[..., : self.method.recall_cap], victim_slots[..., : self.method.recall_cap]
+        fetch = missing.gather(2, order)
+        if self.method.recall_cap is not None:  # the benchmark's pinned recall rate: only the first pairs
+            cap = self.method.recall_cap
+            most = math.ceil(cap)
+            order, victim_slots, fetch = order[..., :most], victim_slots[..., :most], fetch[..., :most]
+            # A row's n-th selection step may recall floor((n + 1) cap) - floor(n cap) pages: `cap` each step
+            # for a whole number, a fraction's pages spread evenly over the steps.
+            allowed = torch.floor((self.selections + 1) * cap) - torch.floor(self.selections * cap)
+            fetch = fetch & (torch.arange(most, device=fetch.device) < allowed.view(b, 1, 1))
         if order.shape[-1] > 0:
-            self._recall(top.gather(2, order), victim_slots, missing.gather(2, order))
+            self._recall(top.gather(2, order), victim_slots, fetch)
         self.selections += active.view(b).float()
 
     def _recall(self, pages: torch.Tensor, slots: torch.Tensor, fetch: torch.Tensor) -> None:

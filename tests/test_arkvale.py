@@ -301,16 +301,21 @@ def test_config_builds_and_paper_topk_formula():
 
 
 def test_recall_cap_pins_the_pages_recalled_per_step(tiny):
-    """The benchmark's pinned recall count: 0 recalls nothing, 1 at most one page per step and layer."""
+    """The benchmark's pinned recall count: 0 recalls nothing, 1 at most one page per step and layer, and a
+    fraction is a rate (0.25: one page on a quarter of a layer's selection steps at most)."""
     model, tokenizer, spec = tiny
     prompt, question = list(range(100, 400)), list(range(600, 612))
     counts = {}
-    for cap in (None, 0, 1):
+    for cap in (None, 0, 1, 0.25):
         method = ArkVale(budget=128, page_size=16, page_topk=5, recall_cap=cap)
         stats = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(prompt, 24, question).measurement
         counts[cap] = (stats.method_stats["pages_recalled"], stats.method_stats["selection_steps"])
     assert counts[0][0] == 0
     assert 0 < counts[1][0] <= counts[1][1] < counts[None][0]
+    # Random weights miss a page on nearly every step: the rate, not the misses, sets the count.
+    recalled, steps = counts[0.25]
+    assert counts[1][0] > 0.9 * counts[1][1]
+    assert 0.2 * steps <= recalled <= 0.25 * steps
 
 
 def test_decode_never_asks_how_host_copies_run(monkeypatch):
