@@ -11,6 +11,13 @@ tokens/s over the batch, measured KV bytes on the device and host, the allocator
 decode reads every tensor its cache holds on the device (keys, values, positions, scores, digests), and
 scoring methods read the keys a second time for the attention each slot received.
 
+Batch `max` (in `--batches` or a row's BATCH): the largest batch predicted to fit, from the batch-1 row of the
+same method and context (run first if the plan has none): each sequence adds its measured cache bytes to
+everything else in that row's allocator peak, within 92% of the device's memory, of the host's available
+memory for host backups (ArkVale), and of `--kv-limit-gib` if given (the paper's KV pool). A batch that still
+runs out of memory is retried at 85% of its size, twice at most; the row's `largest_batch` says what was
+predicted, what bounded it and what was tried.
+
 Imports only torch, transformers and kvbench (the GPU machine has no hydra or datasets). One JSON line per
 row to `--out`, with device, versions and commit; a table at the end.
 """
@@ -19,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
+import os
 import time
 from dataclasses import asdict
 
@@ -27,6 +36,7 @@ import torch
 
 from kvbench import quant_kernels
 from kvbench.engine import Engine, Request, Timer
+from kvbench.errors import ConfigError
 from kvbench.method import Method
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.cla import CLA
@@ -60,6 +70,44 @@ SIZED_BY = {
 }
 # Methods that read the keys a second time each step for the attention every slot received.
 READS_KEYS_TWICE = {"h2o", "scissorhands"}
+
+
+MAX_BATCH = 0  # a plan's batch 0: the largest batch that fits (`largest_batch`)
+MEMORY_MARGIN = 0.92  # share of device (or available host) memory a predicted batch may fill: allocator slack
+RETRY_SHRINK, RETRIES = 0.85, 2  # a predicted batch that runs out of memory is retried this much smaller
+
+
+def largest_batch(one: dict, device_bytes: int, host_bytes: int, kv_limit_bytes: int | None) -> tuple[int, str]:
+    """(batch, what bounds it) predicted from `one`, a batch-1 row of the same method and context.
+
+    Each sequence of a batch adds its cache: `kv_bytes_device` on the device, `kv_bytes_host` on the host.
+    Everything else in the row's allocator peak stays as it is: weights, one sequence's prefill (a method
+    holds the whole prompt until it compresses; the engine prefills one sequence at a time), the step's
+    workspace."""
+    per_sequence, host_per_sequence = one["kv_bytes_device"], one["kv_bytes_host"]
+    fixed = one["peak_allocated_bytes"] - per_sequence
+    limits = {"device memory": int((MEMORY_MARGIN * device_bytes - fixed) // per_sequence)}
+    if host_per_sequence:
+        limits["host memory"] = int(MEMORY_MARGIN * host_bytes // host_per_sequence)
+    if kv_limit_bytes is not None:
+        limits["kv limit"] = kv_limit_bytes // per_sequence
+    bound = min(limits, key=limits.get)
+    return max(1, limits[bound]), bound
+
+
+def device_memory(device: torch.device, override_gib: float | None) -> int:
+    if override_gib is not None:
+        return int(override_gib * 2**30)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_host_memory() -> int:
+    """MemAvailable: what pinned host backups can take without swapping."""
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024
 
 
 def make_method(name: str, size: int, recall_cap: float | None = None) -> Method:
@@ -110,8 +158,12 @@ def run_row(
     engine_name, _, scope = engine_name.partition("-")  # "compiled-step": a row's own compile scope
     scope = scope or args.compile_scope
     # A fresh dynamo cache per row: each row compiles its own step anyway, and a long sweep in one process
-    # would otherwise pile guards on one code object up to dynamo's recompile limit.
+    # would otherwise pile guards on one code object up to dynamo's recompile limit. What the previous row's
+    # compiled code still held (its CUDA graphs' memory pools) goes back to the device with it.
     torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     engine = Engine(
         model,
         None,
@@ -184,7 +236,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["llama-3.1-8b", "llama-2-7b"])
     parser.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--batches", type=parse_batch, nargs="+", default=[1, 4, MAX_BATCH], help="sizes, or max (largest that fits)"
+    )
+    parser.add_argument("--kv-limit-gib", type=float, default=None, help="batch max: device KV bytes at most this")
+    parser.add_argument("--device-memory-gib", type=float, default=None, help="batch max: device memory to plan for")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4], help="quantizers' sizes")
     parser.add_argument("--sharing", type=int, nargs="+", default=[2], help="CLA's layers per KV group")
@@ -195,7 +251,7 @@ def main() -> None:
         "--runs",
         nargs="+",
         default=None,
-        metavar="SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE[-SCOPE]]",
+        metavar="SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE[-SCOPE]]",  # BATCH: a number or max
         help="these rows in this order, not the grid (size 0: methods that take none; compiled-step: whole step)",
     )
     parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
@@ -231,35 +287,24 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     plan = parse_runs(args.runs) if args.runs else grid(args)
-    rows, loaded_shape, model, spec, env = [], None, None, None, None
-    with open(args.out, "a") as out:
+    for _, method_name, size, *_ in plan:  # bad hyper-parameters stop the run before any model loads
+        try:
+            make_method(method_name, size, args.arkvale_recall_cap)
+        except ConfigError as error:
+            raise SystemExit(f"{method_name} at size {size}: {error}") from None
+    sweep = Sweep(args, bandwidth)
+    with open(args.out, "a") as sweep.out:
         for shape, method_name, size, context, batch, engine_name in plan:
             if time.perf_counter() - began > args.time_limit_s:
                 print("time limit reached: no new rows", flush=True)
                 break
-            if shape != loaded_shape:  # rows of one shape run together: the model loads once for them
-                del model
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                dtype = "bfloat16" if device.type == "cuda" else "float32"
-                cfg = ModelConfig(name=shape, source="shape", shape=shape, device=device.type, dtype=dtype)
-                spec = model_spec(cfg)
-                model, _ = load_model(cfg, with_tokenizer=False)
-                env, loaded_shape = environment(device), shape
-                warm = Engine(model, None, Full(), spec, prefill_chunk=args.prefill_chunk, engine="eager")
-                warm.generate_batch([Request(list(range(1, 300)), 4, min_new_tokens=4)])  # module load, cuBLAS
-            row = run_row(model, spec, method_name, size, context, batch, engine_name, args, bandwidth)
-            row.update(
-                shape=shape,
-                quant_launch=asdict(quant_kernels.LAUNCH),
-                bandwidth_bytes_per_s=bandwidth,
-                environment=env,
-                commit=args.commit or env.get("git_commit"),
-            )
-            out.write(json.dumps(row, default=str) + "\n")
-            out.flush()
-            rows.append(row)
-            print(format_row(row), flush=True)
+            sweep.load(shape, device)
+            run = (method_name, size, context, engine_name)
+            if batch == MAX_BATCH:
+                sweep.record_largest_batch(*run, device)
+            else:
+                sweep.record(*run, batch)
+    rows = sweep.rows
     print("\n" + "\n".join(format_row(row) for row in rows))
     print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
 
@@ -305,8 +350,107 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str, int, int, int, str]]:
                 f"--runs {spec!r}: SHAPE:METHOD:SIZE:CONTEXT:BATCH[:ENGINE[-SCOPE]], METHOD one of {list(SIZED_BY)}"
             )
         engine = fields[5] if len(fields) == 6 else "compiled"
-        plan.append((fields[0], fields[1], int(fields[2]), int(fields[3]), int(fields[4]), engine))
+        try:
+            batch = parse_batch(fields[4])
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"--runs {spec!r}: {error}") from None
+        plan.append((fields[0], fields[1], int(fields[2]), int(fields[3]), batch, engine))
     return plan
+
+
+class Sweep:
+    """The rows of one run: the loaded model (one shape at a time) and the output file."""
+
+    def __init__(self, args, bandwidth: float) -> None:
+        self.args, self.bandwidth = args, bandwidth
+        self.rows: list[dict] = []
+        self.shape, self.model, self.spec, self.env, self.out = None, None, None, None, None
+
+    def load(self, shape: str, device: torch.device) -> None:
+        """Rows of one shape run together: the model loads once for them."""
+        if shape == self.shape:
+            return
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        cfg = ModelConfig(name=shape, source="shape", shape=shape, device=device.type, dtype=dtype)
+        self.spec = model_spec(cfg)
+        self.model, _ = load_model(cfg, with_tokenizer=False)
+        self.env, self.shape = environment(device), shape
+        warm = Engine(self.model, None, Full(), self.spec, prefill_chunk=self.args.prefill_chunk, engine="eager")
+        warm.generate_batch([Request(list(range(1, 300)), 4, min_new_tokens=4)])  # module load, cuBLAS
+
+    def record(self, method_name: str, size: int, context: int, engine_name: str, batch: int, **extra) -> dict:
+        """Run one row, append it to the output and the table."""
+        args = self.args
+        row = run_row(self.model, self.spec, method_name, size, context, batch, engine_name, args, self.bandwidth)
+        row.update(
+            shape=self.shape,
+            quant_launch=asdict(quant_kernels.LAUNCH),
+            bandwidth_bytes_per_s=self.bandwidth,
+            environment=self.env,
+            commit=args.commit or self.env.get("git_commit"),
+            **extra,
+        )
+        self.out.write(json.dumps(row, default=str) + "\n")
+        self.out.flush()
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        # What the row left (an out-of-memory traceback's frames hold its caches until here) goes back to the
+        # device before the next row plans its memory.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return row
+
+    def record_largest_batch(
+        self, method_name: str, size: int, context: int, engine_name: str, device: torch.device
+    ) -> None:
+        """Batch max: predicted from the batch-1 row (run first if there is none), retried smaller if it
+        runs out of memory; every attempt is a row, with `largest_batch` saying how it was chosen."""
+        args = self.args
+        base, _, scope = engine_name.partition("-")
+        scope = (scope or args.compile_scope) if base == "compiled" else None
+        key = (self.shape, method_name, size if SIZED_BY[method_name] else None, context, base, scope)
+        one = next((r for r in reversed(self.rows) if row_key(r) == key and r["batch"] == 1), None)
+        if one is None or one["status"] != "ok":
+            one = self.record(method_name, size, context, engine_name, 1)
+        if one["status"] != "ok":
+            print(f"batch max of {key}: no batch-1 row to predict from", flush=True)
+            return
+        kv_limit = int(args.kv_limit_gib * 2**30) if args.kv_limit_gib is not None else None
+        device_bytes = device_memory(device, args.device_memory_gib)
+        predicted, bound = largest_batch(one, device_bytes, available_host_memory(), kv_limit)
+        sizes = retry_sizes(predicted)
+        for attempt, batch in enumerate(sizes):
+            note = {"predicted": predicted, "bound_by": bound, "attempt": attempt + 1, "sizes": sizes}
+            if self.record(method_name, size, context, engine_name, batch, largest_batch=note)["status"] != "oom":
+                return
+
+
+def retry_sizes(predicted: int) -> list[int]:
+    """The predicted batch, then smaller ones for an out-of-memory retry (distinct, at least 1)."""
+    sizes = [predicted]
+    for _ in range(RETRIES):
+        smaller = max(1, int(sizes[-1] * RETRY_SHRINK))
+        if smaller == sizes[-1]:
+            break
+        sizes.append(smaller)
+    return sizes
+
+
+def row_key(row: dict) -> tuple:
+    """What a batch-1 row must share with a batch-max row to predict it."""
+    return (row["shape"], row["method"], row["budget"], row["context"], row["engine"], row["compile_scope"])
+
+
+def parse_batch(text: str) -> int:
+    if text == "max":
+        return MAX_BATCH
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"batch {text!r} is not valid: a positive integer or max")
+    return int(text)
 
 
 def format_row(row: dict) -> str:

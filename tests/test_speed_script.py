@@ -1,0 +1,76 @@
+"""`benchmarks/speed.py`'s batch `max`: the prediction from a batch-1 row, and the retries when it runs out of memory
+(the script's rows themselves need a GPU; here `run_row` is replaced by a stand-in that knows what fits)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import speed
+
+GIB = 2**30
+
+
+def batch_one(kv: float, peak: float, host: float = 0) -> dict:
+    return {"kv_bytes_device": int(kv * GIB), "kv_bytes_host": int(host * GIB), "peak_allocated_bytes": int(peak * GIB)}
+
+
+def test_each_sequence_adds_its_cache_to_the_rest_of_the_peak():
+    # 17 GiB besides one sequence's cache (weights, a prefill); 4 GiB a sequence; 92% of 140 GiB = 128.8 GiB.
+    assert speed.largest_batch(batch_one(4, 21), 140 * GIB, 500 * GIB, None) == (27, "device memory")
+    assert speed.largest_batch(batch_one(4, 21), 140 * GIB, 500 * GIB, 40 * GIB) == (10, "kv limit")
+    # ArkVale: 15 GiB of host backups a sequence, 125 GiB available -> 7 sequences (0.92 * 125 / 15 = 7.7).
+    assert speed.largest_batch(batch_one(0.3, 17, host=15), 140 * GIB, 125 * GIB, None) == (7, "host memory")
+    assert speed.largest_batch(batch_one(64, 100), 140 * GIB, 500 * GIB, None) == (1, "device memory")
+
+
+def test_retries_shrink_to_distinct_sizes():
+    assert speed.retry_sizes(27) == [27, 22, 18]
+    assert speed.retry_sizes(2) == [2, 1]
+    assert speed.retry_sizes(1) == [1]
+
+
+@pytest.mark.parametrize("batches", [["1", "4", "max"], ["max"]])
+def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(monkeypatch, batches):
+    fits = 20  # the stand-in device holds 20 sequences; the prediction (27) does not know that
+    calls = []
+
+    def run_row(model, spec, method_name, size, context, batch, engine_name, args, bandwidth):
+        calls.append(batch)
+        row = {"method": method_name, "budget": None, "context": context, "batch": batch, "engine": "compiled"}
+        row.update(compile_scope="layer", status="ok" if batch <= fits else "oom")
+        if row["status"] == "ok":
+            row.update(prefill_s=1.0, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=200.0)
+            row.update(batch_one(4 * batch, 17 + 4 * batch))
+        return row
+
+    monkeypatch.setattr(speed, "run_row", run_row)
+    monkeypatch.setattr(speed, "available_host_memory", lambda: 500 * GIB)
+    args = Namespace(
+        compile_scope="layer", kv_limit_gib=None, device_memory_gib=140, commit="test", runs=None, prefill_chunk=64
+    )
+    sweep = speed.Sweep(args, bandwidth=1.0)
+    sweep.shape, sweep.env, sweep.out = "llama-3.1-8b", {}, io.StringIO()
+    for batch in map(speed.parse_batch, batches):
+        if batch == speed.MAX_BATCH:
+            sweep.record_largest_batch("full", 0, 32768, "compiled", device=None)
+        else:
+            sweep.record("full", 0, 32768, "compiled", batch)
+    given = [int(b) for b in batches if b != "max"]
+    assert calls == [*given, 27, 22, 18] if given else calls == [1, 27, 22, 18]  # batch 1 is run once
+    notes = [row["largest_batch"] for row in sweep.rows if "largest_batch" in row]
+    assert [note["attempt"] for note in notes] == [1, 2, 3]
+    assert all(note["predicted"] == 27 and note["bound_by"] == "device memory" for note in notes)
+    assert [row["status"] for row in sweep.rows[-3:]] == ["oom", "oom", "ok"]
+
+
+def test_bad_batch_is_refused_with_what_is_allowed():
+    with pytest.raises(Exception, match="a positive integer or max"):
+        speed.parse_batch("0")
+    with pytest.raises(SystemExit):
+        speed.parse_runs(["llama-3.1-8b:full:0:32768:lots"])
