@@ -130,12 +130,6 @@ class ScissorhandsLayer(KVLayer):
         self.scaling = scaling  # the model's attention scale, reused for the prompt's counts
         return super().attend(query, keys, values, scaling)
 
-    def on_write(self, slots: slice | torch.Tensor) -> None:
-        if self.history is not None:  # decode: a new token has no history
-            rows, heads = batch_head_index(slots)
-            # A device zero: a Python scalar is a CPU tensor, which a CUDA graph capture cannot copy from.
-            self.history[rows, heads, slots] = self.history.new_zeros(())
-
     def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         if self.prefilling:
             recent = query if self.window_queries is None else torch.cat([self.window_queries, query], dim=2)
@@ -171,6 +165,11 @@ class ScissorhandsLayer(KVLayer):
         rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
         evict = full & (victim_key > NOT_A_CANDIDATE)
         self.positions[rows, heads, victims] = torch.where(evict, -1, self.positions[rows, heads, victims])
+        # A freed slot's history is cleared here, so that the token written there next starts with none: only
+        # compress steps pay for it, not every step's write. A device zero: a Python scalar is a CPU tensor,
+        # which a CUDA graph capture cannot copy from.
+        history = self.history[rows, heads, victims]
+        self.history[rows, heads, victims] = torch.where(evict.unsqueeze(-1), history.new_zeros(()), history)
 
     def select_prefill(self) -> torch.Tensor | None:
         queries, self.window_queries, filled = self.window_queries, None, self.seen
