@@ -71,8 +71,10 @@ class ArkVale(Method):
     - Static decode step (no host syncs): every step scores the pages, takes the top-k and pairs each
       missing page with a victim slot with tensor ops; recall copies are masked, so a step with nothing
       missing moves no page. Each new token is backed up to host as it is written (the code copies a
-      page once it fills), and the digest of the page being written is recomputed each step (only the
-      digest of a full page is ever read). Attention runs over all resident slots with a mask.
+      page once it fills). Slot moves and digests run only on steps whose token starts or ends some
+      row's page, which the host knows from its own token counts (two compiled versions of the step);
+      the digest of the page being written is final at its last token (only a full page's is read).
+      Attention runs over all resident slots with a mask.
     - Host copies run inside the step (`kvbench.host_pages`: Triton kernels that read and write pinned
       host memory directly, masked so only recalled pages cross PCIe), not on a side stream overlapped
       with other layers' compute as the code's copies are.
@@ -211,6 +213,11 @@ class ArkValeLayer(KVLayer):
         self.host_kernels = False  # whether host copies go through kvbench.host_pages' kernels (set at prefill)
         self.pages_recalled: torch.Tensor | None = None  # [B] counters, kept on the device
         self.selections: torch.Tensor | None = None
+        # The page schedule, on the host (as a quantized window's flush, kvbench/quantized_layer.py): each row's
+        # tokens written, so the host knows the steps whose token starts a page (the last slot's page moves
+        # out) or ends one (its digest becomes final). Only those steps move slots and digest (`page_step`).
+        self.written: list[int] = []
+        self.page_step = True
 
     # ----- prefill -----
     def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
@@ -243,6 +250,8 @@ class ArkValeLayer(KVLayer):
         self.pages_recalled = torch.zeros(b, device=device)
         self.selections = torch.zeros(b, device=device)
         self.last_query = None
+        self.written = [filled] * b
+        self.page_step = self.decode_variant()
 
     def select_prefill(self) -> torch.Tensor | None:
         """Sinks, the top pages for the last prompt query, the window; the last page goes to the last slot."""
@@ -276,7 +285,7 @@ class ArkValeLayer(KVLayer):
         b, h = key_states.shape[:2]
         p, last = self.page_size, self.resident_pages - 1
         page, offset = self.seen // p, self.seen % p  # [B]
-        if self.total_pages > self.resident_pages:
+        if self.page_step and self.total_pages > self.resident_pages:
             self._retire_last_slot(page, (offset == 0) & (page > last))
         slot = page.clamp(max=last)  # [B]
         self.slot_page.scatter_(
@@ -284,8 +293,10 @@ class ArkValeLayer(KVLayer):
         )
         self._write_slot((slot * p + offset).view(b, 1).expand(b, h), key_states, value_states)
         self._backup_token(key_states, value_states)
-        self._digest_page(slot, page)
+        if self.page_step:  # the page's last token makes its digest final (a partial page's is never read)
+            self._digest_page(slot, page)
         self.seen.add_(1)
+        self._step_done()
         return self.keys, self.values
 
     def _retire_last_slot(self, page: torch.Tensor, starting: torch.Tensor) -> None:
@@ -390,6 +401,35 @@ class ArkValeLayer(KVLayer):
         self.slot_page.scatter_(2, slots, torch.where(fetch, pages, self.slot_page.gather(2, slots)))
         self.pages_recalled += fetch.sum(dim=(1, 2)).float()
 
+    # ----- the page schedule, on the host -----
+    def decode_variants(self) -> tuple[bool, ...]:
+        """Steps that start or end a page, and steps that only write their token (none while every page of
+        the generation fits: then nothing moves, and no digest is ever read)."""
+        return (False, True) if self.total_pages > self.resident_pages else ()
+
+    def variant_period(self) -> int:
+        return self.page_size
+
+    def decode_variant(self) -> bool:
+        """Whether some row's next token starts a page or is its last."""
+        return any(tokens % self.page_size in (0, self.page_size - 1) for tokens in self.written)
+
+    def take_variant(self, page_step: bool) -> None:
+        """The cache passes True wherever `decode_variant()` is: the slot moves and the digest are exact on any
+        step (a row whose page does not start moves a slot onto itself; a partial page's digest is unread)."""
+        self.page_step = page_step
+
+    def advance(self) -> None:
+        self.written = [tokens + 1 for tokens in self.written]
+        self.page_step = self.decode_variant()
+
+    def _step_done(self) -> None:
+        # A step run as Python moves the host counters; after a compiled step or a graph replay the engine does
+        # (a capture runs nothing: each replay is one step). Dynamo sees a constant and traces no branch here.
+        if torch.compiler.is_compiling() or (self.keys.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        self.advance()
+
     # ----- shared helpers -----
     def _page_scores(self, query: torch.Tensor) -> torch.Tensor:
         """[B, groups, total_pages] page estimates for `query` [B, Hq, D]; unfilled pages score 0."""
@@ -413,6 +453,8 @@ class ArkValeLayer(KVLayer):
     @classmethod
     def stack(cls, layers: list[KVLayer]) -> KVLayer:
         stacked = super().stack(layers)
+        stacked.written = [tokens for layer in layers for tokens in layer.written]
+        stacked.page_step = stacked.decode_variant()
         if stacked.keys.is_cuda:  # pinned host memory: the copy kernels read and write it directly
             stacked.host_keys, stacked.host_values = stacked.host_keys.pin_memory(), stacked.host_values.pin_memory()
         stacked._route_host_copies()

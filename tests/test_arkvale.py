@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbench.cache import FullLayer, LayerSpec, ModelSpec, aligned_slots
+from kvbench.cache import FullLayer, KVCache, LayerSpec, ModelSpec, aligned_slots
 from kvbench.config import build
-from kvbench.engine import Engine
+from kvbench.engine import Engine, Request
 from kvbench.errors import ConfigError
 from kvbench.methods.arkvale import ArkVale, ArkValeLayer, digest_scores, page_digest
 from kvbench.methods.full import Full
@@ -105,6 +105,61 @@ def test_small_budget_recalls_through_the_engine(tiny):
     steps = 12 + generation.measurement.decode_steps  # question tokens, then generated ones
     assert stats["selection_steps"] == ark_layers * steps  # every decode step
     assert stats["pages_recalled"] > 0
+
+
+def _generate_keeping_cache(engine: Engine, requests: list[Request]) -> tuple[list[list[int]], KVCache]:
+    kept = {}
+    decode = engine._decode
+
+    def keep_cache(cache, state):
+        kept["cache"] = cache
+        return decode(cache, state)
+
+    engine._decode = keep_cache
+    return [g.token_ids for g in engine.generate_batch(requests)], kept["cache"]
+
+
+def test_compiled_page_schedule_gives_the_every_step_tokens_and_pages(tiny, monkeypatch):
+    """Rows of a batch start pages on different steps. The compiled step on the host's page schedule (slot moves
+    and digests only on steps that start or end some row's page) gives the tokens, slots, pages and full-page
+    digests of the eager step that moves and digests on every step, and after every compiled step the host's
+    token counts equal the device's."""
+    model, tokenizer, spec = tiny
+    method = ArkVale(budget=128, page_size=16, page_topk=5)
+    prompts = [list(range(100, 400)), list(range(500, 807)), list(range(900, 1211))]
+    requests = [Request(p, 30, question_ids=q) for p, q in zip(prompts, [(), (7, 8, 9), (11,)], strict=True)]
+    with monkeypatch.context() as patch:
+        patch.setattr(ArkValeLayer, "decode_variant", lambda self: True)
+        reference = _generate_keeping_cache(Engine(model, tokenizer, method, spec, prefill_chunk=64), requests)
+    steps: list[tuple[bool, bool]] = []
+    advance = KVCache.advance
+
+    def checked(self: KVCache) -> None:
+        page_step = self.variant_layers[0].page_step
+        advance(self)
+        steps.append((page_step, all(layer.written == layer.seen.tolist() for layer in self.variant_layers)))
+
+    monkeypatch.setattr(KVCache, "advance", checked)
+    torch._dynamo.reset()
+    tokens, cache = _generate_keeping_cache(
+        Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled"), requests
+    )
+    assert tokens == reference[0]
+    for got, expected in zip(cache.layers, reference[1].layers, strict=True):
+        if not isinstance(got, ArkValeLayer):
+            continue
+        assert torch.equal(got.slot_page, expected.slot_page) and torch.equal(got.positions, expected.positions)
+        torch.testing.assert_close(got.keys, expected.keys, rtol=1e-4, atol=1e-4)
+        full_pages = int(got.seen.min()) // method.page_size
+        for name in ("digest_upper", "digest_lower"):
+            got_digest, expected_digest = getattr(got, name), getattr(expected, name)
+            torch.testing.assert_close(
+                got_digest[:, :, :full_pages], expected_digest[:, :, :full_pages], rtol=1e-4, atol=1e-4
+            )
+    assert all(agree for _, agree in steps), steps
+    page_steps = [s for s, _ in steps]
+    assert True in page_steps and False in page_steps  # both versions ran
+    assert sum(page_steps) < len(page_steps) / 2  # most steps move nothing
 
 
 # ----- memory accounting -----
