@@ -14,7 +14,8 @@ scoring methods read the keys a second time for the attention each slot received
 Batch `max` (in `--batches` or a row's BATCH): the largest batch predicted to fit, from the batch-1 row of the
 same method and context (run first if the plan has none): each sequence adds its measured cache bytes to
 everything else in that row's allocator peak, within 92% of the device's memory, of the host's available
-memory for host backups (ArkVale), and of `--kv-limit-gib` if given (the paper's KV pool). A batch that still
+memory for host backups (ArkVale), of `--kv-limit-gib` if given (the paper's KV pool) and of `--batch-limit`
+(64: each sequence is prefilled on its own, so a tiny cache would otherwise ask for hundreds). A batch that still
 runs out of memory is retried at 85% of its size, twice at most; the row's `largest_batch` says what was
 predicted, what bounded it and what was tried.
 
@@ -77,7 +78,9 @@ MEMORY_MARGIN = 0.92  # share of device (or available host) memory a predicted b
 RETRY_SHRINK, RETRIES = 0.85, 2  # a predicted batch that runs out of memory is retried this much smaller
 
 
-def largest_batch(one: dict, device_bytes: int, host_bytes: int, kv_limit_bytes: int | None) -> tuple[int, str]:
+def largest_batch(
+    one: dict, device_bytes: int, host_bytes: int, kv_limit_bytes: int | None, batch_limit: int
+) -> tuple[int, str]:
     """(batch, what bounds it) predicted from `one`, a batch-1 row of the same method and context.
 
     Each sequence of a batch adds its cache: `kv_bytes_device` on the device, `kv_bytes_host` on the host.
@@ -91,6 +94,7 @@ def largest_batch(one: dict, device_bytes: int, host_bytes: int, kv_limit_bytes:
         limits["host memory"] = int(MEMORY_MARGIN * host_bytes // host_per_sequence)
     if kv_limit_bytes is not None:
         limits["kv limit"] = kv_limit_bytes // per_sequence
+    limits["batch limit"] = batch_limit  # small caches would otherwise predict hundreds of sequential prefills
     bound = min(limits, key=limits.get)
     return max(1, limits[bound]), bound
 
@@ -240,6 +244,7 @@ def main() -> None:
         "--batches", type=parse_batch, nargs="+", default=[1, 4, MAX_BATCH], help="sizes, or max (largest that fits)"
     )
     parser.add_argument("--kv-limit-gib", type=float, default=None, help="batch max: device KV bytes at most this")
+    parser.add_argument("--batch-limit", type=int, default=64, help="batch max: at most this many sequences")
     parser.add_argument("--device-memory-gib", type=float, default=None, help="batch max: device memory to plan for")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4], help="quantizers' sizes")
@@ -421,7 +426,7 @@ class Sweep:
             return
         kv_limit = int(args.kv_limit_gib * 2**30) if args.kv_limit_gib is not None else None
         device_bytes = device_memory(device, args.device_memory_gib)
-        predicted, bound = largest_batch(one, device_bytes, available_host_memory(), kv_limit)
+        predicted, bound = largest_batch(one, device_bytes, available_host_memory(), kv_limit, args.batch_limit)
         sizes = retry_sizes(predicted)
         for attempt, batch in enumerate(sizes):
             note = {"predicted": predicted, "bound_by": bound, "attempt": attempt + 1, "sizes": sizes}

@@ -371,7 +371,7 @@ class ArkValeLayer(KVLayer):
         fetch = missing.gather(2, order)
         if self.method.recall_cap is not None:  # the benchmark's pinned recall rate: only the first pairs
             cap = self.method.recall_cap
-            most = math.ceil(cap)
+            most = min(math.ceil(cap), order.shape[-1])  # a cap above the selected pages takes them all
             order, victim_slots, fetch = order[..., :most], victim_slots[..., :most], fetch[..., :most]
             # A row's n-th selection step may recall floor((n + 1) cap) - floor(n cap) pages: `cap` each step
             # for a whole number, a fraction's pages spread evenly over the steps.

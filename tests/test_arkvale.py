@@ -361,12 +361,13 @@ def test_recall_cap_pins_the_pages_recalled_per_step(tiny):
     model, tokenizer, spec = tiny
     prompt, question = list(range(100, 400)), list(range(600, 612))
     counts = {}
-    for cap in (None, 0, 1, 0.25):
+    for cap in (None, 0, 1, 0.25, 4):  # 4: more than the 3 pages selected freely (page_topk 5)
         method = ArkVale(budget=128, page_size=16, page_topk=5, recall_cap=cap)
         stats = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(prompt, 24, question).measurement
         counts[cap] = (stats.method_stats["pages_recalled"], stats.method_stats["selection_steps"])
     assert counts[0][0] == 0
     assert 0 < counts[1][0] <= counts[1][1] < counts[None][0]
+    assert counts[4] == counts[None]  # a cap above what is selected caps nothing
     # Random weights miss a page on nearly every step: the rate, not the misses, sets the count.
     recalled, steps = counts[0.25]
     assert counts[1][0] > 0.9 * counts[1][1]

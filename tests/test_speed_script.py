@@ -22,11 +22,12 @@ def batch_one(kv: float, peak: float, host: float = 0) -> dict:
 
 def test_each_sequence_adds_its_cache_to_the_rest_of_the_peak():
     # 17 GiB besides one sequence's cache (weights, a prefill); 4 GiB a sequence; 92% of 140 GiB = 128.8 GiB.
-    assert speed.largest_batch(batch_one(4, 21), 140 * GIB, 500 * GIB, None) == (27, "device memory")
-    assert speed.largest_batch(batch_one(4, 21), 140 * GIB, 500 * GIB, 40 * GIB) == (10, "kv limit")
+    assert speed.largest_batch(batch_one(4, 21), 140 * GIB, 500 * GIB, None, 64) == (27, "device memory")
+    assert speed.largest_batch(batch_one(4, 21), 140 * GIB, 500 * GIB, 40 * GIB, 64) == (10, "kv limit")
     # ArkVale: 15 GiB of host backups a sequence, 125 GiB available -> 7 sequences (0.92 * 125 / 15 = 7.7).
-    assert speed.largest_batch(batch_one(0.3, 17, host=15), 140 * GIB, 125 * GIB, None) == (7, "host memory")
-    assert speed.largest_batch(batch_one(64, 100), 140 * GIB, 500 * GIB, None) == (1, "device memory")
+    assert speed.largest_batch(batch_one(0.3, 17, host=15), 140 * GIB, 125 * GIB, None, 64) == (7, "host memory")
+    assert speed.largest_batch(batch_one(64, 100), 140 * GIB, 500 * GIB, None, 64) == (1, "device memory")
+    assert speed.largest_batch(batch_one(0.25, 17), 140 * GIB, 500 * GIB, None, 64) == (64, "batch limit")
 
 
 def test_retries_shrink_to_distinct_sizes():
@@ -52,7 +53,13 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
     monkeypatch.setattr(speed, "run_row", run_row)
     monkeypatch.setattr(speed, "available_host_memory", lambda: 500 * GIB)
     args = Namespace(
-        compile_scope="layer", kv_limit_gib=None, device_memory_gib=140, commit="test", runs=None, prefill_chunk=64
+        compile_scope="layer",
+        kv_limit_gib=None,
+        device_memory_gib=140,
+        batch_limit=64,
+        commit="test",
+        runs=None,
+        prefill_chunk=64,
     )
     sweep = speed.Sweep(args, bandwidth=1.0)
     sweep.shape, sweep.env, sweep.out = "llama-3.1-8b", {}, io.StringIO()
