@@ -19,7 +19,6 @@ kernel's tile). One JSON line per run to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from collections import defaultdict
@@ -29,7 +28,7 @@ from speed import copy_bandwidth, make_method, weight_bytes_per_step  # benchmar
 
 from kvbench import kernels
 from kvbench.cache import KVCache
-from kvbench.engine import Engine, Request, Timer
+from kvbench.engine import WARMUP_STEPS, Engine, Request, Timer
 from kvbench.models import SHAPES, ModelConfig, load_model, model_spec
 from kvbench.records import environment
 
@@ -76,7 +75,10 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(args.context)
-    steps = args.warmup + 2 * args.replays + args.profiled + 8  # every step below writes one token
+    # Every step below writes one token: room for the warm-up, the timed replays and the profiled steps, each
+    # of the last two whole periods of a cache's schedule (below), up to a period of 512 (Scissorhands' drop
+    # at budget 2048).
+    steps = 4 * 512 + 64
     requests = [
         Request(torch.randint(0, vocab, (args.context,), generator=generator).tolist(), steps, min_new_tokens=steps)
         for _ in range(args.batch)
@@ -85,54 +87,51 @@ def profile(args, model, spec, bandwidth: float) -> dict:
     cache, state = prepared(engine, requests)
     prefill_s = time.perf_counter() - began
     print(f"{args.method} {args.context}x{args.batch}: prefill {prefill_s:.1f} s", flush=True)
+    # A cache with a host-side schedule (a quantized window's flush, Scissorhands' compress steps, ArkVale's
+    # page boundaries) has a step version per variant: the engine's warm-up runs up to one period of it, and
+    # the steps timed and profiled here are whole periods of it, as decode runs them.
+    period = cache.variant_period() if cache.decode_variants() is not None else 1
+    replays = period * -(-args.replays // period)
+    profiled = period * -(-args.profiled // period)
+    warmup = period + WARMUP_STEPS
+    if warmup + 1 + 2 * replays + profiled > steps:
+        raise ValueError(f"a schedule period of {period} steps needs more decode room than {steps} tokens")
     # As the engine (and speed.py) runs it: "layer", each decoder layer compiled and the rest of the step as
     # Python inside the same graph capture; "step", the whole step compiled.
-    step, compiled_layers = engine._step, engine._layers_compiled()
-    if args.compile_scope == "step":
-        step = torch.compile(engine._step, fullgraph=True, dynamic=False, **engine.compile_options)
-        compiled_layers = contextlib.nullcontext()
-    with compiled_layers:
-        began = time.perf_counter()
-        for _ in range(args.warmup):
-            step(cache, state)
-        torch.cuda.synchronize()
-        compile_s = time.perf_counter() - began
+    with engine._layers_compiled():
+        replay, compile_s, _ = engine._step_runner(cache, state, steps_left=warmup)
         print(f"{args.method} {args.context}x{args.batch}: compiled in {compile_s:.1f} s", flush=True)
-
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step(cache, state)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(cache, state)
-        graph.replay()
+        compiled = engine._compiled_step if args.compile_scope == "step" else engine._step
+        # The compiled step without its graph; the host's counters move as a replay moves them.
+        advance = cache.advance if cache.decode_variants() is not None else (lambda: None)
+        replay()
         with Timer(torch.device("cuda")) as timer:
-            for _ in range(args.replays):
-                graph.replay()
-        replay_ms = 1000 * timer.seconds / args.replays
+            for _ in range(replays):
+                replay()
+        replay_ms = 1000 * timer.seconds / replays
 
         with Timer(torch.device("cuda")) as timer:
-            for _ in range(args.replays):
-                step(cache, state)
-        no_graph_ms = 1000 * timer.seconds / args.replays
+            for _ in range(replays):
+                compiled(cache, state)
+                advance()
+        no_graph_ms = 1000 * timer.seconds / replays
 
         by_kind: dict[str, float] = defaultdict(float)
         by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
-            for _ in range(args.profiled):
-                step(cache, state)
+            for _ in range(profiled):
+                compiled(cache, state)
+                advance()
             torch.cuda.synchronize()
         for event in prof.events():
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             us = event.time_range.elapsed_us()
-            by_kind[kind_of(event.name)] += us / args.profiled
+            by_kind[kind_of(event.name)] += us / profiled
             entry = by_kernel[event.name]
-            entry[0] += us / args.profiled
-            entry[1] += 1 / args.profiled
+            entry[0] += us / profiled
+            entry[1] += 1 / profiled
 
     device_bytes, host_bytes = cache.kv_bytes()
     weights = weight_bytes_per_step(model)
@@ -153,6 +152,8 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "recall_cap": args.recall_cap,
         "prefill_s": prefill_s,
         "compile_s": compile_s,
+        "schedule_period": period,
+        "profiled_steps": profiled,
         "replay_ms": replay_ms,
         "no_graph_ms": no_graph_ms,
         "kernel_ms": kernel_ms,
@@ -171,7 +172,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "method_stats": cache.stats(),
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
     }
-    del graph, cache, state, engine, step
+    del replay, advance, cache, state, engine
     torch.cuda.empty_cache()
     return row
 
@@ -198,7 +199,6 @@ def main() -> None:
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
-    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--profiled", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
