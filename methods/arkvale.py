@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
+from kvbench.cuboid_scores import cuboid_scores
 from kvbench.errors import require
 from kvbench.host_pages import gather_rows, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
@@ -50,12 +51,12 @@ class ArkVale(Method):
 
     Deviations from the paper and its code:
     - PyTorch and kvbench's kernels: attention over the resident slots instead of FlashInfer paged
-      kernels; the estimate as two matmuls, q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max
-      because c + r >= c - r), in the cache's dtype (bf16 on a GPU: float32 accumulation, scores rounded
-      to bf16); the decode step's page top-k by `kvbench.topk.largest_keys` (a bitonic top-k on CUDA,
-      `torch.topk` elsewhere; equal scores may pick different pages than RAFT's radix top-k). Only the
-      cuboid digests; the sphere digests and the speculative prefetch of later layers
-      (`n_prefetch_layers`, off by default) are not implemented.
+      kernels; the estimate as q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max because
+      c + r >= c - r): on a GPU one Triton pass over both digests (`kvbench.cuboid_scores`; bf16 digests,
+      float32 sums and scores), elsewhere two matmuls in the cache's dtype; the decode step's page top-k
+      by `kvbench.topk.largest_keys` (a bitonic top-k on CUDA, `torch.topk` elsewhere; equal scores may
+      pick different pages than RAFT's radix top-k). Only the cuboid digests; the sphere digests and the
+      speculative prefetch of later layers (`n_prefetch_layers`, off by default) are not implemented.
     - Slot layout: the page being written always sits in the last page slot. When it fills and the
       next token starts a page, it moves into the slot of the page leaving the window; the code instead
       writes the new page there. The resident set is the same, and the live slots stay contiguous, so
@@ -182,9 +183,7 @@ def digest_scores(query: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor)
     q = query.float().view(b, hkv, hq // hkv, d)
     positive, negative = q.clamp(min=0).mean(dim=2), q.clamp(max=0).mean(dim=2)
     # In the digests' dtype: converting them to float32 first would write and read them again every step.
-    positive, negative = positive.to(upper.dtype), negative.to(upper.dtype)
-    scores = torch.einsum("bhd,bhnd->bhn", positive, upper) + torch.einsum("bhd,bhnd->bhn", negative, lower)
-    return scores.float()
+    return cuboid_scores(positive.to(upper.dtype), negative.to(upper.dtype), upper, lower)
 
 
 class ArkValeLayer(KVLayer):
