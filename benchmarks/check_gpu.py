@@ -44,21 +44,24 @@ def check_host_pages() -> None:
     expected[torch.arange(b), :, rows.cpu()] = source.cpu()[:, :, 0]
     check("write_rows", torch.equal(host, expected))
 
-    target = torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16, device="cuda")
-    reference = target.cpu().clone()
     source_rows = torch.randint(0, n, (b, h, m), device="cuda")
     target_rows = torch.stack([torch.randperm(s, device="cuda")[:m] for _ in range(b * h)]).view(b, h, m)
     take = torch.rand(b, h, m, device="cuda") < 0.5
-    gather_rows(host, target, source_rows, target_rows, take)
-    torch.cuda.synchronize()
-    for bb in range(b):
-        for hh in range(h):
-            for mm in range(m):
-                if take[bb, hh, mm]:
-                    reference[bb, hh, target_rows[bb, hh, mm]] = host[bb, hh, source_rows[bb, hh, mm]]
-    got = target.cpu()
-    same = torch.equal(got.isnan(), reference.isnan()) and torch.equal(got.nan_to_num(), reference.nan_to_num())
-    check("gather_rows (untaken rows stay untouched)", same)
+    second_host = torch.randn(b, h, n, d, dtype=torch.bfloat16).pin_memory()
+    for hosts in ((host,), (host, second_host)):  # one pair, and keys and values in one launch
+        targets = tuple(torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in hosts)
+        gather_rows(hosts, targets, source_rows, target_rows, take)
+        torch.cuda.synchronize()
+        for one_host, target in zip(hosts, targets, strict=True):
+            reference = torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16)
+            for bb in range(b):
+                for hh in range(h):
+                    for mm in range(m):
+                        if take[bb, hh, mm]:
+                            reference[bb, hh, target_rows[bb, hh, mm]] = one_host[bb, hh, source_rows[bb, hh, mm]]
+            got = target.cpu()
+            same = torch.equal(got.isnan(), reference.isnan()) and torch.equal(got.nan_to_num(), reference.nan_to_num())
+            check(f"gather_rows, {len(hosts)} pair(s) (untaken rows stay untouched)", same)
 
 
 def check_engines() -> None:

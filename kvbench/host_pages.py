@@ -7,8 +7,8 @@ memory allocated by `cudaHostAlloc` (PyTorch's pinned memory) is directly readab
 kernels at its host address, so two small Triton kernels move the bytes themselves: masked, so rows that
 need no copy move nothing over PCIe, with static grids and no host sync.
 
-The kernels are launched from opaque `torch.library` operators (`kvbench::write_rows`,
-`kvbench::gather_rows`) that mutate their destination in place. Inductor would otherwise compile a
+The kernels are launched from opaque `torch.library` operators (`kvbench::write_rows`, `kvbench::gather_rows`,
+`kvbench::gather_row_pairs`) that mutate their destination in place. Inductor would otherwise compile a
 user-defined Triton kernel itself, for the device of its first tensor argument: the host buffer, a CPU
 tensor, for which Triton has no backend.
 
@@ -27,6 +27,11 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
+
+# The gather's launch: rows of one (sequence, head) a program, and warps a program. Not yet tuned: chosen
+# before any timing (benchmarks/host_gather.py times the choices).
+GATHER_BLOCK_ROWS = 16
+GATHER_WARPS = 4
 
 # Under Triton's interpreter (TRITON_INTERPRET=1) the kernels run on CPU tensors: how the tests check them.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -60,29 +65,40 @@ def write_rows(
 
 
 def gather_rows(
-    host: torch.Tensor,
-    target: torch.Tensor,
+    hosts: tuple[torch.Tensor, ...],
+    targets: tuple[torch.Tensor, ...],
     source_rows: torch.Tensor,
     target_rows: torch.Tensor,
     take: torch.Tensor,
     through_kernels: bool | None = None,
 ) -> None:
-    """target[b, h, target_rows[b, h, m]] = host[b, h, source_rows[b, h, m]] wherever take[b, h, m].
+    """target[b, h, target_rows[b, h, m]] = host[b, h, source_rows[b, h, m]] wherever take[b, h, m], for each
+    (host, target) pair of `hosts` and `targets` (a layer's keys and values: one launch moves both).
 
-    host [B, H, N, D], target [B, H, S, D] on the device; rows [B, H, M] int64; take [B, H, M] bool.
+    host [B, H, N, D], target [B, H, S, D] on the device; rows [B, H, M] int64; take [B, H, M] bool. The
+    kernel takes one or two pairs of equal shapes and strides; other pairs run one launch each.
     `through_kernels` as in `write_rows`.
     """
     b, h = source_rows.shape[:2]
     if through_kernels is None:
-        through_kernels = uses_kernels(host, target)
+        through_kernels = uses_kernels(hosts[0], targets[0])
     if not through_kernels:
-        batch = torch.arange(b, device=target.device).view(b, 1, 1)
-        heads = torch.arange(h, device=target.device).view(1, h, 1)
-        fetched = host[batch.to(host.device), heads.to(host.device), source_rows.to(host.device)].to(target.device)
-        current = target[batch, heads, target_rows]
-        target[batch, heads, target_rows] = torch.where(take.unsqueeze(-1), fetched, current)
+        batch = torch.arange(b, device=targets[0].device).view(b, 1, 1)
+        heads = torch.arange(h, device=targets[0].device).view(1, h, 1)
+        for host, target in zip(hosts, targets, strict=True):
+            fetched = host[batch.to(host.device), heads.to(host.device), source_rows.to(host.device)]
+            current = target[batch, heads, target_rows]
+            target[batch, heads, target_rows] = torch.where(take.unsqueeze(-1), fetched.to(target.device), current)
         return
-    torch.ops.kvbench.gather_rows(host, target, source_rows, target_rows, take)
+    # Both hosts of one layout, both targets of one layout: the kernel reads one set of strides for each.
+    alike = len(hosts) == 2 and all(
+        first.shape == second.shape and first.stride() == second.stride() for first, second in (hosts, targets)
+    )
+    if alike:
+        torch.ops.kvbench.gather_row_pairs(hosts[0], targets[0], hosts[1], targets[1], source_rows, target_rows, take)
+        return
+    for host, target in zip(hosts, targets, strict=True):
+        torch.ops.kvbench.gather_rows(host, target, source_rows, target_rows, take)
 
 
 if triton is not None:
@@ -99,6 +115,26 @@ if triton is not None:
     def _(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
         return None
 
+    def _launch_gather(
+        host: torch.Tensor,
+        target: torch.Tensor,
+        second_host: torch.Tensor | None,
+        second_target: torch.Tensor | None,
+        source_rows: torch.Tensor,
+        target_rows: torch.Tensor,
+        take: torch.Tensor,
+    ) -> None:
+        b, h, m = source_rows.shape
+        pair = second_host is not None
+        _gather_rows_kernel[(b * h, triton.cdiv(m, GATHER_BLOCK_ROWS))](
+            host, target, second_host if pair else host, second_target if pair else target,
+            source_rows, target_rows, take, h, m,
+            host.stride(0), host.stride(1), host.stride(2), target.stride(0), target.stride(1), target.stride(2),
+            source_rows.stride(0), source_rows.stride(1),
+            D=target.shape[-1], BLOCK_M=GATHER_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(target.shape[-1]),
+            PAIR=pair, num_warps=GATHER_WARPS,
+        )  # fmt: skip
+
     @torch.library.custom_op("kvbench::gather_rows", mutates_args=("target",))
     def _gather_rows_op(
         host: torch.Tensor,
@@ -107,19 +143,36 @@ if triton is not None:
         target_rows: torch.Tensor,
         take: torch.Tensor,
     ) -> None:
-        b, h, m = source_rows.shape
-        block_m = 16
-        _gather_rows_kernel[(b * h, triton.cdiv(m, block_m))](
-            host, target, source_rows, target_rows, take, h, m,
-            host.stride(0), host.stride(1), host.stride(2), target.stride(0), target.stride(1), target.stride(2),
-            source_rows.stride(0), source_rows.stride(1),
-            D=target.shape[-1], BLOCK_M=block_m, BLOCK_D=triton.next_power_of_2(target.shape[-1]),
-        )  # fmt: skip
+        _launch_gather(host, target, None, None, source_rows, target_rows, take)
 
     @_gather_rows_op.register_fake
     def _(
         host: torch.Tensor,
         target: torch.Tensor,
+        source_rows: torch.Tensor,
+        target_rows: torch.Tensor,
+        take: torch.Tensor,
+    ) -> None:
+        return None
+
+    @torch.library.custom_op("kvbench::gather_row_pairs", mutates_args=("target", "second_target"))
+    def _gather_row_pairs_op(
+        host: torch.Tensor,
+        target: torch.Tensor,
+        second_host: torch.Tensor,
+        second_target: torch.Tensor,
+        source_rows: torch.Tensor,
+        target_rows: torch.Tensor,
+        take: torch.Tensor,
+    ) -> None:
+        _launch_gather(host, target, second_host, second_target, source_rows, target_rows, take)
+
+    @_gather_row_pairs_op.register_fake
+    def _(
+        host: torch.Tensor,
+        target: torch.Tensor,
+        second_host: torch.Tensor,
+        second_target: torch.Tensor,
         source_rows: torch.Tensor,
         target_rows: torch.Tensor,
         take: torch.Tensor,
@@ -140,9 +193,9 @@ if triton is not None:
 
     @triton.jit
     def _gather_rows_kernel(
-        host, target, source_rows, target_rows, take, heads, m,
+        host, target, second_host, second_target, source_rows, target_rows, take, heads, m,
         host_sb, host_sh, host_sn, target_sb, target_sh, target_sn, rows_sb, rows_sh,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         b, h = pid // heads, pid % heads
@@ -154,6 +207,12 @@ if triton is not None:
         dest = tl.load(target_rows + index, mask=wanted, other=0)
         cols = tl.arange(0, BLOCK_D)
         both = wanted[:, None] & (cols[None, :] < D)
-        # Rows not taken load nothing: a step that recalls no page reads nothing from host memory.
-        value = tl.load(host + b * host_sb + h * host_sh + source[:, None] * host_sn + cols[None, :], mask=both)
-        tl.store(target + b * target_sb + h * target_sh + dest[:, None] * target_sn + cols[None, :], value, mask=both)
+        # Rows not taken load nothing: a step that recalls no page reads nothing from host memory. Both
+        # pairs' loads are issued before either store, so twice the bytes are in flight over PCIe.
+        read = b * host_sb + h * host_sh + source[:, None] * host_sn + cols[None, :]
+        written = b * target_sb + h * target_sh + dest[:, None] * target_sn + cols[None, :]
+        value = tl.load(host + read, mask=both)
+        if PAIR:
+            second = tl.load(second_host + read, mask=both)
+            tl.store(second_target + written, second, mask=both)
+        tl.store(target + written, value, mask=both)

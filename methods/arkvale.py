@@ -392,8 +392,8 @@ class ArkValeLayer(KVLayer):
         source = per_head(pages.unsqueeze(-1) * p + offsets)  # positions, i.e. host rows
         target = per_head(slots.unsqueeze(-1) * p + offsets)
         take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, p))
-        gather_rows(self.host_keys, self.keys, source, target, take, self.host_kernels)
-        gather_rows(self.host_values, self.values, source, target, take, self.host_kernels)
+        hosts, targets = (self.host_keys, self.host_values), (self.keys, self.values)
+        gather_rows(hosts, targets, source, target, take, self.host_kernels)
         rows, heads = batch_head_index(target[:, :, 0])
         rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
         self.positions[rows, heads, target] = torch.where(take, source, self.positions[rows, heads, target])

@@ -32,37 +32,50 @@ def _interpreted_checks() -> dict:
     host_pages.write_rows(host, rows, source)
     expected[torch.arange(b), :, rows] = source[:, :, 0]
 
-    target = torch.full((b, h, s, d), float("nan"))
-    reference = target.clone()
     source_rows = torch.randint(0, n, (b, h, m), generator=generator)
     target_rows = torch.stack([torch.randperm(s, generator=generator)[:m] for _ in range(b * h)]).view(b, h, m)
     take = torch.rand(b, h, m, generator=generator) < 0.5
-    host_pages.gather_rows(host, target, source_rows, target_rows, take)
-    for i in range(b):
-        for j in range(h):
-            for k in range(m):
-                if take[i, j, k]:
-                    reference[i, j, target_rows[i, j, k]] = host[i, j, source_rows[i, j, k]]
-    untouched = torch.equal(target.isnan(), reference.isnan())
+    second_host = torch.randn(b, h, n, d, generator=generator)
+
+    def reference_gather(one_host: torch.Tensor) -> torch.Tensor:
+        reference = torch.full((b, h, s, d), float("nan"))
+        for i in range(b):
+            for j in range(h):
+                for k in range(m):
+                    if take[i, j, k]:
+                        reference[i, j, target_rows[i, j, k]] = one_host[i, j, source_rows[i, j, k]]
+        return reference
+
+    gathered = {}
+    for name, hosts in (("one", (host,)), ("pair", (host, second_host))):  # the pair: one launch for both
+        targets = tuple(torch.full((b, h, s, d), float("nan")) for _ in hosts)
+        host_pages.gather_rows(hosts, targets, source_rows, target_rows, take)
+        references = [reference_gather(one_host) for one_host in hosts]
+        gathered[name] = {
+            "untouched": all(torch.equal(t.isnan(), r.isnan()) for t, r in zip(targets, references, strict=True)),
+            "equal": all(torch.equal(t.nan_to_num(), r.nan_to_num()) for t, r in zip(targets, references, strict=True)),
+        }
 
     # Compiled as a decode step is: the copies stay in place on the caller's buffers.
     @torch.compile(fullgraph=True, dynamic=False)
-    def step(host, rows, source, target, source_rows, target_rows, take):
+    def step(host, second_host, rows, source, target, second_target, source_rows, target_rows, take):
         host_pages.write_rows(host, rows, source, through_kernels=True)
-        host_pages.gather_rows(host, target, source_rows, target_rows, take, through_kernels=True)
+        pairs = (host, second_host), (target, second_target)
+        host_pages.gather_rows(*pairs, source_rows, target_rows, take, through_kernels=True)
 
-    compiled_host, compiled_target = expected.clone(), torch.full_like(target, float("nan"))
-    step(compiled_host, rows + 1, source, compiled_target, source_rows, target_rows, take)
+    compiled_host, compiled_targets = expected.clone(), [torch.full((b, h, s, d), float("nan")) for _ in range(2)]
+    step(compiled_host, second_host, rows + 1, source, *compiled_targets, source_rows, target_rows, take)
     compiled_expected = expected.clone()
     compiled_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
-    compiled_reference = torch.full_like(target, float("nan"))
-    host_pages.gather_rows(compiled_expected, compiled_reference, source_rows, target_rows, take)
+    compiled_references = [reference_gather(compiled_expected), reference_gather(second_host)]
     return {
         "compiled_equal": torch.equal(compiled_host, compiled_expected)
-        and torch.equal(compiled_target.nan_to_num(), compiled_reference.nan_to_num()),
+        and all(
+            torch.equal(t.nan_to_num(), r.nan_to_num())
+            for t, r in zip(compiled_targets, compiled_references, strict=True)
+        ),
         "write_rows_equal": torch.equal(host, expected),
-        "gather_rows_equal": untouched and torch.equal(target.nan_to_num(), reference.nan_to_num()),
-        "gather_rows_untaken_untouched": untouched,
+        "gathered": gathered,
         "taken": int(take.sum()),
     }
 
@@ -82,10 +95,12 @@ def test_compiled_copies_write_the_callers_buffers(interpreted: dict) -> None:
     assert interpreted["compiled_equal"]
 
 
-def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict) -> None:
+@pytest.mark.parametrize("pairs", ["one", "pair"])
+def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict, pairs: str) -> None:
+    """One (host, target) pair, and keys and values as two pairs in one launch."""
     assert 0 < interpreted["taken"] < 2 * 3 * 9  # some rows taken, some not
-    assert interpreted["gather_rows_untaken_untouched"]
-    assert interpreted["gather_rows_equal"]
+    assert interpreted["gathered"][pairs]["untouched"]
+    assert interpreted["gathered"][pairs]["equal"]
 
 
 if __name__ == "__main__":

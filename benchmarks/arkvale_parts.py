@@ -1,0 +1,147 @@
+"""ArkVale's per-step parts alone, one GPU: the page estimate and the recall of pages from host memory.
+
+    PYTHONPATH=. python benchmarks/arkvale_parts.py --commit <sha> --out arkvale_parts.jsonl   # ~30 s
+    TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/arkvale_parts.py --device cpu --small   # a smoke run
+
+Shapes of the paper's setting (Llama-2-7B: 32 KV heads of 128; 4 sequences of 30,720 tokens plus decode
+room, pages of 32, so 1,026 pages; 2,048 resident slots), and Llama-3.1-8B's 8 KV heads at batch 1.
+- `scores`: the digest estimate q⁺·upper + q⁻·lower per page and KV head, as two cuBLAS products
+  (`einsum`, what the step ran before `kvbench.cuboid_scores`) and as the Triton pass; floor = both
+  digests' bytes / the read bandwidth.
+- `recall`: one page (32 rows of keys and values, every KV head) recalled from pinned host memory into
+  device slots for 0, 1 or all 4 sequences, by `kvbench.host_pages.gather_rows`: keys and values in two
+  launches or as a pair in one, under tile and warp choices; `dma` is the copy engine moving the same bytes
+  from one contiguous pinned buffer (`Tensor.copy_`), the PCIe rate to compare with.
+Each is timed as the step runs it (CUDA-graph replays of 20 calls taking 8 input sets in turn, median of
+5, `quant_attention.py`'s `time_us`). Appends one JSON line per row to --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_attention import environment, read_bandwidth, time_us
+
+from kvbench import cuboid_scores, host_pages
+
+PAGE = 32
+INPUT_SETS = 8
+
+
+def score_rows(batch: int, heads: int, pages: int, device: torch.device, bandwidth: float) -> list[dict]:
+    gen = torch.Generator().manual_seed(batch * heads)
+    inputs = []
+    for _ in range(INPUT_SETS if device.type == "cuda" else 1):
+        query = torch.randn(batch, heads, 128, generator=gen)
+        upper = torch.randn(batch, heads, pages, 128, generator=gen)
+        lower = upper - torch.rand(batch, heads, pages, 128, generator=gen)
+        dtype = torch.bfloat16
+        inputs.append(tuple(t.to(device, dtype) for t in (query.clamp(min=0), query.clamp(max=0), upper, lower)))
+    got = cuboid_scores.cuboid_scores(*inputs[0])
+    exact = cuboid_scores.cuboid_scores_reference(*(t.double() for t in inputs[0]))
+    ok = bool(((got.double() - exact).abs() <= 1e-4 * (1 + exact.abs())).all())
+    floor_us = 2 * inputs[0][2].numel() * 2 / bandwidth * 1e6
+    calls = {
+        "einsum": [lambda i=i: cuboid_scores.cuboid_scores_reference(*i) for i in inputs],
+        "kernel": [lambda i=i: cuboid_scores.cuboid_scores(*i) for i in inputs],
+    }
+    shape = {"part": "scores", "batch": batch, "kv_heads": heads, "pages": pages, "ok": ok, "floor_us": floor_us}
+    return [{**shape, "variant": name, "us": time_us(c, device)} for name, c in calls.items()]
+
+
+def recall_rows(batch: int, heads: int, pages: int, slots: int, device: torch.device) -> list[dict]:
+    gen = torch.Generator().manual_seed(7)
+    pinned = device.type == "cuda"
+    hosts = tuple(torch.randn(batch, heads, pages * PAGE, 128, generator=gen).to(torch.bfloat16) for _ in range(2))
+    if pinned:
+        hosts = tuple(h.pin_memory() for h in hosts)
+    targets = tuple(torch.zeros(batch, heads, slots, 128, dtype=torch.bfloat16, device=device) for _ in range(2))
+    offsets = torch.arange(PAGE)
+    rows = []
+    for fetching in sorted({0, 1, batch}):
+        sets = []
+        for _ in range(INPUT_SETS if pinned else 1):
+            page = torch.randint(0, pages, (batch, heads, 1), generator=gen)
+            slot = torch.randint(0, slots // PAGE, (batch, heads, 1), generator=gen)
+            source = (page * PAGE + offsets).to(device)
+            target = (slot * PAGE + offsets).to(device)
+            take = (torch.arange(batch) < fetching).view(batch, 1, 1).expand(batch, heads, PAGE).contiguous()
+            sets.append((source, target, take.to(device)))
+        # Correctness once: every taken row lands, from the pair launch.
+        source, target, take = sets[0]
+        host_pages.gather_rows(hosts, targets, source, target, take)
+        ok = all(
+            torch.equal(
+                t[:fetching].gather(2, target[:fetching, :, :, None].expand(-1, -1, -1, 128)).cpu(),
+                h[:fetching].gather(2, source[:fetching, :, :, None].cpu().expand(-1, -1, -1, 128)),
+            )
+            for h, t in zip(hosts, targets, strict=True)
+        )
+        moved = 2 * fetching * heads * PAGE * 128 * 2
+        base = {"part": "recall", "batch": batch, "kv_heads": heads, "fetching": fetching, "bytes": moved, "ok": ok}
+        variants = {
+            "two launches, 16 rows, 4 warps": (16, 4, False),
+            "pair, 16 rows, 4 warps": (16, 4, True),
+            "pair, 32 rows, 4 warps": (32, 4, True),
+            "pair, 32 rows, 8 warps": (32, 8, True),
+            "pair, 16 rows, 2 warps": (16, 2, True),
+        }
+        for name, (block_rows, warps, pair) in variants.items():
+            host_pages.GATHER_BLOCK_ROWS, host_pages.GATHER_WARPS = block_rows, warps
+
+            def gather(s=None, pair=pair) -> None:
+                source, target, take = s
+                if pair:
+                    host_pages.gather_rows(hosts, targets, source, target, take)
+                else:
+                    for h, t in zip(hosts, targets, strict=True):
+                        host_pages.gather_rows((h,), (t,), source, target, take)
+
+            us = time_us([lambda s=s: gather(s) for s in sets], device)
+            rows.append({**base, "variant": name, "us": us, "GBps": moved / us / 1e3})
+        if fetching:
+            flat = torch.empty(moved // 2, dtype=torch.bfloat16)
+            staging = flat.pin_memory() if pinned else flat
+            landing = torch.empty(moved // 2, dtype=torch.bfloat16, device=device)
+            us = time_us([lambda a=landing, b=staging: a.copy_(b, non_blocking=True)], device)
+            rows.append({**base, "ok": True, "variant": "dma (copy engine)", "us": us, "GBps": moved / us / 1e3})
+    host_pages.GATHER_BLOCK_ROWS, host_pages.GATHER_WARPS = 16, 4
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
+    parser.add_argument("--commit", default="")
+    parser.add_argument("--out", default="benchmarks/results/arkvale_parts.jsonl")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    bandwidth = read_bandwidth(device)
+    env = environment(device, bandwidth, args.commit)
+    if args.small:
+        rows = score_rows(2, 2, 40, device, bandwidth) + recall_rows(2, 2, 12, 128, device)
+    else:
+        rows = score_rows(4, 32, 1026, device, bandwidth) + score_rows(1, 8, 1026, device, bandwidth)
+        rows += score_rows(4, 8, 1026, device, bandwidth)
+        rows += recall_rows(4, 32, 991, 2048, device)
+    print(f"{'part':7} {'batch':>5} {'heads':>5} {'fetch':>5} {'variant':32} {'us':>8} {'GB/s':>7} {'floor':>7}  ok")
+    for row in rows:
+        print(
+            f"{row['part']:7} {row['batch']:5d} {row['kv_heads']:5d} {row.get('fetching', ''):>5} "
+            f"{row['variant']:32} {row['us']:8.1f} {row.get('GBps', 0):7.1f} {row.get('floor_us', 0):7.1f}  {row['ok']}"
+        )
+    with open(args.out, "a") as out:
+        for row in rows:
+            out.write(json.dumps({**env, **row}) + "\n")
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
