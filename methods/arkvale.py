@@ -17,7 +17,7 @@ from kvbench.cuboid_scores import cuboid_scores
 from kvbench.errors import require
 from kvbench.host_pages import gather_rows, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
-from kvbench.topk import float_order_keys, largest_keys
+from kvbench.page_selection import select_pages
 
 RADII = ("mean", "max", "center")
 # The paper's evaluation setting: top-k = min(C, budget / 2) / page_size pages, C = 40 pages of 32 tokens.
@@ -53,9 +53,10 @@ class ArkVale(Method):
     - PyTorch and kvbench's kernels: attention over the resident slots instead of FlashInfer paged
       kernels; the estimate as q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max because
       c + r >= c - r): on a GPU one Triton pass over both digests (`kvbench.cuboid_scores`; bf16 digests,
-      float32 sums and scores), elsewhere two matmuls in the cache's dtype; the decode step's page top-k
-      by `kvbench.topk.largest_keys` (a bitonic top-k on CUDA, `torch.topk` elsewhere; equal scores may
-      pick different pages than RAFT's radix top-k). Only the cuboid digests; the sphere digests and the
+      float32 sums and scores), elsewhere two matmuls in the cache's dtype; the decode step's selection
+      (top-k pages, which are missing, the victims) in one Triton program per row on CUDA
+      (`kvbench.page_selection`: bitonic top-k), PyTorch elsewhere (`torch.topk`); equal scores may pick
+      different pages than RAFT's radix top-k. Only the cuboid digests; the sphere digests and the
       speculative prefetch of later layers (`n_prefetch_layers`, off by default) are not implemented.
     - Slot layout: the page being written always sits in the last page slot. When it fills and the
       next token starts a page, it moves into the slot of the page leaving the window; the code instead
@@ -353,31 +354,23 @@ class ArkValeLayer(KVLayer):
             return  # every page of this generation fits: never anything to select
         b = query.shape[0]
         scores = self._page_scores(query)  # [B, groups, total_pages]
-        active = (self.seen > self.capacity).view(b, 1, 1)
-        current = (self.seen - 1) // self.page_size  # the page the newest token is in
-        pages = torch.arange(self.total_pages, device=scores.device)
-        newest_candidate = (current - self.method.n_win_pages + 1).view(b, 1, 1)
-        candidate = (pages >= self.method.n_sink_pages) & (pages < newest_candidate)  # [B, 1, pages]
-        # The k best pages per row in one Triton program (torch.topk's radix select: ~26 us a layer at batch 4).
-        _, top = largest_keys(float_order_keys(scores.masked_fill(~candidate, float("-inf"))), self.free_topk)
-        resident = torch.zeros_like(candidate.expand_as(scores)).scatter_(2, self.slot_page.clamp(min=0), True)
-        missing = ~resident.gather(2, top) & candidate.expand_as(scores).gather(2, top) & active
-        # Sinks, window pages and the top-k are never victims; the rest go lowest score first.
-        keep_score = scores.masked_fill(~candidate, float("inf")).scatter(2, top, float("inf"))
-        resident_score = keep_score.gather(2, self.slot_page.clamp(min=0))
-        _, victim_slots = largest_keys(float_order_keys(-resident_score), self.free_topk)  # lowest score first
-        order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
-        fetch = missing.gather(2, order)
+        active = self.seen > self.capacity
+        newest_candidate = (self.seen - 1) // self.page_size - self.method.n_win_pages + 1
+        # The k best pages, those of them missing, and the lowest-scored resident slots they replace, missing
+        # pages first: one Triton program per row on CUDA (about a dozen small PyTorch kernels before).
+        pages, victim_slots, fetch = select_pages(
+            scores, self.slot_page, self.method.n_sink_pages, newest_candidate, active, self.free_topk
+        )
         if self.method.recall_cap is not None:  # the benchmark's pinned recall rate: only the first pairs
             cap = self.method.recall_cap
-            most = min(math.ceil(cap), order.shape[-1])  # a cap above the selected pages takes them all
-            order, victim_slots, fetch = order[..., :most], victim_slots[..., :most], fetch[..., :most]
+            most = min(math.ceil(cap), pages.shape[-1])  # a cap above the selected pages takes them all
+            pages, victim_slots, fetch = pages[..., :most], victim_slots[..., :most], fetch[..., :most]
             # A row's n-th selection step may recall floor((n + 1) cap) - floor(n cap) pages: `cap` each step
             # for a whole number, a fraction's pages spread evenly over the steps.
             allowed = torch.floor((self.selections + 1) * cap) - torch.floor(self.selections * cap)
             fetch = fetch & (torch.arange(most, device=fetch.device) < allowed.view(b, 1, 1))
-        if order.shape[-1] > 0:
-            self._recall(top.gather(2, order), victim_slots, fetch)
+        if pages.shape[-1] > 0:
+            self._recall(pages, victim_slots, fetch)
         self.selections += active.view(b).float()
 
     def _recall(self, pages: torch.Tensor, slots: torch.Tensor, fetch: torch.Tensor) -> None:
