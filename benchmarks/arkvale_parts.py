@@ -190,20 +190,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
+    parser.add_argument("--parts", nargs="+", default=["scores", "recall", "recall_cold"], help="which rows")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", default="benchmarks/results/arkvale_parts.jsonl")
     args = parser.parse_args()
     device = torch.device(args.device)
     bandwidth = read_bandwidth(device)
     env = environment(device, bandwidth, args.commit)
-    if args.small:
-        rows = score_rows(2, 2, 40, device, bandwidth) + recall_rows(2, 2, 12, 128, device)
-        rows += cold_recall_rows(2, 2, 12, 128, device)
-    else:
-        rows = score_rows(4, 32, 1026, device, bandwidth) + score_rows(1, 8, 1026, device, bandwidth)
-        rows += score_rows(4, 8, 1026, device, bandwidth)
-        rows += recall_rows(4, 32, 991, 2048, device)
-        rows += cold_recall_rows(4, 32, 8 * 991, 2048, device)  # 8.3 GB of host keys
+    shapes = {  # part: (rows, tiny rows)
+        "scores": (
+            lambda: [*(score_rows(*bhn, device, bandwidth) for bhn in ((4, 32, 1026), (1, 8, 1026), (4, 8, 1026)))],
+            lambda: [score_rows(2, 2, 40, device, bandwidth)],
+        ),
+        "recall": (lambda: [recall_rows(4, 32, 991, 2048, device)], lambda: [recall_rows(2, 2, 12, 128, device)]),
+        # 8.3 GB of host keys
+        "recall_cold": (
+            lambda: [cold_recall_rows(4, 32, 8 * 991, 2048, device)],
+            lambda: [cold_recall_rows(2, 2, 12, 128, device)],
+        ),
+    }
+    rows = [row for part in args.parts for group in shapes[part][args.small]() for row in group]
     print(f"{'part':7} {'batch':>5} {'heads':>5} {'fetch':>5} {'variant':32} {'us':>8} {'GB/s':>7} {'floor':>7}  ok")
     for row in rows:
         print(
