@@ -47,7 +47,7 @@ if kernels.triton is not None:
     ):  # fmt: skip
         """The experiment's layout: host [B, pages, H, PAGE_ROWS, D], one page of every head contiguous."""
         pid = tl.program_id(0)
-        b, h = pid // heads, pid % heads
+        b, h = (pid // heads).to(tl.int64), pid % heads
         if tl.load(take + pid) != 0:
             page, slot = tl.load(pages + pid), tl.load(slots + pid)
             rows = tl.arange(0, PAGE_ROWS)[:, None] * D + tl.arange(0, D)[None, :]

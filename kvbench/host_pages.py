@@ -185,7 +185,8 @@ if triton is not None:
         D: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        b, h = pid // heads, pid % heads
+        # int64 offsets: a batch's backup passes 2^31 elements (35 sequences of 30k tokens of a 7B layer).
+        b, h = (pid // heads).to(tl.int64), pid % heads
         row = tl.load(rows + b)
         cols = tl.arange(0, BLOCK_D)
         value = tl.load(source + b * source_sb + h * source_sh + cols, mask=cols < D)
@@ -198,7 +199,8 @@ if triton is not None:
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        b, h = pid // heads, pid % heads
+        # int64 offsets: a batch's backup passes 2^31 elements (35 sequences of 30k tokens of a 7B layer).
+        b, h = (pid // heads).to(tl.int64), pid % heads
         offsets = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = offsets < m
         index = b * rows_sb + h * rows_sh + offsets

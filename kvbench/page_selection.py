@@ -111,7 +111,7 @@ if kernels.triton is not None:
         kept_before = j - before
         position = tl.where(missing, before, n_missing + kept_before)
         tl.store(pages_out + row * K + position, top_page, mask=real)
-        tl.store(fetch_out + row * K + position, missing.to(tl.int8), mask=real)
+        tl.store(fetch_out + row * K + position, missing, mask=real)
 
     def _select_pages_triton(
         scores: torch.Tensor,
@@ -126,7 +126,7 @@ if kernels.triton is not None:
         scores, slot_page = scores.float().contiguous(), slot_page.contiguous()
         pages = torch.empty(b, g, k, dtype=torch.int64, device=scores.device)
         slots = torch.empty_like(pages)
-        fetch = torch.empty(b, g, k, dtype=torch.int8, device=scores.device)
+        fetch = torch.empty(b, g, k, dtype=torch.bool, device=scores.device)
         n_pad, s_pad = max(2, triton.next_power_of_2(n)), max(2, triton.next_power_of_2(s))
         wrap_triton(_select_pages_kernel)[(b * g,)](
             scores, slot_page, newest_candidate.contiguous(), active.to(torch.int8).contiguous(),
@@ -134,7 +134,7 @@ if kernels.triton is not None:
             BITS=max(n_pad, s_pad).bit_length() - 1, N_PAD=n_pad, S_PAD=s_pad,
             K_PAD=max(2, triton.next_power_of_2(k)), num_warps=4 if n_pad <= 1024 else 8,
         )  # fmt: skip
-        return pages, slots, fetch.view(torch.bool)
+        return pages, slots, fetch
 
 
 @kernels._make_op("kvbench::select_pages")
