@@ -111,7 +111,7 @@ if kernels.triton is not None:
         kept_before = j - before
         position = tl.where(missing, before, n_missing + kept_before)
         tl.store(pages_out + row * K + position, top_page, mask=real)
-        tl.store(fetch_out + row * K + position, missing, mask=real)
+        tl.store(fetch_out + row * K + position, missing.to(tl.int8), mask=real)
 
     def _select_pages_triton(
         scores: torch.Tensor,
@@ -126,7 +126,7 @@ if kernels.triton is not None:
         scores, slot_page = scores.float().contiguous(), slot_page.contiguous()
         pages = torch.empty(b, g, k, dtype=torch.int64, device=scores.device)
         slots = torch.empty_like(pages)
-        fetch = torch.empty(b, g, k, dtype=torch.bool, device=scores.device)
+        fetch = torch.empty(b, g, k, dtype=torch.int8, device=scores.device)
         n_pad, s_pad = max(2, triton.next_power_of_2(n)), max(2, triton.next_power_of_2(s))
         wrap_triton(_select_pages_kernel)[(b * g,)](
             scores, slot_page, newest_candidate.contiguous(), active.to(torch.int8).contiguous(),
@@ -137,6 +137,8 @@ if kernels.triton is not None:
         return pages, slots, fetch
 
 
+# The operator returns `fetch` as int8 0/1 and the caller compares it: Inductor could not lower a view of the
+# kernel's int8 output as bool inside the operator ("torch.bool is not supported by torch.iinfo", on the H200).
 @kernels._make_op("kvbench::select_pages")
 def _select_pages_op(
     scores: torch.Tensor,
@@ -149,7 +151,8 @@ def _select_pages_op(
     fits = max(scores.shape[-1], slot_page.shape[-1]) <= MAX_KERNEL_PAGES
     if kernels._use_triton(scores) and fits:
         return _select_pages_triton(scores, slot_page, n_sink, newest_candidate, active, k)
-    return select_pages_reference(scores, slot_page, n_sink, newest_candidate, active, k)
+    pages, slots, fetch = select_pages_reference(scores, slot_page, n_sink, newest_candidate, active, k)
+    return pages, slots, fetch.to(torch.int8)
 
 
 def select_pages(
@@ -166,4 +169,5 @@ def select_pages(
             f"select_pages: 1 <= k <= pages and slots: got k={k}, scores {tuple(scores.shape)}, "
             f"slots {tuple(slot_page.shape)}"
         )
-    return torch.ops.kvbench.select_pages(scores, slot_page, n_sink, newest_candidate, active, k)
+    pages, slots, fetch = torch.ops.kvbench.select_pages(scores, slot_page, n_sink, newest_candidate, active, k)
+    return pages, slots, fetch != 0

@@ -134,7 +134,7 @@ def test_kernel_compiles_for_hopper() -> None:
     from tests.test_kernels import _compile_for_hopper
 
     pointers = {"scores_ptr": "*fp32", "slot_page_ptr": "*i64", "newest_ptr": "*i64", "active_ptr": "*i8"}
-    pointers |= {"pages_out": "*i64", "slots_out": "*i64", "fetch_out": "*i1"}
+    pointers |= {"pages_out": "*i64", "slots_out": "*i64", "fetch_out": "*i8"}
     constexprs = {"BITS": 11, "N_PAD": 2048, "S_PAD": 64, "K_PAD": 32}
     _compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs)
 
