@@ -69,6 +69,7 @@ def _interpreted_checks() -> dict:
     compiled_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
     compiled_references = [reference_gather(compiled_expected), reference_gather(second_host)]
     return {
+        "past_int32": _offsets_past_int32(),
         "compiled_equal": torch.equal(compiled_host, compiled_expected)
         and all(
             torch.equal(t.nan_to_num(), r.nan_to_num())
@@ -78,6 +79,23 @@ def _interpreted_checks() -> dict:
         "gathered": gathered,
         "taken": int(take.sum()),
     }
+
+
+def _offsets_past_int32() -> dict:
+    """A backup whose third sequence starts past 2^31 elements (a sequence stride that fits int32, 35
+    sequences of 30k tokens of a 7B layer do this): int32 offsets wrap and read or write outside it (under
+    the interpreter, a segfault). Bytes, uninitialised but where read back, so only ~2 GB of address space."""
+    from kvbench import host_pages
+
+    stride, n, d = 2**30 + 4096, 64, 16
+    flat = torch.empty(2 * stride + n * d, dtype=torch.uint8)
+    host = flat.as_strided((3, 1, n, d), (stride, n * d, d, 1))
+    host[2].copy_(torch.arange(n * d).remainder(251).to(torch.uint8).view(1, n, d))
+    target = torch.zeros(3, 1, 8, d, dtype=torch.uint8)
+    rows = torch.arange(8).expand(3, 1, 8).contiguous()
+    host_pages.gather_rows((host,), (target,), rows + 5, rows, torch.ones(3, 1, 8, dtype=torch.bool))
+    host_pages.write_rows(host, torch.tensor([1, 2, 3]), torch.full((3, 1, 1, d), 255, dtype=torch.uint8))
+    return {"gather": torch.equal(target[2, 0], host[2, 0, 5:13]), "write": bool((host[2, 0, 3] == 255).all())}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +111,10 @@ def test_compiled_copies_write_the_callers_buffers(interpreted: dict) -> None:
     """Inside `torch.compile(fullgraph=True)` (as in the compiled decode step) the copies trace, compile and
     land in the buffers passed in."""
     assert interpreted["compiled_equal"]
+
+
+def test_copies_address_past_int32_elements(interpreted: dict) -> None:
+    assert interpreted["past_int32"] == {"gather": True, "write": True}
 
 
 @pytest.mark.parametrize("pairs", ["one", "pair"])
