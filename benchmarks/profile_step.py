@@ -76,9 +76,9 @@ def profile(args, model, spec, bandwidth: float) -> dict:
     vocab = model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(args.context)
     # Every step below writes one token: room for the warm-up, the timed replays and the profiled steps, each
-    # of the last two whole periods of a cache's schedule (below), up to a period of 512 (Scissorhands' drop
-    # at budget 2048).
-    steps = 4 * 512 + 64
+    # of the last two whole periods of a cache's schedule (below). The room is allocated (a growing cache
+    # holds it) and counted in the floor, so it stays small unless a long period needs more.
+    steps = args.decode_room
     requests = [
         Request(torch.randint(0, vocab, (args.context,), generator=generator).tolist(), steps, min_new_tokens=steps)
         for _ in range(args.batch)
@@ -94,8 +94,9 @@ def profile(args, model, spec, bandwidth: float) -> dict:
     replays = period * -(-args.replays // period)
     profiled = period * -(-args.profiled // period)
     warmup = period + WARMUP_STEPS
-    if warmup + 1 + 2 * replays + profiled > steps:
-        raise ValueError(f"a schedule period of {period} steps needs more decode room than {steps} tokens")
+    needed = warmup + 1 + 2 * replays + profiled
+    if needed > steps:
+        raise ValueError(f"--decode-room {steps}: a schedule period of {period} steps needs {needed}; pass that")
     # As the engine (and speed.py) runs it: "layer", each decoder layer compiled and the rest of the step as
     # Python inside the same graph capture; "step", the whole step compiled.
     with engine._layers_compiled():
@@ -199,6 +200,12 @@ def main() -> None:
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
+    parser.add_argument(
+        "--decode-room",
+        type=int,
+        default=160,
+        help="decode tokens to allocate (ArkVale's 32-step pages fit; Scissorhands 2048 needs 2051)",
+    )
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--profiled", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)

@@ -62,10 +62,11 @@ if kernels.triton is not None:
         positive: torch.Tensor, negative: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor
     ) -> torch.Tensor:
         b, h, n, d = upper.shape
-        # Rows of D contiguous values (the layers' buffers are; a view that is not gets copied here).
-        positive, negative, upper, lower = (
-            t if t.stride(-1) == 1 else t.contiguous() for t in (positive, negative, upper, lower)
-        )
+        # The kernel reads both halves of the query with one set of strides, both digests with another, each
+        # row of D values contiguous (the layers' buffers are all that; any other layout is copied here).
+        alike = positive.stride() == negative.stride() and upper.stride() == lower.stride()
+        if not alike or any(t.stride(-1) != 1 for t in (positive, upper)):
+            positive, negative, upper, lower = (t.contiguous() for t in (positive, negative, upper, lower))
         out = torch.empty(b, h, n, dtype=torch.float32, device=upper.device)
         wrap_triton(_cuboid_scores_kernel)[(b * h, triton.cdiv(n, BLOCK_PAGES))](
             positive, negative, upper, lower, out, h, n,

@@ -90,6 +90,10 @@ def gather_rows(
             current = target[batch, heads, target_rows]
             target[batch, heads, target_rows] = torch.where(take.unsqueeze(-1), fetched.to(target.device), current)
         return
+    if any(t.stride(-1) != 1 for t in (*hosts, *targets)):
+        raise ValueError("gather_rows: the kernels need rows of D contiguous values in hosts and targets")
+    # The kernel reads the three index tensors with one set of strides, rows contiguous.
+    source_rows, target_rows, take = (t.contiguous() for t in (source_rows, target_rows, take))
     # Both hosts of one layout, both targets of one layout: the kernel reads one set of strides for each.
     alike = len(hosts) == 2 and all(
         first.shape == second.shape and first.stride() == second.stride() for first, second in (hosts, targets)

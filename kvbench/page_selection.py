@@ -99,7 +99,8 @@ if kernels.triton is not None:
         held_score = tl.load(scores_ptr + row * N + held, mask=in_slots, other=0.0)
         in_top = tl.max((held[:, None] == top_page[None, :]).to(tl.int32), axis=1) > 0
         keep = in_top | (held < n_sink) | (held >= newest)
-        victim_key = _float_key(-tl.where(keep, float("inf"), held_score))
+        # x * -1, not -x: Triton's negation is 0 - x, which turns +0.0 into +0.0 (torch.neg gives -0.0).
+        victim_key = _float_key(tl.where(keep, float("inf"), held_score) * -1.0)
         packed = tl.where(in_slots, victim_key * (1 << BITS) + slot, tl.full([S_PAD], -(2**63), tl.int64))
         victims = tl.topk(packed, K_PAD)
         tl.store(slots_out + row * K + j, victims & ((1 << BITS) - 1), mask=real)

@@ -47,6 +47,18 @@ def _interpreted_checks() -> dict:
         return reference
 
     gathered = {}
+    # Index tensors that are views with strides of their own (every other flag of a wider mask).
+    wide = torch.rand(b, h, 2 * m, generator=generator) < 0.5
+    strided_take = wide[..., ::2]
+    targets = (torch.full((b, h, s, d), float("nan")),)
+    host_pages.gather_rows((host,), targets, source_rows, target_rows, strided_take)
+    take, saved = strided_take.contiguous(), take
+    strided_reference = reference_gather(host)
+    take = saved
+    gathered["strided_take"] = {
+        "untouched": torch.equal(targets[0].isnan(), strided_reference.isnan()),
+        "equal": torch.equal(targets[0].nan_to_num(), strided_reference.nan_to_num()),
+    }
     for name, hosts in (("one", (host,)), ("pair", (host, second_host))):  # the pair: one launch for both
         targets = tuple(torch.full((b, h, s, d), float("nan")) for _ in hosts)
         host_pages.gather_rows(hosts, targets, source_rows, target_rows, take)
@@ -117,9 +129,9 @@ def test_copies_address_past_int32_elements(interpreted: dict) -> None:
     assert interpreted["past_int32"] == {"gather": True, "write": True}
 
 
-@pytest.mark.parametrize("pairs", ["one", "pair"])
+@pytest.mark.parametrize("pairs", ["one", "pair", "strided_take"])
 def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict, pairs: str) -> None:
-    """One (host, target) pair, and keys and values as two pairs in one launch."""
+    """One (host, target) pair, keys and values as two pairs in one launch, and a `take` that is a view."""
     assert 0 < interpreted["taken"] < 2 * 3 * 9  # some rows taken, some not
     assert interpreted["gathered"][pairs]["untouched"]
     assert interpreted["gathered"][pairs]["equal"]

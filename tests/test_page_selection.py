@@ -81,6 +81,11 @@ def _interpreted_checks() -> dict:
         got = page_selection.select_pages(scores, slot_page, 1, newest_t, active, k)
         want = page_selection.select_pages_reference(scores, slot_page, 1, newest_t, active, k)
         checks[name] = _compare(got, want, whole)
+    # Signed zeros: torch.neg keeps -0.0 below +0.0, so the page scored -0.0 is the first victim.
+    zeros = (torch.tensor([[[9.0, 0.0, -0.0, 1.0]]]), torch.tensor([[[2, 1, 3]]]), 0, torch.tensor([4]))
+    got = page_selection.select_pages(*zeros, torch.tensor([True]), 1)
+    want = page_selection.select_pages_reference(*zeros, torch.tensor([True]), 1)
+    checks["signed_zeros"] = _compare(got, want, True)
     checks["arkvale"] = _arkvale_trace()
     return checks
 
@@ -90,7 +95,7 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__), timeout_s=300)
 
 
-@pytest.mark.parametrize("case", ["small", "arkvale_32k", "few_candidates"])
+@pytest.mark.parametrize("case", ["small", "arkvale_32k", "few_candidates", "signed_zeros"])
 def test_kernel_matches_the_reference(interpreted: dict, case: str) -> None:
     check = interpreted[case]
     assert check["fetch"] and check["fetched_pairs"], check
