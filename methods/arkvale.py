@@ -240,8 +240,12 @@ class ArkValeLayer(KVLayer):
         tokens = self.total_pages * self.page_size
         self.host_keys = torch.empty(b, h, tokens, d, dtype=self.keys.dtype)
         self.host_values = torch.empty(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype)
-        self.host_keys[:, :, :filled].copy_(self.keys[:, :, :filled])
-        self.host_values[:, :, :filled].copy_(self.values[:, :, :filled])
+        # One copy per (sequence, head), whose prompt rows are contiguous at both ends: a device-to-host copy
+        # into the strided slice [:, :, :filled] would go through a temporary and a second host copy.
+        for host, device_buffer in ((self.host_keys, self.keys), (self.host_values, self.values)):
+            for row in range(b):
+                for head in range(h):
+                    host[row, head, :filled].copy_(device_buffer[row, head, :filled])
         self._route_host_copies()
         super().finish_prefill()  # calls `select_prefill` when the prompt exceeds the resident slots
         if self.slot_page is None:  # everything fit: page i in slot i
