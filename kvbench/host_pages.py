@@ -28,8 +28,8 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-# The gather's launch: rows of one (sequence, head) a program, and warps a program. Not yet tuned: chosen
-# before any timing (benchmarks/host_gather.py times the choices).
+# The gather's launch: rows of one (sequence, head) a program, and warps a program. `benchmarks/arkvale_parts.py`
+# sweeps them: 16 or 32 rows, 2 to 8 warps all recall at the copy engine's PCIe rate on an H200.
 GATHER_BLOCK_ROWS = 16
 GATHER_WARPS = 4
 
@@ -139,6 +139,8 @@ if triton is not None:
             PAIR=pair, num_warps=GATHER_WARPS,
         )  # fmt: skip
 
+    # Two operators over one launch: a single pair cannot go through the pair operator as both of its pairs
+    # (one tensor passed as two mutated arguments aliases itself, which torch.library refuses to trace).
     @torch.library.custom_op("kvbench::gather_rows", mutates_args=("target",))
     def _gather_rows_op(
         host: torch.Tensor,
@@ -189,7 +191,7 @@ if triton is not None:
         D: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        # int64 offsets: a batch's backup passes 2^31 elements (35 sequences of 30k tokens of a 7B layer).
+        # int64 offsets: a batch's backup passes 2^31 elements from 16 sequences of 30k tokens of a 7B MHA layer.
         b, h = (pid // heads).to(tl.int64), pid % heads
         row = tl.load(rows + b)
         cols = tl.arange(0, BLOCK_D)
@@ -203,7 +205,7 @@ if triton is not None:
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
-        # int64 offsets: a batch's backup passes 2^31 elements (35 sequences of 30k tokens of a 7B layer).
+        # int64 offsets: a batch's backup passes 2^31 elements from 16 sequences of 30k tokens of a 7B MHA layer.
         b, h = (pid // heads).to(tl.int64), pid % heads
         offsets = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         in_range = offsets < m

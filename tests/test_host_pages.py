@@ -94,8 +94,8 @@ def _interpreted_checks() -> dict:
 
 
 def _offsets_past_int32() -> dict:
-    """A backup whose third sequence starts past 2^31 elements (a sequence stride that fits int32, 35
-    sequences of 30k tokens of a 7B layer do this): int32 offsets wrap and read or write outside it (under
+    """A backup whose third sequence starts past 2^31 elements (a sequence stride that fits int32, 16
+    sequences of 30k tokens of a 7B MHA layer do this): int32 offsets wrap and read or write outside it (under
     the interpreter, a segfault). Bytes, uninitialised but where read back, so only ~2 GB of address space."""
     from kvbench import host_pages
 
