@@ -20,7 +20,7 @@ import torch
 
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
-from kvbench.host_pages import gather_rows, uses_kernels, write_rows
+from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
@@ -51,7 +51,8 @@ def check_host_pages() -> None:
     source_rows = torch.randint(0, n, (b, h, m), device="cuda")
     target_rows = torch.stack([torch.randperm(s, device="cuda")[:m] for _ in range(b * h)]).view(b, h, m)
     take = torch.rand(b, h, m, device="cuda") < 0.5
-    second_host = torch.randn(b, h, n, d, dtype=torch.bfloat16).pin_memory()
+    second_host = pinned_copy(torch.randn(b, h, n, d, dtype=torch.bfloat16))  # ArkVale's own pinning
+    check("pinned_copy is pinned", second_host.is_pinned() and uses_kernels(second_host, source))
     for hosts in ((host,), (host, second_host)):  # one pair, and keys and values in one launch
         targets = tuple(torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in hosts)
         gather_rows(hosts, targets, source_rows, target_rows, take)

@@ -15,7 +15,7 @@ import torch
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
 from kvbench.cuboid_scores import cuboid_scores
 from kvbench.errors import require
-from kvbench.host_pages import gather_rows, uses_kernels, write_rows
+from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
 from kvbench.page_selection import select_pages
 
@@ -233,10 +233,10 @@ class ArkValeLayer(KVLayer):
         full = filled // self.page_size
         pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
         self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = page_digest(pages, self.method.radius)
-        # Pageable here; `stack` pins the batch's backup once. Pinning each sequence's backup too would keep
-        # both pinned: PyTorch caches freed pinned blocks instead of returning them (a 4 x 30k batch of a
-        # 7B MHA model then needs 126 GB of host memory, not 63). Rows past the prompt are written (at
-        # decode) before any recall reads them, so the buffer starts uninitialised.
+        # Pageable here; `stack` pins the batch's backup once, at its exact size (`pinned_copy`: PyTorch's pinned
+        # allocator rounds blocks up to a power of two and caches freed ones, so pinning each sequence's backup
+        # too would hold both). Rows past the prompt are written (at decode) before any recall reads them, so
+        # the buffer starts uninitialised.
         tokens = self.total_pages * self.page_size
         self.host_keys = torch.empty(b, h, tokens, d, dtype=self.keys.dtype)
         self.host_values = torch.empty(b, h, tokens, self.values.shape[-1], dtype=self.values.dtype)
@@ -452,7 +452,7 @@ class ArkValeLayer(KVLayer):
         stacked.written = [tokens for layer in layers for tokens in layer.written]
         stacked.page_step = stacked.decode_variant()
         if stacked.keys.is_cuda:  # pinned host memory: the copy kernels read and write it directly
-            stacked.host_keys, stacked.host_values = stacked.host_keys.pin_memory(), stacked.host_values.pin_memory()
+            stacked.host_keys, stacked.host_values = pinned_copy(stacked.host_keys), pinned_copy(stacked.host_values)
         stacked._route_host_copies()
         return stacked
 

@@ -8,12 +8,14 @@ chosen when Triton is imported, so the checks run in a subprocess: this file as 
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from kvbench import host_pages
 from tests.conftest import run_under_triton_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +141,32 @@ def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict, pairs
 
 if __name__ == "__main__":
     print(json.dumps(_interpreted_checks()))
+
+
+def test_pinned_copy_registers_exact_bytes_until_the_last_view_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backup is registered at its own size, and unregistered only once no tensor uses it (a view
+    outliving the first tensor keeps it registered: kernels may still read it)."""
+    calls: list[tuple] = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, address: int, nbytes: int, flags: int) -> int:
+            calls.append(("register", address, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, address: int) -> int:
+            calls.append(("unregister", address))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    source = torch.randn(3, 4, 5, 8).to(torch.bfloat16)
+    pinned = host_pages.pinned_copy(source)
+    assert torch.equal(pinned, source) and pinned.shape == source.shape
+    assert [c[0] for c in calls] == ["register"] and calls[0][2] == source.numel() * 2
+    assert pinned.data_ptr() == calls[0][1]
+    view = pinned[1:]
+    del pinned
+    gc.collect()
+    assert [c[0] for c in calls] == ["register"]
+    del view
+    gc.collect()
+    assert calls[1:] == [("unregister", calls[0][1])]
