@@ -410,6 +410,8 @@ class KVCache(Cache):
         memory peak is the batch's cache plus one layer, not twice the cache; `caches` end empty.
         """
         stacked = []
+        for cache in caches:  # its second list of layers would keep every one alive until the batch ends
+            cache.variant_layers = []
         for idx in range(len(caches[0].layers)):
             stacked.append(type(caches[0].layers[idx]).stack([cache.layers[idx] for cache in caches]))
             for cache in caches:

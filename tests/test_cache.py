@@ -8,17 +8,20 @@ import weakref
 import torch
 
 from kvbench.cache import KVCache, ModelSpec
+from kvbench.method import Method
+from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
 
 MODEL = ModelSpec("test", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, max_positions=256)
 
 
-def prefilled(prompt_len: int, seed: int) -> KVCache:
-    cache = Full().make_cache(MODEL, prompt_len, decode_len=4)
+def prefilled(prompt_len: int, seed: int, method: Method | None = None) -> KVCache:
+    cache = (method or Full()).make_cache(MODEL, prompt_len, decode_len=4)
     generator = torch.Generator().manual_seed(seed)
     for layer in cache.layers:
         keys = torch.randn(1, 2, prompt_len, 8, generator=generator)
         layer.update(keys, keys + 1)
+        layer.observe(torch.randn(1, 4, prompt_len, 8, generator=generator), None)  # ArkVale ranks pages by it
     cache.finish_prefill()
     return cache
 
@@ -36,3 +39,15 @@ def test_stack_frees_each_sequences_layers_as_it_goes():
     for i, layer in enumerate(stacked.layers):
         assert torch.equal(layer.keys, expected[i])
         assert layer.seen.tolist() == [16, 16, 16]
+
+
+def test_stack_frees_the_layers_of_a_method_with_a_step_schedule():
+    """Also where the cache lists its layers a second time (those with step variants: ArkVale's host
+    backups, a batch's whole size again in host memory, stayed alive until the batch finished)."""
+    method = ArkVale(budget=16, page_size=4, n_win_pages=1, page_topk=2, exempt_layers=0)
+    caches = [prefilled(40, seed, method) for seed in range(3)]
+    assert all(cache.variant_layers for cache in caches)
+    held = [weakref.ref(layer.host_keys) for cache in caches for layer in cache.layers]
+    stacked = KVCache.stack(caches)
+    assert all(ref() is None for ref in held)
+    assert all(layer.host_keys.shape[0] == 3 for layer in stacked.layers)
