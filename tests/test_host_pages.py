@@ -139,13 +139,10 @@ def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict, pairs
     assert interpreted["gathered"][pairs]["equal"]
 
 
-if __name__ == "__main__":
-    print(json.dumps(_interpreted_checks()))
-
-
 def test_pinned_copy_registers_exact_bytes_until_the_last_view_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The backup is registered at its own size, and unregistered only once no tensor uses it (a view
-    outliving the first tensor keeps it registered: kernels may still read it)."""
+    outliving the first tensor keeps it registered: kernels may still read it), while its pages are still
+    mapped (unregistering after the unmap could meet a new mapping at the same address)."""
     calls: list[tuple] = []
 
     class FakeCudart:
@@ -154,7 +151,7 @@ def test_pinned_copy_registers_exact_bytes_until_the_last_view_is_gone(monkeypat
             return 0
 
         def cudaHostUnregister(self, address: int) -> int:
-            calls.append(("unregister", address))
+            calls.append(("unregister", address, _is_mapped(address)))
             return 0
 
     monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
@@ -169,4 +166,18 @@ def test_pinned_copy_registers_exact_bytes_until_the_last_view_is_gone(monkeypat
     assert [c[0] for c in calls] == ["register"]
     del view
     gc.collect()
-    assert calls[1:] == [("unregister", calls[0][1])]
+    assert calls[1:] == [("unregister", calls[0][1], True)]
+    assert not _is_mapped(calls[0][1])
+    assert host_pages.pinned_copy(torch.empty(0, 4)).shape == (0, 4)  # nothing to register
+
+
+def _is_mapped(address: int) -> bool:
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        low, high = (int(end, 16) for end in line.split()[0].split("-"))
+        if low <= address < high:
+            return True
+    return False
+
+
+if __name__ == "__main__":
+    print(json.dumps(_interpreted_checks()))
