@@ -6,7 +6,9 @@
    same copies done with torch on host tensors (fresh random data, masked rows, poisoned targets).
 2. `kvbench.page_selection` and `kvbench.cuboid_scores`: ArkVale's Triton kernels equal their plain-PyTorch
    references on the GPU, at the paper setting's shapes (4 sequences, 32 heads, 1,026 pages).
-3. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
+3. `kvbench.gemv`: the one-row GEMV and its SiLU-product variant against float32 products at Llama-3.1-8B's
+   projection shapes.
+4. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
    (`graph`), on a real-shape model with random weights, batch 2, prompts of different lengths; for
    `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties).
 Prints one line per check and exits non-zero on the first mismatch.
@@ -18,6 +20,7 @@ import sys
 
 import torch
 
+from kvbench import gemv
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
 from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
@@ -99,6 +102,21 @@ def check_arkvale_kernels() -> None:
     )
 
 
+def check_one_row_kernels() -> None:
+    generator = torch.Generator().manual_seed(1)
+    for n_rows, k, gated in ((6144, 4096, False), (4096, 4096, False), (4096, 14336, False), (28672, 4096, True)):
+        x = torch.randn(1, 1, k, generator=generator).to("cuda", torch.bfloat16)
+        weight = (torch.randn(n_rows, k, generator=generator) / k**0.5).to("cuda", torch.bfloat16)
+        got = gemv.one_row_silu_mul(x, weight) if gated else gemv.one_row_linear(x, weight)
+        want = x.float().reshape(k) @ weight.float().T
+        if gated:
+            gate, up = want.chunk(2)
+            want = torch.nn.functional.silu(gate) * up
+        error = (got.float().reshape(-1) - want).abs().max().item()
+        scale = want.abs().max().item()
+        check(f"one-row {'SiLU product' if gated else 'GEMV'} {n_rows}x{k}", error <= 1e-2 * scale, f"({error:.2e})")
+
+
 def check_engines() -> None:
     cfg = ModelConfig(name="llama-3.1-8b", source="shape", shape="llama-3.1-8b", device="cuda", dtype="bfloat16")
     spec = model_spec(cfg)
@@ -142,4 +160,5 @@ def first_difference(a: list[int], b: list[int]) -> int:
 if __name__ == "__main__":
     check_host_pages()
     check_arkvale_kernels()
+    check_one_row_kernels()
     check_engines()

@@ -69,7 +69,14 @@ def prepared(engine: Engine, requests: list[Request]):
 def profile(args, model, spec, bandwidth: float) -> dict:
     method = make_method(args.method, args.budget, args.recall_cap)
     engine = Engine(
-        model, None, method, spec, prefill_chunk=args.prefill_chunk, engine="compiled", compile_scope=args.compile_scope
+        model,
+        None,
+        method,
+        spec,
+        prefill_chunk=args.prefill_chunk,
+        engine="compiled",
+        compile_scope=args.compile_scope,
+        one_row_kernels=args.one_row_kernels,
     )
     if args.autotune:
         engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
@@ -147,6 +154,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "batch": args.batch,
         "autotune": args.autotune,
         "coordinate_descent": args.coordinate_descent,
+        "one_row_kernels": args.one_row_kernels,
         "compile_scope": args.compile_scope,
         "layers": spec.num_layers,
         "block_n": kernels.BLOCK_N,
@@ -199,6 +207,7 @@ def main() -> None:
         "--compile-scope", default="layer", choices=["layer", "step"], help="as speed.py: what is compiled"
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
+    parser.add_argument("--one-row-kernels", action="store_true", help="as speed.py: batch-1 products in kvbench.gemv")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument(
         "--decode-room",

@@ -177,6 +177,7 @@ def run_row(
         engine=engine_name,
         fuse=not args.unfused,
         compile_scope=scope,
+        one_row_kernels=args.one_row_kernels,
     )
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
@@ -193,6 +194,7 @@ def run_row(
         batch=batch,
         engine=engine_name,
         fused_projections=engine_name != "eager" and not args.unfused,
+        one_row_kernels=args.one_row_kernels and engine_name != "eager" and not args.unfused,
         compile_scope=scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
@@ -260,6 +262,11 @@ def main() -> None:
         help="these rows in this order, not the grid (size 0: methods that take none; compiled-step: whole step)",
     )
     parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
+    parser.add_argument(
+        "--one-row-kernels",
+        action="store_true",
+        help="batch-1 products through kvbench.gemv's Triton GEMVs (SiLU product fused into gate/up)",
+    )
     parser.add_argument(
         "--compile-scope", default="layer", choices=["layer", "step"], help="engine=compiled: what is compiled"
     )

@@ -158,6 +158,7 @@ class Engine:
         engine: str = "eager",
         fuse: bool = True,
         compile_scope: str = "layer",
+        one_row_kernels: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: one of {ENGINES}")
@@ -172,7 +173,8 @@ class Engine:
             # and idempotent, so a model kept for the next run of a sweep stays fused (same math, same
             # memory). Not on a CPU, where it buys nothing and a fused model ignores weights replaced later
             # (a test that folds a rotation into a shared model's weights would silently see the old ones).
-            fuse_projections(model)
+            # `one_row_kernels`: batch-1 products through kvbench.gemv's Triton GEMVs (an experiment, off).
+            fuse_projections(model, one_row_kernels)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.inv_freq = rope_inv_freq(model)
