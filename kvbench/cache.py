@@ -263,10 +263,16 @@ class KVLayer(CacheLayerMixin):
         """One layer decoding every sequence of `layers` (each finished its prefill) as one batch."""
         stacked = copy.copy(layers[0])
         for name in layers[0].decode_state():
-            parts = [getattr(layer, name) for layer in layers]
-            setattr(stacked, name, torch.cat(parts) if len(parts) > 1 else parts[0])
+            setattr(stacked, name, cls.stack_tensor(name, layers))
         stacked.spec = dataclasses.replace(layers[0].spec, batch_size=len(layers))
         return stacked
+
+    @classmethod
+    def stack_tensor(cls, name: str, layers: list[KVLayer]) -> torch.Tensor:
+        """The batch's tensor `name` from each sequence's layer (along the batch dimension); a method may put
+        it elsewhere (ArkVale: its host backup in pinned memory)."""
+        parts = [getattr(layer, name) for layer in layers]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor this layer keeps where attention runs, for byte accounting. Subclasses add theirs."""

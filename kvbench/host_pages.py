@@ -18,6 +18,7 @@ Elsewhere (CPU runs, no Triton) the same functions are plain `torch` ops on same
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import weakref
@@ -46,7 +47,13 @@ _REGISTER_FLAGS = 1 | 2
 
 
 def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` copied into page-locked host memory of exactly its size.
+    """`tensor` copied into page-locked host memory of exactly its size (see `pinned_concat`)."""
+    return pinned_concat([tensor])
+
+
+def pinned_concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)` (along the first dimension) in page-locked host memory of exactly its size, each
+    part copied once into its place (a pageable `cat` first would be one more pass over the whole backup).
 
     Why not `Tensor.pin_memory()`: PyTorch's pinned allocator rounds every block up to a power of two, so a
     batch of 6 sequences of 30k tokens of a 7B MHA model (a 1.5 GB backup a layer for keys, one for values,
@@ -54,9 +61,12 @@ def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
     ArkVale fits in host memory. Here a private anonymous mapping of the tensor's size is registered with
     CUDA (`cudaHostRegister`) and unregistered once no tensor uses it.
     """
-    nbytes = tensor.numel() * tensor.element_size()
+    first = parts[0]
+    shape = (sum(part.shape[0] for part in parts), *first.shape[1:])
+    numel = math.prod(shape)
+    nbytes = numel * first.element_size()
     if nbytes == 0:
-        return torch.empty_like(tensor, device="cpu")
+        return torch.empty(shape, dtype=first.dtype)
     mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     # The tensor keeps this ctypes view alive and the view keeps the mapping: when the last tensor goes, the
     # view's finalizer unregisters the pages, and only then does the view release the mapping to be unmapped
@@ -69,8 +79,12 @@ def pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
         raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.2f} GiB failed: {error}")
     # Not at interpreter exit: the process's memory goes back anyway, and unregistering ~100 GB takes time.
     weakref.finalize(view, cudart.cudaHostUnregister, address).atexit = False
-    pinned = torch.frombuffer(view, dtype=tensor.dtype, count=tensor.numel()).view(tensor.shape)
-    return pinned.copy_(tensor)
+    pinned = torch.frombuffer(view, dtype=first.dtype, count=numel).view(shape)
+    start = 0
+    for part in parts:
+        pinned[start : start + part.shape[0]].copy_(part)
+        start += part.shape[0]
+    return pinned
 
 
 def uses_kernels(host: torch.Tensor, device_tensor: torch.Tensor) -> bool:

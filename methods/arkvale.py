@@ -15,7 +15,7 @@ import torch
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
 from kvbench.cuboid_scores import cuboid_scores
 from kvbench.errors import require
-from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
+from kvbench.host_pages import gather_rows, pinned_concat, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
 from kvbench.page_selection import select_pages
 
@@ -233,7 +233,7 @@ class ArkValeLayer(KVLayer):
         full = filled // self.page_size
         pages = self.keys[:, :, : full * self.page_size].unflatten(2, (full, self.page_size))
         self.digest_upper[:, :, :full], self.digest_lower[:, :, :full] = page_digest(pages, self.method.radius)
-        # Pageable here; `stack` pins the batch's backup once, at its exact size (`pinned_copy`: PyTorch's pinned
+        # Pageable here; `stack` pins the batch's backup once, at its exact size (`pinned_concat`: PyTorch's pinned
         # allocator rounds blocks up to a power of two and caches freed ones, so pinning each sequence's backup
         # too would hold both). Rows past the prompt are written (at decode) before any recall reads them, so
         # the buffer starts uninitialised.
@@ -451,10 +451,16 @@ class ArkValeLayer(KVLayer):
         stacked = super().stack(layers)
         stacked.written = [tokens for layer in layers for tokens in layer.written]
         stacked.page_step = stacked.decode_variant()
-        if stacked.keys.is_cuda:  # pinned host memory: the copy kernels read and write it directly
-            stacked.host_keys, stacked.host_values = pinned_copy(stacked.host_keys), pinned_copy(stacked.host_values)
         stacked._route_host_copies()
         return stacked
+
+    @classmethod
+    def stack_tensor(cls, name: str, layers: list[KVLayer]) -> torch.Tensor:
+        """On a GPU the batch's backup goes straight into pinned host memory (each sequence's copied once),
+        which the copy kernels read and write directly."""
+        if name in ("host_keys", "host_values") and layers[0].keys.is_cuda:
+            return pinned_concat([getattr(layer, name) for layer in layers])
+        return super().stack_tensor(name, layers)
 
     def _route_host_copies(self) -> None:
         """Decide once how host copies run (a compiled step cannot ask `is_pinned`): on a GPU, through

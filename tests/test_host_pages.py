@@ -171,6 +171,34 @@ def test_pinned_copy_registers_exact_bytes_until_the_last_view_is_gone(monkeypat
     assert host_pages.pinned_copy(torch.empty(0, 4)).shape == (0, 4)  # nothing to register
 
 
+def test_pinned_concat_copies_each_part_into_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's backup: one registered block of the batch's size holding the sequences' backups in order;
+    ArkVale stacks its host backups through it when its cache is on a GPU, and with `torch.cat` otherwise."""
+    from types import SimpleNamespace
+
+    from methods.arkvale import ArkValeLayer
+
+    registered: list[int] = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, address: int, nbytes: int, flags: int) -> int:
+            registered.append(nbytes)
+            return 0
+
+        def cudaHostUnregister(self, address: int) -> int:
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    parts = [torch.randn(n, 3, 5, 4) for n in (1, 2, 1)]
+    batch = host_pages.pinned_concat(parts)
+    assert torch.equal(batch, torch.cat(parts)) and registered == [batch.numel() * 4]
+    layers = [SimpleNamespace(keys=SimpleNamespace(is_cuda=True), host_keys=p, slot_page=p) for p in parts]
+    assert torch.equal(ArkValeLayer.stack_tensor("host_keys", layers), batch) and len(registered) == 2
+    assert torch.equal(ArkValeLayer.stack_tensor("slot_page", layers), batch) and len(registered) == 2
+    on_cpu = [SimpleNamespace(keys=SimpleNamespace(is_cuda=False), host_keys=p) for p in parts]
+    assert torch.equal(ArkValeLayer.stack_tensor("host_keys", on_cpu), batch) and len(registered) == 2
+
+
 def _is_mapped(address: int) -> bool:
     for line in Path("/proc/self/maps").read_text().splitlines():
         low, high = (int(end, 16) for end in line.split()[0].split("-"))
