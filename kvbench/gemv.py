@@ -102,7 +102,7 @@ def _one_row_silu_mul_op(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
-    if x.shape[:-1].numel() != 1 or x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+    if not is_one_row(x) or x.shape[-1] != weight.shape[-1] or weight.dim() != 2:
         raise ValueError(f"{name}: one row [..., K] and a weight [N, K]: got {tuple(x.shape)}, {tuple(weight.shape)}")
 
 

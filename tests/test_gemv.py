@@ -31,11 +31,8 @@ def _interpreted_checks() -> dict:
             x = torch.randn(1, 1, k, generator=generator).to(dtype)
             weight = (torch.randn(2 * n_out if gated else n_out, k, generator=generator) / k**0.5).to(dtype)
             got = gemv.one_row_silu_mul(x, weight) if gated else gemv.one_row_linear(x, weight)
-            product = x.double().reshape(k) @ weight.double().T
-            if gated:
-                gate, up = product.chunk(2)
-                product = torch.nn.functional.silu(gate) * up
-            error = (got.double().reshape(-1) - product).abs().max().item()
+            reference = gemv.one_row_silu_mul_reference if gated else gemv.one_row_linear_reference
+            error = (got.double() - reference(x.double(), weight.double()).double()).abs().max().item()
             results[f"{name}_{str(dtype)[6:]}"] = {"shape": list(got.shape), "max_error": error}
     return results
 
