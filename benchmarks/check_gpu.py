@@ -11,6 +11,8 @@
 4. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
    (`graph`), on a real-shape model with random weights, batch 2, prompts of different lengths; for
    `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties).
+5. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
+   same tokens with it as without, at batch 2 and at batch 1 with the one-row kernels.
 Prints one line per check and exits non-zero on the first mismatch.
 """
 
@@ -21,8 +23,10 @@ import sys
 import torch
 
 from kvbench import gemv
+from kvbench import pdl as kvbench_pdl
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
+from kvbench.fused_projections import fuse_projections
 from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
@@ -149,6 +153,28 @@ def check_engines() -> None:
     eager = [g.token_ids for g in Engine(model, None, Full(), spec, prefill_chunk=1024).generate_batch(requests)]
     agree = [first_difference(x, y) for x, y in zip(compiled, eager, strict=True)]
     print(f"note full: compiled and eager greedy tokens agree for the first {agree} of 40", flush=True)
+    check_dependent_launches(model, spec, requests, compiled)
+
+
+def check_dependent_launches(model, spec, requests: list[Request], compiled: list[list[int]]) -> None:
+    """PDL (`kvbench.pdl`) changes when kernels may start, not what they compute: a kernel that read its
+    predecessor's output too early would change tokens. Same kernels, so the tokens must be equal exactly:
+    batch 2 (Inductor's kernels with PDL) against the compiled run above, and batch 1 with the one-row
+    GEMVs (launched with PDL too) against the same without PDL."""
+    if not kvbench_pdl.supported(torch.device("cuda")):
+        print("skip PDL: the GPU is older than sm_90", flush=True)
+        return
+    engine = Engine(model, None, Full(), spec, prefill_chunk=1024, engine="compiled", pdl=True)
+    with_pdl = [g.token_ids for g in engine.generate_batch(requests)]
+    check("full, batch 2: compiled with PDL == without", with_pdl == compiled)
+    one_row = {}
+    for dependent in (False, True):
+        engine = Engine(
+            model, None, Full(), spec, prefill_chunk=1024, engine="compiled", one_row_kernels=True, pdl=dependent
+        )
+        one_row[dependent] = engine.generate_batch(requests[:1])[0].token_ids
+    fuse_projections(model, one_row_kernels=False)  # the shared model back to library products
+    check("full, batch 1, one-row kernels: compiled with PDL == without", one_row[True] == one_row[False])
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

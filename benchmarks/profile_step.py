@@ -30,6 +30,7 @@ from kvbench import kernels
 from kvbench.cache import KVCache
 from kvbench.engine import WARMUP_STEPS, Engine, Request, Timer
 from kvbench.models import SHAPES, ModelConfig, load_model, model_spec
+from kvbench.pdl import dependent_launches
 from kvbench.records import environment
 
 KINDS = (
@@ -77,6 +78,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         engine="compiled",
         compile_scope=args.compile_scope,
         one_row_kernels=args.one_row_kernels,
+        pdl=args.pdl,
     )
     if args.autotune:
         engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
@@ -106,7 +108,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         raise ValueError(f"--decode-room {steps}: a schedule period of {period} steps needs {needed}; pass that")
     # As the engine (and speed.py) runs it: "layer", each decoder layer compiled and the rest of the step as
     # Python inside the same graph capture; "step", the whole step compiled.
-    with engine._layers_compiled():
+    with engine._layers_compiled(), dependent_launches(args.pdl):
         replay, compile_s, _ = engine._step_runner(cache, state, steps_left=warmup)
         print(f"{args.method} {args.context}x{args.batch}: compiled in {compile_s:.1f} s", flush=True)
         compiled = engine._compiled_step if args.compile_scope == "step" else engine._step
@@ -155,6 +157,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "autotune": args.autotune,
         "coordinate_descent": args.coordinate_descent,
         "one_row_kernels": args.one_row_kernels,
+        "pdl": args.pdl,
         "compile_scope": args.compile_scope,
         "layers": spec.num_layers,
         "block_n": kernels.BLOCK_N,
@@ -208,6 +211,7 @@ def main() -> None:
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
     parser.add_argument("--one-row-kernels", action="store_true", help="as speed.py: batch-1 products in kvbench.gemv")
+    parser.add_argument("--pdl", action="store_true", help="as speed.py: programmatic dependent launch (kvbench.pdl)")
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument(
         "--decode-room",

@@ -51,6 +51,7 @@ from kvbench.methods.snapstream import SnapStream
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.zipcache import ZipCache
 from kvbench.models import ModelConfig, load_model, model_spec
+from kvbench.pdl import supported as pdl_supported
 from kvbench.records import environment
 
 # What a row's `size` means: tokens per layer and KV head for eviction methods, bits per element for the
@@ -178,6 +179,7 @@ def run_row(
         fuse=not args.unfused,
         compile_scope=scope,
         one_row_kernels=args.one_row_kernels,
+        pdl=args.pdl and engine_name == "compiled",
     )
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
@@ -195,6 +197,7 @@ def run_row(
         engine=engine_name,
         fused_projections=engine_name != "eager" and not args.unfused,
         one_row_kernels=args.one_row_kernels and engine_name != "eager" and not args.unfused,
+        pdl=args.pdl and engine_name == "compiled",
         compile_scope=scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
@@ -268,6 +271,11 @@ def main() -> None:
         help="batch-1 products through kvbench.gemv's Triton GEMVs (SiLU product fused into gate/up)",
     )
     parser.add_argument(
+        "--pdl",
+        action="store_true",
+        help="compiled rows: programmatic dependent launch for Inductor's kernels and the GEMVs (kvbench.pdl)",
+    )
+    parser.add_argument(
         "--compile-scope", default="layer", choices=["layer", "step"], help="engine=compiled: what is compiled"
     )
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -296,6 +304,8 @@ def main() -> None:
 
     began = time.perf_counter()
     device = torch.device(args.device)
+    if args.pdl and not pdl_supported(device):
+        parser.error(f"--pdl: needs a CUDA GPU of compute capability >= 9.0, not {device}")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     plan = parse_runs(args.runs) if args.runs else grid(args)

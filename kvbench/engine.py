@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvbench import pdl as kvbench_pdl
 from kvbench.attention import CACHE_KWARG
 from kvbench.cache import KVCache, ModelSpec, aligned_slots
 from kvbench.fused_projections import fuse_projections
@@ -159,11 +160,14 @@ class Engine:
         fuse: bool = True,
         compile_scope: str = "layer",
         one_row_kernels: bool = False,
+        pdl: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: one of {ENGINES}")
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope={compile_scope!r}: one of {COMPILE_SCOPES}")
+        kvbench_pdl.check(pdl, engine, next(model.parameters()).device)
+        self.pdl = pdl  # programmatic dependent launch in the compiled step (`kvbench.pdl`; an experiment, off)
         self.compile_scope = compile_scope
         self.model, self.tokenizer, self.method, self.spec = model, tokenizer, method, spec
         self.prefill_chunk = prefill_chunk
@@ -346,7 +350,8 @@ class Engine:
         else:
             if self._compiled_step is None:
                 self._reset_dynamo()
-                self._compiled_step = torch.compile(self._step, fullgraph=True, dynamic=False, **self.compile_options)
+                options = {"fullgraph": True, "dynamic": False, **self._compile_kwargs()}
+                self._compiled_step = torch.compile(self._step, **options)
             compiled = self._compiled_step
         variants = cache.decode_variants() if hasattr(cache, "decode_variants") else None
         runs_python = self.engine == "graph"  # the eager step moves the host counters itself
@@ -440,7 +445,7 @@ class Engine:
         layers = self._decoder_layers()
         if not self._compiled_layers:
             self._reset_dynamo()
-            options = {"fullgraph": True, "dynamic": False, **self.compile_options}
+            options = {"fullgraph": True, "dynamic": False, **self._compile_kwargs()}
             self._compiled_layers = [torch.compile(layer.forward, **options) for layer in layers]
         for layer, forward in zip(layers, self._compiled_layers, strict=True):
             layer.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
@@ -519,7 +524,7 @@ class Engine:
         remaining = int(state.max_new.max()) - 1  # the first token came from the prefill's logits
         if remaining <= 0 or bool(state.done.all()):
             return 0, 0.0, 0.0, state.count.tolist()
-        with self._layers_compiled():
+        with self._layers_compiled(), kvbench_pdl.dependent_launches(self.pdl):
             step, compile_s, ran = self._step_runner(cache, state, remaining)
             remaining -= ran
             before = state.count.tolist()
@@ -531,6 +536,13 @@ class Engine:
                     if steps % STOP_CHECK_EVERY == 0 and bool(state.done.all()):
                         break
         return steps, timer.seconds if steps else 0.0, compile_s, before
+
+    def _compile_kwargs(self) -> dict:
+        """`torch.compile`'s extra arguments: the tests' (`compile_options`), and Inductor's PDL switch (Inductor
+        options go with Inductor only: a test's own backend takes none)."""
+        if self.pdl and "backend" not in self.compile_options:
+            return {"options": dict(kvbench_pdl.COMPILE_OPTIONS), **self.compile_options}
+        return dict(self.compile_options)
 
     @torch.inference_mode()
     def score_continuation(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> Scored:

@@ -11,19 +11,22 @@ products (one more launch a layer) goes.
 
 `one_row_linear(x, weight)`: x [..., K] holding one row, weight [N, K] -> [..., N].
 `one_row_silu_mul(x, gate_up)`: gate_up [2I, K], gate rows first -> SiLU(x gate^T) * (x up^T), [..., I].
-Both are `torch.library` operators (traced by `torch.compile`, capturable); off the GPU, and without Triton,
-they run the references. Sums are float32 and rounded once, so results differ from cuBLAS's (and from the
-eager MLP, which rounds gate and up before the SiLU) by float rounding. `kvbench.fused_projections` routes
-a model's one-row products here when asked (`Engine(one_row_kernels=True)`); off by default until timed
-in the compiled step.
+Both are opaque `torch.library` operators (capturable; `torch.compile` sees their references' shapes, and
+Triton's own launcher runs the kernel, so it can launch it with programmatic dependent launch while
+`kvbench.pdl.dependent_launches` is active); off the GPU, and without Triton, they run the references.
+Sums are float32 and rounded once, so results differ from cuBLAS's (and from the eager MLP, which rounds
+gate and up before the SiLU) by float rounding. `kvbench.fused_projections` routes a model's one-row
+products here when asked (`Engine(one_row_kernels=True)`); off by default until timed in the compiled step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from kvbench import kernels
+from kvbench import kernels, pdl
 
 # (BLOCK_N, BLOCK_K, warps, stages) by product, from decode_parts.py's sweep on an H200 (one row).
 SMALL_OUTPUT = (16, 1024, 8, 3)  # N <= 4096: o and down (256 programs)
@@ -45,13 +48,14 @@ if kernels.triton is not None:
     import triton
     import triton.language as tl
 
-    from kvbench.kernels import wrap_triton
-
     @triton.jit
     def _one_row_gemv_kernel(
         x, w, y, n_out, k, stride_w, up_offset,
-        GATED_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GATED_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        if PDL:  # launched with PDL: wait for the previous kernel before any access, then let the next launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)
@@ -80,21 +84,33 @@ if kernels.triton is not None:
         if weight.stride(-1) != 1:
             weight = weight.contiguous()
         out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)  # one row: contiguous
-        wrap_triton(_one_row_gemv_kernel)[(triton.cdiv(n_out, block_n),)](
+        _one_row_gemv_kernel[(triton.cdiv(n_out, block_n),)](
             row, weight, out, n_out, k, weight.stride(0), n_out,
             GATED_SILU=gated, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+            **pdl.launch_options(x.device),
         )  # fmt: skip
         return out
 
 
-@kernels._make_op("kvbench::one_row_linear")
+def _opaque_op(name: str, reference: Callable[..., torch.Tensor]):
+    """A custom operator whose fake implementation is its reference (on fake tensors, only shapes count)."""
+
+    def register(fn: Callable[..., torch.Tensor]):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(reference)
+        return op
+
+    return register
+
+
+@_opaque_op("kvbench::one_row_linear", one_row_linear_reference)
 def _one_row_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if kernels._use_triton(x):
         return _one_row_triton(x, weight, gated=False)
     return one_row_linear_reference(x, weight)
 
 
-@kernels._make_op("kvbench::one_row_silu_mul")
+@_opaque_op("kvbench::one_row_silu_mul", one_row_silu_mul_reference)
 def _one_row_silu_mul_op(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     if kernels._use_triton(x):
         return _one_row_triton(x, gate_up, gated=True)

@@ -109,9 +109,19 @@ def test_kernel_compiles_for_hopper(gated: bool) -> None:
 
     block_n, block_k, _, _ = gemv.GATED if gated else gemv.SMALL_OUTPUT
     pointers = {"x": "*bf16", "w": "*bf16", "y": "*bf16"}
-    _compile_for_hopper(
-        gemv._one_row_gemv_kernel, pointers, {"GATED_SILU": gated, "BLOCK_N": block_n, "BLOCK_K": block_k}
-    )
+    for dependent in (False, True):
+        compiled = _compile_for_hopper(
+            gemv._one_row_gemv_kernel,
+            pointers,
+            {"GATED_SILU": gated, "BLOCK_N": block_n, "BLOCK_K": block_k, "PDL": dependent},
+        )
+        # Launched with PDL (kvbench.pdl.launch_options), a kernel must wait for its predecessor before any
+        # access; without it, it must not (the instructions are no-ops then, but they are not needed).
+        ptx = compiled.asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == dependent
+        assert ("griddepcontrol.launch_dependents" in ptx) == dependent
+        if dependent:  # the wait comes before the kernel's first load
+            assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
 
 
 if __name__ == "__main__":

@@ -205,9 +205,9 @@ def test_triton_launches_trace_into_a_static_graph() -> None:
     assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
 
 
-def _compile_for_hopper(kernel, pointer_types: dict[str, str], constexprs: dict) -> None:
+def _compile_for_hopper(kernel, pointer_types: dict[str, str], constexprs: dict):
     """Compile a kernel for sm_90 with Triton's bundled ptxas: no GPU needed, and it catches what the
-    interpreter cannot (tl.dot shape rules, layouts, lowering)."""
+    interpreter cannot (tl.dot shape rules, layouts, lowering). Returns Triton's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -221,6 +221,7 @@ def _compile_for_hopper(kernel, pointer_types: dict[str, str], constexprs: dict)
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.NUM_WARPS, "num_stages": 2}
     )
     assert compiled.asm["cubin"]
+    return compiled
 
 
 @pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 1)])
