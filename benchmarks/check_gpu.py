@@ -12,7 +12,7 @@
    (`graph`), on a real-shape model with random weights, batch 2, prompts of different lengths; for
    `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties).
 5. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
-   same tokens with it as without, at batch 2 and at batch 1 with the one-row kernels.
+   same tokens with it as without: dense at batch 2 and at batch 1 with the one-row kernels, RTN 4-bit.
 Prints one line per check and exits non-zero on the first mismatch.
 """
 
@@ -31,6 +31,7 @@ from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_row
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
+from kvbench.methods.quarot import QuaRot
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.models import ModelConfig, load_model, model_spec
@@ -175,6 +176,12 @@ def check_dependent_launches(model, spec, requests: list[Request], compiled: lis
         one_row[dependent] = engine.generate_batch(requests[:1])[0].token_ids
     fuse_projections(model, one_row_kernels=False)  # the shared model back to library products
     check("full, batch 1, one-row kernels: compiled with PDL == without", one_row[True] == one_row[False])
+    quantized = {}  # RTN (QuaRot unrotated): the token quantization and packed attention kernels' twins
+    for dependent in (False, True):
+        rtn = QuaRot(bits=4, rotate=False)
+        engine = Engine(model, None, rtn, spec, prefill_chunk=1024, engine="compiled", pdl=dependent)
+        quantized[dependent] = [g.token_ids for g in engine.generate_batch(requests)]
+    check("rtn 4-bit, batch 2: compiled with PDL == without", quantized[True] == quantized[False])
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

@@ -6,15 +6,20 @@ completed and its writes are visible. A batch-1 decode step is ~10 small kernels
 between them (launch, ramp-up, the previous kernel's tail) are part of what keeps it above its floor
 (`benchmarks/README.md`, "profile_step.py": ~10 us of idle a layer at batch 1). PDL hides part of each gap.
 
-`Engine(pdl=True)` (`speed.py --pdl`) turns on two things, for `engine=compiled` on such a GPU only:
-- Inductor's own kernels: `torch.compile(options=COMPILE_OPTIONS)`; Inductor puts each kernel's wait
-  before its first access to memory that an earlier kernel wrote or reads.
-- `kvbench.gemv`'s one-row kernels (`one_row_kernels=True`), launched while `dependent_launches` is active:
-  every program waits first thing, then lets the next kernel launch (`launch_options`).
-Every other kernel (cuBLAS, ATen, kvbench's attention kernels) launches as before: it starts only once the
-kernel before it has finished, so no chain of waits is ever broken. A kernel launched with PDL must wait
-before touching any memory, or it could read what its predecessor has not yet written (or overwrite what it
-still reads); `launch_options` therefore asks for the launch and the in-kernel wait together, or neither.
+`Engine(pdl=True)` (`speed.py --pdl`) turns it on for `engine=compiled` on such a GPU only:
+- Inductor's own kernels (norms, RoPE and cache writes, residual adds): `torch.compile(options=
+  COMPILE_OPTIONS)`; Inductor places each kernel's wait itself.
+- kvbench's step kernels: dense and packed decode attention with their combine, H2O's received attention,
+  QuaRot's and RTN's token quantization (`kvbench.kernels`, `quant_kernels`, `token_quant`), and the one-row
+  GEMVs (`kvbench.gemv`). While `dependent_launches` is active their public functions call opaque twins of
+  their operators (`kvbench.kernels.operator`), in which Triton's own launcher starts the kernels with the
+  launch attribute (Inductor cannot ask for it for the kernels it launches itself), and every program of
+  such a kernel waits first thing (`kvbench.kernels.await_previous_kernel`), then lets the next kernel launch.
+cuBLAS, ATen and the other kvbench kernels (ArkVale's and Scissorhands' selection, host copies) launch as
+before: each starts only once the kernel before it has finished, so no chain of waits is ever broken. A
+kernel launched with PDL must wait before touching any memory, or it could read what its predecessor has
+not yet written (or overwrite what it still reads); `launch_options` therefore asks for the launch and the
+in-kernel wait together, or neither.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ def dependent_launches(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _active = before
+
+
+def active() -> bool:
+    return _active
 
 
 def launch_options(device: torch.device) -> dict:

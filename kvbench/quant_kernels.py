@@ -235,10 +235,10 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, pairs: int, slots: int) 
 if kernels.triton is not None:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
 
-    # A plain global of this module, as the kernels' other helpers: jit code calls it by name.
+    # Plain globals of this module, as the kernels' other helpers: jit code calls them by name.
     _online_softmax = kernels._online_softmax
+    _await_previous_kernel = kernels.await_previous_kernel
     _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
@@ -477,9 +477,11 @@ if kernels.triton is not None:
         BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, split): `kvbench.kernels._decode_split_kernel` over packed tiles. The loop
         stops at the sequence's live length, so splits past it read nothing."""
+        _await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -807,6 +809,7 @@ if kernels.triton is not None:
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -841,6 +844,7 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
+        _await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -1130,7 +1134,7 @@ if kernels.triton is not None:
         sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
-        wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
+        kernels.launch(_plane_split_kernel, (b * hkv, total_splits), query.device)(
             query,
             k_codes,
             keys.scale,
@@ -1208,7 +1212,7 @@ if kernels.triton is not None:
         value_mode = _param_mode(values, dv, launch.block_n, can_align=False)
         # Codes in pairs (`_split_fields`) where the dot is in 16 bits and codes are below 128.
         half_dot = query.dtype in (torch.bfloat16, torch.float16) and not upcast
-        wrap_triton(_packed_split_kernel)[(b * hkv, num_splits)](
+        kernels.launch(_packed_split_kernel, (b * hkv, num_splits), query.device)(
             query,
             keys.codes,
             keys.scale,
@@ -1257,7 +1261,8 @@ if kernels.triton is not None:
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype)
 
 
-@kernels._make_op("kvbench::packed_decode_attention")  # the layouts `plane_plan` leaves to the split kernel
+# The layouts `plane_plan` leaves to the split kernel.
+@kernels._make_op("kvbench::packed_decode_attention", dependent=True)
 def _packed_attention_op(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -1280,7 +1285,7 @@ def _packed_attention_op(
     return packed_decode_attention_reference(query, keys, values, lengths, scale)
 
 
-@kernels._make_op("kvbench::plane_attention")
+@kernels._make_op("kvbench::plane_attention", dependent=True)
 def _plane_attention_op(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -1364,11 +1369,11 @@ def packed_decode_attention(
     formats = (float(scale), list(keys[4:]), list(values[4:]))
     if plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None, None, None)
-        return torch.ops.kvbench.plane_attention(
+        return kernels.operator("plane_attention")(
             query, *keys[:4], *values[:4], lengths, *held, rotation, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)
-    out, lse = torch.ops.kvbench.packed_decode_attention(q, *keys[:4], *values[:4], lengths, *formats)
+    out, lse = kernels.operator("packed_decode_attention")(q, *keys[:4], *values[:4], lengths, *formats)
     if window is not None:
         out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window, scale)])
     return (out if rotation is None else rotate(out, rotation)), lse

@@ -49,7 +49,7 @@ def quantize_tokens_reference(
     return quantize(keys, bits, "token", group, clip), quantize(values, bits, "token", group, clip)
 
 
-@kernels._make_op("kvbench::quantize_tokens")
+@kernels._make_op("kvbench::quantize_tokens", dependent=True)
 def _quantize_tokens_op(
     keys: torch.Tensor, values: torch.Tensor, rotation: torch.Tensor | None, bits: int, group: int, clip: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,7 +69,7 @@ def quantize_tokens(
         return quantize_tokens_reference(keys, values, rotation, bits, group, clip)
     if rotation is not None and (rotation.shape != (dim, dim) or not rotation.is_contiguous()):
         raise ValueError(f"rotation {tuple(rotation.shape)} for head_dim {dim}: a contiguous [D, D] matrix")
-    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = torch.ops.kvbench.quantize_tokens(
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = kernels.operator("quantize_tokens")(
         keys, values, rotation, bits, group, float(clip)
     )
     return Quantized(key_codes, key_scale, key_zero), Quantized(value_codes, value_scale, value_zero)
@@ -78,8 +78,8 @@ def quantize_tokens(
 if kernels.triton is not None:
     import triton
     import triton.language as tl
-    from torch.library import wrap_triton
 
+    _await_previous_kernel = kernels.await_previous_kernel  # a plain global: jit code calls it by name
     _SMALLEST_STEP = tl.constexpr(MIN_SCALE)
 
     @triton.jit
@@ -182,8 +182,10 @@ if kernels.triton is not None:
         ROTATE: tl.constexpr,
         UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Program (i, 0) quantizes key rows [i * BLOCK_R, (i + 1) * BLOCK_R), program (i, 1) those values."""
+        _await_previous_kernel(PDL)
         first_row = tl.program_id(0) * BLOCK_R
         # Python floats arrive as float64 under torch.compile: the reference multiplies in float32.
         rotation_scale = tl.cast(rotation_scale, tl.float32)
@@ -204,7 +206,7 @@ if kernels.triton is not None:
         codes = [torch.empty(*lead, dim // 2, dtype=torch.uint8, device=keys.device) for _ in range(2)]
         params = [torch.empty(*lead, dim // group, dtype=torch.float16, device=keys.device) for _ in range(4)]
         grid = (triton.cdiv(rows, BLOCK_ROWS), 2)
-        wrap_triton(_quantize_tokens_kernel)[grid](
+        kernels.launch(_quantize_tokens_kernel, grid, keys.device)(
             keys,
             values,
             keys if rotation is None else rotation,  # never read without ROTATE

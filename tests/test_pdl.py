@@ -1,15 +1,21 @@
 """Programmatic dependent launch (`kvbench/pdl.py`): refused where it cannot apply, the in-kernel wait and the
-launch attribute always together, and the engine's compiled step built and run with it when asked. The
-kernel side (the wait before any load) is checked by `tests/test_gemv.py`'s sm_90 compile."""
+launch attribute always together, the engine's compiled step built and run with it when asked, and the
+operators' `_dependent` twins (their launches through Triton) giving what the traced operators give,
+under Triton's interpreter. The kernels' side (each waits before any load) is checked in their sm_90 PTX."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from kvbench import pdl
+from kvbench import gemv, kernels, pdl, quant_kernels, token_quant
 from kvbench.engine import Engine
+from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.full import Full
+from tests.conftest import run_under_triton_interpreter
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -72,3 +78,160 @@ def test_compiled_step_gets_inductors_switch_and_runs_with_dependent_launches(ti
     assert not pdl._active  # restored after decode
     off = Engine(model, tokenizer, Full(), spec, prefill_chunk=64, engine="compiled")
     assert off._compile_kwargs() == {}
+
+
+def _interpreted_checks() -> dict:
+    """Each public function with and without `dependent_launches`: the same kernels, so equal outputs; and
+    which way each launch went (`kernels.launch` records whether it ran inside a twin)."""
+    from tests.test_quantized_layer import _case_inputs, _window
+
+    assert kernels._INTERPRETED
+    inside_twin = []
+    plain_launch = kernels.launch
+
+    def recording_launch(kernel, grid, device):
+        inside_twin.append(kernels._launching_dependent)
+        return plain_launch(kernel, grid, device)
+
+    kernels.launch = recording_launch  # module global: kernels.py's own launches and quant_kernels' find it
+    gen = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 8, 64, generator=gen)
+    keys, values = torch.randn(2, 2, 2, 300, 64, generator=gen).unbind(0)
+    positions = torch.arange(300).expand(2, 2, 300).clone()
+    positions[1, :, 250:] = -1
+    rotation = hadamard_matrix(64, dtype=torch.int8, normalized=False)
+    packed = {name: _case_inputs(name, seed=1) for name in ("kivi4_halves_bf16", "kivi2_fp32", "quarot4_offset_bf16")}
+
+    def run_all() -> dict[str, list[torch.Tensor]]:
+        out, lse = kernels.decode_attention(query, keys, values, positions, 0.125)
+        results = {
+            "decode_attention": [out, lse],
+            "received": [kernels.received_attention(query, keys, positions, 0.125, lse)],
+        }
+        for name, x in packed.items():
+            args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
+            window = _window(x, 70, torch.Generator().manual_seed(7))
+            rotate = (
+                None
+                if name == "kivi4_halves_bf16"
+                else hadamard_matrix(x["query"].shape[-1], dtype=torch.int8, normalized=False)
+            )
+            results[name] = list(quant_kernels.packed_decode_attention(*args, window, rotate))
+        key_q, value_q = token_quant.quantize_tokens(keys[:, :, :1], values[:, :, :1], rotation, 4, 64, 0.9)
+        results["quantize_tokens"] = [*key_q, *value_q]
+        return results
+
+    plain = run_all()
+    plain_flags, inside_twin[:] = list(inside_twin), []
+    with pdl.dependent_launches(True):
+        dependent = run_all()
+    return {
+        "equal": {
+            name: all(torch.equal(a, b) for a, b in zip(plain[name], dependent[name], strict=True)) for name in plain
+        },
+        "plain_launches_in_twins": sum(plain_flags),
+        "plain_launches": len(plain_flags),
+        "dependent_launches_in_twins": sum(inside_twin),
+        "dependent_launches": len(inside_twin),
+    }
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    return run_under_triton_interpreter(Path(__file__))
+
+
+def test_dependent_twins_give_the_traced_operators_results(interpreted: dict) -> None:
+    assert interpreted["equal"] == dict.fromkeys(interpreted["equal"], True)
+    assert set(interpreted["equal"]) >= {"decode_attention", "received", "quantize_tokens", "kivi2_fp32"}
+    # Every launch inside `dependent_launches` went through a twin, and none outside it did.
+    assert interpreted["plain_launches"] == interpreted["dependent_launches"] > 10
+    assert interpreted["plain_launches_in_twins"] == 0
+    assert interpreted["dependent_launches_in_twins"] == interpreted["dependent_launches"]
+
+
+def test_traced_step_calls_the_twins_only_while_active() -> None:
+    """What dynamo records: the opaque twins (Triton launches them, with PDL) while active, else the
+    traced operators (Inductor launches their kernels); the twins' fake implementations give the shapes."""
+    query, keys = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16)
+    positions = torch.arange(8).expand(1, 2, 8)
+    weight = torch.randn(12, 16)
+
+    def step(q, k, p, w):
+        out, lse = kernels.decode_attention(q, k, k, p, 0.25)
+        return gemv.one_row_linear(out[:, :1], w), kernels.received_attention(q, k, p, 0.25, lse)
+
+    targets: list[str] = []
+
+    def recording(gm: torch.fx.GraphModule, example_inputs) -> object:
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    for active in (False, True):
+        targets.clear()
+        torch._dynamo.reset()
+        with pdl.dependent_launches(active):
+            torch.compile(step, backend=recording, fullgraph=True)(query, keys, positions, weight)
+        suffix = "_dependent" if active else ""
+        assert f"kvbench.decode_attention{suffix}" in targets
+        assert f"kvbench.received_attention{suffix}" in targets
+        assert "kvbench.one_row_linear" in targets  # always opaque
+        assert not active or "kvbench.decode_attention" not in targets
+
+
+if __name__ == "__main__":
+    print(json.dumps(_interpreted_checks()))
+
+
+def _kernels_taking_pdl() -> dict[str, object]:
+    pytest.importorskip("triton")
+    modules = (kernels, quant_kernels, token_quant, gemv)
+    found = {}
+    for module in modules:
+        for name, value in vars(module).items():
+            if "PDL" in getattr(value, "arg_names", ()) and value is not kernels.await_previous_kernel:
+                found[f"{module.__name__}.{name}"] = value
+    return found
+
+
+def test_every_kernel_taking_pdl_waits_first() -> None:
+    """A kernel launched with PDL may start before its predecessor ends: its first statement (after the
+    docstring) must be the wait (`await_previous_kernel`, whose PTX the gemv test checks: the wait comes
+    before any load). The launches ask for PDL only of kernels taking the flag (`kernels.launch`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    found = _kernels_taking_pdl()
+    assert len(found) >= 7, sorted(found)  # split, combine, received, plane, packed, quantize, gemv
+    for name, kernel in found.items():
+        tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
+        body = tree.body[0].body
+        if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            body = body[1:]  # the docstring
+        first = ast.unparse(body[0])
+        assert first in ("await_previous_kernel(PDL)", "_await_previous_kernel(PDL)"), (name, first)
+
+
+def test_attention_kernels_compile_with_the_wait_first_for_hopper() -> None:
+    """The nested helper compiles into the attention kernels: with PDL, the wait precedes every load."""
+    pytest.importorskip("triton.backends.nvidia")
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
+    from tests.test_kernels import _compile_for_hopper
+
+    tensors = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "scale_log2": "fp32"}
+    partials = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"}
+    blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "tf32", "HEAD_DIM": 128}
+    split = blocks | {"BLOCK_G": 16, "BLOCK_DV": 128, "VALUE_DIM": 128}
+    combine = {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": kernels.COMBINE_BLOCK, "BLOCK_DV": 128, "ROTATE": False}
+    cases = (
+        (kernels._decode_split_kernel, tensors | partials, split),
+        (kernels._decode_combine_kernel, partials | {"out_ptr": "*bf16", "lse_ptr": "*fp32"}, combine),
+    )
+    for kernel, pointers, constexprs in cases:
+        for dependent in (False, True):
+            ptx = _compile_for_hopper(kernel, pointers, constexprs | {"PDL": dependent}).asm["ptx"]
+            assert ("griddepcontrol.wait" in ptx) == dependent
+            if dependent:
+                assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
