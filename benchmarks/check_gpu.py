@@ -1,6 +1,7 @@
 """Correctness on a GPU of what the CPU test suite cannot reach: run before trusting `speed.py`'s numbers.
 
-    PYTHONPATH=. python benchmarks/check_gpu.py
+    PYTHONPATH=. python benchmarks/check_gpu.py                                  # every check
+    PYTHONPATH=. python benchmarks/check_gpu.py --checks one_row_kernels dependent_launches
 
 1. `kvbench.host_pages`: the Triton kernels that write to and gather from pinned host memory equal the
    same copies done with torch on host tensors (fresh random data, masked rows, poisoned targets).
@@ -18,6 +19,7 @@ Prints one line per check and exits non-zero on the first mismatch.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -121,12 +123,7 @@ def check_one_row_kernels() -> None:
 
 
 def check_engines() -> None:
-    cfg = ModelConfig(name="llama-3.1-8b", source="shape", shape="llama-3.1-8b", device="cuda", dtype="bfloat16")
-    spec = model_spec(cfg)
-    model, _ = load_model(cfg, with_tokenizer=False)
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 128000, (n,), generator=generator).tolist() for n in (3000, 2200)]
-    requests = [Request(p, 40, min_new_tokens=40) for p in prompts]
+    model, spec, requests = engine_setup()
     methods = {
         "full": Full(),
         "streamingllm": StreamingLLM(budget=512),
@@ -154,42 +151,61 @@ def check_engines() -> None:
     eager = [g.token_ids for g in Engine(model, None, Full(), spec, prefill_chunk=1024).generate_batch(requests)]
     agree = [first_difference(x, y) for x, y in zip(compiled, eager, strict=True)]
     print(f"note full: compiled and eager greedy tokens agree for the first {agree} of 40", flush=True)
-    check_dependent_launches(model, spec, requests, compiled)
+    check_dependent_launches(model, spec, requests)
 
 
-def check_dependent_launches(model, spec, requests: list[Request], compiled: list[list[int]]) -> None:
+def check_dependent_launches(model=None, spec=None, requests: list[Request] | None = None) -> None:
     """PDL (`kvbench.pdl`) changes when kernels may start, not what they compute: a kernel that read its
-    predecessor's output too early would change tokens. Same kernels, so the tokens must be equal exactly:
-    batch 2 (Inductor's kernels with PDL) against the compiled run above, and batch 1 with the one-row
-    GEMVs (launched with PDL too) against the same without PDL."""
+    predecessor's output too early would change tokens. Same kernels, so the compiled step's tokens must be
+    equal exactly with PDL and without: dense at batch 2 (Inductor's kernels, the attention twins), dense at
+    batch 1 with the one-row GEMVs, and RTN 4-bit at batch 2 (token quantization, packed attention)."""
     if not kvbench_pdl.supported(torch.device("cuda")):
         print("skip PDL: the GPU is older than sm_90", flush=True)
         return
-    engine = Engine(model, None, Full(), spec, prefill_chunk=1024, engine="compiled", pdl=True)
-    with_pdl = [g.token_ids for g in engine.generate_batch(requests)]
-    check("full, batch 2: compiled with PDL == without", with_pdl == compiled)
-    one_row = {}
-    for dependent in (False, True):
-        engine = Engine(
-            model, None, Full(), spec, prefill_chunk=1024, engine="compiled", one_row_kernels=True, pdl=dependent
-        )
-        one_row[dependent] = engine.generate_batch(requests[:1])[0].token_ids
-    fuse_projections(model, one_row_kernels=False)  # the shared model back to library products
-    check("full, batch 1, one-row kernels: compiled with PDL == without", one_row[True] == one_row[False])
-    quantized = {}  # RTN (QuaRot unrotated): the token quantization and packed attention kernels' twins
-    for dependent in (False, True):
-        rtn = QuaRot(bits=4, rotate=False)
-        engine = Engine(model, None, rtn, spec, prefill_chunk=1024, engine="compiled", pdl=dependent)
-        quantized[dependent] = [g.token_ids for g in engine.generate_batch(requests)]
-    check("rtn 4-bit, batch 2: compiled with PDL == without", quantized[True] == quantized[False])
+    if model is None:
+        model, spec, requests = engine_setup()
+    runs = {  # name: (method, batch, one-row kernels)
+        "full, batch 2": (Full, requests, False),
+        "full, batch 1, one-row kernels": (Full, requests[:1], True),
+        "rtn 4-bit, batch 2": (lambda: QuaRot(bits=4, rotate=False), requests, False),
+    }
+    for name, (method, batch, one_row) in runs.items():
+        tokens = {}
+        for dependent in (False, True):
+            engine = Engine(
+                model, None, method(), spec, prefill_chunk=1024, engine="compiled", one_row_kernels=one_row,
+                pdl=dependent,
+            )  # fmt: skip
+            tokens[dependent] = [g.token_ids for g in engine.generate_batch(batch)]
+        fuse_projections(model, one_row_kernels=False)  # the shared model back to library products
+        check(f"{name}: compiled with PDL == without", tokens[True] == tokens[False])
+
+
+def engine_setup() -> tuple:
+    """Llama-3.1-8B's shape with random weights on the GPU, and two prompts of different lengths."""
+    cfg = ModelConfig(name="llama-3.1-8b", source="shape", shape="llama-3.1-8b", device="cuda", dtype="bfloat16")
+    model, _ = load_model(cfg, with_tokenizer=False)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128000, (n,), generator=generator).tolist() for n in (3000, 2200)]
+    return model, model_spec(cfg), [Request(p, 40, min_new_tokens=40) for p in prompts]
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
+CHECKS = {
+    "host_pages": check_host_pages,
+    "arkvale_kernels": check_arkvale_kernels,
+    "one_row_kernels": check_one_row_kernels,
+    "engines": check_engines,  # includes the PDL check
+    "dependent_launches": check_dependent_launches,
+}
+
 if __name__ == "__main__":
-    check_host_pages()
-    check_arkvale_kernels()
-    check_one_row_kernels()
-    check_engines()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checks", nargs="+", choices=list(CHECKS), default=[n for n in CHECKS if n != "dependent_launches"]
+    )
+    for name in parser.parse_args().checks:
+        CHECKS[name]()

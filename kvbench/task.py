@@ -6,8 +6,11 @@ prediction row with its metric values, `aggregate()` turns rows into the run's m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from kvbench.cache import ModelSpec
@@ -107,6 +110,40 @@ def hub_data_missing(error: OSError, data_dir: str, dataset: str, local_file: st
         f"{dataset} is not cached here and could not be downloaded ({reason}); "
         f"pass task.data_dir=<folder holding {local_file}> (e.g. task.data_dir={example_dir})",
     )
+
+
+# (record, its index, where it came from, the config key and value to blame) -> the task's record, or a
+# ConfigError naming `where`.
+Normalize = Callable[[Any, int, str, str, str], dict[str, Any]]
+
+
+def jsonl_records(path: Path, data_dir: str, normalize: Normalize) -> tuple[list[dict[str, Any]], str]:
+    """Every non-blank line of a local JSONL file through `normalize`, and the file's SHA-256 (part of a run's
+    identity: a corrected file makes a new run). A line that is not JSON is a `ConfigError` on task.data_dir
+    naming the file and line."""
+    data = path.read_bytes()
+    records = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError as error:  # JSONDecodeError or UnicodeDecodeError
+            reason = getattr(error, "msg", str(error))
+            raise ConfigError("task.data_dir", data_dir, f"{where} is not valid JSON: {reason}") from error
+        records.append(normalize(record, len(records), where, "task.data_dir", data_dir))
+    return records, hashlib.sha256(data).hexdigest()
+
+
+def hub_records(rows: list[Any], dataset: str, normalize: Normalize) -> tuple[list[dict[str, Any]], str]:
+    """Hub rows through `normalize`, and the SHA-256 of the rows as loaded, canonically serialized (any edit
+    of the dataset changes it)."""
+    canonical = json.dumps(rows, sort_keys=True, default=str, ensure_ascii=False)
+    records = [
+        normalize(row, index, f"{dataset} row {index}", "task.dataset", dataset) for index, row in enumerate(rows)
+    ]
+    return records, hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def mean(values: list[float]) -> float:

@@ -23,8 +23,6 @@ changed data file is a different run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,8 +34,8 @@ from kvbench.cache import ModelSpec
 from kvbench.engine import Generation, Sampling
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
-from kvbench.task import Sample, Task, hub_data_missing, mean
-from kvbench.tasks.longbench import chat_wrapper, stop_ids
+from kvbench.task import Sample, Task, hub_data_missing, hub_records, jsonl_records, mean
+from kvbench.tasks.longbench import encode_message, stop_ids
 
 DEFAULT_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
 PROMPT_RESERVE = 512  # check() assumes prompts up to this many tokens; samples() checks the real length
@@ -189,20 +187,7 @@ class AIME(Task):
         return self._records
 
     def _read_file(self) -> tuple[list[dict[str, Any]], str]:
-        path = Path(self.data_dir) / self.data_file
-        data = path.read_bytes()
-        records = []
-        for number, line in enumerate(data.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except ValueError as error:  # JSONDecodeError or UnicodeDecodeError
-                reason = getattr(error, "msg", str(error))
-                raise ConfigError("task.data_dir", self.data_dir, f"{where} is not valid JSON: {reason}") from error
-            records.append(normalize(record, len(records), where, "task.data_dir", self.data_dir))
-        return records, hashlib.sha256(data).hexdigest()
+        return jsonl_records(Path(self.data_dir) / self.data_file, self.data_dir, normalize)
 
     def _read_hub(self) -> tuple[list[dict[str, Any]], str]:
         from datasets import load_dataset
@@ -212,13 +197,7 @@ class AIME(Task):
         except OSError as error:
             where = f"{self.dataset} (split {self.split})"
             raise hub_data_missing(error, self.data_dir, where, self.data_file, "../shared/data/aime") from error
-        # The hub rows as loaded, canonically serialized: any edit of the dataset changes the hash.
-        canonical = json.dumps(rows, sort_keys=True, default=str, ensure_ascii=False)
-        records = [
-            normalize(row, index, f"{self.dataset} row {index}", "task.dataset", self.dataset)
-            for index, row in enumerate(rows)
-        ]
-        return records, hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return hub_records(rows, self.dataset, normalize)
 
     def problems(self) -> Iterator[dict[str, Any]]:
         """The first `limit` records (0 = all)."""
@@ -229,11 +208,7 @@ class AIME(Task):
 
     # ----- samples -----
     def encode(self, tokenizer, problem: str) -> list[int]:
-        text = self.prompt.replace("{problem}", problem)
-        wrapper = chat_wrapper(tokenizer) if self.chat_template else None
-        if wrapper:
-            return tokenizer(wrapper[0] + text + wrapper[1], add_special_tokens=False)["input_ids"]
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
+        return encode_message(tokenizer, self.prompt.replace("{problem}", problem), self.chat_template)
 
     def budget(self, prompt_tokens: int) -> int:
         if self.max_new_tokens:

@@ -21,8 +21,6 @@ sha256 is part of the run's identity.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,9 +31,9 @@ from kvbench.cache import ModelSpec
 from kvbench.engine import Generation
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
-from kvbench.task import Sample, Task, hub_data_missing, mean
+from kvbench.task import Sample, Task, hub_data_missing, hub_records, jsonl_records, mean
 from kvbench.tasks.aime import PROMPT_RESERVE, last_boxed, to_integer
-from kvbench.tasks.longbench import chat_wrapper, stop_ids
+from kvbench.tasks.longbench import encode_message, stop_ids
 
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -116,20 +114,7 @@ class GSM8K(Task):
         return self._records
 
     def _read_file(self) -> tuple[list[dict[str, Any]], str]:
-        path = Path(self.data_dir) / self.data_file
-        data = path.read_bytes()
-        records = []
-        for number, line in enumerate(data.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except ValueError as error:  # JSONDecodeError or UnicodeDecodeError
-                reason = getattr(error, "msg", str(error))
-                raise ConfigError("task.data_dir", self.data_dir, f"{where} is not valid JSON: {reason}") from error
-            records.append(normalize(record, len(records), where, "task.data_dir", self.data_dir))
-        return records, hashlib.sha256(data).hexdigest()
+        return jsonl_records(Path(self.data_dir) / self.data_file, self.data_dir, normalize)
 
     def _read_hub(self) -> tuple[list[dict[str, Any]], str]:
         from datasets import load_dataset
@@ -139,23 +124,14 @@ class GSM8K(Task):
         except OSError as error:
             where = f"{self.dataset} ({self.subset}, split {self.split})"
             raise hub_data_missing(error, self.data_dir, where, self.data_file, "../shared/data/gsm8k") from error
-        canonical = json.dumps(rows, sort_keys=True, default=str, ensure_ascii=False)
-        records = [
-            normalize(row, index, f"{self.dataset} row {index}", "task.dataset", self.dataset)
-            for index, row in enumerate(rows)
-        ]
-        return records, hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return hub_records(rows, self.dataset, normalize)
 
     def count(self) -> int | None:
         return len(self.records()[: self.limit or None])
 
     # ----- samples -----
     def encode(self, tokenizer, question: str) -> list[int]:
-        text = self.prompt.replace("{question}", question)
-        wrapper = chat_wrapper(tokenizer) if self.chat_template else None
-        if wrapper:
-            return tokenizer(wrapper[0] + text + wrapper[1], add_special_tokens=False)["input_ids"]
-        return tokenizer(text, add_special_tokens=True)["input_ids"]
+        return encode_message(tokenizer, self.prompt.replace("{question}", question), self.chat_template)
 
     def samples(self, tokenizer) -> Iterator[Sample]:
         stops = stop_ids(tokenizer)

@@ -253,6 +253,15 @@ def chat_wrapper(tokenizer) -> tuple[str, str] | None:
     return before, after
 
 
+def encode_message(tokenizer, text: str, chat_template: bool) -> list[int]:
+    """Token ids of `text` as one user message in the chat template (if asked and there is one), else as
+    plain text with the tokenizer's special tokens."""
+    wrapper = chat_wrapper(tokenizer) if chat_template else None
+    if wrapper:
+        return tokenizer(wrapper[0] + text + wrapper[1], add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
 @dataclass
 class EncodedPrompt:
     """`prompt_ids` then `question_ids` is the model's input; `question_ids` is empty in one phase."""

@@ -271,3 +271,16 @@ def test_end_to_end_on_the_tiny_model(tiny, shared_data):
     again = task.score(samples[0], task.evaluate(engine, samples[0]))
     assert again["prediction"] == rows[0]["prediction"]  # seeded: a rerun repeats exactly
     assert task.aggregate(rows)["pass@1"] in (0.0, 50.0, 100.0)
+
+
+def test_hub_data_hash_covers_every_row(monkeypatch):
+    """The hub rows' hash is part of a run's identity: an edit anywhere in the data makes another run."""
+    import datasets
+
+    rows = [{"id": str(i), "problem": f"p{i}", "answer": i} for i in range(3)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: [dict(row) for row in rows])
+    before = AIME().describe()["data_sha256"]
+    rows[2]["problem"] = "edited"
+    assert AIME().describe()["data_sha256"] != before
+    rows[2]["problem"] = "p2"
+    assert AIME().describe()["data_sha256"] == before
