@@ -287,7 +287,8 @@ class QuantizedLayer(KVLayer):
         self.window_tokens: list[int] = []
         self.flush_step = True
         self.rotation: torch.Tensor | None = None  # `decode_rotation`'s matrix, made at the end of prefill
-        # Whether `quantize_new_token` takes one kernel launch (decided once, not per decode step).
+        # Whether a decode token is quantized and written into the stores by one kernel launch
+        # (`token_quant.quantize_tokens_into`; decided once, not per decode step).
         self.one_launch_tokens = (
             self.transforms_are_rotation
             and not self.simulated
@@ -396,9 +397,16 @@ class QuantizedLayer(KVLayer):
             raise RuntimeError("after prefill, tokens go through the cache one at a time")
         if not self.ring:  # no window: quantized as it is written
             part = self.parts[0]
-            new_keys, new_values = self.quantize_new_token(key_states, value_states)
-            part.keys.write_quantized(self.seen, new_keys, None)
-            part.values.write_quantized(self.seen, new_values, None)
+            if self.one_launch_tokens:  # quantized and written into the stores by one kernel
+                spec, slot = self.key_spec, self.seen.clamp_max(part.keys.codes.shape[2] - 1)
+                keys, values = (Quantized(store.codes, store.scale, store.zero) for store in (part.keys, part.values))
+                token_quant.quantize_tokens_into(
+                    key_states, value_states, self.rotation, spec.bits, spec.group, spec.clip_ratio, keys, values, slot
+                )
+            else:
+                new_keys, new_values = self.quantize_new_token(key_states, value_states)
+                part.keys.write_quantized(self.seen, new_keys, None)
+                part.values.write_quantized(self.seen, new_values, None)
             part.length.add_(1)
             self.quantized.add_(1)
             self.seen.add_(1)
@@ -417,12 +425,9 @@ class QuantizedLayer(KVLayer):
         return key_states, value_states
 
     def quantize_new_token(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Quantized, Quantized]:
-        """A decode token's K and V [B, Hkv, 1, D], transformed and quantized for the store (no window). One
-        kernel launch for both where the layout allows (`kvbench.token_quant`: per-token 4-bit groups, the
-        same for K and V, packed, transforms that are `rotation` or nothing); else transform, then quantize."""
-        if self.one_launch_tokens:
-            spec = self.key_spec
-            return token_quant.quantize_tokens(keys, values, self.rotation, spec.bits, spec.group, spec.clip_ratio)
+        """A decode token's K and V [B, Hkv, 1, D], transformed and quantized for the store (no window), where
+        `kvbench.token_quant` does not take the layout (`one_launch_tokens`: per-token 4-bit groups, the same
+        for K and V, packed, transforms that are `rotation` or nothing, written by the kernel itself)."""
         part = self.parts[0]
         return part.keys.quantize(self.transform_keys(keys)), part.values.quantize(self.transform_values(values))
 

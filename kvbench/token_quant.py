@@ -13,6 +13,12 @@ layouts) the reference runs: the fast transform, then `quantize`. Measured (H200
 32k): 4.6 us a layer with the rotation (the matrix held as int8), 2.9 without; QuaRot-4's step 6.43 ->
 6.19 ms at batch 1 and 9.08 -> 8.18 ms at batch 4 (benchmarks/README.md, "One launch for the new token").
 
+The decode path writes the codes and parameters straight into the stores (`quantize_tokens_into`: each
+sequence's token at its own slot). Before, the kernel returned six tensors and six indexed writes put them
+in the stores: in the H200 profile of RTN-4 at batch 1 those were 6 of the 24 kernels of a layer (1 us
+each, plus their gaps); now none (not yet timed). The operator is opaque, launched by Triton itself, so it
+takes programmatic dependent launch (`kvbench.pdl`) directly.
+
 Exactness against the reference: without a rotation the kernel does `quantize`'s float32 operations in
 the same order (minimum and maximum, clip, float16 parameters rounded outward, division rounded to
 nearest, round half to even), so codes and parameters are equal bit for bit. With one, its float32 sums
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench import kernels
+from kvbench import kernels, pdl
 from kvbench.hadamard import hadamard_transform, is_power_of_two
 from kvbench.quant import MIN_SCALE, Quantized, is_planar, quantize
 
@@ -49,30 +55,101 @@ def quantize_tokens_reference(
     return quantize(keys, bits, "token", group, clip), quantize(values, bits, "token", group, clip)
 
 
-@kernels._make_op("kvbench::quantize_tokens", dependent=True)
-def _quantize_tokens_op(
-    keys: torch.Tensor, values: torch.Tensor, rotation: torch.Tensor | None, bits: int, group: int, clip: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+STORES = ("key_codes", "key_scale", "key_zero", "value_codes", "value_scale", "value_zero")
+
+
+@torch.library.custom_op("kvbench::quantize_tokens_into", mutates_args=STORES)
+def _quantize_tokens_into_op(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rotation: torch.Tensor | None,
+    slots: torch.Tensor,
+    bits: int,
+    group: int,
+    clip: float,
+    key_codes: torch.Tensor,
+    key_scale: torch.Tensor,
+    key_zero: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor,
+) -> None:
+    stores = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
     if kernels._use_triton(keys):
-        return _quantize_tokens_triton(keys, values, rotation, group, clip)
+        _launch_quantize(keys, values, rotation, slots, clip, *stores)
+        return
     key_q, value_q = quantize_tokens_reference(keys, values, rotation, bits, group, clip)
-    return (*key_q, *value_q)
+    b, h = keys.shape[:2]
+    index = (torch.arange(b, device=keys.device).view(b, 1), torch.arange(h, device=keys.device), slots.view(b, 1))
+    for store, new in zip(stores, (*key_q, *value_q), strict=True):
+        store[index] = new[:, :, 0]
+
+
+@_quantize_tokens_into_op.register_fake
+def _(keys, values, rotation, slots, bits, group, clip, *stores) -> None:
+    return None
+
+
+def quantize_tokens_into(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    rotation: torch.Tensor | None,
+    bits: int,
+    group: int,
+    clip: float,
+    key_store: Quantized,
+    value_store: Quantized,
+    slots: torch.Tensor,
+) -> None:
+    """`quantize_tokens_reference` of one token per head, keys and values [B, H, 1, D], written straight into
+    slot slots[b] of each sequence's rows of the stores (codes [B, H, S, D/2], and scale and zero-point rows
+    [B, H, S, D/group]: per-token parameters, a slot's at its own row), in one launch where the layout `fits`
+    and Triton runs: no separate writes of the six tensors after it (six small kernels a layer in the compiled
+    step). The stores are modified in place; keys' and values' must share one layout."""
+    b, h, tokens, dim = keys.shape
+    stores = (*key_store, *value_store)
+    layouts = {(t.shape, t.stride()) for t in (key_store.codes, value_store.codes)}
+    params = {(t.shape, t.stride()) for t in stores[1:3] + stores[4:]}
+    one_launch = (
+        fits(bits, "token", group, dim)
+        and keys.shape == values.shape
+        and keys.dtype == values.dtype
+        and tokens == 1
+        and len(layouts) == 1
+        and len(params) == 1
+        and all(t.stride(-1) == 1 for t in stores)
+    )
+    if rotation is not None and (rotation.shape != (dim, dim) or not rotation.is_contiguous()):
+        raise ValueError(f"rotation {tuple(rotation.shape)} for head_dim {dim}: a contiguous [D, D] matrix")
+    if not one_launch:
+        key_q, value_q = quantize_tokens_reference(keys, values, rotation, bits, group, clip)
+        index = (torch.arange(b, device=keys.device).view(b, 1, 1), torch.arange(h, device=keys.device).view(1, h, 1))
+        index += ((slots.view(b, 1, 1) + torch.arange(tokens, device=keys.device)),)
+        for store, new in zip(stores, (*key_q, *value_q), strict=True):
+            store[index] = new
+        return
+    torch.ops.kvbench.quantize_tokens_into(keys, values, rotation, slots, bits, group, float(clip), *stores)
 
 
 def quantize_tokens(
     keys: torch.Tensor, values: torch.Tensor, rotation: torch.Tensor | None, bits: int, group: int, clip: float
 ) -> tuple[Quantized, Quantized]:
-    """`quantize_tokens_reference`'s result, in one launch where the layout `fits` and Triton runs.
-    keys and values [..., T, D] share a shape and dtype; rotation: None or a contiguous [D, D] matrix."""
-    dim = keys.shape[-1]
+    """`quantize_tokens_reference`'s result, in one launch where the layout `fits` and Triton runs (through
+    `quantize_tokens_into`, each token a store of one slot). keys and values [..., T, D] share a shape and
+    dtype; rotation: None or a contiguous [D, D] matrix."""
+    *lead, dim = keys.shape
     if keys.shape != values.shape or keys.dtype != values.dtype or not fits(bits, "token", group, dim):
         return quantize_tokens_reference(keys, values, rotation, bits, group, clip)
-    if rotation is not None and (rotation.shape != (dim, dim) or not rotation.is_contiguous()):
-        raise ValueError(f"rotation {tuple(rotation.shape)} for head_dim {dim}: a contiguous [D, D] matrix")
-    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = kernels.operator("quantize_tokens")(
-        keys, values, rotation, bits, group, float(clip)
+    rows = keys.numel() // dim
+    device = keys.device
+    codes = [torch.empty(rows, 1, 1, dim // 2, dtype=torch.uint8, device=device) for _ in range(2)]
+    params = [torch.empty(rows, 1, 1, dim // group, dtype=torch.float16, device=device) for _ in range(4)]
+    key_q, value_q = Quantized(codes[0], *params[:2]), Quantized(codes[1], *params[2:])
+    flat = [x.reshape(rows, 1, 1, dim) for x in (keys, values)]
+    quantize_tokens_into(
+        *flat, rotation, bits, group, clip, key_q, value_q, torch.zeros(rows, dtype=torch.long, device=device)
     )
-    return Quantized(key_codes, key_scale, key_zero), Quantized(value_codes, value_scale, value_zero)
+    return tuple(Quantized(*(t.view(*lead, t.shape[-1]) for t in q)) for q in (key_q, value_q))
 
 
 if kernels.triton is not None:
@@ -118,6 +195,14 @@ if kernels.triton is not None:
         rows,
         rotation_scale,
         clip,
+        heads,
+        slot_ptr,
+        code_sb,
+        code_sh,
+        code_ss,
+        param_sb,
+        param_sh,
+        param_ss,
         DIM: tl.constexpr,
         GROUP: tl.constexpr,
         ROTATE: tl.constexpr,
@@ -130,6 +215,12 @@ if kernels.triton is not None:
         r = first_row + tl.arange(0, BLOCK_R)
         d = tl.arange(0, DIM)
         live = r < rows
+        # Row r is (sequence r // heads, head r % heads), written at that sequence's slot of the stores.
+        sequence = (r // heads).to(tl.int64)
+        head = (r % heads).to(tl.int64)
+        slot = tl.load(slot_ptr + sequence, mask=live, other=0)
+        code_rows = sequence * code_sb + head * code_sh + slot * code_ss
+        param_rows = sequence * param_sb + head * param_sh + slot * param_ss
         x = tl.load(x_ptr + r[:, None] * DIM + d[None, :], mask=live[:, None], other=0.0)
         if ROTATE:
             rotation = tl.load(rotation_ptr + d[:, None] * DIM + d[None, :])
@@ -158,10 +249,10 @@ if kernels.triton is not None:
         low, high_nibble = tl.split(by_byte)
         packed = tl.reshape(low | (high_nibble << 4), [BLOCK_R, DIM // 2]).to(tl.uint8)
         b = tl.arange(0, DIM // 2)
-        tl.store(codes_ptr + r[:, None] * (DIM // 2) + b[None, :], packed, mask=live[:, None])
+        tl.store(codes_ptr + code_rows[:, None] + b[None, :], packed, mask=live[:, None])
         g = tl.arange(0, groups)
-        tl.store(scale_ptr + r[:, None] * groups + g[None, :], scale, mask=live[:, None])
-        tl.store(zero_ptr + r[:, None] * groups + g[None, :], zero, mask=live[:, None])
+        tl.store(scale_ptr + param_rows[:, None] + g[None, :], scale, mask=live[:, None])
+        tl.store(zero_ptr + param_rows[:, None] + g[None, :], zero, mask=live[:, None])
 
     @triton.jit
     def _quantize_tokens_kernel(
@@ -177,6 +268,14 @@ if kernels.triton is not None:
         rows,
         rotation_scale,
         clip,
+        heads,
+        slot_ptr,
+        code_sb,
+        code_sh,
+        code_ss,
+        param_sb,
+        param_sh,
+        param_ss,
         DIM: tl.constexpr,
         GROUP: tl.constexpr,
         ROTATE: tl.constexpr,
@@ -184,7 +283,9 @@ if kernels.triton is not None:
         BLOCK_R: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        """Program (i, 0) quantizes key rows [i * BLOCK_R, (i + 1) * BLOCK_R), program (i, 1) those values."""
+        """Program (i, 0) quantizes key rows [i * BLOCK_R, (i + 1) * BLOCK_R), program (i, 1) those values;
+        row r is sequence r // heads and head r % heads, written into the stores [B, heads, S, ...] (keys'
+        and values' of one layout, these strides) at slot slot_ptr[b] of its sequence b."""
         _await_previous_kernel(PDL)
         first_row = tl.program_id(0) * BLOCK_R
         # Python floats arrive as float64 under torch.compile: the reference multiplies in float32.
@@ -192,38 +293,29 @@ if kernels.triton is not None:
         clip = tl.cast(clip, tl.float32)
         if tl.program_id(1) == 0:
             _quantize_rows(k_ptr, kc_ptr, ks_ptr, kz_ptr, rotation_ptr, first_row, rows, rotation_scale, clip,
+                           heads, slot_ptr, code_sb, code_sh, code_ss, param_sb, param_sh, param_ss,
                            DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
         else:
             _quantize_rows(v_ptr, vc_ptr, vs_ptr, vz_ptr, rotation_ptr, first_row, rows, rotation_scale, clip,
+                           heads, slot_ptr, code_sb, code_sh, code_ss, param_sb, param_sh, param_ss,
                            DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
 
-    def _quantize_tokens_triton(
-        keys: torch.Tensor, values: torch.Tensor, rotation: torch.Tensor | None, group: int, clip: float
-    ) -> tuple[torch.Tensor, ...]:
-        *lead, dim = keys.shape
-        keys, values = keys.contiguous(), values.contiguous()  # a no-op for one token per head
-        rows = keys.numel() // dim
-        codes = [torch.empty(*lead, dim // 2, dtype=torch.uint8, device=keys.device) for _ in range(2)]
-        params = [torch.empty(*lead, dim // group, dtype=torch.float16, device=keys.device) for _ in range(4)]
-        grid = (triton.cdiv(rows, BLOCK_ROWS), 2)
-        kernels.launch(_quantize_tokens_kernel, grid, keys.device)(
-            keys,
-            values,
+    def _launch_quantize(keys, values, rotation, slots, clip, kc, ks, kz, vc, vs, vz) -> None:
+        """The kernel over keys and values [B, H, 1, D] into the stores at slots [B]: launched by Triton itself
+        (the operator is opaque), with programmatic dependent launch while `kvbench.pdl` asks for it."""
+        b, h, _, dim = keys.shape
+        grid = (triton.cdiv(b * h, BLOCK_ROWS), 2)
+        _quantize_tokens_kernel[grid](
+            keys.contiguous(), values.contiguous(),  # no-ops for one token per head
             keys if rotation is None else rotation,  # never read without ROTATE
-            codes[0],
-            params[0],
-            params[1],
-            codes[1],
-            params[2],
-            params[3],
-            rows,
-            dim**-0.5,
-            clip,
+            kc, ks, kz, vc, vs, vz,
+            b * h, dim**-0.5, clip, h, slots,
+            *kc.stride()[:3], *ks.stride()[:3],
             DIM=dim,
-            GROUP=group,
+            GROUP=dim // ks.shape[-1],
             ROTATE=rotation is not None,
             UPCAST=keys.dtype == torch.float32 or kernels._upcast_and_precision(keys.dtype)[0],
             BLOCK_R=BLOCK_ROWS,
             num_warps=4,
-        )
-        return codes[0], params[0], params[1], codes[1], params[2], params[3]
+            **pdl.launch_options(keys.device),
+        )  # fmt: skip

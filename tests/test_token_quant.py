@@ -14,7 +14,7 @@ from kvbench import kernels, token_quant
 from kvbench.cache import LayerSpec, ModelSpec
 from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.quarot import QuaRotLayer
-from kvbench.quant import dequantize, expand_params
+from kvbench.quant import Quantized, dequantize, expand_params
 from kvbench.quantized_layer import QuantSpec
 from tests.conftest import run_under_triton_interpreter
 
@@ -95,10 +95,39 @@ def _layer_paths(rotate: bool) -> dict:
     }
 
 
+def _into_stores(rotate: bool) -> dict:
+    """`quantize_tokens_into` of 3 sequences at slots 7, 0 and 9 of random stores: by the kernel, and by the
+    reference's quantize-then-index path; every byte of the stores compared (untouched slots included)."""
+    gen = torch.Generator().manual_seed(11)
+    b, h, slots, d, group = 3, 2, 10, 64, 32
+    keys, values = (torch.randn(b, h, 1, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    rotation = hadamard_matrix(d, dtype=torch.int8, normalized=False) if rotate else None
+    codes = torch.randint(0, 256, (2, b, h, slots, d // 2), dtype=torch.uint8, generator=gen)
+    params = torch.rand(4, b, h, slots, d // group, generator=gen).half()
+    slot = torch.tensor([7, 0, 9])
+    written = []
+    for unfit in (False, True):  # a store layout the kernel refuses (keys' codes strided) takes the reference
+        stores = [codes[0].clone(), params[0].clone(), params[1].clone(), codes[1].clone(), *params[2:].clone()]
+        if unfit:
+            stores[0] = stores[0].transpose(0, 1).contiguous().transpose(0, 1)
+        key_store, value_store = Quantized(*stores[:3]), Quantized(*stores[3:])
+        token_quant.quantize_tokens_into(keys, values, rotation, 4, group, 0.95, key_store, value_store, slot)
+        written.append([t.contiguous() for t in stores])
+    untouched = torch.ones(b, slots, dtype=torch.bool)
+    untouched[torch.arange(b), slot] = False
+    kernel, reference = written
+    return {
+        "equal": [bool(torch.equal(x, y)) for x, y in zip(kernel, reference, strict=True)],
+        "others_kept": bool(torch.equal(kernel[0].transpose(1, 2)[untouched], codes[0].transpose(1, 2)[untouched])),
+        "slots_written": bool((kernel[0][torch.arange(b), :, slot] != codes[0][torch.arange(b), :, slot]).any()),
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     measured = {name: _measure(name) for name in CASES}
     measured["layer"] = {"rotated": _layer_paths(True), "plain": _layer_paths(False)}
+    measured["into"] = {"rotated": _into_stores(True), "plain": _into_stores(False)}
     print(json.dumps(measured))
 
 
@@ -131,6 +160,15 @@ def test_quarot_layer_writes_the_same_store_through_the_kernel(interpreted: dict
     assert m["one_launch"] == [True, False] and m["decoded_written"] and m["stores_equal"] and m["outputs_equal"], m
 
 
+@pytest.mark.parametrize("rotate", ["rotated", "plain"])
+def test_kernel_writes_each_sequence_at_its_own_slot_and_nothing_else(interpreted: dict, rotate: str) -> None:
+    """`quantize_tokens_into` (the decode path: the kernel writes the stores itself) changes exactly the
+    slot of each sequence, as the reference's quantize-then-index path does; byte for byte without a
+    rotation, and with one too for these tokens."""
+    m = interpreted["into"][rotate]
+    assert m["equal"] == [True] * 6 and m["others_kept"] and m["slots_written"], m
+
+
 def test_reference_runs_off_triton_and_matches_quantize() -> None:
     """On CPU the operator is the reference, which is the transform and `quantize` exactly."""
     if kernels._INTERPRETED:
@@ -156,7 +194,7 @@ def test_kernel_compiles_for_hopper(rotate: bool) -> None:
 
     pointers = {name: "*bf16" for name in ("k_ptr", "v_ptr")} | {"rotation_ptr": "*i8"}
     pointers |= {"kc_ptr": "*u8", "vc_ptr": "*u8"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
-    pointers |= {"rotation_scale": "fp64", "clip": "fp64"}  # Python floats, as Inductor types them
+    pointers |= {"rotation_scale": "fp64", "clip": "fp64", "slot_ptr": "*i64"}  # floats typed as Inductor once did
     constexprs = {"DIM": 128, "GROUP": 128, "ROTATE": rotate, "UPCAST": False, "BLOCK_R": token_quant.BLOCK_ROWS}
     assert _compile_for_hopper(token_quant._quantize_tokens_kernel, pointers, constexprs).asm["cubin"]
 
