@@ -398,11 +398,12 @@ class QuantizedLayer(KVLayer):
         if not self.ring:  # no window: quantized as it is written
             part = self.parts[0]
             if self.one_launch_tokens:  # quantized and written into the stores by one kernel
-                spec, slot = self.key_spec, self.seen.clamp_max(part.keys.codes.shape[2] - 1)
+                spec = self.key_spec
                 keys, values = (Quantized(store.codes, store.scale, store.zero) for store in (part.keys, part.values))
                 token_quant.quantize_tokens_into(
-                    key_states, value_states, self.rotation, spec.bits, spec.group, spec.clip_ratio, keys, values, slot
-                )
+                    key_states, value_states, self.rotation, spec.bits, spec.group, spec.clip_ratio, keys, values,
+                    self.seen,
+                )  # fmt: skip
             else:
                 new_keys, new_values = self.quantize_new_token(key_states, value_states)
                 part.keys.write_quantized(self.seen, new_keys, None)

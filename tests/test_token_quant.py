@@ -96,7 +96,7 @@ def _layer_paths(rotate: bool) -> dict:
 
 
 def _into_stores(rotate: bool) -> dict:
-    """`quantize_tokens_into` of 3 sequences at slots 7, 0 and 9 of random stores: by the kernel, and by the
+    """`quantize_tokens_into` of 3 sequences at slots 7, 0 and 12 (so 9) of random stores: by the kernel, and by the
     reference's quantize-then-index path; every byte of the stores compared (untouched slots included)."""
     gen = torch.Generator().manual_seed(11)
     b, h, slots, d, group = 3, 2, 10, 64, 32
@@ -104,7 +104,7 @@ def _into_stores(rotate: bool) -> dict:
     rotation = hadamard_matrix(d, dtype=torch.int8, normalized=False) if rotate else None
     codes = torch.randint(0, 256, (2, b, h, slots, d // 2), dtype=torch.uint8, generator=gen)
     params = torch.rand(4, b, h, slots, d // group, generator=gen).half()
-    slot = torch.tensor([7, 0, 9])
+    slot = torch.tensor([7, 0, 12])  # past the last slot: clamped to it (a finished sequence's extra steps)
     written = []
     for unfit in (False, True):  # a store layout the kernel refuses (keys' codes strided) takes the reference
         stores = [codes[0].clone(), params[0].clone(), params[1].clone(), codes[1].clone(), *params[2:].clone()]
@@ -113,6 +113,7 @@ def _into_stores(rotate: bool) -> dict:
         key_store, value_store = Quantized(*stores[:3]), Quantized(*stores[3:])
         token_quant.quantize_tokens_into(keys, values, rotation, 4, group, 0.95, key_store, value_store, slot)
         written.append([t.contiguous() for t in stores])
+    slot = slot.clamp_max(slots - 1)
     untouched = torch.ones(b, slots, dtype=torch.bool)
     untouched[torch.arange(b), slot] = False
     kernel, reference = written
