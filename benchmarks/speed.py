@@ -273,7 +273,7 @@ def main() -> None:
     parser.add_argument(
         "--pdl",
         action="store_true",
-        help="compiled rows: programmatic dependent launch for Inductor's kernels and the GEMVs (kvbench.pdl)",
+        help="compiled rows: programmatic dependent launch for Inductor's and kvbench's step kernels (kvbench.pdl)",
     )
     parser.add_argument(
         "--compile-scope", default="layer", choices=["layer", "step"], help="engine=compiled: what is compiled"

@@ -538,11 +538,15 @@ class Engine:
         return steps, timer.seconds if steps else 0.0, compile_s, before
 
     def _compile_kwargs(self) -> dict:
-        """`torch.compile`'s extra arguments: the tests' (`compile_options`), and Inductor's PDL switch (Inductor
-        options go with Inductor only: a test's own backend takes none)."""
-        if self.pdl and "backend" not in self.compile_options:
-            return {"options": dict(kvbench_pdl.COMPILE_OPTIONS), **self.compile_options}
-        return dict(self.compile_options)
+        """`torch.compile`'s extra arguments: `compile_options` (tests, profile_step's autotuning), with
+        Inductor's PDL switch merged into its options. `torch.compile` takes a mode or options, not both, so a
+        mode becomes its options; a test's own backend takes no Inductor options."""
+        given = dict(self.compile_options)
+        if not self.pdl or "backend" in given:
+            return given
+        mode = given.pop("mode", None)
+        modes = torch._inductor.list_mode_options(mode) if mode else {}
+        return {**given, "options": {**modes, **given.get("options", {}), **kvbench_pdl.COMPILE_OPTIONS}}
 
     @torch.inference_mode()
     def score_continuation(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> Scored:

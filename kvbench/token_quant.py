@@ -99,22 +99,27 @@ def quantize_tokens_into(
 ) -> None:
     """`quantize_tokens_reference` of one token per head, keys and values [B, H, 1, D], written straight into
     slot slots[b] of each sequence's rows of the stores (codes [B, H, S, D/2], and scale and zero-point rows
-    [B, H, S, D/group]: per-token parameters, a slot's at its own row), slots past the last one clamped to it
-    (a finished sequence's extra steps rewrite it), in one launch where the layout `fits` and Triton runs: no
+    [B, H, S, D/group]: per-token parameters, a slot's at its own row), slots clamped to the stores' (a
+    finished sequence's extra steps rewrite the last), in one launch where the layout `fits` and Triton runs: no
     separate writes of the six tensors after it (six small kernels a layer in the compiled step). The stores
     are modified in place; keys' and values' must share one layout."""
     tokens, dim = keys.shape[2:]
     stores = (*key_store, *value_store)
     layouts = {(t.shape, t.stride()) for t in (key_store.codes, value_store.codes)}
     params = {(t.shape, t.stride()) for t in stores[1:3] + stores[4:]}
+    codes, scale = key_store.codes, key_store.scale
     one_launch = (
-        fits(bits, "token", group, dim)
+        fits(bits, "token", group, dim)  # 4-bit planar codes: the kernel packs nothing else
         and keys.shape == values.shape
         and keys.dtype == values.dtype
         and tokens == 1
         and len(layouts) == 1
         and len(params) == 1
         and all(t.stride(-1) == 1 for t in stores)
+        and codes.shape[:2] == keys.shape[:2]
+        and codes.shape[-1] * 2 == dim
+        and scale.shape[:3] == codes.shape[:3]
+        and scale.shape[-1] * group == dim
     )
     if rotation is not None and (rotation.shape != (dim, dim) or not rotation.is_contiguous()):
         raise ValueError(f"rotation {tuple(rotation.shape)} for head_dim {dim}: a contiguous [D, D] matrix")
@@ -128,7 +133,7 @@ def _write_reference(keys, values, rotation, bits, group, clip, stores, slots) -
     """`quantize_tokens_reference`, then its six tensors indexed into the stores at slots [slots[b], + T)."""
     b, h, tokens = keys.shape[:3]
     key_q, value_q = quantize_tokens_reference(keys, values, rotation, bits, group, clip)
-    positions = (slots.view(b, 1, 1) + torch.arange(tokens, device=keys.device)).clamp_max(stores[0].shape[2] - 1)
+    positions = (slots.view(b, 1, 1) + torch.arange(tokens, device=keys.device)).clamp(0, stores[0].shape[2] - 1)
     index = (torch.arange(b, device=keys.device).view(b, 1, 1), torch.arange(h, device=keys.device).view(1, h, 1))
     for store, new in zip(stores, (*key_q, *value_q), strict=True):
         store[(*index, positions)] = new
@@ -222,7 +227,7 @@ if kernels.triton is not None:
         # Row r is (sequence r // heads, head r % heads), written at that sequence's slot of the stores.
         sequence = (r // heads).to(tl.int64)
         head = (r % heads).to(tl.int64)
-        slot = tl.minimum(tl.load(slot_ptr + sequence, mask=live, other=0), last_slot)
+        slot = tl.minimum(tl.maximum(tl.load(slot_ptr + sequence, mask=live, other=0), 0), last_slot)
         code_rows = sequence * code_sb + head * code_sh + slot * code_ss
         param_rows = sequence * param_sb + head * param_sh + slot * param_ss
         x = tl.load(x_ptr + r[:, None] * DIM + d[None, :], mask=live[:, None], other=0.0)
@@ -290,7 +295,8 @@ if kernels.triton is not None:
     ):
         """Program (i, 0) quantizes key rows [i * BLOCK_R, (i + 1) * BLOCK_R), program (i, 1) those values;
         row r is sequence r // heads and head r % heads, written into the stores [B, heads, S, ...] (keys'
-        and values' of one layout, these strides) at slot min(slot_ptr[b], last_slot) of its sequence b."""
+        and values' of one layout, these strides) at slot slot_ptr[b], clamped to [0, last_slot], of its
+        sequence b."""
         _await_previous_kernel(PDL)
         first_row = tl.program_id(0) * BLOCK_R
         # Python floats arrive as float64 under torch.compile: the reference multiplies in float32.
@@ -314,7 +320,7 @@ if kernels.triton is not None:
             keys.contiguous(), values.contiguous(),  # no-ops for one token per head
             keys if rotation is None else rotation,  # never read without ROTATE
             kc, ks, kz, vc, vs, vz,
-            b * h, dim**-0.5, clip, h, slots, kc.shape[2] - 1,
+            b * h, dim**-0.5, clip, h, slots.contiguous(), kc.shape[2] - 1,
             *kc.stride()[:3], *ks.stride()[:3],
             DIM=dim,
             GROUP=dim // ks.shape[-1],

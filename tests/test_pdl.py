@@ -78,6 +78,14 @@ def test_compiled_step_gets_inductors_switch_and_runs_with_dependent_launches(ti
     assert not pdl._active  # restored after decode
     off = Engine(model, tokenizer, Full(), spec, prefill_chunk=64, engine="compiled")
     assert off._compile_kwargs() == {}
+    # profile_step's autotuning asks for a mode; torch.compile refuses a mode with options, so the mode's
+    # options come along, and options of one's own are kept with the switch on top.
+    engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
+    assert engine._compile_kwargs() == {
+        "options": {"max_autotune": True, "coordinate_descent_tuning": True, "triton.enable_pdl": True}
+    }
+    engine.compile_options = {"options": {"triton.enable_pdl": False, "max_autotune": True}}
+    assert engine._compile_kwargs() == {"options": {"triton.enable_pdl": True, "max_autotune": True}}
 
 
 def _interpreted_checks() -> dict:
@@ -143,6 +151,8 @@ def interpreted() -> dict:
 
 def test_dependent_twins_give_the_traced_operators_results(interpreted: dict) -> None:
     assert interpreted["equal"] == dict.fromkeys(interpreted["equal"], True)
+    # quantize_tokens is one opaque operator either way (PDL only changes its launch options), so its entry
+    # shows only that its output is unchanged; the launch counts below are those of `kernels.launch`.
     assert set(interpreted["equal"]) >= {"decode_attention", "received", "quantize_tokens", "kivi2_fp32"}
     # Every launch inside `dependent_launches` went through a twin, and none outside it did.
     assert interpreted["plain_launches"] == interpreted["dependent_launches"] > 10
@@ -213,8 +223,8 @@ def test_every_kernel_taking_pdl_waits_first() -> None:
         assert first in ("await_previous_kernel(PDL)", "_await_previous_kernel(PDL)"), (name, first)
 
 
-def test_attention_kernels_compile_with_the_wait_first_for_hopper() -> None:
-    """The nested helper compiles into the attention kernels: with PDL, the wait precedes every load."""
+def test_kernels_compile_with_the_wait_first_for_hopper() -> None:
+    """The nested helper compiles into the kernels: with PDL, the wait precedes every load."""
     pytest.importorskip("triton.backends.nvidia")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
@@ -225,9 +235,15 @@ def test_attention_kernels_compile_with_the_wait_first_for_hopper() -> None:
     blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": "tf32", "HEAD_DIM": 128}
     split = blocks | {"BLOCK_G": 16, "BLOCK_DV": 128, "VALUE_DIM": 128}
     combine = {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": kernels.COMBINE_BLOCK, "BLOCK_DV": 128, "ROTATE": False}
+    quantize = {"kc_ptr": "*u8", "vc_ptr": "*u8", "rotation_ptr": "*i8", "slot_ptr": "*i64"}
+    quantize |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    quantize |= {"k_ptr": "*bf16", "v_ptr": "*bf16", "rotation_scale": "fp32", "clip": "fp32"}
+    quantize_constexprs = {"DIM": 128, "GROUP": 128, "ROTATE": True, "UPCAST": False, "BLOCK_R": 16}
     cases = (
         (kernels._decode_split_kernel, tensors | partials, split),
         (kernels._decode_combine_kernel, partials | {"out_ptr": "*bf16", "lse_ptr": "*fp32"}, combine),
+        (kernels._received_kernel, tensors | {"lse_ptr": "*fp32", "out_ptr": "*fp32"}, blocks | {"BLOCK_G": 16}),
+        (token_quant._quantize_tokens_kernel, quantize, quantize_constexprs),
     )
     for kernel, pointers, constexprs in cases:
         for dependent in (False, True):

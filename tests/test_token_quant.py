@@ -96,31 +96,35 @@ def _layer_paths(rotate: bool) -> dict:
 
 
 def _into_stores(rotate: bool) -> dict:
-    """`quantize_tokens_into` of 3 sequences at slots 7, 0 and 12 (so 9) of random stores: by the kernel, and by the
-    reference's quantize-then-index path; every byte of the stores compared (untouched slots included)."""
+    """`quantize_tokens_into` of 3 sequences x 6 heads (18 rows: two programs, one sequence across both) at
+    slots 7, 0 and 12 (so 9, the last), then at slot 4 for all from a strided (expanded) slot tensor: by the
+    kernel, and by the reference's quantize-then-index path (a store layout the kernel refuses); every byte
+    of the stores compared, untouched slots included."""
     gen = torch.Generator().manual_seed(11)
-    b, h, slots, d, group = 3, 2, 10, 64, 32
+    b, h, slots, d, group = 3, 6, 10, 64, 32
     keys, values = (torch.randn(b, h, 1, d, generator=gen).to(torch.bfloat16) for _ in range(2))
     rotation = hadamard_matrix(d, dtype=torch.int8, normalized=False) if rotate else None
     codes = torch.randint(0, 256, (2, b, h, slots, d // 2), dtype=torch.uint8, generator=gen)
     params = torch.rand(4, b, h, slots, d // group, generator=gen).half()
-    slot = torch.tensor([7, 0, 12])  # past the last slot: clamped to it (a finished sequence's extra steps)
+    first, second = torch.tensor([7, 0, 12]), torch.tensor([4]).expand(b)
     written = []
-    for unfit in (False, True):  # a store layout the kernel refuses (keys' codes strided) takes the reference
+    for unfit in (False, True):
         stores = [codes[0].clone(), params[0].clone(), params[1].clone(), codes[1].clone(), *params[2:].clone()]
-        if unfit:
+        if unfit:  # keys' codes strided unlike the values': the reference path
             stores[0] = stores[0].transpose(0, 1).contiguous().transpose(0, 1)
         key_store, value_store = Quantized(*stores[:3]), Quantized(*stores[3:])
-        token_quant.quantize_tokens_into(keys, values, rotation, 4, group, 0.95, key_store, value_store, slot)
+        for slot in (first, second):
+            token_quant.quantize_tokens_into(keys, values, rotation, 4, group, 0.95, key_store, value_store, slot)
         written.append([t.contiguous() for t in stores])
-    slot = slot.clamp_max(slots - 1)
     untouched = torch.ones(b, slots, dtype=torch.bool)
-    untouched[torch.arange(b), slot] = False
+    untouched[torch.arange(b), first.clamp_max(slots - 1)] = False
+    untouched[:, 4] = False
     kernel, reference = written
+    at_first = (torch.arange(b), slice(None), first.clamp_max(slots - 1))
     return {
         "equal": [bool(torch.equal(x, y)) for x, y in zip(kernel, reference, strict=True)],
         "others_kept": bool(torch.equal(kernel[0].transpose(1, 2)[untouched], codes[0].transpose(1, 2)[untouched])),
-        "slots_written": bool((kernel[0][torch.arange(b), :, slot] != codes[0][torch.arange(b), :, slot]).any()),
+        "slots_written": bool((kernel[0][at_first] != codes[0][at_first]).any(dim=-1).all()),
     }
 
 
