@@ -28,7 +28,7 @@ from speed import copy_bandwidth, make_method, weight_bytes_per_step  # benchmar
 
 from kvbench import kernels
 from kvbench.cache import KVCache
-from kvbench.engine import WARMUP_STEPS, Engine, Request, Timer
+from kvbench.engine import WARMUP_STEPS, Engine, Request, Timer, parse_inductor_options
 from kvbench.models import SHAPES, ModelConfig, load_model, model_spec
 from kvbench.pdl import dependent_launches
 from kvbench.records import environment
@@ -79,6 +79,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         compile_scope=args.compile_scope,
         one_row_kernels=args.one_row_kernels,
         pdl=args.pdl,
+        inductor_options=parse_inductor_options(args.inductor_options),
     )
     if args.autotune:
         engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
@@ -158,6 +159,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "coordinate_descent": args.coordinate_descent,
         "one_row_kernels": args.one_row_kernels,
         "pdl": args.pdl,
+        "inductor_options": parse_inductor_options(args.inductor_options),
         "compile_scope": args.compile_scope,
         "layers": spec.num_layers,
         "block_n": kernels.BLOCK_N,
@@ -212,6 +214,9 @@ def main() -> None:
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
     parser.add_argument("--one-row-kernels", action="store_true", help="as speed.py: batch-1 products in kvbench.gemv")
     parser.add_argument("--pdl", action="store_true", help="as speed.py: programmatic dependent launch (kvbench.pdl)")
+    parser.add_argument(
+        "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="as speed.py"
+    )
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument(
         "--decode-room",

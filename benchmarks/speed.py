@@ -36,7 +36,7 @@ from dataclasses import asdict
 import torch
 
 from kvbench import quant_kernels
-from kvbench.engine import Engine, Request, Timer
+from kvbench.engine import Engine, Request, Timer, parse_inductor_options
 from kvbench.errors import ConfigError
 from kvbench.method import Method
 from kvbench.methods.arkvale import ArkVale
@@ -180,6 +180,7 @@ def run_row(
         compile_scope=scope,
         one_row_kernels=args.one_row_kernels,
         pdl=args.pdl and engine_name == "compiled",
+        inductor_options=args.inductor_options if engine_name == "compiled" else None,
     )
     generator = torch.Generator().manual_seed(context + batch)
     requests = [
@@ -198,6 +199,7 @@ def run_row(
         fused_projections=engine_name != "eager" and not args.unfused,
         one_row_kernels=args.one_row_kernels and engine_name != "eager" and not args.unfused,
         pdl=args.pdl and engine_name == "compiled",
+        inductor_options=args.inductor_options if engine_name == "compiled" else {},
         compile_scope=scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
@@ -276,6 +278,14 @@ def main() -> None:
         help="compiled rows: programmatic dependent launch for Inductor's and kvbench's step kernels (kvbench.pdl)",
     )
     parser.add_argument(
+        "--inductor-option",
+        dest="inductor_options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="compiled rows: Inductor config values for the step, e.g. combo_kernels=1 (torch._inductor.config)",
+    )
+    parser.add_argument(
         "--compile-scope", default="layer", choices=["layer", "step"], help="engine=compiled: what is compiled"
     )
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -299,6 +309,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
     args = parser.parse_args()
     quant_kernels.LAUNCH = quant_launch(args.quant_launch)
+    try:
+        args.inductor_options = parse_inductor_options(args.inductor_options)
+    except ValueError as error:
+        parser.error(str(error))
     if args.quick:
         args.shapes, args.contexts, args.batches, args.budgets = ["llama-3.1-8b"], [8192], [1], [2048]
 

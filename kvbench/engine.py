@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch._inductor.config
 
 from kvbench import pdl as kvbench_pdl
 from kvbench.attention import CACHE_KWARG
@@ -148,6 +149,41 @@ class Timer:
         return self.elapsed_s
 
 
+def check_inductor_options(options: dict, engine: str) -> dict:
+    """`options` (Inductor config key -> value) if every key is one of `torch._inductor.config`'s with a value
+    of its type, for `engine=compiled`; else a ValueError naming the first bad key."""
+    if options and engine != "compiled":
+        raise ValueError(f"inductor_options: only for engine=compiled, got engine={engine!r}")
+    known = torch._inductor.config.get_config_copy()
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"inductor_options: {key!r} is not an Inductor config key (torch._inductor.config)")
+        default = known[key]
+        if default is not None and type(value) is not type(default):
+            kind = type(default).__name__
+            raise ValueError(f"inductor_options: {key}={value!r} must be a {kind} (default {default!r})")
+    return dict(options)
+
+
+def parse_inductor_options(pairs: Sequence[str]) -> dict:
+    """KEY=VALUE strings (a command line's) as Inductor options, each value read as its key's type (booleans
+    as 1/0 or true/false). A bad key or value raises a ValueError naming it."""
+    known = torch._inductor.config.get_config_copy()
+    options = {}
+    for pair in pairs:
+        key, _, text = pair.partition("=")
+        if key not in known or not text:
+            raise ValueError(f"inductor option {pair!r}: KEY=VALUE with KEY an Inductor config key")
+        default = known[key]
+        if isinstance(default, bool):
+            options[key] = text.lower() in ("1", "true")
+        elif isinstance(default, int | float):
+            options[key] = type(default)(text)
+        else:
+            options[key] = text
+    return options
+
+
 class Engine:
     def __init__(
         self,
@@ -161,6 +197,7 @@ class Engine:
         compile_scope: str = "layer",
         one_row_kernels: bool = False,
         pdl: bool = False,
+        inductor_options: dict | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: one of {ENGINES}")
@@ -168,6 +205,9 @@ class Engine:
             raise ValueError(f"compile_scope={compile_scope!r}: one of {COMPILE_SCOPES}")
         kvbench_pdl.check(pdl, engine, next(model.parameters()).device)
         self.pdl = pdl  # programmatic dependent launch in the compiled step (`kvbench.pdl`; an experiment, off)
+        # Inductor config values for the compiled step (experiments, e.g. combo_kernels): checked here, before
+        # any compile, against Inductor's own keys and types.
+        self.inductor_options = check_inductor_options(inductor_options or {}, engine)
         self.compile_scope = compile_scope
         self.model, self.tokenizer, self.method, self.spec = model, tokenizer, method, spec
         self.prefill_chunk = prefill_chunk
@@ -539,14 +579,15 @@ class Engine:
 
     def _compile_kwargs(self) -> dict:
         """`torch.compile`'s extra arguments: `compile_options` (tests, profile_step's autotuning), with
-        Inductor's PDL switch merged into its options. `torch.compile` takes a mode or options, not both, so a
-        mode becomes its options; a test's own backend takes no Inductor options."""
+        `inductor_options` and Inductor's PDL switch merged into its options. `torch.compile` takes a mode or
+        options, not both, so a mode becomes its options; a test's own backend takes no Inductor options."""
         given = dict(self.compile_options)
-        if not self.pdl or "backend" in given:
+        ours = {**self.inductor_options, **(kvbench_pdl.COMPILE_OPTIONS if self.pdl else {})}
+        if not ours or "backend" in given:
             return given
         mode = given.pop("mode", None)
         modes = torch._inductor.list_mode_options(mode) if mode else {}
-        return {**given, "options": {**modes, **given.get("options", {}), **kvbench_pdl.COMPILE_OPTIONS}}
+        return {**given, "options": {**modes, **given.get("options", {}), **ours}}
 
     @torch.inference_mode()
     def score_continuation(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> Scored:

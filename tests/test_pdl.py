@@ -251,3 +251,29 @@ def test_kernels_compile_with_the_wait_first_for_hopper() -> None:
             assert ("griddepcontrol.wait" in ptx) == dependent
             if dependent:
                 assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
+
+
+def test_inductor_options_are_checked_before_any_compile_and_merged(tiny, monkeypatch) -> None:
+    """Experiments pass Inductor config values (speed.py --inductor-option KEY=VALUE): a key Inductor does not
+    have, or a value of another type, is refused with the key named; good ones reach torch.compile's options
+    along with the PDL switch."""
+    from kvbench.engine import parse_inductor_options
+
+    model, tokenizer, spec = tiny
+    assert parse_inductor_options(["combo_kernels=1", "max_autotune=false"]) == {
+        "combo_kernels": True,
+        "max_autotune": False,
+    }
+    with pytest.raises(ValueError, match="'no_such_key=1'"):
+        parse_inductor_options(["no_such_key=1"])
+    with pytest.raises(ValueError, match="'no_such_key' is not an Inductor config key"):
+        Engine(model, tokenizer, Full(), spec, engine="compiled", inductor_options={"no_such_key": 1})
+    with pytest.raises(ValueError, match="combo_kernels=1 must be a bool"):
+        Engine(model, tokenizer, Full(), spec, engine="compiled", inductor_options={"combo_kernels": 1})
+    with pytest.raises(ValueError, match="only for engine=compiled"):
+        Engine(model, tokenizer, Full(), spec, inductor_options={"combo_kernels": True})
+    engine = Engine(model, tokenizer, Full(), spec, engine="compiled", inductor_options={"combo_kernels": True})
+    assert engine._compile_kwargs() == {"options": {"combo_kernels": True}}
+    monkeypatch.setattr(pdl, "supported", lambda device: True)
+    both = Engine(model, tokenizer, Full(), spec, engine="compiled", pdl=True, inductor_options={"combo_kernels": True})
+    assert both._compile_kwargs() == {"options": {"combo_kernels": True, "triton.enable_pdl": True}}
