@@ -199,37 +199,23 @@ if kernels.triton is not None:
         scale_ptr,
         zero_ptr,
         rotation_ptr,
-        first_row,
-        rows,
+        r,
+        live,
+        code_rows,
+        param_rows,
         rotation_scale,
         clip,
-        heads,
-        slot_ptr,
-        last_slot,
-        code_sb,
-        code_sh,
-        code_ss,
-        param_sb,
-        param_sh,
-        param_ss,
         DIM: tl.constexpr,
         GROUP: tl.constexpr,
         ROTATE: tl.constexpr,
         UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
+        """Rows r of x (live ones) quantized and packed, written at code_rows and param_rows of the stores."""
         groups: tl.constexpr = DIM // GROUP
         width: tl.constexpr = DIM // 4  # channels per plane
         levels: tl.constexpr = 15
-        r = first_row + tl.arange(0, BLOCK_R)
         d = tl.arange(0, DIM)
-        live = r < rows
-        # Row r is (sequence r // heads, head r % heads), written at that sequence's slot of the stores.
-        sequence = (r // heads).to(tl.int64)
-        head = (r % heads).to(tl.int64)
-        slot = tl.minimum(tl.maximum(tl.load(slot_ptr + sequence, mask=live, other=0), 0), last_slot)
-        code_rows = sequence * code_sb + head * code_sh + slot * code_ss
-        param_rows = sequence * param_sb + head * param_sh + slot * param_ss
         x = tl.load(x_ptr + r[:, None] * DIM + d[None, :], mask=live[:, None], other=0.0)
         if ROTATE:
             rotation = tl.load(rotation_ptr + d[:, None] * DIM + d[None, :])
@@ -298,18 +284,22 @@ if kernels.triton is not None:
         and values' of one layout, these strides) at slot slot_ptr[b], clamped to [0, last_slot], of its
         sequence b."""
         _await_previous_kernel(PDL)
-        first_row = tl.program_id(0) * BLOCK_R
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = r < rows
+        sequence = (r // heads).to(tl.int64)
+        head = (r % heads).to(tl.int64)
+        slot = tl.minimum(tl.maximum(tl.load(slot_ptr + sequence, mask=live, other=0), 0), last_slot)
+        code_rows = sequence * code_sb + head * code_sh + slot * code_ss
+        param_rows = sequence * param_sb + head * param_sh + slot * param_ss
         # Python floats arrive as float64 under torch.compile: the reference multiplies in float32.
         rotation_scale = tl.cast(rotation_scale, tl.float32)
         clip = tl.cast(clip, tl.float32)
         if tl.program_id(1) == 0:
-            _quantize_rows(k_ptr, kc_ptr, ks_ptr, kz_ptr, rotation_ptr, first_row, rows, rotation_scale, clip,
-                           heads, slot_ptr, last_slot, code_sb, code_sh, code_ss, param_sb, param_sh, param_ss,
-                           DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
+            _quantize_rows(k_ptr, kc_ptr, ks_ptr, kz_ptr, rotation_ptr, r, live, code_rows, param_rows,
+                           rotation_scale, clip, DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
         else:
-            _quantize_rows(v_ptr, vc_ptr, vs_ptr, vz_ptr, rotation_ptr, first_row, rows, rotation_scale, clip,
-                           heads, slot_ptr, last_slot, code_sb, code_sh, code_ss, param_sb, param_sh, param_ss,
-                           DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
+            _quantize_rows(v_ptr, vc_ptr, vs_ptr, vz_ptr, rotation_ptr, r, live, code_rows, param_rows,
+                           rotation_scale, clip, DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
 
     def _launch_quantize(keys, values, rotation, slots, clip, kc, ks, kz, vc, vs, vz) -> None:
         """The kernel over keys and values [B, H, 1, D] into the stores at slots [B]: launched by Triton itself
