@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ import triton
 import triton.testing
 
 from kvbench import kernels
+from kvbench.records import git_commit
 
 NOMINAL_BANDWIDTH = 3.0e12  # B/s
 HEAD_DIM = 128
@@ -237,11 +237,7 @@ def sweep(device: torch.device) -> list[dict]:
     return rows
 
 
-def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        commit = ""
+def environment(device: torch.device, commit: str) -> dict:
     return {
         "device_name": torch.cuda.get_device_name(device),
         "sms": kernels._num_sms(device),
@@ -249,7 +245,9 @@ def environment(device: torch.device) -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": commit.strip() or None,
+        # kvbench's checkout (`+dirty` with uncommitted changes), or what --commit names for a copy
+        # without .git: git run in the working directory once stamped rows with another tree's commit.
+        "git_commit": commit or git_commit(),
     }
 
 
@@ -285,13 +283,14 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile check (~20 s)")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--commit", default="", help="the commit to record (default: git's, where there is one)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 reference stays float32
     started = time.perf_counter()
-    env = environment(device) | {"run": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    env = environment(device, args.commit) | {"run": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     checks = hard_masks(device)
     if not all(row["ok"] for row in checks):

@@ -24,7 +24,12 @@ import time
 from collections import defaultdict
 
 import torch
-from speed import copy_bandwidth, make_method, weight_bytes_per_step  # benchmarks/speed.py, beside this file
+from speed import (
+    READS_KEYS_TWICE,
+    copy_bandwidth,
+    make_method,
+    weight_bytes_per_step,
+)  # benchmarks/speed.py, beside this file
 
 from kvbench import kernels
 from kvbench.cache import KVCache
@@ -146,7 +151,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
 
     device_bytes, host_bytes = cache.kv_bytes()
     weights = weight_bytes_per_step(model)
-    cache_read = device_bytes + (device_bytes // 2 if args.method == "h2o" else 0)
+    cache_read = device_bytes + (device_bytes // 2 if args.method in READS_KEYS_TWICE else 0)  # speed.py's floor
     floor_ms = 1000 * (weights + cache_read) / bandwidth
     kernel_ms = sum(by_kind.values()) / 1000
     row = {
@@ -228,6 +233,7 @@ def main() -> None:
     parser.add_argument("--profiled", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", default="benchmarks/results/profile_step.jsonl")
+    parser.add_argument("--commit", default="", help="the commit to record (the GPU copy has no .git)")
     args = parser.parse_args()
     if args.block_n:
         kernels.BLOCK_N = args.block_n
@@ -240,6 +246,8 @@ def main() -> None:
     spec = model_spec(cfg)
     model, _ = load_model(cfg, with_tokenizer=False)
     env = environment(torch.device("cuda"))
+    if args.commit:
+        env["git_commit"] = args.commit
     runs = args.runs or [f"{args.method}:{args.budget}:{args.context}:{args.batch}"]
     with open(args.out, "a") as out:
         for run in runs:
