@@ -102,7 +102,7 @@ class Scored:
 
     nll_sum: float
     tokens: int
-    measurement: Measurement
+    measurement: Measurement | None  # None: scored without the engine's cache (WikiText-2's sliding windows)
 
 
 @dataclass

@@ -63,13 +63,23 @@ def batched(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
+SUMMARY_FIELDS = (
+    "samples", "path", "batch_size_max", "prompt_tokens_mean", "prompt_tokens_max", "prefill_s_mean",
+    "decode_ms_per_token", "decode_tokens_per_s", "compile_s", "kv_bytes_device", "kv_bytes_device_max",
+    "kv_bytes_device_peak", "kv_bytes_host", "dense_kv_bytes", "compression_ratio", "peak_memory_bytes",
+    "peak_memory_kind",
+)  # fmt: skip
+
+
 def summarize(measurements: list[Measurement], device: torch.device) -> dict[str, Any]:
     """Run-level measurements from per-sample ones (means, and maxima where a peak matters).
 
     Every sample of a decode batch carries the batch's decode time and steps, so batch-level times are
     counted once per batch (each sample contributes 1 / batch_size of them).
     """
-    count = max(len(measurements), 1)
+    if not measurements:  # a task scored without the engine (WikiText-2's sliding windows): nothing measured
+        return dict.fromkeys(SUMMARY_FIELDS) | {"samples": 0}
+    count = len(measurements)
     decode_s = sum(m.decode_s / m.batch_size for m in measurements)
     steps = sum(m.decode_steps / m.batch_size for m in measurements)
     tokens = sum(m.decode_tokens for m in measurements)
@@ -123,16 +133,17 @@ def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, An
                 row = config.task.score(sample, output)
                 if isinstance(output, Generation):
                     row["generated_tokens"] = len(output.token_ids)
-                row.update({f"m_{k}": v for k, v in asdict(m).items() if k != "method_stats"})
+                if m is not None:
+                    row.update({f"m_{k}": v for k, v in asdict(m).items() if k != "method_stats"})
+                    measurements.append(m)
+                    for key, value in m.method_stats.items():
+                        method_stats[key] = method_stats.get(key, 0) + value
                 predictions.write(json.dumps(row, default=str) + "\n")
                 predictions.flush()
                 rows.append(row)
-                measurements.append(m)
-                for key, value in m.method_stats.items():
-                    method_stats[key] = method_stats.get(key, 0) + value
             progress.update(len(batch))
             progress.set_postfix(config.task.aggregate(rows), refresh=False)
-    summary = summarize(measurements, engine.device)
+    summary = summarize(measurements, engine.device) | {"samples": len(rows)}
     summary["model_reused"] = loaded.reused
     summary["model_load_s"] = 0.0 if loaded.reused else loaded.load_s  # what this run spent loading
     summary["model_prefetched"] = loaded.prefetched  # read in the background during earlier runs
@@ -202,7 +213,7 @@ def note_compression(record: dict[str, Any], compresses: bool) -> None:
     method did not: a budget at or above the context keeps every token, and the run silently measures a
     full cache at 1.00x."""
     m = record["measurements"]
-    if not m["samples"]:
+    if m.get("kv_bytes_device") is None:  # nothing measured
         return
     m["compressed"] = m["kv_bytes_device"] < m["dense_kv_bytes"]
     if compresses and not m["compressed"]:
@@ -231,7 +242,7 @@ def print_summary(record: dict[str, Any], directory: Path) -> None:
     for name, value in (record.get("metrics") or {}).items():
         lines.append(f"{name:<28}{value:.4g}" if isinstance(value, float) else f"{name:<28}{value}")
     m = record.get("measurements") or {}
-    if m:
+    if m.get("kv_bytes_device") is not None:
         lines += [
             f"{'kv bytes (device, mean)':<28}{_human_bytes(m['kv_bytes_device'])}",
             f"{'kv bytes (host, mean)':<28}{_human_bytes(m['kv_bytes_host'])}",
@@ -242,6 +253,8 @@ def print_summary(record: dict[str, Any], directory: Path) -> None:
             f"{'decode tokens/s':<28}{m['decode_tokens_per_s'] or 0:.1f}",
             f"{'peak memory':<28}{_human_bytes(m['peak_memory_bytes'])} ({m['peak_memory_kind']})",
         ]
+    elif m:
+        lines.append(f"{'measurements':<28}none: the task scored its samples without the engine's cache")
     lines += [f"warning: {warning}" for warning in record.get("warnings", [])]
     lines.append(f"run directory: {directory}")
     if record["status"] != "ok":

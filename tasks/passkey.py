@@ -17,6 +17,7 @@ from kvbench.engine import Generation
 from kvbench.errors import require
 from kvbench.method import Method
 from kvbench.task import Sample, Task, mean
+from kvbench.tasks.longbench import encode_message
 
 INTRO = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
@@ -47,6 +48,8 @@ class Passkey(Task):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(len(self.context_lengths) > 0, "task.context_lengths", [], "a non-empty list of token counts")
+        require(len(self.depths) > 0, "task.depths", [], "a non-empty list of fractions between 0 and 1")
         for length in self.context_lengths:
             require(length >= 64, "task.context_lengths", length, "token counts >= 64")
         for depth in self.depths:
@@ -90,9 +93,8 @@ class Passkey(Task):
         def render(fillers: int) -> list[int]:
             before = round(fillers * depth)
             text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (fillers - before)
-            if self.prompt_style == "chat":
-                messages = [{"role": "user", "content": text + QUESTION.replace(" The pass key is", "")}]
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+            if self.prompt_style == "chat":  # the question as the user's turn, the answer the assistant's
+                return encode_message(tokenizer, text + QUESTION.replace(" The pass key is", ""), chat_template=True)
             return tokenizer(text + QUESTION, add_special_tokens=True)["input_ids"]
 
         # Grow the filler until the prompt reaches `length` tokens (filler units are ~25 tokens).

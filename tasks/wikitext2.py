@@ -30,7 +30,7 @@ import torch
 
 from kvbench.attention import SHARED_KV_KWARG
 from kvbench.cache import ModelSpec
-from kvbench.engine import Engine, Measurement, Scored, perplexity
+from kvbench.engine import Engine, Scored, perplexity
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
 from kvbench.task import Sample, Task, hub_data_missing
@@ -220,7 +220,7 @@ class WikiText2(Task):
     def evaluate(self, engine: Engine, sample: Sample) -> Scored:
         if self.protocol == "sliding":
             nll, tokens = sliding_window_nll(engine, sample.prompt_ids, self.window, self.stride)
-            return Scored(nll, tokens, Measurement(prompt_tokens=len(sample.prompt_ids)))
+            return Scored(nll, tokens, None)  # dense forwards, no cache: nothing of the engine's to measure
         return super().evaluate(engine, sample)
 
     def score(self, sample: Sample, output: Scored) -> dict[str, Any]:

@@ -176,6 +176,8 @@ BAD_INPUTS = [
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there: good input"),
     ),
     pytest.param(["task.context_lengths=[9000]"], "task.context_lengths", "positions", id="task-check"),
+    pytest.param(["task=passkey", "task.context_lengths=[]"], "task.context_lengths", "non-empty", id="no-lengths"),
+    pytest.param(["task=passkey", "task.depths=[]"], "task.depths", "non-empty", id="no-depths"),
 ]
 
 

@@ -30,3 +30,21 @@ def test_full_cache_passkey_at_a_few_thousand_tokens(embedded):
     rows = [task.score(s, task.evaluate(engine, s)) for s in task.samples(tokenizer)]
     assert all(1400 <= row["prompt_tokens"] <= 1500 for row in rows)
     assert task.aggregate(rows)["accuracy"] == 1.0, [row["prediction"] for row in rows]
+
+
+def test_chat_style_passkey_prompts_are_the_templates_token_ids(embedded):
+    """`task.prompt_style=chat`: the prompt is one user turn of the tokenizer's chat template, as token ids
+    (transformers 5's `apply_chat_template(tokenize=True)` returns an encoding, whose keys once became the
+    "ids"), near the asked length, with the needle inside."""
+    _, tokenizer, _ = embedded
+    task = Passkey(context_lengths=[400], depths=[0.5], prompt_style="chat", seed=1)
+    (sample,) = task.samples(tokenizer)
+    assert all(isinstance(token, int) for token in sample.prompt_ids)
+    assert 350 <= len(sample.prompt_ids) <= 400
+    text = tokenizer.decode(sample.prompt_ids)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "@@@"}], add_generation_prompt=True, tokenize=False
+    )
+    before, after = rendered.split("@@@")
+    assert text.startswith(before) and text.endswith(after)
+    assert sample.reference in text

@@ -177,3 +177,35 @@ def test_gptq_preset():
     task = build(compose_config("task=wikitext2_gptq")).task
     assert (task.protocol, task.window, task.stride, task.max_tokens) == ("sliding", 2048, 2048, 0)
     assert not task.smoke_test()
+
+
+def test_a_run_scored_without_the_engine_records_no_measurement_rather_than_zeros(
+    shared_data, monkeypatch, capsys, tmp_path
+):
+    """The sliding protocol runs dense forwards outside the engine: its record measured no cache, no decode and
+    no memory peak, so those fields are null and the summary says so (it once printed 0.00x compression and
+    a 0 B peak)."""
+    import json
+    import sys
+
+    from kvbench.__main__ import main
+
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "kvbench", "model=tiny-llama", "model.device=cpu", "kvbench.warmup=false", "method=full", "task=wikitext2",
+            f"task.data_dir={shared_data / 'wikitext2'}", "task.protocol=sliding",
+            "task.window=64", "task.stride=32", "task.max_tokens=128", f"kvbench.results_dir={tmp_path}",
+        ],
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    (path,) = tmp_path.rglob("record.json")
+    measured = json.loads(path.read_text())["measurements"]
+    assert measured["samples"] == 1
+    assert measured["peak_memory_bytes"] is None and measured["compression_ratio"] is None
+    printed = capsys.readouterr().out
+    assert "0.00x" not in printed and "0.0 B" not in printed
+    assert "measurements" in printed and "perplexity" in printed
