@@ -303,7 +303,27 @@ def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
         "task": task_cls.__module__.rpartition(".")[2],
     }
     chosen.update(names or {})
+    chosen["model"] = model_label(model)  # not the group's choice: `model=hf` names no model by itself
     return RunConfig(model, method, task, settings, chosen)
+
+
+def model_label(model: ModelConfig) -> str:
+    """The name a run files its model under (results folder, records, plots): `model.name`, unless it is
+    still the `hf` / `gguf` preset's placeholder (the source's own name), which would file every local or hub
+    model as one; then the model's own name from its path: a GGUF file's stem, a hub id's last part, or a
+    local folder's name (its parent's for a folder named `checkpoint`, where `kvbench.train` writes)."""
+    if model.name and model.name != model.source:
+        return model.name
+    if model.source not in ("hf", "gguf") or not model.path:
+        return model.name or model.source
+    path = Path(model.path)
+    if model.source == "gguf":
+        name = path.stem
+    elif path.exists():
+        name = path.resolve().parent.name if path.name == "checkpoint" else path.resolve().name
+    else:
+        name = model.path.rstrip("/").rpartition("/")[2]
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or model.source
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

@@ -73,10 +73,12 @@ def metric_label(metric: str, higher_is_better: bool) -> str:
 
 
 def settings_columns(table: pd.DataFrame) -> list[str]:
-    """What runs must share to be compared: task, model, every task setting (`task.*`) and the run settings
-    that change costs, where the table has them."""
+    """What runs must share to be compared: task, model (and its path), every task setting (`task.*`) and the
+    run settings that change costs, where the table has them."""
     task_settings = sorted(c for c in table.columns if c.startswith("task."))
-    return ["task", "model", *task_settings, *(c for c in RUN_SETTINGS if c in table)]
+    # Two models filed under one name (two local folders called alike) still differ by path.
+    models = ["model", *(c for c in ("model.path",) if c in table)]
+    return ["task", *models, *task_settings, *(c for c in RUN_SETTINGS if c in table)]
 
 
 def _as_text(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

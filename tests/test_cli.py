@@ -227,3 +227,29 @@ def test_help_is_kvbench_s(monkeypatch, capsys):
     assert out.startswith("kvbench: a benchmark harness") and "powered by Hydra" not in out
     for text in ("method: ", "task: ", "model: ", "snapkv", "kvbench.results_dir", RETRY.replace("true", "false")):
         assert text in out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "filed_as"),
+    [
+        pytest.param(["model=hf", "model.path={tmp}/runs/mqa_cla2/checkpoint"], "mqa_cla2", id="train-checkpoint"),
+        pytest.param(["model=hf", "model.path={tmp}/Llama-Local"], "Llama-Local", id="local-folder"),
+        pytest.param(["model=hf", "model.path=owner/Some-Model-1B"], "Some-Model-1B", id="hub-id"),
+        pytest.param(["model=hf", "model.path={tmp}/Llama-Local", "model.name=mine"], "mine", id="named"),
+        pytest.param(["model=gguf", "model.path={tmp}/smol-q8.gguf"], "smol-q8", id="gguf-stem"),
+        pytest.param(["model=tiny-llama"], "tiny-llama", id="preset"),
+    ],
+)
+def test_a_model_is_filed_under_its_own_name_not_the_source_group(overrides, filed_as, tmp_path):
+    """`model=hf` and `model=gguf` name a loader, not a model: runs of two checkpoints were once filed (folder,
+    record, plots) under "hf" alike and drawn on one front. `model.name` names it; else its path does."""
+    from kvbench.config import build
+    from tests.conftest import compose_config
+
+    for folder in ("runs/mqa_cla2/checkpoint", "Llama-Local"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    (tmp_path / "smol-q8.gguf").write_bytes(b"GGUF")
+    chosen = {"model": overrides[0].removeprefix("model="), "method": "full", "task": "passkey"}  # as Hydra's
+    config = build(compose_config(*(override.format(tmp=tmp_path) for override in overrides)), chosen)
+    assert config.names["model"] == filed_as

@@ -53,6 +53,7 @@ def write_record(
     task_params: dict[str, Any] | None = None,
     samples: int = 10,
     engine: str = "eager",
+    model_path: str | None = None,
 ) -> None:
     """A passkey run record as `kvbench.run` writes it (only the fields the table reads)."""
     params = {"context_lengths": [1024], "depths": [0.1, 0.5], "limit": 0, **(task_params or {})}
@@ -65,18 +66,21 @@ def write_record(
         "measurements": {"kv_bytes_device": kv_bytes, "samples": samples, "prompt_tokens_mean": 1000.0,
                          "compression_ratio": 20 * MIB / kv_bytes, "decode_ms_per_token": 10 + kv_bytes / MIB},
         "method_params": {"budget": budget}, "task_params": params,
-        "config": {"kvbench": {"engine": engine}},
+        "config": {"kvbench": {"engine": engine}, **({"model": {"path": model_path}} if model_path else {})},
     }  # fmt: skip
     (directory / "record.json").write_text(json.dumps(record))
 
 
-def write_sweep(root: Path, model: str = "tiny", engine: str = "eager", **task_params: Any) -> None:
+def write_sweep(
+    root: Path, model: str = "tiny", engine: str = "eager", model_path: str | None = None, **task_params: Any
+) -> None:
     """full and snapkv at three budgets; accuracy falls with the context length, as passkey's does."""
     length = int(str(task_params.get("context_lengths", [1024])[0]))
     drop = 0.0 if length <= 1024 else 0.4
-    write_record(root, "full", None, 20 * MIB * length / 1024, 1.0, model, task_params, engine=engine)
+    same = {"engine": engine, "model_path": model_path}
+    write_record(root, "full", None, 20 * MIB * length / 1024, 1.0, model, task_params, **same)
     for budget, acc in [(64, 0.4), (128, 0.9), (256, 0.8)]:
-        write_record(root, "snapkv", budget, budget / 16 * MIB, max(acc - drop, 0.0), model, task_params, engine=engine)
+        write_record(root, "snapkv", budget, budget / 16 * MIB, max(acc - drop, 0.0), model, task_params, **same)
 
 
 def test_plot_cli_writes_png_svg_and_the_front_table(tmp_path, capsys):
@@ -138,6 +142,17 @@ def test_engines_do_not_share_a_front(tmp_path):
     write_sweep(tmp_path, engine="compiled")
     assert group_labels(comparable_groups(load_table(tmp_path))) == [
         "tiny | kvbench.engine=compiled", "tiny | kvbench.engine=eager"
+    ]  # fmt: skip
+
+
+def test_models_filed_under_one_name_from_other_paths_do_not_share_a_front(tmp_path):
+    """Two local model folders of the same name are two models: their runs are two groups, told apart by path."""
+    write_sweep(tmp_path, model="checkpoint", model_path="/models/a/checkpoint")
+    write_sweep(tmp_path, model="checkpoint", model_path="/models/b/checkpoint")
+    groups = comparable_groups(load_table(tmp_path))
+    assert [len(runs) for _, runs in groups] == [4, 4]
+    assert group_labels(groups) == [
+        "checkpoint | model.path=/models/a/checkpoint", "checkpoint | model.path=/models/b/checkpoint"
     ]  # fmt: skip
 
 
