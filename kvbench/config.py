@@ -79,6 +79,29 @@ class EarlyChecks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config)
+        self._compose_every_job(config)
+
+    @staticmethod
+    def _compose_every_job(config: DictConfig) -> None:
+        """A sweep job whose overrides do not compose (`method.budget` swept over a method without one) stops
+        Hydra's sweep when its turn comes, after the jobs before it ran, in a message that does not say which
+        job: compose every job first and name the first that fails (exit 2, nothing run)."""
+        from hydra import compose
+
+        try:
+            jobs = sweep_jobs(config)
+        except HydraException:  # a sweep only the sweeper expands: it composes its jobs itself
+            return
+        for job in jobs:
+            try:
+                # Overrides of Hydra's own config (launcher, sweeper) need no checking here.
+                compose(config.hydra.job.config_name, [o for o in job if not o.lstrip("+~").startswith("hydra")])
+            except HydraException as error:
+                if config.kvbench.debug:
+                    raise
+                reason = " ".join(str(error).split())
+                print(f"kvbench: error: sweep job '{' '.join(job)}' does not compose: {reason}", file=sys.stderr)
+                sys.exit(2)
 
     @staticmethod
     def _check(config: DictConfig) -> None:

@@ -253,3 +253,20 @@ def test_a_model_is_filed_under_its_own_name_not_the_source_group(overrides, fil
     chosen = {"model": overrides[0].removeprefix("model="), "method": "full", "task": "passkey"}  # as Hydra's
     config = build(compose_config(*(override.format(tmp=tmp_path) for override in overrides)), chosen)
     assert config.names["model"] == filed_as
+
+
+def test_a_key_the_config_lacks_is_bad_input(monkeypatch, capsys, tmp_path):
+    """Hydra rejects the command line itself (exit 1, its own message); kvbench reports that as bad input (2)."""
+    assert cli(monkeypatch, *TINY, *SHORT_PASSKEY, "task.max_length=64", f"{RESULTS}={tmp_path}") == 2
+    assert "task.max_length" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("record.json"))
+
+
+def test_a_sweep_job_that_does_not_compose_stops_the_sweep_before_any_run(monkeypatch, capsys, tmp_path):
+    """`method.budget` swept over a method without one: Hydra would run the jobs before it and then stop; the
+    sweep is composed whole first, the bad job named, nothing run."""
+    args = ["-m", *TINY, *SHORT_PASSKEY, "method=full,kivi", "method.budget=64", f"{RESULTS}={tmp_path}"]
+    assert cli(monkeypatch, *args) == 2
+    error = capsys.readouterr().err
+    assert "sweep job" in error and "method=kivi" in error and "method.budget" in error
+    assert not list(tmp_path.rglob("record.json"))
