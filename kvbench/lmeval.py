@@ -288,13 +288,18 @@ def engine_from_overrides(overrides: list[str]) -> Engine:
     """A kvbench engine from config overrides (`model=...`, `method=...`, `method.budget=...`): composed
     and checked as `python -m kvbench` checks them, before any weights load."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     from kvbench.__main__ import CONFIG_DIR
     from kvbench.config import build
     from kvbench.models import load_model, model_spec
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        config = build(compose(config_name="config", overrides=overrides))
+        try:
+            composed = compose(config_name="config", overrides=overrides)
+        except HydraException as error:  # a misspelled key or an unknown method: one line, as the CLI says it
+            raise ConfigError("model_args", ",".join(overrides), " ".join(str(error).split())) from None
+        config = build(composed)
     spec = model_spec(config.model)
     config.method.check(spec)
     model, tokenizer = load_model(config.model)

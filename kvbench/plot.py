@@ -53,7 +53,14 @@ RUN_SETTINGS = ("kvbench.engine", "kvbench.batch_size", "model.dtype")
 # Method parameters a sweep varies, shown as each run's setting ("budget=256") in tables.
 SWEPT_PARAMETERS = ("budget", "bits", "high_bits", "low_bits", "low_ratio", "sharing", "page_size", "recall_cap")
 
-COLOURS = plt.get_cmap("tab10").colors
+# tab10 without its grey, which is the all-methods front's colour (FRONT_GREY), plus a teal and a navy: a
+# distinct colour for each shipped method.
+FRONT_GREY = "0.35"
+COLOURS = (
+    *(c for c in plt.get_cmap("tab10").colors if len(set(c)) > 1),
+    (0.106, 0.620, 0.467),
+    (0.122, 0.122, 0.478),
+)
 METHOD_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "method"
 KNOWN_METHODS = sorted(path.stem for path in METHOD_CONFIGS.glob("*.yaml"))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
@@ -191,7 +198,7 @@ def draw_front(ax: Axes, fronts: pd.DataFrame, metric: str, x: str) -> None:
         own = runs[runs["on_method_front"]].sort_values(x)
         ax.plot(own[x] / axis.scale, own[metric], color=colour, linewidth=0.8, alpha=0.6, zorder=2)
     overall = fronts[fronts["on_overall_front"]].sort_values(x)
-    ax.plot(overall[x] / axis.scale, overall[metric], color="0.35", linewidth=2.2, alpha=0.45, zorder=1)
+    ax.plot(overall[x] / axis.scale, overall[metric], color=FRONT_GREY, linewidth=2.2, alpha=0.45, zorder=1)
     full = fronts[fronts["method"] == BASELINE]
     if len(full):
         ax.scatter(full[x] / axis.scale, full[metric], marker="*", s=220, color="black", zorder=4)
@@ -209,7 +216,7 @@ def legend_handles(methods: list[str]) -> list[Line2D]:
             colour, marker = method_style(method)
             style = {"marker": marker, "color": colour, "markersize": 7}
         handles.append(Line2D([], [], linestyle="none", label=method, **style))
-    handles.append(Line2D([], [], color="0.35", linewidth=2.2, alpha=0.45, label="Pareto front (all methods)"))
+    handles.append(Line2D([], [], color=FRONT_GREY, linewidth=2.2, alpha=0.45, label="Pareto front (all methods)"))
     return handles
 
 

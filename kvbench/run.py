@@ -217,10 +217,16 @@ def note_compression(record: dict[str, Any], compresses: bool) -> None:
         return
     m["compressed"] = m["kv_bytes_device"] < m["dense_kv_bytes"]
     if compresses and not m["compressed"]:
+        params = record.get("method_params") or {}
+        if params.get("storage") == "simulated":  # quantize-dequantize into float buffers: float bytes, by design
+            why = "its storage is simulated (codes dequantized into float buffers)"
+        elif "budget" in params:
+            why = f"its budget is probably at or above the context (prompts up to {m['prompt_tokens_max']} tokens)"
+        else:
+            why = "at these settings it keeps as many bytes as a dense cache"
         record["warnings"].append(
             f"{record['method']} compressed nothing: device KV bytes ({_human_bytes(m['kv_bytes_device'])}) "
-            f"reach the dense cache's ({_human_bytes(m['dense_kv_bytes'])}); its budget is probably at or above "
-            f"the context (prompts up to {m['prompt_tokens_max']} tokens)"
+            f"reach the dense cache's ({_human_bytes(m['dense_kv_bytes'])}); {why}"
         )
 
 

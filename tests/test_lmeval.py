@@ -201,6 +201,9 @@ def test_bad_model_args_fail_in_one_line_before_the_model_loads(no_model_loads):
     with pytest.raises(ConfigError) as caught:
         KVBenchLM.create_from_arg_string("method=snapkv,colour=blue")
     assert caught.value.key == "model_args colour" and "max_length" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:  # a misspelled config key: Hydra's error, once a long traceback
+        KVBenchLM.create_from_arg_string("model=smollm2-135m,method=snapkv,method.budgt=512")
+    assert caught.value.key == "model_args" and "method.budgt" in str(caught.value)
     with pytest.raises(ConfigError) as caught:
         KVBenchLM.create_from_arg_obj({"method": "full"}, {"batch_size": "auto"})
     assert caught.value.key == "batch_size"

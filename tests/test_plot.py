@@ -133,7 +133,9 @@ def test_method_styles_are_fixed_by_name():
     styles = {method_style(m) for m in ["arkvale", "cla", "h2o", "kivi", "quarot", "rtn", "scissorhands",
                                         "snapkv", "snapstream", "streamingllm", "zipcache"]}  # fmt: skip
     assert len(styles) == 11
-    assert len({colour for colour, _ in styles}) == 10  # tab10: the eleventh reuses a colour, not a marker
+    colours = {colour for colour, _ in styles}
+    assert len(colours) == 11  # a colour each
+    assert not any(len(set(colour)) == 1 for colour in colours)  # no grey: the all-methods front is grey
 
 
 def test_engines_do_not_share_a_front(tmp_path):
