@@ -515,10 +515,12 @@ class Engine:
         """Generate for every request in one decode batch; one `Generation` per request, in order."""
         prompt_len = max(len(r.prompt_ids) for r in requests)
         decode_len = max(len(r.question_ids) + r.max_new_tokens for r in requests)
+        # What ran, which `engine=graph` on CPU is not: there is no graph to capture, the step runs eagerly.
+        ran = "eager" if self.engine == "graph" and self.device.type != "cuda" else self.engine
         measurements = [
             Measurement(
                 batch_size=len(requests),
-                engine=self.engine,
+                engine=ran,
                 dense_kv_bytes=self._dense_bytes(len(r.prompt_ids) + len(r.question_ids) + r.max_new_tokens),
             )
             for r in requests

@@ -56,6 +56,13 @@ def test_min_new_tokens_refuses_stop_tokens_until_reached(tiny):
     assert forced[0] != first and len(forced) >= 2
 
 
+@pytest.mark.parametrize(("engine", "ran"), [("eager", "eager"), ("graph", "eager"), ("compiled", "compiled")])
+def test_a_measurement_names_the_engine_that_ran(tiny, engine, ran):
+    """On CPU `graph` has no graph to capture and runs the eager step: records say eager (`path`)."""
+    model, tokenizer, spec = tiny
+    assert Engine(model, tokenizer, Full(), spec, engine=engine).generate(PROMPT, 3).measurement.engine == ran
+
+
 @pytest.mark.parametrize("scope", ["step", "layer"])
 @pytest.mark.parametrize("name", method_names())
 def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name, scope):
