@@ -214,5 +214,8 @@ if __name__ == "__main__":
     parser.add_argument(
         "--checks", nargs="+", choices=list(CHECKS), default=[n for n in CHECKS if n != "dependent_launches"]
     )
-    for name in parser.parse_args().checks:
+    checks = parser.parse_args().checks
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the checks compare GPU kernels and captured steps with their CPU references)")
+    for name in checks:
         CHECKS[name]()

@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     # this module (in a notebook, say) must leave the caller's backend alone.
     plt.switch_backend("Agg")
 
+    if not args.results_dir.is_dir():  # bad input (2), as kvbench.index and kvbench.report say it
+        print(f"kvbench.plot: error: results_dir={args.results_dir} is not a folder", file=sys.stderr)
+        return 2
     table = load_table(args.results_dir)
     if table.empty:
         print(f"kvbench.plot: no run records under {args.results_dir}", file=sys.stderr)

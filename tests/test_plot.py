@@ -161,6 +161,8 @@ def test_models_filed_under_one_name_from_other_paths_do_not_share_a_front(tmp_p
 def test_plot_cli_reports_an_empty_directory(tmp_path, capsys):
     assert main([str(tmp_path)]) == 1
     assert "no run records" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing")]) == 2  # bad input, as kvbench.index and kvbench.report say it
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_runs_at_other_context_lengths_or_models_do_not_share_a_front(tmp_path):
