@@ -165,6 +165,7 @@ def run(cfg: DictConfig, names: dict[str, str] | None = None) -> Path:
     previous = read_record(directory)
     if previous and previous["status"] == "ok":
         print(f"kvbench: complete already, skipping: {directory}")
+        print_summary(previous, directory)  # its results, as when it ran
         return directory
     if previous and not config.settings.retry_errors:
         print(

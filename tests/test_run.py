@@ -80,7 +80,7 @@ def test_cli_unknown_method_lists_the_choices(tmp_path):
     assert "method/nope" in result.stderr and "snapkv" in result.stderr
 
 
-def test_record_has_every_field_and_rerun_skips(tiny, tmp_path, monkeypatch):
+def test_record_has_every_field_and_rerun_skips(tiny, tmp_path, monkeypatch, capsys):
     cfg = compose_config(*TINY, *SHORT_PASSKEY, "method=snapkv", "method.budget=64", f"kvbench.results_dir={tmp_path}")
     directory = run(cfg)
     record = json.loads((directory / "record.json").read_text())
@@ -98,7 +98,10 @@ def test_record_has_every_field_and_rerun_skips(tiny, tmp_path, monkeypatch):
     assert len(rows) == 1 and "prediction" in rows[0] and "m_prefill_s" in rows[0]
 
     monkeypatch.setattr(run_module, "load_model", lambda *a: (_ for _ in ()).throw(AssertionError("reloaded")))
+    capsys.readouterr()
     assert run(cfg) == directory  # complete: skipped without loading anything
+    printed = capsys.readouterr().out  # and its results shown again, as when it ran
+    assert "complete already, skipping" in printed and "accuracy" in printed and "kv bytes (device" in printed
 
 
 def test_crash_leaves_no_record_and_rerun_completes(tiny, tmp_path, monkeypatch):
