@@ -27,6 +27,43 @@ def test_sampling_is_seeded_and_reduces_to_greedy(tiny):
     assert engine.generate(PROMPT, 12, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=5)).token_ids == greedy
 
 
+def draw(probs: list[float], temperature: float, top_p: float, draws: int = 4000) -> list[float]:
+    """The share of each token among `draws` independent picks by `Engine._choose` from `probs`."""
+    logits = torch.log(torch.tensor([probs])).expand(draws, -1)
+    b = logits.shape[0]
+    state = DecodeState(
+        tokens=torch.zeros(b, dtype=torch.long),
+        positions=torch.zeros(b, dtype=torch.long),
+        count=torch.zeros(b, dtype=torch.long),
+        done=torch.zeros(b, dtype=torch.bool),
+        output=torch.zeros(b, 2, dtype=torch.long),
+        stop_mask=torch.zeros(b, len(probs), dtype=torch.bool),
+        min_new=torch.zeros(b, dtype=torch.long),
+        max_new=torch.ones(b, dtype=torch.long),
+        temperature=temperature,
+        top_p=top_p,
+    )
+    torch.manual_seed(0)
+    Engine._choose(logits, state)
+    return (torch.bincount(state.tokens, minlength=len(probs)).float() / b).tolist()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "expected"),
+    [
+        (1.0, 1.0, [0.5, 0.3, 0.15, 0.05]),
+        (0.5, 1.0, [0.25 / 0.365, 0.09 / 0.365, 0.0225 / 0.365, 0.0025 / 0.365]),  # p^(1/T), renormalized
+        (2.0, 1.0, [p**0.5 / sum(q**0.5 for q in (0.5, 0.3, 0.15, 0.05)) for p in (0.5, 0.3, 0.15, 0.05)]),
+        (1.0, 0.7, [0.625, 0.375, 0.0, 0.0]),  # the nucleus {0, 1}, renormalized
+    ],
+)
+def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p, expected):
+    """Not only which tokens may come out: how often. 4000 draws put each share within 0.03 (about 4
+    standard deviations) of its probability; a uniform draw over the nucleus or an ignored temperature fails."""
+    shares = draw([0.5, 0.3, 0.15, 0.05], temperature, top_p)
+    assert all(abs(got - want) < 0.03 for got, want in zip(shares, expected, strict=True)), (shares, expected)
+
+
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(300, -1)
     b = logits.shape[0]
@@ -92,6 +129,21 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name, scope):
     assert len(graphs) == (per_layer if scope == "layer" else variants)
     # the first token comes from the prefill, then one warm-up step per compiled version, untimed
     assert got.measurement.engine == "compiled" and got.measurement.decode_steps == 40 - 1 - variants
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_inductor_compiled_step_gives_the_eager_tokens(tiny, name):
+    """The test above traces with dynamo only; this one runs Inductor's generated code (layer scope, as
+    sweeps run it, each version of the step compiled) for every method: its greedy tokens are the eager
+    path's. (A CUDA graph's capture and replay need a GPU: `benchmarks/check_gpu.py --checks engines`.)"""
+    model, tokenizer, spec = tiny
+    method = small_budget_method(name)
+    prompt = list(range(100, 340))
+    expected = Engine(model, tokenizer, method, spec, prefill_chunk=64).generate(prompt, 24).token_ids
+    torch._dynamo.reset()
+    got = Engine(model, tokenizer, method, spec, prefill_chunk=64, engine="compiled").generate(prompt, 24)
+    assert got.measurement.engine == "compiled" and got.measurement.compile_s > 0
+    assert got.token_ids == expected
 
 
 def test_layer_scope_compiles_only_decode_and_restores_the_layers(tiny):

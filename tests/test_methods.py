@@ -32,21 +32,33 @@ def make_method(name: str, budget: int | None):
     return method
 
 
-@pytest.mark.parametrize("name", method_names())
-def test_budget_at_least_context_reproduces_full_cache(tiny, name):
+def budget_for(method, tokens: int | None) -> object:
+    """`method` with a budget of exactly `tokens` (rounded up to whole pages for paged methods); None: 1024."""
+    if tokens is None:
+        return method
+    page = getattr(method, "page_size", 1)
+    return dataclasses.replace(method, budget=-(-tokens // page) * page)
+
+
+@pytest.mark.parametrize("at", ["above", "exactly"])
+@pytest.mark.parametrize("name", [n for n in method_names() if n != "full"])
+def test_budget_at_least_context_reproduces_full_cache(tiny, name, at):
+    """A budget at or above the tokens a run holds keeps them all: the full cache's tokens and likelihoods,
+    far above that (1024) and exactly at it, where a "fits" test that is off by one evicts."""
     model, tokenizer, spec = tiny
     method = make_method(name, budget=1024)
     if not getattr(method, "exact", True):
         pytest.skip("lossy whatever the budget (quantization, cross-layer sharing): its own tests bound or check it")
+    continuation = list(range(400, 420))
+    generating = budget_for(method, len(PROMPT) + NEW_TOKENS if at == "exactly" else None)
+    scoring = budget_for(method, len(PROMPT) + len(continuation) if at == "exactly" else None)
     reference = Engine(model, tokenizer, Full(), spec, prefill_chunk=64)
-    engine = Engine(model, tokenizer, method, spec, prefill_chunk=64)
     expected = reference.generate(PROMPT, NEW_TOKENS)
-    got = engine.generate(PROMPT, NEW_TOKENS)
+    got = Engine(model, tokenizer, generating, spec, prefill_chunk=64).generate(PROMPT, NEW_TOKENS)
     assert got.token_ids == expected.token_ids
     # The continuation's log-likelihood depends on every logit along the way: it must match exactly.
-    continuation = list(range(400, 420))
     assert (
-        engine.score_continuation(PROMPT, continuation).nll_sum
+        Engine(model, tokenizer, scoring, spec, prefill_chunk=64).score_continuation(PROMPT, continuation).nll_sum
         == reference.score_continuation(PROMPT, continuation).nll_sum
     )
 
