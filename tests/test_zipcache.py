@@ -14,7 +14,7 @@ from kvbench.config import build
 from kvbench.engine import Engine, Request
 from kvbench.errors import ConfigError
 from kvbench.methods.full import Full
-from kvbench.methods.zipcache import GOLDEN, ZipCache
+from kvbench.methods.zipcache import ZipCache
 from kvbench.quant import fake_quantize
 from tests.conftest import compose_config
 from tests.test_kivi import _logits, wikitext_ids  # noqa: F401 (a fixture)
@@ -73,9 +73,12 @@ def _reference_saliency(keys, queries, probe_recent: float, probe_random: float,
     [B, Hkv, L]."""
     length = keys.shape[2]
     recent = math.ceil(probe_recent * length)
-    probes = [p for p in range(length - recent) if (p * GOLDEN) % 1 < probe_random] + list(
-        range(length - recent, length)
-    )
+    # The method's rule written out here, not imported: a wrong constant there would otherwise be the
+    # reference's too. frac(p / golden ratio) < share spreads about `share` of the positions evenly.
+    golden = (math.sqrt(5) - 1) / 2
+    early = [p for p in range(length - recent) if (p * golden) % 1 < probe_random]
+    assert abs(len(early) - probe_random * (length - recent)) <= 2  # the share the paper asks for
+    probes = early + list(range(length - recent, length))
     k = keys.repeat_interleave(2, dim=1)  # each KV head to its 2 query heads
     logits = queries @ k.transpose(-1, -2) * SCALE
     causal = torch.ones(length, length, dtype=torch.bool).tril()
