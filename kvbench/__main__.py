@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from kvbench.config import EarlyChecks
 from kvbench.errors import ConfigError, report
 from kvbench.records import read_record
 from kvbench.run import RETRY_HINT, run
@@ -79,20 +80,18 @@ def main() -> None:
     # This invocation's jobs: Hydra's basic launcher calls `app` once per job, in this process. (A launcher
     # that runs jobs in other processes, joblib or submitit, would leave this empty: exit status 0.)
     outcomes: list[Outcome] = []
-    jobs_started = 0
 
     @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg: DictConfig) -> None:
-        nonlocal jobs_started
-        jobs_started += 1
         outcomes.append(job(cfg))
 
+    EarlyChecks.composed = False
     try:
         app()
     except SystemExit as exited:
         # Hydra exits 1 on a command line it cannot compose (an unknown method, a key the config lacks), having
-        # printed why; before any job started that is bad input, which kvbench reports as 2.
-        sys.exit(2 if exited.code == 1 and not jobs_started else exited.code)
+        # printed why, before its callbacks run: bad input, which kvbench reports as 2.
+        sys.exit(2 if exited.code == 1 and not EarlyChecks.composed else exited.code)
     except KeyboardInterrupt:
         print(interrupted(outcomes), file=sys.stderr)
         sys.exit(130)

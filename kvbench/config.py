@@ -74,10 +74,16 @@ class EarlyChecks(Callback):
     """Hydra callback (configs/config.yaml, `hydra.callbacks`): checks `kvbench.results_dir` before Hydra
     makes its own output folder inside it, where a bad one would end as a traceback from Hydra's `mkdir`."""
 
+    # Set once Hydra has composed the command line (it calls its callbacks only then): an exit before it is
+    # a command line Hydra rejected, bad input (`kvbench.__main__`), even where jobs run in other processes.
+    composed = False
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        EarlyChecks.composed = True
         self._check(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        EarlyChecks.composed = True
         self._check(config)
         self._compose_every_job(config)
 
