@@ -342,17 +342,26 @@ def model_label(model: ModelConfig) -> str:
     model as one; then the model's own name from its path: a GGUF file's stem, a hub id's last part, or a
     local folder's name (its parent's for a folder named `checkpoint`, where `kvbench.train` writes)."""
     if model.name and model.name != model.source:
-        return model.name
+        label = _folder_name(model.name)
+        # The label is a folder of the results: never "..", nor hidden (index and report skip dot folders).
+        require(not label.startswith("."), "model.name", model.name, "a name not starting with '.' (a results folder)")
+        return label
     if model.source not in ("hf", "gguf") or not model.path:
         return model.name or model.source
-    path = Path(model.path)
+    path = Path(os.path.abspath(model.path))  # absolute, links kept: a linked folder is named by its link
     if model.source == "gguf":
         name = path.stem
     elif path.exists():
-        name = path.resolve().parent.name if path.name == "checkpoint" else path.resolve().name
+        name = path.parent.name if path.name == "checkpoint" else path.name
     else:
         name = model.path.rstrip("/").rpartition("/")[2]
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or model.source
+    name = _folder_name(name).lstrip(".")
+    return name or model.source
+
+
+def _folder_name(name: str) -> str:
+    """`name` with every character other than letters, digits, '.', '_' and '-' replaced by '_'."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"

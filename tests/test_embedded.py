@@ -48,3 +48,19 @@ def test_chat_style_passkey_prompts_are_the_templates_token_ids(embedded):
     before, after = rendered.split("@@@")
     assert text.startswith(before) and text.endswith(after)
     assert sample.reference in text
+
+
+def test_chat_style_needs_a_chat_template(embedded):
+    """Without a template the prompt would silently be plain text recorded as chat: refused instead."""
+    import copy
+
+    import pytest
+
+    from kvbench.errors import ConfigError
+
+    _, tokenizer, _ = embedded
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ConfigError) as caught:
+        next(Passkey(context_lengths=[400], depths=[0.5], prompt_style="chat").samples(plain))
+    assert caught.value.key == "task.prompt_style"
