@@ -13,6 +13,11 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not valid: {allowed}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, Any, str]]:
+        # Rebuilt from its three fields when it crosses processes (a joblib sweep's worker): the default
+        # pickling passes the message alone to __init__, and un-pickling failed.
+        return (type(self), (self.key, self.value, self.allowed))
+
 
 def require(condition: bool, key: str, value: Any, allowed: str) -> None:
     """Raise `ConfigError` unless `condition` holds."""

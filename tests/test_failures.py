@@ -92,3 +92,15 @@ def test_bad_compile_scope_is_one_line_naming_the_key():
         RunSettings(compile_scope="model")
     assert "kvbench.compile_scope" in str(caught.value) and "layer" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_config_error_crosses_processes_whole():
+    """A joblib sweep's worker hands its exceptions to the parent pickled: ConfigError once failed to
+    un-pickle there (BrokenProcessPool) instead of arriving as the one-line error it is."""
+    import pickle
+
+    from kvbench.errors import ConfigError
+
+    error = pickle.loads(pickle.dumps(ConfigError("method.budget", 16, "at least 32")))
+    assert (error.key, error.value, error.allowed) == ("method.budget", 16, "at least 32")
+    assert str(error) == "method.budget=16 is not valid: at least 32"
