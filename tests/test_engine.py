@@ -27,25 +27,30 @@ def test_sampling_is_seeded_and_reduces_to_greedy(tiny):
     assert engine.generate(PROMPT, 12, sampling=Sampling(temperature=1.0, top_p=1e-6, seed=5)).token_ids == greedy
 
 
-def draw(probs: list[float], temperature: float, top_p: float, draws: int = 4000) -> list[float]:
-    """The share of each token among `draws` independent picks by `Engine._choose` from `probs`."""
+def chosen_tokens(probs: list[float], temperature: float, top_p: float, draws: int) -> torch.Tensor:
+    """`draws` independent picks by `Engine._choose` from `probs` [draws]."""
     logits = torch.log(torch.tensor([probs])).expand(draws, -1)
-    b = logits.shape[0]
     state = DecodeState(
-        tokens=torch.zeros(b, dtype=torch.long),
-        positions=torch.zeros(b, dtype=torch.long),
-        count=torch.zeros(b, dtype=torch.long),
-        done=torch.zeros(b, dtype=torch.bool),
-        output=torch.zeros(b, 2, dtype=torch.long),
-        stop_mask=torch.zeros(b, len(probs), dtype=torch.bool),
-        min_new=torch.zeros(b, dtype=torch.long),
-        max_new=torch.ones(b, dtype=torch.long),
+        tokens=torch.zeros(draws, dtype=torch.long),
+        positions=torch.zeros(draws, dtype=torch.long),
+        count=torch.zeros(draws, dtype=torch.long),
+        done=torch.zeros(draws, dtype=torch.bool),
+        output=torch.zeros(draws, 2, dtype=torch.long),
+        stop_mask=torch.zeros(draws, len(probs), dtype=torch.bool),
+        min_new=torch.zeros(draws, dtype=torch.long),
+        max_new=torch.ones(draws, dtype=torch.long),
         temperature=temperature,
         top_p=top_p,
     )
     torch.manual_seed(0)
     Engine._choose(logits, state)
-    return (torch.bincount(state.tokens, minlength=len(probs)).float() / b).tolist()
+    return state.tokens
+
+
+def draw(probs: list[float], temperature: float, top_p: float, draws: int = 4000) -> list[float]:
+    """The share of each token among `draws` picks."""
+    tokens = chosen_tokens(probs, temperature, top_p, draws)
+    return (torch.bincount(tokens, minlength=len(probs)).float() / draws).tolist()
 
 
 @pytest.mark.parametrize(
@@ -65,23 +70,8 @@ def test_sampling_draws_from_the_tempered_nucleus(temperature, top_p, expected):
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(300, -1)
-    b = logits.shape[0]
-    state = DecodeState(
-        tokens=torch.zeros(b, dtype=torch.long),
-        positions=torch.zeros(b, dtype=torch.long),
-        count=torch.zeros(b, dtype=torch.long),
-        done=torch.zeros(b, dtype=torch.bool),
-        output=torch.zeros(b, 2, dtype=torch.long),
-        stop_mask=torch.zeros(b, 4, dtype=torch.bool),
-        min_new=torch.zeros(b, dtype=torch.long),
-        max_new=torch.ones(b, dtype=torch.long),
-        temperature=1.0,
-        top_p=0.7,
-    )
-    torch.manual_seed(0)
-    Engine._choose(logits, state)
-    assert set(state.tokens.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2 and 3 are cut
+    tokens = chosen_tokens([0.5, 0.3, 0.15, 0.05], 1.0, 0.7, 300)
+    assert set(tokens.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 2 and 3 are cut
 
 
 def test_min_new_tokens_refuses_stop_tokens_until_reached(tiny):
