@@ -63,29 +63,19 @@ def batched(samples: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-SUMMARY_FIELDS = (
-    "samples", "path", "batch_size_max", "prompt_tokens_mean", "prompt_tokens_max", "prefill_s_mean",
-    "decode_ms_per_token", "decode_tokens_per_s", "compile_s", "kv_bytes_device", "kv_bytes_device_max",
-    "kv_bytes_device_peak", "kv_bytes_host", "dense_kv_bytes", "compression_ratio", "peak_memory_bytes",
-    "peak_memory_kind",
-)  # fmt: skip
-
-
 def summarize(measurements: list[Measurement], device: torch.device) -> dict[str, Any]:
     """Run-level measurements from per-sample ones (means, and maxima where a peak matters).
 
     Every sample of a decode batch carries the batch's decode time and steps, so batch-level times are
     counted once per batch (each sample contributes 1 / batch_size of them).
     """
-    if not measurements:  # a task scored without the engine (WikiText-2's sliding windows): nothing measured
-        return dict.fromkeys(SUMMARY_FIELDS) | {"samples": 0}
-    count = len(measurements)
+    count = max(len(measurements), 1)
     decode_s = sum(m.decode_s / m.batch_size for m in measurements)
     steps = sum(m.decode_steps / m.batch_size for m in measurements)
     tokens = sum(m.decode_tokens for m in measurements)
     device_bytes = sum(m.kv_bytes_device for m in measurements)
     dense_bytes = sum(m.dense_kv_bytes for m in measurements)
-    return {
+    summary = {
         "samples": len(measurements),
         "path": ",".join(sorted({m.engine for m in measurements})) or None,
         "batch_size_max": max((m.batch_size for m in measurements), default=0),
@@ -104,6 +94,9 @@ def summarize(measurements: list[Measurement], device: torch.device) -> dict[str
         "peak_memory_bytes": max((m.peak_memory_bytes for m in measurements), default=0),
         "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
     }
+    if not measurements:  # a task scored without the engine (WikiText-2's sliding windows): nothing measured
+        return dict.fromkeys(summary) | {"samples": 0}
+    return summary
 
 
 def execute(config: RunConfig, spec: ModelSpec, directory: Path) -> dict[str, Any]:
