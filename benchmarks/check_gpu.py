@@ -12,7 +12,10 @@
 4. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
    (`graph`), on a real-shape model with random weights, batch 2, prompts of different lengths; for
    `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties).
-5. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
+5. `kvbench.token_quant.quantize_tokens_into` (the decode step's 4-bit token kernel, which writes the six
+   stores itself): every byte of the stores against the quantize-then-index reference on the GPU, at the 8B
+   shape (4 sequences, 8 KV heads, head_dim 128), one slot past the end; rotated within one code step.
+6. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
    same tokens with it as without: dense at batch 2 and at batch 1 with the one-row kernels, RTN 4-bit.
 Prints one line per check and exits non-zero on the first mismatch.
 """
@@ -24,11 +27,12 @@ import sys
 
 import torch
 
-from kvbench import gemv
+from kvbench import gemv, token_quant
 from kvbench import pdl as kvbench_pdl
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
 from kvbench.fused_projections import fuse_projections
+from kvbench.hadamard import hadamard_matrix
 from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
@@ -38,6 +42,7 @@ from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.models import ModelConfig, load_model, model_spec
 from kvbench.page_selection import select_pages, select_pages_reference
+from kvbench.quant import Quantized
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
@@ -120,6 +125,43 @@ def check_one_row_kernels() -> None:
         error = (got.float() - want).abs().max().item()
         scale = want.abs().max().item()
         check(f"one-row {'SiLU product' if gated else 'GEMV'} {n_rows}x{k}", error <= 1e-2 * scale, f"({error:.2e})")
+
+
+def check_token_stores() -> None:
+    b, h, slots, d, group = 4, 8, 64, 128, 128
+    generator = torch.Generator().manual_seed(2)
+    keys, values = (torch.randn(b, h, 1, d, generator=generator).to("cuda", torch.bfloat16) for _ in range(2))
+    codes = torch.randint(0, 256, (2, b, h, slots, d // 2), dtype=torch.uint8, generator=generator).cuda()
+    params = torch.rand(4, b, h, slots, d // group, generator=generator).half().cuda()
+    where = torch.tensor([5, 0, slots - 1, slots + 3], device="cuda")  # the last clamps to slot 63
+    for rotate in (False, True):
+        rotation = hadamard_matrix(d, dtype=torch.int8, normalized=False).cuda() if rotate else None
+        written = []
+        for kernel in (True, False):
+            stores = [codes[0].clone(), params[0].clone(), params[1].clone(), codes[1].clone(), *params[2:].clone()]
+            if kernel:
+                key_store, value_store = Quantized(*stores[:3]), Quantized(*stores[3:])
+                token_quant.quantize_tokens_into(keys, values, rotation, 4, group, 0.95, key_store, value_store, where)
+            else:
+                token_quant._write_reference(keys, values, rotation, 4, group, 0.95, stores, where)
+            written.append(stores)
+        torch.cuda.synchronize()
+        name = f"quantize_tokens_into{', rotated' if rotate else ''}: stores == quantize-then-index"
+        if not rotate:
+            check(name, all(torch.equal(x, y) for x, y in zip(*written, strict=True)))
+            continue
+        # Rotated: the kernel's float32 product sums in another order than the butterfly, so a value may
+        # land on the neighbouring code (test_token_quant's tolerance).
+        kernel_codes, reference_codes = (torch.cat([w[0], w[3]]) for w in written)
+        low = lambda c: (c & 15).int()  # noqa: E731
+        high = lambda c: (c >> 4).int()  # noqa: E731
+        steps = max((f(kernel_codes) - f(reference_codes)).abs().max().item() for f in (low, high))
+        moved = (kernel_codes != reference_codes).float().mean().item()
+        scale = max(
+            ((x.float() - y.float()).abs() / y.float().abs().clamp_min(1e-6)).max().item()
+            for x, y in zip(written[0][1:3] + written[0][4:], written[1][1:3] + written[1][4:], strict=True)
+        )
+        check(name, steps <= 1 and moved < 0.02 and scale < 2e-3, f"(codes moved {moved:.4f}, scale {scale:.1e})")
 
 
 def check_engines() -> None:
@@ -205,6 +247,7 @@ CHECKS = {
     "host_pages": check_host_pages,
     "arkvale_kernels": check_arkvale_kernels,
     "one_row_kernels": check_one_row_kernels,
+    "token_stores": check_token_stores,
     "engines": check_engines,  # includes the PDL check
     "dependent_launches": check_dependent_launches,
 }
