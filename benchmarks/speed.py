@@ -209,7 +209,7 @@ def run_row(
         torch.cuda.empty_cache()
         return {**row, "status": "oom", "error": str(error).splitlines()[0]}
     except Exception as error:  # a failed row is data; the sweep goes on
-        return {**row, "status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0]}
+        return {**row, "status": "error", **failure(error)}
     m = generations[0].measurement
     cache_read = m.kv_bytes_device * batch
     if method_name in READS_KEYS_TWICE:
@@ -237,6 +237,16 @@ def run_row(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return row
+
+
+ERROR_DETAIL_CHARS = 8000
+
+
+def failure(error: BaseException) -> dict[str, str]:
+    """A failed row's error: its first line for the table, and the end of the whole message (where Inductor
+    puts the kernel source line that failed to compile) for whoever reads the row later, off the GPU."""
+    message = f"{type(error).__name__}: {error}"
+    return {"error": message.splitlines()[0], "error_detail": message[-ERROR_DETAIL_CHARS:]}
 
 
 def spec_vocab(model: torch.nn.Module) -> int:

@@ -48,14 +48,14 @@ if kernels.triton is not None:
     import triton
     import triton.language as tl
 
-    _await_previous_kernel = kernels.await_previous_kernel  # a plain global: jit code calls it by name
+    await_previous_kernel = kernels.await_previous_kernel  # its own name: see `kernels.launch`
 
     @triton.jit
     def _one_row_gemv_kernel(
         x, w, y, n_out, k, stride_w, up_offset,
         GATED_SILU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        _await_previous_kernel(PDL)
+        await_previous_kernel(PDL)
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_out
         cols = tl.arange(0, BLOCK_K)

@@ -149,7 +149,10 @@ if triton is not None:
 
     def launch(kernel, grid, device: torch.device) -> Callable:
         """`kernel[grid]` for a kernel taking `PDL: tl.constexpr`: through `wrap_triton` (Inductor traces and
-        launches it), or, inside a `_dependent` twin, straight through Triton with `kvbench.pdl`'s options."""
+        launches it), or, inside a `_dependent` twin, straight through Triton with `kvbench.pdl`'s options.
+        Inductor compiles a wrapped kernel from a copy of its source, with each jit function it calls defined
+        under that function's own name and no other: a kernel must call them by those names (another module's
+        helper imported as `helper = kernels.helper`, never under an alias), or the copy fails to compile."""
         if _launching_dependent:
             return functools.partial(kernel[grid], **pdl.launch_options(device))
         return functools.partial(wrap_triton(kernel)[grid], PDL=False)

@@ -238,7 +238,7 @@ if kernels.triton is not None:
 
     # Plain globals of this module, as the kernels' other helpers: jit code calls them by name.
     _online_softmax = kernels._online_softmax
-    _await_previous_kernel = kernels.await_previous_kernel
+    await_previous_kernel = kernels.await_previous_kernel  # its own name: see `kernels.launch`
     _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
@@ -481,7 +481,7 @@ if kernels.triton is not None:
     ):
         """One (sequence, KV head, split): `kvbench.kernels._decode_split_kernel` over packed tiles. The loop
         stops at the sequence's live length, so splits past it read nothing."""
-        _await_previous_kernel(PDL)
+        await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -844,7 +844,7 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
-        _await_previous_kernel(PDL)
+        await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)

@@ -164,7 +164,7 @@ if kernels.triton is not None:
     import triton
     import triton.language as tl
 
-    _await_previous_kernel = kernels.await_previous_kernel  # a plain global: jit code calls it by name
+    await_previous_kernel = kernels.await_previous_kernel  # its own name: see `kernels.launch`
     _SMALLEST_STEP = tl.constexpr(MIN_SCALE)
 
     @triton.jit
@@ -283,7 +283,7 @@ if kernels.triton is not None:
         row r is sequence r // heads and head r % heads, written into the stores [B, heads, S, ...] (keys'
         and values' of one layout, these strides) at slot slot_ptr[b], clamped to [0, last_slot], of its
         sequence b."""
-        _await_previous_kernel(PDL)
+        await_previous_kernel(PDL)
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         live = r < rows
         sequence = (r // heads).to(tl.int64)

@@ -81,3 +81,14 @@ def test_bad_batch_is_refused_with_what_is_allowed():
         speed.parse_batch("0")
     with pytest.raises(SystemExit):
         speed.parse_runs(["llama-3.1-8b:full:0:32768:lots"])
+
+
+def test_a_failed_row_keeps_the_end_of_its_error_for_reading_off_the_gpu():
+    """The table shows the first line; the row keeps the message's end, where Inductor names the kernel
+    source line that failed (a GPU session's rows are read later, on a machine without the GPU)."""
+    source = "\n".join(f"    line {i}" for i in range(1000))  # longer than the detail kept
+    error = RuntimeError(f"CompilationError: at 105:4:\n{source}\nNameError('_helper is not defined')")
+    got = speed.failure(error)
+    assert got["error"] == "RuntimeError: CompilationError: at 105:4:"
+    assert got["error_detail"].endswith("NameError('_helper is not defined')")
+    assert len(got["error_detail"]) <= speed.ERROR_DETAIL_CHARS
