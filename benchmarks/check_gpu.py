@@ -1,22 +1,20 @@
 """Correctness on a GPU of what the CPU test suite cannot reach: run before trusting `speed.py`'s numbers.
 
     PYTHONPATH=. python benchmarks/check_gpu.py                                  # every check
-    PYTHONPATH=. python benchmarks/check_gpu.py --checks one_row_kernels dependent_launches
+    PYTHONPATH=. python benchmarks/check_gpu.py --checks token_stores dependent_launches
 
 1. `kvbench.host_pages`: the Triton kernels that write to and gather from pinned host memory equal the
    same copies done with torch on host tensors (fresh random data, masked rows, poisoned targets).
 2. `kvbench.page_selection` and `kvbench.cuboid_scores`: ArkVale's Triton kernels equal their plain-PyTorch
    references on the GPU, at the paper setting's shapes (4 sequences, 32 heads, 1,026 pages).
-3. `kvbench.gemv`: the one-row GEMV and its SiLU-product variant against float32 products at Llama-3.1-8B's
-   projection shapes.
-4. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
+3. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
    (`graph`), on a real-shape model with random weights, batch 2, prompts of different lengths; for
    `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties).
-5. `kvbench.token_quant.quantize_tokens_into` (the decode step's 4-bit token kernel, which writes the six
+4. `kvbench.token_quant.quantize_tokens_into` (the decode step's 4-bit token kernel, which writes the six
    stores itself): every byte of the stores against the quantize-then-index reference on the GPU, at the 8B
    shape (4 sequences, 8 KV heads, head_dim 128), one slot past the end; rotated within one code step.
-6. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
-   same tokens with it as without: dense at batch 2 and at batch 1 with the one-row kernels, RTN 4-bit.
+5. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
+   same tokens with it as without: dense and RTN 4-bit, batch 2.
 Prints one line per check and exits non-zero on the first mismatch.
 """
 
@@ -27,11 +25,10 @@ import sys
 
 import torch
 
-from kvbench import gemv, token_quant
 from kvbench import pdl as kvbench_pdl
+from kvbench import token_quant
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
-from kvbench.fused_projections import fuse_projections
 from kvbench.hadamard import hadamard_matrix
 from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
 from kvbench.methods.arkvale import ArkVale
@@ -114,19 +111,6 @@ def check_arkvale_kernels() -> None:
     )
 
 
-def check_one_row_kernels() -> None:
-    generator = torch.Generator().manual_seed(1)
-    for n_rows, k, gated in ((6144, 4096, False), (4096, 4096, False), (4096, 14336, False), (28672, 4096, True)):
-        x = torch.randn(1, 1, k, generator=generator).to("cuda", torch.bfloat16)
-        weight = (torch.randn(n_rows, k, generator=generator) / k**0.5).to("cuda", torch.bfloat16)
-        got = gemv.one_row_silu_mul(x, weight) if gated else gemv.one_row_linear(x, weight)
-        reference = gemv.one_row_silu_mul_reference if gated else gemv.one_row_linear_reference
-        want = reference(x.float(), weight.float())
-        error = (got.float() - want).abs().max().item()
-        scale = want.abs().max().item()
-        check(f"one-row {'SiLU product' if gated else 'GEMV'} {n_rows}x{k}", error <= 1e-2 * scale, f"({error:.2e})")
-
-
 def check_token_stores() -> None:
     b, h, slots, d, group = 4, 8, 64, 128, 128
     generator = torch.Generator().manual_seed(2)
@@ -199,28 +183,20 @@ def check_engines() -> None:
 def check_dependent_launches(model=None, spec=None, requests: list[Request] | None = None) -> None:
     """PDL (`kvbench.pdl`) changes when kernels may start, not what they compute: a kernel that read its
     predecessor's output too early would change tokens. Same kernels, so the compiled step's tokens must be
-    equal exactly with PDL and without: dense at batch 2 (Inductor's kernels, the attention twins), dense at
-    batch 1 with the one-row GEMVs, and RTN 4-bit at batch 2 (token quantization, packed attention)."""
+    equal exactly with PDL and without: dense at batch 2 (Inductor's kernels, the attention twins) and RTN
+    4-bit at batch 2 (token quantization, packed attention)."""
     if not kvbench_pdl.supported(torch.device("cuda")):
         print("skip PDL: the GPU is older than sm_90", flush=True)
         return
     if model is None:
         model, spec, requests = engine_setup()
-    runs = {  # name: (method, batch, one-row kernels)
-        "full, batch 2": (Full, requests, False),
-        "full, batch 1, one-row kernels": (Full, requests[:1], True),
-        "rtn 4-bit, batch 2": (lambda: QuaRot(bits=4, rotate=False), requests, False),
-    }
-    for index, (name, (method, batch, one_row)) in enumerate(runs.items()):
+    runs = {"full, batch 2": Full, "rtn 4-bit, batch 2": lambda: QuaRot(bits=4, rotate=False)}
+    for index, (name, method) in enumerate(runs.items()):
         # The first run also compiles twice without PDL: a control that the compiled step is deterministic.
         tokens = []
         for dependent in (False, False, True) if index == 0 else (False, True):
-            engine = Engine(
-                model, None, method(), spec, prefill_chunk=1024, engine="compiled", one_row_kernels=one_row,
-                pdl=dependent,
-            )  # fmt: skip
-            tokens.append([g.token_ids for g in engine.generate_batch(batch)])
-        fuse_projections(model, one_row_kernels=False)  # the shared model back to library products
+            engine = Engine(model, None, method(), spec, prefill_chunk=1024, engine="compiled", pdl=dependent)
+            tokens.append([g.token_ids for g in engine.generate_batch(requests)])
         if index == 0:
             check(f"{name}: compiled twice without PDL, same tokens", tokens[0] == tokens[1])
         # With PDL Inductor compiles (and may tune) its kernels anew, so a difference could also be a new
@@ -246,7 +222,6 @@ def first_difference(a: list[int], b: list[int]) -> int:
 CHECKS = {
     "host_pages": check_host_pages,
     "arkvale_kernels": check_arkvale_kernels,
-    "one_row_kernels": check_one_row_kernels,
     "token_stores": check_token_stores,
     "engines": check_engines,  # includes the PDL check
     "dependent_launches": check_dependent_launches,

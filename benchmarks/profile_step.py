@@ -82,7 +82,6 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         prefill_chunk=args.prefill_chunk,
         engine="compiled",
         compile_scope=args.compile_scope,
-        one_row_kernels=args.one_row_kernels,
         pdl=args.pdl,
         inductor_options=parse_inductor_options(args.inductor_options),
     )
@@ -162,7 +161,6 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "batch": args.batch,
         "autotune": args.autotune,
         "coordinate_descent": args.coordinate_descent,
-        "one_row_kernels": args.one_row_kernels,
         "pdl": args.pdl,
         "inductor_options": parse_inductor_options(args.inductor_options),
         "compile_scope": args.compile_scope,
@@ -217,7 +215,6 @@ def main() -> None:
         "--compile-scope", default="layer", choices=["layer", "step"], help="as speed.py: what is compiled"
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
-    parser.add_argument("--one-row-kernels", action="store_true", help="as speed.py: batch-1 products in kvbench.gemv")
     parser.add_argument("--pdl", action="store_true", help="as speed.py: programmatic dependent launch (kvbench.pdl)")
     parser.add_argument(
         "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="as speed.py"

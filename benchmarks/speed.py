@@ -178,7 +178,6 @@ def run_row(
         engine=engine_name,
         fuse=not args.unfused,
         compile_scope=scope,
-        one_row_kernels=args.one_row_kernels,
         pdl=args.pdl and engine_name == "compiled",
         inductor_options=args.inductor_options if engine_name == "compiled" else None,
     )
@@ -197,7 +196,6 @@ def run_row(
         batch=batch,
         engine=engine_name,
         fused_projections=engine_name != "eager" and not args.unfused,
-        one_row_kernels=args.one_row_kernels and engine_name != "eager" and not args.unfused,
         pdl=args.pdl and engine_name == "compiled",
         inductor_options=args.inductor_options if engine_name == "compiled" else {},
         compile_scope=scope if engine_name == "compiled" else None,
@@ -277,11 +275,6 @@ def main() -> None:
         help="these rows in this order, not the grid (size 0: methods that take none; compiled-step: whole step)",
     )
     parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
-    parser.add_argument(
-        "--one-row-kernels",
-        action="store_true",
-        help="batch-1 products through kvbench.gemv's Triton GEMVs (SiLU product fused into gate/up)",
-    )
     parser.add_argument(
         "--pdl",
         action="store_true",

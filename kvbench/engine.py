@@ -195,7 +195,6 @@ class Engine:
         engine: str = "eager",
         fuse: bool = True,
         compile_scope: str = "layer",
-        one_row_kernels: bool = False,
         pdl: bool = False,
         inductor_options: dict | None = None,
     ) -> None:
@@ -217,8 +216,7 @@ class Engine:
             # and idempotent, so a model kept for the next run of a sweep stays fused (same math, same
             # memory). Not on a CPU, where it buys nothing and a fused model ignores weights replaced later
             # (a test that folds a rotation into a shared model's weights would silently see the old ones).
-            # `one_row_kernels`: batch-1 products through kvbench.gemv's Triton GEMVs (an experiment, off).
-            fuse_projections(model, one_row_kernels)
+            fuse_projections(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.inv_freq = rope_inv_freq(model)

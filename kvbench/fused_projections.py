@@ -16,22 +16,13 @@ only the kernel that computes it changes, so results agree to float rounding, no
 
 Fuse after the weights are final: a member's parameter replaced afterwards (not written in place) is not
 seen by the fused product, which reads the group's own matrix.
-
-`one_row_kernels=True` also routes the products of a single row (the batch-1 decode step) through
-`kvbench.gemv`: q/k/v, o and down as Triton GEMVs, and the MLP's gate/up with its SiLU product as one kernel
-(the MLP module's forward is replaced on the instance for that; any other input takes the model's own
-forward). Off by default: not yet timed in the compiled step.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from kvbench.gemv import is_one_row, one_row_linear, one_row_silu_mul
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -57,14 +48,9 @@ class FusedFirst(nn.Module):
         self.register_buffer("fused_bias", bias, persistent=False)
         self.sizes = sizes
         self.handoff = handoff
-        self.one_row = False  # one-row inputs through kvbench.gemv (`set_one_row_kernels`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row and self.fused_bias is None and is_one_row(x):
-            product = one_row_linear(x, self.fused_weight)
-        else:
-            product = F.linear(x, self.fused_weight, self.fused_bias)
-        parts = product.split(self.sizes, dim=-1)
+        parts = F.linear(x, self.fused_weight, self.fused_bias).split(self.sizes, dim=-1)
         self.handoff.input, self.handoff.parts = x, parts
         return parts[0]
 
@@ -109,60 +95,11 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...]) -> bool:
     return True
 
 
-def fuse_projections(model: nn.Module, one_row_kernels: bool = False) -> int:
-    """Fuse every q/k/v and gate/up group of `model` in place and set whether one-row products go through
-    `kvbench.gemv`; returns how many groups were fused (0 on a second call: fused groups are left alone)."""
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every q/k/v and gate/up group of `model` in place; returns how many groups were fused (0 on a
+    second call: already fused groups are left alone)."""
     fused = 0
     for module in list(model.modules()):
         for names in GROUPS:
             fused += _fuse_group(module, names)
-    set_one_row_kernels(model, one_row_kernels)
     return fused
-
-
-ONE_ROW_LINEARS = ("o_proj", "down_proj")  # the plain projections after attention and the MLP's product
-
-
-def set_one_row_kernels(model: nn.Module, enabled: bool) -> None:
-    """Route a fused model's one-row products through `kvbench.gemv`, or back to the library products."""
-    for module in list(model.modules()):
-        if isinstance(module, FusedFirst):
-            module.one_row = enabled
-        for name in ONE_ROW_LINEARS:
-            linear = getattr(module, name, None)
-            if type(linear) is nn.Linear and linear.bias is None:
-                _patch_forward(linear, _one_row_linear_forward if enabled else None)
-        if _is_fused_silu_mlp(module):
-            _patch_forward(module, _one_row_mlp_forward if enabled else None)
-
-
-def _patch_forward(module: nn.Module, forward) -> None:
-    """Replace a module instance's forward (None: back to its class's)."""
-    if forward is None:
-        module.__dict__.pop("forward", None)
-    else:
-        module.forward = types.MethodType(forward, module)
-
-
-def _one_row_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return one_row_linear(x, self.weight) if is_one_row(x) else F.linear(x, self.weight)
-
-
-def _is_fused_silu_mlp(module: nn.Module) -> bool:
-    gate, up = getattr(module, "gate_proj", None), getattr(module, "up_proj", None)
-    return (
-        isinstance(gate, FusedFirst)
-        and isinstance(up, FusedPart)
-        and gate.fused_bias is None
-        and len(gate.sizes) == 2
-        and gate.sizes[0] == gate.sizes[1]
-        and isinstance(getattr(module, "down_proj", None), nn.Linear)
-        and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
-    )
-
-
-def _one_row_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """down(SiLU(gate x) * up x): one kernel for gate/up and the product on one row, else the model's own."""
-    if is_one_row(x):
-        return self.down_proj(one_row_silu_mul(x, self.gate_proj.fused_weight))
-    return type(self).forward(self, x)

@@ -12,10 +12,10 @@ between them (launch, ramp-up, the previous kernel's tail) are part of what keep
 - kvbench's step kernels: dense and packed decode attention with their combine, H2O's received attention
   (`kvbench.kernels`, `quant_kernels`: while `dependent_launches` is active their public functions call
   opaque twins of their operators, `kvbench.kernels.operator`, because Inductor cannot ask for the launch
-  attribute for the kernels it launches itself), QuaRot's and RTN's token quantization (`token_quant`) and
-  the one-row GEMVs (`gemv`), whose operators are opaque anyway. Triton's own launcher starts these kernels
-  with the attribute, and every program of such a kernel waits first thing
-  (`kvbench.kernels.await_previous_kernel`), then lets the next kernel launch.
+  attribute for the kernels it launches itself) and QuaRot's and RTN's token quantization (`token_quant`),
+  whose operator is opaque anyway. Triton's own launcher starts these kernels with the attribute, and every
+  program of such a kernel waits first thing (`kvbench.kernels.await_previous_kernel`), then lets the next
+  kernel launch.
 cuBLAS, ATen and the other kvbench kernels (ArkVale's and Scissorhands' selection, host copies) launch as
 before: each starts only once the kernel before it has finished, so no chain of waits is ever broken. A
 kernel launched with PDL must wait before touching any memory, or it could read what its predecessor has

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbench import gemv, kernels, pdl, quant_kernels, token_quant
+from kvbench import kernels, pdl, quant_kernels, token_quant
 from kvbench.engine import Engine
 from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.full import Full
@@ -54,7 +54,7 @@ def test_engine_refuses_before_touching_the_model(tiny) -> None:
 
 def test_compiled_step_gets_inductors_switch_and_runs_with_dependent_launches(tiny, monkeypatch) -> None:
     """Inductor's kernels are generated with PDL (its compile option), and the step (warm-up, capture and
-    every replayed call) runs inside `dependent_launches`, where the GEMVs read it at launch."""
+    every replayed call) runs inside `dependent_launches`, where kvbench's operators read it at launch."""
     model, tokenizer, spec = tiny
     monkeypatch.setattr(pdl, "supported", lambda device: True)  # a CPU run stands in for the GPU here
     engine = Engine(model, tokenizer, Full(), spec, prefill_chunk=64, engine="compiled", pdl=True)
@@ -165,11 +165,10 @@ def test_traced_step_calls_the_twins_only_while_active() -> None:
     traced operators (Inductor launches their kernels); the twins' fake implementations give the shapes."""
     query, keys = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16)
     positions = torch.arange(8).expand(1, 2, 8)
-    weight = torch.randn(12, 16)
 
-    def step(q, k, p, w):
+    def step(q, k, p):
         out, lse = kernels.decode_attention(q, k, k, p, 0.25)
-        return gemv.one_row_linear(out[:, :1], w), kernels.received_attention(q, k, p, 0.25, lse)
+        return out, kernels.received_attention(q, k, p, 0.25, lse)
 
     targets: list[str] = []
 
@@ -181,11 +180,10 @@ def test_traced_step_calls_the_twins_only_while_active() -> None:
         targets.clear()
         torch._dynamo.reset()
         with pdl.dependent_launches(active):
-            torch.compile(step, backend=recording, fullgraph=True)(query, keys, positions, weight)
+            torch.compile(step, backend=recording, fullgraph=True)(query, keys, positions)
         suffix = "_dependent" if active else ""
         assert f"kvbench.decode_attention{suffix}" in targets
         assert f"kvbench.received_attention{suffix}" in targets
-        assert "kvbench.one_row_linear" in targets  # always opaque
         assert not active or "kvbench.decode_attention" not in targets
 
 
@@ -195,7 +193,7 @@ if __name__ == "__main__":
 
 def _kernels_taking_pdl() -> dict[str, object]:
     pytest.importorskip("triton")
-    modules = (kernels, quant_kernels, token_quant, gemv)
+    modules = (kernels, quant_kernels, token_quant)
     found = {}
     for module in modules:
         for name, value in vars(module).items():
@@ -206,14 +204,14 @@ def _kernels_taking_pdl() -> dict[str, object]:
 
 def test_every_kernel_taking_pdl_waits_first() -> None:
     """A kernel launched with PDL may start before its predecessor ends: its first statement (after the
-    docstring) must be the wait (`await_previous_kernel`, whose PTX the gemv test checks: the wait comes
+    docstring) must be the wait (`await_previous_kernel`, whose PTX the test below checks: the wait comes
     before any load). The launches ask for PDL only of kernels taking the flag (`kernels.launch`)."""
     import ast
     import inspect
     import textwrap
 
     found = _kernels_taking_pdl()
-    assert len(found) >= 7, sorted(found)  # split, combine, received, plane, packed, quantize, gemv
+    assert len(found) >= 6, sorted(found)  # split, combine, received, plane, packed, quantize
     for name, kernel in found.items():
         tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
         body = tree.body[0].body
@@ -224,7 +222,8 @@ def test_every_kernel_taking_pdl_waits_first() -> None:
 
 
 def test_kernels_compile_with_the_wait_first_for_hopper() -> None:
-    """The nested helper compiles into the kernels: with PDL, the wait precedes every load."""
+    """The nested helper compiles into the kernels: with PDL, the wait precedes every load and the kernel
+    then allows the next one's launch (`launch_dependents`); without PDL, neither instruction is emitted."""
     pytest.importorskip("triton.backends.nvidia")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
@@ -249,6 +248,7 @@ def test_kernels_compile_with_the_wait_first_for_hopper() -> None:
         for dependent in (False, True):
             ptx = _compile_for_hopper(kernel, pointers, constexprs | {"PDL": dependent}).asm["ptx"]
             assert ("griddepcontrol.wait" in ptx) == dependent
+            assert ("griddepcontrol.launch_dependents" in ptx) == dependent
             if dependent:
                 assert ptx.index("griddepcontrol.wait") < ptx.index("ld.global")
 
