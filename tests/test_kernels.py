@@ -289,26 +289,35 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
     2.11's user-defined Triton kernel codegen). A helper called under an alias is undefined in that copy and
     the compile fails: seen on the H200, RTN-4's and ZipCache's compiled steps stopped with `InductorError:
     CompilationError` where their kernels called `kernels.await_previous_kernel` as `_await_previous_kernel`.
-    The CPU suite never compiles that copy, so the rule is checked here, over every module with kernels."""
+    The copy also defines a module global only if it is an int, string, bool or constexpr (a float constant
+    would be undefined too). The CPU suite never compiles that copy, so the rules are checked here, over
+    every module with kernels."""
     pytest.importorskip("triton")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
     import importlib
 
+    import triton.language as tl
     from triton.runtime.jit import JITFunction
 
     package = Path(kernels.__file__).parent
     with_kernels = sorted(p.stem for p in package.glob("*.py") if "@triton.jit" in p.read_text())
     calls = []  # (kernel, name it calls, the called function's own name)
+    uncopied = []  # globals the copy would not define: only jit functions, ints, strings, bools, constexprs
     for module_name in with_kernels:
         for value in vars(importlib.import_module(f"kvbench.{module_name}")).values():
             if not isinstance(value, JITFunction):
                 continue
             for name in value.fn.__code__.co_names:
-                called = value.fn.__globals__.get(name)
+                if name not in value.fn.__globals__ or name == "tl":  # attributes; the copy imports `tl`
+                    continue
+                called = value.fn.__globals__[name]
                 if isinstance(called, JITFunction):
                     calls.append((f"{module_name}.{value.fn.__name__}", name, called.fn.__name__))
+                elif not isinstance(called, (int, str, bool, tl.constexpr)):
+                    uncopied.append((f"{module_name}.{value.fn.__name__}", name, type(called).__name__))
     assert {"kernels", "quant_kernels", "token_quant", "topk"} <= set(with_kernels), with_kernels
     # The check reaches helpers shared across modules (the PDL wait every step kernel calls first).
     assert sum(own == "await_previous_kernel" for _, _, own in calls) >= 6, calls
     assert [c for c in calls if c[1] != c[2]] == []
+    assert uncopied == []
