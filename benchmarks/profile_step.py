@@ -27,6 +27,7 @@ import torch
 from speed import (
     READS_KEYS_TWICE,
     copy_bandwidth,
+    failure,
     make_method,
     weight_bytes_per_step,
 )  # benchmarks/speed.py, beside this file
@@ -254,7 +255,7 @@ def main() -> None:
                 row = profile(args, model, spec, bandwidth)
             except torch.OutOfMemoryError as error:
                 torch.cuda.empty_cache()
-                row = {"run": run, "status": "oom", "error": str(error).splitlines()[0]}
+                row = {"run": run, "status": "oom", **failure(error)}
             row.update(environment=env, bandwidth_bytes_per_s=bandwidth)
             out.write(json.dumps(row, default=str) + "\n")
             out.flush()

@@ -205,7 +205,7 @@ def run_row(
         generations = engine.generate_batch(requests)
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
-        return {**row, "status": "oom", "error": str(error).splitlines()[0]}
+        return {**row, "status": "oom", **failure(error)}
     except Exception as error:  # a failed row is data; the sweep goes on
         return {**row, "status": "error", **failure(error)}
     m = generations[0].measurement

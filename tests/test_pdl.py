@@ -16,6 +16,7 @@ from kvbench.engine import Engine
 from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.full import Full
 from tests.conftest import run_under_triton_interpreter
+from tests.test_kernels import kernel_modules
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
@@ -193,9 +194,8 @@ if __name__ == "__main__":
 
 def _kernels_taking_pdl() -> dict[str, object]:
     pytest.importorskip("triton")
-    modules = (kernels, quant_kernels, token_quant)
     found = {}
-    for module in modules:
+    for module in kernel_modules().values():
         for name, value in vars(module).items():
             if "PDL" in getattr(value, "arg_names", ()) and value is not kernels.await_previous_kernel:
                 found[f"{module.__name__}.{name}"] = value
