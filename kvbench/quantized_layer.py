@@ -49,9 +49,10 @@ Decode attention: the store's live slots and the window's in one
 `kvbench.quant_kernels.packed_decode_attention` call (Triton on CUDA, dequantizing in registers; where the
 plane kernel takes the store, the window is one more of its programs, otherwise
 `kvbench.kernels.decode_attention` merged through the log-sum-exp; the PyTorch references elsewhere). A layer
-with several parts (ZipCache), or with simulated storage, merges its parts and window itself (and applies
-`decode_rotation` around them). `storage="simulated"` keeps the dequantized
-values in model-dtype buffers instead (accuracy studies; more bytes, and counted as such).
+with several parts (ZipCache) gives the window to its first part's call and merges the parts; with simulated
+storage it merges its parts and the window itself (and applies `decode_rotation` around them).
+`storage="simulated"` keeps the dequantized values in model-dtype buffers instead (accuracy studies; more
+bytes, and counted as such).
 """
 
 from __future__ import annotations
@@ -477,8 +478,12 @@ class QuantizedLayer(KVLayer):
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
         else:
             rotated = q if self.rotation is None else rotate(q, self.rotation)
-            pieces = [part.attend(rotated, scaling) for part in self.parts]
-            if window is not None:
+            # A packed first part attends over the window too (inside the plane kernel where it takes the
+            # store): two launches and one merged piece fewer than a separate window attention.
+            joined = window if window is not None and not self.simulated else None
+            pieces = [self.parts[0].attend(rotated, scaling, joined)]
+            pieces += [part.attend(rotated, scaling) for part in self.parts[1:]]
+            if window is not None and joined is None:
                 pieces.append(kernels.decode_attention(rotated, *window, scaling))
             out, lse = merge_attention(pieces)
             out = out if self.rotation is None else rotate(out, self.rotation)
