@@ -19,6 +19,12 @@ memory for host backups (ArkVale), of `--kv-limit-gib` if given (the paper's KV 
 runs out of memory is retried at 85% of its size, twice at most; the row's `largest_batch` says what was
 predicted, what bounded it and what was tried.
 
+A row that runs out of time is a row too: past `--row-time-limit-s`, or when the process is told to stop
+(SIGTERM, as `timeout` sends), the row in progress is written with status "timeout" or "terminated", its
+elapsed seconds and `where`, the innermost frames it was in (compiling, prefilling or decoding), and a
+terminated run starts no new row. A GPU session's device time is short: a row cut off still says where
+the time went.
+
 Imports only torch, transformers and kvbench (the GPU machine has no hydra or datasets). One JSON line per
 row to `--out`, with device, versions and commit; a table at the end.
 """
@@ -30,8 +36,13 @@ import dataclasses
 import gc
 import json
 import os
+import signal
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -77,6 +88,51 @@ READS_KEYS_TWICE = {"h2o", "scissorhands"}
 MAX_BATCH = 0  # a plan's batch 0: the largest batch that fits (`largest_batch`)
 MEMORY_MARGIN = 0.92  # share of device (or available host) memory a predicted batch may fill: allocator slack
 RETRY_SHRINK, RETRIES = 0.85, 2  # a predicted batch that runs out of memory is retried this much smaller
+
+
+class RowTimeout(Exception):
+    """The row ran past `--row-time-limit-s`."""
+
+
+class Terminated(BaseException):
+    """The process was told to stop (SIGTERM). A BaseException, so that no `except Exception` on the way
+    (the engine's, transformers') swallows it before the row in progress is written."""
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signal.Signals(signum).name}")
+
+
+def cut_off(error: BaseException) -> RowTimeout | Terminated | None:
+    """The RowTimeout or Terminated behind `error`, if any: raised while dynamo or Inductor compiles, it
+    comes wrapped (InternalTorchDynamoError, BackendCompilerFailed), the original as a cause or context."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (RowTimeout, Terminated)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def row_deadline(seconds: float | None) -> Iterator[None]:
+    """Raise RowTimeout in the main thread once `seconds` have passed (Python code runs the handler at its
+    next bytecode: Inductor's compile and the engine's loops are Python, a kernel launch returns at once)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise RowTimeout(f"row time limit of {seconds:g} s reached")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def largest_batch(
@@ -201,13 +257,20 @@ def run_row(
         compile_scope=scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
     )
+    started = time.perf_counter()
     try:
-        generations = engine.generate_batch(requests)
+        with row_deadline(args.row_time_limit_s):
+            generations = engine.generate_batch(requests)
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         return {**row, "status": "oom", **failure(error)}
-    except Exception as error:  # a failed row is data; the sweep goes on
-        return {**row, "status": "error", **failure(error)}
+    except (Exception, Terminated) as error:  # a failed row is data; the sweep goes on
+        cause = cut_off(error)
+        if cause is None:
+            return {**row, "status": "error", **failure(error)}
+        # Cut off: where it was is the measurement (the frames of the wrapper dynamo may have raised).
+        status = "timeout" if isinstance(cause, RowTimeout) else "terminated"
+        return {**row, "status": status, "elapsed_s": time.perf_counter() - started, **failure(error)}
     m = generations[0].measurement
     cache_read = m.kv_bytes_device * batch
     if method_name in READS_KEYS_TWICE:
@@ -238,13 +301,25 @@ def run_row(
 
 
 ERROR_DETAIL_CHARS = 8000
+WHERE_FRAMES = 12
 
 
-def failure(error: BaseException) -> dict[str, str]:
-    """A failed row's error: its first line for the table, and the end of the whole message (where Inductor
-    puts the kernel source line that failed to compile) for whoever reads the row later, off the GPU."""
+def failure(error: BaseException) -> dict:
+    """A failed row's error: its first line for the table, the end of the whole message (where Inductor
+    puts the kernel source line that failed to compile), `where`, the innermost frames of its traceback,
+    and `in_kvbench`, the innermost of kvbench's own (which names the engine's phase: prefill, compile,
+    decode), each as "dir/file:line function", for whoever reads the row later, off the GPU."""
     message = f"{type(error).__name__}: {error}"
-    return {"error": message.splitlines()[0], "error_detail": message[-ERROR_DETAIL_CHARS:]}
+    frames = [
+        (f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}", "kvbench" in Path(f.filename).parts)
+        for f in traceback.extract_tb(error.__traceback__)
+    ]
+    return {
+        "error": message.splitlines()[0],
+        "error_detail": message[-ERROR_DETAIL_CHARS:],
+        "where": [frame for frame, _ in frames[-WHERE_FRAMES:]],
+        "in_kvbench": next((frame for frame, ours in reversed(frames) if ours), None),
+    }
 
 
 def spec_vocab(model: torch.nn.Module) -> int:
@@ -307,6 +382,9 @@ def main() -> None:
     )
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--time-limit-s", type=float, default=480, help="start no new row after this long")
+    parser.add_argument(
+        "--row-time-limit-s", type=float, default=None, help="cut a row off after this long (written as a timeout row)"
+    )
     parser.add_argument("--quick", action="store_true", help="llama-3.1-8b, 8k, batch 1, budget 2048")
     parser.add_argument("--device", default="cuda", help="cpu runs the same code (for checking the script)")
     parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
@@ -332,10 +410,14 @@ def main() -> None:
         except ConfigError as error:
             raise SystemExit(f"{method_name} at size {size}: {error}") from None
     sweep = Sweep(args, bandwidth)
+    signal.signal(signal.SIGTERM, terminate)  # the row in progress is written before the process stops
     with open(args.out, "a") as sweep.out:
         for shape, method_name, size, context, batch, engine_name in plan:
             if time.perf_counter() - began > args.time_limit_s:
                 print("time limit reached: no new rows", flush=True)
+                break
+            if sweep.rows and sweep.rows[-1]["status"] == "terminated":
+                print("terminated: no new rows", flush=True)
                 break
             sweep.load(shape, device)
             run = (method_name, size, context, engine_name)
@@ -346,6 +428,8 @@ def main() -> None:
     rows = sweep.rows
     print("\n" + "\n".join(format_row(row) for row in rows))
     print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
+    if rows and rows[-1]["status"] == "terminated":
+        raise SystemExit(128 + signal.SIGTERM)  # the shell's code for a process stopped by SIGTERM
 
 
 def quant_launch(overrides: list[str]) -> quant_kernels.LaunchConfig:
@@ -497,6 +581,8 @@ def format_row(row: dict) -> str:
         f"{row.get('shape', ''):<13}{row['method']:<13}{row['budget'] or '-':>6}{row['context']:>7}"
         f"{row['batch']:>3} {row['engine']:<9}"
     )
+    if "elapsed_s" in row:  # cut off
+        return head + f" {row['status']} after {row['elapsed_s']:.1f} s in {row.get('in_kvbench')}"
     if row["status"] != "ok":
         return head + f" {row['status']}: {row.get('error', '')[:60]}"
     return head + (

@@ -4,14 +4,24 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import speed
+
+REPO = Path(__file__).resolve().parents[1]
+SPEED = REPO / "benchmarks" / "speed.py"
+SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 GIB = 2**30
 
@@ -92,3 +102,62 @@ def test_a_failed_row_keeps_the_end_of_its_error_for_reading_off_the_gpu():
     assert got["error"] == "RuntimeError: CompilationError: at 105:4:"
     assert got["error_detail"].endswith("NameError('_helper is not defined')")
     assert len(got["error_detail"]) <= speed.ERROR_DETAIL_CHARS
+
+
+def test_a_row_past_its_time_limit_is_written_with_where_it_was(tmp_path):
+    """A row cut off by `--row-time-limit-s` is a row: status "timeout", its elapsed time and the engine
+    frame it was in, also when the limit strikes while dynamo compiles (which wraps the exception)."""
+    out = tmp_path / "rows.jsonl"
+    runs = ["tiny-llama:full:0:64:1", "tiny-llama:full:0:64:1:eager"]  # compiled first, then eager
+    command = [sys.executable, str(SPEED), "--device", "cpu", "--runs", *runs, "--new-tokens", "2000"]
+    command += ["--row-time-limit-s", "0.5", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["engine"] for row in rows] == ["compiled", "eager"]
+    for row in rows:
+        assert row["status"] == "timeout", row.get("error_detail")
+        assert 0.5 <= row["elapsed_s"] < 60
+        assert row["in_kvbench"].startswith("kvbench/"), row["where"]
+        assert "row time limit of 0.5 s" in row["error_detail"]
+
+
+def test_sigterm_writes_the_row_in_progress_and_starts_no_other(monkeypatch, tmp_path):
+    """SIGTERM (what `timeout` sends) during a row: the row is written as "terminated", no later row
+    starts, and the process exits with the shell's code for SIGTERM."""
+    started = []
+
+    class StoppedEngine:  # stands in for the engine: the signal arrives while it generates
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def generate_batch(self, requests) -> None:
+            started.append(len(requests))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            raise AssertionError("SIGTERM did not stop the row")
+
+    class Model:
+        def get_input_embeddings(self):
+            return torch.nn.Embedding(32, 4)
+
+    def load(self, shape, device) -> None:
+        self.shape, self.model, self.spec, self.env = shape, Model(), None, {}
+
+    out = tmp_path / "rows.jsonl"
+    argv = ["speed.py", "--device", "cpu", "--runs", "tiny-llama:full:0:64:1", "tiny-llama:full:0:64:2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    monkeypatch.setattr(speed, "Engine", StoppedEngine)
+    monkeypatch.setattr(speed, "copy_bandwidth", lambda device: 1.0)
+    monkeypatch.setattr(speed.Sweep, "load", load)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            speed.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert started == [1]  # the batch-2 row never started
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == "terminated" and row["error"] == "Terminated: signal SIGTERM"
+    assert row["in_kvbench"] is None and row["where"][-1].endswith("terminate")
