@@ -89,6 +89,8 @@ CONFIGS = {
     "no_offset": replace(quant_kernels.LAUNCH, offset_codes=False),
     "one_warp": replace(quant_kernels.LAUNCH, one_warp_summed_slots=0),
     "two_warps": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
+    # ZipCache's keys read per slot in every tile, as before the "lead" fold (row 0 folded below lead)
+    "no_lead": replace(quant_kernels.LAUNCH, fold_lead=False),
 }
 DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests

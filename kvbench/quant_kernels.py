@@ -2,8 +2,9 @@
 
 Two kernels. `_plane_split_kernel` takes planar codes (4 bits, `kvbench.quant`) whose parameters it
 can fold per plane: values in per-token groups, keys per token or per channel (`plane_plan`; KIVI, QuaRot,
-RTN and ZipCache's 4-bit layouts); its own docstring says how. `_packed_split_kernel`, described below,
-takes everything else (2-, 3- and 8-bit codes, per-channel values, token groups narrower than a plane); it
+RTN and ZipCache's 4-bit layouts: QuaRot and RTN "token", KIVI-4 "halves", ZipCache's salient set "lead");
+its own docstring says how. `_packed_split_kernel`, described below, takes everything else (2-, 3- and
+8-bit codes: KIVI-2, ZipCache's 2-bit rest; per-channel values, token groups narrower than a plane); it
 reads a planar row a code at a time. Both are `kvbench.kernels`' flash-decoding split kernel with K/V tiles read
 packed: each program reads the codes of its tiles (a 4-bit cache reads a quarter of bf16's bytes) plus their
 float16 scales and zero-points, and the online softmax, the partial outputs and the combine kernel that
@@ -34,9 +35,13 @@ Why `_packed_split_kernel` is shaped as it is (decode attention is bound by memo
   one parameter per slot (per-token groups spanning the head: QuaRot, ZipCache's values) is folded into
   the attention algebra, q.(c s + z) = s (q.c) + z sum(q) for keys and p (c s + z) = (p s) c + (p.z) for
   values, so the tile's codes go to the tensor cores as they are; per-channel keys whose rows span whole
-  tiles (tiles are aligned to the rows) fold one scale row into the query, (q * s).c + q.z; rows shorter
-  than a tile and per-token groups of a power-of-two width are loaded once per row or group and broadcast
-  over the tile; any other layout (ZipCache's odd block sizes) reads each slot's parameter row.
+  tiles (tiles are aligned to the rows) fold one scale row into the query, (q * s).c + q.z ("row");
+  ZipCache's keys, whose row 0 spans the prompt set (slots [0, lead), `PackedSlots.prompt_row`), fold
+  that row into the query once and use it for every tile below lead (tiles aligned to lead), reading each
+  slot's row only in the tiles of its decode blocks ("lead", in both kernels: the plane kernel's 4-bit
+  salient set, this kernel's 2-bit rest); rows shorter than a tile and per-token groups of a power-of-two
+  width are loaded once per row or group and broadcast over the tile; any other layout (ZipCache's odd
+  block sizes without `LaunchConfig.fold_lead`) reads each slot's parameter row.
 - Numerics against the float32 reference: where a layout is folded, q * s or p * s is rounded to the
   query's dtype for the tensor cores instead of the dequantized key or value; where values are
   dequantized for a 16-bit query, c * s + z is one float16 multiply-add (the parameters are float16;
@@ -71,6 +76,10 @@ class PackedSlots(NamedTuple):
     bits: int
     row_tokens: int
     col_channels: int
+    # Row 0 holds one group over a whole prompt set, slots [0, lead) (ZipCache's keys, `PackedStore.fill`
+    # with a group of its own), so tiles below lead can fold it (key mode "lead"); False leaves the layout to
+    # the per-slot modes. A static hint for the mode only: the slot rule above holds either way.
+    prompt_row: bool = False
 
 
 class Window(NamedTuple):
@@ -159,6 +168,11 @@ class LaunchConfig:
     # alone, int4 per token at one warp: 64.4 -> 60.5 us at 32k batch 4, 218.7 -> 205.4 at 128k batch 4; at
     # two warps and batch 1 within 2% either way (26.7 / 27.2 us).
     offset_codes: bool = True
+    # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
+    # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
+    # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every
+    # tile is read per slot, as before. Not yet timed on a GPU (`quant_attention.py --configs default,no_lead`).
+    fold_lead: bool = True
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
@@ -177,21 +191,26 @@ def _split_plan(batch_heads: int, slots: int, num_sms: int, launch: LaunchConfig
     return -(-tiles // tiles_per_split), tiles_per_split * launch.block_n
 
 
-def _param_mode(packed: PackedSlots, dim: int, block_n: int, can_align: bool) -> str:
+def _param_mode(packed: PackedSlots, dim: int, launch: LaunchConfig, can_align: bool) -> str:
     """How the kernel applies a store's scales and zero-points (the module doc says why):
     "slot": one parameter per slot, folded into the dot products;
     "row": per-channel rows of a multiple of block_n slots, tiles aligned to them, one row folded per tile;
+    "lead": per-channel rows whose row 0 spans a prompt set (`PackedSlots.prompt_row`, ZipCache's keys;
+    the launch's `fold_lead`), tiles aligned to lead: a tile below lead folds row 0, as "row", one past
+    it (a decode block's) reads every slot's row, as "gather";
     "rows": per-channel rows of a power-of-two divisor of block_n slots, tiles aligned, each row broadcast;
     "columns": per-token groups of a power-of-two width, each group's parameter broadcast;
     "gather": anything else, every slot's row read for every value.
     Only keys align tiles to their rows (`can_align`), so per-channel values take "gather"."""
-    rows, cols = packed.row_tokens, packed.col_channels
+    rows, cols, block_n = packed.row_tokens, packed.col_channels, launch.block_n
     if rows == 1 and cols >= dim:
         return "slot"
     if rows == 1 and cols & (cols - 1) == 0:
         return "columns"
     if can_align and cols == 1 and rows % block_n == 0:
         return "row"
+    if can_align and cols == 1 and packed.prompt_row and launch.fold_lead:
+        return "lead"
     if can_align and cols == 1 and block_n % rows == 0:
         return "rows"
     return "gather"
@@ -205,8 +224,10 @@ def _fits_planes(group: int, dim: int) -> bool:
 def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
     """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
     does): planar codes (4 bits), values in per-token groups that planes lie inside, keys either so too
-    ("token") or per channel ("row" where tiles divide the rows, "halves" where a row is half a tile and
-    the launch asks for it: KIVI's 32 tokens in 64-slot tiles, "rows" otherwise)."""
+    ("token") or per channel ("row" where tiles divide the rows; "lead" where row 0 spans a prompt set and
+    the launch asks for it: ZipCache's salient set, row 0 folded below lead, rows read per slot past it;
+    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles;
+    "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
     if not (is_planar(keys.bits) and is_planar(values.bits)) or keys.scale.stride(-1) != 1 != values.scale.stride(-1):
@@ -217,6 +238,8 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
         return "token", launch.block_n
     if keys.col_channels == 1 and keys.row_tokens % launch.block_n == 0:
         return "row", launch.block_n
+    if keys.col_channels == 1 and keys.prompt_row and launch.fold_lead:
+        return "lead", launch.block_n
     if keys.col_channels == 1 and launch.fold_half_rows and 2 * keys.row_tokens == launch.block_n:
         return "halves", launch.block_n
     if keys.col_channels == 1:
@@ -521,11 +544,17 @@ if kernels.triton is not None:
         start = split * split_len
         end = tl.minimum(start + split_len, length)
         first = start
-        if K_MODE == "row" or K_MODE == "rows":
+        if K_MODE == "row" or K_MODE == "rows" or K_MODE == "lead":
             # Tiles start where key parameter rows do (lead + a multiple of BLOCK_N), so none straddles
-            # two rows ("row") or a row boundary cuts it into whole rows ("rows"); the first may begin
-            # before the split and the last reach past it, their outside slots masked.
+            # two rows ("row") or the prompt set's row and a decode block's ("lead"), or a row boundary cuts
+            # it into whole rows ("rows"); the first may begin before the split and the last reach past it,
+            # their outside slots masked.
             first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        if K_MODE == "lead":  # row 0, the prompt set's, folded into the query once: (q * s_0).c + q.z_0
+            lead_scale = tl.load(ks_base + offs_d * stride_ksc, mask=d_ok, other=0.0).to(tl.float32)
+            lead_zero = tl.load(kz_base + offs_d * stride_ksc, mask=d_ok, other=0.0).to(tl.float32)
+            q_lead = (q_f32 * lead_scale[None, :]).to(q.dtype)
+            lead_bias = tl.sum(q_f32 * lead_zero[None, :], axis=1)
         # One parameter per slot ("slot") is read a tile ahead: 2-byte loads are too narrow for the
         # pipeliner's asynchronous copies, so read in the tile that uses them they would stall it.
         ahead = first + offs_n
@@ -555,6 +584,20 @@ if kernels.triton is not None:
                 q_scaled = (q_f32 * scale.to(tl.float32)[None, :]).to(q.dtype)
                 bias = tl.sum(q_f32 * zero.to(tl.float32)[None, :], axis=1)
                 logits = _dot_codes(q_scaled, k, True, K_PAIRS, PRECISION) + bias[:, None]
+            elif K_MODE == "lead":  # tiles end at lead: one below it is the prompt set's, one past it a block's
+                if tile < k_lead:
+                    logits = _dot_codes(q_lead, k, True, K_PAIRS, PRECISION) + lead_bias[:, None]
+                else:  # as "gather" below (written out: a helper shared with it changed their SASS)
+                    block_scale = _tile_params(
+                        ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
+                        "gather", K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                    )  # fmt: skip
+                    block_zero = _tile_params(
+                        kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
+                        "gather", K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                    )  # fmt: skip
+                    block_keys = _dequantize(k, block_scale, block_zero, q.dtype, K_PAIRS)
+                    logits = tl.dot(q, tl.trans(block_keys), input_precision=PRECISION)
             else:
                 scale = _tile_params(
                     ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
@@ -712,12 +755,9 @@ if kernels.triton is not None:
         )
 
     @triton.jit
-    def _folded_row_logits(
-        q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
-        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
+    def _row_params(scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr):
+        """One row of per-channel key parameters (`scales`, `zeros`: the row's first channel), per plane, as
+        float32 vectors [W]: s0, s1, s2, s3, z0, z1, z2, z3."""
         s0 = tl.load(scales + offs_w, mask=mask, other=0.0).to(tl.float32)
         s1 = tl.load(scales + K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
         s2 = tl.load(scales + 2 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
@@ -726,18 +766,74 @@ if kernels.triton is not None:
         z1 = tl.load(zeros + K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
         z2 = tl.load(zeros + 2 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
         z3 = tl.load(zeros + 3 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
-        bias = tl.sum(
+        return s0, s1, s2, s3, z0, z1, z2, z3
+
+    @triton.jit
+    def _row_bias(q0, q1, q2, q3, z0, z1, z2, z3):
+        """q . z [G] over the four planes, in float32."""
+        return tl.sum(
             q0.to(tl.float32) * z0[None, :]
             + q1.to(tl.float32) * z1[None, :]
             + q2.to(tl.float32) * z2[None, :]
             + q3.to(tl.float32) * z3[None, :],
             axis=1,
         )
+
+    @triton.jit
+    def _folded_row_logits(
+        q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
+        s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
+        bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
         logits = tl.dot((q0.to(tl.float32) * s0[None, :]).to(DTYPE), tl.trans(c0), input_precision=PRECISION)
         logits = tl.dot((q1.to(tl.float32) * s1[None, :]).to(DTYPE), tl.trans(c1), logits, input_precision=PRECISION)
         logits = tl.dot((q2.to(tl.float32) * s2[None, :]).to(DTYPE), tl.trans(c2), logits, input_precision=PRECISION)
         logits = tl.dot((q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION)
         return logits, bias
+
+    @triton.jit
+    def _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION: tl.constexpr):
+        """sum over planes g of qs_g . c_g, [G, N]: a tile's codes (planes c_g [N, W]) against a query whose
+        planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` does
+        not call it: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
+        logits = tl.dot(qs0, tl.trans(c0), input_precision=PRECISION)
+        logits = tl.dot(qs1, tl.trans(c1), logits, input_precision=PRECISION)
+        logits = tl.dot(qs2, tl.trans(c2), logits, input_precision=PRECISION)
+        logits = tl.dot(qs3, tl.trans(c3), logits, input_precision=PRECISION)
+        return logits
+
+    @triton.jit
+    def _slot_row_logits(
+        q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, slots, live, lead, stride_r, offs_w, w_ok,
+        K_WIDTH: tl.constexpr, ROW_TOKENS: tl.constexpr, K_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Logits of a tile's codes (planes c_g [N, W]) under per-channel key rows of any size: each slot's row
+        read and the keys dequantized, c * s + z in K_DTYPE (the codes converted to it first, exactly)."""
+        params = _slot_rows(slots, lead, ROW_TOKENS)[:, None] * stride_r + offs_w[None, :]
+        mask = live[:, None] & w_ok[None, :]
+        k0 = c0.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        params += K_WIDTH
+        k1 = c1.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        params += K_WIDTH
+        k2 = c2.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        params += K_WIDTH
+        k3 = c3.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        logits = tl.dot(q0.to(K_DTYPE), tl.trans(k0.to(K_DTYPE)), input_precision=PRECISION)
+        logits = tl.dot(q1.to(K_DTYPE), tl.trans(k1.to(K_DTYPE)), logits, input_precision=PRECISION)
+        logits = tl.dot(q2.to(K_DTYPE), tl.trans(k2.to(K_DTYPE)), logits, input_precision=PRECISION)
+        logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
+        return logits
 
     @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
     def _plane_split_kernel(
@@ -822,10 +918,15 @@ if kernels.triton is not None:
           to the rows): each half's row folds into its own copy of the query as in "row", both halves'
           logits come from the whole tile's codes (twice the key products) and each slot takes its half's;
         - keys "rows" (per-channel groups of any other size, from any lead: KIVI's 32 tokens in tiles of
-          64 by default, ZipCache's blocks): each slot's row is read and the keys dequantized, c * s + z in K_DTYPE
+          64 without `fold_half_rows`, ZipCache's blocks without `fold_lead`): each slot's row is read and
+          the keys dequantized, c * s + z in K_DTYPE
           (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values; a
           bfloat16 query meets them in float16 too, exact unless a query value lies outside float16's range
           or below its normal range, 6e-5, where it loses bits);
+        - keys "lead" (ZipCache's salient set: row 0 for the prompt's slots [0, lead), then rows of
+          K_ROW_TOKENS slots for the decode blocks; tiles aligned to lead): row 0 folds into the query once,
+          before the loop, and a tile below lead takes "row"'s logits from it; a tile past lead, as "rows"
+          (its codes, made in DTYPE for the fold, converted to K_DTYPE first, exactly): a branch per tile;
         - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles; with
           ZERO_SUMS (one zero-point per slot: V_GROUP = VALUE_DIM), p . z is a float32 row sum per tile.
@@ -904,14 +1005,21 @@ if kernels.triton is not None:
         start = split * split_len
         end = tl.minimum(start + split_len, length)
         first = start
-        if K_MODE == "row":  # tiles start where key parameter rows do (`_packed_split_kernel`)
+        if K_MODE == "row" or K_MODE == "lead":  # tiles start where key parameter rows do (`_packed_split_kernel`)
             first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        if K_MODE == "lead":  # row 0, the prompt set's, folded into the query once: q_g * s_g and q . z
+            ls0, ls1, ls2, ls3, lz0, lz1, lz2, lz3 = _row_params(ks_base, kz_base, offs_w, w_ok, K_WIDTH)
+            lead_bias = _row_bias(q0, q1, q2, q3, lz0, lz1, lz2, lz3)
+            lq0 = (q0.to(tl.float32) * ls0[None, :]).to(DTYPE)
+            lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
+            lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
+            lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
         if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
             first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
         # Tiles aligned to rows start before the split and mask its slots below `start`; the others start
         # at `start`, so only `end` bounds them.
-        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves"
+        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves" or K_MODE == "lead"
         ahead = first + offs_n
         ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
         if K_MODE == "token":
@@ -940,7 +1048,10 @@ if kernels.triton is not None:
             ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
 
             k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
-            c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
+            if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
+                c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
+            else:
+                c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
             if K_MODE == "token":
                 if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
                     logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
@@ -966,27 +1077,18 @@ if kernels.triton is not None:
                 ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
                 kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
             elif K_MODE == "rows":  # per-channel rows of any size: each slot's row read, keys dequantized
-                params = _slot_rows(slots, k_lead, K_ROW_TOKENS)[:, None] * stride_ksr + offs_w[None, :]
-                k_mask = live[:, None] & w_ok[None, :]
-                k0 = c0 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
-                    kz_base + params, mask=k_mask, other=0.0
-                )
-                params += K_WIDTH
-                k1 = c1 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
-                    kz_base + params, mask=k_mask, other=0.0
-                )
-                params += K_WIDTH
-                k2 = c2 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
-                    kz_base + params, mask=k_mask, other=0.0
-                )
-                params += K_WIDTH
-                k3 = c3 * tl.load(ks_base + params, mask=k_mask, other=0.0) + tl.load(
-                    kz_base + params, mask=k_mask, other=0.0
-                )
-                logits = tl.dot(q0.to(K_DTYPE), tl.trans(k0.to(K_DTYPE)), input_precision=PRECISION)
-                logits = tl.dot(q1.to(K_DTYPE), tl.trans(k1.to(K_DTYPE)), logits, input_precision=PRECISION)
-                logits = tl.dot(q2.to(K_DTYPE), tl.trans(k2.to(K_DTYPE)), logits, input_precision=PRECISION)
-                logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
+                logits = _slot_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w, w_ok,
+                    K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                )  # fmt: skip
+            elif K_MODE == "lead":  # tiles end at lead: one below it is the prompt set's, one past it a block's
+                if tile < k_lead:
+                    logits = _folded_logits(lq0, lq1, lq2, lq3, c0, c1, c2, c3, PRECISION) + lead_bias[:, None]
+                else:
+                    logits = _slot_row_logits(
+                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
+                        w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                    )  # fmt: skip
             elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
                 half = tile + K_ROW_TOKENS
                 row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
@@ -1126,8 +1228,9 @@ if kernels.triton is not None:
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
         # 4-bit elements are 16-bit words; the inline PTX needs the compiled GPU path and a 16-bit dot.
         k_codes, v_codes = keys.codes.view(torch.int16), values.codes.view(torch.int16)
-        # Dequantized keys ("rows") are float16 for a 16-bit query: c * s + z in the parameters' own type.
-        key_dtype = tl.float16 if key_mode == "rows" and dtype != tl.float32 else dtype
+        # Dequantized keys ("rows", and "lead" past lead) are float16 for a 16-bit query: c * s + z in the
+        # parameters' own type.
+        key_dtype = tl.float16 if key_mode in ("rows", "lead") and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
         # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
         # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).
@@ -1208,8 +1311,8 @@ if kernels.triton is not None:
         o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
         upcast, precision = kernels._upcast_and_precision(query.dtype)
-        key_mode = _param_mode(keys, d, launch.block_n, can_align=True)
-        value_mode = _param_mode(values, dv, launch.block_n, can_align=False)
+        key_mode = _param_mode(keys, d, launch, can_align=True)
+        value_mode = _param_mode(values, dv, launch, can_align=False)
         # Codes in pairs (`_split_fields`) where the dot is in 16 bits and codes are below 128.
         half_dot = query.dtype in (torch.bfloat16, torch.float16) and not upcast
         kernels.launch(_packed_split_kernel, (b * hkv, num_splits), query.device)(
@@ -1366,7 +1469,7 @@ def packed_decode_attention(
             f"rotation {tuple(rotation.shape)} for head_dim {d}, value dim {dv}: a contiguous [D, D] matrix, "
             "D = head_dim = value dim, a power of two"
         )
-    formats = (float(scale), list(keys[4:]), list(values[4:]))
+    formats = (float(scale), [int(f) for f in keys[4:]], [int(f) for f in values[4:]])  # the ops' int lists
     if plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None, None, None)
         return kernels.operator("plane_attention")(

@@ -138,6 +138,7 @@ class PackedStore:
         self.spec, self.dim, self.row_tokens, self.lead, self.simulated = spec, dim, row_tokens, lead, simulated
         self.scale: torch.Tensor | None = None
         self.zero: torch.Tensor | None = None
+        self.prompt_row = False  # `PackedSlots.prompt_row`: set by `fill` with a group of its own
         if simulated:
             self.codes = torch.zeros(b, h, slots, dim, dtype=dtype, device=device)
             return
@@ -158,10 +159,13 @@ class PackedStore:
 
     def fill(self, x: torch.Tensor, group_tokens: int = 0) -> None:
         """Prefill: tokens x [B, H, n, D] into slots [0, n), parameters into rows from 0; per-channel groups
-        of `group_tokens` tokens (0: the store's row_tokens)."""
+        of `group_tokens` tokens (0: the store's row_tokens). A group of its own is a prompt set in row 0
+        (ZipCache's, whose size is the store's lead): the kernels may then fold that row for the tiles below
+        lead (`PackedSlots.prompt_row`)."""
         n = x.shape[2]
         if n == 0:
             return
+        self.prompt_row = self.spec.axis == "channel" and group_tokens > 0
         codes, scale, zero = self.quantize(x, group_tokens)
         self.codes[:, :, :n] = codes
         if scale is not None:
@@ -208,7 +212,9 @@ class PackedStore:
 
     def slots_view(self) -> PackedSlots:
         col_channels = self.spec.group if self.spec.axis == "token" else 1
-        return PackedSlots(self.codes, self.scale, self.zero, self.lead, self.spec.bits, self.row_tokens, col_channels)
+        return PackedSlots(
+            self.codes, self.scale, self.zero, self.lead, self.spec.bits, self.row_tokens, col_channels, self.prompt_row
+        )
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         held = {"codes": self.codes, "scale": self.scale, "zero": self.zero}

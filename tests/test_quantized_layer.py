@@ -26,7 +26,8 @@ LSE_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
 
 # name: (batch, kv heads, group, slots, head dim, key layout, value layout, dtype). A layout is
 # (bits, row_tokens, col_channels, lead): "lead" None means lead = row_tokens (per-token / per-channel
-# groups), a number is ZipCache's first row for a prompt set (different per sequence: lead + 7 * b).
+# groups), a number is ZipCache's first row for a prompt set (different per sequence: lead + 7 * b); the
+# keys of PROMPT_ROW cases say so (`PackedSlots.prompt_row`, as ZipCache's stores do: key mode "lead").
 CASES = {
     "kivi2_fp32": (2, 2, 4, 200, 64, (2, 32, 1, None), (2, 1, 32, None), "float32"),
     "kivi4_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
@@ -63,7 +64,19 @@ CASES = {
     # codes as 2^m + c, the offset taken out of the sums (the launch's `offset_codes`), bf16 and fp16
     "quarot4_offset_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "offset_fp16": (3, 2, 2, 300, 64, (4, 1, 64, None), (4, 1, 64, None), "float16"),
+    # ZipCache's layouts, key mode "lead": row 0 for a prompt set of 150 + 7b slots (22 + 7b past a tile
+    # boundary), then decode blocks of 60 (the 4-bit salient set, the plane kernel) or 40 slots (the 2-bit
+    # rest, the split kernel); a full sequence reaches ~9 blocks past lead, so both branches run
+    "zipcache4_lead_fp16": (2, 2, 4, 700, 64, (4, 60, 1, 150), (4, 1, 64, None), "float16"),
+    "zipcache4_lead_bf16": (3, 2, 4, 700, 64, (4, 60, 1, 150), (4, 1, 64, None), "bfloat16"),
+    "zipcache4_lead_fp32": (2, 1, 4, 500, 64, (4, 60, 1, 30), (4, 1, 64, None), "float32"),
+    "zipcache2_lead_fp16": (2, 2, 4, 700, 64, (2, 40, 1, 150), (2, 1, 64, None), "float16"),
+    "zipcache2_lead_bf16": (3, 2, 4, 700, 64, (2, 40, 1, 150), (2, 1, 64, None), "bfloat16"),
+    "zipcache2_lead_fp32": (2, 1, 4, 500, 64, (2, 40, 1, 30), (2, 1, 64, None), "float32"),
+    # the same salient set with the launch's fold_lead off: every tile's keys per slot ("rows")
+    "zipcache4_lead_off_fp16": (2, 2, 4, 700, 64, (4, 60, 1, 150), (4, 1, 64, None), "float16"),
 }
+PROMPT_ROW = tuple(name for name in CASES if name.startswith("zipcache") and "_lead" in name)
 # Cases also run with a full-precision window: the plane kernel's window program (KIVI's layout, per-token
 # groups, float32), and `_packed_split_kernel` with the window merged apart.
 WINDOW_CASES = (
@@ -74,6 +87,8 @@ WINDOW_CASES = (
     "three_bits_fp16",
     "zero_sums_fp16",
     "offset_fp16",
+    "zipcache4_lead_bf16",
+    "zipcache2_lead_fp16",
 )
 # Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
 # combine, alone and with a window; around `_packed_split_kernel` (products outside it).
@@ -95,6 +110,7 @@ LAUNCHES = {
     # summed zero-points with the codes as they are (offset_codes=False)
     "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(offset_codes=False),
     "zero_sums_fp16": quant_kernels.LaunchConfig(offset_codes=False),
+    "zipcache4_lead_off_fp16": quant_kernels.LaunchConfig(fold_lead=False),
 }
 
 
@@ -113,7 +129,7 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
 def _case_inputs(name: str, seed: int) -> dict:
     b, hkv, group, s, d, k_layout, v_layout, dtype = CASES[name]
     gen = torch.Generator().manual_seed(seed)
-    keys = _layout(b, hkv, s, d, k_layout, gen)
+    keys = _layout(b, hkv, s, d, k_layout, gen)._replace(prompt_row=name in PROMPT_ROW)
     values = _layout(b, hkv, s, d, v_layout, gen)
     lengths = torch.randint(1, s, (b,), generator=gen)
     lengths[0] = s  # every slot live
@@ -177,14 +193,14 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         and plan[0] == "token"
         and x["keys"].col_channels == d,
         "kernel": "packed" if plan is None else "plane",
-        "key_mode": quant_kernels._param_mode(x["keys"], d, launch.block_n, can_align=True)
-        if plan is None
-        else plan[0],
-        "value_mode": quant_kernels._param_mode(x["values"], d, launch.block_n, can_align=False)
+        "key_mode": quant_kernels._param_mode(x["keys"], d, launch, can_align=True) if plan is None else plan[0],
+        "value_mode": quant_kernels._param_mode(x["values"], d, launch, can_align=False)
         if plan is None
         else f"token/{d // x['values'].col_channels}",
         "bits": [x["keys"].bits, x["values"].bits],
         "lead_misaligned": bool((x["keys"].lead % launch.block_n != 0).any()),
+        # every sequence's lead > 0 (tiles below it) and some sequence live past it (decode-block tiles)
+        "both_sides_of_lead": bool((x["lengths"] > x["keys"].lead).any() and (x["keys"].lead > 0).all()),
         "dtype": str(x["query"].dtype).removeprefix("torch."),
         "out_dtype_ok": out.dtype == x["query"].dtype and lse.dtype == torch.float32,
         "nan": bool(out.isnan().any() or lse.isnan().any()),
@@ -231,17 +247,25 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     from a lead that is not a multiple of the tile, one split and many, sequences with no live slot."""
     cases = interpreted.values()
     packed = [m for m in cases if m["kernel"] == "packed"]
-    assert {m["key_mode"] for m in packed} == {"slot", "row", "rows", "columns", "gather"}
+    assert {m["key_mode"] for m in packed} == {"slot", "row", "lead", "rows", "columns", "gather"}
     assert {m["value_mode"] for m in packed} == {"slot", "columns", "gather"}
     assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
-    assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "rows"}
+    assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "lead", "rows"}
     plane = [m for m in cases if m["kernel"] == "plane"]
-    assert {m["key_mode"] for m in plane} == {"token", "row", "halves", "rows"}
+    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {4}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
     assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
-    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "halves", "rows"}
+    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
+    # ZipCache's keys ("lead"): both branches (the folded prompt set, the decode blocks read per slot) in
+    # both kernels, in every query dtype, with a window; off (the launch's fold_lead), per slot throughout
+    for kernel in ("packed", "plane"):
+        lead = [m for m in cases if m["kernel"] == kernel and m["key_mode"] == "lead"]
+        assert any(m["lead_misaligned"] and m["both_sides_of_lead"] for m in lead), kernel
+        assert {m["dtype"] for m in lead} == {"float32", "float16", "bfloat16"}, kernel
+        assert any(m["window"] for m in lead), kernel
+    assert interpreted["zipcache4_lead_off_fp16"]["key_mode"] == "rows"
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
@@ -350,6 +374,8 @@ def _compile_for_hopper(kernel, types: dict, constexprs: dict):
         ("bf16", 2, "rows", "columns"),
         ("fp16", 3, "row", "gather"),
         ("fp32", 8, "gather", "slot"),
+        ("bf16", 2, "lead", "slot"),  # ZipCache's 2-bit rest
+        ("fp16", 3, "lead", "columns"),
     ],
 )
 def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str, value_mode: str) -> None:
@@ -361,6 +387,7 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
     }
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     layouts = {"slot": (1, 128), "row": (64, 1), "rows": (32, 1), "columns": (1, 32), "gather": (24, 1)}
+    layouts |= {"lead": (40, 1)}
     constexprs = {
         "K_BITS": bits, "K_ROW_TOKENS": layouts[key_mode][0], "K_COL_CHANNELS": layouts[key_mode][1],
         "K_MODE": key_mode, "V_BITS": bits, "V_ROW_TOKENS": layouts[value_mode][0],
@@ -384,6 +411,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         ("fp16", "token", 4, False, False),
         ("bf16", "rows", 4, False, False),
         ("bf16", "halves", 4, False, False),
+        ("bf16", "lead", 1, True, False),  # ZipCache's salient set: values with one zero-point per slot
+        ("fp16", "lead", 1, True, False),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
@@ -399,11 +428,13 @@ def test_plane_kernel_compiles_for_hopper(
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     pointers |= {"rotation_ptr": "*i8", "rotation_scale": "fp32"}
     constexprs = {
-        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": 4, "K_ROW_TOKENS": 1 if key_mode == "token" else 32,
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": 4,
+        "K_ROW_TOKENS": {"token": 1, "lead": 60}.get(key_mode, 32),
         "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": 4,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
-        "K_DTYPE": tl.float16 if key_mode == "rows" or dtype == "fp16" else tl.bfloat16, "PRECISION": "tf32",
+        "K_DTYPE": tl.float16 if key_mode in ("rows", "lead") or dtype == "fp16" else tl.bfloat16,
+        "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
     }  # fmt: skip

@@ -120,6 +120,26 @@ def test_prefill_puts_the_least_salient_share_at_low_bits():
         assert torch.allclose(quant_kernels.dequantize_slots(part.values.slots_view())[:, :, :n], expected_values)
 
 
+def test_stores_take_the_kernels_lead_fold():
+    """Both sets' keys say that row 0 spans their prompt set (`PackedSlots.prompt_row`, set by `fill`), so the
+    plane kernel (the 4-bit salient set) and the split kernel (the 2-bit rest) fold it below lead ("lead");
+    the values' stores do not say so, and the launch's fold_lead off gives the per-slot modes back."""
+    keys, values, queries = _sequence(200, seed=2)
+    layer = _layer(ZipCache(), 200, 300)  # 3 decode blocks: rows of 60 and 40 tokens after row 0
+    _prefill(layer, keys, values, queries)
+    layer.finish_prefill()
+    high, low = (part.keys.slots_view() for part in layer.parts)
+    assert (high.row_tokens, low.row_tokens, high.prompt_row, low.prompt_row) == (60, 40, True, True)
+    assert not any(part.values.slots_view().prompt_row for part in layer.parts)
+    launch = quant_kernels.LaunchConfig()
+    assert quant_kernels.plane_plan(high, layer.parts[0].values.slots_view(), launch) == ("lead", launch.block_n)
+    assert quant_kernels.plane_plan(low, layer.parts[1].values.slots_view(), launch) is None
+    assert quant_kernels._param_mode(low, 32, launch, can_align=True) == "lead"
+    off = quant_kernels.LaunchConfig(fold_lead=False)
+    assert quant_kernels.plane_plan(high, layer.parts[0].values.slots_view(), off)[0] == "rows"
+    assert quant_kernels._param_mode(low, 32, off, can_align=True) == "gather"
+
+
 def test_decode_flush_splits_the_buffer_by_the_current_querys_attention():
     """With gap 8 and low_ratio 0.5: after the 8th buffered token, the 4 tokens that query attended most go
     to the high set, the other 4 to the low set, and the buffer is empty again."""
