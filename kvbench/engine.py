@@ -5,13 +5,13 @@ method). `compiled` runs the same step through `torch.compile(fullgraph=True)` a
 once in a CUDA graph and replays it: the step has fixed shapes and no host syncs (token choice, stop checks
 and positions all stay on the device), so the replay launches no Python. What is compiled is
 `compile_scope`: `layer` (the default) compiles a decoder layer's forward, which every layer reuses (one
-Inductor compile, then graph-cache hits: layers differ only in weights and cache tensors, which are inputs),
-and runs the rest of the step (embedding, final norm, LM head, token choice) eagerly inside the same CUDA
-graph; `step` compiles the whole step as one graph (fusions across layer boundaries, at a compile time that
-grows with the layer count). `graph` captures the eager step without compiling it (no compile time;
-unfused kernels). The host looks at the stop flags only every `STOP_CHECK_EVERY` steps. On a GPU both fast
-paths fuse the projections that share an input (`kvbench.fused_projections`: one product for q/k/v and one
-for gate/up, as gpt-fast stores them).
+Inductor compile, then graph-cache hits: layers differ only in weights and cache tensors, which are inputs)
+and the final norm and token choice apart, and runs the rest of the step (embedding, LM head) eagerly
+inside the same CUDA graph; `step` compiles the whole step as one graph (fusions across layer boundaries,
+at a compile time that grows with the layer count). `graph` captures the eager step without compiling it
+(no compile time; unfused kernels). The host looks at the stop flags only every `STOP_CHECK_EVERY` steps.
+On a GPU both fast paths fuse the projections that share an input (`kvbench.fused_projections`: one product
+for q/k/v and one for gate/up, as gpt-fast stores them).
 
 Sequences of different lengths decode together: each is prefilled on its own (exact positions, no
 padding), then their caches are stacked into one batch whose slot buffers have the same size (empty slots
@@ -43,6 +43,25 @@ ENGINES = ("eager", "graph", "compiled")
 COMPILE_SCOPES = ("layer", "step")
 STOP_CHECK_EVERY = 16  # decode steps between looks at the stop flags (each look is one host sync)
 WARMUP_STEPS = 2  # compiled steps run (and kept) before the CUDA graph is captured
+# The greedy choice's first pass splits each row's vocabulary into this many chunks (`first_argmax`).
+ARGMAX_CHUNKS = 128
+
+
+def first_argmax(scores: torch.Tensor, chunks: int = ARGMAX_CHUNKS) -> torch.Tensor:
+    """`scores.argmax(-1)` of [B, V] scores (the first maximum), in two passes: each of `chunks` slices of a
+    row gives its maximum and that maximum's first index, then the first slice holding the row's maximum
+    gives the token. Why: one pass reduces each row in one thread block, and a 128k vocabulary then took
+    27-28 us of a decode step (ATen's ArgMax kernel, layer scope) or 37 us (Inductor's, step scope) on the
+    H200 (`benchmarks/results/profile_step_h200.jsonl`), about a tenth of the LM head's own time; the first
+    pass here spreads over B x chunks rows. Exact: no arithmetic on the scores, only comparisons."""
+    b, v = scores.shape
+    chunks = min(chunks, v)
+    width = -(-v // chunks)
+    # Padding is -inf at the end: a padded slot never beats a real one, and ties go to the earlier index.
+    padded = torch.nn.functional.pad(scores, (0, width * chunks - v), value=float("-inf"))
+    best, index = padded.view(b, chunks, width).max(dim=-1)  # torch.max: the first index of a maximum
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (chunk * width + index.gather(-1, chunk)).view(b)
 
 
 @dataclass
@@ -228,7 +247,9 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.model_stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._compiled_step: Callable[[KVCache, DecodeState], None] | None = None
-        self._compiled_layers: list[Callable] = []  # compile_scope="layer": each decoder layer's compiled forward
+        # compile_scope="layer": each decoder layer's compiled forward (and the final norm's), and the token choice
+        self._compiled_layers: list[Callable] = []
+        self._compiled_choose: Callable[[torch.Tensor, DecodeState], None] | None = None
         self.compile_options: dict = {}  # extra `torch.compile` arguments (tests trace with backend="eager")
 
     @classmethod
@@ -319,7 +340,7 @@ class Engine:
         blocked = state.stop_mask & (state.count < state.min_new).view(-1, 1)
         logits = logits.float().masked_fill(blocked, float("-inf"))
         if state.temperature is None:
-            token = logits.argmax(dim=-1)
+            token = first_argmax(logits)
         else:
             probs = torch.softmax(logits / state.temperature, dim=-1)
             if state.top_p < 1.0:
@@ -329,7 +350,7 @@ class Engine:
                 probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(outside, 0.0))
             # Gumbel-max: argmax(log p + G) draws from p, with no host sync and static shapes.
             gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(min=1e-20)))
-            token = (probs.log() + gumbel).argmax(dim=-1)
+            token = first_argmax(probs.log() + gumbel)
         column = torch.where(state.done, state.output.shape[1] - 1, state.count)
         state.output.scatter_(1, column.view(-1, 1), token.view(-1, 1))
         state.count.add_((~state.done).long())
@@ -476,22 +497,29 @@ class Engine:
 
         One `torch.compile` per layer, all of one code object: dynamo traces each layer (it guards on the
         layer's cache index), and Inductor compiles the first and finds the others in its graph cache, so
-        compile time no longer grows with the layer count (32 layers of QuaRot took 209 s as one graph)."""
+        compile time no longer grows with the layer count (32 layers of QuaRot took 209 s as one graph).
+        The decoder's final norm and the token choice (`_choose`) are compiled too: run eagerly they were
+        ~10 small kernels a step (the float copy of the logits, the stop mask, the state updates)."""
         if self.engine != "compiled" or self.compile_scope != "layer":
             yield
             return
-        layers = self._decoder_layers()
+        modules = self._decoder_layers()
+        norm = getattr(self.model.get_decoder(), "norm", None)
+        modules += [norm] if isinstance(norm, torch.nn.Module) else []
         if not self._compiled_layers:
             self._reset_dynamo()
             options = {"fullgraph": True, "dynamic": False, **self._compile_kwargs()}
-            self._compiled_layers = [torch.compile(layer.forward, **options) for layer in layers]
-        for layer, forward in zip(layers, self._compiled_layers, strict=True):
-            layer.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+            self._compiled_layers = [torch.compile(module.forward, **options) for module in modules]
+            self._compiled_choose = torch.compile(Engine._choose, **options)
+        for module, forward in zip(modules, self._compiled_layers, strict=True):
+            module.forward = forward  # an instance attribute: nn.Module.__call__ finds it before the class's
+        self._choose = self._compiled_choose  # the instance's, before the class's static method
         try:
             yield
         finally:
-            for layer in layers:
-                del layer.forward
+            for module in modules:
+                del module.forward
+            del self._choose
 
     # ----- what tasks ask for -----
     @torch.inference_mode()

@@ -486,10 +486,12 @@ class QuantizedLayer(KVLayer):
             rotated = q if self.rotation is None else rotate(q, self.rotation)
             # A packed first part attends over the window too (inside the plane kernel where it takes the
             # store): two launches and one merged piece fewer than a separate window attention.
-            joined = window if window is not None and not self.simulated else None
-            pieces = [self.parts[0].attend(rotated, scaling, joined)]
-            pieces += [part.attend(rotated, scaling) for part in self.parts[1:]]
-            if window is not None and joined is None:
+            joined = window is not None and bool(self.parts) and not self.simulated  # no parts: QuaRot at 16 bits
+            pieces = [
+                part.attend(rotated, scaling, window if joined and i == 0 else None)
+                for i, part in enumerate(self.parts)
+            ]
+            if window is not None and not joined:
                 pieces.append(kernels.decode_attention(rotated, *window, scaling))
             out, lse = merge_attention(pieces)
             out = out if self.rotation is None else rotate(out, self.rotation)

@@ -9,7 +9,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from kvbench.config import build
-from kvbench.engine import DecodeState, Engine, Request, Sampling
+from kvbench.engine import DecodeState, Engine, Request, Sampling, first_argmax
 from kvbench.methods.full import Full
 from tests.conftest import compose_config, method_names
 
@@ -116,7 +116,8 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name, scope):
     variants = len(cache.decode_variants() or [None])
     # Per layer, a layer's own versions: layers a method exempts (ArkVale's first two) have one.
     per_layer = sum(len(layer.decode_variants()) or 1 for layer in cache.layers)
-    assert len(graphs) == (per_layer if scope == "layer" else variants)
+    # Layer scope: and one graph each for the final norm and the token choice, compiled apart
+    assert len(graphs) == (per_layer + 2 if scope == "layer" else variants)
     # the first token comes from the prefill, then one warm-up step per compiled version, untimed
     assert got.measurement.engine == "compiled" and got.measurement.decode_steps == 40 - 1 - variants
 
@@ -137,8 +138,9 @@ def test_inductor_compiled_step_gives_the_eager_tokens(tiny, name):
 
 
 def test_layer_scope_compiles_only_decode_and_restores_the_layers(tiny):
-    """`compile_scope="layer"` swaps each decoder layer's forward for its compiled one during decode only:
-    prefill runs eagerly (no compile per chunk shape), and the layers are plain modules again afterwards."""
+    """`compile_scope="layer"` swaps each decoder layer's forward (and the final norm's, and the engine's
+    token choice) for its compiled one during decode only: prefill runs eagerly (no compile per chunk
+    shape), and the modules and the engine are plain again afterwards."""
     model, tokenizer, spec = tiny
     engine = Engine(model, tokenizer, Full(), spec, prefill_chunk=64, engine="compiled", compile_scope="layer")
     shapes = []
@@ -150,8 +152,9 @@ def test_layer_scope_compiles_only_decode_and_restores_the_layers(tiny):
     engine.compile_options = {"backend": tracing_only}
     torch._dynamo.reset()
     engine.generate(list(range(100, 300)), 6)
-    assert len(shapes) == spec.num_layers  # decode steps only: the 4 prefill chunks compiled nothing
+    assert len(shapes) == spec.num_layers + 2  # decode steps only: the 4 prefill chunks compiled nothing
     assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
+    assert "forward" not in vars(model.get_decoder().norm) and "_choose" not in vars(engine)
 
 
 @pytest.mark.parametrize("name", method_names())
@@ -214,3 +217,18 @@ def test_compiled_step_quantizes_into_the_stores_in_place(tiny, name):
     width, groups = spec.head_dim // 2, spec.head_dim // layer.key_spec.group  # 4-bit codes, per-token groups
     for row in (width, groups):  # a store's codes, its scales or zero-points: one layer's, batch 1
         assert f"<static_cast<int64_t>({spec.num_kv_heads * layer.slots * row}L)" not in code, row
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 127, 128, 129, 1000, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_argmax_is_argmax(vocab, dtype):
+    """The greedy choice's two-pass argmax picks torch.argmax's token: the first maximum under heavy ties
+    (scores from three values), in rows whose every score is negative or -inf (the padding must not win),
+    with a NaN, at vocabularies that do and do not fill the chunks."""
+    generator = torch.Generator().manual_seed(vocab)
+    scores = torch.randint(-3, 0, (5, vocab), generator=generator).to(dtype)
+    scores[0] = float("-inf")  # every token blocked
+    scores[1] = -1.0  # one tie across the whole row: token 0
+    scores[2, vocab // 2] = float("nan")
+    assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
+    assert torch.equal(first_argmax(scores, chunks=3), scores.argmax(dim=-1))
