@@ -8,10 +8,12 @@ One query per sequence, Hq = 32, Hkv = 8, D = 128, every slot live; batch 1 and 
 (8k too without --quick). Rows: `bf16` (kvbench.kernels.decode_attention over bf16 K/V), and
 kvbench.quant_kernels' packed kernel for `int4_token` (K and V per token, one group per head: QuaRot's
 layout), `kivi4` and `kivi2` (keys per channel in groups of 32 tokens, values per token in groups of 32
-channels), under each launch configuration of --configs (the default `LAUNCH` first; the others are the
-alternatives one GPU run can choose from). Each row gives the bytes the kernel must read (codes + float16
-scales/zero-points, or bf16 K/V), the floor (those bytes at the read bandwidth measured first, a bf16
-sum over 1 GiB), the time per call, x_floor = time / floor and the speed-up over bf16.
+channels), `zipcache_4_2` (two calls: 60% of the tokens at 4 bits, 40% at 2, keys per channel under one
+parameter row per set, values per token), under each launch configuration of --configs (the default
+`LAUNCH` first; the others are the alternatives one GPU run can choose from). Each row gives the bytes
+the kernel must read (codes + float16 scales/zero-points, or bf16 K/V), the floor (those bytes at the read
+bandwidth measured first, a bf16 sum over 1 GiB), the time per call, x_floor = time / floor and the
+speed-up over bf16.
 
 Timing: each call is replayed from a CUDA graph (as the compiled decode step runs it, so no host launch
 cost), over enough copies of the inputs, used in turn, that together they exceed twice the L2 cache;
@@ -56,6 +58,16 @@ TIMED = {
     "kivi4": ((4, 32, 1, None), (4, 1, 32, None)),
     "kivi2": ((2, 32, 1, None), (2, 1, 32, None)),
 }
+# ZipCache 4/2 (its paper's setting): the salient 60% of a prompt at 4 bits and the rest at 2, keys per channel
+# with one parameter row over each set's prompt tokens (`prompt_row`: the kernels' "lead" mode) and rows of 60
+# and 40 decode tokens after it (none in a prompt-only timing), values per token: two calls, one per set.
+ZIPCACHE_SETS = ((0.6, (4, 60, 1), (4, 1, 128, None)), (0.4, (2, 40, 1), (2, 1, 128, None)))
+# ZipCache's sets as the kernels' "lead" mode takes them (a prompt row, then decode rows of 60 and 40 tokens
+# past the lead), checked under every configuration (`no_lead` reads them per slot).
+LEAD_CHECKED = {
+    "zipcache4_prompt_row": ((4, 60, 1, 3001, True), (4, 1, 128, None)),
+    "zipcache2_prompt_row": ((2, 40, 1, 1999, True), (2, 1, 128, None)),
+}
 CHECKED_ONLY = {
     "zipcache8_lead3001": ((8, 60, 1, 3001), (8, 1, 128, None)),  # gathered key rows; 8-bit codes
     "rows128_lead1000_3bit": ((4, 128, 1, 1000), (3, 1, 32, None)),  # key rows span tiles, misaligned
@@ -99,7 +111,7 @@ TIMED_CALLS, REPLAYS = 20, 5
 
 def store(batch: int, slots: int, fmt: tuple, device: torch.device, gen: torch.Generator) -> PackedSlots:
     """Random codes and parameters in a format (the kernel's cost does not depend on their values)."""
-    bits, row_tokens, col_channels, lead = fmt
+    bits, row_tokens, col_channels, lead, *prompt_row = fmt  # a fifth field: `PackedSlots.prompt_row`
     lead = torch.full((batch,), row_tokens if lead is None else lead, device=device)
     rows = int(quant_kernels.slot_rows(max(slots, 1), lead[:1].cpu(), row_tokens).max()) + 1
     shape = (batch, HKV, slots, packed_width(D, bits))
@@ -107,7 +119,7 @@ def store(batch: int, slots: int, fmt: tuple, device: torch.device, gen: torch.G
     params = (batch, HKV, rows, D // col_channels)
     scale = (torch.rand(params, device=device, generator=gen) * 0.1 + 0.01).to(PARAM_DTYPE)
     zero = (torch.randn(params, device=device, generator=gen) * 0.5).to(PARAM_DTYPE)
-    return PackedSlots(codes, scale, zero, lead, bits, row_tokens, col_channels)
+    return PackedSlots(codes, scale, zero, lead, bits, row_tokens, col_channels, *prompt_row)
 
 
 def packed_inputs(batch: int, slots: int, layout: tuple, device: torch.device, seed: int) -> tuple[PackedSlots, ...]:
@@ -203,9 +215,9 @@ def check(
 
 
 def reference_checks(device: torch.device, slots: int, config: str) -> list[dict]:
-    """bf16 queries over the timed layouts; under the default configuration also the check-only layouts,
-    and float16 queries (the float16 offset codes) on int4_token and those."""
-    layouts = TIMED | (CHECKED_ONLY if config == "default" else {})
+    """bf16 queries over the timed layouts and ZipCache's "lead" layouts; under the default configuration
+    also the check-only layouts, and float16 queries (the float16 offset codes) on int4_token and those."""
+    layouts = TIMED | LEAD_CHECKED | (CHECKED_ONLY if config == "default" else {})
     lengths = torch.tensor([slots, slots // 3 + 5], device=device)
     rows = []
     for name, layout in layouts.items():
@@ -215,7 +227,7 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
             query = torch.randn(2, HQ, D, device=device).to(dtype)
             result = check(query, keys, values, lengths)
             rows.append({"check": f"reference_{name}_{str(dtype).removeprefix('torch.')}", "config": config} | result)
-        if name in TIMED:  # with a window: the plane kernel's window program, or the separate kernel merged
+        if name in TIMED or name in LEAD_CHECKED:  # with a window: the plane kernel's window program, or merged
             result = check(query, keys, values, lengths, window_inputs(query, 129))
             rows.append({"check": f"reference_{name}_window", "config": config} | result)
         if name == "int4_token":  # QuaRot's rotations, in the plane kernel's prologue and the combine
@@ -321,6 +333,44 @@ def packed_rows(device: torch.device, contexts: list[int], batches: list[int], c
     return rows
 
 
+def zipcache_inputs(
+    batch: int, slots: int, device: torch.device, seed: int
+) -> list[tuple[PackedSlots, PackedSlots, torch.Tensor]]:
+    """ZipCache's two sets over `slots` prompt tokens (`ZIPCACHE_SETS`): (keys, values, lengths) per set."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parts = []
+    for share, (bits, row_tokens, col_channels), value_fmt in ZIPCACHE_SETS:
+        n = int(share * slots)
+        keys = store(batch, n, (bits, row_tokens, col_channels, n, True), device, gen)
+        parts.append((keys, store(batch, n, value_fmt, device, gen), torch.full((batch,), n, device=device)))
+    return parts
+
+
+def zipcache_rows(
+    device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict
+) -> list[dict]:
+    """ZipCache's two sets attended one after the other, timed as one call."""
+    rows = []
+    for slots in contexts:
+        for batch in batches:
+            copies = [zipcache_inputs(batch, slots, device, seed=3)]
+            bytes_per_copy = sum(packed_bytes(k, v) for k, v, _ in copies[0])
+            copies += [
+                zipcache_inputs(batch, slots, device, seed)
+                for seed in range(4, 3 + copies_past_l2(bytes_per_copy, device))
+            ]
+            query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
+            calls = [
+                lambda parts=parts, q=query: [packed_decode_attention(q, k, v, n, SCALE) for k, v, n in parts]
+                for parts in copies
+            ]
+            us = time_us(calls, device)
+            row = {"kernel": "zipcache_4_2", "config": config, "batch": batch, "context": slots, "us": us}
+            rows.append(row | {"bytes": bytes_per_copy, "speedup_vs_bf16": dense[slots, batch]["us"] / us})
+            del copies, calls
+    return rows
+
+
 def environment(device: torch.device, bandwidth: float, commit: str) -> dict:
     try:
         import triton
@@ -393,6 +443,7 @@ def main() -> int:
         quant_kernels.LAUNCH = CONFIGS[config]
         rows += reference_checks(device, check_slots, config)
         rows += packed_rows(device, contexts, batches, config, dense)
+        rows += zipcache_rows(device, contexts, batches, config, dense)
         print(f"[{time.perf_counter() - began:.0f} s] config {config} done", file=sys.stderr)
     env = environment(device, bandwidth, args.commit)
     for row in rows:
