@@ -62,12 +62,18 @@ TIMED = {
 # with one parameter row over each set's prompt tokens (`prompt_row`: the kernels' "lead" mode) and rows of 60
 # and 40 decode tokens after it (none in a prompt-only timing), values per token: two calls, one per set.
 ZIPCACHE_SETS = ((0.6, (4, 60, 1), (4, 1, 128, None)), (0.4, (2, 40, 1), (2, 1, 128, None)))
-# ZipCache's sets as the kernels' "lead" mode takes them (a prompt row, then decode rows of 60 and 40 tokens
-# past the lead), checked under every configuration (`no_lead` reads them per slot).
-LEAD_CHECKED = {
-    "zipcache4_prompt_row": ((4, 60, 1, 3001, True), (4, 1, 128, None)),
-    "zipcache2_prompt_row": ((2, 40, 1, 1999, True), (2, 1, 128, None)),
-}
+
+
+def lead_checked(slots: int) -> dict[str, tuple]:
+    """ZipCache's sets as the kernels' "lead" mode takes them: a prompt row over most of `slots`, then decode
+    rows of 60 and 40 tokens past the lead (the checks' longer sequence reaches them), checked under every
+    configuration (`no_lead` reads them per slot)."""
+    return {
+        "zipcache4_prompt_row": ((4, 60, 1, slots * 3 // 4 + 1, True), (4, 1, 128, None)),
+        "zipcache2_prompt_row": ((2, 40, 1, slots // 2 + 3, True), (2, 1, 128, None)),
+    }
+
+
 CHECKED_ONLY = {
     "zipcache8_lead3001": ((8, 60, 1, 3001), (8, 1, 128, None)),  # gathered key rows; 8-bit codes
     "rows128_lead1000_3bit": ((4, 128, 1, 1000), (3, 1, 32, None)),  # key rows span tiles, misaligned
@@ -217,7 +223,8 @@ def check(
 def reference_checks(device: torch.device, slots: int, config: str) -> list[dict]:
     """bf16 queries over the timed layouts and ZipCache's "lead" layouts; under the default configuration
     also the check-only layouts, and float16 queries (the float16 offset codes) on int4_token and those."""
-    layouts = TIMED | LEAD_CHECKED | (CHECKED_ONLY if config == "default" else {})
+    lead_layouts = lead_checked(slots)
+    layouts = TIMED | lead_layouts | (CHECKED_ONLY if config == "default" else {})
     lengths = torch.tensor([slots, slots // 3 + 5], device=device)
     rows = []
     for name, layout in layouts.items():
@@ -227,7 +234,7 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
             query = torch.randn(2, HQ, D, device=device).to(dtype)
             result = check(query, keys, values, lengths)
             rows.append({"check": f"reference_{name}_{str(dtype).removeprefix('torch.')}", "config": config} | result)
-        if name in TIMED or name in LEAD_CHECKED:  # with a window: the plane kernel's window program, or merged
+        if name in TIMED or name in lead_layouts:  # with a window: the plane kernel's window program, or merged
             result = check(query, keys, values, lengths, window_inputs(query, 129))
             rows.append({"check": f"reference_{name}_window", "config": config} | result)
         if name == "int4_token":  # QuaRot's rotations, in the plane kernel's prologue and the combine

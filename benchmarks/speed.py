@@ -46,6 +46,9 @@ from pathlib import Path
 
 import torch
 
+import kvbench
+import kvbench.methods
+import kvbench.tasks
 from kvbench import quant_kernels
 from kvbench.engine import Engine, Request, Timer, parse_inductor_options
 from kvbench.errors import ConfigError
@@ -90,29 +93,23 @@ MEMORY_MARGIN = 0.92  # share of device (or available host) memory a predicted b
 RETRY_SHRINK, RETRIES = 0.85, 2  # a predicted batch that runs out of memory is retried this much smaller
 
 
-class RowTimeout(Exception):
+class CutOff(BaseException):
+    """A row stopped from outside. A BaseException, so that no `except Exception` on the way (Inductor's
+    autotuning, the engine's, transformers') swallows it before the row in progress is written (the timer
+    fires once: a swallowed cut-off would leave the row without a limit), and dynamo passes it through
+    unwrapped (an Exception raised while it traces comes back as InternalTorchDynamoError)."""
+
+
+class RowTimeout(CutOff):
     """The row ran past `--row-time-limit-s`."""
 
 
-class Terminated(BaseException):
-    """The process was told to stop (SIGTERM). A BaseException, so that no `except Exception` on the way
-    (the engine's, transformers') swallows it before the row in progress is written."""
+class Terminated(CutOff):
+    """The process was told to stop (SIGTERM)."""
 
 
 def terminate(signum: int, frame: object) -> None:
     raise Terminated(f"signal {signal.Signals(signum).name}")
-
-
-def cut_off(error: BaseException) -> RowTimeout | Terminated | None:
-    """The RowTimeout or Terminated behind `error`, if any: raised while dynamo or Inductor compiles, it
-    comes wrapped (InternalTorchDynamoError, BackendCompilerFailed), the original as a cause or context."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (RowTimeout, Terminated)):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 @contextmanager
@@ -264,13 +261,11 @@ def run_row(
     except torch.OutOfMemoryError as error:
         torch.cuda.empty_cache()
         return {**row, "status": "oom", **failure(error)}
-    except (Exception, Terminated) as error:  # a failed row is data; the sweep goes on
-        cause = cut_off(error)
-        if cause is None:
-            return {**row, "status": "error", **failure(error)}
-        # Cut off: where it was is the measurement (the frames of the wrapper dynamo may have raised).
-        status = "timeout" if isinstance(cause, RowTimeout) else "terminated"
+    except CutOff as error:  # where it was is the measurement
+        status = "timeout" if isinstance(error, RowTimeout) else "terminated"
         return {**row, "status": status, "elapsed_s": time.perf_counter() - started, **failure(error)}
+    except Exception as error:  # a failed row is data; the sweep goes on
+        return {**row, "status": "error", **failure(error)}
     m = generations[0].measurement
     cache_read = m.kv_bytes_device * batch
     if method_name in READS_KEYS_TWICE:
@@ -304,14 +299,23 @@ ERROR_DETAIL_CHARS = 8000
 WHERE_FRAMES = 12
 
 
-def failure(error: BaseException) -> dict:
+# kvbench's own code, wherever it was imported from (a checkout, or the GPU copy with methods/ and tasks/ inside)
+KVBENCH_DIRS = tuple(
+    Path(folder).resolve() for package in (kvbench, kvbench.methods, kvbench.tasks) for folder in package.__path__
+)
+
+
+def failure(error: BaseException) -> dict[str, str | list[str] | None]:
     """A failed row's error: its first line for the table, the end of the whole message (where Inductor
     puts the kernel source line that failed to compile), `where`, the innermost frames of its traceback,
     and `in_kvbench`, the innermost of kvbench's own (which names the engine's phase: prefill, compile,
     decode), each as "dir/file:line function", for whoever reads the row later, off the GPU."""
     message = f"{type(error).__name__}: {error}"
     frames = [
-        (f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}", "kvbench" in Path(f.filename).parts)
+        (
+            f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}",
+            any(Path(f.filename).resolve().is_relative_to(folder) for folder in KVBENCH_DIRS),
+        )
         for f in traceback.extract_tb(error.__traceback__)
     ]
     return {
@@ -411,24 +415,30 @@ def main() -> None:
             raise SystemExit(f"{method_name} at size {size}: {error}") from None
     sweep = Sweep(args, bandwidth)
     signal.signal(signal.SIGTERM, terminate)  # the row in progress is written before the process stops
+    terminated = False
     with open(args.out, "a") as sweep.out:
-        for shape, method_name, size, context, batch, engine_name in plan:
-            if time.perf_counter() - began > args.time_limit_s:
-                print("time limit reached: no new rows", flush=True)
-                break
-            if sweep.rows and sweep.rows[-1]["status"] == "terminated":
-                print("terminated: no new rows", flush=True)
-                break
-            sweep.load(shape, device)
-            run = (method_name, size, context, engine_name)
-            if batch == MAX_BATCH:
-                sweep.record_largest_batch(*run, device)
-            else:
-                sweep.record(*run, batch)
+        try:
+            for shape, method_name, size, context, batch, engine_name in plan:
+                if time.perf_counter() - began > args.time_limit_s:
+                    print("time limit reached: no new rows", flush=True)
+                    break
+                if sweep.rows and sweep.rows[-1]["status"] == "terminated":
+                    terminated = True
+                    break
+                sweep.load(shape, device)
+                run = (method_name, size, context, engine_name)
+                if batch == MAX_BATCH:
+                    sweep.record_largest_batch(*run, device)
+                else:
+                    sweep.record(*run, batch)
+            terminated = terminated or bool(sweep.rows and sweep.rows[-1]["status"] == "terminated")
+        except Terminated:  # between rows (loading a shape, writing a row): the rows so far are written
+            terminated = True
     rows = sweep.rows
     print("\n" + "\n".join(format_row(row) for row in rows))
     print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
-    if rows and rows[-1]["status"] == "terminated":
+    if terminated:
+        print("terminated: no new rows", flush=True)
         raise SystemExit(128 + signal.SIGTERM)  # the shell's code for a process stopped by SIGTERM
 
 

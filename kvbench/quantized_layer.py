@@ -49,8 +49,9 @@ Decode attention: the store's live slots and the window's in one
 `kvbench.quant_kernels.packed_decode_attention` call (Triton on CUDA, dequantizing in registers; where the
 plane kernel takes the store, the window is one more of its programs, otherwise
 `kvbench.kernels.decode_attention` merged through the log-sum-exp; the PyTorch references elsewhere). A layer
-with several parts (ZipCache) gives the window to its first part's call and merges the parts; with simulated
-storage it merges its parts and the window itself (and applies `decode_rotation` around them).
+with several parts (ZipCache), none (QuaRot at 16 bits: the window only) or simulated storage attends each
+part and the window apart, merges them, and applies `decode_rotation` around them; several packed parts
+give the window to the first part's call instead of attending it apart.
 `storage="simulated"` keeps the dequantized values in model-dtype buffers instead (accuracy studies; more
 bytes, and counted as such).
 """

@@ -232,3 +232,16 @@ def test_two_pass_argmax_is_argmax(vocab, dtype):
     scores[2, vocab // 2] = float("nan")
     assert torch.equal(first_argmax(scores), scores.argmax(dim=-1))
     assert torch.equal(first_argmax(scores, chunks=3), scores.argmax(dim=-1))
+
+
+def test_two_pass_argmax_compiled_is_argmax():
+    """As Inductor compiles it (every compiled step does): its fused max-with-index keeps the first maximum
+    under ties too, and -inf rows and NaN give torch.argmax's token."""
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 0, (4, 1000), generator=generator).float()
+    scores[0] = float("-inf")
+    scores[1] = -1.0
+    scores[2, 500] = float("nan")
+    torch._dynamo.reset()
+    compiled = torch.compile(first_argmax, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(scores), scores.argmax(dim=-1))

@@ -105,8 +105,9 @@ def test_a_failed_row_keeps_the_end_of_its_error_for_reading_off_the_gpu():
 
 
 def test_a_row_past_its_time_limit_is_written_with_where_it_was(tmp_path):
-    """A row cut off by `--row-time-limit-s` is a row: status "timeout", its elapsed time and the engine
-    frame it was in, also when the limit strikes while dynamo compiles (which wraps the exception)."""
+    """A row cut off by `--row-time-limit-s` is a row: status "timeout", its elapsed time, its innermost
+    frames and the innermost of kvbench's own; cut while dynamo traces (the compiled row's first seconds:
+    the cut-off must pass through dynamo, not come back as its internal error) and while the eager row runs."""
     out = tmp_path / "rows.jsonl"
     runs = ["tiny-llama:full:0:64:1", "tiny-llama:full:0:64:1:eager"]  # compiled first, then eager
     command = [sys.executable, str(SPEED), "--device", "cpu", "--runs", *runs, "--new-tokens", "2000"]
@@ -116,16 +117,24 @@ def test_a_row_past_its_time_limit_is_written_with_where_it_was(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["engine"] for row in rows] == ["compiled", "eager"]
     for row in rows:
-        assert row["status"] == "timeout", row.get("error_detail")
+        assert row["status"] == "timeout" and row["error"] == "RowTimeout: row time limit of 0.5 s reached", row
         assert 0.5 <= row["elapsed_s"] < 60
-        assert row["in_kvbench"].startswith("kvbench/"), row["where"]
-        assert "row time limit of 0.5 s" in row["error_detail"]
+        assert row["where"][-1].endswith(" expire")  # the innermost frame: the timer's handler
+        assert row["in_kvbench"].startswith("kvbench/engine.py:"), row["where"]  # not speed.py's handler
+    assert any("_dynamo" in frame or "_inductor" in frame for frame in rows[0]["where"]), rows[0]["where"]
 
 
-def test_sigterm_writes_the_row_in_progress_and_starts_no_other(monkeypatch, tmp_path):
-    """SIGTERM (what `timeout` sends) during a row: the row is written as "terminated", no later row
-    starts, and the process exits with the shell's code for SIGTERM."""
+@pytest.mark.parametrize("during", ["row", "load"])
+def test_sigterm_writes_the_row_in_progress_and_starts_no_other(monkeypatch, tmp_path, during):
+    """SIGTERM (what `timeout` sends) during a row: the row is written as "terminated"; during a shape's
+    load (between rows): no row. Either way no later row starts, and the process exits with the shell's code
+    for SIGTERM."""
     started = []
+
+    def stop() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the run")
 
     class StoppedEngine:  # stands in for the engine: the signal arrives while it generates
         def __init__(self, *args, **kwargs) -> None:
@@ -133,15 +142,15 @@ def test_sigterm_writes_the_row_in_progress_and_starts_no_other(monkeypatch, tmp
 
         def generate_batch(self, requests) -> None:
             started.append(len(requests))
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)
-            raise AssertionError("SIGTERM did not stop the row")
+            stop()
 
     class Model:
         def get_input_embeddings(self):
             return torch.nn.Embedding(32, 4)
 
     def load(self, shape, device) -> None:
+        if during == "load":
+            stop()
         self.shape, self.model, self.spec, self.env = shape, Model(), None, {}
 
     out = tmp_path / "rows.jsonl"
@@ -157,7 +166,11 @@ def test_sigterm_writes_the_row_in_progress_and_starts_no_other(monkeypatch, tmp
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 128 + signal.SIGTERM
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    if during == "load":
+        assert started == [] and rows == []
+        return
     assert started == [1]  # the batch-2 row never started
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    (row,) = rows
     assert row["status"] == "terminated" and row["error"] == "Terminated: signal SIGTERM"
     assert row["in_kvbench"] is None and row["where"][-1].endswith("terminate")
