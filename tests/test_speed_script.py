@@ -120,7 +120,9 @@ def test_a_row_past_its_time_limit_is_written_with_where_it_was(tmp_path):
         assert row["status"] == "timeout" and row["error"] == "RowTimeout: row time limit of 0.5 s reached", row
         assert 0.5 <= row["elapsed_s"] < 60
         assert row["where"][-1].endswith(" expire")  # the innermost frame: the timer's handler
-        assert row["in_kvbench"].startswith("kvbench/engine.py:"), row["where"]  # not speed.py's handler
+        # kvbench's own innermost frame (the engine, a cache, a method: wherever the timer struck), not the
+        # handler in speed.py
+        assert row["in_kvbench"].startswith("kvbench/") and "speed.py" not in row["in_kvbench"], row["where"]
     assert any("_dynamo" in frame or "_inductor" in frame for frame in rows[0]["where"]), rows[0]["where"]
 
 
