@@ -305,15 +305,23 @@ KVBENCH_DIRS = tuple(
 )
 
 
+def short_path(filename: str) -> str:
+    """An installed package's file from its package down (torch/_dynamo/variables/builder.py: which part of
+    torch was running), anything else as its folder and name (kvbench/engine.py)."""
+    parts = Path(filename).parts
+    installed = [i for i, part in enumerate(parts) if part in ("site-packages", "dist-packages")]
+    return "/".join(parts[installed[-1] + 1 :] if installed else parts[-2:])
+
+
 def failure(error: BaseException) -> dict[str, str | list[str] | None]:
     """A failed row's error: its first line for the table, the end of the whole message (where Inductor
     puts the kernel source line that failed to compile), `where`, the innermost frames of its traceback,
     and `in_kvbench`, the innermost of kvbench's own (which names the engine's phase: prefill, compile,
-    decode), each as "dir/file:line function", for whoever reads the row later, off the GPU."""
+    decode), each as "path:line function" (`short_path`), for whoever reads the row later, off the GPU."""
     message = f"{type(error).__name__}: {error}"
     frames = [
         (
-            f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}",
+            f"{short_path(f.filename)}:{f.lineno} {f.name}",
             any(Path(f.filename).resolve().is_relative_to(folder) for folder in KVBENCH_DIRS),
         )
         for f in traceback.extract_tb(error.__traceback__)
