@@ -1,7 +1,7 @@
 """Correctness on a GPU of what the CPU test suite cannot reach: run before trusting `speed.py`'s numbers.
 
     PYTHONPATH=. python benchmarks/check_gpu.py                                  # every check
-    PYTHONPATH=. python benchmarks/check_gpu.py --checks token_stores dependent_launches
+    PYTHONPATH=. python benchmarks/check_gpu.py --checks token_stores engines
 
 1. `kvbench.host_pages`: the Triton kernels that write to and gather from pinned host memory equal the
    same copies done with torch on host tensors (fresh random data, masked rows, poisoned targets).
@@ -9,12 +9,11 @@
    references on the GPU, at the paper setting's shapes (4 sequences, 32 heads, 1,026 pages).
 3. Every method gives the same greedy tokens eagerly and with the eager step captured in a CUDA graph
    (`graph`), on a real-shape model with random weights, batch 2, prompts of different lengths; for
-   `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties).
+   `compiled` (full only) it reports how many tokens agree (bf16 fusion may break near-ties), and requires
+   two compiled engines to give the same tokens (a kernel that raced, or read memory nothing wrote, might not).
 4. `kvbench.token_quant.quantize_tokens_into` (the decode step's 4-bit token kernel, which writes the six
    stores itself): every byte of the stores against the quantize-then-index reference on the GPU, at the 8B
    shape (4 sequences, 8 KV heads, head_dim 128), one slot past the end; rotated within one code step.
-5. Programmatic dependent launch (`kvbench.pdl`, sm_90 and later): the compiled step gives exactly the
-   same tokens with it as without: dense and RTN 4-bit, batch 2.
 Prints one line per check and exits non-zero on the first mismatch.
 """
 
@@ -25,7 +24,6 @@ import sys
 
 import torch
 
-from kvbench import pdl as kvbench_pdl
 from kvbench import token_quant
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
@@ -34,7 +32,6 @@ from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_row
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
-from kvbench.methods.quarot import QuaRot
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.models import ModelConfig, load_model, model_spec
@@ -172,41 +169,23 @@ def check_engines() -> None:
                 f"     {name:<13}{engine_name:<9}{m.decode_s * 1000 / max(m.decode_steps, 1):.2f} ms/step", flush=True
             )
         check(f"{name}: graph == eager", tokens["graph"] == tokens["eager"])
+    # Two compiled engines, the second compiling anew (from Inductor's on-disk cache, autotuning included),
+    # run the same kernels on the same inputs: a kernel that raced, or read memory nothing wrote, could
+    # change tokens. Should Inductor tune anew, a new reduction order could too: the first differing
+    # steps say where to look.
+    compiled = []
+    for _ in range(2):
+        engine = Engine(model, None, Full(), spec, prefill_chunk=1024, engine="compiled")
+        compiled.append([g.token_ids for g in engine.generate_batch(requests)])
+    same = compiled[0] == compiled[1]
+    where = [first_difference(x, y) for x, y in zip(*compiled, strict=True)]
+    check("full: compiled twice, same tokens", same, "" if same else f"(first differing steps {where})")
     # Compiled kernels fuse and reassociate bf16 arithmetic, and random weights leave near-ties among
     # 128k logits, so greedy tokens may part early: reported, not required (the CPU tests require them
     # equal in float32).
-    engine = Engine(model, None, Full(), spec, prefill_chunk=1024, engine="compiled")
-    compiled = [g.token_ids for g in engine.generate_batch(requests)]
     eager = [g.token_ids for g in Engine(model, None, Full(), spec, prefill_chunk=1024).generate_batch(requests)]
-    agree = [first_difference(x, y) for x, y in zip(compiled, eager, strict=True)]
+    agree = [first_difference(x, y) for x, y in zip(compiled[0], eager, strict=True)]
     print(f"note full: compiled and eager greedy tokens agree for the first {agree} of 40", flush=True)
-    check_dependent_launches(model, spec, requests)
-
-
-def check_dependent_launches(model=None, spec=None, requests: list[Request] | None = None) -> None:
-    """PDL (`kvbench.pdl`) changes when kernels may start, not what they compute: a kernel that read its
-    predecessor's output too early would change tokens. Same kernels, so the compiled step's tokens must be
-    equal exactly with PDL and without: dense at batch 2 (Inductor's kernels, the attention twins) and RTN
-    4-bit at batch 2 (token quantization, packed attention)."""
-    if not kvbench_pdl.supported(torch.device("cuda")):
-        print("skip PDL: the GPU is older than sm_90", flush=True)
-        return
-    if model is None:
-        model, spec, requests = engine_setup()
-    runs = {"full, batch 2": Full, "rtn 4-bit, batch 2": lambda: QuaRot(bits=4, rotate=False)}
-    for index, (name, method) in enumerate(runs.items()):
-        # The first run also compiles twice without PDL: a control that the compiled step is deterministic.
-        tokens = []
-        for dependent in (False, False, True) if index == 0 else (False, True):
-            engine = Engine(model, None, method(), spec, prefill_chunk=1024, engine="compiled", pdl=dependent)
-            tokens.append([g.token_ids for g in engine.generate_batch(requests)])
-        if index == 0:
-            check(f"{name}: compiled twice without PDL, same tokens", tokens[0] == tokens[1])
-        # With PDL Inductor compiles (and may tune) its kernels anew, so a difference could also be a new
-        # reduction order rather than a race: the first differing step says where to look.
-        same = tokens[-1] == tokens[0]
-        where = [first_difference(x, y) for x, y in zip(tokens[0], tokens[-1], strict=True)]
-        check(f"{name}: compiled with PDL == without", same, "" if same else f"(first differing steps {where})")
 
 
 def engine_setup() -> tuple:
@@ -226,15 +205,12 @@ CHECKS = {
     "host_pages": check_host_pages,
     "arkvale_kernels": check_arkvale_kernels,
     "token_stores": check_token_stores,
-    "engines": check_engines,  # includes the PDL check
-    "dependent_launches": check_dependent_launches,
+    "engines": check_engines,
 }
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--checks", nargs="+", choices=list(CHECKS), default=[n for n in CHECKS if n != "dependent_launches"]
-    )
+    parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS))
     checks = parser.parse_args().checks
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the checks compare GPU kernels and captured steps with their CPU references)")

@@ -83,7 +83,7 @@ def compile_plane(mode: str, variant: str, num_warps: int):
         "V_BITS": 4, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode == "rows" else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "PDL": False,
+        "OFFSET": 0.0,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}

@@ -36,7 +36,6 @@ from kvbench import kernels
 from kvbench.cache import KVCache
 from kvbench.engine import WARMUP_STEPS, Engine, Request, Timer, parse_inductor_options
 from kvbench.models import SHAPES, ModelConfig, load_model, model_spec
-from kvbench.pdl import dependent_launches
 from kvbench.records import environment
 
 KINDS = (
@@ -83,7 +82,6 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         prefill_chunk=args.prefill_chunk,
         engine="compiled",
         compile_scope=args.compile_scope,
-        pdl=args.pdl,
         inductor_options=parse_inductor_options(args.inductor_options),
     )
     if args.autotune:
@@ -114,7 +112,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         raise ValueError(f"--decode-room {steps}: a schedule period of {period} steps needs {needed}; pass that")
     # As the engine (and speed.py) runs it: "layer", each decoder layer compiled and the rest of the step as
     # Python inside the same graph capture; "step", the whole step compiled.
-    with engine._layers_compiled(), dependent_launches(args.pdl):
+    with engine._layers_compiled():
         replay, compile_s, _ = engine._step_runner(cache, state, steps_left=warmup)
         print(f"{args.method} {args.context}x{args.batch}: compiled in {compile_s:.1f} s", flush=True)
         compiled = engine._compiled_step if args.compile_scope == "step" else engine._step
@@ -162,7 +160,6 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         "batch": args.batch,
         "autotune": args.autotune,
         "coordinate_descent": args.coordinate_descent,
-        "pdl": args.pdl,
         "inductor_options": parse_inductor_options(args.inductor_options),
         "compile_scope": args.compile_scope,
         "layers": spec.num_layers,
@@ -216,7 +213,6 @@ def main() -> None:
         "--compile-scope", default="layer", choices=["layer", "step"], help="as speed.py: what is compiled"
     )
     parser.add_argument("--coordinate-descent", action="store_true", help="Inductor's coordinate-descent tuning")
-    parser.add_argument("--pdl", action="store_true", help="as speed.py: programmatic dependent launch (kvbench.pdl)")
     parser.add_argument(
         "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="as speed.py"
     )

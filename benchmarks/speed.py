@@ -65,7 +65,6 @@ from kvbench.methods.snapstream import SnapStream
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.methods.zipcache import ZipCache
 from kvbench.models import ModelConfig, load_model, model_spec
-from kvbench.pdl import supported as pdl_supported
 from kvbench.records import environment
 
 # What a row's `size` means: tokens per layer and KV head for eviction methods, bits per element for the
@@ -231,7 +230,6 @@ def run_row(
         engine=engine_name,
         fuse=not args.unfused,
         compile_scope=scope,
-        pdl=args.pdl and engine_name == "compiled",
         inductor_options=args.inductor_options if engine_name == "compiled" else None,
     )
     generator = torch.Generator().manual_seed(context + batch)
@@ -249,7 +247,6 @@ def run_row(
         batch=batch,
         engine=engine_name,
         fused_projections=engine_name != "eager" and not args.unfused,
-        pdl=args.pdl and engine_name == "compiled",
         inductor_options=args.inductor_options if engine_name == "compiled" else {},
         compile_scope=scope if engine_name == "compiled" else None,
         recall_cap=args.arkvale_recall_cap if method_name == "arkvale" else None,
@@ -363,11 +360,6 @@ def main() -> None:
     )
     parser.add_argument("--unfused", action="store_true", help="keep separate q/k/v and gate/up products")
     parser.add_argument(
-        "--pdl",
-        action="store_true",
-        help="compiled rows: programmatic dependent launch for Inductor's and kvbench's step kernels (kvbench.pdl)",
-    )
-    parser.add_argument(
         "--inductor-option",
         dest="inductor_options",
         nargs="+",
@@ -411,8 +403,6 @@ def main() -> None:
 
     began = time.perf_counter()
     device = torch.device(args.device)
-    if args.pdl and not pdl_supported(device):
-        parser.error(f"--pdl: needs a CUDA GPU of compute capability >= 9.0, not {device}")
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     plan = parse_runs(args.runs) if args.runs else grid(args)

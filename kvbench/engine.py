@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 import torch._inductor.config
 
-from kvbench import pdl as kvbench_pdl
 from kvbench.attention import CACHE_KWARG
 from kvbench.cache import KVCache, ModelSpec, aligned_slots
 from kvbench.fused_projections import fuse_projections
@@ -215,15 +214,12 @@ class Engine:
         engine: str = "eager",
         fuse: bool = True,
         compile_scope: str = "layer",
-        pdl: bool = False,
         inductor_options: dict | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r}: one of {ENGINES}")
         if compile_scope not in COMPILE_SCOPES:
             raise ValueError(f"compile_scope={compile_scope!r}: one of {COMPILE_SCOPES}")
-        kvbench_pdl.check(pdl, engine, next(model.parameters()).device)
-        self.pdl = pdl  # programmatic dependent launch in the compiled step (`kvbench.pdl`; an experiment, off)
         # Inductor config values for the compiled step (experiments, e.g. combo_kernels): checked here, before
         # any compile, against Inductor's own keys and types.
         self.inductor_options = check_inductor_options(inductor_options or {}, engine)
@@ -593,7 +589,7 @@ class Engine:
         remaining = int(state.max_new.max()) - 1  # the first token came from the prefill's logits
         if remaining <= 0 or bool(state.done.all()):
             return 0, 0.0, 0.0, state.count.tolist()
-        with self._layers_compiled(), kvbench_pdl.dependent_launches(self.pdl):
+        with self._layers_compiled():
             step, compile_s, ran = self._step_runner(cache, state, remaining)
             remaining -= ran
             before = state.count.tolist()
@@ -608,15 +604,14 @@ class Engine:
 
     def _compile_kwargs(self) -> dict:
         """`torch.compile`'s extra arguments: `compile_options` (tests, profile_step's autotuning), with
-        `inductor_options` and Inductor's PDL switch merged into its options. `torch.compile` takes a mode or
-        options, not both, so a mode becomes its options; a test's own backend takes no Inductor options."""
+        `inductor_options` merged into its options. `torch.compile` takes a mode or options, not both, so a
+        mode becomes its options; a test's own backend takes no Inductor options."""
         given = dict(self.compile_options)
-        ours = {**self.inductor_options, **(kvbench_pdl.COMPILE_OPTIONS if self.pdl else {})}
-        if not ours or "backend" in given:
+        if not self.inductor_options or "backend" in given:
             return given
         mode = given.pop("mode", None)
         modes = torch._inductor.list_mode_options(mode) if mode else {}
-        return {**given, "options": {**modes, **given.get("options", {}), **ours}}
+        return {**given, "options": {**modes, **given.get("options", {}), **self.inductor_options}}
 
     @torch.inference_mode()
     def score_continuation(self, prefix_ids: Sequence[int], continuation_ids: Sequence[int]) -> Scored:

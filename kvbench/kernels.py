@@ -16,13 +16,6 @@ float argument that changes between calls into a graph input read back with .ite
 CUDA tensors, and on any tensors under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests use);
 everywhere else, and when Triton is not installed, the operators run the PyTorch references.
 
-Each operator built by `_make_op(..., dependent=True)` (these two, and the packed attention and token
-quantization of `kvbench.quant_kernels` / `kvbench.token_quant`) has an opaque twin, `<name>_dependent`,
-that the public functions call while `kvbench.pdl.dependent_launches` is active: there Triton's own
-launcher starts the kernels with programmatic dependent launch, and each program waits for the previous
-kernel first (`await_previous_kernel`); the traced operator leaves launches to Inductor, which cannot ask
-for that launch attribute.
-
 Conventions: query [B, Hq, D]; keys [B, Hkv, S, D]; values [B, Hkv, S, Dv]; positions [B, Hkv, S]
 (any integer dtype, a slot is live iff its position >= 0); Hq = G * Hkv, and query head `h * G + g`
 belongs to KV head `h` (transformers' `repeat_kv` order). A sequence/KV head with no live slot gets
@@ -33,11 +26,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 
 import torch
-
-from kvbench import pdl
 
 try:
     import triton
@@ -137,27 +127,6 @@ if triton is not None:
         return 4
 
     @triton.jit
-    def await_previous_kernel(PDL: tl.constexpr):
-        """First thing in a kernel that may be launched with programmatic dependent launch (`kvbench.pdl`):
-        wait until the kernel before it has finished and its writes are visible, before any access to
-        memory, then let the next kernel launch. Nothing when PDL is false (the interpreter, plain launches)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    _launching_dependent = False  # True only while a `_dependent` twin runs on real tensors
-
-    def launch(kernel, grid, device: torch.device) -> Callable:
-        """`kernel[grid]` for a kernel taking `PDL: tl.constexpr`: through `wrap_triton` (Inductor traces and
-        launches it), or, inside a `_dependent` twin, straight through Triton with `kvbench.pdl`'s options.
-        Inductor compiles a wrapped kernel from a copy of its source, with each jit function it calls defined
-        under that function's own name and no other: a kernel must call them by those names (another module's
-        helper imported as `helper = kernels.helper`, never under an alias), or the copy fails to compile."""
-        if _launching_dependent:
-            return functools.partial(kernel[grid], **pdl.launch_options(device))
-        return functools.partial(wrap_triton(kernel)[grid], PDL=False)
-
-    @triton.jit
     def _online_softmax(logits, live, m_i, l_i, scale_log2):
         """One tile of the online softmax, logits in log2 units (scale_log2 = scale·log2 e): (p, alpha, m_new,
         l_new) from the tile's raw logits [G, N] and the running maxima m_i and sums l_i [G]."""
@@ -208,12 +177,10 @@ if triton is not None:
         BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, split): softmax-weighted values of the split's live slots for the G query
         heads, normalised, plus their log2-sum-exp (-inf when none is live). Logits are in log2 units
         (scale_log2 = scale·log2 e) so the exponentials are exp2."""
-        await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
@@ -292,12 +259,10 @@ if triton is not None:
         COMBINE_BLOCK: tl.constexpr,
         BLOCK_DV: tl.constexpr,
         ROTATE: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One (sequence, query head): the splits' outputs weighted by exp2(lse2_split - lse2_total); with
         ROTATE, then multiplied by the [Dv, Dv] matrix at rotation_ptr times rotation_scale (a +-1 Hadamard
         matrix and 1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32."""
-        await_previous_kernel(PDL)
         row = tl.program_id(0)
         b = row // num_q_heads
         hq = row % num_q_heads
@@ -369,10 +334,8 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, tile of slots): sum over the G query heads of exp2(logit2 - lse2)."""
-        await_previous_kernel(PDL)
         bh = tl.program_id(0)
         tile = tl.program_id(1)
         # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
@@ -424,7 +387,7 @@ if triton is not None:
         o_part = torch.empty(b * hq, num_splits, dv, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(b * hq, num_splits, dtype=torch.float32, device=query.device)
         upcast, precision = _upcast_and_precision(keys.dtype)
-        launch(_decode_split_kernel, (b * hkv, num_splits), query.device)(
+        wrap_triton(_decode_split_kernel)[(b * hkv, num_splits)](
             query,
             keys,
             values,
@@ -468,7 +431,7 @@ if triton is not None:
         num_splits, dv = o_part.shape[1], o_part.shape[2]
         out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
-        launch(_decode_combine_kernel, (b * hq,), o_part.device)(
+        wrap_triton(_decode_combine_kernel)[(b * hq,)](
             o_part,
             lse_part,
             out,
@@ -495,7 +458,7 @@ if triton is not None:
         group = hq // hkv
         out = torch.empty(b, hkv, s, dtype=torch.float32, device=query.device)
         upcast, precision = _upcast_and_precision(keys.dtype)
-        launch(_received_kernel, (b * hkv, triton.cdiv(s, BLOCK_N)), query.device)(
+        wrap_triton(_received_kernel)[(b * hkv, triton.cdiv(s, BLOCK_N))](
             query,
             keys,
             positions,
@@ -522,47 +485,17 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
     _INTERPRETED = isinstance(_decode_split_kernel, InterpretedFunction)
-
-    def _make_op(name: str, dependent: bool = False):
-        """`fn` as a `triton_op` (its launches traced, see below); with `dependent`, also as the opaque
-        operator `<name>_dependent`, whose launches run through Triton with programmatic dependent launch
-        (`launch`) and whose fake implementation is `fn` itself, as the traced operator's is."""
-
-        def register(fn):
-            if dependent:
-
-                def launching_dependent(*args, **kwargs):
-                    global _launching_dependent
-                    before, _launching_dependent = _launching_dependent, True
-                    try:
-                        return fn(*args, **kwargs)
-                    finally:
-                        _launching_dependent = before
-
-                schema = torch.library.infer_schema(fn, mutates_args=())
-                twin = torch.library.custom_op(f"{name}_dependent", launching_dependent, mutates_args=(), schema=schema)
-                twin.register_fake(fn)
-            return triton_op(name, fn, mutates_args=())
-
-        return register
+    _make_op = functools.partial(triton_op, mutates_args=())
 else:
     _INTERPRETED = False
 
-    def _make_op(name: str, dependent: bool = False):
+    def _make_op(name: str):
         def register(fn):
             op = torch.library.custom_op(name, mutates_args=())(fn)
             op.register_fake(fn)  # fn runs the references, which work on fake tensors too
             return op
 
         return register
-
-
-def operator(name: str):
-    """`torch.ops.kvbench.<name>`, or its `_dependent` twin while `kvbench.pdl.dependent_launches` is active
-    (for operators made with `_make_op(..., dependent=True)`)."""
-    if triton is not None and pdl.active():
-        name = f"{name}_dependent"
-    return getattr(torch.ops.kvbench, name)
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -572,7 +505,7 @@ def _use_triton(tensor: torch.Tensor) -> bool:
 # With Triton these are `triton_op`s: their body is also their fake implementation (under fake tensors the
 # wrapped launches are no-ops and only the allocations' shapes count), and torch.compile traces the body
 # into the graph, so Inductor sees the kernels themselves.
-@_make_op("kvbench::decode_attention", dependent=True)
+@_make_op("kvbench::decode_attention")
 def _decode_attention_op(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -581,7 +514,7 @@ def _decode_attention_op(
     return decode_attention_reference(query, keys, values, positions, scale)
 
 
-@_make_op("kvbench::received_attention", dependent=True)
+@_make_op("kvbench::received_attention")
 def _received_attention_op(
     query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float, lse: torch.Tensor
 ) -> torch.Tensor:
@@ -600,7 +533,7 @@ def decode_attention(
     log-sum-exp of the scaled logits over live slots. No live slot: out = 0, lse = -inf.
     """
     _check_shapes(query, keys, positions)
-    return operator("decode_attention")(query, keys, values, positions, float(scale))
+    return torch.ops.kvbench.decode_attention(query, keys, values, positions, float(scale))
 
 
 def received_attention(
@@ -610,4 +543,4 @@ def received_attention(
     empty ones), summed over the G query heads of its KV head: float32 [B, Hkv, S]. `lse` is
     `decode_attention`'s, so the probabilities are those the output was computed with."""
     _check_shapes(query, keys, positions)
-    return operator("received_attention")(query, keys, positions, float(scale), lse)
+    return torch.ops.kvbench.received_attention(query, keys, positions, float(scale), lse)

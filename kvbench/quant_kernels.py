@@ -258,10 +258,11 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, pairs: int, slots: int) 
 if kernels.triton is not None:
     import triton
     import triton.language as tl
+    from torch.library import wrap_triton
 
-    # Plain globals of this module, as the kernels' other helpers: jit code calls them by name.
+    # A plain global of this module under its own name, as the kernels' other helpers: jit code calls it by
+    # name, and Inductor's copy of a `wrap_triton` kernel defines a helper under its `def` name only.
     _online_softmax = kernels._online_softmax
-    await_previous_kernel = kernels.await_previous_kernel  # its own name: see `kernels.launch`
     _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
@@ -500,11 +501,9 @@ if kernels.triton is not None:
         BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, split): `kvbench.kernels._decode_split_kernel` over packed tiles. The loop
         stops at the sequence's live length, so splits past it read nothing."""
-        await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -905,7 +904,6 @@ if kernels.triton is not None:
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -945,7 +943,6 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
-        await_previous_kernel(PDL)
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
@@ -1237,7 +1234,7 @@ if kernels.triton is not None:
         sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
-        kernels.launch(_plane_split_kernel, (b * hkv, total_splits), query.device)(
+        wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
             query,
             k_codes,
             keys.scale,
@@ -1315,7 +1312,7 @@ if kernels.triton is not None:
         value_mode = _param_mode(values, dv, launch, can_align=False)
         # Codes in pairs (`_split_fields`) where the dot is in 16 bits and codes are below 128.
         half_dot = query.dtype in (torch.bfloat16, torch.float16) and not upcast
-        kernels.launch(_packed_split_kernel, (b * hkv, num_splits), query.device)(
+        wrap_triton(_packed_split_kernel)[(b * hkv, num_splits)](
             query,
             keys.codes,
             keys.scale,
@@ -1364,8 +1361,7 @@ if kernels.triton is not None:
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype)
 
 
-# The layouts `plane_plan` leaves to the split kernel.
-@kernels._make_op("kvbench::packed_decode_attention", dependent=True)
+@kernels._make_op("kvbench::packed_decode_attention")  # the layouts `plane_plan` leaves to the split kernel
 def _packed_attention_op(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -1388,7 +1384,7 @@ def _packed_attention_op(
     return packed_decode_attention_reference(query, keys, values, lengths, scale)
 
 
-@kernels._make_op("kvbench::plane_attention", dependent=True)
+@kernels._make_op("kvbench::plane_attention")
 def _plane_attention_op(
     query: torch.Tensor,
     k_codes: torch.Tensor,
@@ -1472,11 +1468,11 @@ def packed_decode_attention(
     formats = (float(scale), [int(f) for f in keys[4:]], [int(f) for f in values[4:]])  # the ops' int lists
     if plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None, None, None)
-        return kernels.operator("plane_attention")(
+        return torch.ops.kvbench.plane_attention(
             query, *keys[:4], *values[:4], lengths, *held, rotation, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)
-    out, lse = kernels.operator("packed_decode_attention")(q, *keys[:4], *values[:4], lengths, *formats)
+    out, lse = torch.ops.kvbench.packed_decode_attention(q, *keys[:4], *values[:4], lengths, *formats)
     if window is not None:
         out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window, scale)])
     return (out if rotation is None else rotate(out, rotation)), lse

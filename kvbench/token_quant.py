@@ -16,8 +16,8 @@ layouts) the reference runs: the fast transform, then `quantize`. Measured (H200
 The decode path writes the codes and parameters straight into the stores (`quantize_tokens_into`: each
 sequence's token at its own slot). Before, the kernel returned six tensors and six indexed writes put them
 in the stores: in the H200 profile of RTN-4 at batch 1 those were 6 of the 24 kernels of a layer (1 us
-each, plus their gaps); now none (not yet timed). The operator is opaque, launched by Triton itself, so it
-takes programmatic dependent launch (`kvbench.pdl`) directly.
+each, plus their gaps); now none (not yet timed). The operator is opaque to torch.compile: Triton launches
+its kernel itself.
 
 Exactness against the reference: without a rotation the kernel does `quantize`'s float32 operations in
 the same order (minimum and maximum, clip, float16 parameters rounded outward, division rounded to
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from kvbench import kernels, pdl
+from kvbench import kernels
 from kvbench.hadamard import hadamard_transform, is_power_of_two
 from kvbench.quant import MIN_SCALE, Quantized, is_planar, quantize
 
@@ -164,7 +164,6 @@ if kernels.triton is not None:
     import triton
     import triton.language as tl
 
-    await_previous_kernel = kernels.await_previous_kernel  # its own name: see `kernels.launch`
     _SMALLEST_STEP = tl.constexpr(MIN_SCALE)
 
     @triton.jit
@@ -277,13 +276,11 @@ if kernels.triton is not None:
         ROTATE: tl.constexpr,
         UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         """Program (i, 0) quantizes key rows [i * BLOCK_R, (i + 1) * BLOCK_R), program (i, 1) those values;
         row r is sequence r // heads and head r % heads, written into the stores [B, heads, S, ...] (keys'
         and values' of one layout, these strides) at slot slot_ptr[b], clamped to [0, last_slot], of its
         sequence b."""
-        await_previous_kernel(PDL)
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         live = r < rows
         sequence = (r // heads).to(tl.int64)
@@ -303,7 +300,7 @@ if kernels.triton is not None:
 
     def _launch_quantize(keys, values, rotation, slots, clip, kc, ks, kz, vc, vs, vz) -> None:
         """The kernel over keys and values [B, H, 1, D] into the stores at slots [B]: launched by Triton itself
-        (the operator is opaque), with programmatic dependent launch while `kvbench.pdl` asks for it."""
+        (the operator is opaque)."""
         b, h, _, dim = keys.shape
         grid = (triton.cdiv(b * h, BLOCK_ROWS), 2)
         _quantize_tokens_kernel[grid](
@@ -318,5 +315,4 @@ if kernels.triton is not None:
             UPCAST=keys.dtype == torch.float32 or kernels._upcast_and_precision(keys.dtype)[0],
             BLOCK_R=BLOCK_ROWS,
             num_warps=4,
-            **pdl.launch_options(keys.device),
         )  # fmt: skip

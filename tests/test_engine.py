@@ -9,7 +9,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from kvbench.config import build
-from kvbench.engine import DecodeState, Engine, Request, Sampling, first_argmax
+from kvbench.engine import DecodeState, Engine, Request, Sampling, first_argmax, parse_inductor_options
 from kvbench.methods.full import Full
 from tests.conftest import compose_config, method_names
 
@@ -155,6 +155,38 @@ def test_layer_scope_compiles_only_decode_and_restores_the_layers(tiny):
     assert len(shapes) == spec.num_layers + 2  # decode steps only: the 4 prefill chunks compiled nothing
     assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
     assert "forward" not in vars(model.get_decoder().norm) and "_choose" not in vars(engine)
+
+
+def test_inductor_options_are_checked_before_any_compile_and_merged(tiny) -> None:
+    """Experiments pass Inductor config values (speed.py --inductor-option KEY=VALUE): a key Inductor does not
+    have, or a value of another type, is refused with the key named; good ones reach torch.compile's options,
+    with a mode's (torch.compile refuses a mode with options) or options of one's own, and never a test's
+    own backend."""
+    model, tokenizer, spec = tiny
+    assert parse_inductor_options(["combo_kernels=1", "max_autotune=false"]) == {
+        "combo_kernels": True,
+        "max_autotune": False,
+    }
+    with pytest.raises(ValueError, match="'no_such_key=1'"):
+        parse_inductor_options(["no_such_key=1"])
+    with pytest.raises(ValueError, match="'no_such_key' is not an Inductor config key"):
+        Engine(model, tokenizer, Full(), spec, engine="compiled", inductor_options={"no_such_key": 1})
+    with pytest.raises(ValueError, match="combo_kernels=1 must be a bool"):
+        Engine(model, tokenizer, Full(), spec, engine="compiled", inductor_options={"combo_kernels": 1})
+    with pytest.raises(ValueError, match="only for engine=compiled"):
+        Engine(model, tokenizer, Full(), spec, inductor_options={"combo_kernels": True})
+    assert Engine(model, tokenizer, Full(), spec, engine="compiled")._compile_kwargs() == {}
+    engine = Engine(model, tokenizer, Full(), spec, engine="compiled", inductor_options={"combo_kernels": True})
+    assert engine._compile_kwargs() == {"options": {"combo_kernels": True}}
+    # profile_step's autotuning asks for a mode: its options come along, and ours go on top of given ones.
+    engine.compile_options = {"mode": "max-autotune-no-cudagraphs"}
+    assert engine._compile_kwargs() == {
+        "options": {"max_autotune": True, "coordinate_descent_tuning": True, "combo_kernels": True}
+    }
+    engine.compile_options = {"options": {"combo_kernels": False, "max_autotune": True}}
+    assert engine._compile_kwargs() == {"options": {"combo_kernels": True, "max_autotune": True}}
+    engine.compile_options = {"backend": "eager"}
+    assert engine._compile_kwargs() == {"backend": "eager"}
 
 
 @pytest.mark.parametrize("name", method_names())

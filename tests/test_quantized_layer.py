@@ -359,8 +359,6 @@ def _compile_for_hopper(kernel, types: dict, constexprs: dict):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if "PDL" in kernel.arg_names:  # a plain launch unless a test asks for programmatic dependent launch
-        constexprs = {"PDL": False, **constexprs}
     signature = {name: types.get(name, "i32") for name in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
