@@ -317,33 +317,14 @@ def dense_rows(device: torch.device, contexts: list[int], batches: list[int]) ->
     return rows
 
 
-def packed_rows(device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict) -> list[dict]:
-    rows = []
-    for slots in contexts:
-        for batch in batches:
-            for layout, formats in TIMED.items():
-                keys, values = packed_inputs(batch, slots, formats, device, seed=3)
-                copies = [(keys, values)]
-                for seed in range(4, 3 + copies_past_l2(packed_bytes(keys, values), device)):
-                    copies.append(packed_inputs(batch, slots, formats, device, seed))
-                query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
-                lengths = torch.full((batch,), slots, device=device)
-                calls = [
-                    lambda k=k, v=v, q=query, n=lengths: packed_decode_attention(q, k, v, n, SCALE) for k, v in copies
-                ]  # fmt: skip
-                us = time_us(calls, device)
-                row = {"kernel": layout, "config": config, "batch": batch, "context": slots, "us": us}
-                rows.append(
-                    row | {"bytes": packed_bytes(keys, values), "speedup_vs_bf16": dense[slots, batch]["us"] / us}
-                )
-                del copies, calls
-    return rows
-
-
-def zipcache_inputs(
-    batch: int, slots: int, device: torch.device, seed: int
+def timed_parts(
+    layout: str, batch: int, slots: int, device: torch.device, seed: int
 ) -> list[tuple[PackedSlots, PackedSlots, torch.Tensor]]:
-    """ZipCache's two sets over `slots` prompt tokens (`ZIPCACHE_SETS`): (keys, values, lengths) per set."""
+    """A timed layout's stores over `slots` prompt tokens as (keys, values, lengths), one per kernel call: one
+    for `TIMED`'s layouts, ZipCache's two sets (`ZIPCACHE_SETS`) for "zipcache_4_2"."""
+    if layout != "zipcache_4_2":
+        keys, values = packed_inputs(batch, slots, TIMED[layout], device, seed)
+        return [(keys, values, torch.full((batch,), slots, device=device))]
     gen = torch.Generator(device=device).manual_seed(seed)
     parts = []
     for share, (bits, row_tokens, col_channels), value_fmt in ZIPCACHE_SETS:
@@ -353,28 +334,27 @@ def zipcache_inputs(
     return parts
 
 
-def zipcache_rows(
-    device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict
-) -> list[dict]:
-    """ZipCache's two sets attended one after the other, timed as one call."""
+def packed_rows(device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict) -> list[dict]:
+    """Every timed layout's kernel calls (ZipCache's two sets one after the other) timed as one call."""
     rows = []
     for slots in contexts:
         for batch in batches:
-            copies = [zipcache_inputs(batch, slots, device, seed=3)]
-            bytes_per_copy = sum(packed_bytes(k, v) for k, v, _ in copies[0])
-            copies += [
-                zipcache_inputs(batch, slots, device, seed)
-                for seed in range(4, 3 + copies_past_l2(bytes_per_copy, device))
-            ]
-            query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
-            calls = [
-                lambda parts=parts, q=query: [packed_decode_attention(q, k, v, n, SCALE) for k, v, n in parts]
-                for parts in copies
-            ]
-            us = time_us(calls, device)
-            row = {"kernel": "zipcache_4_2", "config": config, "batch": batch, "context": slots, "us": us}
-            rows.append(row | {"bytes": bytes_per_copy, "speedup_vs_bf16": dense[slots, batch]["us"] / us})
-            del copies, calls
+            for layout in [*TIMED, "zipcache_4_2"]:
+                copies = [timed_parts(layout, batch, slots, device, seed=3)]
+                bytes_per_copy = sum(packed_bytes(keys, values) for keys, values, _ in copies[0])
+                copies += [
+                    timed_parts(layout, batch, slots, device, seed)
+                    for seed in range(4, 3 + copies_past_l2(bytes_per_copy, device))
+                ]
+                query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
+                calls = [
+                    lambda parts=parts, q=query: [packed_decode_attention(q, k, v, n, SCALE) for k, v, n in parts]
+                    for parts in copies
+                ]
+                us = time_us(calls, device)
+                row = {"kernel": layout, "config": config, "batch": batch, "context": slots, "us": us}
+                rows.append(row | {"bytes": bytes_per_copy, "speedup_vs_bf16": dense[slots, batch]["us"] / us})
+                del copies, calls
     return rows
 
 
@@ -450,7 +430,6 @@ def main() -> int:
         quant_kernels.LAUNCH = CONFIGS[config]
         rows += reference_checks(device, check_slots, config)
         rows += packed_rows(device, contexts, batches, config, dense)
-        rows += zipcache_rows(device, contexts, batches, config, dense)
         print(f"[{time.perf_counter() - began:.0f} s] config {config} done", file=sys.stderr)
     env = environment(device, bandwidth, args.commit)
     for row in rows:
