@@ -146,5 +146,22 @@ def hub_records(rows: list[Any], dataset: str, normalize: Normalize) -> tuple[li
     return records, hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def file_or_hub_records(
+    data_dir: str, data_file: str, hub: tuple[str, ...], split: str, example_dir: str, normalize: Normalize
+) -> tuple[list[dict[str, Any]], str]:
+    """A task's records and their SHA-256: `data_file` in `data_dir` (JSON lines), or without a folder the
+    `split` of `hub` (the dataset's name, then its configuration if it has one) through `datasets`."""
+    if data_dir:
+        return jsonl_records(Path(data_dir) / data_file, data_dir, normalize)
+    from datasets import load_dataset
+
+    try:
+        rows = list(load_dataset(*hub, split=split))
+    except OSError as error:
+        where = f"{hub[0]} ({', '.join([*hub[1:], f'split {split}'])})"
+        raise hub_data_missing(error, data_dir, where, data_file, example_dir) from error
+    return hub_records(rows, hub[0], normalize)
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")

@@ -34,7 +34,7 @@ from kvbench.cache import ModelSpec
 from kvbench.engine import Generation, Sampling
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
-from kvbench.task import Sample, Task, hub_data_missing, hub_records, jsonl_records, mean
+from kvbench.task import Sample, Task, file_or_hub_records, mean
 from kvbench.tasks.longbench import encode_message, stop_ids
 
 DEFAULT_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -183,21 +183,10 @@ class AIME(Task):
     def records(self) -> list[dict[str, Any]]:
         """Every record as {id, problem, answer (int)}, whatever the source's field names; read once."""
         if self._records is None:
-            self._records, self._data_sha256 = self._read_file() if self.data_dir else self._read_hub()
+            self._records, self._data_sha256 = file_or_hub_records(
+                self.data_dir, self.data_file, (self.dataset,), self.split, "../shared/data/aime", normalize
+            )
         return self._records
-
-    def _read_file(self) -> tuple[list[dict[str, Any]], str]:
-        return jsonl_records(Path(self.data_dir) / self.data_file, self.data_dir, normalize)
-
-    def _read_hub(self) -> tuple[list[dict[str, Any]], str]:
-        from datasets import load_dataset
-
-        try:
-            rows = list(load_dataset(self.dataset, split=self.split))
-        except OSError as error:
-            where = f"{self.dataset} (split {self.split})"
-            raise hub_data_missing(error, self.data_dir, where, self.data_file, "../shared/data/aime") from error
-        return hub_records(rows, self.dataset, normalize)
 
     def problems(self) -> Iterator[dict[str, Any]]:
         """The first `limit` records (0 = all)."""

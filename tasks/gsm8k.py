@@ -31,7 +31,7 @@ from kvbench.cache import ModelSpec
 from kvbench.engine import Generation
 from kvbench.errors import ConfigError, require
 from kvbench.method import Method
-from kvbench.task import Sample, Task, hub_data_missing, hub_records, jsonl_records, mean
+from kvbench.task import Sample, Task, file_or_hub_records, mean
 from kvbench.tasks.aime import PROMPT_RESERVE, last_boxed, to_integer
 from kvbench.tasks.longbench import encode_message, stop_ids
 
@@ -110,21 +110,15 @@ class GSM8K(Task):
     # ----- data -----
     def records(self) -> list[dict[str, Any]]:
         if self._records is None:
-            self._records, self._data_sha256 = self._read_file() if self.data_dir else self._read_hub()
+            self._records, self._data_sha256 = file_or_hub_records(
+                self.data_dir,
+                self.data_file,
+                (self.dataset, self.subset),
+                self.split,
+                "../shared/data/gsm8k",
+                normalize,
+            )
         return self._records
-
-    def _read_file(self) -> tuple[list[dict[str, Any]], str]:
-        return jsonl_records(Path(self.data_dir) / self.data_file, self.data_dir, normalize)
-
-    def _read_hub(self) -> tuple[list[dict[str, Any]], str]:
-        from datasets import load_dataset
-
-        try:
-            rows = list(load_dataset(self.dataset, self.subset, split=self.split))
-        except OSError as error:
-            where = f"{self.dataset} ({self.subset}, split {self.split})"
-            raise hub_data_missing(error, self.data_dir, where, self.data_file, "../shared/data/gsm8k") from error
-        return hub_records(rows, self.dataset, normalize)
 
     def count(self) -> int | None:
         return len(self.records()[: self.limit or None])
