@@ -64,3 +64,27 @@ def compose_config(*overrides: str):
 
 def method_names() -> list[str]:
     return sorted(path.stem for path in (CONFIGS / "method").glob("*.yaml"))
+
+
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4):
+    """`kernel` lowered for sm_90 with Triton's bundled ptxas: no GPU needed, and it catches what the
+    interpreter cannot (tl.dot shape rules, layouts, inline PTX, lowering). Arguments not in `types` or
+    `constexprs` are i32. Skips where Triton has no NVIDIA backend, or runs kernels interpreted."""
+    pytest.importorskip("triton.backends.nvidia")
+    from kvbench import kernels
+
+    if kernels._INTERPRETED:
+        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: types.get(name, "i32") for name in kernel.arg_names}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    positions = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
+    source = ASTSource(kernel, signature, constexprs=positions)
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2}
+    )
+    assert compiled.asm["cubin"]
+    return compiled

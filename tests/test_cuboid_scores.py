@@ -12,7 +12,7 @@ import torch
 
 from kvbench import cuboid_scores as cs
 from kvbench import kernels
-from tests.conftest import run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 
 def _case(b: int, h: int, n: int, d: int, dtype: torch.dtype, gen: torch.Generator):
@@ -109,13 +109,8 @@ def test_mismatched_shapes_are_refused() -> None:
 
 
 def test_kernel_compiles_for_hopper() -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernel is an interpreted function")
-    from tests.test_kernels import _compile_for_hopper
-
     pointers = {name: "*bf16" for name in ("positive", "negative", "upper", "lower")} | {"out": "*fp32"}
-    _compile_for_hopper(cs._cuboid_scores_kernel, pointers, {"D": 128, "BLOCK_D": 128, "BLOCK_N": cs.BLOCK_PAGES})
+    compile_for_hopper(cs._cuboid_scores_kernel, pointers, {"D": 128, "BLOCK_D": 128, "BLOCK_N": cs.BLOCK_PAGES})
 
 
 if __name__ == "__main__":

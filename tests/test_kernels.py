@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kvbench import kernels
-from tests.conftest import run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}
@@ -207,49 +207,30 @@ def test_triton_launches_trace_into_a_static_graph() -> None:
     assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
 
 
-def _compile_for_hopper(kernel, pointer_types: dict[str, str], constexprs: dict):
-    """Compile a kernel for sm_90 with Triton's bundled ptxas: no GPU needed, and it catches what the
-    interpreter cannot (tl.dot shape rules, layouts, lowering). Returns Triton's compiled kernel."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {name: pointer_types.get(name, "i32") for name in kernel.arg_names}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    source = ASTSource(
-        kernel, signature, constexprs={(kernel.arg_names.index(name),): v for name, v in constexprs.items()}
-    )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": kernels.NUM_WARPS, "num_stages": 2}
-    )
-    assert compiled.asm["cubin"]
-    return compiled
-
-
 @pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 1)])
 def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
     precision = "ieee" if dtype == "fp32" else "tf32"
     blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": precision, "HEAD_DIM": 128}
     tensors = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": "*i64", "scale_log2": "fp32"}
     partials = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"}
-    _compile_for_hopper(
+    compile_for_hopper(
         kernels._decode_split_kernel,
         tensors | partials | {"v_ptr": f"*{dtype}"},
         blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128, "VALUE_DIM": 128},
+        kernels.NUM_WARPS,
     )
-    _compile_for_hopper(
+    compile_for_hopper(
         kernels._decode_combine_kernel,
         partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"},
         # bf16: the combine that rotates QuaRot's outputs back (`kvbench.quant_kernels`)
         {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": kernels.COMBINE_BLOCK, "BLOCK_DV": 128, "ROTATE": dtype == "bf16"},
+        kernels.NUM_WARPS,
     )
-    _compile_for_hopper(
+    compile_for_hopper(
         kernels._received_kernel,
         tensors | {"lse_ptr": "*fp32", "out_ptr": "*fp32"},
         blocks | {"BLOCK_G": kernels._dot_block(group)},
+        kernels.NUM_WARPS,
     )
 
 

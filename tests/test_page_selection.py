@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvbench import kernels, page_selection
-from tests.conftest import run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 
 def _case(b: int, g: int, n: int, s: int, newest: list[int], gen: torch.Generator) -> tuple:
@@ -133,15 +133,10 @@ def test_bad_k_is_refused() -> None:
 
 
 def test_kernel_compiles_for_hopper() -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernel is an interpreted function")
-    from tests.test_kernels import _compile_for_hopper
-
     pointers = {"scores_ptr": "*fp32", "slot_page_ptr": "*i64", "newest_ptr": "*i64", "active_ptr": "*i8"}
     pointers |= {"pages_out": "*i64", "slots_out": "*i64", "fetch_out": "*i8"}
     constexprs = {"BITS": 11, "N_PAD": 2048, "S_PAD": 64, "K_PAD": 32}
-    _compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs)
+    compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from kvbench.methods.quarot import QuaRot
 from kvbench.quant import dequantize, fake_quantize, quantize
 from kvbench.quant_kernels import PackedSlots, packed_decode_attention, packed_decode_attention_reference
 from kvbench.quantized_layer import QuantizedLayer, QuantSpec
-from tests.conftest import run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "bfloat16": 2e-2}
 LSE_TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2}
@@ -349,22 +349,6 @@ def test_cpu_op_runs_the_reference_and_compiles_whole() -> None:
     assert torch.equal(compiled[0], out) and torch.equal(compiled[1], lse)
 
 
-def _compile_for_hopper(kernel, types: dict, constexprs: dict):
-    """`kernel` lowered for sm_90 with Triton's bundled ptxas (no GPU needed); arguments not in `types` or
-    `constexprs` are i32."""
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {name: types.get(name, "i32") for name in kernel.arg_names}
-    signature.update(dict.fromkeys(constexprs, "constexpr"))
-    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-
-
 @pytest.mark.parametrize(
     ("dtype", "bits", "key_mode", "value_mode"),
     [
@@ -395,7 +379,7 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_ROW_BYTES": 128 * bits // 8, "V_ROW_BYTES": 128 * bits // 8,
     }  # fmt: skip
-    assert _compile_for_hopper(quant_kernels._packed_split_kernel, pointers, constexprs).asm["cubin"]
+    assert compile_for_hopper(quant_kernels._packed_split_kernel, pointers, constexprs).asm["cubin"]
 
 
 @pytest.mark.parametrize(
@@ -436,7 +420,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
     }  # fmt: skip
-    compiled = _compile_for_hopper(quant_kernels._plane_split_kernel, pointers, constexprs)
+    compiled = compile_for_hopper(quant_kernels._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
 
 

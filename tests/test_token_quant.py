@@ -16,7 +16,7 @@ from kvbench.hadamard import hadamard_matrix, hadamard_transform
 from kvbench.methods.quarot import QuaRotLayer
 from kvbench.quant import Quantized, dequantize, expand_params, quantize
 from kvbench.quantized_layer import QuantSpec
-from tests.conftest import run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 # name: (batch, kv heads, head_dim, group, clip, dtype, rotate). 24 and 40 rows take two and three programs,
 # the last one partly masked.
@@ -197,13 +197,11 @@ def test_layouts_outside_the_kernel_are_refused_by_fits() -> None:
 def test_kernel_compiles_for_hopper(rotate: bool) -> None:
     """Lowered for sm_90 with Triton's bundled ptxas: the bfloat16 tensor-core product the interpreter runs
     in float32, and the reshapes, permute and split of the packing."""
-    from tests.test_quantized_layer import _compile_for_hopper
-
     pointers = {name: "*bf16" for name in ("k_ptr", "v_ptr")} | {"rotation_ptr": "*i8"}
     pointers |= {"kc_ptr": "*u8", "vc_ptr": "*u8"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {"rotation_scale": "fp64", "clip": "fp64", "slot_ptr": "*i64"}  # floats typed as Inductor once did
     constexprs = {"DIM": 128, "GROUP": 128, "ROTATE": rotate, "UPCAST": False, "BLOCK_R": token_quant.BLOCK_ROWS}
-    assert _compile_for_hopper(token_quant._quantize_tokens_kernel, pointers, constexprs).asm["cubin"]
+    assert compile_for_hopper(token_quant._quantize_tokens_kernel, pointers, constexprs).asm["cubin"]
 
 
 if __name__ == "__main__":

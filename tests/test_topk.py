@@ -11,7 +11,7 @@ import torch
 
 from kvbench import kernels, topk
 from methods.scissorhands import NOT_A_CANDIDATE, drop_key
-from tests.conftest import run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 
 def _distinct_keys(rows: int, s: int, gen: torch.Generator) -> torch.Tensor:
@@ -97,13 +97,8 @@ def test_bad_input_is_refused() -> None:
 
 
 def test_kernel_compiles_for_hopper() -> None:
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernel is an interpreted function")
-    from tests.test_kernels import _compile_for_hopper
-
     pointers = {"keys_ptr": "*i64", "values_ptr": "*i64", "slots_ptr": "*i64"}
-    _compile_for_hopper(topk._largest_keys_kernel, pointers, {"BITS": 11, "S_PAD": 2048, "K_PAD": 512})
+    compile_for_hopper(topk._largest_keys_kernel, pointers, {"BITS": 11, "S_PAD": 2048, "K_PAD": 512})
 
 
 if __name__ == "__main__":
