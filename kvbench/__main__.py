@@ -2,26 +2,32 @@
 
 Exit status: 0 when every run ended ok (or was complete already), 1 when a run failed (its record says
 `error` or `oom`, fresh or found from before), 2 for bad input only, 130 on Ctrl-C. A sweep runs every
-job, then lists the failed ones.
+job, then lists the failed ones, whichever launcher ran them: each job also writes how it ended into its
+own Hydra folder (`outcome.json`), which the launching process reads when the jobs ran elsewhere (joblib
+workers, SLURM nodes); a job that left none (its process killed, a SLURM time limit) counts as failed.
 """
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kvbench.config import EarlyChecks
+from kvbench.config import EarlyChecks, SweepFolder
 from kvbench.errors import ConfigError, report
-from kvbench.records import read_record
+from kvbench.records import read_record, write_json_atomic
 from kvbench.run import RETRY_HINT, run
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BAD_INPUT = "bad input"
+NO_OUTCOME = "no outcome"  # a sweep job whose process ended without writing how its job ended
+OUTCOME_FILE = "outcome.json"
 
 
 @dataclass
@@ -52,6 +58,29 @@ def job(cfg: DictConfig) -> Outcome:
     return Outcome(overrides, record["status"], directory, record.get("error") or "")
 
 
+def save_outcome(outcome: Outcome, folder: Path) -> None:
+    write_json_atomic(
+        folder / OUTCOME_FILE, {**asdict(outcome), "directory": outcome.directory and str(outcome.directory)}
+    )
+
+
+def read_outcomes(sweep_folder: Path, jobs: int) -> list[Outcome]:
+    """How the jobs of a sweep that ran in other processes ended, from their folders' `outcome.json`; with
+    `jobs` known, each job number without one is a failure (`NO_OUTCOME`) pointing at its folder."""
+    saved = {}
+    for path in sweep_folder.glob(f"*/{OUTCOME_FILE}"):
+        fields = json.loads(path.read_text())
+        directory = fields.pop("directory")
+        saved[path.parent.name] = Outcome(**fields, directory=directory and Path(directory))
+    said = "its process ended without saying how (killed, or out of time?); its Hydra folder"
+    missing = [
+        Outcome(f"job {number}", NO_OUTCOME, None, f"{said}: {sweep_folder / str(number)}")
+        for number in range(jobs)
+        if str(number) not in saved
+    ]
+    return [*saved.values(), *missing]
+
+
 def exit_status(outcomes: list[Outcome]) -> int:
     """0 if all ok; 2 if the only failures are bad input; else 1. Several jobs: failures listed on stderr."""
     failed = [outcome for outcome in outcomes if outcome.status != "ok"]
@@ -77,17 +106,24 @@ def interrupted(outcomes: list[Outcome]) -> str:
 
 
 def main() -> None:
-    # This invocation's jobs: Hydra's basic launcher calls `app` once per job, in this process. (A launcher
-    # that runs jobs in other processes, joblib or submitit, would leave this empty: exit status 0.)
+    # This invocation's jobs: Hydra's basic launcher calls `app` once per job, in this process. A launcher
+    # that runs jobs in other processes (joblib, submitit) leaves this empty: their folders say how they ended.
     outcomes: list[Outcome] = []
 
     @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
     def app(cfg: DictConfig) -> None:
-        outcomes.append(job(cfg))
+        outcome = job(cfg)
+        outcomes.append(outcome)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            save_outcome(outcome, Path(hydra_cfg.runtime.output_dir))
 
     EarlyChecks.composed = False
+    SweepFolder.folder = None
     try:
         app()
+        if not outcomes and SweepFolder.folder is not None:
+            outcomes = read_outcomes(SweepFolder.folder, SweepFolder.jobs)
     except SystemExit as exited:
         # Hydra exits 1 on a command line it cannot compose (an unknown method, a key the config lacks), having
         # printed why, before its callbacks run: bad input, which kvbench reports as 2.

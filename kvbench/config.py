@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -147,6 +147,19 @@ class SweepProgress(Callback):
             return  # the sweep folder was not made by on_multirun_start (a launcher that skips it)
         done = claim_finish_number(folder)
         print(progress_line(done, int(total), time.time() - float(started_s)), file=sys.stderr, flush=True)
+
+
+class SweepFolder(Callback):
+    """Hydra callback: remembers, in the launching process, the sweep's folder and its size. Jobs that ran in
+    other processes (joblib workers, SLURM nodes) leave how they ended in their own folders there
+    (`kvbench.__main__`), where the launching process reads them once the sweep is over."""
+
+    folder: ClassVar[Path | None] = None
+    jobs: ClassVar[int] = 0  # 0: unknown (a sweep only the sweeper expands)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        SweepFolder.folder = Path(str(config.hydra.sweep.dir))
+        SweepFolder.jobs = sweep_size(config)
 
 
 class GpuPerWorker(Callback):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import kvbench.run as run_module
-from kvbench.__main__ import main
+from kvbench.__main__ import NO_OUTCOME, Outcome, main, read_outcomes, save_outcome
 from tests.conftest import REPO
 
 TINY = ["model=tiny-llama", "model.device=cpu", "kvbench.warmup=false"]
@@ -100,6 +100,39 @@ def test_sweep_all_ok_exits_0(monkeypatch, capsys, tmp_path):
     args = ["-m", *TINY, *SHORT_PASSKEY, "method=streamingllm", "method.budget=32,64"]
     assert cli(monkeypatch, *args, f"kvbench.results_dir={tmp_path}") == 0
     assert "failed" not in capsys.readouterr().err
+
+
+def test_a_sweep_run_by_submitit_exits_as_one_run_in_process_would(monkeypatch, capsys, tmp_path):
+    """Hydra's submitit launcher (through its local executor: a process per job, as SLURM runs them): the
+    launching process reads how each job ended from its folder, so a failed run (an error record from before,
+    skipped) exits 1 and is listed with the bad-input job, as with the in-process launcher."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    fail_when(monkeypatch, lambda config: True, RuntimeError("boom"))
+    single = [*TINY, *SHORT_PASSKEY, "method=streamingllm", f"{RESULTS}={tmp_path}"]
+    assert cli(monkeypatch, *single, "method.budget=32") == 1  # an error record to find
+    (failed,) = records(tmp_path)
+    command = [sys.executable, "-m", "kvbench", "-m", *single, "method.budget=32,64,2"]
+    command += ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert sorted(record["status"] for record in records(tmp_path).values()) == ["error", "ok"]
+    assert "2 of 3 runs failed" in result.stderr and f"error: {failed}" in result.stderr
+    assert "bad input: " in result.stderr and "method.budget=2" in result.stderr and RETRY in result.stderr
+
+
+def test_a_sweep_job_that_left_no_outcome_is_a_failure(tmp_path):
+    """Jobs run elsewhere write how they ended into their folders; a job whose process was killed wrote
+    nothing: it counts as failed, naming its folder."""
+    save_outcome(Outcome("method.budget=32", "ok", tmp_path / "run-a", ""), tmp_path / "0")
+    save_outcome(Outcome("method.budget=96", "error", tmp_path / "run-c", "RuntimeError: boom"), tmp_path / "2")
+    outcomes = sorted(read_outcomes(tmp_path, jobs=3), key=lambda outcome: outcome.job)
+    assert [(o.job, o.status, o.directory) for o in outcomes] == [
+        ("job 1", NO_OUTCOME, None),
+        ("method.budget=32", "ok", tmp_path / "run-a"),
+        ("method.budget=96", "error", tmp_path / "run-c"),
+    ]
+    assert str(tmp_path / "1") in outcomes[0].error
+    assert len(read_outcomes(tmp_path, jobs=0)) == 2  # a sweep of unknown size: only what the jobs said
 
 
 def test_ctrl_c_in_a_sweep_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):

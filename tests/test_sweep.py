@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import kvbench.run as run_module
@@ -200,6 +201,17 @@ def test_each_worker_claims_its_own_gpu(tmp_path):
     (folder / "7").write_text("")  # a claimant still writing its pid: taken
     with pytest.raises(RuntimeError):
         claim_gpu(folder, ["7"])
+
+
+def test_the_slurm_example_composes_into_submitits_slurm_launcher():
+    """configs/hydra/launcher/slurm.yaml against the launcher's own config schema (a key it lacks fails here),
+    one GPU a job."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        config = compose("config", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = config.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.nodes) == (1, 1, 1)
 
 
 def test_joblib_sweep_over_two_workers(tmp_path):
