@@ -4,7 +4,8 @@ Exit status: 0 when every run ended ok (or was complete already), 1 when a run f
 `error` or `oom`, fresh or found from before), 2 for bad input only, 130 on Ctrl-C. A sweep runs every
 job, then lists the failed ones, whichever launcher ran them: each job also writes how it ended into its
 own Hydra folder (`outcome.json`), which the launching process reads when the jobs ran elsewhere (joblib
-workers, SLURM nodes); a job that left none (its process killed, a SLURM time limit) counts as failed.
+workers, SLURM nodes); a job that left none counts as failed. (Where a job's process dies, killed or out
+of time, the launcher itself raises in the launching process: the command ends with its error, exit 1.)
 """
 
 from __future__ import annotations
