@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/plane_sass.py                               # token mode, every variant
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/plane_sass.py --modes token halves
 
-Compiles `kvbench.quant_kernels._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
+Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
 batch 1, 32k slots: strides that are multiples of 16 and 16-byte-aligned pointers marked divisible by 16,
 arguments equal to 1 made constants). Without that specialisation the codes load 16 bits at a time and the
@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
-from kvbench import quant_kernels
+from kvbench import plane_kernel
 
 try:  # where Triton keeps its argument specialisation (3.6 and 3.7)
     from triton._C.libtriton import native_specialize_impl
@@ -71,7 +71,7 @@ def argument_values(mode: str) -> dict[str, int]:
 
 
 def compile_plane(mode: str, variant: str, num_warps: int):
-    kernel = quant_kernels._plane_split_kernel
+    kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
     pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16", "wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}

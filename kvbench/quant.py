@@ -15,7 +15,7 @@ range and, without clipping, the round trip is off by at most half a step (scale
 Codes are packed along the last dimension, little-endian. 2-, 3- and 8-bit rows are one bit stream: code i
 occupies bits [i * bits, (i + 1) * bits) of the row (four 2-bit codes per byte; eight 3-bit codes per 3
 bytes, some straddling a byte boundary). 4-bit rows are planar, for the decode kernel
-(`kvbench.quant_kernels`): the D channels are 4 planes of W = D / 4, and element e of the row (a 16-bit word
+(`kvbench.plane_kernel`): the D channels are 4 planes of W = D / 4, and element e of the row (a 16-bit word
 of four codes) holds channel g * W + e in bits [4g, 4g + 4), g = 0..3. The kernel then turns a 32-bit
 register of two words into a pair of 16-bit floats per plane with one shift and one mask-or, and each
 plane is a contiguous block of channels that it multiplies on the tensor cores as it is. Either way a row

@@ -1,6 +1,6 @@
-"""kvbench.quant_kernels and kvbench.quantized_layer: the packed decode kernel against its reference (under
-Triton's interpreter, in a subprocess as in tests/test_kernels.py), and the layer's storage, flush schedule,
-byte count, hooks and batching against plain-PyTorch expectations."""
+"""kvbench.quant_kernels, kvbench.plane_kernel and kvbench.quantized_layer: the packed decode kernels against
+their reference (under Triton's interpreter, in a subprocess as in tests/test_kernels.py), and the layer's
+storage, flush schedule, byte count, hooks and batching against plain-PyTorch expectations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbench import kernels, quant_kernels
+from kvbench import kernels, plane_kernel, quant_kernels
 from kvbench.cache import LayerSpec, ModelSpec
 from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.kivi import KIVI
@@ -178,7 +178,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
     b, hkv, s, d = (*x["keys"].codes.shape[:3], x["query"].shape[-1])
-    plan = quant_kernels.plane_plan(x["keys"], x["values"], launch)
+    plan = plane_kernel.plane_plan(x["keys"], x["values"], launch)
     if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     sums = plan is not None and launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1]
@@ -210,7 +210,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         "dead_rows": int((~live).sum()),
         "dead_out_zero": bool((out[~live] == 0).all()),
         "splits": quant_kernels._split_plan(
-            b * hkv, s, kernels._num_sms(x["query"].device), quant_kernels.plane_launch(launch, sums, b * hkv, s)
+            b * hkv, s, kernels._num_sms(x["query"].device), plane_kernel.plane_launch(launch, sums, b * hkv, s)
         )[0],
         "group": group,
     }
@@ -295,11 +295,11 @@ def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
     target from `one_warp_summed_slots` pairs x slots on (32k batch 4, 128k batch 1); smaller launches and
     KIVI's layout keep the default."""
     launch = quant_kernels.LaunchConfig()
-    big = quant_kernels.plane_launch(launch, True, 8, 131072)
+    big = plane_kernel.plane_launch(launch, True, 8, 131072)
     assert (big.num_warps, big.programs_per_sm) == (1, launch.programs_per_sm_many_heads)
-    assert quant_kernels.plane_launch(launch, True, 32, 32768).num_warps == 1
-    assert quant_kernels.plane_launch(launch, True, 8, 32768) == launch
-    assert quant_kernels.plane_launch(launch, False, 32, 131072) == launch
+    assert plane_kernel.plane_launch(launch, True, 32, 32768).num_warps == 1
+    assert plane_kernel.plane_launch(launch, True, 8, 32768) == launch
+    assert plane_kernel.plane_launch(launch, False, 32, 131072) == launch
 
 
 def test_split_target_grows_with_the_pairs() -> None:
@@ -420,7 +420,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
     }  # fmt: skip
-    compiled = compile_for_hopper(quant_kernels._plane_split_kernel, pointers, constexprs)
+    compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
 
 
@@ -443,7 +443,7 @@ def test_methods_stores_take_the_plane_kernel(method, key_mode: str | None) -> N
     layer.update(torch.randn(1, 2, 300, 128, generator=gen), torch.randn(1, 2, 300, 128, generator=gen))
     layer.finish_prefill()
     part = layer.parts[0]
-    plan = quant_kernels.plane_plan(part.keys.slots_view(), part.values.slots_view(), quant_kernels.LAUNCH)
+    plan = plane_kernel.plane_plan(part.keys.slots_view(), part.values.slots_view(), quant_kernels.LAUNCH)
     assert (plan and plan[0]) == key_mode
 
 

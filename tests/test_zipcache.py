@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kvbench import quant_kernels
+from kvbench import plane_kernel, quant_kernels
 from kvbench.cache import LayerSpec, ModelSpec
 from kvbench.config import build
 from kvbench.engine import Engine, Request
@@ -132,11 +132,11 @@ def test_stores_take_the_kernels_lead_fold():
     assert (high.row_tokens, low.row_tokens, high.prompt_row, low.prompt_row) == (60, 40, True, True)
     assert not any(part.values.slots_view().prompt_row for part in layer.parts)
     launch = quant_kernels.LaunchConfig()
-    assert quant_kernels.plane_plan(high, layer.parts[0].values.slots_view(), launch) == ("lead", launch.block_n)
-    assert quant_kernels.plane_plan(low, layer.parts[1].values.slots_view(), launch) is None
+    assert plane_kernel.plane_plan(high, layer.parts[0].values.slots_view(), launch) == ("lead", launch.block_n)
+    assert plane_kernel.plane_plan(low, layer.parts[1].values.slots_view(), launch) is None
     assert quant_kernels._param_mode(low, 32, launch, can_align=True) == "lead"
     off = quant_kernels.LaunchConfig(fold_lead=False)
-    assert quant_kernels.plane_plan(high, layer.parts[0].values.slots_view(), off)[0] == "rows"
+    assert plane_kernel.plane_plan(high, layer.parts[0].values.slots_view(), off)[0] == "rows"
     assert quant_kernels._param_mode(low, 32, off, can_align=True) == "gather"
 
 

@@ -1,0 +1,785 @@
+"""Decode attention over planar 4-bit codes: `_plane_split_kernel`, the fast path of `kvbench.quant_kernels`.
+
+Planar rows (`kvbench.quant`): a row's D channels are 4 planes of W = D / 4, and element e of the row (a
+16-bit word of four codes) holds channel g * W + e in bits [4g, 4g + 4), g = 0..3. Each plane is thus a
+contiguous block of W channels, and one 32-bit register of two elements holds two codes of every plane.
+
+`_plane_split_kernel` is `kvbench.quant_kernels`' flash-decoding split kernel for the 4-bit stores whose
+scales and zero-points it can fold per plane (`plane_plan`: values in per-token groups that planes lie inside;
+keys so too, "token": QuaRot and RTN, or per channel: KIVI-4's "halves", ZipCache's salient set "lead", "row",
+"rows"). It reads the stores as `kvbench.quant_kernels` lays them out (`PackedSlots`, the slot and
+parameter-row rule of its module doc) and is launched as that module's `LAUNCH` says (`LaunchConfig`;
+`plane_launch`). Per tile, inline PTX turns each register of two elements into a register of two 16-bit floats
+per plane with one shift and one mask-or (`_bf16_nibbles`, `_f16_nibbles`; integer shifts under the
+interpreter), the four planes are multiplied as exact codes on the tensor cores, and the parameters are folded
+into the products, plane by plane (`kvbench.quant_kernels`' module doc gives the algebra; the kernel's
+docstring, each key mode). The same launch attends over a full-precision window (one more program) and applies
+QuaRot's rotation (the query's in the prologue, the output's in `kvbench.kernels`' combine kernel).
+
+`kvbench::plane_attention` is its operator, which `kvbench.quant_kernels.packed_decode_attention` calls for
+the stores `plane_plan` takes: Triton on CUDA tensors and under Triton's interpreter, the references
+elsewhere. Measured in benchmarks/README.md: "quant_attention.py with the plane kernel", "Launch of the
+4-bit kernels", "Where the plane kernel's instructions go" (`benchmarks/plane_sass.py` counts its SASS
+offline), "Row sums, offset codes, one warp".
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from kvbench import kernels, quant_kernels
+from kvbench.quant import is_planar
+from kvbench.quant_kernels import (
+    LaunchConfig,
+    PackedSlots,
+    Window,
+    _split_plan,
+    merge_attention,
+    packed_decode_attention_reference,
+    rotate,
+)
+
+
+def _fits_planes(group: int, dim: int) -> bool:
+    """Per-token groups of `group` channels that each of the 4 planes of `dim` lies inside, at most 16 of them."""
+    return dim % 4 == 0 and group % (dim // 4) == 0 and dim // min(group, dim) <= 16
+
+
+def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
+    """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
+    does): planar codes (4 bits), values in per-token groups that planes lie inside, keys either so too
+    ("token") or per channel ("row" where tiles divide the rows; "lead" where row 0 spans a prompt set and
+    the launch asks for it: ZipCache's salient set, row 0 folded below lead, rows read per slot past it;
+    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles;
+    "rows" otherwise)."""
+    d = keys.codes.shape[-1] * 8 // keys.bits
+    dv = values.codes.shape[-1] * 8 // values.bits
+    if not (is_planar(keys.bits) and is_planar(values.bits)) or keys.scale.stride(-1) != 1 != values.scale.stride(-1):
+        return None
+    if values.row_tokens != 1 or not _fits_planes(values.col_channels, dv):
+        return None
+    if keys.row_tokens == 1 and _fits_planes(keys.col_channels, d):
+        return "token", launch.block_n
+    if keys.col_channels == 1 and keys.row_tokens % launch.block_n == 0:
+        return "row", launch.block_n
+    if keys.col_channels == 1 and keys.prompt_row and launch.fold_lead:
+        return "lead", launch.block_n
+    if keys.col_channels == 1 and launch.fold_half_rows and 2 * keys.row_tokens == launch.block_n:
+        return "halves", launch.block_n
+    if keys.col_channels == 1:
+        return "rows", launch.block_n
+    return None
+
+
+def plane_launch(launch: LaunchConfig, zero_sums: bool, pairs: int, slots: int) -> LaunchConfig:
+    """The plane kernel's launch for a store: with summed value zero-points and pairs x slots of at least
+    `one_warp_summed_slots`, one warp a program at the many-heads split target."""
+    if zero_sums and pairs * slots >= launch.one_warp_summed_slots:
+        return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
+    return launch
+
+
+if kernels.triton is not None:
+    import triton
+    import triton.language as tl
+    from torch.library import wrap_triton
+
+    # Jit helpers shared with `_packed_split_kernel`, as plain globals under their own names: jit code calls
+    # them by name, and Inductor's copy of a `wrap_triton` kernel defines a helper under its `def` name only.
+    from kvbench.kernels import _online_softmax
+    from kvbench.quant_kernels import _as_float, _slot_rows
+
+    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+    # 4-bit codes to 16-bit floats, two elements (one 32-bit register of two 16-bit words) at a time: plane g
+    # is bits [4g, 4g + 4) of each word, so one shift and one mask-or (`lop3`) make a register of two floats
+    # 2^m + code (m = 7: bfloat16 128 + code, 0x4300; m = 10: float16 1024 + code, 0x6400), and one packed
+    # subtract leaves the codes exactly: 11 instructions make 8 values. The PTX is a literal in each function
+    # (torch.compile copies user kernels' source; a global or a string argument does not survive that).
+    @triton.jit
+    def _bf16_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, m; mov.b32 m, 0x43004300;
+            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
+            sub.rn.bf16x2 $0, $0, m; sub.rn.bf16x2 $1, $1, m; sub.rn.bf16x2 $2, $2, m; sub.rn.bf16x2 $3, $3, m; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _f16_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t, m; mov.b32 m, 0x64006400;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA;
+            sub.rn.f16x2 $0, $0, m; sub.rn.f16x2 $1, $1, m; sub.rn.f16x2 $2, $2, m; sub.rn.f16x2 $3, $3, m; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            2,
+        )
+
+    # The same without the subtract: 2^m + code (bfloat16 128 + code, float16 1024 + code), for kernels that
+    # take the offset out of their sums instead (`_plane_split_kernel`'s OFFSET): 7 instructions make 8 values.
+    @triton.jit
+    def _bf16_offset_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _f16_offset_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 4;
+            lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 8;
+            lop3.b32 $2, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $4, 12;
+            lop3.b32 $3, t, 0x000F000F, 0x64006400, 0xEA; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
+        """Planar elements [N, W] (int16 words of four 4-bit codes; the integer path takes any BITS) -> the
+        4 planes' codes plus OFFSET as DTYPE values, exactly, each [N, W]: with ASM (4 bits, a 16-bit DTYPE,
+        compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (OFFSET 0) or their offset forms
+        (OFFSET 128 for bfloat16, 1024 for float16), otherwise by integer shifts and the exact float32
+        exponent trick, the offset added in float32."""
+        if ASM and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_offset_nibbles(elements)
+        elif ASM and DTYPE == tl.bfloat16:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_nibbles(elements)
+        elif ASM and OFFSET != 0.0:
+            c0, c1, c2, c3 = _f16_offset_nibbles(elements)
+        elif ASM:
+            c0, c1, c2, c3 = _f16_nibbles(elements)
+        else:
+            words = elements.to(tl.int32)
+            c0 = (_as_float(words & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c1 = (_as_float((words >> BITS) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c2 = (_as_float((words >> (2 * BITS)) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c3 = (_as_float((words >> (3 * BITS)) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _load_elements(base, slots, live, stride_s, offs_w, WIDTH: tl.constexpr):
+        """A tile's planar elements [N, BLOCK_W] (0 where masked); strides in elements."""
+        mask = live[:, None] & (offs_w < WIDTH)[None, :]
+        return tl.load(base + slots[:, None] * stride_s + offs_w[None, :], mask=mask, other=0)
+
+    @triton.jit
+    def _column_params(base, slots, live, lead, stride_r, COLUMN: tl.constexpr, ROW_TOKENS: tl.constexpr):
+        """The parameter in column COLUMN of each slot's row, float32 [N] (0 where masked)."""
+        rows = _slot_rows(slots, lead, ROW_TOKENS)
+        return tl.load(base + rows * stride_r + COLUMN, mask=live, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _zero_matrix(base, slots, live, lead, stride_r, COLUMNS: tl.constexpr, ROW_TOKENS: tl.constexpr):
+        """Every slot's zero-points [N, 16] (columns past COLUMNS are 0), for one tensor-core product that
+        gives each query row its sum of p * zero per column."""
+        cols = tl.arange(0, 16)
+        rows = _slot_rows(slots, lead, ROW_TOKENS)
+        return tl.load(
+            base + rows[:, None] * stride_r + cols[None, :], mask=live[:, None] & (cols < COLUMNS)[None, :], other=0.0
+        )
+
+    @triton.jit
+    def _row_params(scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr):
+        """One row of per-channel key parameters (`scales`, `zeros`: the row's first channel), per plane, as
+        float32 vectors [W]: s0, s1, s2, s3, z0, z1, z2, z3."""
+        s0 = tl.load(scales + offs_w, mask=mask, other=0.0).to(tl.float32)
+        s1 = tl.load(scales + K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(scales + 2 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        s3 = tl.load(scales + 3 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z0 = tl.load(zeros + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z1 = tl.load(zeros + K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z2 = tl.load(zeros + 2 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        z3 = tl.load(zeros + 3 * K_WIDTH + offs_w, mask=mask, other=0.0).to(tl.float32)
+        return s0, s1, s2, s3, z0, z1, z2, z3
+
+    @triton.jit
+    def _row_bias(q0, q1, q2, q3, z0, z1, z2, z3):
+        """q . z [G] over the four planes, in float32."""
+        return tl.sum(
+            q0.to(tl.float32) * z0[None, :]
+            + q1.to(tl.float32) * z1[None, :]
+            + q2.to(tl.float32) * z2[None, :]
+            + q3.to(tl.float32) * z3[None, :],
+            axis=1,
+        )
+
+    @triton.jit
+    def _folded_row_logits(
+        q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
+        s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
+        bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
+        logits = tl.dot((q0.to(tl.float32) * s0[None, :]).to(DTYPE), tl.trans(c0), input_precision=PRECISION)
+        logits = tl.dot((q1.to(tl.float32) * s1[None, :]).to(DTYPE), tl.trans(c1), logits, input_precision=PRECISION)
+        logits = tl.dot((q2.to(tl.float32) * s2[None, :]).to(DTYPE), tl.trans(c2), logits, input_precision=PRECISION)
+        logits = tl.dot((q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION)
+        return logits, bias
+
+    @triton.jit
+    def _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION: tl.constexpr):
+        """sum over planes g of qs_g . c_g, [G, N]: a tile's codes (planes c_g [N, W]) against a query whose
+        planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` does
+        not call it: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
+        logits = tl.dot(qs0, tl.trans(c0), input_precision=PRECISION)
+        logits = tl.dot(qs1, tl.trans(c1), logits, input_precision=PRECISION)
+        logits = tl.dot(qs2, tl.trans(c2), logits, input_precision=PRECISION)
+        logits = tl.dot(qs3, tl.trans(c3), logits, input_precision=PRECISION)
+        return logits
+
+    @triton.jit
+    def _slot_row_logits(
+        q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, slots, live, lead, stride_r, offs_w, w_ok,
+        K_WIDTH: tl.constexpr, ROW_TOKENS: tl.constexpr, K_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Logits of a tile's codes (planes c_g [N, W]) under per-channel key rows of any size: each slot's row
+        read and the keys dequantized, c * s + z in K_DTYPE (the codes converted to it first, exactly)."""
+        params = _slot_rows(slots, lead, ROW_TOKENS)[:, None] * stride_r + offs_w[None, :]
+        mask = live[:, None] & w_ok[None, :]
+        k0 = c0.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        params += K_WIDTH
+        k1 = c1.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        params += K_WIDTH
+        k2 = c2.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        params += K_WIDTH
+        k3 = c3.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
+            zeros + params, mask=mask, other=0.0
+        )
+        logits = tl.dot(q0.to(K_DTYPE), tl.trans(k0.to(K_DTYPE)), input_precision=PRECISION)
+        logits = tl.dot(q1.to(K_DTYPE), tl.trans(k1.to(K_DTYPE)), logits, input_precision=PRECISION)
+        logits = tl.dot(q2.to(K_DTYPE), tl.trans(k2.to(K_DTYPE)), logits, input_precision=PRECISION)
+        logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
+        return logits
+
+    @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
+    def _plane_split_kernel(
+        q_ptr,
+        kc_ptr,
+        ks_ptr,
+        kz_ptr,
+        k_lead_ptr,
+        vc_ptr,
+        vs_ptr,
+        vz_ptr,
+        v_lead_ptr,
+        len_ptr,
+        o_part_ptr,
+        lse_part_ptr,
+        scale_log2,
+        num_kv_heads,
+        group,
+        split_len,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_kcb,
+        stride_kch,
+        stride_kcs,
+        stride_ksb,
+        stride_ksh,
+        stride_ksr,
+        stride_vcb,
+        stride_vch,
+        stride_vcs,
+        stride_vsb,
+        stride_vsh,
+        stride_vsr,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        total_splits,
+        window_slots,
+        stride_wkb,
+        stride_wkh,
+        stride_wks,
+        stride_wvb,
+        stride_wvh,
+        stride_wvs,
+        stride_wpb,
+        stride_wph,
+        stride_wps,
+        rotation_ptr,
+        rotation_scale,
+        HEAD_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
+        K_BITS: tl.constexpr,
+        K_ROW_TOKENS: tl.constexpr,
+        K_GROUP: tl.constexpr,
+        K_MODE: tl.constexpr,
+        V_BITS: tl.constexpr,
+        V_GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_WV: tl.constexpr,
+        DTYPE: tl.constexpr,
+        K_DTYPE: tl.constexpr,
+        K_ASM: tl.constexpr,
+        V_ASM: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        ROTATE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ZERO_SUMS: tl.constexpr,
+        OFFSET: tl.constexpr,
+    ):
+        """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
+        online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
+        parameters folded into the products (the module doc's algebra, per plane):
+        - keys "token" (per-token groups, each plane inside one group): logits = sum over planes g of
+          s_g (q_g . c_g) + z_g sum(q_g);
+        - keys "row" (per-channel groups of K_ROW_TOKENS tokens; tiles aligned to them): the tile's row of
+          scales folds into the query, logits = sum_g (q_g * s_g) . c_g + q . z;
+        - keys "halves" (per-channel groups of half a tile, KIVI's 32 tokens in tiles of 64; tiles aligned
+          to the rows): each half's row folds into its own copy of the query as in "row", both halves'
+          logits come from the whole tile's codes (twice the key products) and each slot takes its half's;
+        - keys "rows" (per-channel groups of any other size, from any lead: KIVI's 32 tokens in tiles of
+          64 without `fold_half_rows`, ZipCache's blocks without `fold_lead`): each slot's row is read and
+          the keys dequantized, c * s + z in K_DTYPE
+          (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values; a
+          bfloat16 query meets them in float16 too, exact unless a query value lies outside float16's range
+          or below its normal range, 6e-5, where it loses bits);
+        - keys "lead" (ZipCache's salient set: row 0 for the prompt's slots [0, lead), then rows of
+          K_ROW_TOKENS slots for the decode blocks; tiles aligned to lead): row 0 folds into the query once,
+          before the loop, and a tile below lead takes "row"'s logits from it; a tile past lead, as "rows"
+          (its codes, made in DTYPE for the fold, converted to K_DTYPE first, exactly): a branch per tile;
+        - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
+          zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles; with
+          ZERO_SUMS (one zero-point per slot: V_GROUP = VALUE_DIM), p . z is a float32 row sum per tile.
+        With OFFSET m (0: off; token keys with one parameter per slot, ZERO_SUMS values; 128 for bfloat16,
+        1024 for float16), codes come out of the nibble conversion as m + c, one subtract fewer per
+        register, and m is taken out of the sums: logits = s (q . (m + c)) + sum(q) (z - m s), and the value
+        row sum holds p . z - m sum(p * s) (the same rounded p * s the products take), exact in exact
+        arithmetic; the float32 sums then carry an offset ~10x their value (about 3 bits of 24).
+        Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
+        cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
+        loads stall the pipeline when read in the tile that uses them).
+        With HAS_WINDOW, one more program per (sequence, KV head), split == num_splits, attends over the
+        full-precision window instead (slots whose position is >= 0, `kvbench.kernels`' convention), and
+        the combine kernel merges it with the splits: the window costs no launch of its own and no merge.
+        With ROTATE (QuaRot: keys and values stored rotated), the query is rotated here to meet them, each
+        plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
+        HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
+        the combine kernel rotates the output back."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bh // num_kv_heads).to(tl.int64)
+        h = (bh % num_kv_heads).to(tl.int64)
+        K_WIDTH: tl.constexpr = HEAD_DIM // 4
+        V_WIDTH: tl.constexpr = VALUE_DIM // 4
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_w = tl.arange(0, BLOCK_W)
+        offs_wv = tl.arange(0, BLOCK_WV)
+        g_ok = offs_g < group
+        w_ok = offs_w < K_WIDTH
+        heads = h * group + offs_g
+
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        if ROTATE:  # the planes of q @ R * scale, from the whole query row
+            offs_d = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
+            r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
+            r_mask = w_ok[None, :]
+            q0 = tl.dot(q, tl.load(r_cols, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q1 = tl.dot(q, tl.load(r_cols + K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q2 = tl.dot(q, tl.load(r_cols + 2 * K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q3 = tl.dot(q, tl.load(r_cols + 3 * K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
+            q0 = (q0 * rotation_scale).to(DTYPE)
+            q1 = (q1 * rotation_scale).to(DTYPE)
+            q2 = (q2 * rotation_scale).to(DTYPE)
+            q3 = (q3 * rotation_scale).to(DTYPE)
+        else:
+            q_mask = g_ok[:, None] & w_ok[None, :]
+            q0 = tl.load(q_rows + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+            q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+            q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+            q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        qsum0 = tl.sum(q0.to(tl.float32), axis=1)
+        qsum1 = tl.sum(q1.to(tl.float32), axis=1)
+        qsum2 = tl.sum(q2.to(tl.float32), axis=1)
+        qsum3 = tl.sum(q3.to(tl.float32), axis=1)
+        kc_base = kc_ptr + b * stride_kcb + h * stride_kch
+        ks_base = ks_ptr + b * stride_ksb + h * stride_ksh
+        kz_base = kz_ptr + b * stride_ksb + h * stride_ksh
+        vc_base = vc_ptr + b * stride_vcb + h * stride_vch
+        vs_base = vs_ptr + b * stride_vsb + h * stride_vsh
+        vz_base = vz_ptr + b * stride_vsb + h * stride_vsh
+        k_lead = tl.load(k_lead_ptr + b).to(tl.int32)
+        v_lead = tl.load(v_lead_ptr + b).to(tl.int32)
+        length = tl.load(len_ptr + b).to(tl.int32)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc0 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        acc2 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        acc3 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
+        zacc = tl.zeros([BLOCK_G, 16], tl.float32)
+        zsum = tl.zeros([BLOCK_G], tl.float32)  # ZERO_SUMS: sum of p * z over the slots so far
+        start = split * split_len
+        end = tl.minimum(start + split_len, length)
+        first = start
+        if K_MODE == "row" or K_MODE == "lead":  # tiles start where key parameter rows do (`_packed_split_kernel`)
+            first = start - (start + BLOCK_N - k_lead % BLOCK_N) % BLOCK_N
+        if K_MODE == "lead":  # row 0, the prompt set's, folded into the query once: q_g * s_g and q . z
+            ls0, ls1, ls2, ls3, lz0, lz1, lz2, lz3 = _row_params(ks_base, kz_base, offs_w, w_ok, K_WIDTH)
+            lead_bias = _row_bias(q0, q1, q2, q3, lz0, lz1, lz2, lz3)
+            lq0 = (q0.to(tl.float32) * ls0[None, :]).to(DTYPE)
+            lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
+            lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
+            lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
+        if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
+            first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
+        end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
+        # Tiles aligned to rows start before the split and mask its slots below `start`; the others start
+        # at `start`, so only `end` bounds them.
+        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves" or K_MODE == "lead"
+        ahead = first + offs_n
+        ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
+        if K_MODE == "token":
+            ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            if K_GROUP < HEAD_DIM:
+                ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                kz1 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                ks2 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                kz2 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+        vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
+        if V_GROUP < VALUE_DIM:
+            vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
+            vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+            vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+        if ZERO_SUMS:
+            vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
+        else:
+            vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+        for tile in range(first, end, BLOCK_N):
+            slots = tile + offs_n
+            live = ((slots >= start) & (slots < end)) if ALIGNED else slots < end
+            ahead = slots + BLOCK_N
+            ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
+
+            k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
+            if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
+                c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
+            else:
+                c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
+            if K_MODE == "token":
+                if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
+                    logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+                    logits += ks1[None, :] * tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
+                    logits += ks2[None, :] * tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
+                    logits += ks3[None, :] * tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
+                    logits += qsum0[:, None] * kz0[None, :] + qsum1[:, None] * kz1[None, :]
+                    logits += qsum2[:, None] * kz2[None, :] + qsum3[:, None] * kz3[None, :]
+                    ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                    kz1 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                    ks2 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                    kz2 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                    ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                    kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                else:  # one scale and zero-point per slot
+                    qc = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+                    qc = tl.dot(q1, tl.trans(c1), qc, input_precision=PRECISION)
+                    qc = tl.dot(q2, tl.trans(c2), qc, input_precision=PRECISION)
+                    qc = tl.dot(q3, tl.trans(c3), qc, input_precision=PRECISION)
+                    if OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
+                        kz0 = kz0 - OFFSET * ks0
+                    logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
+                ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+                kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+            elif K_MODE == "rows":  # per-channel rows of any size: each slot's row read, keys dequantized
+                logits = _slot_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w, w_ok,
+                    K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                )  # fmt: skip
+            elif K_MODE == "lead":  # tiles end at lead: one below it is the prompt set's, one past it a block's
+                if tile < k_lead:
+                    logits = _folded_logits(lq0, lq1, lq2, lq3, c0, c1, c2, c3, PRECISION) + lead_bias[:, None]
+                else:
+                    logits = _slot_row_logits(
+                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
+                        w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                    )  # fmt: skip
+            elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
+                half = tile + K_ROW_TOKENS
+                row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
+                row_b = _slot_rows(half, k_lead, K_ROW_TOKENS)
+                b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
+                logits_a, bias_a = _folded_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
+                    offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                )  # fmt: skip
+                logits_b, bias_b = _folded_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
+                    offs_w, b_mask, K_WIDTH, DTYPE, PRECISION,
+                )  # fmt: skip
+                logits = tl.where(
+                    (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
+                )
+            else:  # "row": one row of per-channel parameters for the whole tile
+                row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
+                logits, bias = _folded_row_logits(
+                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row * stride_ksr, kz_base + row * stride_ksr,
+                    offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                )  # fmt: skip
+                logits += bias[:, None]
+            p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
+
+            v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
+            c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
+            if ZERO_SUMS:
+                if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
+                    rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
+                    zsum = zsum * alpha + tl.sum(p * vz0[None, :] - OFFSET * rounded, axis=1)
+                else:
+                    zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
+                vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
+            else:
+                zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
+                vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+            if V_GROUP < VALUE_DIM:
+                acc0 = tl.dot((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], input_precision=PRECISION)
+                acc1 = tl.dot((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], input_precision=PRECISION)
+                acc3 = tl.dot((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], input_precision=PRECISION)
+                vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
+                vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+                vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+            else:
+                p_scaled = (p * vs0[None, :]).to(DTYPE)
+                acc0 = tl.dot(p_scaled, c0, acc0 * alpha[:, None], input_precision=PRECISION)
+                acc1 = tl.dot(p_scaled, c1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot(p_scaled, c2, acc2 * alpha[:, None], input_precision=PRECISION)
+                acc3 = tl.dot(p_scaled, c3, acc3 * alpha[:, None], input_precision=PRECISION)
+            vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
+            m_i = m_new
+
+        if HAS_WINDOW:  # the window's program: slots of the model's dtype, read plane by plane as the codes
+            wk_base = wk_ptr + b * stride_wkb + h * stride_wkh
+            wv_base = wv_ptr + b * stride_wvb + h * stride_wvh
+            wv_mask = (offs_wv < V_WIDTH)[None, :]
+            for tile in range(0, tl.where(split == num_splits, window_slots, 0), BLOCK_N):
+                slots = tile + offs_n
+                position = tl.load(
+                    wpos_ptr + b * stride_wpb + h * stride_wph + slots * stride_wps, mask=slots < window_slots, other=-1
+                )
+                live = position >= 0
+                k_rows = wk_base + slots[:, None] * stride_wks + offs_w[None, :]
+                k_mask = live[:, None] & w_ok[None, :]
+                k0 = tl.load(k_rows, mask=k_mask, other=0.0).to(DTYPE)
+                k1 = tl.load(k_rows + K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
+                k2 = tl.load(k_rows + 2 * K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
+                k3 = tl.load(k_rows + 3 * K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
+                logits = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+                logits = tl.dot(q1, tl.trans(k1), logits, input_precision=PRECISION)
+                logits = tl.dot(q2, tl.trans(k2), logits, input_precision=PRECISION)
+                logits = tl.dot(q3, tl.trans(k3), logits, input_precision=PRECISION)
+                p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
+                p = p.to(DTYPE)
+                v_rows = wv_base + slots[:, None] * stride_wvs + offs_wv[None, :]
+                v_mask = live[:, None] & wv_mask
+                v0 = tl.load(v_rows, mask=v_mask, other=0.0).to(DTYPE)
+                v1 = tl.load(v_rows + V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
+                v2 = tl.load(v_rows + 2 * V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
+                v3 = tl.load(v_rows + 3 * V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
+                acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+                acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
+                acc3 = tl.dot(p, v3, acc3 * alpha[:, None], input_precision=PRECISION)
+                m_i = m_new
+
+        any_live = l_i > 0.0
+        norm = tl.where(any_live, l_i, 1.0)
+        lse2 = tl.where(any_live, m_i + tl.log2(norm), float("-inf"))
+        rows = (b * num_kv_heads * group + heads) * total_splits + split  # kvbench.kernels' partial layout
+        out = o_part_ptr + rows[:, None] * VALUE_DIM + offs_wv[None, :]
+        mask = g_ok[:, None] & (offs_wv < V_WIDTH)[None, :]
+        if ZERO_SUMS:
+            z0 = zsum
+            z1 = zsum
+            z2 = zsum
+            z3 = zsum
+        else:
+            cols = tl.arange(0, 16)[None, :]
+            z0 = tl.sum(tl.where(cols == 0 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+            z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+            z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+            z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        tl.store(out, (acc0 + z0[:, None]) / norm[:, None], mask=mask)
+        tl.store(out + V_WIDTH, (acc1 + z1[:, None]) / norm[:, None], mask=mask)
+        tl.store(out + 2 * V_WIDTH, (acc2 + z2[:, None]) / norm[:, None], mask=mask)
+        tl.store(out + 3 * V_WIDTH, (acc3 + z3[:, None]) / norm[:, None], mask=mask)
+        tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
+
+    def _plane_attention_triton(
+        query: torch.Tensor,
+        keys: PackedSlots,
+        values: PackedSlots,
+        lengths: torch.Tensor,
+        scale: float,
+        launch: LaunchConfig,
+        key_mode: str,
+        window: Window | None = None,
+        rotation: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, hq, d = query.shape
+        hkv, s = keys.codes.shape[1], keys.codes.shape[2]
+        dv = values.codes.shape[-1] * 8 // values.bits
+        group = hq // hkv
+        zero_sums = launch.zero_row_sums and values.col_channels == dv
+        launch = plane_launch(launch, zero_sums, b * hkv, s)
+        num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
+        total_splits = num_splits + (window is not None)  # the window's program is the last split
+        o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)
+        lse_part = torch.empty(b * hq, total_splits, dtype=torch.float32, device=query.device)
+        # Without a window its pointers are the query's and its sizes 0: the kernel never reads them.
+        wk, wv, wpos = window if window is not None else (query, query, query)
+        window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride()) if window is not None else (0,) * 9
+        upcast, precision = kernels._upcast_and_precision(query.dtype)
+        dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
+        # 4-bit elements are 16-bit words; the inline PTX needs the compiled GPU path and a 16-bit dot.
+        k_codes, v_codes = keys.codes.view(torch.int16), values.codes.view(torch.int16)
+        # Dequantized keys ("rows", and "lead" past lead) are float16 for a 16-bit query: c * s + z in the
+        # parameters' own type.
+        key_dtype = tl.float16 if key_mode in ("rows", "lead") and dtype != tl.float32 else dtype
+        asm = not kernels._INTERPRETED
+        # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
+        # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).
+        sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
+        offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
+        offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
+        wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
+            query,
+            k_codes,
+            keys.scale,
+            keys.zero,
+            keys.lead,
+            v_codes,
+            values.scale,
+            values.zero,
+            values.lead,
+            lengths,
+            o_part,
+            lse_part,
+            scale * kernels.LOG2E,
+            hkv,
+            group,
+            split_len,
+            num_splits,
+            query.stride(0),
+            query.stride(1),
+            *k_codes.stride()[:3],
+            *keys.scale.stride()[:3],
+            *v_codes.stride()[:3],
+            *values.scale.stride()[:3],
+            wk,
+            wv,
+            wpos,
+            total_splits,
+            wk.shape[2] if window is not None else 0,
+            *window_strides,
+            query if rotation is None else rotation,  # never read without ROTATE
+            d**-0.5,
+            HEAD_DIM=d,
+            VALUE_DIM=dv,
+            K_BITS=keys.bits,
+            K_ROW_TOKENS=keys.row_tokens,
+            K_GROUP=keys.col_channels,
+            K_MODE=key_mode,
+            V_BITS=values.bits,
+            V_GROUP=values.col_channels,
+            BLOCK_G=kernels._dot_block(group),
+            BLOCK_N=launch.block_n,
+            BLOCK_W=kernels._dot_block(d // 4),
+            BLOCK_WV=kernels._dot_block(dv // 4),
+            DTYPE=dtype,
+            K_DTYPE=key_dtype,
+            K_ASM=asm and key_dtype != tl.float32,
+            V_ASM=asm and dtype != tl.float32,
+            HAS_WINDOW=window is not None,
+            ROTATE=rotation is not None,
+            PRECISION=precision,
+            ZERO_SUMS=zero_sums,
+            OFFSET=offset,
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+        )
+        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)
+
+
+@kernels._make_op("kvbench::plane_attention")
+def _plane_attention_op(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_lead: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_lead: torch.Tensor,
+    lengths: torch.Tensor,
+    window_keys: torch.Tensor | None,
+    window_values: torch.Tensor | None,
+    window_positions: torch.Tensor | None,
+    rotation: torch.Tensor | None,
+    scale: float,
+    k_format: list[int],
+    v_format: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed store in the plane kernel's layouts (`plane_plan`), with a full-precision window and a
+    rotation where given (`packed_decode_attention`), in one launch of `_plane_split_kernel` and the
+    combine on CUDA; elsewhere the references, merged, with the rotation as two products."""
+    keys = PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format)
+    values = PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format)
+    window = None if window_keys is None else Window(window_keys, window_values, window_positions)
+    if kernels._use_triton(query):
+        # `quant_kernels.LAUNCH`, read at each call: benchmarks and tests assign it.
+        key_mode, block_n = plane_plan(keys, values, quant_kernels.LAUNCH)
+        launch = replace(quant_kernels.LAUNCH, block_n=block_n)
+        return _plane_attention_triton(query, keys, values, lengths, scale, launch, key_mode, window, rotation)
+    q = query if rotation is None else rotate(query, rotation)
+    out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
+    if window is not None:
+        out, lse = merge_attention([(out, lse), kernels.decode_attention_reference(q, *window, scale)])
+    return (out if rotation is None else rotate(out, rotation)), lse
