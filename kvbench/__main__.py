@@ -28,7 +28,7 @@ from kvbench.run import RETRY_HINT, run
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 BAD_INPUT = "bad input"
 NO_OUTCOME = "no outcome"  # a sweep job whose process ended without writing how its job ended
-OUTCOME_FILE = "outcome.json"
+OUTCOME_FILE = SweepFolder.OUTCOME_FILE
 
 
 @dataclass

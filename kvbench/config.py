@@ -154,12 +154,15 @@ class SweepFolder(Callback):
     other processes (joblib workers, SLURM nodes) leave how they ended in their own folders there
     (`kvbench.__main__`), where the launching process reads them once the sweep is over."""
 
+    OUTCOME_FILE: ClassVar[str] = "outcome.json"  # in each job's folder
     folder: ClassVar[Path | None] = None
     jobs: ClassVar[int] = 0  # 0: unknown (a sweep only the sweeper expands)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         SweepFolder.folder = Path(str(config.hydra.sweep.dir))
         SweepFolder.jobs = sweep_size(config)
+        for earlier in SweepFolder.folder.glob(f"*/{self.OUTCOME_FILE}"):  # a sweep folder given again
+            earlier.unlink(missing_ok=True)
 
 
 class GpuPerWorker(Callback):

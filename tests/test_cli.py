@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import kvbench.run as run_module
 from kvbench.__main__ import NO_OUTCOME, Outcome, main, read_outcomes, save_outcome
+from kvbench.config import SweepFolder
 from tests.conftest import REPO
 
 TINY = ["model=tiny-llama", "model.device=cpu", "kvbench.warmup=false"]
@@ -133,6 +135,17 @@ def test_a_sweep_job_that_left_no_outcome_is_a_failure(tmp_path):
     ]
     assert str(tmp_path / "1") in outcomes[0].error
     assert len(read_outcomes(tmp_path, jobs=0)) == 2  # a sweep of unknown size: only what the jobs said
+
+
+def test_a_sweep_folder_given_again_forgets_the_earlier_outcomes(tmp_path):
+    """`hydra.sweep.dir` set to a folder an earlier, larger sweep used: its jobs' outcomes are not this one's."""
+    save_outcome(Outcome("method.budget=96", "error", tmp_path / "run-c", "RuntimeError: boom"), tmp_path / "2")
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {}, "overrides": {"task": ["method.budget=32,64"]}}}
+    )
+    SweepFolder().on_multirun_start(config)
+    assert (SweepFolder.folder, SweepFolder.jobs) == (tmp_path, 2)
+    assert [o.status for o in read_outcomes(tmp_path, SweepFolder.jobs)] == [NO_OUTCOME, NO_OUTCOME]
 
 
 def test_ctrl_c_in_a_sweep_is_one_line_and_exit_130(monkeypatch, capsys, tmp_path):
