@@ -487,7 +487,8 @@ class QuantizedLayer(KVLayer):
             rotated = q if self.rotation is None else rotate(q, self.rotation)
             # A packed first part attends over the window too (inside the plane kernel where it takes the
             # store): two launches and one merged piece fewer than a separate window attention.
-            joined = window is not None and bool(self.parts) and not self.simulated  # no parts: QuaRot at 16 bits
+            # len(), not bool(): torch 2.11's dynamo cannot trace bool() of a list (H200 row, speed_h200.jsonl)
+            joined = window is not None and len(self.parts) > 0 and not self.simulated  # none: QuaRot-16
             pieces = [
                 part.attend(rotated, scaling, window if joined and i == 0 else None)
                 for i, part in enumerate(self.parts)
