@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/plane_sass.py                               # token mode, every variant
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/plane_sass.py --modes token halves
+    PYTHONPATH=. python benchmarks/plane_sass.py --modes lead --variants zero_sums --warps 1 2   # ZipCache
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
@@ -43,6 +44,7 @@ MODES = {
     "token": (1, D, D, 1, 1),  # QuaRot / RTN: one scale and zero-point per token, K and V
     "halves": (32, 1, 32, D, 4),  # KIVI-4: per-channel key rows of 32 tokens, values in groups of 32
     "rows": (32, 1, 32, D, 4),  # the same, keys dequantized per slot
+    "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 CLASSES = [
@@ -81,7 +83,7 @@ def compile_plane(mode: str, variant: str, num_warps: int):
     constexprs = {
         "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": 4, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
         "V_BITS": 4, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
-        "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode == "rows" else tl.bfloat16, "K_ASM": True,
+        "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in ("rows", "lead") else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0,
     } | VARIANTS[variant]  # fmt: skip
@@ -151,8 +153,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, 64-slot tiles; loop = SASS instructions per warp and tile")
     for mode in args.modes:
         for variant in args.variants:
-            if variant != "default" and (MODES[mode][2] != D or mode != "token"):
-                continue  # one value zero-point per slot only
+            if (variant != "default" and MODES[mode][2] != D) or (variant == "offset" and mode != "token"):
+                continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
             for warps in args.warps:
                 m = measure(compile_plane(mode, variant, warps))
                 print(f"{mode:<7}{variant:<10} {warps} warps: loop {m['loop']:5d}  registers {m['registers']:3d}  "

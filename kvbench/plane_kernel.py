@@ -73,10 +73,14 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     return None
 
 
-def plane_launch(launch: LaunchConfig, zero_sums: bool, pairs: int, slots: int) -> LaunchConfig:
-    """The plane kernel's launch for a store: with summed value zero-points and pairs x slots of at least
-    `one_warp_summed_slots`, one warp a program at the many-heads split target."""
-    if zero_sums and pairs * slots >= launch.one_warp_summed_slots:
+def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: int, slots: int) -> LaunchConfig:
+    """The plane kernel's launch for a store: per-token keys ("token") with summed value zero-points and
+    pairs x slots of at least `one_warp_summed_slots`, one warp a program at the many-heads split target.
+    Other key modes keep the launch: at one warp ZipCache's "lead" loop spills (offline, sm_90, Triton 3.7.1,
+    `benchmarks/plane_sass.py --modes lead`: 989 local-memory operations and 4,269 instructions a tile, vs 90
+    and 1,784 at two warps), and took ZipCache's two sets at 128k batch 4 to 1,491 us, kernel alone on the
+    H200, vs 134.5 at 128k batch 1 on two warps (`quant_attention.py`, ff5c769)."""
+    if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
         return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
     return launch
 
@@ -667,7 +671,7 @@ if kernels.triton is not None:
         dv = values.codes.shape[-1] * 8 // values.bits
         group = hq // hkv
         zero_sums = launch.zero_row_sums and values.col_channels == dv
-        launch = plane_launch(launch, zero_sums, b * hkv, s)
+        launch = plane_launch(launch, zero_sums, key_mode, b * hkv, s)
         num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
         total_splits = num_splits + (window is not None)  # the window's program is the last split
         o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)

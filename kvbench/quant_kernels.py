@@ -162,7 +162,8 @@ class LaunchConfig:
     # warp a program at `programs_per_sm_many_heads`. H200, kernel alone, int4 per token: 64.4 vs 78.7 us
     # at 32k batch 4 (2^20), 218.7 vs 269.1 at 128k batch 4 (2^22), 68.5 vs 77.2 at 128k batch 1 (2^20);
     # below, at 32k batch 1 (2^18), one warp lost (29.4 at 4 programs an SM, 27.8 at 8, vs 26.7). KIVI's
-    # layout at one warp was 1.6x slower, so it keeps `num_warps`.
+    # layout at one warp was 1.6x slower, so it keeps `num_warps`; so do ZipCache's "lead" keys, which spill
+    # at one warp (`plane_kernel.plane_launch`): only per-token keys take it.
     one_warp_summed_slots: int = 2**20
     # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
     # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile. H200, kernel

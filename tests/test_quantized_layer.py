@@ -210,7 +210,10 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         "dead_rows": int((~live).sum()),
         "dead_out_zero": bool((out[~live] == 0).all()),
         "splits": quant_kernels._split_plan(
-            b * hkv, s, kernels._num_sms(x["query"].device), plane_kernel.plane_launch(launch, sums, b * hkv, s)
+            b * hkv,
+            s,
+            kernels._num_sms(x["query"].device),
+            plane_kernel.plane_launch(launch, sums, plan[0] if plan else "", b * hkv, s),
         )[0],
         "group": group,
     }
@@ -291,15 +294,16 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
 
 
 def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
-    """QuaRot's and RTN's layout (summed value zero-points) runs one warp a program at the many-heads
-    target from `one_warp_summed_slots` pairs x slots on (32k batch 4, 128k batch 1); smaller launches and
-    KIVI's layout keep the default."""
+    """QuaRot's and RTN's layout (per-token keys, summed value zero-points) runs one warp a program at the
+    many-heads target from `one_warp_summed_slots` pairs x slots on (32k batch 4, 128k batch 1); smaller
+    launches, KIVI's layout and ZipCache's "lead" keys (which spill at one warp) keep the default."""
     launch = quant_kernels.LaunchConfig()
-    big = plane_kernel.plane_launch(launch, True, 8, 131072)
+    big = plane_kernel.plane_launch(launch, True, "token", 8, 131072)
     assert (big.num_warps, big.programs_per_sm) == (1, launch.programs_per_sm_many_heads)
-    assert plane_kernel.plane_launch(launch, True, 32, 32768).num_warps == 1
-    assert plane_kernel.plane_launch(launch, True, 8, 32768) == launch
-    assert plane_kernel.plane_launch(launch, False, 32, 131072) == launch
+    assert plane_kernel.plane_launch(launch, True, "token", 32, 32768).num_warps == 1
+    assert plane_kernel.plane_launch(launch, True, "token", 8, 32768) == launch
+    assert plane_kernel.plane_launch(launch, False, "halves", 32, 131072) == launch
+    assert plane_kernel.plane_launch(launch, True, "lead", 32, 131072) == launch
 
 
 def test_split_target_grows_with_the_pairs() -> None:
