@@ -112,16 +112,20 @@ def compile_plane(mode: str, variant: str, num_warps: int):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def tile_loop(sass: str) -> list[str]:
-    """The opcodes of the largest loop (a backward branch to a label above it)."""
-    lines, labels, best = sass.splitlines(), {}, []
+def loops(sass: str) -> list[list[str]]:
+    """The opcodes of each loop (a backward branch to a label above it), in program order."""
+    lines, labels, found = sass.splitlines(), {}, []
     for i, line in enumerate(lines):
         if match := LABEL.search(line):
             labels[match.group(1)] = i
         if (match := BACK_BRANCH.search(line)) and labels.get(match.group(1), i) < i:
-            body = [m.group(1) for m in map(INSTRUCTION.search, lines[labels[match.group(1)] : i + 1]) if m]
-            best = max(best, body, key=len)
-    return best
+            found.append([m.group(1) for m in map(INSTRUCTION.search, lines[labels[match.group(1)] : i + 1]) if m])
+    return found
+
+
+def tile_loop(sass: str) -> list[str]:
+    """The opcodes of the largest loop (the tile loop; "lead" has two, the prompt's and the decode blocks')."""
+    return max(loops(sass), key=len, default=[])
 
 
 def measure(compiled) -> dict:
@@ -131,6 +135,7 @@ def measure(compiled) -> dict:
         sass = subprocess.run([BIN / "nvdisasm", "-c", cubin.name], capture_output=True, text=True).stdout
         usage = subprocess.run([BIN / "cuobjdump", "-res-usage", cubin.name], capture_output=True, text=True).stdout
     loop = tile_loop(sass)
+    spills = re.compile(r"^(LDL|STL)")
     classes = collections.Counter(
         next((name for name, pattern in CLASSES if re.search(pattern, op)), "other") for op in loop
     )
@@ -138,6 +143,8 @@ def measure(compiled) -> dict:
         "loop": len(loop),
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
         "spill_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+        # every loop of 16 or more instructions: (instructions, spill operations inside it)
+        "loops": [(len(body), sum(map(bool, map(spills.match, body)))) for body in loops(sass) if len(body) >= 16],
         "classes": dict(classes.most_common()),
     }
 
@@ -158,7 +165,7 @@ def main() -> None:
             for warps in args.warps:
                 m = measure(compile_plane(mode, variant, warps))
                 print(f"{mode:<7}{variant:<10} {warps} warps: loop {m['loop']:5d}  registers {m['registers']:3d}  "
-                      f"spill ops {m['spill_ops']:3d}  {m['classes']}")  # fmt: skip
+                      f"spill ops {m['spill_ops']:3d}  loops {m['loops']}  {m['classes']}")  # fmt: skip
 
 
 if __name__ == "__main__":

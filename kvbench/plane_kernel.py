@@ -76,10 +76,12 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
 def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: int, slots: int) -> LaunchConfig:
     """The plane kernel's launch for a store: per-token keys ("token") with summed value zero-points and
     pairs x slots of at least `one_warp_summed_slots`, one warp a program at the many-heads split target.
-    Other key modes keep the launch: at one warp ZipCache's "lead" loop spills (offline, sm_90, Triton 3.7.1,
+    Other key modes keep the launch: one warp was measured on per-token keys only, and ZipCache's "lead"
+    loop, while it was one loop with a branch per tile, spilled there (offline, sm_90, Triton 3.7.1,
     `benchmarks/plane_sass.py --modes lead`: 989 local-memory operations and 4,269 instructions a tile, vs 90
-    and 1,784 at two warps), and took ZipCache's two sets at 128k batch 4 to 1,491 us, kernel alone on the
-    H200, vs 134.5 at 128k batch 1 on two warps (`quant_attention.py`, ff5c769)."""
+    and 1,784 at two warps) and took ZipCache's two sets at 128k batch 4 to 1,491 us, kernel alone on the
+    H200, vs 808 with per-slot key rows on one warp (`quant_attention.py`, ff5c769). Split into two loops it
+    spills 3 operations in the prompt loop at one warp (1,511 instructions), none at two (833): untimed."""
     if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
         return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
     return launch
@@ -381,8 +383,9 @@ if kernels.triton is not None:
           or below its normal range, 6e-5, where it loses bits);
         - keys "lead" (ZipCache's salient set: row 0 for the prompt's slots [0, lead), then rows of
           K_ROW_TOKENS slots for the decode blocks; tiles aligned to lead): row 0 folds into the query once,
-          before the loop, and a tile below lead takes "row"'s logits from it; a tile past lead, as "rows"
-          (its codes, made in DTYPE for the fold, converted to K_DTYPE first, exactly): a branch per tile;
+          before the loops; the tiles below lead take "row"'s logits from it in one loop, then the tiles past
+          lead, as "rows" (their codes, made in DTYPE for the fold, converted to K_DTYPE first, exactly), in a
+          second loop;
         - values (per-token groups, each plane inside one group): out_g = (p * s_g) . c_g + p . z_g, the
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles; with
           ZERO_SUMS (one zero-point per slot: V_GROUP = VALUE_DIM), p . z is a float32 row sum per tile.
@@ -496,107 +499,118 @@ if kernels.triton is not None:
             vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
         else:
             vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
-        for tile in range(first, end, BLOCK_N):
-            slots = tile + offs_n
-            live = ((slots >= start) & (slots < end)) if ALIGNED else slots < end
-            ahead = slots + BLOCK_N
-            ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
+        # "lead" runs two loops, the prompt set's tiles (below lead, row 0 folded) and then the decode blocks'
+        # (per slot), so that neither carries the other's registers: one loop with a branch per tile spilled
+        # (offline, sm_90: 90 local-memory operations at two warps). Other modes run one loop.
+        PHASES: tl.constexpr = 2 if K_MODE == "lead" else 1
+        lead_tile = tl.minimum(tl.maximum(k_lead, first), end)  # tiles are aligned to lead
+        for phase in tl.static_range(PHASES):
+            lo = first
+            hi = end
+            if PHASES == 2:
+                lo = first if phase == 0 else lead_tile
+                hi = lead_tile if phase == 0 else end
+            for tile in range(lo, hi, BLOCK_N):
+                slots = tile + offs_n
+                live = ((slots >= start) & (slots < end)) if ALIGNED else slots < end
+                ahead = slots + BLOCK_N
+                ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
 
-            k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
-            if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
-                c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
-            else:
-                c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
-            if K_MODE == "token":
-                if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
-                    logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
-                    logits += ks1[None, :] * tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
-                    logits += ks2[None, :] * tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
-                    logits += ks3[None, :] * tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
-                    logits += qsum0[:, None] * kz0[None, :] + qsum1[:, None] * kz1[None, :]
-                    logits += qsum2[:, None] * kz2[None, :] + qsum3[:, None] * kz3[None, :]
-                    ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
-                    kz1 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
-                    ks2 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
-                    kz2 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
-                    ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
-                    kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
-                else:  # one scale and zero-point per slot
-                    qc = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
-                    qc = tl.dot(q1, tl.trans(c1), qc, input_precision=PRECISION)
-                    qc = tl.dot(q2, tl.trans(c2), qc, input_precision=PRECISION)
-                    qc = tl.dot(q3, tl.trans(c3), qc, input_precision=PRECISION)
-                    if OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
-                        kz0 = kz0 - OFFSET * ks0
-                    logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
-                ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
-                kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
-            elif K_MODE == "rows":  # per-channel rows of any size: each slot's row read, keys dequantized
-                logits = _slot_row_logits(
-                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w, w_ok,
-                    K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
-                )  # fmt: skip
-            elif K_MODE == "lead":  # tiles end at lead: one below it is the prompt set's, one past it a block's
-                if tile < k_lead:
-                    logits = _folded_logits(lq0, lq1, lq2, lq3, c0, c1, c2, c3, PRECISION) + lead_bias[:, None]
+                k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
+                if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
+                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
                 else:
+                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
+                if K_MODE == "token":
+                    if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
+                        logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+                        logits += ks1[None, :] * tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
+                        logits += ks2[None, :] * tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
+                        logits += ks3[None, :] * tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
+                        logits += qsum0[:, None] * kz0[None, :] + qsum1[:, None] * kz1[None, :]
+                        logits += qsum2[:, None] * kz2[None, :] + qsum3[:, None] * kz3[None, :]
+                        ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                        kz1 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
+                        ks2 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                        kz2 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 2 * K_WIDTH // K_GROUP, 1)
+                        ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                        kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
+                    else:  # one scale and zero-point per slot
+                        qc = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
+                        qc = tl.dot(q1, tl.trans(c1), qc, input_precision=PRECISION)
+                        qc = tl.dot(q2, tl.trans(c2), qc, input_precision=PRECISION)
+                        qc = tl.dot(q3, tl.trans(c3), qc, input_precision=PRECISION)
+                        if OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
+                            kz0 = kz0 - OFFSET * ks0
+                        logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
+                    ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+                    kz0 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
+                elif K_MODE == "rows":  # per-channel rows of any size: each slot's row read, keys dequantized
                     logits = _slot_row_logits(
-                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
-                        w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w, w_ok,
+                        K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
                     )  # fmt: skip
-            elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
-                half = tile + K_ROW_TOKENS
-                row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
-                row_b = _slot_rows(half, k_lead, K_ROW_TOKENS)
-                b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
-                logits_a, bias_a = _folded_row_logits(
-                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                    offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
-                )  # fmt: skip
-                logits_b, bias_b = _folded_row_logits(
-                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
-                    offs_w, b_mask, K_WIDTH, DTYPE, PRECISION,
-                )  # fmt: skip
-                logits = tl.where(
-                    (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
-                )
-            else:  # "row": one row of per-channel parameters for the whole tile
-                row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
-                logits, bias = _folded_row_logits(
-                    q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row * stride_ksr, kz_base + row * stride_ksr,
-                    offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
-                )  # fmt: skip
-                logits += bias[:, None]
-            p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
+                elif K_MODE == "lead":  # phase 0: the prompt set's tiles (below lead); 1: the decode blocks'
+                    if phase == 0:
+                        logits = _folded_logits(lq0, lq1, lq2, lq3, c0, c1, c2, c3, PRECISION) + lead_bias[:, None]
+                    else:
+                        logits = _slot_row_logits(
+                            q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
+                            w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                        )  # fmt: skip
+                elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
+                    half = tile + K_ROW_TOKENS
+                    row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
+                    row_b = _slot_rows(half, k_lead, K_ROW_TOKENS)
+                    b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
+                    logits_a, bias_a = _folded_row_logits(
+                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                    )  # fmt: skip
+                    logits_b, bias_b = _folded_row_logits(
+                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
+                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION,
+                    )  # fmt: skip
+                    logits = tl.where(
+                        (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
+                    )
+                else:  # "row": one row of per-channel parameters for the whole tile
+                    row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
+                    logits, bias = _folded_row_logits(
+                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row * stride_ksr, kz_base + row * stride_ksr,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                    )  # fmt: skip
+                    logits += bias[:, None]
+                p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
-            v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
-            c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
-            if ZERO_SUMS:
-                if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
-                    rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
-                    zsum = zsum * alpha + tl.sum(p * vz0[None, :] - OFFSET * rounded, axis=1)
+                v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
+                c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
+                if ZERO_SUMS:
+                    if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
+                        rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
+                        zsum = zsum * alpha + tl.sum(p * vz0[None, :] - OFFSET * rounded, axis=1)
+                    else:
+                        zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
+                    vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
                 else:
-                    zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
-                vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
-            else:
-                zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
-                vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
-            if V_GROUP < VALUE_DIM:
-                acc0 = tl.dot((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], input_precision=PRECISION)
-                acc1 = tl.dot((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], input_precision=PRECISION)
-                acc2 = tl.dot((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], input_precision=PRECISION)
-                acc3 = tl.dot((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], input_precision=PRECISION)
-                vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
-                vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
-                vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
-            else:
-                p_scaled = (p * vs0[None, :]).to(DTYPE)
-                acc0 = tl.dot(p_scaled, c0, acc0 * alpha[:, None], input_precision=PRECISION)
-                acc1 = tl.dot(p_scaled, c1, acc1 * alpha[:, None], input_precision=PRECISION)
-                acc2 = tl.dot(p_scaled, c2, acc2 * alpha[:, None], input_precision=PRECISION)
-                acc3 = tl.dot(p_scaled, c3, acc3 * alpha[:, None], input_precision=PRECISION)
-            vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
-            m_i = m_new
+                    zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
+                    vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
+                if V_GROUP < VALUE_DIM:
+                    acc0 = tl.dot((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], input_precision=PRECISION)
+                    acc1 = tl.dot((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], input_precision=PRECISION)
+                    acc2 = tl.dot((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], input_precision=PRECISION)
+                    acc3 = tl.dot((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], input_precision=PRECISION)
+                    vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
+                    vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+                    vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+                else:
+                    p_scaled = (p * vs0[None, :]).to(DTYPE)
+                    acc0 = tl.dot(p_scaled, c0, acc0 * alpha[:, None], input_precision=PRECISION)
+                    acc1 = tl.dot(p_scaled, c1, acc1 * alpha[:, None], input_precision=PRECISION)
+                    acc2 = tl.dot(p_scaled, c2, acc2 * alpha[:, None], input_precision=PRECISION)
+                    acc3 = tl.dot(p_scaled, c3, acc3 * alpha[:, None], input_precision=PRECISION)
+                vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
+                m_i = m_new
 
         if HAS_WINDOW:  # the window's program: slots of the model's dtype, read plane by plane as the codes
             wk_base = wk_ptr + b * stride_wkb + h * stride_wkh
