@@ -526,71 +526,82 @@ if kernels.triton is not None:
         if V_MODE == "slot":
             v_scale = _slot_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
             v_zero = _slot_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
-        for tile in range(first, end, BLOCK_N):
-            slots = tile + offs_n
-            live = (slots >= start) & (slots < end)
-            ahead = slots + BLOCK_N
-            ahead_live = (ahead >= start) & (ahead < end)
-            k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, K_ROW_BYTES, K_BITS, BLOCK_D, K_PAIRS)
-            if K_MODE == "slot":  # q.(c s + z) = s (q.c) + z sum(q)
-                scale, zero = k_scale, k_zero
-                k_scale = _slot_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
-                k_zero = _slot_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
-                qk = _dot_codes(q, k, True, K_PAIRS, PRECISION)
-                logits = qk * scale[None, :] + q_sum[:, None] * zero[None, :]
-            elif K_MODE == "row":  # one row for the tile: (q * s).c + q.z
-                row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
-                scale = tl.load(ks_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
-                zero = tl.load(kz_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
-                q_scaled = (q_f32 * scale.to(tl.float32)[None, :]).to(q.dtype)
-                bias = tl.sum(q_f32 * zero.to(tl.float32)[None, :], axis=1)
-                logits = _dot_codes(q_scaled, k, True, K_PAIRS, PRECISION) + bias[:, None]
-            elif K_MODE == "lead":  # tiles end at lead: one below it is the prompt set's, one past it a block's
-                if tile < k_lead:
-                    logits = _dot_codes(q_lead, k, True, K_PAIRS, PRECISION) + lead_bias[:, None]
-                else:  # as "gather" below (written out: a helper shared with it changed their SASS)
-                    block_scale = _tile_params(
+        # "lead" runs two loops, the prompt set's tiles (row 0 folded) and then the decode blocks' (gathered
+        # rows), so that neither carries the other's registers (one loop with a branch per tile spilled:
+        # benchmarks/README.md, "Both timed on the H200"). Other modes run one loop.
+        PHASES: tl.constexpr = 2 if K_MODE == "lead" else 1
+        lead_tile = tl.minimum(tl.maximum(k_lead, first), end)  # tiles are aligned to lead
+        for phase in tl.static_range(PHASES):
+            lo = first
+            hi = end
+            if PHASES == 2:
+                lo = first if phase == 0 else lead_tile
+                hi = lead_tile if phase == 0 else end
+            for tile in range(lo, hi, BLOCK_N):
+                slots = tile + offs_n
+                live = (slots >= start) & (slots < end)
+                ahead = slots + BLOCK_N
+                ahead_live = (ahead >= start) & (ahead < end)
+                k = _load_codes(kc_base, slots, live, stride_kcs, stride_kcc, K_ROW_BYTES, K_BITS, BLOCK_D, K_PAIRS)
+                if K_MODE == "slot":  # q.(c s + z) = s (q.c) + z sum(q)
+                    scale, zero = k_scale, k_zero
+                    k_scale = _slot_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
+                    k_zero = _slot_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, K_ROW_TOKENS)
+                    qk = _dot_codes(q, k, True, K_PAIRS, PRECISION)
+                    logits = qk * scale[None, :] + q_sum[:, None] * zero[None, :]
+                elif K_MODE == "row":  # one row for the tile: (q * s).c + q.z
+                    row = tl.where(tile < k_lead, 0, 1 + (tile - k_lead) // K_ROW_TOKENS)
+                    scale = tl.load(ks_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
+                    zero = tl.load(kz_base + row * stride_ksr + offs_d * stride_ksc, mask=d_ok, other=0.0)
+                    q_scaled = (q_f32 * scale.to(tl.float32)[None, :]).to(q.dtype)
+                    bias = tl.sum(q_f32 * zero.to(tl.float32)[None, :], axis=1)
+                    logits = _dot_codes(q_scaled, k, True, K_PAIRS, PRECISION) + bias[:, None]
+                elif K_MODE == "lead":  # phase 0: the prompt set's tiles (below lead); 1: the decode blocks'
+                    if phase == 0:
+                        logits = _dot_codes(q_lead, k, True, K_PAIRS, PRECISION) + lead_bias[:, None]
+                    else:  # as "gather" below (written out: a helper shared with it changed their SASS)
+                        block_scale = _tile_params(
+                            ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
+                            "gather", K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                        )  # fmt: skip
+                        block_zero = _tile_params(
+                            kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
+                            "gather", K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                        )  # fmt: skip
+                        block_keys = _dequantize(k, block_scale, block_zero, q.dtype, K_PAIRS)
+                        logits = tl.dot(q, tl.trans(block_keys), input_precision=PRECISION)
+                else:
+                    scale = _tile_params(
                         ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
-                        "gather", K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                        K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
                     )  # fmt: skip
-                    block_zero = _tile_params(
+                    zero = _tile_params(
                         kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
-                        "gather", K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
+                        K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
                     )  # fmt: skip
-                    block_keys = _dequantize(k, block_scale, block_zero, q.dtype, K_PAIRS)
-                    logits = tl.dot(q, tl.trans(block_keys), input_precision=PRECISION)
-            else:
-                scale = _tile_params(
-                    ks_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
-                    K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
-                )  # fmt: skip
-                zero = _tile_params(
-                    kz_base, slots, live, tile, start, end, k_lead, stride_ksr, stride_ksc, HEAD_DIM,
-                    K_MODE, K_ROW_TOKENS, K_COL_CHANNELS, BLOCK_N, BLOCK_D,
-                )  # fmt: skip
-                k = _dequantize(k, scale, zero, q.dtype, K_PAIRS)
-                logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
+                    k = _dequantize(k, scale, zero, q.dtype, K_PAIRS)
+                    logits = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
-            v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, V_ROW_BYTES, V_BITS, BLOCK_DV, V_PAIRS)
-            if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
-                scale, zero = v_scale, v_zero
-                v_scale = _slot_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
-                v_zero = _slot_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
-                p_scaled = (p * scale[None, :]).to(q.dtype)
-                pv = _dot_codes(p_scaled, v, False, V_PAIRS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
-            else:
-                scale = _tile_params(
-                    vs_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, VALUE_DIM,
-                    V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
-                )  # fmt: skip
-                zero = _tile_params(
-                    vz_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, VALUE_DIM,
-                    V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
-                )  # fmt: skip
-                pv = tl.dot(p.to(q.dtype), _dequantize(v, scale, zero, q.dtype, V_PAIRS), input_precision=PRECISION)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+                v = _load_codes(vc_base, slots, live, stride_vcs, stride_vcc, V_ROW_BYTES, V_BITS, BLOCK_DV, V_PAIRS)
+                if V_MODE == "slot":  # p (c s + z) = (p s) c + (p.z)
+                    scale, zero = v_scale, v_zero
+                    v_scale = _slot_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
+                    v_zero = _slot_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, V_ROW_TOKENS)
+                    p_scaled = (p * scale[None, :]).to(q.dtype)
+                    pv = _dot_codes(p_scaled, v, False, V_PAIRS, PRECISION) + tl.sum(p * zero[None, :], axis=1)[:, None]
+                else:
+                    scale = _tile_params(
+                        vs_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, VALUE_DIM,
+                        V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
+                    )  # fmt: skip
+                    zero = _tile_params(
+                        vz_base, slots, live, tile, start, end, v_lead, stride_vsr, stride_vsc, VALUE_DIM,
+                        V_MODE, V_ROW_TOKENS, V_COL_CHANNELS, BLOCK_N, BLOCK_DV,
+                    )  # fmt: skip
+                    pv = tl.dot(p.to(q.dtype), _dequantize(v, scale, zero, q.dtype, V_PAIRS), input_precision=PRECISION)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
 
         any_live = l_i > 0.0
         out = acc / tl.where(any_live, l_i, 1.0)[:, None]
