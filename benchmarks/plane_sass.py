@@ -1,15 +1,17 @@
-"""Offline instruction counts of the 4-bit plane kernel's tile loop for sm_90 (no GPU needed).
+"""Offline instruction counts of the plane kernel's tile loop for sm_90 (no GPU needed).
 
     PYTHONPATH=. python benchmarks/plane_sass.py                               # token mode, every variant
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/plane_sass.py --modes token halves
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead --variants zero_sums --warps 1 2   # ZipCache
+    PYTHONPATH=. python benchmarks/plane_sass.py --modes lead halves --variants default zero_sums --bits 2
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
 batch 1, 32k slots: strides that are multiples of 16 and 16-byte-aligned pointers marked divisible by 16,
-arguments equal to 1 made constants). Without that specialisation the codes load 16 bits at a time and the
-counts are ~60% higher than what runs. Prints, per variant, the SASS instructions in the largest loop (the
-tile loop) per warp, registers, local-memory (spill) operations, and the loop's instructions by class.
+arguments equal to 1 made constants), at 4 bits (16-bit elements) or 2 (bytes; `--bits`). Without that
+specialisation the codes load 16 bits at a time and the counts are ~60% higher than what runs. Prints, per
+variant, the SASS instructions in the largest loop (the tile loop) per warp, registers, local-memory (spill)
+operations, and the loop's instructions by class.
 Counts depend on the Triton version (the GPU image has 3.6; put its wheel first on PYTHONPATH to match).
 Instructions are not time: the kernel is bound by latency as much as by issue (benchmarks/README.md,
 "Where the plane kernel's instructions go"); `quant_attention.py` times the variants on a GPU.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import re
 import subprocess
 import tempfile
@@ -59,7 +62,7 @@ BACK_BRANCH = re.compile(r"BRA\s+.*?`?\(?\.?(L_x_\d+|LBB\d+_\d+)")
 
 
 def argument_values(mode: str) -> dict[str, int]:
-    """The integer arguments of the benchmark's launch (batch 1; codes of D/4 16-bit elements per slot)."""
+    """The integer arguments of the benchmark's launch (batch 1; codes of D/4 elements per slot)."""
     row_tokens, _, _, key_row_stride, value_row_stride = MODES[mode]
     key_rows = SLOTS // row_tokens + 1
     elements = D // 4
@@ -72,17 +75,18 @@ def argument_values(mode: str) -> dict[str, int]:
     return values
 
 
-def compile_plane(mode: str, variant: str, num_warps: int):
+def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4):
     kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
-    pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16", "wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}
+    elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
+    pointers |= {"kc_ptr": elements, "vc_ptr": elements, "wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}
     pointers |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     floats = {"scale_log2": "fp32", "rotation_scale": "fp32"}
     constexprs = {
-        "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": 4, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
-        "V_BITS": 4, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
+        "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": bits, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
+        "V_BITS": bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in ("rows", "lead") else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0,
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["token"], choices=list(MODES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warps", type=int, nargs="+", default=[2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
@@ -162,10 +167,13 @@ def main() -> None:
         for variant in args.variants:
             if (variant != "default" and MODES[mode][2] != D) or (variant == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
-            for warps in args.warps:
-                m = measure(compile_plane(mode, variant, warps))
-                print(f"{mode:<7}{variant:<10} {warps} warps: loop {m['loop']:5d}  registers {m['registers']:3d}  "
-                      f"spill ops {m['spill_ops']:3d}  loops {m['loops']}  {m['classes']}")  # fmt: skip
+            for bits, warps in itertools.product(args.bits, args.warps):
+                if variant == "offset" and bits != 4:
+                    continue  # offset codes: 4 bits only
+                m = measure(compile_plane(mode, variant, warps, bits))
+                print(f"{mode:<7}{variant:<10} {bits} bits {warps} warps: loop {m['loop']:5d}  "
+                      f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
+                      f"{m['classes']}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -168,21 +168,72 @@ if kernels.triton is not None:
             2,
         )
 
+    # 2-bit codes (bytes of four) to 16-bit floats, four elements (one 32-bit register) at a time: two byte
+    # permutes put elements 0 and 1 (2 and 3) into the low bytes of a register's two 16-bit halves, then plane
+    # g is bits [2g, 2g + 2) of each half: the nibbles' shift, mask-or and subtract (the mask drops the high
+    # bytes), 24 instructions make 16 values.
+    @triton.jit
+    def _bf16_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b, t, m; mov.b32 m, 0x43004300;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA; lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, a, 2; lop3.b32 $2, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, b, 2; lop3.b32 $3, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, a, 4; lop3.b32 $4, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, b, 4; lop3.b32 $5, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, a, 6; lop3.b32 $6, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, b, 6; lop3.b32 $7, t, 0x00030003, 0x43004300, 0xEA;
+            sub.rn.bf16x2 $0, $0, m; sub.rn.bf16x2 $1, $1, m; sub.rn.bf16x2 $2, $2, m; sub.rn.bf16x2 $3, $3, m;
+            sub.rn.bf16x2 $4, $4, m; sub.rn.bf16x2 $5, $5, m; sub.rn.bf16x2 $6, $6, m; sub.rn.bf16x2 $7, $7, m; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            4,
+        )
+
+    @triton.jit
+    def _f16_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b, t, m; mov.b32 m, 0x64006400;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x64006400, 0xEA; lop3.b32 $1, b, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, a, 2; lop3.b32 $2, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, b, 2; lop3.b32 $3, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, a, 4; lop3.b32 $4, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, b, 4; lop3.b32 $5, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, a, 6; lop3.b32 $6, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, b, 6; lop3.b32 $7, t, 0x00030003, 0x64006400, 0xEA;
+            sub.rn.f16x2 $0, $0, m; sub.rn.f16x2 $1, $1, m; sub.rn.f16x2 $2, $2, m; sub.rn.f16x2 $3, $3, m;
+            sub.rn.f16x2 $4, $4, m; sub.rn.f16x2 $5, $5, m; sub.rn.f16x2 $6, $6, m; sub.rn.f16x2 $7, $7, m; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            4,
+        )
+
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
-        """Planar elements [N, W] (int16 words of four 4-bit codes; the integer path takes any BITS) -> the
-        4 planes' codes plus OFFSET as DTYPE values, exactly, each [N, W]: with ASM (4 bits, a 16-bit DTYPE,
-        compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (OFFSET 0) or their offset forms
-        (OFFSET 128 for bfloat16, 1024 for float16), otherwise by integer shifts and the exact float32
-        exponent trick, the offset added in float32."""
-        if ASM and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
+        """Planar elements [N, W] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes; the
+        integer path takes any BITS) -> the 4 planes' codes plus OFFSET as DTYPE values, exactly, each [N, W]:
+        with ASM (a 16-bit DTYPE, compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (4 bits, OFFSET
+        0), their offset forms (OFFSET 128 for bfloat16, 1024 for float16) or `_bf16_crumbs` / `_f16_crumbs`
+        (2 bits, OFFSET 0), otherwise by integer shifts and the exact float32 exponent trick, the offset added
+        in float32."""
+        if ASM and BITS == 4 and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_offset_nibbles(elements)
-        elif ASM and DTYPE == tl.bfloat16:  # noqa: SIM300
+        elif ASM and BITS == 4 and DTYPE == tl.bfloat16:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_nibbles(elements)
-        elif ASM and OFFSET != 0.0:
+        elif ASM and BITS == 4 and OFFSET != 0.0:
             c0, c1, c2, c3 = _f16_offset_nibbles(elements)
-        elif ASM:
+        elif ASM and BITS == 4:
             c0, c1, c2, c3 = _f16_nibbles(elements)
+        elif ASM and BITS == 2 and OFFSET == 0.0 and DTYPE == tl.bfloat16:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_crumbs(elements)
+        elif ASM and BITS == 2 and OFFSET == 0.0:
+            c0, c1, c2, c3 = _f16_crumbs(elements)
         else:
             words = elements.to(tl.int32)
             c0 = (_as_float(words & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
@@ -695,8 +746,10 @@ if kernels.triton is not None:
         window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride()) if window is not None else (0,) * 9
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
-        # 4-bit elements are 16-bit words; the inline PTX needs the compiled GPU path and a 16-bit dot.
-        k_codes, v_codes = keys.codes.view(torch.int16), values.codes.view(torch.int16)
+        # Elements: 16-bit words of 4-bit codes, bytes of 2-bit ones. The inline PTX needs the compiled GPU
+        # path and a 16-bit dot.
+        k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
+        v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
         # Dequantized keys ("rows", and "lead" past lead) are float16 for a 16-bit query: c * s + z in the
         # parameters' own type.
         key_dtype = tl.float16 if key_mode in ("rows", "lead") and dtype != tl.float32 else dtype
@@ -704,7 +757,9 @@ if kernels.triton is not None:
         # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
         # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).
         sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
+        # 4-bit codes only: the 2-bit conversion has no offset form.
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
+        offset_fits = offset_fits and keys.bits == 4 == values.bits
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
         wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
             query,

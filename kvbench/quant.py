@@ -12,14 +12,14 @@ A value is stored as `code = round((x - zero) / scale)`, clamped to [0, 2^bits -
 they are rounded outward (zero down, scale up), so every value of the group stays inside the representable
 range and, without clipping, the round trip is off by at most half a step (scale / 2).
 
-Codes are packed along the last dimension, little-endian. 2-, 3- and 8-bit rows are one bit stream: code i
-occupies bits [i * bits, (i + 1) * bits) of the row (four 2-bit codes per byte; eight 3-bit codes per 3
-bytes, some straddling a byte boundary). 4-bit rows are planar, for the decode kernel
+Codes are packed along the last dimension, little-endian. 3- and 8-bit rows are one bit stream: code i
+occupies bits [i * bits, (i + 1) * bits) of the row (eight 3-bit codes per 3 bytes, some straddling a byte
+boundary; 8-bit codes are whole bytes). 2- and 4-bit rows are planar, for the decode kernel
 (`kvbench.plane_kernel`): the D channels are 4 planes of W = D / 4, and element e of the row (a 16-bit word
-of four codes) holds channel g * W + e in bits [4g, 4g + 4), g = 0..3. The kernel then turns a 32-bit
-register of two words into a pair of 16-bit floats per plane with one shift and one mask-or, and each
-plane is a contiguous block of channels that it multiplies on the tensor cores as it is. Either way a row
-of D codes takes D * bits / 8 bytes.
+of four 4-bit codes, or a byte of four 2-bit codes) holds channel g * W + e in bits [g * bits, (g + 1) *
+bits), g = 0..3. The kernel then turns a 32-bit register of elements into 16-bit floats per plane with one
+shift and one mask-or per pair, and each plane is a contiguous block of channels that it multiplies on the
+tensor cores as it is. Either way a row of D codes takes D * bits / 8 bytes.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ def packed_width(channels: int, bits: int) -> int:
     return channels * bits // 8
 
 
-PLANES = 4  # planes of a planar row (4-bit codes)
+PLANES = 4  # planes of a planar row (2- and 4-bit codes)
 
 
 def is_planar(bits: int) -> bool:
-    return bits == 4
+    return bits in (2, 4)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

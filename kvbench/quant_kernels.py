@@ -1,11 +1,11 @@
 """Decode attention over packed (quantized) K/V slots: a Triton kernel for CUDA and its PyTorch reference.
 
-Two kernels. `_plane_split_kernel` (in `kvbench.plane_kernel`) takes planar codes (4 bits, `kvbench.quant`)
-whose parameters it can fold per plane: values in per-token groups, keys per token or per channel
-(`plane_plan`; KIVI, QuaRot, RTN and ZipCache's 4-bit layouts: QuaRot and RTN "token", KIVI-4 "halves",
-ZipCache's salient set "lead"); its own docstring says how. `_packed_split_kernel`, described below, takes
-everything else (2-, 3- and 8-bit codes: KIVI-2, ZipCache's 2-bit rest; per-channel values, token groups
-narrower than a plane); it reads a planar row a code at a time. Both are `kvbench.kernels`' flash-decoding
+Two kernels. `_plane_split_kernel` (in `kvbench.plane_kernel`) takes planar codes (2 and 4 bits,
+`kvbench.quant`) whose parameters it can fold per plane: values in per-token groups, keys per token or per
+channel (`plane_plan`; KIVI, QuaRot, RTN and ZipCache's layouts: QuaRot and RTN "token", KIVI "halves",
+ZipCache's two sets "lead"); its own docstring says how. `_packed_split_kernel`, described below, takes
+everything else (3- and 8-bit codes; per-channel values, token groups narrower than a plane); it reads a
+planar row a code at a time. Both are `kvbench.kernels`' flash-decoding
 split kernel with K/V tiles read packed: each program reads the codes of its tiles (a 4-bit cache reads a
 quarter of bf16's bytes) plus their float16 scales and zero-points, and the online softmax, the partial
 outputs and the combine kernel that merges the splits are `kvbench.kernels`' own. The operator returns the
@@ -15,7 +15,7 @@ log-sum-exp.
 
 Slot layout (`PackedSlots`): slots [0, length[b]) of sequence b are live (quantized tokens fill a store from
 its front; the order of tokens does not matter to attention, keys being stored post-RoPE). Codes are [B,
-Hkv, S, D * bits / 8] uint8 (`kvbench.quant.pack`: planar for 4 bits, a bit stream otherwise). Scale
+Hkv, S, D * bits / 8] uint8 (`kvbench.quant.pack`: planar for 2 and 4 bits, a bit stream otherwise). Scale
 and zero-point are float16 [B, Hkv, R, C]: slot s uses parameter row 0 if s < lead[b], else row 1 + (s -
 lead[b]) // row_tokens, and channel d uses column d // col_channels. This one rule covers per-token groups
 (row_tokens = lead = 1, col_channels = group), per-channel groups of G tokens (row_tokens = lead = G,
@@ -25,8 +25,8 @@ decode block of row_tokens tokens).
 Why `_packed_split_kernel` is shaped as it is (decode attention is bound by memory, and a packed tile holds
 2-8 times more values per byte than a bf16 one, so dequantization must cost a few instructions per value):
 - A tile's codes are contiguous loads per slot row, split into codes by shifts and masks on whole fields
-  (a byte into four 2-bit codes; 3-bit rows as 24-bit words of 8 codes; 8-bit codes are whole bytes),
-  never a gather per value (planar 4-bit rows, which only odd layouts bring here, excepted).
+  (3-bit rows as 24-bit words of 8 codes; 8-bit codes are whole bytes), never a gather per value (planar
+  2- and 4-bit rows, which only odd layouts bring here, excepted).
 - Codes become floats by the exponent trick, never by an integer-to-float conversion (a low-throughput
   instruction on NVIDIA GPUs): with a 16-bit query, two codes spread into one 32-bit register and one OR
   make it two bfloat16 128 + code (or float16 1024 + code) values, whose offset's share of a dot product
@@ -39,10 +39,10 @@ Why `_packed_split_kernel` is shaped as it is (decode attention is bound by memo
   tiles (tiles are aligned to the rows) fold one scale row into the query, (q * s).c + q.z ("row");
   ZipCache's keys, whose row 0 spans the prompt set (slots [0, lead), `PackedSlots.prompt_row`), fold
   that row into the query once and use it for every tile below lead (tiles aligned to lead), reading each
-  slot's row only in the tiles of its decode blocks ("lead", in both kernels: the plane kernel's 4-bit
-  salient set, this kernel's 2-bit rest); rows shorter than a tile and per-token groups of a power-of-two
-  width are loaded once per row or group and broadcast over the tile; any other layout (ZipCache's odd
-  block sizes without `LaunchConfig.fold_lead`) reads each slot's parameter row.
+  slot's row only in the tiles of its decode blocks ("lead", in both kernels: the plane kernel takes
+  ZipCache's sets, this kernel the same layout at 3 or 8 bits); rows shorter than a tile and per-token
+  groups of a power-of-two width are loaded once per row or group and broadcast over the tile; any other
+  layout (ZipCache's odd block sizes without `LaunchConfig.fold_lead`) reads each slot's parameter row.
 - Numerics against the float32 reference: where a layout is folded, q * s or p * s is rounded to the
   query's dtype for the tensor cores instead of the dequantized key or value; where values are
   dequantized for a 16-bit query, c * s + z is one float16 multiply-add (the parameters are float16;
@@ -268,22 +268,23 @@ if kernels.triton is not None:
         PAIRS: tl.constexpr,
     ):
         """The codes of the slots' rows, int32 [N, BLOCK_D] in channel order (0 where masked), or with PAIRS
-        (2 and 3 bits) [N, BLOCK_D // 2] pairs of them (`_split_fields`). Planar rows (4 bits) are read a
+        (3 bits) [N, BLOCK_D // 2] pairs of them (`_split_fields`). Planar rows (2 and 4 bits) are read a
         code at a time: this kernel takes them only for layouts `_plane_split_kernel` does not."""
-        if BITS == 4:  # planar (`kvbench.quant`): channel d is plane d // W of element d % W, read code by code
+        if BITS == 2 or BITS == 4:  # planar (`kvbench.quant`): channel d is plane d // W of element d % W
             offs = tl.arange(0, BLOCK_D)
-            width = ROW_BYTES // 2
+            element_bytes: tl.constexpr = BITS // 2  # four codes: a byte (2 bits) or a 16-bit word (4 bits)
+            width = ROW_BYTES // element_bytes
             plane = offs // width
-            byte = (offs % width) * 2 + plane // 2
+            byte = (offs % width) * element_bytes + plane * BITS // 8
             mask = live[:, None] & (offs < 4 * width)[None, :]
             fields = tl.load(base + slots[:, None] * stride_s + byte[None, :] * stride_c, mask=mask, other=0)
-            codes = (fields.to(tl.int32) >> ((plane % 2) * 4)[None, :]) & 15
-        elif 8 % BITS == 0:  # whole codes per byte: one contiguous load of the rows' bytes
-            offs = tl.arange(0, BLOCK_D * BITS // 8)
+            codes = (fields.to(tl.int32) >> (plane * BITS % 8)[None, :]) & ((1 << BITS) - 1)
+        elif BITS == 8:  # whole bytes: one contiguous load of the rows
+            offs = tl.arange(0, BLOCK_D)
             # ROW_BYTES is a constant: for whole rows (the usual case) the column mask folds away.
             mask = live[:, None] & (offs < ROW_BYTES)[None, :]
-            fields = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0)
-            codes = _split_fields(fields.to(tl.int32), 8, BITS, PAIRS)
+            codes = tl.load(base + slots[:, None] * stride_s + offs[None, :] * stride_c, mask=mask, other=0)
+            codes = codes.to(tl.int32)
         else:  # 3 bits: 8 codes per 3 bytes, read as 24-bit words
             chunk = tl.arange(0, BLOCK_D // 8)
             ptr = base + slots[:, None] * stride_s + (chunk * 3)[None, :] * stride_c

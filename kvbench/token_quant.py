@@ -33,7 +33,7 @@ import torch
 
 from kvbench import kernels
 from kvbench.hadamard import hadamard_transform, is_power_of_two
-from kvbench.quant import MIN_SCALE, Quantized, is_planar, quantize
+from kvbench.quant import MIN_SCALE, Quantized, quantize
 
 BLOCK_ROWS = 16  # (sequence, KV head) rows a program quantizes: the smallest tensor-core tile's height
 
@@ -41,7 +41,7 @@ BLOCK_ROWS = 16  # (sequence, KV head) rows a program quantizes: the smallest te
 def fits(bits: int, axis: str, group: int, dim: int) -> bool:
     """Whether the kernel takes this layout: per-token groups of 4-bit planar codes, head_dim a power of
     two (a Triton block) with groups that tile it."""
-    return is_planar(bits) and axis == "token" and is_power_of_two(dim) and dim >= 16 and dim % group == 0
+    return bits == 4 and axis == "token" and is_power_of_two(dim) and dim >= 16 and dim % group == 0
 
 
 def quantize_tokens_reference(

@@ -20,12 +20,13 @@ def test_pack_round_trips_and_takes_bits_over_8_bytes_per_code(bits: int) -> Non
 
 
 def test_pack_layouts_are_what_the_kernel_reads() -> None:
-    """2 and 3 bits: one little-endian bit stream per row. 4 bits: planar; with 8 channels, planes of W = 2,
-    16-bit element e holds channels e, 2 + e, 4 + e, 6 + e."""
+    """3 bits: one little-endian bit stream per row. 2 and 4 bits: planar; with 8 channels, planes of W = 2,
+    element e (a byte of 2-bit codes, a 16-bit word of 4-bit ones) holds channels e, 2 + e, 4 + e, 6 + e."""
     codes = torch.tensor([1, 2, 3, 0, 15, 7, 9, 4], dtype=torch.uint8)
     # element 0: channels 0, 2, 4, 6 = 1, 3, 15, 9 -> 0x9F31; element 1: channels 1, 3, 5, 7 = 2, 0, 7, 4 -> 0x4702
     assert pack(codes, 4).tolist() == [0x31, 0x9F, 0x02, 0x47]
-    assert pack(codes % 4, 2).tolist() == [1 | 2 << 2 | 3 << 4, 3 | 3 << 2 | 1 << 4]
+    # byte 0: channels 0, 2, 4, 6 = 1, 3, 3, 1; byte 1: channels 1, 3, 5, 7 = 2, 0, 3, 0 (codes % 4)
+    assert pack(codes % 4, 2).tolist() == [1 | 3 << 2 | 3 << 4 | 1 << 6, 2 | 3 << 4]
     # 3 bits: codes 0..7 as one 24-bit stream; code 2 straddles bytes 0 and 1, code 5 bytes 1 and 2.
     stream = sum(c << (3 * i) for i, c in enumerate(range(8)))
     assert pack(torch.arange(8, dtype=torch.uint8), 3).tolist() == [stream & 255, stream >> 8 & 255, stream >> 16]

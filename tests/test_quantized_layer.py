@@ -16,6 +16,7 @@ from kvbench.cache import LayerSpec, ModelSpec
 from kvbench.hadamard import hadamard_matrix
 from kvbench.methods.kivi import KIVI
 from kvbench.methods.quarot import QuaRot
+from kvbench.methods.zipcache import ZipCache
 from kvbench.quant import dequantize, fake_quantize, quantize
 from kvbench.quant_kernels import PackedSlots, packed_decode_attention, packed_decode_attention_reference
 from kvbench.quantized_layer import QuantizedLayer, QuantSpec
@@ -65,14 +66,18 @@ CASES = {
     "quarot4_offset_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "offset_fp16": (3, 2, 2, 300, 64, (4, 1, 64, None), (4, 1, 64, None), "float16"),
     # ZipCache's layouts, key mode "lead": row 0 for a prompt set of 150 + 7b slots (22 + 7b past a tile
-    # boundary), then decode blocks of 60 (the 4-bit salient set, the plane kernel) or 40 slots (the 2-bit
-    # rest, the split kernel); a full sequence reaches ~9 blocks past lead, so both branches run
+    # boundary), then decode blocks of 60 (the 4-bit salient set) or 40 slots (the 2-bit rest), both in the
+    # plane kernel; a full sequence reaches ~9 blocks past lead, so both branches run
     "zipcache4_lead_fp16": (2, 2, 4, 700, 64, (4, 60, 1, 150), (4, 1, 64, None), "float16"),
     "zipcache4_lead_bf16": (3, 2, 4, 700, 64, (4, 60, 1, 150), (4, 1, 64, None), "bfloat16"),
     "zipcache4_lead_fp32": (2, 1, 4, 500, 64, (4, 60, 1, 30), (4, 1, 64, None), "float32"),
     "zipcache2_lead_fp16": (2, 2, 4, 700, 64, (2, 40, 1, 150), (2, 1, 64, None), "float16"),
     "zipcache2_lead_bf16": (3, 2, 4, 700, 64, (2, 40, 1, 150), (2, 1, 64, None), "bfloat16"),
     "zipcache2_lead_fp32": (2, 1, 4, 500, 64, (2, 40, 1, 30), (2, 1, 64, None), "float32"),
+    # the same layout at 3 bits, which `_packed_split_kernel` takes (2-bit rows are planar, the plane kernel's)
+    "zipcache3_lead_fp16": (2, 2, 4, 700, 64, (3, 40, 1, 150), (3, 1, 64, None), "float16"),
+    "zipcache3_lead_bf16": (3, 2, 4, 700, 64, (3, 40, 1, 150), (3, 1, 64, None), "bfloat16"),
+    "zipcache3_lead_fp32": (2, 1, 4, 500, 64, (3, 40, 1, 30), (3, 1, 64, None), "float32"),
     # the same salient set with the launch's fold_lead off: every tile's keys per slot ("rows")
     "zipcache4_lead_off_fp16": (2, 2, 4, 700, 64, (4, 60, 1, 150), (4, 1, 64, None), "float16"),
 }
@@ -89,6 +94,7 @@ WINDOW_CASES = (
     "offset_fp16",
     "zipcache4_lead_bf16",
     "zipcache2_lead_fp16",
+    "zipcache3_lead_bf16",
 )
 # Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
 # combine, alone and with a window; around `_packed_split_kernel` (products outside it).
@@ -96,6 +102,7 @@ ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
     "kivi2_fp32",
+    "three_bits_fp16",
     "quarot4_zero_sums_bf16",
     "quarot4_offset_bf16",
 )
@@ -257,7 +264,8 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     plane = [m for m in cases if m["kernel"] == "plane"]
     assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
-    assert {bits for m in plane for bits in m["bits"]} == {4}
+    assert {bits for m in plane for bits in m["bits"]} == {2, 4}
+    assert {m["dtype"] for m in plane if 2 in m["bits"]} == {"float32", "float16", "bfloat16"}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
     assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
     assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
@@ -360,7 +368,7 @@ def test_cpu_op_runs_the_reference_and_compiles_whole() -> None:
         ("bf16", 2, "rows", "columns"),
         ("fp16", 3, "row", "gather"),
         ("fp32", 8, "gather", "slot"),
-        ("bf16", 2, "lead", "slot"),  # ZipCache's 2-bit rest
+        ("bf16", 3, "lead", "slot"),  # ZipCache's keys at 3 bits (its 2-bit rest is the plane kernel's)
         ("fp16", 3, "lead", "columns"),
     ],
 )
@@ -378,8 +386,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         "K_BITS": bits, "K_ROW_TOKENS": layouts[key_mode][0], "K_COL_CHANNELS": layouts[key_mode][1],
         "K_MODE": key_mode, "V_BITS": bits, "V_ROW_TOKENS": layouts[value_mode][0],
         "V_COL_CHANNELS": layouts[value_mode][1], "V_MODE": value_mode, "BLOCK_G": 16, "BLOCK_N": 64,
-        "K_PAIRS": dtype != "fp32" and bits in (2, 3),
-        "V_PAIRS": dtype != "fp32" and bits in (2, 3),
+        "K_PAIRS": dtype != "fp32" and bits == 3,  # 2-bit rows are planar, read code by code
+        "V_PAIRS": dtype != "fp32" and bits == 3,
         "BLOCK_D": 128, "BLOCK_DV": 128, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_ROW_BYTES": 128 * bits // 8, "V_ROW_BYTES": 128 * bits // 8,
     }  # fmt: skip
@@ -387,36 +395,41 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 
 @pytest.mark.parametrize(
-    ("dtype", "key_mode", "groups", "zero_sums", "offset"),
+    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits"),
     [
-        ("bf16", "token", 1, False, False),
-        ("bf16", "token", 1, True, False),  # the launch's `zero_row_sums`
-        ("bf16", "token", 1, True, True),  # and its `offset_codes`: the offset nibble PTX
-        ("fp16", "token", 1, True, True),
-        ("fp16", "row", 4, False, False),
-        ("fp16", "token", 4, False, False),
-        ("bf16", "rows", 4, False, False),
-        ("bf16", "halves", 4, False, False),
-        ("bf16", "lead", 1, True, False),  # ZipCache's salient set: values with one zero-point per slot
-        ("fp16", "lead", 1, True, False),
+        ("bf16", "token", 1, False, False, 4),
+        ("bf16", "token", 1, True, False, 4),  # the launch's `zero_row_sums`
+        ("bf16", "token", 1, True, True, 4),  # and its `offset_codes`: the offset nibble PTX
+        ("fp16", "token", 1, True, True, 4),
+        ("fp16", "row", 4, False, False, 4),
+        ("fp16", "token", 4, False, False, 4),
+        ("bf16", "rows", 4, False, False, 4),
+        ("bf16", "halves", 4, False, False, 4),
+        ("bf16", "lead", 1, True, False, 4),  # ZipCache's salient set: values with one zero-point per slot
+        ("fp16", "lead", 1, True, False, 4),
+        ("bf16", "lead", 1, True, False, 2),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
+        ("fp16", "halves", 4, False, False, 2),  # KIVI-2 (`_f16_crumbs`)
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
-    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool
+    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool, bits: int
 ) -> None:
-    """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`) goes through
-    ptxas here; the interpreter runs the integer path instead."""
+    """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
+    bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
+    instead."""
     import triton.language as tl
 
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
-    pointers |= {"kc_ptr": "*i16", "vc_ptr": "*i16"} | {n: "*fp16" for n in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+    elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
+    pointers |= {"kc_ptr": elements, "vc_ptr": elements}
+    pointers |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64"}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     pointers |= {"rotation_ptr": "*i8", "rotation_scale": "fp32"}
     constexprs = {
-        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": 4,
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits,
         "K_ROW_TOKENS": {"token": 1, "lead": 60}.get(key_mode, 32),
-        "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": 4,
+        "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": bits,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode in ("rows", "lead") or dtype == "fp16" else tl.bfloat16,
@@ -426,6 +439,7 @@ def test_plane_kernel_compiles_for_hopper(
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
+    assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
 
 
 @pytest.mark.parametrize(
@@ -435,20 +449,23 @@ def test_plane_kernel_compiles_for_hopper(
         (KIVI(bits=4, group=64, window=128), "row"),
         (QuaRot(bits=4), "token"),
         (QuaRot(bits=4, rotate=False), "token"),  # RTN
-        (KIVI(bits=2), None),  # 2-bit rows are a bit stream: the split kernel
+        (KIVI(bits=2), "halves"),  # 2-bit rows are planar too
+        (ZipCache(), "lead"),  # both sets: 4-bit salient tokens, the 2-bit rest
     ],
 )
-def test_methods_stores_take_the_plane_kernel(method, key_mode: str | None) -> None:
+def test_methods_stores_take_the_plane_kernel(method, key_mode: str) -> None:
     """The stores the methods build (Llama-3.1-8B's head_dim) are the plane kernel's layouts: a layout change
     would send them back to the split kernel, slower on the GPU, and no other test would notice."""
     model = ModelSpec("llama-shape", num_layers=1, num_heads=4, num_kv_heads=2, head_dim=128, max_positions=4096)
     layer = method.make_layer(LayerSpec(0, model, 1, 300, 4))
     gen = torch.Generator().manual_seed(0)
     layer.update(torch.randn(1, 2, 300, 128, generator=gen), torch.randn(1, 2, 300, 128, generator=gen))
+    layer.observe(torch.randn(1, 4, 300, 128, generator=gen), None)  # ZipCache's probe queries
     layer.finish_prefill()
-    part = layer.parts[0]
-    plan = plane_kernel.plane_plan(part.keys.slots_view(), part.values.slots_view(), quant_kernels.LAUNCH)
-    assert (plan and plan[0]) == key_mode
+    assert layer.parts
+    for part in layer.parts:
+        plan = plane_kernel.plane_plan(part.keys.slots_view(), part.values.slots_view(), quant_kernels.LAUNCH)
+        assert (plan and plan[0]) == key_mode, part.keys.spec
 
 
 # ----- the layer -----

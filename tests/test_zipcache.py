@@ -122,8 +122,9 @@ def test_prefill_puts_the_least_salient_share_at_low_bits():
 
 def test_stores_take_the_kernels_lead_fold():
     """Both sets' keys say that row 0 spans their prompt set (`PackedSlots.prompt_row`, set by `fill`), so the
-    plane kernel (the 4-bit salient set) and the split kernel (the 2-bit rest) fold it below lead ("lead");
-    the values' stores do not say so, and the launch's fold_lead off gives the per-slot modes back."""
+    plane kernel folds it below lead ("lead") for both (4-bit salient set, planar 2-bit rest), and the split
+    kernel would for the same layout at 3 bits; the values' stores do not say so, and the launch's fold_lead
+    off gives the per-slot modes back."""
     keys, values, queries = _sequence(200, seed=2)
     layer = _layer(ZipCache(), 200, 300)  # 3 decode blocks: rows of 60 and 40 tokens after row 0
     _prefill(layer, keys, values, queries)
@@ -133,11 +134,12 @@ def test_stores_take_the_kernels_lead_fold():
     assert not any(part.values.slots_view().prompt_row for part in layer.parts)
     launch = quant_kernels.LaunchConfig()
     assert plane_kernel.plane_plan(high, layer.parts[0].values.slots_view(), launch) == ("lead", launch.block_n)
-    assert plane_kernel.plane_plan(low, layer.parts[1].values.slots_view(), launch) is None
-    assert quant_kernels._param_mode(low, 32, launch, can_align=True) == "lead"
+    assert plane_kernel.plane_plan(low, layer.parts[1].values.slots_view(), launch) == ("lead", launch.block_n)
+    assert quant_kernels._param_mode(low._replace(bits=3), 32, launch, can_align=True) == "lead"
     off = quant_kernels.LaunchConfig(fold_lead=False)
     assert plane_kernel.plane_plan(high, layer.parts[0].values.slots_view(), off)[0] == "rows"
-    assert quant_kernels._param_mode(low, 32, off, can_align=True) == "gather"
+    assert plane_kernel.plane_plan(low, layer.parts[1].values.slots_view(), off)[0] == "rows"
+    assert quant_kernels._param_mode(low._replace(bits=3), 32, off, can_align=True) == "gather"
 
 
 def test_decode_flush_splits_the_buffer_by_the_current_querys_attention():
