@@ -8,12 +8,13 @@ One query per sequence, Hq = 32, Hkv = 8, D = 128, every slot live; batch 1 and 
 (8k too without --quick). Rows: `bf16` (kvbench.kernels.decode_attention over bf16 K/V), and
 kvbench.quant_kernels' packed kernel for `int4_token` (K and V per token, one group per head: QuaRot's
 layout), `kivi4` and `kivi2` (keys per channel in groups of 32 tokens, values per token in groups of 32
-channels), `zipcache_4_2` (two calls: 60% of the tokens at 4 bits, 40% at 2, keys per channel under one
-parameter row per set, values per token), under each launch configuration of --configs (the default
-`LAUNCH` first; the others are the alternatives one GPU run can choose from). Each row gives the bytes
-the kernel must read (codes + float16 scales/zero-points, or bf16 K/V), the floor (those bytes at the read
-bandwidth measured first, a bf16 sum over 1 GiB), the time per call, x_floor = time / floor and the
-speed-up over bf16.
+channels), `zipcache_4_2` (60% of the tokens at 4 bits, 40% at 2, keys per channel under one parameter row
+per set, values per token; one `packed_sets_attention` call: one launch and one combine for both sets, or
+with the launch's `pair_sets` off a launch and a combine per set, merged), under each launch configuration of
+--configs (the default `LAUNCH` first; the others are the alternatives one GPU run can choose from). Each row
+gives the bytes the kernel must read (codes + float16 scales/zero-points, or bf16 K/V), the floor (those bytes
+at the read bandwidth measured first, a bf16 sum over 1 GiB), the time per call, x_floor = time / floor and
+the speed-up over bf16.
 
 Timing: each call is replayed from a CUDA graph (as the compiled decode step runs it, so no host launch
 cost), over enough copies of the inputs, used in turn, that together they exceed twice the L2 cache;
@@ -48,7 +49,13 @@ import torch
 from kvbench import kernels, quant_kernels, token_quant
 from kvbench.hadamard import hadamard_matrix
 from kvbench.quant import PARAM_DTYPE, dequantize, packed_width
-from kvbench.quant_kernels import LaunchConfig, PackedSlots, packed_decode_attention, packed_decode_attention_reference
+from kvbench.quant_kernels import (
+    LaunchConfig,
+    PackedSlots,
+    packed_decode_attention,
+    packed_decode_attention_reference,
+    packed_sets_attention,
+)
 
 HQ, HKV, D = 32, 8, 128
 SCALE = D**-0.5
@@ -109,6 +116,8 @@ CONFIGS = {
     "two_warps": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
     # ZipCache's keys read per slot in every tile, as before the "lead" fold (row 0 folded below lead)
     "no_lead": replace(quant_kernels.LAUNCH, fold_lead=False),
+    # ZipCache's two sets in two launches and two combines, merged, as before they shared one launch
+    "no_pair": replace(quant_kernels.LAUNCH, pair_sets=False),
 }
 DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
@@ -241,6 +250,29 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
             signs = hadamard_matrix(D, dtype=torch.int8, device=device, normalized=False)
             result = check(query, keys, values, lengths, rotation=signs)
             rows.append({"check": f"reference_{name}_rotation", "config": config} | result)
+    rows += pair_checks(device, slots, config)
+    return rows
+
+
+def pair_checks(device: torch.device, slots: int, config: str) -> list[dict]:
+    """ZipCache's two sets (`timed_parts`, a partial second sequence) as one attention, alone and with a
+    window, against the sets' references merged: one launch of the plane kernel where the launch pairs them."""
+    parts = timed_parts("zipcache_4_2", 2, slots, device, seed=1)
+    parts = [(keys, values, torch.stack([n[0], n[0] // 3 + 5])) for keys, values, n in parts]
+    query = torch.randn(2, HQ, D, device=device).bfloat16()
+    rows = []
+    for window in (None, window_inputs(query, 129)):
+        out, lse = packed_sets_attention(query, parts, SCALE, window)
+        pieces = [packed_decode_attention_reference(query, *part, SCALE) for part in parts]
+        if window is not None:
+            pieces.append(kernels.decode_attention_reference(query, *window, SCALE))
+        ref_out, ref_lse = quant_kernels.merge_attention(pieces)
+        err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
+        lse_err = ((lse.double() - ref_lse.double()).norm() / ref_lse.double().norm()).item()
+        out_tol, lse_tol = TOLERANCE[query.dtype]
+        name = "reference_zipcache_sets" + ("_window" if window is not None else "")
+        result = {"out_rel": err, "lse_rel": lse_err, "ok": err < out_tol and lse_err < lse_tol}
+        rows.append({"check": name, "config": config} | result)
     return rows
 
 
@@ -335,7 +367,7 @@ def timed_parts(
 
 
 def packed_rows(device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict) -> list[dict]:
-    """Every timed layout's kernel calls (ZipCache's two sets one after the other) timed as one call."""
+    """Every timed layout's attention (ZipCache's two sets as one, `packed_sets_attention`) timed as one call."""
     rows = []
     for slots in contexts:
         for batch in batches:
@@ -347,10 +379,7 @@ def packed_rows(device: torch.device, contexts: list[int], batches: list[int], c
                     for seed in range(4, 3 + copies_past_l2(bytes_per_copy, device))
                 ]
                 query = torch.randn(batch, HQ, D, device=device, dtype=torch.bfloat16)
-                calls = [
-                    lambda parts=parts, q=query: [packed_decode_attention(q, k, v, n, SCALE) for k, v, n in parts]
-                    for parts in copies
-                ]
+                calls = [lambda parts=parts, q=query: packed_sets_attention(q, parts, SCALE) for parts in copies]
                 us = time_us(calls, device)
                 row = {"kernel": layout, "config": config, "batch": batch, "context": slots, "us": us}
                 rows.append(row | {"bytes": bytes_per_copy, "speedup_vs_bf16": dense[slots, batch]["us"] / us})

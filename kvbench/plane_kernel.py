@@ -26,6 +26,7 @@ offline), "Row sums, offset codes, one warp".
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 
@@ -85,6 +86,30 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: in
     if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
         return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
     return launch
+
+
+def store_launch(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, bool, LaunchConfig] | None:
+    """(key mode, summed value zero-points, launch) of the plane kernel for a store, None where it does not
+    take it (`plane_plan`, `plane_launch`)."""
+    plan = plane_plan(keys, values, launch)
+    if plan is None:
+        return None
+    key_mode, block_n = plan
+    zero_sums = launch.zero_row_sums and values.col_channels == values.codes.shape[-1] * 8 // values.bits
+    b, hkv, slots = keys.codes.shape[:3]
+    return key_mode, zero_sums, plane_launch(replace(launch, block_n=block_n), zero_sums, key_mode, b * hkv, slots)
+
+
+def pair_fits(
+    first: tuple[PackedSlots, PackedSlots], second: tuple[PackedSlots, PackedSlots], launch: LaunchConfig
+) -> bool:
+    """Whether two stores go into one launch (`_plane_pair_kernel`): the plane kernel takes both, with the same
+    tile, warps and stages (each keeps its own split plan)."""
+    plans = [store_launch(*store, launch) for store in (first, second)]
+    if None in plans:
+        return False
+    a, b = (plan[2] for plan in plans)
+    return (a.block_n, a.num_warps, a.num_stages) == (b.block_n, b.num_warps, b.num_stages)
 
 
 if kernels.triton is not None:
@@ -345,8 +370,11 @@ if kernels.triton is not None:
         logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
         return logits
 
-    @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
-    def _plane_split_kernel(
+    @triton.jit
+    def _plane_split(
+        bh,
+        split,
+        out_split,
         q_ptr,
         kc_ptr,
         ks_ptr,
@@ -416,7 +444,7 @@ if kernels.triton is not None:
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
     ):
-        """One (sequence, KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
+        """Program (bh = sequence x KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
         parameters folded into the products (the module doc's algebra, per plane):
         - keys "token" (per-token groups, each plane inside one group): logits = sum over planes g of
@@ -455,8 +483,6 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
-        bh = tl.program_id(0)
-        split = tl.program_id(1)
         b = (bh // num_kv_heads).to(tl.int64)
         h = (bh % num_kv_heads).to(tl.int64)
         K_WIDTH: tl.constexpr = HEAD_DIM // 4
@@ -700,7 +726,7 @@ if kernels.triton is not None:
         any_live = l_i > 0.0
         norm = tl.where(any_live, l_i, 1.0)
         lse2 = tl.where(any_live, m_i + tl.log2(norm), float("-inf"))
-        rows = (b * num_kv_heads * group + heads) * total_splits + split  # kvbench.kernels' partial layout
+        rows = (b * num_kv_heads * group + heads) * total_splits + out_split  # kvbench.kernels' partial layout
         out = o_part_ptr + rows[:, None] * VALUE_DIM + offs_wv[None, :]
         mask = g_ok[:, None] & (offs_wv < V_WIDTH)[None, :]
         if ZERO_SUMS:
@@ -720,31 +746,433 @@ if kernels.triton is not None:
         tl.store(out + 3 * V_WIDTH, (acc3 + z3[:, None]) / norm[:, None], mask=mask)
         tl.store(lse_part_ptr + rows, lse2, mask=g_ok)
 
-    def _plane_attention_triton(
-        query: torch.Tensor,
-        keys: PackedSlots,
-        values: PackedSlots,
-        lengths: torch.Tensor,
-        scale: float,
-        launch: LaunchConfig,
-        key_mode: str,
-        window: Window | None = None,
-        rotation: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, hq, d = query.shape
+    @triton.jit(do_not_specialize=["split_len", "num_splits", "total_splits", "window_slots"])
+    def _plane_split_kernel(
+        q_ptr,
+        kc_ptr,
+        ks_ptr,
+        kz_ptr,
+        k_lead_ptr,
+        vc_ptr,
+        vs_ptr,
+        vz_ptr,
+        v_lead_ptr,
+        len_ptr,
+        o_part_ptr,
+        lse_part_ptr,
+        scale_log2,
+        num_kv_heads,
+        group,
+        split_len,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_kcb,
+        stride_kch,
+        stride_kcs,
+        stride_ksb,
+        stride_ksh,
+        stride_ksr,
+        stride_vcb,
+        stride_vch,
+        stride_vcs,
+        stride_vsb,
+        stride_vsh,
+        stride_vsr,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        total_splits,
+        window_slots,
+        stride_wkb,
+        stride_wkh,
+        stride_wks,
+        stride_wvb,
+        stride_wvh,
+        stride_wvs,
+        stride_wpb,
+        stride_wph,
+        stride_wps,
+        rotation_ptr,
+        rotation_scale,
+        HEAD_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
+        K_BITS: tl.constexpr,
+        K_ROW_TOKENS: tl.constexpr,
+        K_GROUP: tl.constexpr,
+        K_MODE: tl.constexpr,
+        V_BITS: tl.constexpr,
+        V_GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_WV: tl.constexpr,
+        DTYPE: tl.constexpr,
+        K_DTYPE: tl.constexpr,
+        K_ASM: tl.constexpr,
+        V_ASM: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        ROTATE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ZERO_SUMS: tl.constexpr,
+        OFFSET: tl.constexpr,
+    ):
+        """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
+        says what each program does."""
+        _plane_split(
+            tl.program_id(0),
+            tl.program_id(1),
+            tl.program_id(1),
+            q_ptr,
+            kc_ptr,
+            ks_ptr,
+            kz_ptr,
+            k_lead_ptr,
+            vc_ptr,
+            vs_ptr,
+            vz_ptr,
+            v_lead_ptr,
+            len_ptr,
+            o_part_ptr,
+            lse_part_ptr,
+            scale_log2,
+            num_kv_heads,
+            group,
+            split_len,
+            num_splits,
+            stride_qb,
+            stride_qh,
+            stride_kcb,
+            stride_kch,
+            stride_kcs,
+            stride_ksb,
+            stride_ksh,
+            stride_ksr,
+            stride_vcb,
+            stride_vch,
+            stride_vcs,
+            stride_vsb,
+            stride_vsh,
+            stride_vsr,
+            wk_ptr,
+            wv_ptr,
+            wpos_ptr,
+            total_splits,
+            window_slots,
+            stride_wkb,
+            stride_wkh,
+            stride_wks,
+            stride_wvb,
+            stride_wvh,
+            stride_wvs,
+            stride_wpb,
+            stride_wph,
+            stride_wps,
+            rotation_ptr,
+            rotation_scale,
+            HEAD_DIM,
+            VALUE_DIM,
+            K_BITS,
+            K_ROW_TOKENS,
+            K_GROUP,
+            K_MODE,
+            V_BITS,
+            V_GROUP,
+            BLOCK_G,
+            BLOCK_N,
+            BLOCK_W,
+            BLOCK_WV,
+            DTYPE,
+            K_DTYPE,
+            K_ASM,
+            V_ASM,
+            HAS_WINDOW,
+            ROTATE,
+            PRECISION,
+            ZERO_SUMS,
+            OFFSET,
+        )
+
+    @triton.jit(
+        do_not_specialize=["split_len", "num_splits", "split_len_2", "num_splits_2", "total_splits", "window_slots"]
+    )
+    def _plane_pair_kernel(
+        q_ptr,
+        kc_ptr,
+        ks_ptr,
+        kz_ptr,
+        k_lead_ptr,
+        vc_ptr,
+        vs_ptr,
+        vz_ptr,
+        v_lead_ptr,
+        len_ptr,
+        o_part_ptr,
+        lse_part_ptr,
+        scale_log2,
+        num_kv_heads,
+        group,
+        split_len,
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_kcb,
+        stride_kch,
+        stride_kcs,
+        stride_ksb,
+        stride_ksh,
+        stride_ksr,
+        stride_vcb,
+        stride_vch,
+        stride_vcs,
+        stride_vsb,
+        stride_vsh,
+        stride_vsr,
+        wk_ptr,
+        wv_ptr,
+        wpos_ptr,
+        total_splits,
+        window_slots,
+        stride_wkb,
+        stride_wkh,
+        stride_wks,
+        stride_wvb,
+        stride_wvh,
+        stride_wvs,
+        stride_wpb,
+        stride_wph,
+        stride_wps,
+        rotation_ptr,
+        rotation_scale,
+        kc_ptr_2,
+        ks_ptr_2,
+        kz_ptr_2,
+        k_lead_ptr_2,
+        vc_ptr_2,
+        vs_ptr_2,
+        vz_ptr_2,
+        v_lead_ptr_2,
+        len_ptr_2,
+        split_len_2,
+        num_splits_2,
+        stride_kcb_2,
+        stride_kch_2,
+        stride_kcs_2,
+        stride_ksb_2,
+        stride_ksh_2,
+        stride_ksr_2,
+        stride_vcb_2,
+        stride_vch_2,
+        stride_vcs_2,
+        stride_vsb_2,
+        stride_vsh_2,
+        stride_vsr_2,
+        HEAD_DIM: tl.constexpr,
+        VALUE_DIM: tl.constexpr,
+        K_BITS: tl.constexpr,
+        K_ROW_TOKENS: tl.constexpr,
+        K_GROUP: tl.constexpr,
+        K_MODE: tl.constexpr,
+        V_BITS: tl.constexpr,
+        V_GROUP: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_W: tl.constexpr,
+        BLOCK_WV: tl.constexpr,
+        DTYPE: tl.constexpr,
+        K_DTYPE: tl.constexpr,
+        K_ASM: tl.constexpr,
+        V_ASM: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
+        ROTATE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ZERO_SUMS: tl.constexpr,
+        OFFSET: tl.constexpr,
+        K_BITS_2: tl.constexpr,
+        K_ROW_TOKENS_2: tl.constexpr,
+        K_GROUP_2: tl.constexpr,
+        K_MODE_2: tl.constexpr,
+        V_BITS_2: tl.constexpr,
+        V_GROUP_2: tl.constexpr,
+        K_DTYPE_2: tl.constexpr,
+        K_ASM_2: tl.constexpr,
+        V_ASM_2: tl.constexpr,
+        ZERO_SUMS_2: tl.constexpr,
+        OFFSET_2: tl.constexpr,
+    ):
+        """One launch over two stores (ZipCache's sets), each as `_plane_split_kernel` would launch it: the first
+        store's num_splits programs, then the second's num_splits_2 (names ending in _2 are its arguments) and,
+        with HAS_WINDOW, the window's program after them; all write partials of one [rows, total_splits] layout,
+        so one combine merges both sets and the window. The two sets' programs run side by side instead of one
+        launch after the other."""
+        split = tl.program_id(1)
+        if split < num_splits:
+            _plane_split(
+                tl.program_id(0),
+                split,
+                split,
+                q_ptr,
+                kc_ptr,
+                ks_ptr,
+                kz_ptr,
+                k_lead_ptr,
+                vc_ptr,
+                vs_ptr,
+                vz_ptr,
+                v_lead_ptr,
+                len_ptr,
+                o_part_ptr,
+                lse_part_ptr,
+                scale_log2,
+                num_kv_heads,
+                group,
+                split_len,
+                num_splits,
+                stride_qb,
+                stride_qh,
+                stride_kcb,
+                stride_kch,
+                stride_kcs,
+                stride_ksb,
+                stride_ksh,
+                stride_ksr,
+                stride_vcb,
+                stride_vch,
+                stride_vcs,
+                stride_vsb,
+                stride_vsh,
+                stride_vsr,
+                wk_ptr,
+                wv_ptr,
+                wpos_ptr,
+                total_splits,
+                window_slots,
+                stride_wkb,
+                stride_wkh,
+                stride_wks,
+                stride_wvb,
+                stride_wvh,
+                stride_wvs,
+                stride_wpb,
+                stride_wph,
+                stride_wps,
+                rotation_ptr,
+                rotation_scale,
+                HEAD_DIM,
+                VALUE_DIM,
+                K_BITS,
+                K_ROW_TOKENS,
+                K_GROUP,
+                K_MODE,
+                V_BITS,
+                V_GROUP,
+                BLOCK_G,
+                BLOCK_N,
+                BLOCK_W,
+                BLOCK_WV,
+                DTYPE,
+                K_DTYPE,
+                K_ASM,
+                V_ASM,
+                False,
+                ROTATE,
+                PRECISION,
+                ZERO_SUMS,
+                OFFSET,
+            )
+        else:
+            _plane_split(
+                tl.program_id(0),
+                split - num_splits,
+                split,
+                q_ptr,
+                kc_ptr_2,
+                ks_ptr_2,
+                kz_ptr_2,
+                k_lead_ptr_2,
+                vc_ptr_2,
+                vs_ptr_2,
+                vz_ptr_2,
+                v_lead_ptr_2,
+                len_ptr_2,
+                o_part_ptr,
+                lse_part_ptr,
+                scale_log2,
+                num_kv_heads,
+                group,
+                split_len_2,
+                num_splits_2,
+                stride_qb,
+                stride_qh,
+                stride_kcb_2,
+                stride_kch_2,
+                stride_kcs_2,
+                stride_ksb_2,
+                stride_ksh_2,
+                stride_ksr_2,
+                stride_vcb_2,
+                stride_vch_2,
+                stride_vcs_2,
+                stride_vsb_2,
+                stride_vsh_2,
+                stride_vsr_2,
+                wk_ptr,
+                wv_ptr,
+                wpos_ptr,
+                total_splits,
+                window_slots,
+                stride_wkb,
+                stride_wkh,
+                stride_wks,
+                stride_wvb,
+                stride_wvh,
+                stride_wvs,
+                stride_wpb,
+                stride_wph,
+                stride_wps,
+                rotation_ptr,
+                rotation_scale,
+                HEAD_DIM,
+                VALUE_DIM,
+                K_BITS_2,
+                K_ROW_TOKENS_2,
+                K_GROUP_2,
+                K_MODE_2,
+                V_BITS_2,
+                V_GROUP_2,
+                BLOCK_G,
+                BLOCK_N,
+                BLOCK_W,
+                BLOCK_WV,
+                DTYPE,
+                K_DTYPE_2,
+                K_ASM_2,
+                V_ASM_2,
+                HAS_WINDOW,
+                ROTATE,
+                PRECISION,
+                ZERO_SUMS_2,
+                OFFSET_2,
+            )
+
+    class _StoreLaunch(NamedTuple):
+        """One store as the plane kernels take it: its runtime arguments in the kernels' order (pointers; the
+        split plan, split_len then num_splits; strides), its constexprs and the launch it runs under."""
+
+        pointers: list[torch.Tensor]
+        splits: tuple[int, int]
+        strides: list[int]
+        constexprs: dict
+        launch: LaunchConfig
+
+    def _store_launch(
+        query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor, launch: LaunchConfig
+    ) -> _StoreLaunch:
+        b, _, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
-        dv = values.codes.shape[-1] * 8 // values.bits
-        group = hq // hkv
-        zero_sums = launch.zero_row_sums and values.col_channels == dv
-        launch = plane_launch(launch, zero_sums, key_mode, b * hkv, s)
+        key_mode, zero_sums, launch = store_launch(keys, values, launch)
         num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
-        total_splits = num_splits + (window is not None)  # the window's program is the last split
-        o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)
-        lse_part = torch.empty(b * hq, total_splits, dtype=torch.float32, device=query.device)
-        # Without a window its pointers are the query's and its sizes 0: the kernel never reads them.
-        wk, wv, wpos = window if window is not None else (query, query, query)
-        window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride()) if window is not None else (0,) * 9
-        upcast, precision = kernels._upcast_and_precision(query.dtype)
+        upcast, _ = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
         # Elements: 16-bit words of 4-bit codes, bytes of 2-bit ones. The inline PTX needs the compiled GPU
         # path and a 16-bit dot.
@@ -761,61 +1189,58 @@ if kernels.triton is not None:
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset_fits = offset_fits and keys.bits == 4 == values.bits
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
-        wrap_triton(_plane_split_kernel)[(b * hkv, total_splits)](
-            query,
-            k_codes,
-            keys.scale,
-            keys.zero,
-            keys.lead,
-            v_codes,
-            values.scale,
-            values.zero,
-            values.lead,
-            lengths,
-            o_part,
-            lse_part,
-            scale * kernels.LOG2E,
-            hkv,
-            group,
-            split_len,
-            num_splits,
-            query.stride(0),
-            query.stride(1),
-            *k_codes.stride()[:3],
-            *keys.scale.stride()[:3],
-            *v_codes.stride()[:3],
-            *values.scale.stride()[:3],
-            wk,
-            wv,
-            wpos,
-            total_splits,
-            wk.shape[2] if window is not None else 0,
-            *window_strides,
+        constexprs = {
+            "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,
+            "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,
+            "K_ASM": asm and key_dtype != tl.float32, "V_ASM": asm and dtype != tl.float32, "ZERO_SUMS": zero_sums,
+            "OFFSET": offset,
+        }  # fmt: skip
+        pointers = [k_codes, keys.scale, keys.zero, keys.lead, v_codes, values.scale, values.zero, values.lead]
+        strides = [*k_codes.stride()[:3], *keys.scale.stride()[:3], *v_codes.stride()[:3], *values.scale.stride()[:3]]
+        return _StoreLaunch([*pointers, lengths], (split_len, num_splits), strides, constexprs, launch)
+
+    def _plane_attention_triton(
+        query: torch.Tensor,
+        stores: list[_StoreLaunch],
+        scale: float,
+        window: Window | None = None,
+        rotation: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One store (`_plane_split_kernel`) or two under one launch (`_plane_pair_kernel`), the window's program
+        last, then one combine over all their partials."""
+        b, hq, d = query.shape
+        first = stores[0]
+        hkv = first.pointers[0].shape[1]
+        dv = first.pointers[4].shape[-1] * 4  # value elements of four codes
+        group = hq // hkv
+        total_splits = sum(store.splits[1] for store in stores) + (window is not None)  # the window's: last
+        o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)
+        lse_part = torch.empty(b * hq, total_splits, dtype=torch.float32, device=query.device)
+        # Without a window its pointers are the query's and its sizes 0: the kernel never reads them.
+        wk, wv, wpos = window if window is not None else (query, query, query)
+        window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride()) if window is not None else (0,) * 9
+        upcast, precision = kernels._upcast_and_precision(query.dtype)
+        arguments = [
+            query, *first.pointers, o_part, lse_part, scale * kernels.LOG2E, hkv, group, *first.splits,
+            query.stride(0), query.stride(1), *first.strides, wk, wv, wpos, total_splits,
+            wk.shape[2] if window is not None else 0, *window_strides,
             query if rotation is None else rotation,  # never read without ROTATE
             d**-0.5,
-            HEAD_DIM=d,
-            VALUE_DIM=dv,
-            K_BITS=keys.bits,
-            K_ROW_TOKENS=keys.row_tokens,
-            K_GROUP=keys.col_channels,
-            K_MODE=key_mode,
-            V_BITS=values.bits,
-            V_GROUP=values.col_channels,
-            BLOCK_G=kernels._dot_block(group),
-            BLOCK_N=launch.block_n,
-            BLOCK_W=kernels._dot_block(d // 4),
-            BLOCK_WV=kernels._dot_block(dv // 4),
-            DTYPE=dtype,
-            K_DTYPE=key_dtype,
-            K_ASM=asm and key_dtype != tl.float32,
-            V_ASM=asm and dtype != tl.float32,
-            HAS_WINDOW=window is not None,
-            ROTATE=rotation is not None,
-            PRECISION=precision,
-            ZERO_SUMS=zero_sums,
-            OFFSET=offset,
-            num_warps=launch.num_warps,
-            num_stages=launch.num_stages,
+        ]  # fmt: skip
+        constexprs = first.constexprs | {
+            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": kernels._dot_block(group), "BLOCK_N": first.launch.block_n,
+            "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
+            "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
+            "ROTATE": rotation is not None, "PRECISION": precision,
+        }  # fmt: skip
+        kernel = _plane_split_kernel
+        if len(stores) == 2:
+            second = stores[1]
+            arguments += [*second.pointers, *second.splits, *second.strides]
+            constexprs |= {f"{name}_2": value for name, value in second.constexprs.items()}
+            kernel = _plane_pair_kernel
+        wrap_triton(kernel)[(b * hkv, total_splits)](
+            *arguments, **constexprs, num_warps=first.launch.num_warps, num_stages=first.launch.num_stages
         )
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)
 
@@ -848,11 +1273,64 @@ def _plane_attention_op(
     window = None if window_keys is None else Window(window_keys, window_values, window_positions)
     if kernels._use_triton(query):
         # `quant_kernels.LAUNCH`, read at each call: benchmarks and tests assign it.
-        key_mode, block_n = plane_plan(keys, values, quant_kernels.LAUNCH)
-        launch = replace(quant_kernels.LAUNCH, block_n=block_n)
-        return _plane_attention_triton(query, keys, values, lengths, scale, launch, key_mode, window, rotation)
+        store = _store_launch(query, keys, values, lengths, quant_kernels.LAUNCH)
+        return _plane_attention_triton(query, [store], scale, window, rotation)
     q = query if rotation is None else rotate(query, rotation)
     out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
     if window is not None:
         out, lse = merge_attention([(out, lse), kernels.decode_attention_reference(q, *window, scale)])
     return (out if rotation is None else rotate(out, rotation)), lse
+
+
+@kernels._make_op("kvbench::plane_pair_attention")
+def _plane_pair_op(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    k_lead: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    v_lead: torch.Tensor,
+    lengths: torch.Tensor,
+    k_codes_2: torch.Tensor,
+    k_scale_2: torch.Tensor,
+    k_zero_2: torch.Tensor,
+    k_lead_2: torch.Tensor,
+    v_codes_2: torch.Tensor,
+    v_scale_2: torch.Tensor,
+    v_zero_2: torch.Tensor,
+    v_lead_2: torch.Tensor,
+    lengths_2: torch.Tensor,
+    window_keys: torch.Tensor | None,
+    window_values: torch.Tensor | None,
+    window_positions: torch.Tensor | None,
+    scale: float,
+    k_format: list[int],
+    v_format: list[int],
+    k_format_2: list[int],
+    v_format_2: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two packed stores that `pair_fits` (ZipCache's sets), with a full-precision window where given, as one
+    attention: one launch of `_plane_pair_kernel` and one combine on CUDA; elsewhere the references, merged."""
+    first = (
+        PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format),
+        PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format),
+    )
+    second = (
+        PackedSlots(k_codes_2, k_scale_2, k_zero_2, k_lead_2, *k_format_2),
+        PackedSlots(v_codes_2, v_scale_2, v_zero_2, v_lead_2, *v_format_2),
+    )
+    window = None if window_keys is None else Window(window_keys, window_values, window_positions)
+    if kernels._use_triton(query):
+        launch = quant_kernels.LAUNCH
+        stores = [_store_launch(query, *first, lengths, launch), _store_launch(query, *second, lengths_2, launch)]
+        return _plane_attention_triton(query, stores, scale, window)
+    pieces = [
+        packed_decode_attention_reference(query, *first, lengths, scale),
+        packed_decode_attention_reference(query, *second, lengths_2, scale),
+    ]
+    if window is not None:
+        pieces.append(kernels.decode_attention_reference(query, *window, scale))
+    return merge_attention(pieces)

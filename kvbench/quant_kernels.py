@@ -175,6 +175,10 @@ class LaunchConfig:
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every
     # tile is read per slot, as before. Not yet timed on a GPU (`quant_attention.py --configs default,no_lead`).
     fold_lead: bool = True
+    # Two stores the plane kernel takes with one tile, warps and stages (ZipCache's 4-bit salient set and
+    # its 2-bit rest) in one launch, both sets' programs side by side and one combine (`packed_sets_attention`);
+    # off, one launch and one combine per set, merged in PyTorch, as before. Not yet timed on a GPU.
+    pair_sets: bool = True
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
@@ -718,6 +722,46 @@ def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[to
     return out.to(pieces[0][0].dtype), lse
 
 
+def _check_store(query: torch.Tensor, keys: PackedSlots, values: PackedSlots) -> None:
+    b, hq, d = query.shape
+    if keys.codes.shape[0] != b or hq % keys.codes.shape[1] or keys.codes.shape[-1] * 8 != d * keys.bits:
+        raise ValueError(f"query {tuple(query.shape)} does not fit packed keys {tuple(keys.codes.shape)}")
+    if keys.scale.stride() != keys.zero.stride() or values.scale.stride() != values.zero.stride():
+        raise ValueError("scale and zero-point must share one layout")
+
+
+def _formats(keys: PackedSlots, values: PackedSlots) -> tuple[list[int], list[int]]:
+    """A store's static fields as the operators take them: int lists."""
+    return [int(f) for f in keys[4:]], [int(f) for f in values[4:]]
+
+
+def packed_sets_attention(
+    query: torch.Tensor,
+    sets: list[tuple[PackedSlots, PackedSlots, torch.Tensor]],
+    scale: float,
+    window: Window | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`packed_decode_attention` over several stores at once, each (keys, values, lengths) (ZipCache's two
+    sets), and the window where given, as one attention. Two stores that `plane_kernel.pair_fits` are one
+    launch of the plane kernel (both sets' programs side by side, the window's after them) and one combine
+    (the launch's `pair_sets`); otherwise each store is its own call (the window in the first) and the
+    results are merged through the log-sum-exp."""
+    for keys, values, _ in sets:
+        _check_store(query, keys, values)
+    if len(sets) == 2 and LAUNCH.pair_sets and plane_kernel.pair_fits(sets[0][:2], sets[1][:2], LAUNCH):
+        (k1, v1, len1), (k2, v2, len2) = sets
+        held = window if window is not None else (None, None, None)
+        return torch.ops.kvbench.plane_pair_attention(
+            query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, float(scale), *_formats(k1, v1),
+            *_formats(k2, v2),
+        )  # fmt: skip
+    pieces = [
+        packed_decode_attention(query, keys, values, lengths, scale, window if i == 0 else None)
+        for i, (keys, values, lengths) in enumerate(sets)
+    ]
+    return merge_attention(pieces)
+
+
 def packed_decode_attention(
     query: torch.Tensor,
     keys: PackedSlots,
@@ -736,18 +780,15 @@ def packed_decode_attention(
     window is one more of its programs and the rotations happen in its prologue and in the combine kernel;
     otherwise the window is `kvbench.kernels.decode_attention`, merged through the log-sum-exp, and the
     rotations are products around the call."""
-    b, hq, d = query.shape
-    if keys.codes.shape[0] != b or hq % keys.codes.shape[1] or keys.codes.shape[-1] * 8 != d * keys.bits:
-        raise ValueError(f"query {tuple(query.shape)} does not fit packed keys {tuple(keys.codes.shape)}")
-    if keys.scale.stride() != keys.zero.stride() or values.scale.stride() != values.zero.stride():
-        raise ValueError("scale and zero-point must share one layout")
+    d = query.shape[-1]
+    _check_store(query, keys, values)
     dv = values.codes.shape[-1] * 8 // values.bits
     if rotation is not None and (rotation.shape != (d, d) or dv != d or d & (d - 1) or not rotation.is_contiguous()):
         raise ValueError(
             f"rotation {tuple(rotation.shape)} for head_dim {d}, value dim {dv}: a contiguous [D, D] matrix, "
             "D = head_dim = value dim, a power of two"
         )
-    formats = (float(scale), [int(f) for f in keys[4:]], [int(f) for f in values[4:]])  # the ops' int lists
+    formats = (float(scale), *_formats(keys, values))
     if plane_kernel.plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None, None, None)
         return torch.ops.kvbench.plane_attention(

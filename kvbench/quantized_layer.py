@@ -49,9 +49,10 @@ Decode attention: the store's live slots and the window's in one
 `kvbench.quant_kernels.packed_decode_attention` call (Triton on CUDA, dequantizing in registers; where the
 plane kernel takes the store, the window is one more of its programs, otherwise
 `kvbench.kernels.decode_attention` merged through the log-sum-exp; the PyTorch references elsewhere). A layer
-with several parts (ZipCache), none (QuaRot at 16 bits: the window only) or simulated storage attends each
-part and the window apart, merges them, and applies `decode_rotation` around them; several packed parts
-give the window to the first part's call instead of attending it apart.
+with several packed parts (ZipCache's two sets) attends them and the window in one
+`kvbench.quant_kernels.packed_sets_attention` call (one launch of the plane kernel over both sets and the
+window, one combine); one with none (QuaRot at 16 bits: the window only) or simulated storage attends each
+part and the window apart and merges them; either applies `decode_rotation` around them.
 `storage="simulated"` keeps the dequantized values in model-dtype buffers instead (accuracy studies; more
 bytes, and counted as such).
 """
@@ -75,6 +76,7 @@ from kvbench.quant_kernels import (
     live_positions,
     merge_attention,
     packed_decode_attention,
+    packed_sets_attention,
     rotate,
 )
 
@@ -485,17 +487,16 @@ class QuantizedLayer(KVLayer):
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
         else:
             rotated = q if self.rotation is None else rotate(q, self.rotation)
-            # A packed first part attends over the window too (inside the plane kernel where it takes the
-            # store): two launches and one merged piece fewer than a separate window attention.
-            # len(), not bool(): torch 2.11's dynamo cannot trace bool() of a list (H200 row, speed_h200.jsonl)
-            joined = window is not None and len(self.parts) > 0 and not self.simulated  # none: QuaRot-16
-            pieces = [
-                part.attend(rotated, scaling, window if joined and i == 0 else None)
-                for i, part in enumerate(self.parts)
-            ]
-            if window is not None and not joined:
-                pieces.append(kernels.decode_attention(rotated, *window, scaling))
-            out, lse = merge_attention(pieces)
+            if len(self.parts) > 1 and not self.simulated:
+                # Packed parts (ZipCache's sets) and the window as one attention: one launch where the plane
+                # kernel takes both sets (`packed_sets_attention`).
+                sets = [(part.keys.slots_view(), part.values.slots_view(), part.length) for part in self.parts]
+                out, lse = packed_sets_attention(rotated, sets, scaling, window)
+            else:
+                pieces = [part.attend(rotated, scaling) for part in self.parts]
+                if window is not None:
+                    pieces.append(kernels.decode_attention(rotated, *window, scaling))
+                out, lse = merge_attention(pieces)
             out = out if self.rotation is None else rotate(out, self.rotation)
         self.after_attention(q, lse, scaling)
         if self.ring and self.flushes_after_attention:

@@ -226,9 +226,60 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
     }
 
 
+# Two stores attended as one (`packed_sets_attention`), (batch, kv heads, group, head dim, dtype, the stores'
+# (slots, key layout, value layout)); a store's keys have a prompt row (ZipCache's sets).
+SALIENT = (4, 60, 1, 150), (4, 1, 64, None)  # ZipCache's 4-bit set: key rows of 60 past a prompt set of 150 + 7b
+REST = (2, 40, 1, 100), (2, 1, 64, None)  # its 2-bit rest: rows of 40 past 100 + 7b
+PAIRS = {
+    # ZipCache's sets: one launch of the plane kernel
+    "zipcache_pair_bf16": (3, 2, 4, 64, "bfloat16", (700, *SALIENT), (500, *REST)),
+    "zipcache_pair_fp16": (2, 2, 4, 64, "float16", (700, *SALIENT), (500, *REST)),
+    "zipcache_pair_fp32": (2, 1, 4, 64, "float32", (300, (4, 60, 1, 30), SALIENT[1]), (400, (2, 40, 1, 70), REST[1])),
+    # a 3-bit rest, which the split kernel takes: two calls, merged
+    "split_pair_fp16": (2, 2, 4, 64, "float16", (700, *SALIENT), (500, (3, 40, 1, 100), (3, 1, 64, None))),
+}
+
+
+def _measure_pair(name: str, with_window: bool) -> dict:
+    b, hkv, group, d, dtype, *stores = PAIRS[name]
+    gen = torch.Generator().manual_seed(len(name))
+    sets = []
+    for slots, k_layout, v_layout in stores:
+        keys = _layout(b, hkv, slots, d, k_layout, gen)._replace(prompt_row=True)
+        lengths = torch.randint(1, slots, (b,), generator=gen)
+        lengths[0] = slots
+        if b > 2:
+            lengths[-1] = 0  # no slot live in either store
+        sets.append((keys, _layout(b, hkv, slots, d, v_layout, gen), lengths))
+    query = torch.randn(b, hkv * group, d, generator=gen).to(getattr(torch, dtype))
+    quant_kernels.LAUNCH = quant_kernels.LaunchConfig()
+    pieces = [packed_decode_attention_reference(query, *store, 0.2) for store in sets]
+    x = {"query": query, "keys": sets[0][0], "lengths": torch.maximum(sets[0][2], sets[1][2])}
+    window = _window(x, 70, torch.Generator().manual_seed(7)) if with_window else None
+    if window is not None:
+        pieces.append(kernels.decode_attention_reference(query, *window, 0.2))
+    ref_out, ref_lse = quant_kernels.merge_attention(pieces)
+    out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window)
+    live, finite = torch.isfinite(ref_lse), torch.isfinite(ref_lse)
+    return {
+        "one_launch": plane_kernel.pair_fits(sets[0][:2], sets[1][:2], quant_kernels.LAUNCH),
+        "window": with_window,
+        "dtype": dtype,
+        "out_dtype_ok": out.dtype == query.dtype and lse.dtype == torch.float32,
+        "nan": bool(out.isnan().any() or lse.isnan().any()),
+        "out_rel": _rel(out[live], ref_out[live]),
+        "lse_rel": _rel(lse[finite], ref_lse[finite]),
+        "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))),
+        "dead_out_zero": bool((out[~live] == 0).all()),
+        "dead_rows": int((~live).sum()),
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     cases = {name: _measure(name) for name in CASES}
+    cases |= {f"pair:{name}": _measure_pair(name, with_window=False) for name in PAIRS}
+    cases |= {f"pair:{name}+window": _measure_pair(name, with_window=True) for name in PAIRS}
     cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
@@ -252,10 +303,22 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
 
 
+@pytest.mark.parametrize("name", [f"pair:{name}{window}" for name in PAIRS for window in ("", "+window")])
+def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
+    """Two stores and a window as one attention: ZipCache's sets in one launch of the plane kernel (both
+    sets' programs, the window's, one combine), a pair the split kernel takes as two calls merged."""
+    m = interpreted[name]
+    assert m["one_launch"] == name.startswith("pair:zipcache"), m
+    assert m["out_dtype_ok"] and not m["nan"], m
+    assert m["out_rel"] < TOLERANCE[m["dtype"]], m
+    assert m["lse_rel"] < LSE_TOLERANCE[m["dtype"]], m
+    assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
+
+
 def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     """Every way each kernel applies parameters, for K and V, every bit width, tiles aligned to key rows
     from a lead that is not a multiple of the tile, one split and many, sequences with no live slot."""
-    cases = interpreted.values()
+    cases = [m for name, m in interpreted.items() if not name.startswith("pair:")]
     packed = [m for m in cases if m["kernel"] == "packed"]
     assert {m["key_mode"] for m in packed} == {"slot", "row", "lead", "rows", "columns", "gather"}
     assert {m["value_mode"] for m in packed} == {"slot", "columns", "gather"}
@@ -440,6 +503,38 @@ def test_plane_kernel_compiles_for_hopper(
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
+
+
+def test_plane_pair_kernel_compiles_for_hopper() -> None:
+    """`_plane_pair_kernel` lowered for sm_90, ZipCache's two sets in bfloat16: the 4-bit salient set's nibble
+    PTX and the 2-bit rest's byte PTX in one kernel, each in its own branch."""
+    import triton.language as tl
+
+    pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
+    pointers |= {
+        "wk_ptr": "*bf16",
+        "wv_ptr": "*bf16",
+        "wpos_ptr": "*i64",
+        "rotation_ptr": "*i8",
+        "rotation_scale": "fp32",
+    }
+    for suffix, elements in (("", "*i16"), ("_2", "*u8")):
+        pointers |= {f"kc_ptr{suffix}": elements, f"vc_ptr{suffix}": elements}
+        pointers |= {f"{name}{suffix}": "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
+        pointers |= {f"{name}{suffix}": "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
+    constexprs = {
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
+        "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32",
+    }  # fmt: skip
+    for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
+        constexprs |= {
+            f"K_BITS{suffix}": bits, f"K_ROW_TOKENS{suffix}": row_tokens, f"K_GROUP{suffix}": 1,
+            f"K_MODE{suffix}": "lead", f"V_BITS{suffix}": bits, f"V_GROUP{suffix}": 128,
+            f"K_DTYPE{suffix}": tl.float16, f"K_ASM{suffix}": True, f"V_ASM{suffix}": True,
+            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0,
+        }  # fmt: skip
+    compiled = compile_for_hopper(plane_kernel._plane_pair_kernel, pointers, constexprs, num_warps=2)
+    assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"] and "prmt.b32 a," in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize(
