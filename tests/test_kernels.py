@@ -299,11 +299,13 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
                 elif not isinstance(called, (int, str, bool, tl.constexpr)):
                     uncopied.append((f"{module_name}.{value.fn.__name__}", name, type(called).__name__))
     assert {"kernels", "plane_kernel", "quant_kernels", "token_quant", "topk"} <= set(modules), sorted(modules)
-    # The check reaches helpers shared across modules: both split kernels call kernels' softmax, and the plane
-    # kernel calls quant_kernels' `_slot_rows`.
-    split_kernels = ("quant_kernels._packed_split_kernel", "plane_kernel._plane_split_kernel")
+    # The check reaches helpers shared across modules: both split kernels call kernels' softmax (the plane
+    # kernels through their body, `_plane_split`), and the plane kernel calls quant_kernels' `_slot_rows`.
+    split_kernels = ("quant_kernels._packed_split_kernel", "plane_kernel._plane_split")
     assert {k for k, _, own in calls if own == "_online_softmax"} >= set(split_kernels), calls
-    assert ("plane_kernel._plane_split_kernel", "_slot_rows", "_slot_rows") in calls, calls
+    assert ("plane_kernel._plane_split", "_slot_rows", "_slot_rows") in calls, calls
+    for kernel in ("plane_kernel._plane_split_kernel", "plane_kernel._plane_pair_kernel"):
+        assert (kernel, "_plane_split", "_plane_split") in calls, calls
     assert [c for c in calls if c[1] != c[2]] == []
     assert uncopied == []
 

@@ -103,10 +103,14 @@ def test_decode_attention_sees_fixed_shapes_while_the_cache_fills_and_evicts(tin
         seen_shapes.append((tuple(keys.shape), tuple(values.shape), tuple(positions.shape)))
         return original(query, keys, values, positions, scaling, with_received)
 
+    def flat(value):  # the tensors in nested arguments: stores (`PackedSlots`) and lists of them
+        if isinstance(value, (tuple, list)):
+            return [t for item in value for t in flat(item)]
+        return [value] if isinstance(value, torch.Tensor) else []
+
     def recording_tensors(function):  # quantized layers attend over packed parts and a window, merged
         def record(*args):
-            tensors = [a for arg in args for a in (arg if isinstance(arg, tuple) else (arg,))]
-            seen_shapes.append(tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor)))
+            seen_shapes.append(tuple(tuple(t.shape) for t in flat(args)))
             return function(*args)
 
         return record
@@ -114,6 +118,9 @@ def test_decode_attention_sees_fixed_shapes_while_the_cache_fills_and_evicts(tin
     monkeypatch.setattr(cache_module, "decode_attention", recording)
     monkeypatch.setattr(
         quantized_layer, "packed_decode_attention", recording_tensors(quantized_layer.packed_decode_attention)
+    )
+    monkeypatch.setattr(
+        quantized_layer, "packed_sets_attention", recording_tensors(quantized_layer.packed_sets_attention)
     )
     monkeypatch.setattr(
         quantized_layer.kernels, "decode_attention", recording_tensors(quantized_layer.kernels.decode_attention)
