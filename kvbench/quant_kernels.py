@@ -715,7 +715,11 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over disjoint sets of slots, each (out [B, Hq, Dv], lse [B, Hq]), as one: the outputs
-    weighted by exp(lse_i - lse), lse = logsumexp of the lse_i (-inf and a zero output where none is live)."""
+    weighted by exp(lse_i - lse), lse = logsumexp of the lse_i (-inf and a zero output where none is live).
+    One piece is returned as it is: no kernels (a merge of one piece cost ~32 us a call in a CUDA graph on
+    the H100, `quant_attention.py` at d653965, where every layout went through `packed_sets_attention`)."""
+    if len(pieces) == 1:
+        return pieces[0]
     lse = torch.logsumexp(torch.stack([piece_lse for _, piece_lse in pieces]), dim=0)
     finite = lse.nan_to_num(neginf=0.0)
     out = sum(torch.exp(piece_lse - finite).unsqueeze(-1) * out.float() for out, piece_lse in pieces)
