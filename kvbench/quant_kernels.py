@@ -173,11 +173,14 @@ class LaunchConfig:
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every
-    # tile is read per slot, as before. Not yet timed on a GPU (`quant_attention.py --configs default,no_lead`).
+    # tile is read per slot, as before. H200, kernel alone, ZipCache's two sets (ff5c769, then two launches):
+    # 55.7 vs 126.8 us at 32k batch 1, 134.5 vs 389.1 at 128k batch 1 (benchmarks/README.md).
     fold_lead: bool = True
     # Two stores the plane kernel takes with one tile, warps and stages (ZipCache's 4-bit salient set and
     # its 2-bit rest) in one launch, both sets' programs side by side and one combine (`packed_sets_attention`);
-    # off, one launch and one combine per set, merged in PyTorch, as before. Not yet timed on a GPU.
+    # off, one launch and one combine per set, merged in PyTorch, as before. H100, kernel alone, both sets (and
+    # 2-bit rows planar) at d653965 against two launches at f56685a, one call: 40.3 vs 62.9 us at 32k batch 1,
+    # 100.8 vs 148.4 at batch 4, 92.8 vs 144.0 at 128k batch 1, 301.6 vs 424.9 at batch 4.
     pair_sets: bool = True
 
 
