@@ -1,26 +1,31 @@
-"""Decode attention over planar 4-bit codes: `_plane_split_kernel`, the fast path of `kvbench.quant_kernels`.
+"""Decode attention over planar 2- and 4-bit codes: the plane kernels, the fast path of `kvbench.quant_kernels`.
 
 Planar rows (`kvbench.quant`): a row's D channels are 4 planes of W = D / 4, and element e of the row (a
-16-bit word of four codes) holds channel g * W + e in bits [4g, 4g + 4), g = 0..3. Each plane is thus a
-contiguous block of W channels, and one 32-bit register of two elements holds two codes of every plane.
+16-bit word of four 4-bit codes, or a byte of four 2-bit codes) holds channel g * W + e in its g-th field.
+Each plane is thus a contiguous block of W channels, and one 32-bit register of elements holds codes of
+every plane.
 
-`_plane_split_kernel` is `kvbench.quant_kernels`' flash-decoding split kernel for the 4-bit stores whose
-scales and zero-points it can fold per plane (`plane_plan`: values in per-token groups that planes lie inside;
-keys so too, "token": QuaRot and RTN, or per channel: KIVI-4's "halves", ZipCache's salient set "lead", "row",
+`_plane_split_kernel` is `kvbench.quant_kernels`' flash-decoding split kernel for the 2- and 4-bit stores
+whose scales and zero-points it can fold per plane (`plane_plan`: values in per-token groups that planes lie
+inside; keys so too, "token": QuaRot and RTN, or per channel: KIVI's "halves", ZipCache's sets "lead", "row",
 "rows"). It reads the stores as `kvbench.quant_kernels` lays them out (`PackedSlots`, the slot and
 parameter-row rule of its module doc) and is launched as that module's `LAUNCH` says (`LaunchConfig`;
-`plane_launch`). Per tile, inline PTX turns each register of two elements into a register of two 16-bit floats
-per plane with one shift and one mask-or (`_bf16_nibbles`, `_f16_nibbles`; integer shifts under the
-interpreter), the four planes are multiplied as exact codes on the tensor cores, and the parameters are folded
-into the products, plane by plane (`kvbench.quant_kernels`' module doc gives the algebra; the kernel's
-docstring, each key mode). The same launch attends over a full-precision window (one more program) and applies
-QuaRot's rotation (the query's in the prologue, the output's in `kvbench.kernels`' combine kernel).
+`plane_launch`). Per tile, inline PTX turns each register of elements into registers of two 16-bit floats per
+plane with one shift and one mask-or per register (`_bf16_nibbles`, `_f16_nibbles`; for bytes of 2-bit codes
+two byte permutes first, `_bf16_crumbs`, `_f16_crumbs`; integer shifts under the interpreter), the four
+planes are multiplied as exact codes on the tensor cores, and the parameters are folded into the products,
+plane by plane (`kvbench.quant_kernels`' module doc gives the algebra; `_plane_split`'s docstring, each key
+mode). The same launch attends over a full-precision window (one more program) and applies QuaRot's rotation
+(the query's in the prologue, the output's in `kvbench.kernels`' combine kernel). `_plane_pair_kernel` runs
+two stores (ZipCache's sets, `pair_fits`) in one launch: each store's programs as the single kernel would run
+them, side by side, and one combine for both and the window.
 
-`kvbench::plane_attention` is its operator, which `kvbench.quant_kernels.packed_decode_attention` calls for
-the stores `plane_plan` takes: Triton on CUDA tensors and under Triton's interpreter, the references
-elsewhere. Measured in benchmarks/README.md: "quant_attention.py with the plane kernel", "Launch of the
-4-bit kernels", "Where the plane kernel's instructions go" (`benchmarks/plane_sass.py` counts its SASS
-offline), "Row sums, offset codes, one warp".
+`kvbench::plane_attention` and `kvbench::plane_pair_attention` are their operators, which
+`kvbench.quant_kernels.packed_decode_attention` and `packed_sets_attention` call: Triton on CUDA tensors and
+under Triton's interpreter, the references elsewhere. Measured in benchmarks/README.md: "quant_attention.py
+with the plane kernel", "Launch of the 4-bit kernels", "Where the plane kernel's instructions go"
+(`benchmarks/plane_sass.py` counts its SASS offline), "Row sums, offset codes, one warp", "2-bit rows planar;
+ZipCache's two sets in one launch".
 """
 
 from __future__ import annotations
@@ -50,9 +55,9 @@ def _fits_planes(group: int, dim: int) -> bool:
 
 def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
     """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
-    does): planar codes (4 bits), values in per-token groups that planes lie inside, keys either so too
+    does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
     ("token") or per channel ("row" where tiles divide the rows; "lead" where row 0 spans a prompt set and
-    the launch asks for it: ZipCache's salient set, row 0 folded below lead, rows read per slot past it;
+    the launch asks for it: ZipCache's sets, row 0 folded below lead, rows read per slot past it;
     "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles;
     "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
@@ -460,7 +465,7 @@ if kernels.triton is not None:
           (float16 for 16-bit queries: the parameters' own type, one multiply-add per pair of values; a
           bfloat16 query meets them in float16 too, exact unless a query value lies outside float16's range
           or below its normal range, 6e-5, where it loses bits);
-        - keys "lead" (ZipCache's salient set: row 0 for the prompt's slots [0, lead), then rows of
+        - keys "lead" (ZipCache's sets: row 0 for the prompt's slots [0, lead), then rows of
           K_ROW_TOKENS slots for the decode blocks; tiles aligned to lead): row 0 folds into the query once,
           before the loops; the tiles below lead take "row"'s logits from it in one loop, then the tiles past
           lead, as "rows" (their codes, made in DTYPE for the fold, converted to K_DTYPE first, exactly), in a

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import torch
 
 from kvbench import kernels
-from kvbench.quant import is_planar, unpack
+from kvbench.quant import unpack
 
 
 class PackedSlots(NamedTuple):
@@ -669,12 +669,12 @@ if kernels.triton is not None:
             K_ROW_TOKENS=keys.row_tokens,
             K_COL_CHANNELS=keys.col_channels,
             K_MODE=key_mode,
-            K_PAIRS=half_dot and keys.bits < 8 and not is_planar(keys.bits),
+            K_PAIRS=half_dot and keys.bits == 3,  # the stream rows (2 and 4 bits are planar, 8 whole bytes)
             V_BITS=values.bits,
             V_ROW_TOKENS=values.row_tokens,
             V_COL_CHANNELS=values.col_channels,
             V_MODE=value_mode,
-            V_PAIRS=half_dot and values.bits < 8 and not is_planar(values.bits),
+            V_PAIRS=half_dot and values.bits == 3,
             BLOCK_G=kernels._dot_block(group),
             BLOCK_N=launch.block_n,
             BLOCK_D=kernels._dot_block(d),
