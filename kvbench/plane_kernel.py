@@ -117,6 +117,14 @@ def pair_fits(
     return (a.block_n, a.num_warps, a.num_stages) == (b.block_n, b.num_warps, b.num_stages)
 
 
+def pair_shares(slots: int, slots_2: int, launch: LaunchConfig) -> tuple[float, float]:
+    """The fraction of the GPU's split target each of a pair's sets plans for: the whole target each, or with
+    the launch's `pair_shared_target` one target split by the sets' slots."""
+    if not launch.pair_shared_target or slots + slots_2 == 0:
+        return 1.0, 1.0
+    return slots / (slots + slots_2), slots_2 / (slots + slots_2)
+
+
 if kernels.triton is not None:
     import triton
     import triton.language as tl
@@ -903,12 +911,20 @@ if kernels.triton is not None:
         launch: LaunchConfig
 
     def _store_launch(
-        query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor, launch: LaunchConfig
+        query: torch.Tensor,
+        keys: PackedSlots,
+        values: PackedSlots,
+        lengths: torch.Tensor,
+        launch: LaunchConfig,
+        sm_share: float = 1.0,
     ) -> _StoreLaunch:
+        """`sm_share`: the fraction of the GPU's split target this store's plan takes (a pair's sets may share
+        one target, `LaunchConfig.pair_shared_target`)."""
         b, _, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         key_mode, zero_sums, launch = store_launch(keys, values, launch)
-        num_splits, split_len = _split_plan(b * hkv, s, kernels._num_sms(query.device), launch)
+        num_sms = max(1, round(kernels._num_sms(query.device) * sm_share))
+        num_splits, split_len = _split_plan(b * hkv, s, num_sms, launch)
         upcast, _ = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
         # Elements: 16-bit words of 4-bit codes, bytes of 2-bit ones. The inline PTX needs the compiled GPU
@@ -1062,7 +1078,11 @@ def _plane_pair_op(
     window = None if window_keys is None else Window(window_keys, window_values, window_positions)
     if kernels._use_triton(query):
         launch = quant_kernels.LAUNCH
-        stores = [_store_launch(query, *first, lengths, launch), _store_launch(query, *second, lengths_2, launch)]
+        shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], launch)
+        stores = [
+            _store_launch(query, *first, lengths, launch, shares[0]),
+            _store_launch(query, *second, lengths_2, launch, shares[1]),
+        ]
         return _plane_attention_triton(query, stores, scale, window)
     pieces = [
         packed_decode_attention_reference(query, *first, lengths, scale),

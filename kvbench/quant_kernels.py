@@ -182,6 +182,11 @@ class LaunchConfig:
     # 2-bit rows planar) at d653965 against two launches at f56685a, one call: 40.3 vs 62.9 us at 32k batch 1,
     # 100.8 vs 148.4 at batch 4, 92.8 vs 144.0 at 128k batch 1, 301.6 vs 424.9 at batch 4.
     pair_sets: bool = True
+    # With pair_sets: each set's split plan takes its share (by slots) of one launch's programs-per-SM target
+    # instead of the whole target each, so the pair launch holds about as many programs as one store's would
+    # (at two warps and ~255 registers a thread, 4 programs fill an SM's registers; two full targets make
+    # about two waves). Not yet timed (`quant_attention.py --configs default,pair_shared`).
+    pair_shared_target: bool = False
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`

@@ -240,7 +240,7 @@ PAIRS = {
 }
 
 
-def _measure_pair(name: str, with_window: bool) -> dict:
+def _measure_pair(name: str, with_window: bool, launch: quant_kernels.LaunchConfig | None = None) -> dict:
     b, hkv, group, d, dtype, *stores = PAIRS[name]
     gen = torch.Generator().manual_seed(len(name))
     sets = []
@@ -252,7 +252,7 @@ def _measure_pair(name: str, with_window: bool) -> dict:
             lengths[-1] = 0  # no slot live in either store
         sets.append((keys, _layout(b, hkv, slots, d, v_layout, gen), lengths))
     query = torch.randn(b, hkv * group, d, generator=gen).to(getattr(torch, dtype))
-    quant_kernels.LAUNCH = quant_kernels.LaunchConfig()
+    quant_kernels.LAUNCH = launch or quant_kernels.LaunchConfig()
     pieces = [packed_decode_attention_reference(query, *store, 0.2) for store in sets]
     x = {"query": query, "keys": sets[0][0], "lengths": torch.maximum(sets[0][2], sets[1][2])}
     window = _window(x, 70, torch.Generator().manual_seed(7)) if with_window else None
@@ -280,6 +280,9 @@ def _worker() -> None:
     cases = {name: _measure(name) for name in CASES}
     cases |= {f"pair:{name}": _measure_pair(name, with_window=False) for name in PAIRS}
     cases |= {f"pair:{name}+window": _measure_pair(name, with_window=True) for name in PAIRS}
+    shared = quant_kernels.LaunchConfig(pair_shared_target=True)  # the sets' plans share one split target
+    cases["pair:zipcache_pair_bf16+shared"] = _measure_pair("zipcache_pair_bf16", False, shared)
+    cases["pair:zipcache_pair_fp16+window+shared"] = _measure_pair("zipcache_pair_fp16", True, shared)
     cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
@@ -303,7 +306,14 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
 
 
-@pytest.mark.parametrize("name", [f"pair:{name}{window}" for name in PAIRS for window in ("", "+window")])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *(f"pair:{name}{window}" for name in PAIRS for window in ("", "+window")),
+        "pair:zipcache_pair_bf16+shared",
+        "pair:zipcache_pair_fp16+window+shared",
+    ],
+)
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
     """Two stores and a window as one attention: ZipCache's sets in one launch of the plane kernel (both
     sets' programs, the window's, one combine), a pair the split kernel takes as two calls merged."""
@@ -313,6 +323,15 @@ def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -
     assert m["out_rel"] < TOLERANCE[m["dtype"]], m
     assert m["lse_rel"] < LSE_TOLERANCE[m["dtype"]], m
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
+
+
+def test_a_shared_split_target_is_split_by_slots() -> None:
+    """With `pair_shared_target` the two sets plan for shares of one target that add up to it, by slots;
+    without, each plans for the whole (the pair launch then holds about twice one store's programs)."""
+    shared = quant_kernels.LaunchConfig(pair_shared_target=True)
+    assert plane_kernel.pair_shares(600, 400, shared) == (0.6, 0.4)
+    assert plane_kernel.pair_shares(600, 400, quant_kernels.LaunchConfig()) == (1.0, 1.0)
+    assert plane_kernel.pair_shares(0, 0, shared) == (1.0, 1.0)
 
 
 def test_merging_one_piece_returns_it() -> None:
