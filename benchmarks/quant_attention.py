@@ -225,9 +225,14 @@ def check(
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
     if rotation is not None:
         ref_out = quant_kernels.rotate(ref_out, rotation)
+    return compare(out, lse, ref_out, ref_lse, query.dtype)
+
+
+def compare(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor, dtype) -> dict:
+    """Relative errors of (out, lse) against the reference, and whether both are within the dtype's tolerance."""
     err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
     lse_err = ((lse.double() - ref_lse.double()).norm() / ref_lse.double().norm()).item()
-    out_tol, lse_tol = TOLERANCE[query.dtype]
+    out_tol, lse_tol = TOLERANCE[dtype]
     return {"out_rel": err, "lse_rel": lse_err, "ok": err < out_tol and lse_err < lse_tol}
 
 
@@ -268,12 +273,8 @@ def pair_checks(device: torch.device, slots: int, config: str) -> list[dict]:
         pieces = [packed_decode_attention_reference(query, *part, SCALE) for part in parts]
         if window is not None:
             pieces.append(kernels.decode_attention_reference(query, *window, SCALE))
-        ref_out, ref_lse = quant_kernels.merge_attention(pieces)
-        err = ((out.double() - ref_out.double()).norm() / ref_out.double().norm()).item()
-        lse_err = ((lse.double() - ref_lse.double()).norm() / ref_lse.double().norm()).item()
-        out_tol, lse_tol = TOLERANCE[query.dtype]
+        result = compare(out, lse, *quant_kernels.merge_attention(pieces), query.dtype)
         name = "reference_zipcache_sets" + ("_window" if window is not None else "")
-        result = {"out_rel": err, "lse_rel": lse_err, "ok": err < out_tol and lse_err < lse_tol}
         rows.append({"check": name, "config": config} | result)
     return rows
 
