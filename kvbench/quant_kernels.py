@@ -149,6 +149,13 @@ class LaunchConfig:
     # instead of dequantized per slot ("rows"). H200, kernel alone, KIVI-4 at 32k: 40.4 vs 43.8 us at batch
     # 1, 129.1 vs 134.3 at batch 4 (benchmarks/README.md, "One launch for the new token").
     fold_half_rows: bool = True
+    # With fold_half_rows, where a query group fits 8 rows: both halves' rows folded into one key product per
+    # plane, the query's 16 tensor-core rows holding its heads twice ("stacked", `plane_kernel`'s
+    # `_stacked_halves_logits`), instead of two products and a choice per slot. Offline (sm_90, Triton 3.7.1,
+    # 2 warps, `plane_sass.py --modes halves stacked`), SASS instructions a tile: KIVI-4 1,640 -> 1,558, KIVI-2
+    # 1,991 -> 1,940 (with 6 local-memory operations in the loop). Off until timed (`quant_attention.py
+    # --configs default,stacked`).
+    stack_half_rows: bool = False
     # Values with one zero-point per slot (QuaRot's and RTN's layout): p . z as a float32 row sum per tile
     # instead of the [N, 16] zero-point product that any parameter layout takes. Offline (sm_90, Triton
     # 3.6, the runtime's argument specialisation, 2 warps) the token-mode tile loop drops from 1,035 to
