@@ -46,7 +46,6 @@ HKV, HQ, D, SLOTS = 8, 32, 128, 32768
 MODES = {
     "token": (1, D, D, 1, 1),  # QuaRot / RTN: one scale and zero-point per token, K and V
     "halves": (32, 1, 32, D, 4),  # KIVI-4: per-channel key rows of 32 tokens, values in groups of 32
-    "stacked": (32, 1, 32, D, 4),  # the same from one key product per plane (the query's rows twice)
     "rows": (32, 1, 32, D, 4),  # the same, keys dequantized per slot
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }

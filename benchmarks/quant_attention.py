@@ -118,10 +118,8 @@ CONFIGS = {
     "no_lead": replace(quant_kernels.LAUNCH, fold_lead=False),
     # ZipCache's two sets in two launches and two combines, merged, as before they shared one launch
     "no_pair": replace(quant_kernels.LAUNCH, pair_sets=False),
-    # KIVI's two half-tile key rows folded into one product per plane (the query's rows twice)
-    "stacked": replace(quant_kernels.LAUNCH, stack_half_rows=True),
-    # the pair's two sets sharing one split target (by slots) instead of each taking the whole
-    "pair_shared": replace(quant_kernels.LAUNCH, pair_shared_target=True),
+    # the pair's two sets each taking the whole split target at few heads, as before they shared one (by slots)
+    "pair_whole": replace(quant_kernels.LAUNCH, pair_shared_target=False),
 }
 DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests

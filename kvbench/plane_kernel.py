@@ -38,6 +38,7 @@ import torch
 from kvbench import kernels, quant_kernels
 from kvbench.quant import is_planar
 from kvbench.quant_kernels import (
+    FEW_HEADS,
     LaunchConfig,
     PackedSlots,
     Window,
@@ -53,15 +54,12 @@ def _fits_planes(group: int, dim: int) -> bool:
     return dim % 4 == 0 and group % (dim // 4) == 0 and dim // min(group, dim) <= 16
 
 
-def plane_plan(
-    keys: PackedSlots, values: PackedSlots, launch: LaunchConfig, group: int | None = None
-) -> tuple[str, int] | None:
+def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
     """(key mode, tile slots) where `_plane_split_kernel` takes a store, else None (`_packed_split_kernel`
     does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
     ("token") or per channel ("row" where tiles divide the rows; "lead" where row 0 spans a prompt set and
     the launch asks for it: ZipCache's sets, row 0 folded below lead, rows read per slot past it;
-    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles,
-    "stacked" where the launch also asks to stack them and `group`, the query heads per KV head, is at most 8;
+    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles;
     "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
@@ -76,8 +74,7 @@ def plane_plan(
     if keys.col_channels == 1 and keys.prompt_row and launch.fold_lead:
         return "lead", launch.block_n
     if keys.col_channels == 1 and launch.fold_half_rows and 2 * keys.row_tokens == launch.block_n:
-        stacked = launch.stack_half_rows and group is not None and group <= 8
-        return ("stacked" if stacked else "halves"), launch.block_n
+        return "halves", launch.block_n
     if keys.col_channels == 1:
         return "rows", launch.block_n
     return None
@@ -97,12 +94,10 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: in
     return launch
 
 
-def store_launch(
-    keys: PackedSlots, values: PackedSlots, launch: LaunchConfig, group: int | None = None
-) -> tuple[str, bool, LaunchConfig] | None:
+def store_launch(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, bool, LaunchConfig] | None:
     """(key mode, summed value zero-points, launch) of the plane kernel for a store, None where it does not
     take it (`plane_plan`, `plane_launch`)."""
-    plan = plane_plan(keys, values, launch, group)
+    plan = plane_plan(keys, values, launch)
     if plan is None:
         return None
     key_mode, block_n = plan
@@ -123,10 +118,11 @@ def pair_fits(
     return (a.block_n, a.num_warps, a.num_stages) == (b.block_n, b.num_warps, b.num_stages)
 
 
-def pair_shares(slots: int, slots_2: int, launch: LaunchConfig) -> tuple[float, float]:
-    """The fraction of the GPU's split target each of a pair's sets plans for: the whole target each, or with
-    the launch's `pair_shared_target` one target split by the sets' slots."""
-    if not launch.pair_shared_target or slots + slots_2 == 0:
+def pair_shares(slots: int, slots_2: int, batch_heads: int, launch: LaunchConfig) -> tuple[float, float]:
+    """The fraction of the GPU's split target each of a pair's sets plans for: with the launch's
+    `pair_shared_target`, up to `quant_kernels.FEW_HEADS` (sequence, KV head) pairs, one target split by the
+    sets' slots; otherwise the whole target each."""
+    if not launch.pair_shared_target or batch_heads > FEW_HEADS or slots + slots_2 == 0:
         return 1.0, 1.0
     return slots / (slots + slots_2), slots_2 / (slots + slots_2)
 
@@ -360,37 +356,6 @@ if kernels.triton is not None:
         return logits
 
     @triton.jit
-    def _stacked_halves_logits(
-        q0, q1, q2, q3, c0, c1, c2, c3, scales_a, zeros_a, scales_b, zeros_b, offs_w, mask_a, mask_b,
-        K_WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
-        """Key mode "stacked": "halves" (a tile's two halves under their own rows of per-channel key parameters,
-        `scales_a` ..: each row's first channel) from one product per plane instead of two. The query's 16 rows
-        are two copies of its heads (at most 8), rows [0, 8) folding the first half's row and [8, 16) the
-        second's, so row r's logits hold for the first half's slots and row r + 8's for the second's; each slot
-        takes its half's, and both copies of a head get them ([16, N]). In a tensor-core tile rows r and r + 8
-        lie in the same thread, so the choice moves no data."""
-        sa0, sa1, sa2, sa3, za0, za1, za2, za3 = _row_params(scales_a, zeros_a, offs_w, mask_a, K_WIDTH)
-        sb0, sb1, sb2, sb3, zb0, zb1, zb2, zb3 = _row_params(scales_b, zeros_b, offs_w, mask_b, K_WIDTH)
-        first = (tl.arange(0, 16) < 8)[:, None]
-        bias = tl.sum(
-            q0.to(tl.float32) * tl.where(first, za0[None, :], zb0[None, :])
-            + q1.to(tl.float32) * tl.where(first, za1[None, :], zb1[None, :])
-            + q2.to(tl.float32) * tl.where(first, za2[None, :], zb2[None, :])
-            + q3.to(tl.float32) * tl.where(first, za3[None, :], zb3[None, :]),
-            axis=1,
-        )
-        qs0 = (q0.to(tl.float32) * tl.where(first, sa0[None, :], sb0[None, :])).to(DTYPE)
-        qs1 = (q1.to(tl.float32) * tl.where(first, sa1[None, :], sb1[None, :])).to(DTYPE)
-        qs2 = (q2.to(tl.float32) * tl.where(first, sa2[None, :], sb2[None, :])).to(DTYPE)
-        qs3 = (q3.to(tl.float32) * tl.where(first, sa3[None, :], sb3[None, :])).to(DTYPE)
-        logits = _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION) + bias[:, None]
-        copies = tl.reshape(logits, [2, 8, BLOCK_N])  # [copy, head, slot]
-        second = (tl.arange(0, BLOCK_N) >= HALF)[None, None, :]
-        chosen = tl.sum(tl.where((tl.arange(0, 2)[:, None, None] == 1) == second, copies, 0.0), axis=0)
-        return tl.reshape(tl.broadcast_to(chosen[None, :, :], [2, 8, BLOCK_N]), [16, BLOCK_N])
-
-    @triton.jit
     def _slot_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, slots, live, lead, stride_r, offs_w, w_ok,
         K_WIDTH: tl.constexpr, ROW_TOKENS: tl.constexpr, K_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -544,15 +509,11 @@ if kernels.triton is not None:
         g_ok = offs_g < group
         w_ok = offs_w < K_WIDTH
         heads = h * group + offs_g
-        # "stacked": the query's rows [8, 16) are rows [0, 8) again (`_stacked_halves_logits`); their outputs are
-        # not stored (g_ok: group <= 8)
-        q_heads = offs_g % 8 if K_MODE == "stacked" else offs_g
-        q_ok = q_heads < group
 
-        q_rows = q_ptr + b * stride_qb + (h * group + q_heads)[:, None] * stride_qh
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
         if ROTATE:  # the planes of q @ R * scale, from the whole query row
             offs_d = tl.arange(0, HEAD_DIM)
-            q = tl.load(q_rows + offs_d[None, :], mask=q_ok[:, None], other=0.0).to(DTYPE)
+            q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
             r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
             r_mask = w_ok[None, :]
             q0 = tl.dot(q, tl.load(r_cols, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
@@ -564,7 +525,7 @@ if kernels.triton is not None:
             q2 = (q2 * rotation_scale).to(DTYPE)
             q3 = (q3 * rotation_scale).to(DTYPE)
         else:
-            q_mask = q_ok[:, None] & w_ok[None, :]
+            q_mask = g_ok[:, None] & w_ok[None, :]
             q0 = tl.load(q_rows + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
             q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
             q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
@@ -603,12 +564,12 @@ if kernels.triton is not None:
             lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
             lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
             lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
-        if K_MODE == "halves" or K_MODE == "stacked":  # tiles start where a row does: each half is one row
+        if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
             first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
         # Tiles aligned to rows start before the split and mask its slots below `start`; the others start
         # at `start`, so only `end` bounds them.
-        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves" or K_MODE == "stacked" or K_MODE == "lead"
+        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves" or K_MODE == "lead"
         ahead = first + offs_n
         ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
         if K_MODE == "token":
@@ -705,14 +666,6 @@ if kernels.triton is not None:
                     logits = tl.where(
                         (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
                     )
-                elif K_MODE == "stacked":  # "halves" from one product per plane (`_stacked_halves_logits`)
-                    row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
-                    row_b = _slot_rows(tile + K_ROW_TOKENS, k_lead, K_ROW_TOKENS)
-                    logits = _stacked_halves_logits(
-                        q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                        ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr, offs_w, w_ok,
-                        w_ok & (tile + K_ROW_TOKENS < end), K_WIDTH, BLOCK_N, K_ROW_TOKENS, DTYPE, PRECISION,
-                    )  # fmt: skip
                 else:  # "row": one row of per-channel parameters for the whole tile
                     row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
                     logits, bias = _folded_row_logits(
@@ -971,7 +924,7 @@ if kernels.triton is not None:
         one target, `LaunchConfig.pair_shared_target`)."""
         b, _, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
-        key_mode, zero_sums, launch = store_launch(keys, values, launch, query.shape[1] // hkv)
+        key_mode, zero_sums, launch = store_launch(keys, values, launch)
         num_sms = max(1, round(kernels._num_sms(query.device) * sm_share))
         num_splits, split_len = _split_plan(b * hkv, s, num_sms, launch)
         upcast, _ = kernels._upcast_and_precision(query.dtype)
@@ -1127,7 +1080,7 @@ def _plane_pair_op(
     window = None if window_keys is None else Window(window_keys, window_values, window_positions)
     if kernels._use_triton(query):
         launch = quant_kernels.LAUNCH
-        shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], launch)
+        shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], k_codes.shape[0] * k_codes.shape[1], launch)
         stores = [
             _store_launch(query, *first, lengths, launch, shares[0]),
             _store_launch(query, *second, lengths_2, launch, shares[1]),

@@ -149,13 +149,6 @@ class LaunchConfig:
     # instead of dequantized per slot ("rows"). H200, kernel alone, KIVI-4 at 32k: 40.4 vs 43.8 us at batch
     # 1, 129.1 vs 134.3 at batch 4 (benchmarks/README.md, "One launch for the new token").
     fold_half_rows: bool = True
-    # With fold_half_rows, where a query group fits 8 rows: both halves' rows folded into one key product per
-    # plane, the query's 16 tensor-core rows holding its heads twice ("stacked", `plane_kernel`'s
-    # `_stacked_halves_logits`), instead of two products and a choice per slot. Offline (sm_90, Triton 3.7.1,
-    # 2 warps, `plane_sass.py --modes halves stacked`), SASS instructions a tile: KIVI-4 1,640 -> 1,558, KIVI-2
-    # 1,991 -> 1,940 (with 6 local-memory operations in the loop). Off until timed (`quant_attention.py
-    # --configs default,stacked`).
-    stack_half_rows: bool = False
     # Values with one zero-point per slot (QuaRot's and RTN's layout): p . z as a float32 row sum per tile
     # instead of the [N, 16] zero-point product that any parameter layout takes. Offline (sm_90, Triton
     # 3.6, the runtime's argument specialisation, 2 warps) the token-mode tile loop drops from 1,035 to
@@ -189,11 +182,15 @@ class LaunchConfig:
     # 2-bit rows planar) at d653965 against two launches at f56685a, one call: 40.3 vs 62.9 us at 32k batch 1,
     # 100.8 vs 148.4 at batch 4, 92.8 vs 144.0 at 128k batch 1, 301.6 vs 424.9 at batch 4.
     pair_sets: bool = True
-    # With pair_sets: each set's split plan takes its share (by slots) of one launch's programs-per-SM target
-    # instead of the whole target each, so the pair launch holds about as many programs as one store's would
-    # (at two warps and ~255 registers a thread, 4 programs fill an SM's registers; two full targets make
-    # about two waves). Not yet timed (`quant_attention.py --configs default,pair_shared`).
-    pair_shared_target: bool = False
+    # With pair_sets, up to FEW_HEADS (sequence, KV head) pairs: each set's split plan takes its share (by
+    # slots) of one launch's programs-per-SM target instead of the whole target each, so the pair launch
+    # holds about as many programs as one store's would (at two warps and ~255 registers a thread, 4 programs
+    # fill an SM's registers; two whole targets made about two waves). H100, kernel alone, ZipCache's two
+    # sets (dd96286, `quant_attention.py --configs default,pair_shared`): 40.0 -> 31.9 us at 32k batch 1,
+    # 92.1 -> 84.7 at 128k batch 1; above FEW_HEADS (the many-heads target, already two waves by choice) it
+    # was 101.3 -> 99.3 at 32k batch 4 and 297.5 -> 353.2 at 128k batch 4, so there each set keeps the whole.
+    # ZipCache's step at 32k batch 4 with sharing at every size: 9.65 ms against 9.68 (1.57x either way).
+    pair_shared_target: bool = True
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`

@@ -56,12 +56,6 @@ CASES = {
     # each half's row folded into the query)
     "halves_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     "kivi4_halves_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
-    # the same with both halves' rows in one product per plane (`stack_half_rows`, "stacked": the query's heads
-    # twice in 16 rows), rows misaligned to tiles, KIVI-2 and -4, 8 heads a group (every row of a copy live)
-    "stacked_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
-    "kivi4_stacked_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
-    "kivi2_stacked_fp16": (3, 2, 4, 600, 128, (2, 32, 1, None), (2, 1, 32, None), "float16"),
-    "stacked_gqa8_fp32": (2, 1, 8, 500, 64, (4, 32, 1, 11), (4, 1, 64, None), "float32"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
     # one value zero-point per slot, summed per tile (the launch's `zero_row_sums`): QuaRot's layout, and
@@ -93,7 +87,6 @@ PROMPT_ROW = tuple(name for name in CASES if name.startswith("zipcache") and "_l
 WINDOW_CASES = (
     "kivi4_bf16",
     "kivi4_halves_bf16",
-    "kivi4_stacked_bf16",
     "plane_groups_fp16",
     "kivi2_fp32",
     "three_bits_fp16",
@@ -125,7 +118,6 @@ LAUNCHES = {
     "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(offset_codes=False),
     "zero_sums_fp16": quant_kernels.LaunchConfig(offset_codes=False),
     "zipcache4_lead_off_fp16": quant_kernels.LaunchConfig(fold_lead=False),
-    **{name: quant_kernels.LaunchConfig(stack_half_rows=True) for name in CASES if "stacked" in name},
 }
 
 
@@ -193,7 +185,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
     b, hkv, s, d = (*x["keys"].codes.shape[:3], x["query"].shape[-1])
-    plan = plane_kernel.plane_plan(x["keys"], x["values"], launch, group)
+    plan = plane_kernel.plane_plan(x["keys"], x["values"], launch)
     if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     sums = plan is not None and launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1]
@@ -288,9 +280,9 @@ def _worker() -> None:
     cases = {name: _measure(name) for name in CASES}
     cases |= {f"pair:{name}": _measure_pair(name, with_window=False) for name in PAIRS}
     cases |= {f"pair:{name}+window": _measure_pair(name, with_window=True) for name in PAIRS}
-    shared = quant_kernels.LaunchConfig(pair_shared_target=True)  # the sets' plans share one split target
-    cases["pair:zipcache_pair_bf16+shared"] = _measure_pair("zipcache_pair_bf16", False, shared)
-    cases["pair:zipcache_pair_fp16+window+shared"] = _measure_pair("zipcache_pair_fp16", True, shared)
+    whole = quant_kernels.LaunchConfig(pair_shared_target=False)  # each set's plan takes the whole split target
+    cases["pair:zipcache_pair_bf16+whole"] = _measure_pair("zipcache_pair_bf16", False, whole)
+    cases["pair:zipcache_pair_fp16+window+whole"] = _measure_pair("zipcache_pair_fp16", True, whole)
     cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
@@ -318,8 +310,8 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     "name",
     [
         *(f"pair:{name}{window}" for name in PAIRS for window in ("", "+window")),
-        "pair:zipcache_pair_bf16+shared",
-        "pair:zipcache_pair_fp16+window+shared",
+        "pair:zipcache_pair_bf16+whole",
+        "pair:zipcache_pair_fp16+window+whole",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -333,13 +325,17 @@ def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
 
 
-def test_a_shared_split_target_is_split_by_slots() -> None:
-    """With `pair_shared_target` the two sets plan for shares of one target that add up to it, by slots;
-    without, each plans for the whole (the pair launch then holds about twice one store's programs)."""
-    shared = quant_kernels.LaunchConfig(pair_shared_target=True)
-    assert plane_kernel.pair_shares(600, 400, shared) == (0.6, 0.4)
-    assert plane_kernel.pair_shares(600, 400, quant_kernels.LaunchConfig()) == (1.0, 1.0)
-    assert plane_kernel.pair_shares(0, 0, shared) == (1.0, 1.0)
+def test_a_shared_split_target_is_split_by_slots_for_few_heads() -> None:
+    """With `pair_shared_target` (the default) the two sets plan for shares of one target that add up to it,
+    by slots, up to FEW_HEADS (sequence, KV head) pairs; above (where the target is already two waves), and
+    without it, each plans for the whole (the pair launch then holds about twice one store's programs)."""
+    shared = quant_kernels.LaunchConfig()
+    few, many = quant_kernels.FEW_HEADS, quant_kernels.FEW_HEADS + 1
+    assert plane_kernel.pair_shares(600, 400, few, shared) == (0.6, 0.4)
+    assert plane_kernel.pair_shares(600, 400, many, shared) == (1.0, 1.0)
+    whole = quant_kernels.LaunchConfig(pair_shared_target=False)
+    assert plane_kernel.pair_shares(600, 400, 8, whole) == (1.0, 1.0)
+    assert plane_kernel.pair_shares(0, 0, 8, shared) == (1.0, 1.0)
 
 
 def test_merging_one_piece_returns_it() -> None:
@@ -363,15 +359,13 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
     assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "lead", "rows"}
     plane = [m for m in cases if m["kernel"] == "plane"]
-    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "stacked", "rows"}
-    assert {m["bits"][0] for m in plane if m["key_mode"] == "stacked"} == {2, 4}
-    assert {m["group"] for m in plane if m["key_mode"] == "stacked"} == {4, 8}
+    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {2, 4}
     assert {m["dtype"] for m in plane if 2 in m["bits"]} == {"float32", "float16", "bfloat16"}
     assert {m["dtype"] for m in plane} == {"float32", "float16", "bfloat16"}
     assert {m["dtype"] for m in plane if m["key_mode"] == "rows"} >= {"float16", "bfloat16"}  # bf16 runs as fp32
-    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "lead", "halves", "stacked", "rows"}
+    assert {m["key_mode"] for m in plane if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
     # ZipCache's keys ("lead"): both branches (the folded prompt set, the decode blocks read per slot) in
     # both kernels, in every query dtype, with a window; off (the launch's fold_lead), per slot throughout
     for kernel in ("packed", "plane"):
@@ -512,8 +506,6 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         ("fp16", "lead", 1, True, False, 4),
         ("bf16", "lead", 1, True, False, 2),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
         ("fp16", "halves", 4, False, False, 2),  # KIVI-2 (`_f16_crumbs`)
-        ("bf16", "stacked", 4, False, False, 4),  # both halves' rows in one product (`stack_half_rows`)
-        ("fp16", "stacked", 4, False, False, 2),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
