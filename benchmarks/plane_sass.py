@@ -4,7 +4,6 @@
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/plane_sass.py --modes token halves
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead --variants zero_sums --warps 1 2   # ZipCache
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead halves --variants default zero_sums --bits 2
-    PYTHONPATH=. python benchmarks/plane_sass.py --modes token lead halves --maxnreg 168   # a register cap
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
@@ -76,7 +75,7 @@ def argument_values(mode: str) -> dict[str, int]:
     return values
 
 
-def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, maxnreg: int | None = None):
+def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4):
     kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
@@ -113,7 +112,7 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, maxnre
             signature[name] = "i32"
     positions = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
     source = ASTSource(kernel, signature, constexprs=positions, attrs=attrs)
-    options = {"num_warps": num_warps, "num_stages": 2} | ({"maxnreg": maxnreg} if maxnreg else {})
+    options = {"num_warps": num_warps, "num_stages": 2}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -160,7 +159,6 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warps", type=int, nargs="+", default=[2])
     parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
-    parser.add_argument("--maxnreg", type=int, default=None, help="cap registers a thread (LaunchConfig.max_registers)")
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
@@ -172,7 +170,7 @@ def main() -> None:
             for bits, warps in itertools.product(args.bits, args.warps):
                 if variant == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
-                m = measure(compile_plane(mode, variant, warps, bits, args.maxnreg))
+                m = measure(compile_plane(mode, variant, warps, bits))
                 print(f"{mode:<7}{variant:<10} {bits} bits {warps} warps: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip

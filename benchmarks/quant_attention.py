@@ -118,11 +118,6 @@ CONFIGS = {
     "no_lead": replace(quant_kernels.LAUNCH, fold_lead=False),
     # ZipCache's two sets in two launches and two combines, merged, as before they shared one launch
     "no_pair": replace(quant_kernels.LAUNCH, pair_sets=False),
-    # the plane kernel's registers capped (ptxas maxnreg) so that 6 (168) or 8 (128) two-warp programs fit an
-    # SM instead of 4: at the default split targets, and at targets raised by as much
-    "regs168": replace(quant_kernels.LAUNCH, max_registers=168),
-    "regs168_pps": replace(quant_kernels.LAUNCH, max_registers=168, programs_per_sm=6, programs_per_sm_many_heads=12),
-    "regs128_pps": replace(quant_kernels.LAUNCH, max_registers=128, programs_per_sm=8, programs_per_sm_many_heads=16),
     # the pair's two sets each taking the whole split target at few heads, as before they shared one (by slots)
     "pair_whole": replace(quant_kernels.LAUNCH, pair_shared_target=False),
 }

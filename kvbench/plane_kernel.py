@@ -994,17 +994,8 @@ if kernels.triton is not None:
             arguments += [*second.pointers, *second.splits, *second.strides]
             constexprs |= {f"{name}_2": value for name, value in second.constexprs.items()}
             kernel = _plane_pair_kernel
-        # A register cap is a compile option of its own (and a kernel variant); none: the compiler's choice.
-        # torch.compile's tracing of user kernels has no place for it, so a compiled step refuses it rather
-        # than run without it.
-        cap = {"maxnreg": first.launch.max_registers} if first.launch.max_registers else {}
-        if cap and torch.compiler.is_compiling():
-            raise ValueError(
-                f"LaunchConfig.max_registers={first.launch.max_registers} is not supported in a compiled step "
-                "(the kernel-alone benchmark takes it); allowed there: None"
-            )
         wrap_triton(kernel)[(b * hkv, total_splits)](
-            *arguments, **constexprs, num_warps=first.launch.num_warps, num_stages=first.launch.num_stages, **cap
+            *arguments, **constexprs, num_warps=first.launch.num_warps, num_stages=first.launch.num_stages
         )
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)
 

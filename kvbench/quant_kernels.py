@@ -191,14 +191,6 @@ class LaunchConfig:
     # was 101.3 -> 99.3 at 32k batch 4 and 297.5 -> 353.2 at 128k batch 4, so there each set keeps the whole.
     # ZipCache's step at 32k batch 4 with sharing at every size: 9.65 ms against 9.68 (1.57x either way).
     pair_shared_target: bool = True
-    # A cap on the plane kernel's registers a thread (ptxas `maxnreg`), None for the compiler's choice (up to
-    # 255, which holds an SM to 4 programs of two warps). Offline (sm_90, Triton 3.7.1, 2 warps,
-    # `plane_sass.py --maxnreg 168`): per-token keys with offset codes 235 -> 168 registers with no spills
-    # (780 -> 794 instructions a tile), ZipCache's "lead" loops 1 and 5 local-memory operations, KIVI's
-    # "halves" 9 (4 bits) and 39 (2 bits): 6 programs an SM fit instead of 4. Untimed; the kernel-alone
-    # benchmark takes it (`quant_attention.py --configs regs168...`), the compiled step not yet (torch's
-    # wrapper of user kernels passes no `maxnreg` to Inductor's launch: to be checked on a GPU).
-    max_registers: int | None = None
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
