@@ -186,7 +186,7 @@ class LaunchConfig:
     # slots) of one launch's programs-per-SM target instead of the whole target each, so the pair launch
     # holds about as many programs as one store's would (at two warps and ~255 registers a thread, 4 programs
     # fill an SM's registers; two whole targets made about two waves). H100, kernel alone, ZipCache's two
-    # sets (dd96286, `quant_attention.py --configs default,pair_shared`): 40.0 -> 31.9 us at 32k batch 1,
+    # sets (dd96286, sharing then off by default; `--configs pair_whole` now): 40.0 -> 31.9 us at 32k batch 1,
     # 92.1 -> 84.7 at 128k batch 1; above FEW_HEADS (the many-heads target, already two waves by choice) it
     # was 101.3 -> 99.3 at 32k batch 4 and 297.5 -> 353.2 at 128k batch 4, so there each set keeps the whole.
     # ZipCache's step at 32k batch 4 with sharing at every size: 9.65 ms against 9.68 (1.57x either way).
