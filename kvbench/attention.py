@@ -47,7 +47,7 @@ def kvbench_attention(
             query, key, value, is_causal=query.shape[2] > 1, scale=scaling, enable_gqa=True
         )
         return out.transpose(1, 2), None
-    return cache.layers[module.layer_idx].attend(query, key, value, scaling), None
+    return cache.layer_for(module.layer_idx).attend(query, key, value, scaling), None
 
 
 def shared_key_value(

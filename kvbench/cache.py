@@ -401,7 +401,20 @@ class KVCache(Cache):
         for layer in layers:
             layer.bind(layers)
         self.variant_layers = [layer for layer in layers if layer.decode_variants()]
+        # The layer a decoder layer's forward works on, where the caller set it (the engine's compiled
+        # layers): reached without the decoder layer's index, so one trace serves every layer alike.
+        self.active: KVLayer | None = None
         self._schedule()
+
+    def layer_for(self, layer_idx: int) -> KVLayer:
+        """The layer `active` names, else the one at `layer_idx`."""
+        return self.active if self.active is not None else self.layers[layer_idx]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' update of one layer: `layer_for(layer_idx)`'s."""
+        return self.layer_for(layer_idx).update(key_states, value_states, *args, **kwargs)
 
     def finish_prefill(self) -> None:
         for layer in self.layers:

@@ -96,7 +96,9 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name, scope):
     """The decode step (or, `compile_scope="layer"`, each decoder layer) traces whole (fullgraph) and is
     never retraced while the cache fills, evicts and recalls: shapes stay fixed and no step depends on a host
     value, except the variant the host picks for each step (a quantized window flushes or not): one
-    compiled version per variant (and per layer). Its tokens are the eager path's."""
+    compiled version per variant (and, in layer scope, per kind of layer: every decoder layer reaches its
+    cache layer as the cache's `active` one, so layers alike share one trace). Its tokens are the eager
+    path's."""
     model, tokenizer, spec = tiny
     method = small_budget_method(name)
     prompt = list(range(100, 340))
@@ -114,10 +116,11 @@ def test_compiled_step_is_one_graph_with_the_eager_tokens(tiny, name, scope):
     assert got.token_ids == expected
     cache = compiled.new_cache(len(prompt), 40)
     variants = len(cache.decode_variants() or [None])
-    # Per layer, a layer's own versions: layers a method exempts (ArkVale's first two) have one.
-    per_layer = sum(len(layer.decode_variants()) or 1 for layer in cache.layers)
+    # Per kind of layer, its own versions: layers a method exempts (ArkVale's first two) are another kind,
+    # with one; CLA's consumers are another kind than their producers.
+    kinds = {(type(layer), variant) for layer in cache.layers for variant in layer.decode_variants() or [None]}
     # Layer scope: and one graph each for the final norm and the token choice, compiled apart
-    assert len(graphs) == (per_layer + 2 if scope == "layer" else variants)
+    assert len(graphs) == (len(kinds) + 2 if scope == "layer" else variants)
     # the first token comes from the prefill, then one warm-up step per compiled version, untimed
     assert got.measurement.engine == "compiled" and got.measurement.decode_steps == 40 - 1 - variants
 
@@ -152,7 +155,9 @@ def test_layer_scope_compiles_only_decode_and_restores_the_layers(tiny):
     engine.compile_options = {"backend": tracing_only}
     torch._dynamo.reset()
     engine.generate(list(range(100, 300)), 6)
-    assert len(shapes) == spec.num_layers + 2  # decode steps only: the 4 prefill chunks compiled nothing
+    # decode steps only (the 4 prefill chunks compiled nothing): one graph for every decoder layer (each
+    # reaches its cache layer as the cache's `active` one), the final norm's and the token choice's
+    assert len(shapes) == 1 + 2
     assert all("forward" not in vars(layer) for layer in model.get_decoder().layers)
     assert "forward" not in vars(model.get_decoder().norm) and "_choose" not in vars(engine)
 
