@@ -401,14 +401,26 @@ class KVCache(Cache):
         for layer in layers:
             layer.bind(layers)
         self.variant_layers = [layer for layer in layers if layer.decode_variants()]
-        # The layer a decoder layer's forward works on, where the caller set it (the engine's compiled
-        # layers): reached without the decoder layer's index, so one trace serves every layer alike.
+        # The layer a decoder layer's forward works on, where the caller set it (`activate`: the engine's
+        # compiled layers): reached without the decoder layer's index, so one trace serves every layer alike.
         self.active: KVLayer | None = None
+        self.active_idx: int | None = None
         self._schedule()
 
+    def activate(self, layer_idx: int | None) -> None:
+        """Set (None: clear) the layer that `layer_for` gives."""
+        self.active = None if layer_idx is None else self.layers[layer_idx]
+        self.active_idx = layer_idx
+
     def layer_for(self, layer_idx: int) -> KVLayer:
-        """The layer `active` names, else the one at `layer_idx`."""
-        return self.active if self.active is not None else self.layers[layer_idx]
+        """The active layer, else the one at `layer_idx`. Outside a trace, asking for another layer than the
+        active one is an error (a model whose layer reached another layer's cache would get the wrong one);
+        inside, the check is left out: reading `layer_idx` would make dynamo trace each layer apart."""
+        if self.active is None:
+            return self.layers[layer_idx]
+        if not torch.compiler.is_compiling() and layer_idx != self.active_idx:
+            raise RuntimeError(f"layer {layer_idx} asked for its cache while layer {self.active_idx} is active")
+        return self.active
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs

@@ -71,11 +71,11 @@ def _on_layer(forward: Callable, layer_idx: int) -> Callable:
         cache = kwargs.get(CACHE_KWARG)
         if cache is None:
             return forward(*args, **kwargs)
-        cache.active = cache.layers[layer_idx]
+        cache.activate(layer_idx)
         try:
             return forward(*args, **kwargs)
         finally:
-            cache.active = None
+            cache.activate(None)
 
     return run
 

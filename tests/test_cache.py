@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
 import torch
 
 from kvbench.cache import KVCache, ModelSpec
@@ -51,3 +52,19 @@ def test_stack_frees_the_layers_of_a_method_with_a_step_schedule():
     stacked = KVCache.stack(caches)
     assert all(ref() is None for ref in held)
     assert all(layer.host_keys.shape[0] == 3 for layer in stacked.layers)
+
+
+def test_an_active_layer_is_what_every_layer_index_gets_in_a_trace_and_a_mismatch_raises_outside():
+    """The engine's compiled layers reach their cache layer as the cache's active one (one trace for every
+    layer alike); with none active, a layer's index picks it; outside a trace, another index than the
+    active one is an error, not the active layer's cache."""
+    cache = prefilled(16, seed=0)
+    assert cache.layer_for(2) is cache.layers[2]
+    cache.activate(1)
+    assert cache.layer_for(1) is cache.layers[1]
+    with pytest.raises(RuntimeError, match="layer 0 asked for its cache while layer 1 is active"):
+        cache.layer_for(0)
+    traced = torch.compile(lambda x: x + 1 if cache.layer_for(0) is cache.layers[1] else x, backend="eager")
+    assert torch.equal(traced(torch.zeros(1)), torch.ones(1))  # in a trace: the active one, unchecked
+    cache.activate(None)
+    assert cache.layer_for(0) is cache.layers[0]
