@@ -403,6 +403,8 @@ class KVCache(Cache):
         self.variant_layers = [layer for layer in layers if layer.decode_variants()]
         # The layer a decoder layer's forward works on, where the caller set it (`activate`: the engine's
         # compiled layers): reached without the decoder layer's index, so one trace serves every layer alike.
+        # Kept as the layer itself, not derived from `active_idx` in `layer_for`: a trace reading the index
+        # would guard on it and trace each layer apart again; the index serves only the eager check.
         self.active: KVLayer | None = None
         self.active_idx: int | None = None
         self._schedule()
