@@ -47,6 +47,7 @@ MODES = {
     "token": (1, D, D, 1, 1),  # QuaRot / RTN: one scale and zero-point per token, K and V
     "halves": (32, 1, 32, D, 4),  # KIVI-4: per-channel key rows of 32 tokens, values in groups of 32
     "rows": (32, 1, 32, D, 4),  # the same, keys dequantized per slot
+    "row": (32, 1, 32, D, 4),  # the same in tiles of one row (`--block-n 32`): one fold a tile
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
@@ -75,7 +76,7 @@ def argument_values(mode: str) -> dict[str, int]:
     return values
 
 
-def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4):
+def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64):
     kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
@@ -86,7 +87,7 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4):
     floats = {"scale_log2": "fp32", "rotation_scale": "fp32"}
     constexprs = {
         "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": bits, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
-        "V_BITS": bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
+        "V_BITS": bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in ("rows", "lead") else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0,
@@ -159,10 +160,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--warps", type=int, nargs="+", default=[2])
     parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
+    parser.add_argument("--block-n", type=int, default=64, help="slots a tile (mode row: 32)")
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
-    print(f"triton {triton.__version__}, sm_90, 64-slot tiles; loop = SASS instructions per warp and tile")
+    print(f"triton {triton.__version__}, sm_90, {args.block_n}-slot tiles; loop = SASS instructions per warp and tile")
     for mode in args.modes:
         for variant in args.variants:
             if (variant != "default" and MODES[mode][2] != D) or (variant == "offset" and mode != "token"):
@@ -170,7 +172,7 @@ def main() -> None:
             for bits, warps in itertools.product(args.bits, args.warps):
                 if variant == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
-                m = measure(compile_plane(mode, variant, warps, bits))
+                m = measure(compile_plane(mode, variant, warps, bits, args.block_n))
                 print(f"{mode:<7}{variant:<10} {bits} bits {warps} warps: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
