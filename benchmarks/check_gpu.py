@@ -52,10 +52,19 @@ def check_host_pages() -> None:
     check("host memory is pinned and the kernels are used", uses_kernels(host, torch.empty(1, device="cuda")))
     rows = torch.randint(0, n, (b,), device="cuda")
     source = torch.randn(b, h, 1, d, dtype=torch.bfloat16, device="cuda")
-    write_rows(host, rows, source)
+    second_host = torch.randn(b, h, n, d, dtype=torch.bfloat16).pin_memory()
+    second_expected = second_host.clone()
+    second_source = torch.randn(b, h, 1, d, dtype=torch.bfloat16, device="cuda")
+    write_rows((host,), rows, (source,))
     torch.cuda.synchronize()
     expected[torch.arange(b), :, rows.cpu()] = source.cpu()[:, :, 0]
     check("write_rows", torch.equal(host, expected))
+    rows = (rows + 1) % n
+    write_rows((host, second_host), rows, (source, second_source))  # one launch for both
+    torch.cuda.synchronize()
+    expected[torch.arange(b), :, rows.cpu()] = source.cpu()[:, :, 0]
+    second_expected[torch.arange(b), :, rows.cpu()] = second_source.cpu()[:, :, 0]
+    check("write_rows, a pair", torch.equal(host, expected) and torch.equal(second_host, second_expected))
 
     source_rows = torch.randint(0, n, (b, h, m), device="cuda")
     target_rows = torch.stack([torch.randperm(s, device="cuda")[:m] for _ in range(b * h)]).view(b, h, m)

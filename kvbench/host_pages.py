@@ -7,10 +7,10 @@ memory allocated by `cudaHostAlloc` (PyTorch's pinned memory) is directly readab
 kernels at its host address, so two small Triton kernels move the bytes themselves: masked, so rows that
 need no copy move nothing over PCIe, with static grids and no host sync.
 
-The kernels are launched from opaque `torch.library` operators (`kvbench::write_rows`, `kvbench::gather_rows`,
-`kvbench::gather_row_pairs`) that mutate their destination in place. Inductor would otherwise compile a
-user-defined Triton kernel itself, for the device of its first tensor argument: the host buffer, a CPU
-tensor, for which Triton has no backend.
+The kernels are launched from opaque `torch.library` operators (`kvbench::write_rows`,
+`kvbench::write_row_pairs`, `kvbench::gather_rows`, `kvbench::gather_row_pairs`) that mutate their
+destination in place. Inductor would otherwise compile a user-defined Triton kernel itself, for the device
+of its first tensor argument: the host buffer, a CPU tensor, for which Triton has no backend.
 
 Elsewhere (CPU runs, no Triton) the same functions are plain `torch` ops on same-device tensors.
 """
@@ -95,23 +95,37 @@ def uses_kernels(host: torch.Tensor, device_tensor: torch.Tensor) -> bool:
 
 
 def write_rows(
-    host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor, through_kernels: bool | None = None
+    hosts: tuple[torch.Tensor, ...],
+    rows: torch.Tensor,
+    sources: tuple[torch.Tensor, ...],
+    through_kernels: bool | None = None,
 ) -> None:
-    """host[b, h, rows[b]] = source[b, h, 0] for every sequence b and head h.
+    """host[b, h, rows[b]] = source[b, h, 0] for every sequence b and head h, for each (host, source) pair of
+    `hosts` and `sources` (a layer's keys and values: one launch writes both).
 
-    host [B, H, N, D] (pinned host memory, or the device's own), rows [B] int64, source [B, H, 1, D].
-    `through_kernels`: `uses_kernels(host, source)`, decided once by a caller inside a compiled step
+    host [B, H, N, D] (pinned host memory, or the device's own), rows [B] int64, source [B, H, 1, D]. The
+    kernel takes one or two pairs of equal shapes and strides; other pairs run one launch each.
+    `through_kernels`: `uses_kernels(hosts[0], sources[0])`, decided once by a caller inside a compiled step
     (`torch.compile` cannot trace `is_pinned`); None decides here.
     """
-    b = source.shape[0]
+    b = sources[0].shape[0]
     if through_kernels is None:
-        through_kernels = uses_kernels(host, source)
+        through_kernels = uses_kernels(hosts[0], sources[0])
     if not through_kernels:
-        # Indexed assignment rather than scatter_: `torch.compile` keeps it in place (no buffer copy).
-        batch = torch.arange(b, device=host.device)  # with rows [B]: one (sequence, row) pair each
-        host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
+        for host, source in zip(hosts, sources, strict=True):
+            # Indexed assignment rather than scatter_: `torch.compile` keeps it in place (no buffer copy).
+            batch = torch.arange(b, device=host.device)  # with rows [B]: one (sequence, row) pair each
+            host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
         return
-    torch.ops.kvbench.write_rows(host, rows, source)
+    # Both hosts of one layout, both sources of one layout: the kernel reads one set of strides for each.
+    alike = len(hosts) == 2 and all(
+        first.shape == second.shape and first.stride() == second.stride() for first, second in (hosts, sources)
+    )
+    if alike:
+        torch.ops.kvbench.write_row_pairs(hosts[0], hosts[1], rows, sources[0], sources[1])
+        return
+    for host, source in zip(hosts, sources, strict=True):
+        torch.ops.kvbench.write_rows(host, rows, source)
 
 
 def gather_rows(
@@ -157,16 +171,48 @@ def gather_rows(
 
 if triton is not None:
 
+    def _launch_write(
+        host: torch.Tensor,
+        second_host: torch.Tensor | None,
+        rows: torch.Tensor,
+        source: torch.Tensor,
+        second_source: torch.Tensor | None,
+    ) -> None:
+        b, h, _, d = source.shape
+        pair = second_host is not None
+        _write_rows_kernel[(b * h,)](
+            host, second_host if pair else host, rows, source, second_source if pair else source, h,
+            host.stride(0), host.stride(1), host.stride(2), source.stride(0), source.stride(1),
+            D=d, BLOCK_D=triton.next_power_of_2(d), PAIR=pair,
+        )  # fmt: skip
+
+    # Two operators over one launch, as for the gathers below.
     @torch.library.custom_op("kvbench::write_rows", mutates_args=("host",))
     def _write_rows_op(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
-        b, h, _, d = source.shape
-        _write_rows_kernel[(b * h,)](
-            host, rows, source, h, host.stride(0), host.stride(1), host.stride(2),
-            source.stride(0), source.stride(1), D=d, BLOCK_D=triton.next_power_of_2(d),
-        )  # fmt: skip
+        _launch_write(host, None, rows, source, None)
 
     @_write_rows_op.register_fake
     def _(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
+        return None
+
+    @torch.library.custom_op("kvbench::write_row_pairs", mutates_args=("host", "second_host"))
+    def _write_row_pairs_op(
+        host: torch.Tensor,
+        second_host: torch.Tensor,
+        rows: torch.Tensor,
+        source: torch.Tensor,
+        second_source: torch.Tensor,
+    ) -> None:
+        _launch_write(host, second_host, rows, source, second_source)
+
+    @_write_row_pairs_op.register_fake
+    def _(
+        host: torch.Tensor,
+        second_host: torch.Tensor,
+        rows: torch.Tensor,
+        source: torch.Tensor,
+        second_source: torch.Tensor,
+    ) -> None:
         return None
 
     def _launch_gather(
@@ -237,16 +283,20 @@ if triton is not None:
 
     @triton.jit
     def _write_rows_kernel(
-        host, rows, source, heads, host_sb, host_sh, host_sn, source_sb, source_sh,
-        D: tl.constexpr, BLOCK_D: tl.constexpr,
+        host, second_host, rows, source, second_source, heads, host_sb, host_sh, host_sn, source_sb, source_sh,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         # int64 offsets: a batch's backup passes 2^31 elements from 16 sequences of 30k tokens of a 7B MHA layer.
         b, h = (pid // heads).to(tl.int64), pid % heads
         row = tl.load(rows + b)
         cols = tl.arange(0, BLOCK_D)
-        value = tl.load(source + b * source_sb + h * source_sh + cols, mask=cols < D)
-        tl.store(host + b * host_sb + h * host_sh + row * host_sn + cols, value, mask=cols < D)
+        read = b * source_sb + h * source_sh + cols
+        written = b * host_sb + h * host_sh + row * host_sn + cols
+        value = tl.load(source + read, mask=cols < D)
+        if PAIR:
+            tl.store(second_host + written, tl.load(second_source + read, mask=cols < D), mask=cols < D)
+        tl.store(host + written, value, mask=cols < D)
 
     @triton.jit
     def _gather_rows_kernel(

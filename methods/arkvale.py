@@ -331,8 +331,7 @@ class ArkValeLayer(KVLayer):
 
     def _backup_token(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Copy the token just written to its place in the host backup (indexed by position)."""
-        write_rows(self.host_keys, self.seen, keys, self.host_kernels)
-        write_rows(self.host_values, self.seen, values, self.host_kernels)
+        write_rows((self.host_keys, self.host_values), self.seen, (keys, values), self.host_kernels)
 
     def _digest_page(self, slot: torch.Tensor, page: torch.Tensor) -> None:
         """Digest the page being written (read only once it is full: until then it is never a candidate)."""

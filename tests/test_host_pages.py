@@ -31,8 +31,22 @@ def _interpreted_checks() -> dict:
     expected = host.clone()
     rows = torch.tensor([7, 41])
     source = torch.randn(b, h, 1, d, generator=generator)
-    host_pages.write_rows(host, rows, source)
+    host_pages.write_rows((host,), rows, (source,))
     expected[torch.arange(b), :, rows] = source[:, :, 0]
+    # A pair (a layer's keys and values) in one launch, and a pair of unlike layouts (one launch each).
+    pair_hosts = (torch.randn(b, h, n, d, generator=generator), torch.randn(b, h, n, d, generator=generator))
+    pair_sources = (torch.randn(b, h, 1, d, generator=generator), torch.randn(b, h, 1, d, generator=generator))
+    unlike_hosts = (torch.randn(b, h, n, d, generator=generator), torch.randn(b, h, n + 3, d, generator=generator))
+    pair_expected = [t.clone() for t in (*pair_hosts, *unlike_hosts)]
+    launches = []
+    launch = host_pages._launch_write
+    host_pages._launch_write = lambda *args: (launches.append("pair" if args[1] is not None else "one"), launch(*args))
+    host_pages.write_rows(pair_hosts, rows, pair_sources)
+    host_pages.write_rows(unlike_hosts, rows, pair_sources)
+    host_pages._launch_write = launch
+    for written, source_of in zip(pair_expected, (*pair_sources, *pair_sources), strict=True):
+        written[torch.arange(b), :, rows] = source_of[:, :, 0]
+    pair_written = all(torch.equal(t, e) for t, e in zip((*pair_hosts, *unlike_hosts), pair_expected, strict=True))
 
     source_rows = torch.randint(0, n, (b, h, m), generator=generator)
     target_rows = torch.stack([torch.randperm(s, generator=generator)[:m] for _ in range(b * h)]).view(b, h, m)
@@ -73,23 +87,28 @@ def _interpreted_checks() -> dict:
     # Compiled as a decode step is: the copies stay in place on the caller's buffers.
     @torch.compile(fullgraph=True, dynamic=False)
     def step(host, second_host, rows, source, target, second_target, source_rows, target_rows, take):
-        host_pages.write_rows(host, rows, source, through_kernels=True)
+        host_pages.write_rows((host, second_host), rows, (source, source), through_kernels=True)
         pairs = (host, second_host), (target, second_target)
         host_pages.gather_rows(*pairs, source_rows, target_rows, take, through_kernels=True)
 
     compiled_host, compiled_targets = expected.clone(), [torch.full((b, h, s, d), float("nan")) for _ in range(2)]
-    step(compiled_host, second_host, rows + 1, source, *compiled_targets, source_rows, target_rows, take)
-    compiled_expected = expected.clone()
+    compiled_second = second_host.clone()
+    step(compiled_host, compiled_second, rows + 1, source, *compiled_targets, source_rows, target_rows, take)
+    compiled_expected, compiled_second_expected = expected.clone(), second_host.clone()
     compiled_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
-    compiled_references = [reference_gather(compiled_expected), reference_gather(second_host)]
+    compiled_second_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
+    compiled_references = [reference_gather(compiled_expected), reference_gather(compiled_second_expected)]
     return {
         "past_int32": _offsets_past_int32(),
         "compiled_equal": torch.equal(compiled_host, compiled_expected)
+        and torch.equal(compiled_second, compiled_second_expected)
         and all(
             torch.equal(t.nan_to_num(), r.nan_to_num())
             for t, r in zip(compiled_targets, compiled_references, strict=True)
         ),
         "write_rows_equal": torch.equal(host, expected),
+        "write_row_pairs_equal": pair_written,
+        "write_launches": launches,
         "gathered": gathered,
         "taken": int(take.sum()),
     }
@@ -108,7 +127,7 @@ def _offsets_past_int32() -> dict:
     target = torch.zeros(3, 1, 8, d, dtype=torch.uint8)
     rows = torch.arange(8).expand(3, 1, 8).contiguous()
     host_pages.gather_rows((host,), (target,), rows + 5, rows, torch.ones(3, 1, 8, dtype=torch.bool))
-    host_pages.write_rows(host, torch.tensor([1, 2, 3]), torch.full((3, 1, 1, d), 255, dtype=torch.uint8))
+    host_pages.write_rows((host,), torch.tensor([1, 2, 3]), (torch.full((3, 1, 1, d), 255, dtype=torch.uint8),))
     return {"gather": torch.equal(target[2, 0], host[2, 0, 5:13]), "write": bool((host[2, 0, 3] == 255).all())}
 
 
@@ -119,6 +138,11 @@ def interpreted() -> dict:
 
 def test_write_rows_writes_each_sequences_row(interpreted: dict) -> None:
     assert interpreted["write_rows_equal"]
+
+
+def test_write_rows_writes_a_pair_in_one_launch_and_unlike_pairs_apart(interpreted: dict) -> None:
+    assert interpreted["write_row_pairs_equal"]
+    assert interpreted["write_launches"] == ["pair", "one", "one"]
 
 
 def test_compiled_copies_write_the_callers_buffers(interpreted: dict) -> None:
