@@ -104,7 +104,8 @@ def write_rows(
     `hosts` and `sources` (a layer's keys and values: one launch writes both).
 
     host [B, H, N, D] (pinned host memory, or the device's own), rows [B] int64, source [B, H, 1, D]. The
-    kernel takes one or two pairs of equal shapes and strides; other pairs run one launch each.
+    kernel takes one or two pairs, both hosts of one shape and strides and both sources of one shape (each
+    source with strides of its own: a layer's key and value differ there); other pairs run one launch each.
     `through_kernels`: `uses_kernels(hosts[0], sources[0])`, decided once by a caller inside a compiled step
     (`torch.compile` cannot trace `is_pinned`); None decides here.
     """
@@ -117,9 +118,15 @@ def write_rows(
             batch = torch.arange(b, device=host.device)  # with rows [B]: one (sequence, row) pair each
             host[batch, :, rows.to(host.device)] = source[:, :, 0].to(host.device)
         return
-    # Both hosts of one layout, both sources of one layout: the kernel reads one set of strides for each.
-    alike = len(hosts) == 2 and all(
-        first.shape == second.shape and first.stride() == second.stride() for first, second in (hosts, sources)
+    if any(t.stride(-1) != 1 for t in (*hosts, *sources)):
+        raise ValueError("write_rows: the kernels need rows of D contiguous values in hosts and sources")
+    # Both hosts of one layout (the kernel reads one set of host strides) and both sources of one shape: a
+    # layer's key (RoPE's output) and value (a view of the projection) are alike in shape, not in strides.
+    alike = (
+        len(hosts) == 2
+        and hosts[0].shape == hosts[1].shape
+        and hosts[0].stride() == hosts[1].stride()
+        and sources[0].shape == sources[1].shape
     )
     if alike:
         torch.ops.kvbench.write_row_pairs(hosts[0], hosts[1], rows, sources[0], sources[1])
@@ -180,10 +187,11 @@ if triton is not None:
     ) -> None:
         b, h, _, d = source.shape
         pair = second_host is not None
+        second = second_source if pair else source
         _write_rows_kernel[(b * h,)](
-            host, second_host if pair else host, rows, source, second_source if pair else source, h,
+            host, second_host if pair else host, rows, source, second, h,
             host.stride(0), host.stride(1), host.stride(2), source.stride(0), source.stride(1),
-            D=d, BLOCK_D=triton.next_power_of_2(d), PAIR=pair,
+            second.stride(0), second.stride(1), D=d, BLOCK_D=triton.next_power_of_2(d), PAIR=pair,
         )  # fmt: skip
 
     # Two operators over one launch, as for the gathers below.
@@ -284,19 +292,21 @@ if triton is not None:
     @triton.jit
     def _write_rows_kernel(
         host, second_host, rows, source, second_source, heads, host_sb, host_sh, host_sn, source_sb, source_sh,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
+        second_sb, second_sh, D: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         # int64 offsets: a batch's backup passes 2^31 elements from 16 sequences of 30k tokens of a 7B MHA layer.
-        b, h = (pid // heads).to(tl.int64), pid % heads
+        b, h = (pid // heads).to(tl.int64), (pid % heads).to(tl.int64)
         row = tl.load(rows + b)
         cols = tl.arange(0, BLOCK_D)
-        read = b * source_sb + h * source_sh + cols
         written = b * host_sb + h * host_sh + row * host_sn + cols
-        value = tl.load(source + read, mask=cols < D)
-        if PAIR:
-            tl.store(second_host + written, tl.load(second_source + read, mask=cols < D), mask=cols < D)
-        tl.store(host + written, value, mask=cols < D)
+        value = tl.load(source + b * source_sb + h * source_sh + cols, mask=cols < D)
+        if PAIR:  # both loads before either store; the first host's store first, as the PyTorch loop's order
+            second = tl.load(second_source + b * second_sb + h * second_sh + cols, mask=cols < D)
+            tl.store(host + written, value, mask=cols < D)
+            tl.store(second_host + written, second, mask=cols < D)
+        else:
+            tl.store(host + written, value, mask=cols < D)
 
     @triton.jit
     def _gather_rows_kernel(

@@ -33,10 +33,15 @@ def _interpreted_checks() -> dict:
     source = torch.randn(b, h, 1, d, generator=generator)
     host_pages.write_rows((host,), rows, (source,))
     expected[torch.arange(b), :, rows] = source[:, :, 0]
-    # A pair (a layer's keys and values) in one launch, and a pair of unlike layouts (one launch each).
+    # A pair (a layer's keys and values) in one launch: sources laid out as a Llama layer's, the key RoPE's
+    # contiguous output, the value a head-transposed slice of the fused projection (strides of its own). Hosts
+    # of one shape but unlike strides take one launch each.
     pair_hosts = (torch.randn(b, h, n, d, generator=generator), torch.randn(b, h, n, d, generator=generator))
-    pair_sources = (torch.randn(b, h, 1, d, generator=generator), torch.randn(b, h, 1, d, generator=generator))
-    unlike_hosts = (torch.randn(b, h, n, d, generator=generator), torch.randn(b, h, n + 3, d, generator=generator))
+    fused = torch.randn(b, 1, h, 3 * d, generator=generator)
+    pair_sources = (torch.randn(b, h, 1, d, generator=generator), fused[..., d : 2 * d].transpose(1, 2))
+    assert pair_sources[0].stride() != pair_sources[1].stride()
+    unlike_hosts = (torch.randn(b, h, n, d, generator=generator), torch.randn(b, n, h, d, generator=generator))
+    unlike_hosts = (unlike_hosts[0], unlike_hosts[1].transpose(1, 2))
     pair_expected = [t.clone() for t in (*pair_hosts, *unlike_hosts)]
     launches = []
     launch = host_pages._launch_write
@@ -109,6 +114,7 @@ def _interpreted_checks() -> dict:
         "write_rows_equal": torch.equal(host, expected),
         "write_row_pairs_equal": pair_written,
         "write_launches": launches,
+        "write_row_pairs_schema": str(torch.ops.kvbench.write_row_pairs.default._schema),
         "gathered": gathered,
         "taken": int(take.sum()),
     }
@@ -143,6 +149,20 @@ def test_write_rows_writes_each_sequences_row(interpreted: dict) -> None:
 def test_write_rows_writes_a_pair_in_one_launch_and_unlike_pairs_apart(interpreted: dict) -> None:
     assert interpreted["write_row_pairs_equal"]
     assert interpreted["write_launches"] == ["pair", "one", "one"]
+    # Both hosts mutated, as torch.compile must know to keep the writes.
+    assert "Tensor(a0!) host" in interpreted["write_row_pairs_schema"]
+    assert "Tensor(a1!) second_host" in interpreted["write_row_pairs_schema"]
+
+
+def test_write_rows_without_kernels_writes_every_pair() -> None:
+    """The PyTorch path (CPU runs without Triton's interpreter): each (host, source) pair written."""
+    hosts = (torch.zeros(2, 3, 10, 4), torch.zeros(2, 3, 10, 4))
+    sources = (torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))
+    rows = torch.tensor([2, 7])
+    host_pages.write_rows(hosts, rows, sources, through_kernels=False)
+    for host, source in zip(hosts, sources, strict=True):
+        assert torch.equal(host[torch.arange(2), :, rows], source[:, :, 0])
+        assert int((host != 0).sum()) == 2 * 3 * 4
 
 
 def test_compiled_copies_write_the_callers_buffers(interpreted: dict) -> None:
