@@ -54,7 +54,9 @@ def check_host_pages() -> None:
     source = torch.randn(b, h, 1, d, dtype=torch.bfloat16, device="cuda")
     second_host = torch.randn(b, h, n, d, dtype=torch.bfloat16).pin_memory()
     second_expected = second_host.clone()
-    second_source = torch.randn(b, h, 1, d, dtype=torch.bfloat16, device="cuda")
+    # The value's layout in a Llama layer: a head-transposed slice of the fused projection (strides unlike the key's).
+    fused = torch.randn(b, 1, h, 3 * d, dtype=torch.bfloat16, device="cuda")
+    second_source = fused[..., d : 2 * d].transpose(1, 2)
     write_rows((host,), rows, (source,))
     torch.cuda.synchronize()
     expected[torch.arange(b), :, rows.cpu()] = source.cpu()[:, :, 0]
