@@ -301,12 +301,11 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         written = b * host_sb + h * host_sh + row * host_sn + cols
         value = tl.load(source + b * source_sb + h * source_sh + cols, mask=cols < D)
-        if PAIR:  # both loads before either store; the first host's store first, as the PyTorch loop's order
+        if PAIR:  # both loads before either store
             second = tl.load(second_source + b * second_sb + h * second_sh + cols, mask=cols < D)
-            tl.store(host + written, value, mask=cols < D)
+        tl.store(host + written, value, mask=cols < D)
+        if PAIR:  # after the first host's store, as the PyTorch loop writes them
             tl.store(second_host + written, second, mask=cols < D)
-        else:
-            tl.store(host + written, value, mask=cols < D)
 
     @triton.jit
     def _gather_rows_kernel(

@@ -40,8 +40,10 @@ def _interpreted_checks() -> dict:
     fused = torch.randn(b, 1, h, 3 * d, generator=generator)
     pair_sources = (torch.randn(b, h, 1, d, generator=generator), fused[..., d : 2 * d].transpose(1, 2))
     assert pair_sources[0].stride() != pair_sources[1].stride()
-    unlike_hosts = (torch.randn(b, h, n, d, generator=generator), torch.randn(b, n, h, d, generator=generator))
-    unlike_hosts = (unlike_hosts[0], unlike_hosts[1].transpose(1, 2))
+    unlike_hosts = (
+        torch.randn(b, h, n, d, generator=generator),
+        torch.randn(b, n, h, d, generator=generator).transpose(1, 2),
+    )
     pair_expected = [t.clone() for t in (*pair_hosts, *unlike_hosts)]
     launches = []
     launch = host_pages._launch_write
