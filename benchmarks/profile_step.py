@@ -132,6 +132,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
 
         by_kind: dict[str, float] = defaultdict(float)
         by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        in_order: list[tuple[float, str, float]] = []  # (start us, name, us): the step's kernels as launched
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(profiled):
@@ -142,6 +143,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
             if event.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             us = event.time_range.elapsed_us()
+            in_order.append((event.time_range.start, event.name, us))
             by_kind[kind_of(event.name)] += us / profiled
             entry = by_kernel[event.name]
             entry[0] += us / profiled
@@ -184,6 +186,9 @@ def profile(args, model, spec, bandwidth: float) -> dict:
             {"name": name[:120], "ms": us / 1000, "calls": calls}
             for name, (us, calls) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[: args.top]
         ],
+        "kernels_per_step": len(in_order) / profiled,
+        # The first --sequence kernels of the profiled steps in launch order: which small kernels a layer makes.
+        "sequence": [{"name": name[:80], "us": round(us, 2)} for _, name, us in sorted(in_order)[: args.sequence]],
         "method_stats": cache.stats(),
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
     }
@@ -226,6 +231,7 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--profiled", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--sequence", type=int, default=0, help="record the first N kernels in launch order")
     parser.add_argument("--out", default="benchmarks/results/profile_step.jsonl")
     parser.add_argument("--commit", default="", help="the commit to record (the GPU copy has no .git)")
     args = parser.parse_args()
