@@ -292,13 +292,14 @@ class ArkValeLayer(KVLayer):
         if self.page_step and self.total_pages > self.resident_pages:
             self._retire_last_slot(page, (offset == 0) & (page > last))
         slot = page.clamp(max=last)  # [B]
-        self.slot_page.scatter_(
-            2, slot.view(b, 1, 1).expand(b, self.groups, 1), page.view(b, 1, 1).expand(b, self.groups, 1)
-        )
         self._write_slot((slot * p + offset).view(b, 1).expand(b, h), key_states, value_states)
         self._backup_token(key_states, value_states)
-        if self.page_step:  # the page's last token makes its digest final (a partial page's is never read)
-            self._digest_page(slot, page)
+        if self.page_step:
+            # A slot's page changes only where a page starts: other steps would write the page it holds.
+            self.slot_page.scatter_(
+                2, slot.view(b, 1, 1).expand(b, self.groups, 1), page.view(b, 1, 1).expand(b, self.groups, 1)
+            )
+            self._digest_page(slot, page)  # the page's last token makes it final (a partial page's is never read)
         self.seen.add_(1)
         self._step_done()
         return self.keys, self.values
