@@ -9,7 +9,7 @@ room, pages of 32, so 1,026 pages; 2,048 resident slots), and Llama-3.1-8B's 8 K
   (`einsum`, what the step ran before `kvbench.cuboid_scores`) and as the Triton pass; floor = both
   digests' bytes / the read bandwidth.
 - `recall`: one page (32 rows of keys and values, every KV head) recalled from pinned host memory into
-  device slots for 0, 1 or all 4 sequences, by `kvbench.host_pages.gather_rows`: keys and values in two
+  device slots for 0, 1 or all 4 sequences, by `kvbench.host_pages.gather_pages`: keys and values in two
   launches or as a pair in one, under tile and warp choices; `dma` is the copy engine moving the same bytes
   from one contiguous pinned buffer (`Tensor.copy_`), the PCIe rate to compare with.
 - `recall_cold`: every sequence's page, new pages on every call, over 8.3 GB of host keys: the present
@@ -70,11 +70,11 @@ def score_rows(batch: int, heads: int, pages: int, device: torch.device, bandwid
         upper = torch.randn(batch, heads, pages, 128, generator=gen)
         lower = upper - torch.rand(batch, heads, pages, 128, generator=gen)
         dtype = torch.bfloat16
-        inputs.append(tuple(t.to(device, dtype) for t in (query.clamp(min=0), query.clamp(max=0), upper, lower)))
+        inputs.append(tuple(t.to(device, dtype) for t in (query, upper, lower)))
     got = cuboid_scores.cuboid_scores(*inputs[0])
     exact = cuboid_scores.cuboid_scores_reference(*(t.double() for t in inputs[0]))
     ok = bool(((got.double() - exact).abs() <= 1e-4 * (1 + exact.abs())).all())
-    floor_us = 2 * inputs[0][2].numel() * 2 / bandwidth * 1e6
+    floor_us = 2 * inputs[0][1].numel() * 2 / bandwidth * 1e6
     calls = {
         "einsum": [lambda i=i: cuboid_scores.cuboid_scores_reference(*i) for i in inputs],
         "kernel": [lambda i=i: cuboid_scores.cuboid_scores(*i) for i in inputs],
@@ -90,24 +90,25 @@ def recall_rows(batch: int, heads: int, pages: int, slots: int, device: torch.de
     if pinned:
         hosts = tuple(h.pin_memory() for h in hosts)
     targets = tuple(torch.zeros(batch, heads, slots, 128, dtype=torch.bfloat16, device=device) for _ in range(2))
+    positions = torch.full((batch, heads, slots), -1, device=device)
     offsets = torch.arange(PAGE)
     rows = []
     for fetching in sorted({0, 1, batch}):
         sets = []
         for _ in range(INPUT_SETS if pinned else 1):
+            # One page a head: each KV head its own group.
             page = torch.randint(0, pages, (batch, heads, 1), generator=gen)
             slot = torch.randint(0, slots // PAGE, (batch, heads, 1), generator=gen)
-            source = (page * PAGE + offsets).to(device)
-            target = (slot * PAGE + offsets).to(device)
-            take = (torch.arange(batch) < fetching).view(batch, 1, 1).expand(batch, heads, PAGE).contiguous()
-            sets.append((source, target, take.to(device)))
-        # Correctness once: every taken row lands, from the pair launch.
-        source, target, take = sets[0]
-        host_pages.gather_rows(hosts, targets, source, target, take)
+            fetch = (torch.arange(batch) < fetching).view(batch, 1, 1).expand(batch, heads, 1).contiguous()
+            sets.append(tuple(t.to(device) for t in (page, slot, fetch)))
+        # Correctness once: every fetched page lands, from the pair launch.
+        page, slot, fetch = sets[0]
+        host_pages.gather_pages(hosts, targets, positions, page, slot, fetch, PAGE)
+        source, target = (page * PAGE + offsets.to(device)).cpu(), (slot * PAGE + offsets.to(device))
         ok = all(
             torch.equal(
                 t[:fetching].gather(2, target[:fetching, :, :, None].expand(-1, -1, -1, 128)).cpu(),
-                h[:fetching].gather(2, source[:fetching, :, :, None].cpu().expand(-1, -1, -1, 128)),
+                h[:fetching].gather(2, source[:fetching, :, :, None].expand(-1, -1, -1, 128)),
             )
             for h, t in zip(hosts, targets, strict=True)
         )
@@ -124,12 +125,11 @@ def recall_rows(batch: int, heads: int, pages: int, slots: int, device: torch.de
             host_pages.GATHER_BLOCK_ROWS, host_pages.GATHER_WARPS = block_rows, warps
 
             def gather(s=None, pair=pair) -> None:
-                source, target, take = s
                 if pair:
-                    host_pages.gather_rows(hosts, targets, source, target, take)
+                    host_pages.gather_pages(hosts, targets, positions, *s, PAGE)
                 else:
                     for h, t in zip(hosts, targets, strict=True):
-                        host_pages.gather_rows((h,), (t,), source, target, take)
+                        host_pages.gather_pages((h,), (t,), positions, *s, PAGE)
 
             us = time_us([lambda s=s: gather(s) for s in sets], device)
             rows.append({**base, "variant": name, "us": us, "GBps": moved / us / 1e3})
@@ -150,13 +150,12 @@ def cold_recall_rows(batch: int, heads: int, pages: int, slots: int, device: tor
     present layout [B, H, tokens, D] against a page-major one [B, pages, H, 32, D] (a page of every head
     contiguous: one 256 KB run instead of 32 runs of 8 KB)."""
     gen = torch.Generator().manual_seed(11)
-    offsets = torch.arange(PAGE, device=device)
     sets = []
     for _ in range(COLD_SETS):
         page = torch.randint(0, pages, (batch, heads, 1), generator=gen).to(device)
         slot = torch.randint(0, slots // PAGE, (batch, heads, 1), generator=gen).to(device)
         sets.append((page, slot))
-    take = torch.ones(batch, heads, PAGE, dtype=torch.bool, device=device)
+    take = torch.ones(batch, heads, 1, dtype=torch.bool, device=device)
     moved = batch * heads * PAGE * 128 * 2
     rows = []
     base = {"part": "recall_cold", "batch": batch, "kv_heads": heads, "fetching": batch, "bytes": moved}
@@ -165,9 +164,10 @@ def cold_recall_rows(batch: int, heads: int, pages: int, slots: int, device: tor
     host.zero_()  # touches every page once
     target = torch.zeros(batch, heads, slots, 128, dtype=torch.bfloat16, device=device)
 
+    positions = torch.full((batch, heads, slots), -1, device=device)
+
     def present(page, slot) -> None:
-        source, dest = page * PAGE + offsets, slot * PAGE + offsets
-        host_pages.gather_rows((host,), (target,), source, dest, take)
+        host_pages.gather_pages((host,), (target,), positions, page, slot, take, PAGE)
 
     us = time_us([lambda p=p, t=t: present(p, t) for p, t in sets], device)
     rows.append({**base, "variant": "present layout", "us": us, "GBps": moved / us / 1e3, "ok": True})

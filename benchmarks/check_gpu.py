@@ -28,14 +28,14 @@ from kvbench import token_quant
 from kvbench.cuboid_scores import cuboid_scores, cuboid_scores_reference
 from kvbench.engine import Engine, Request
 from kvbench.hadamard import hadamard_matrix
-from kvbench.host_pages import gather_rows, pinned_copy, uses_kernels, write_rows
+from kvbench.host_pages import gather_pages, pinned_copy, uses_kernels, write_rows
 from kvbench.methods.arkvale import ArkVale
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
 from kvbench.methods.snapkv import SnapKV
 from kvbench.methods.streamingllm import StreamingLLM
 from kvbench.models import ModelConfig, load_model, model_spec
-from kvbench.page_selection import select_pages, select_pages_reference
+from kvbench.page_selection import PageSchedule, select_pages, select_pages_reference
 from kvbench.quant import Quantized
 
 
@@ -46,7 +46,7 @@ def check(name: str, ok: bool, detail: str = "") -> None:
 
 
 def check_host_pages() -> None:
-    b, h, n, s, d, m = 3, 4, 640, 96, 128, 40
+    b, h, n, s, d = 3, 4, 640, 96, 128
     host = torch.randn(b, h, n, d, dtype=torch.bfloat16).pin_memory()
     expected = host.clone()
     check("host memory is pinned and the kernels are used", uses_kernels(host, torch.empty(1, device="cuda")))
@@ -68,25 +68,33 @@ def check_host_pages() -> None:
     second_expected[torch.arange(b), :, rows.cpu()] = second_source.cpu()[:, :, 0]
     check("write_rows, a pair", torch.equal(host, expected) and torch.equal(second_host, second_expected))
 
-    source_rows = torch.randint(0, n, (b, h, m), device="cuda")
-    target_rows = torch.stack([torch.randperm(s, device="cuda")[:m] for _ in range(b * h)]).view(b, h, m)
-    take = torch.rand(b, h, m, device="cuda") < 0.5
+    # Pages of 32 rows (20 in the backup, 3 slots), 4 KV heads in 2 groups, 3 pairs a group.
+    p, groups, recalled = 32, 2, 3
+    pages = torch.stack([torch.randperm(n // p)[:recalled] for _ in range(b * groups)]).view(b, groups, recalled)
+    slots = torch.stack([torch.randperm(s // p)[:recalled] for _ in range(b * groups)]).view(b, groups, recalled)
+    fetch = torch.rand(b, groups, recalled) < 0.5
     second_host = pinned_copy(torch.randn(b, h, n, d, dtype=torch.bfloat16))  # ArkVale's own pinning
     check("pinned_copy is pinned", second_host.is_pinned() and uses_kernels(second_host, source))
     for hosts in ((host,), (host, second_host)):  # one pair, and keys and values in one launch
         targets = tuple(torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in hosts)
-        gather_rows(hosts, targets, source_rows, target_rows, take)
+        positions = torch.full((b, h, s), -7, device="cuda")
+        gather_pages(hosts, targets, positions, pages.cuda(), slots.cuda(), fetch.cuda(), p)
         torch.cuda.synchronize()
+        want_positions = torch.full((b, h, s), -7)
         for one_host, target in zip(hosts, targets, strict=True):
             reference = torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16)
             for bb in range(b):
                 for hh in range(h):
-                    for mm in range(m):
-                        if take[bb, hh, mm]:
-                            reference[bb, hh, target_rows[bb, hh, mm]] = one_host[bb, hh, source_rows[bb, hh, mm]]
+                    for r in range(recalled):
+                        g = hh // (h // groups)
+                        if fetch[bb, g, r]:
+                            page, slot = int(pages[bb, g, r]), int(slots[bb, g, r])
+                            reference[bb, hh, slot * p : slot * p + p] = one_host[bb, hh, page * p : page * p + p]
+                            want_positions[bb, hh, slot * p : slot * p + p] = torch.arange(page * p, page * p + p)
             got = target.cpu()
             same = torch.equal(got.isnan(), reference.isnan()) and torch.equal(got.nan_to_num(), reference.nan_to_num())
-            check(f"gather_rows, {len(hosts)} pair(s) (untaken rows stay untouched)", same)
+            same = same and torch.equal(positions.cpu(), want_positions)
+            check(f"gather_pages, {len(hosts)} pair(s) (pages not fetched stay untouched)", same)
 
 
 def check_arkvale_kernels() -> None:
@@ -94,29 +102,32 @@ def check_arkvale_kernels() -> None:
     generator = torch.Generator().manual_seed(0)
     upper = torch.randn(b, h, n, d, generator=generator).to("cuda", torch.bfloat16)
     lower = upper - torch.rand(b, h, n, d, generator=generator).to("cuda", torch.bfloat16)
-    query = torch.randn(b, h, d, generator=generator).to("cuda", torch.bfloat16)
-    positive, negative = query.clamp(min=0), query.clamp(max=0)
-    got = cuboid_scores(positive, negative, upper, lower)
-    want = cuboid_scores_reference(
-        positive.double().cpu(), negative.double().cpu(), upper.double().cpu(), lower.double().cpu()
-    )
+    query = torch.randn(b, 4 * h, d, generator=generator).to("cuda", torch.bfloat16)  # 4 query heads a KV head
+    got = cuboid_scores(query, upper, lower)
+    want = cuboid_scores_reference(query.double().cpu(), upper.double().cpu(), lower.double().cpu())
     error = (got.cpu().double() - want).abs().max().item()
     check("cuboid_scores against float64 sums", error < 1e-3 * want.abs().max().item(), f"(max error {error:.2e})")
 
-    scores = torch.randn(b, h, n, generator=generator).cuda()  # distinct: both sides must pick the same pages
-    slot_page = torch.stack([torch.randperm(n, generator=generator)[:s] for _ in range(b * h)]).view(b, h, s).cuda()
+    # 32 heads in 4 groups; distinct scores: both sides must pick the same pages.
+    groups = 4
+    head_scores = torch.randn(b, h, n, generator=generator).cuda()
+    slot_page = torch.stack([torch.randperm(n, generator=generator)[:s] for _ in range(b * groups)])
+    slot_page = slot_page.view(b, groups, s).cuda()
     slot_page[:, :, -3:] = -1  # empty slots
-    newest = torch.tensor([n - 2, n - 40, 700, 64], device="cuda")
-    active = torch.tensor([True, True, True, False], device="cuda")
-    pages, slots, fetch = select_pages(scores, slot_page, 1, newest, active, k)
-    want_pages, want_slots, want_fetch = select_pages_reference(scores, slot_page, 1, newest, active, k)
-    fetched = torch.arange(k, device="cuda") < fetch.sum(-1, keepdim=True)  # past these, ties order freely
-    same = torch.equal(fetch, want_fetch) and torch.equal(pages[fetched], want_pages[fetched])
-    check(
-        "select_pages against its reference",
-        same and torch.equal(slots[fetched], want_slots[fetched]),
-        f"({int(fetch.sum())} pages fetched)",
-    )
+    schedule = PageSchedule(n_sink=1, n_window=2, page_size=32, capacity=2048)
+    tokens = torch.tensor([32 * n - 40, 32 * (n - 40), 32 * 700, 2048], device="cuda")  # the last: inactive
+    for cap in (None, 0.3):
+        counters = torch.stack([torch.arange(b * groups).float().view(b, groups), torch.zeros(b, groups)], -1).cuda()
+        want_slot_page, want_counters = slot_page.clone(), counters.clone()
+        got_slot_page = slot_page.clone()
+        pages, slots, fetch = select_pages(head_scores, got_slot_page, counters, tokens, schedule, k, cap)
+        want = select_pages_reference(head_scores, want_slot_page, want_counters, tokens, schedule, k, cap)
+        want_pages, want_slots, want_fetch = want
+        fetched = torch.arange(fetch.shape[-1], device="cuda") < fetch.sum(-1, keepdim=True)  # ties order freely past
+        same = torch.equal(fetch, want_fetch) and torch.equal(pages[fetched], want_pages[fetched])
+        same = same and torch.equal(slots[fetched], want_slots[fetched])
+        kept = torch.equal(got_slot_page, want_slot_page) and torch.equal(counters, want_counters)
+        check(f"select_pages against its reference, cap {cap}", same and kept, f"({int(fetch.sum())} pages fetched)")
 
 
 def check_token_stores() -> None:

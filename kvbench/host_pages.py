@@ -8,7 +8,7 @@ kernels at its host address, so two small Triton kernels move the bytes themselv
 need no copy move nothing over PCIe, with static grids and no host sync.
 
 The kernels are launched from opaque `torch.library` operators (`kvbench::write_rows`,
-`kvbench::write_row_pairs`, `kvbench::gather_rows`, `kvbench::gather_row_pairs`) that mutate their
+`kvbench::write_row_pairs`, `kvbench::gather_pages`, `kvbench::gather_page_pairs`) that mutate their
 destination in place. Inductor would otherwise compile a user-defined Triton kernel itself, for the device
 of its first tensor argument: the host buffer, a CPU tensor, for which Triton has no backend.
 
@@ -135,45 +135,63 @@ def write_rows(
         torch.ops.kvbench.write_rows(host, rows, source)
 
 
-def gather_rows(
+def gather_pages(
     hosts: tuple[torch.Tensor, ...],
     targets: tuple[torch.Tensor, ...],
-    source_rows: torch.Tensor,
-    target_rows: torch.Tensor,
-    take: torch.Tensor,
+    positions: torch.Tensor,
+    pages: torch.Tensor,
+    slots: torch.Tensor,
+    fetch: torch.Tensor,
+    page_size: int,
     through_kernels: bool | None = None,
 ) -> None:
-    """target[b, h, target_rows[b, h, m]] = host[b, h, source_rows[b, h, m]] wherever take[b, h, m], for each
-    (host, target) pair of `hosts` and `targets` (a layer's keys and values: one launch moves both).
+    """Recall whole pages: wherever fetch[b, g, r], page pages[b, g, r] (host rows [page * p, page * p + p),
+    a backup indexed by position) goes into slot slots[b, g, r] (target rows [slot * p, slot * p + p)) for
+    every KV head h of group g (h // (H / G)), in each (host, target) pair of `hosts` and `targets` (a
+    layer's keys and values: one launch moves both), and positions[b, h, those rows] become the page's
+    positions. Nothing else moves: a step that fetches nothing reads nothing from host memory.
 
-    host [B, H, N, D], target [B, H, S, D] on the device; rows [B, H, M] int64; take [B, H, M] bool. The
-    kernel takes one or two pairs of equal shapes and strides; other pairs run one launch each.
-    `through_kernels` as in `write_rows`.
+    host [B, H, N, D], target [B, H, S, D] on the device; positions [B, H, S] int64; pages, slots [B, G, R]
+    int64, fetch [B, G, R] bool. The kernel takes one or two pairs of equal shapes and strides; other pairs
+    run one launch each (the first of them writing the positions). `through_kernels` as in `write_rows`.
     """
-    b, h = source_rows.shape[:2]
+    b, h = positions.shape[:2]
+    groups = pages.shape[1]
     if through_kernels is None:
         through_kernels = uses_kernels(hosts[0], targets[0])
     if not through_kernels:
-        batch = torch.arange(b, device=targets[0].device).view(b, 1, 1)
-        heads = torch.arange(h, device=targets[0].device).view(1, h, 1)
+        # Each head's rows: [B, G, R, p] -> [B, H, R * p], the group's pages for each of its heads.
+        offsets = torch.arange(page_size, device=pages.device)
+
+        def per_head(index: torch.Tensor) -> torch.Tensor:
+            return index.flatten(2).unsqueeze(2).expand(-1, -1, h // groups, -1).reshape(b, h, -1)
+
+        source_rows = per_head(pages.unsqueeze(-1) * page_size + offsets)
+        target_rows = per_head(slots.unsqueeze(-1) * page_size + offsets)
+        take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, page_size))
+        batch = torch.arange(b, device=positions.device).view(b, 1, 1)
+        heads = torch.arange(h, device=positions.device).view(1, h, 1)
         for host, target in zip(hosts, targets, strict=True):
             fetched = host[batch.to(host.device), heads.to(host.device), source_rows.to(host.device)]
             current = target[batch, heads, target_rows]
             target[batch, heads, target_rows] = torch.where(take.unsqueeze(-1), fetched.to(target.device), current)
+        positions[batch, heads, target_rows] = torch.where(take, source_rows, positions[batch, heads, target_rows])
         return
     if any(t.stride(-1) != 1 for t in (*hosts, *targets)):
-        raise ValueError("gather_rows: the kernels need rows of D contiguous values in hosts and targets")
-    # The kernel reads the three index tensors with one set of strides, rows contiguous.
-    source_rows, target_rows, take = (t.contiguous() for t in (source_rows, target_rows, take))
+        raise ValueError("gather_pages: the kernels need rows of D contiguous values in hosts and targets")
+    # The kernel reads the three page tensors with one set of strides.
+    pages, slots, fetch = (t.contiguous() for t in (pages, slots, fetch))
     # Both hosts of one layout, both targets of one layout: the kernel reads one set of strides for each.
     alike = len(hosts) == 2 and all(
         first.shape == second.shape and first.stride() == second.stride() for first, second in (hosts, targets)
     )
     if alike:
-        torch.ops.kvbench.gather_row_pairs(hosts[0], targets[0], hosts[1], targets[1], source_rows, target_rows, take)
+        torch.ops.kvbench.gather_page_pairs(
+            hosts[0], targets[0], hosts[1], targets[1], positions, pages, slots, fetch, page_size
+        )
         return
     for host, target in zip(hosts, targets, strict=True):
-        torch.ops.kvbench.gather_rows(host, target, source_rows, target_rows, take)
+        torch.ops.kvbench.gather_pages(host, target, positions, pages, slots, fetch, page_size)
 
 
 if triton is not None:
@@ -228,64 +246,76 @@ if triton is not None:
         target: torch.Tensor,
         second_host: torch.Tensor | None,
         second_target: torch.Tensor | None,
-        source_rows: torch.Tensor,
-        target_rows: torch.Tensor,
-        take: torch.Tensor,
+        positions: torch.Tensor,
+        pages: torch.Tensor,
+        slots: torch.Tensor,
+        fetch: torch.Tensor,
+        page_size: int,
     ) -> None:
-        b, h, m = source_rows.shape
+        b, h = positions.shape[:2]
+        groups, recalled = pages.shape[1:]
         pair = second_host is not None
-        _gather_rows_kernel[(b * h, triton.cdiv(m, GATHER_BLOCK_ROWS))](
-            host, target, second_host if pair else host, second_target if pair else target,
-            source_rows, target_rows, take, h, m,
+        rows = recalled * page_size
+        _gather_pages_kernel[(b * h, triton.cdiv(rows, GATHER_BLOCK_ROWS))](
+            host, target, second_host if pair else host, second_target if pair else target, positions,
+            pages, slots, fetch, h, h // groups, groups, recalled, page_size, rows,
             host.stride(0), host.stride(1), host.stride(2), target.stride(0), target.stride(1), target.stride(2),
-            source_rows.stride(0), source_rows.stride(1),
+            positions.stride(0), positions.stride(1), positions.stride(2),
             D=target.shape[-1], BLOCK_M=GATHER_BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(target.shape[-1]),
             PAIR=pair, num_warps=GATHER_WARPS,
         )  # fmt: skip
 
     # Two operators over one launch: a single pair cannot go through the pair operator as both of its pairs
     # (one tensor passed as two mutated arguments aliases itself, which torch.library refuses to trace).
-    @torch.library.custom_op("kvbench::gather_rows", mutates_args=("target",))
-    def _gather_rows_op(
+    @torch.library.custom_op("kvbench::gather_pages", mutates_args=("target", "positions"))
+    def _gather_pages_op(
         host: torch.Tensor,
         target: torch.Tensor,
-        source_rows: torch.Tensor,
-        target_rows: torch.Tensor,
-        take: torch.Tensor,
+        positions: torch.Tensor,
+        pages: torch.Tensor,
+        slots: torch.Tensor,
+        fetch: torch.Tensor,
+        page_size: int,
     ) -> None:
-        _launch_gather(host, target, None, None, source_rows, target_rows, take)
+        _launch_gather(host, target, None, None, positions, pages, slots, fetch, page_size)
 
-    @_gather_rows_op.register_fake
+    @_gather_pages_op.register_fake
     def _(
         host: torch.Tensor,
         target: torch.Tensor,
-        source_rows: torch.Tensor,
-        target_rows: torch.Tensor,
-        take: torch.Tensor,
+        positions: torch.Tensor,
+        pages: torch.Tensor,
+        slots: torch.Tensor,
+        fetch: torch.Tensor,
+        page_size: int,
     ) -> None:
         return None
 
-    @torch.library.custom_op("kvbench::gather_row_pairs", mutates_args=("target", "second_target"))
-    def _gather_row_pairs_op(
+    @torch.library.custom_op("kvbench::gather_page_pairs", mutates_args=("target", "second_target", "positions"))
+    def _gather_page_pairs_op(
         host: torch.Tensor,
         target: torch.Tensor,
         second_host: torch.Tensor,
         second_target: torch.Tensor,
-        source_rows: torch.Tensor,
-        target_rows: torch.Tensor,
-        take: torch.Tensor,
+        positions: torch.Tensor,
+        pages: torch.Tensor,
+        slots: torch.Tensor,
+        fetch: torch.Tensor,
+        page_size: int,
     ) -> None:
-        _launch_gather(host, target, second_host, second_target, source_rows, target_rows, take)
+        _launch_gather(host, target, second_host, second_target, positions, pages, slots, fetch, page_size)
 
-    @_gather_row_pairs_op.register_fake
+    @_gather_page_pairs_op.register_fake
     def _(
         host: torch.Tensor,
         target: torch.Tensor,
         second_host: torch.Tensor,
         second_target: torch.Tensor,
-        source_rows: torch.Tensor,
-        target_rows: torch.Tensor,
-        take: torch.Tensor,
+        positions: torch.Tensor,
+        pages: torch.Tensor,
+        slots: torch.Tensor,
+        fetch: torch.Tensor,
+        page_size: int,
     ) -> None:
         return None
 
@@ -308,20 +338,23 @@ if triton is not None:
             tl.store(second_host + written, second, mask=cols < D)
 
     @triton.jit
-    def _gather_rows_kernel(
-        host, target, second_host, second_target, source_rows, target_rows, take, heads, m,
-        host_sb, host_sh, host_sn, target_sb, target_sh, target_sn, rows_sb, rows_sh,
+    def _gather_pages_kernel(
+        host, target, second_host, second_target, positions, pages, slots, fetch,
+        heads, heads_per_group, groups, recalled, page_size, rows,
+        host_sb, host_sh, host_sn, target_sb, target_sh, target_sn, pos_sb, pos_sh, pos_sn,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAIR: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         # int64 offsets: a batch's backup passes 2^31 elements from 16 sequences of 30k tokens of a 7B MHA layer.
         b, h = (pid // heads).to(tl.int64), pid % heads
-        offsets = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_range = offsets < m
-        index = b * rows_sb + h * rows_sh + offsets
-        wanted = tl.load(take + index, mask=in_range, other=0) != 0
-        source = tl.load(source_rows + index, mask=wanted, other=0)
-        dest = tl.load(target_rows + index, mask=wanted, other=0)
+        offsets = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of this head's recalled pages
+        in_range = offsets < rows
+        # Row m is row m % p of the group's m // p-th page (pages, slots and fetch are contiguous [B, G, R]).
+        index = (b * groups + h // heads_per_group) * recalled + offsets // page_size
+        wanted = tl.load(fetch + index, mask=in_range, other=0) != 0
+        within = offsets % page_size
+        source = tl.load(pages + index, mask=wanted, other=0) * page_size + within
+        dest = tl.load(slots + index, mask=wanted, other=0) * page_size + within
         cols = tl.arange(0, BLOCK_D)
         both = wanted[:, None] & (cols[None, :] < D)
         # Rows not taken load nothing: a step that recalls no page reads nothing from host memory. Both
@@ -333,3 +366,4 @@ if triton is not None:
             second = tl.load(second_host + read, mask=both)
             tl.store(second_target + written, second, mask=both)
         tl.store(target + written, value, mask=both)
+        tl.store(positions + b * pos_sb + h * pos_sh + dest * pos_sn, source, mask=wanted)

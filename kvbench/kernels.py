@@ -485,13 +485,15 @@ if triton is not None:
     from triton.runtime.interpreter import InterpretedFunction
 
     _INTERPRETED = isinstance(_decode_split_kernel, InterpretedFunction)
-    _make_op = functools.partial(triton_op, mutates_args=())
+
+    def _make_op(name: str, mutates_args: tuple[str, ...] = ()):
+        return triton_op(name, mutates_args=mutates_args)
 else:
     _INTERPRETED = False
 
-    def _make_op(name: str):
+    def _make_op(name: str, mutates_args: tuple[str, ...] = ()):
         def register(fn):
-            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
             op.register_fake(fn)  # fn runs the references, which work on fake tensors too
             return op
 

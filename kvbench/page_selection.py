@@ -1,26 +1,38 @@
 """Which pages to recall and which resident slots they replace, for one decode step, in one kernel.
 
-A paged cache with a host backup (ArkVale) ranks every page each step and keeps the `k` best on the device:
+A paged cache with a host backup (ArkVale) ranks every page each step and keeps the `k` best on the device.
+For each row (sequence b, group g of KV heads):
+0. a page's score is the mean of its group's KV heads' scores; pages [n_sink, newest) are candidates,
+   newest = (tokens - 1) // page_size - n_window + 1 (later pages are the window), and the row selects
+   only while it holds more tokens than its slots (`active`: tokens > capacity);
 1. the `k` best candidate pages by score (`top`, best first);
 2. `missing`: those of them that are candidates, not resident, and the row is active;
 3. victims: the resident slots whose pages score lowest, where a page among `top` or not a candidate
    (sinks, window, empty slots read as page 0) is never a victim (`k` of them, lowest first);
-4. missing pages first (stable), each paired with the next victim slot.
+4. missing pages first (stable), each paired with the next victim slot;
+5. a recall cap (a benchmark setting; None: none) keeps the first `ceil(cap)` pairs and fetches on the
+   row's n-th selection step at most floor((n + 1) cap) - floor(n cap) of them, so a fraction is a rate;
+6. the step's bookkeeping, in place: `slot_page` names each fetched page in its slot, and `counters`
+   [B, G, 2] add the selection step (where active) and the pages fetched.
 
 Why a kernel: in PyTorch this is ~12 small kernels a layer (masking, two top-k, a scatter of the resident
-pages, gathers, an argsort) of 1-6 us each; here one Triton program per (sequence, group) row holds its
-scores in registers, takes both top-k with Triton's bitonic `tl.topk` (packed with their index, as
-`kvbench.topk`), and compares the k best pages with the resident slots directly. Elsewhere (CPU) the
-reference below runs; the tests compare the two.
+pages, gathers, an argsort), and the mean, the cap and the bookkeeping around it another ~6, each 1-6 us;
+here one Triton program per (sequence, group) row holds its scores in registers, takes both top-k with
+Triton's bitonic `tl.topk` (packed with their index, as `kvbench.topk`), compares the k best pages with the
+resident slots directly and writes the row's bookkeeping. Elsewhere (CPU) the reference below runs; the
+tests compare the two.
 
-`select_pages(scores, slot_page, n_sink, newest_candidate, active, k)`:
-scores float32 [B, G, N]; slot_page int64 [B, G, S] (-1: empty); n_sink an int; newest_candidate int64
-[B] (pages at or past it are window pages); active bool [B]. Returns (pages, slots, fetch) [B, G, k]:
-page pages[.., i] goes into slot slots[.., i] where fetch[.., i]. Among equal scores the kernel prefers
-the higher index and the reference (`torch.topk`) any of them.
+`select_pages(head_scores, slot_page, counters, tokens, schedule, k, cap)`: head_scores float32 [B, H, N]
+(per KV head); slot_page int64 [B, G, S] (-1: empty); counters float32 [B, G, 2]; tokens int64 [B].
+Returns (pages, slots, fetch) [B, G, width], width = min(ceil(cap), k) or k: page pages[.., i] goes into
+slot slots[.., i] where fetch[.., i]. Among equal scores the kernel prefers the higher index and the
+reference (`torch.topk`) any of them.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -30,17 +42,37 @@ from kvbench.topk import float_order_keys, largest_keys
 MAX_KERNEL_PAGES = 16384  # pages and slots within 2^14: float keys (within +-2^31) pack without overflow
 
 
+@dataclass(frozen=True)
+class PageSchedule:
+    """Which pages a row may select: sinks first, a window last, and only once its slots are full."""
+
+    n_sink: int  # pages [0, n_sink) always stay
+    n_window: int  # the page being written and the n_window - 1 before it always stay
+    page_size: int
+    capacity: int  # tokens the row's slots hold: no selection until the row holds more
+
+
+def recall_width(k: int, cap: float | None) -> int:
+    """Pairs a step returns: all `k`, or the `ceil(cap)` a capped step can fetch at most."""
+    return k if cap is None else min(math.ceil(cap), k)
+
+
 def select_pages_reference(
-    scores: torch.Tensor,
+    head_scores: torch.Tensor,
     slot_page: torch.Tensor,
-    n_sink: int,
-    newest_candidate: torch.Tensor,
-    active: torch.Tensor,
+    counters: torch.Tensor,
+    tokens: torch.Tensor,
+    schedule: PageSchedule,
     k: int,
+    cap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b = scores.shape[0]
-    pages = torch.arange(scores.shape[-1], device=scores.device)
-    candidate = (pages >= n_sink) & (pages < newest_candidate.view(b, 1, 1))  # [B, 1, N]
+    b, h, n = head_scores.shape
+    groups = slot_page.shape[1]
+    scores = head_scores.float().view(b, groups, h // groups, n).mean(dim=2)
+    newest = (tokens - 1).div(schedule.page_size, rounding_mode="floor") - schedule.n_window + 1
+    active = tokens > schedule.capacity
+    pages = torch.arange(n, device=scores.device)
+    candidate = (pages >= schedule.n_sink) & (pages < newest.view(b, 1, 1))  # [B, 1, N]
     _, top = largest_keys(float_order_keys(scores.masked_fill(~candidate, float("-inf"))), k)
     resident = torch.zeros_like(candidate.expand_as(scores)).scatter_(2, slot_page.clamp(min=0), True)
     missing = ~resident.gather(2, top) & candidate.expand_as(scores).gather(2, top) & active.view(b, 1, 1)
@@ -48,7 +80,17 @@ def select_pages_reference(
     resident_score = keep_score.gather(2, slot_page.clamp(min=0))
     _, victim_slots = largest_keys(float_order_keys(-resident_score), k)  # lowest score first
     order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
-    return top.gather(2, order), victim_slots, missing.gather(2, order)
+    width = recall_width(k, cap)
+    top, victim_slots, fetch = top.gather(2, order)[..., :width], victim_slots[..., :width], missing.gather(2, order)
+    fetch = fetch[..., :width]
+    if cap is not None:
+        steps = counters[..., 0]
+        allowed = torch.floor((steps + 1) * cap) - torch.floor(steps * cap)  # float32, as the kernel
+        fetch = fetch & (torch.arange(width, device=fetch.device) < allowed.unsqueeze(-1))
+    slot_page.scatter_(2, victim_slots, torch.where(fetch, top, slot_page.gather(2, victim_slots)))
+    counters[..., 0] += active.view(b, 1).float()
+    counters[..., 1] += fetch.sum(dim=-1).float()
+    return top, victim_slots, fetch
 
 
 if kernels.triton is not None:
@@ -65,19 +107,25 @@ if kernels.triton is not None:
 
     @triton.jit
     def _select_pages_kernel(
-        scores_ptr, slot_page_ptr, newest_ptr, active_ptr, pages_out, slots_out, fetch_out,
-        groups, N, S, K, n_sink,
-        BITS: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr,
+        scores_ptr, slot_page_ptr, counters_ptr, tokens_ptr, pages_out, slots_out, fetch_out,
+        groups, heads_per_group, N, S, K, width, n_sink, n_window, page_size, capacity, cap,
+        CAPPED: tl.constexpr, BITS: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         b = row // groups
-        newest = tl.load(newest_ptr + b)
-        active = tl.load(active_ptr + b) != 0
+        tokens = tl.load(tokens_ptr + b)
+        newest = (tokens - 1) // page_size - n_window + 1  # tokens >= 1 after prefill: no negative division
+        active = tokens > capacity
 
-        # 1. The k best candidate pages: keys packed with their page index, bitonic top-k.
+        # 0. Each page's score: the sum of its group's heads, which ranks pages as the reference's mean does.
         page = tl.arange(0, N_PAD)
         in_row = page < N
-        score = tl.load(scores_ptr + row * N + page, mask=in_row, other=0.0)
+        first_head = scores_ptr + row * heads_per_group * N
+        score = tl.zeros([N_PAD], tl.float32)
+        for head in range(heads_per_group):
+            score += tl.load(first_head + head * N + page, mask=in_row, other=0.0)
+
+        # 1. The k best candidate pages: keys packed with their page index, bitonic top-k.
         candidate = (page >= n_sink) & (page < newest)
         key = _float_key(tl.where(candidate, score, float("-inf")))
         # Padding packs below every real packed value (those lie within +-2^(31 + BITS)): int64's minimum.
@@ -95,15 +143,18 @@ if kernels.triton is not None:
         top_candidate = (top_page >= n_sink) & (top_page < newest)
         missing = real & ~resident & top_candidate & active
 
-        # 3. Victims: a resident slot's page score, +inf for pages to keep; the k lowest, lowest first.
-        held_score = tl.load(scores_ptr + row * N + held, mask=in_slots, other=0.0)
+        # 3. Victims: a resident slot's page score (the same sum again: registers cannot be gathered), +inf
+        # for pages to keep; the k lowest, lowest first.
+        held_score = tl.zeros([S_PAD], tl.float32)
+        for head in range(heads_per_group):
+            held_score += tl.load(first_head + head * N + held, mask=in_slots, other=0.0)
         in_top = tl.max((held[:, None] == top_page[None, :]).to(tl.int32), axis=1) > 0
         keep = in_top | (held < n_sink) | (held >= newest)
         # x * -1, not -x: Triton's negation is 0 - x, which turns +0.0 into +0.0 (torch.neg gives -0.0).
         victim_key = _float_key(tl.where(keep, float("inf"), held_score) * -1.0)
         packed = tl.where(in_slots, victim_key * (1 << BITS) + slot, tl.full([S_PAD], -(2**63), tl.int64))
         victims = tl.topk(packed, K_PAD)
-        tl.store(slots_out + row * K + j, victims & ((1 << BITS) - 1), mask=real)
+        tl.store(slots_out + row * width + j, victims & ((1 << BITS) - 1), mask=j < width)
 
         # 4. Missing pages first, each group in its own order: a stable partition by running counts.
         missing_i = missing.to(tl.int32)
@@ -111,27 +162,50 @@ if kernels.triton is not None:
         before = tl.cumsum(missing_i, axis=0) - missing_i
         kept_before = j - before
         position = tl.where(missing, before, n_missing + kept_before)
-        tl.store(pages_out + row * K + position, top_page, mask=real)
-        tl.store(fetch_out + row * K + position, missing.to(tl.int8), mask=real)
+
+        # 5. The recall cap: the first `allowed` pairs of this selection step.
+        steps = tl.load(counters_ptr + row * 2)
+        if CAPPED:
+            allowed = tl.floor((steps + 1) * cap) - tl.floor(steps * cap)
+            fetched = missing & (position < allowed)
+        else:
+            fetched = missing
+        fetched = fetched & (position < width)
+        tl.store(pages_out + row * width + position, top_page, mask=real & (position < width))
+        tl.store(fetch_out + row * width + position, fetched.to(tl.int8), mask=real & (position < width))
+
+        # 6. Bookkeeping. Each fetched page's slot is the victim at its position, which another thread may hold:
+        # read the pairs back from memory once every thread's stores are done.
+        tl.debug_barrier()
+        pair = j < width
+        got = tl.load(fetch_out + row * width + j, mask=pair, other=0) != 0
+        got_page = tl.load(pages_out + row * width + j, mask=got, other=0)
+        got_slot = tl.load(slots_out + row * width + j, mask=got, other=0)
+        tl.store(slot_page_ptr + row * S + got_slot, got_page, mask=got)
+        tl.store(counters_ptr + row * 2, steps + active.to(tl.float32))
+        recalled = tl.load(counters_ptr + row * 2 + 1)
+        tl.store(counters_ptr + row * 2 + 1, recalled + tl.sum(got.to(tl.float32), axis=0))
 
     def _select_pages_triton(
-        scores: torch.Tensor,
+        head_scores: torch.Tensor,
         slot_page: torch.Tensor,
-        n_sink: int,
-        newest_candidate: torch.Tensor,
-        active: torch.Tensor,
+        counters: torch.Tensor,
+        tokens: torch.Tensor,
+        schedule: PageSchedule,
         k: int,
+        cap: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, g, n = scores.shape
-        s = slot_page.shape[-1]
-        scores, slot_page = scores.float().contiguous(), slot_page.contiguous()
-        pages = torch.empty(b, g, k, dtype=torch.int64, device=scores.device)
+        b, h, n = head_scores.shape
+        g, s = slot_page.shape[1:]
+        width = recall_width(k, cap)
+        pages = torch.empty(b, g, width, dtype=torch.int64, device=head_scores.device)
         slots = torch.empty_like(pages)
-        fetch = torch.empty(b, g, k, dtype=torch.int8, device=scores.device)
+        fetch = torch.empty(b, g, width, dtype=torch.int8, device=head_scores.device)
         n_pad, s_pad = max(2, triton.next_power_of_2(n)), max(2, triton.next_power_of_2(s))
         wrap_triton(_select_pages_kernel)[(b * g,)](
-            scores, slot_page, newest_candidate.contiguous(), active.to(torch.int8).contiguous(),
-            pages, slots, fetch, g, n, s, k, n_sink,
+            head_scores, slot_page, counters, tokens, pages, slots, fetch,
+            g, h // g, n, s, k, width, schedule.n_sink, schedule.n_window, schedule.page_size, schedule.capacity,
+            0.0 if cap is None else cap, CAPPED=cap is not None,
             BITS=max(n_pad, s_pad).bit_length() - 1, N_PAD=n_pad, S_PAD=s_pad,
             K_PAD=max(2, triton.next_power_of_2(k)), num_warps=4 if n_pad <= 1024 else 8,
         )  # fmt: skip
@@ -140,35 +214,56 @@ if kernels.triton is not None:
 
 # The operator returns `fetch` as int8 0/1 and the caller compares it: Inductor could not lower a view of the
 # kernel's int8 output as bool inside the operator ("torch.bool is not supported by torch.iinfo", on the H200).
-@kernels._make_op("kvbench::select_pages")
+# Its scalars travel one by one (an operator's schema has no dataclasses); a negative cap is none.
+@kernels._make_op("kvbench::select_pages", mutates_args=("slot_page", "counters"))
 def _select_pages_op(
-    scores: torch.Tensor,
+    head_scores: torch.Tensor,
     slot_page: torch.Tensor,
+    counters: torch.Tensor,
+    tokens: torch.Tensor,
     n_sink: int,
-    newest_candidate: torch.Tensor,
-    active: torch.Tensor,
+    n_window: int,
+    page_size: int,
+    capacity: int,
     k: int,
+    cap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fits = max(scores.shape[-1], slot_page.shape[-1]) <= MAX_KERNEL_PAGES
-    if kernels._use_triton(scores) and fits:
-        return _select_pages_triton(scores, slot_page, n_sink, newest_candidate, active, k)
-    pages, slots, fetch = select_pages_reference(scores, slot_page, n_sink, newest_candidate, active, k)
+    schedule = PageSchedule(n_sink, n_window, page_size, capacity)
+    fits = max(head_scores.shape[-1], slot_page.shape[-1]) <= MAX_KERNEL_PAGES
+    if kernels._use_triton(head_scores) and fits:
+        return _select_pages_triton(head_scores, slot_page, counters, tokens, schedule, k, None if cap < 0 else cap)
+    pages, slots, fetch = select_pages_reference(
+        head_scores, slot_page, counters, tokens, schedule, k, None if cap < 0 else cap
+    )
     return pages, slots, fetch.to(torch.int8)
 
 
 def select_pages(
-    scores: torch.Tensor,
+    head_scores: torch.Tensor,
     slot_page: torch.Tensor,
-    n_sink: int,
-    newest_candidate: torch.Tensor,
-    active: torch.Tensor,
+    counters: torch.Tensor,
+    tokens: torch.Tensor,
+    schedule: PageSchedule,
     k: int,
+    cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pages, slots, fetch) [B, G, k] for one step (see the module doc)."""
-    if not 1 <= k <= min(scores.shape[-1], slot_page.shape[-1]):
+    """(pages, slots, fetch) [B, G, width] for one step; `slot_page` and `counters` updated (module doc)."""
+    b, h, n = head_scores.shape
+    groups, s = slot_page.shape[1:]
+    if not 1 <= k <= min(n, s):
+        raise ValueError(f"select_pages: 1 <= k <= pages and slots: got k={k}, {n} pages, {s} slots")
+    if h % groups or counters.shape != (b, groups, 2) or tokens.shape != (b,):
         raise ValueError(
-            f"select_pages: 1 <= k <= pages and slots: got k={k}, scores {tuple(scores.shape)}, "
-            f"slots {tuple(slot_page.shape)}"
+            f"select_pages: head scores [B, H, N] with H a multiple of slot_page's groups [B, G, S], counters "
+            f"[B, G, 2], tokens [B]: got {tuple(head_scores.shape)}, {tuple(slot_page.shape)}, "
+            f"{tuple(counters.shape)}, {tuple(tokens.shape)}"
         )
-    pages, slots, fetch = torch.ops.kvbench.select_pages(scores, slot_page, n_sink, newest_candidate, active, k)
+    if cap is not None and cap < 0:
+        raise ValueError(f"select_pages: cap is None or >= 0, got {cap}")
+    if any(not t.is_contiguous() for t in (head_scores, slot_page, counters, tokens)):
+        raise ValueError("select_pages: head scores, slot_page, counters and tokens must be contiguous")
+    pages, slots, fetch = torch.ops.kvbench.select_pages(
+        head_scores, slot_page, counters, tokens, schedule.n_sink, schedule.n_window, schedule.page_size,
+        schedule.capacity, k, -1.0 if cap is None else float(cap),
+    )  # fmt: skip
     return pages, slots, fetch != 0

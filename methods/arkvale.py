@@ -15,9 +15,9 @@ import torch
 from kvbench.cache import KVLayer, LayerSpec, ModelSpec, batch_head_index
 from kvbench.cuboid_scores import cuboid_scores
 from kvbench.errors import require
-from kvbench.host_pages import gather_rows, pinned_concat, uses_kernels, write_rows
+from kvbench.host_pages import gather_pages, pinned_concat, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
-from kvbench.page_selection import select_pages
+from kvbench.page_selection import PageSchedule, select_pages
 
 RADII = ("mean", "max", "center")
 # The paper's evaluation setting: top-k = min(C, budget / 2) / page_size pages, C = 40 pages of 32 tokens.
@@ -172,21 +172,6 @@ def page_digest(keys: torch.Tensor, radius: str) -> tuple[torch.Tensor, torch.Te
     return (centre + r).to(keys.dtype), (centre - r).to(keys.dtype)
 
 
-def digest_scores(query: torch.Tensor, upper: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """Estimated importance of each page for `query` [B, Hq, D], averaged over each KV head's query heads.
-
-    upper/lower [B, Hkv, N, D] are the digests c + r and c - r; returns [B, Hkv, N]. Per query head the
-    estimate is Σ_i max(q_i upper_i, q_i lower_i) = q⁺·upper + q⁻·lower (upper >= lower), which is
-    linear in q, so the mean over heads is taken on q⁺ and q⁻ first.
-    """
-    b, hq, d = query.shape
-    hkv = upper.shape[1]
-    q = query.float().view(b, hkv, hq // hkv, d)
-    positive, negative = q.clamp(min=0).mean(dim=2), q.clamp(max=0).mean(dim=2)
-    # In the digests' dtype: converting them to float32 first would write and read them again every step.
-    return cuboid_scores(positive.to(upper.dtype), negative.to(upper.dtype), upper, lower)
-
-
 class ArkValeLayer(KVLayer):
     """`resident_pages` page slots per KV head on the device; page slot j holds tokens [j*p, (j+1)*p).
 
@@ -211,8 +196,9 @@ class ArkValeLayer(KVLayer):
         self.host_keys: torch.Tensor | None = None  # [B, Hkv, total_pages * p, D], indexed by position
         self.host_values: torch.Tensor | None = None
         self.host_kernels = False  # whether host copies go through kvbench.host_pages' kernels (set at prefill)
-        self.pages_recalled: torch.Tensor | None = None  # [B] counters, kept on the device
-        self.selections: torch.Tensor | None = None
+        # [B, groups, 2] on the device: selection steps, pages recalled (`select_pages` adds to them).
+        self.counters: torch.Tensor | None = None
+        self.schedule = PageSchedule(method.n_sink_pages, method.n_win_pages, self.page_size, self.capacity)
         # The page schedule, on the host (as a quantized window's flush, kvbench/quantized_layer.py): each row's
         # tokens written, so the host knows the steps whose token starts a page (the last slot's page moves
         # out) or ends one (its digest becomes final). Only those steps move slots and digest (`page_step`).
@@ -251,8 +237,7 @@ class ArkValeLayer(KVLayer):
         if self.slot_page is None:  # everything fit: page i in slot i
             slots = torch.arange(self.resident_pages, device=device)
             self.slot_page = slots.masked_fill(slots * self.page_size >= filled, -1).expand(b, self.groups, -1).clone()
-        self.pages_recalled = torch.zeros(b, device=device)
-        self.selections = torch.zeros(b, device=device)
+        self.counters = torch.zeros(b, self.groups, 2, device=device)
         self.last_query = None
         self.written = [filled] * b
         self.page_step = self.decode_variant()
@@ -356,46 +341,16 @@ class ArkValeLayer(KVLayer):
         Nothing changes while the layer holds no more tokens than its slots."""
         if self.total_pages <= self.resident_pages:
             return  # every page of this generation fits: never anything to select
-        b = query.shape[0]
-        scores = self._page_scores(query)  # [B, groups, total_pages]
-        active = self.seen > self.capacity
-        newest_candidate = (self.seen - 1) // self.page_size - self.method.n_win_pages + 1
-        # The k best pages, those of them missing, and the lowest-scored resident slots they replace, missing
-        # pages first: one Triton program per row on CUDA (about a dozen small PyTorch kernels before).
-        pages, victim_slots, fetch = select_pages(
-            scores, self.slot_page, self.method.n_sink_pages, newest_candidate, active, self.free_topk
+        # Per KV head: the selection averages each group's heads itself. The k best pages, those of them
+        # missing, the lowest-scored resident slots they replace (missing pages first), the recall cap and the
+        # slot and counter updates: one Triton program per row on CUDA (about 18 small PyTorch kernels before).
+        head_scores = cuboid_scores(query, self.digest_upper, self.digest_lower)  # [B, Hkv, total_pages]
+        pages, slots, fetch = select_pages(
+            head_scores, self.slot_page, self.counters, self.seen, self.schedule, self.free_topk, self.method.recall_cap
         )
-        if self.method.recall_cap is not None:  # the benchmark's pinned recall rate: only the first pairs
-            cap = self.method.recall_cap
-            most = min(math.ceil(cap), pages.shape[-1])  # a cap above the selected pages takes them all
-            pages, victim_slots, fetch = pages[..., :most], victim_slots[..., :most], fetch[..., :most]
-            # A row's n-th selection step may recall floor((n + 1) cap) - floor(n cap) pages: `cap` each step
-            # for a whole number, a fraction's pages spread evenly over the steps.
-            allowed = torch.floor((self.selections + 1) * cap) - torch.floor(self.selections * cap)
-            fetch = fetch & (torch.arange(most, device=fetch.device) < allowed.view(b, 1, 1))
-        if pages.shape[-1] > 0:
-            self._recall(pages, victim_slots, fetch)
-        self.selections += active.view(b).float()
-
-    def _recall(self, pages: torch.Tensor, slots: torch.Tensor, fetch: torch.Tensor) -> None:
-        """Copy page `pages[b, g, r]` from host into slot `slots[b, g, r]` wherever `fetch` [B, groups, k]."""
-        b, h = self.keys.shape[:2]
-        p, per_group = self.page_size, h // self.groups
-        offsets = torch.arange(p, device=pages.device)
-
-        def per_head(index: torch.Tensor) -> torch.Tensor:  # [B, groups, k, p] -> [B, Hkv, k * p]
-            return index.flatten(2).unsqueeze(2).expand(-1, -1, per_group, -1).reshape(b, h, -1)
-
-        source = per_head(pages.unsqueeze(-1) * p + offsets)  # positions, i.e. host rows
-        target = per_head(slots.unsqueeze(-1) * p + offsets)
-        take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, p))
-        hosts, targets = (self.host_keys, self.host_values), (self.keys, self.values)
-        gather_rows(hosts, targets, source, target, take, self.host_kernels)
-        rows, heads = batch_head_index(target[:, :, 0])
-        rows, heads = rows.unsqueeze(-1), heads.unsqueeze(-1)
-        self.positions[rows, heads, target] = torch.where(take, source, self.positions[rows, heads, target])
-        self.slot_page.scatter_(2, slots, torch.where(fetch, pages, self.slot_page.gather(2, slots)))
-        self.pages_recalled += fetch.sum(dim=(1, 2)).float()
+        if pages.shape[-1] > 0:  # a cap of 0 recalls nothing
+            hosts, targets = (self.host_keys, self.host_values), (self.keys, self.values)
+            gather_pages(hosts, targets, self.positions, pages, slots, fetch, self.page_size, self.host_kernels)
 
     # ----- the page schedule, on the host -----
     def decode_variants(self) -> tuple[bool, ...]:
@@ -429,7 +384,7 @@ class ArkValeLayer(KVLayer):
     # ----- shared helpers -----
     def _page_scores(self, query: torch.Tensor) -> torch.Tensor:
         """[B, groups, total_pages] page estimates for `query` [B, Hq, D]; unfilled pages score 0."""
-        per_kv_head = digest_scores(query, self.digest_upper, self.digest_lower)
+        per_kv_head = cuboid_scores(query, self.digest_upper, self.digest_lower)
         b, h, n = per_kv_head.shape
         return per_kv_head.view(b, self.groups, h // self.groups, n).mean(dim=2)
 
@@ -441,8 +396,7 @@ class ArkValeLayer(KVLayer):
             "digest_lower",
             "host_keys",
             "host_values",
-            "pages_recalled",
-            "selections",
+            "counters",
         )
         return {**super().decode_state(), **{name: getattr(self, name) for name in names}}
 
@@ -479,6 +433,8 @@ class ArkValeLayer(KVLayer):
         return {name: t for name, t in held.items() if t is not None}
 
     def stats(self) -> dict[str, float]:
-        if self.selections is None:
+        if self.counters is None:
             return {}
-        return {"pages_recalled": float(self.pages_recalled.sum()), "selection_steps": float(self.selections.sum())}
+        # Every group of a row counts the row's selection steps; the pages are each group's own.
+        steps, recalled = self.counters[:, 0, 0], self.counters[..., 1]
+        return {"pages_recalled": float(recalled.sum()), "selection_steps": float(steps.sum())}

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from kvbench.cache import FullLayer, KVCache, LayerSpec, ModelSpec, aligned_slots
 from kvbench.config import build
+from kvbench.cuboid_scores import cuboid_scores
 from kvbench.engine import Engine, Request
 from kvbench.errors import ConfigError
-from kvbench.methods.arkvale import ArkVale, ArkValeLayer, digest_scores, page_digest
+from kvbench.methods.arkvale import ArkVale, ArkValeLayer, page_digest
 from kvbench.methods.full import Full
 from tests.conftest import compose_config
 
@@ -207,14 +208,14 @@ def test_max_radius_estimate_bounds_the_true_page_maximum():
         keys = torch.randn(1, 1, 1, p, d, generator=generator) * scale + shift
         query = torch.randn(1, 1, d, generator=generator) * torch.rand(1, generator=generator) * 10
         upper, lower = page_digest(keys, "max")
-        estimate = digest_scores(query, upper, lower)[0, 0, 0]
+        estimate = cuboid_scores(query, upper, lower)[0, 0, 0]
         true_max = (keys[0, 0, 0] @ query[0, 0]).max()
         assert estimate >= true_max - 1e-4 * (1 + true_max.abs())
         # The two-matmul form equals the paper's per-channel maximum.
         literal = torch.maximum(query[0, 0] * upper[0, 0, 0], query[0, 0] * lower[0, 0, 0]).sum()
         assert torch.allclose(estimate, literal, rtol=1e-5, atol=1e-4)
         # Smaller radii give smaller (tighter, no longer bounding) estimates.
-        mean_estimate = digest_scores(query, *page_digest(keys, "mean"))[0, 0, 0]
+        mean_estimate = cuboid_scores(query, *page_digest(keys, "mean"))[0, 0, 0]
         assert mean_estimate <= estimate + 1e-4 * (1 + estimate.abs())
 
 
@@ -222,7 +223,7 @@ def test_scores_average_over_every_query_head_of_a_kv_head():
     torch.manual_seed(3)
     query, upper = torch.randn(2, HQ, D), torch.randn(2, HKV, 5, D)
     lower = upper - torch.rand(2, HKV, 5, D)
-    got = digest_scores(query, upper, lower)
+    got = cuboid_scores(query, upper, lower)
     for b in range(2):
         for h in range(HKV):
             per_head = [

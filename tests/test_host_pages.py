@@ -26,7 +26,7 @@ def _interpreted_checks() -> dict:
 
     assert host_pages.INTERPRETED and host_pages.uses_kernels(torch.empty(1), torch.empty(1))
     generator = torch.Generator().manual_seed(0)
-    b, h, n, s, d, m = 2, 3, 50, 24, 20, 9  # d not a power of two: the column mask matters
+    b, h, n, s, d = 2, 4, 50, 20, 20  # d not a power of two: the column mask matters
     host = torch.randn(b, h, n, d, generator=generator)
     expected = host.clone()
     rows = torch.tensor([7, 41])
@@ -55,71 +55,87 @@ def _interpreted_checks() -> dict:
         written[torch.arange(b), :, rows] = source_of[:, :, 0]
     pair_written = all(torch.equal(t, e) for t, e in zip((*pair_hosts, *unlike_hosts), pair_expected, strict=True))
 
-    source_rows = torch.randint(0, n, (b, h, m), generator=generator)
-    target_rows = torch.stack([torch.randperm(s, generator=generator)[:m] for _ in range(b * h)]).view(b, h, m)
-    take = torch.rand(b, h, m, generator=generator) < 0.5
-    second_host = torch.randn(b, h, n, d, generator=generator)
-
-    def reference_gather(one_host: torch.Tensor) -> torch.Tensor:
-        reference = torch.full((b, h, s, d), float("nan"))
-        for i in range(b):
-            for j in range(h):
-                for k in range(m):
-                    if take[i, j, k]:
-                        reference[i, j, target_rows[i, j, k]] = one_host[i, j, source_rows[i, j, k]]
-        return reference
+    # Pages of 5 rows: 10 in the backup, 4 slots on the device; 4 KV heads in 2 groups, 3 pairs a group.
+    p, groups, recalled = 5, 2, 3
+    page_host = torch.randn(b, h + 1, n, d, generator=generator)[:, :h]  # a layout of its own, as a view
+    second_host = torch.randn(b, h + 1, n, d, generator=generator)[:, :h]
+    pages, slots, fetch = _page_pairs(b, groups, recalled, n // p, s // p, generator)
 
     gathered = {}
-    # Index tensors that are views with strides of their own (every other flag of a wider mask).
-    wide = torch.rand(b, h, 2 * m, generator=generator) < 0.5
-    strided_take = wide[..., ::2]
-    targets = (torch.full((b, h, s, d), float("nan")),)
-    host_pages.gather_rows((host,), targets, source_rows, target_rows, strided_take)
-    take, saved = strided_take.contiguous(), take
-    strided_reference = reference_gather(host)
-    take = saved
-    gathered["strided_take"] = {
-        "untouched": torch.equal(targets[0].isnan(), strided_reference.isnan()),
-        "equal": torch.equal(targets[0].nan_to_num(), strided_reference.nan_to_num()),
-    }
-    for name, hosts in (("one", (host,)), ("pair", (host, second_host))):  # the pair: one launch for both
+    wide = torch.rand(b, groups, 2 * recalled, generator=generator) < 0.5
+    for name, hosts, taken in (
+        ("one", (page_host,), fetch),
+        ("pair", (page_host, second_host), fetch),  # keys and values: one launch for both
+        ("strided_fetch", (page_host,), wide[..., ::2]),  # a `fetch` that is a view with strides of its own
+    ):
         targets = tuple(torch.full((b, h, s, d), float("nan")) for _ in hosts)
-        host_pages.gather_rows(hosts, targets, source_rows, target_rows, take)
-        references = [reference_gather(one_host) for one_host in hosts]
+        positions = torch.full((b, h, s), -7)
+        host_pages.gather_pages(hosts, targets, positions, pages, slots, taken, p)
+        want = [gather_pages_by_loops(one, pages, slots, taken, p, s) for one in hosts]
         gathered[name] = {
-            "untouched": all(torch.equal(t.isnan(), r.isnan()) for t, r in zip(targets, references, strict=True)),
-            "equal": all(torch.equal(t.nan_to_num(), r.nan_to_num()) for t, r in zip(targets, references, strict=True)),
+            "untouched": all(torch.equal(t.isnan(), w[0].isnan()) for t, w in zip(targets, want, strict=True)),
+            "equal": all(torch.equal(t.nan_to_num(), w[0].nan_to_num()) for t, w in zip(targets, want, strict=True)),
+            "positions": torch.equal(positions, want[0][1]),
+            "taken": int(taken.sum()),
         }
 
     # Compiled as a decode step is: the copies stay in place on the caller's buffers.
     @torch.compile(fullgraph=True, dynamic=False)
-    def step(host, second_host, rows, source, target, second_target, source_rows, target_rows, take):
+    def step(host, second_host, rows, source, target, second_target, positions, pages, slots, fetch):
         host_pages.write_rows((host, second_host), rows, (source, source), through_kernels=True)
         pairs = (host, second_host), (target, second_target)
-        host_pages.gather_rows(*pairs, source_rows, target_rows, take, through_kernels=True)
+        host_pages.gather_pages(*pairs, positions, pages, slots, fetch, p, through_kernels=True)
 
-    compiled_host, compiled_targets = expected.clone(), [torch.full((b, h, s, d), float("nan")) for _ in range(2)]
-    compiled_second = second_host.clone()
-    step(compiled_host, compiled_second, rows + 1, source, *compiled_targets, source_rows, target_rows, take)
-    compiled_expected, compiled_second_expected = expected.clone(), second_host.clone()
+    compiled_host, compiled_second = page_host.clone(), second_host.clone()
+    compiled_targets = [torch.full((b, h, s, d), float("nan")) for _ in range(2)]
+    compiled_positions = torch.full((b, h, s), -7)
+    step(compiled_host, compiled_second, rows + 1, source, *compiled_targets, compiled_positions, pages, slots, fetch)
+    compiled_expected, compiled_second_expected = page_host.clone(), second_host.clone()
     compiled_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
     compiled_second_expected[torch.arange(b), :, rows + 1] = source[:, :, 0]
-    compiled_references = [reference_gather(compiled_expected), reference_gather(compiled_second_expected)]
+    compiled_references = [
+        gather_pages_by_loops(one, pages, slots, fetch, p, s) for one in (compiled_expected, compiled_second_expected)
+    ]
     return {
         "past_int32": _offsets_past_int32(),
         "compiled_equal": torch.equal(compiled_host, compiled_expected)
         and torch.equal(compiled_second, compiled_second_expected)
         and all(
-            torch.equal(t.nan_to_num(), r.nan_to_num())
+            torch.equal(t.nan_to_num(), r[0].nan_to_num())
             for t, r in zip(compiled_targets, compiled_references, strict=True)
-        ),
+        )
+        and torch.equal(compiled_positions, compiled_references[0][1]),
         "write_rows_equal": torch.equal(host, expected),
         "write_row_pairs_equal": pair_written,
         "write_launches": launches,
         "write_row_pairs_schema": str(torch.ops.kvbench.write_row_pairs.default._schema),
         "gathered": gathered,
-        "taken": int(take.sum()),
+        "gather_page_pairs_schema": str(torch.ops.kvbench.gather_page_pairs.default._schema),
     }
+
+
+def _page_pairs(b: int, groups: int, recalled: int, n_pages: int, n_slots: int, generator: torch.Generator):
+    """Distinct pages and distinct slots in each (sequence, group) row, about half of them fetched."""
+    pages = torch.stack([torch.randperm(n_pages, generator=generator)[:recalled] for _ in range(b * groups)])
+    slots = torch.stack([torch.randperm(n_slots, generator=generator)[:recalled] for _ in range(b * groups)])
+    fetch = torch.rand(b, groups, recalled, generator=generator) < 0.5
+    return pages.view(b, groups, recalled), slots.view(b, groups, recalled), fetch
+
+
+def gather_pages_by_loops(host, pages, slots, fetch, p: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `gather_pages` must leave in a NaN target [B, H, s, D] and a positions buffer of -7s."""
+    b, h, _, d = host.shape
+    per_group = h // pages.shape[1]
+    target, positions = torch.full((b, h, s, d), float("nan")), torch.full((b, h, s), -7)
+    for i in range(b):
+        for head in range(h):
+            for r in range(pages.shape[2]):
+                g = head // per_group
+                if fetch[i, g, r]:
+                    page, slot = int(pages[i, g, r]), int(slots[i, g, r])
+                    target[i, head, slot * p : slot * p + p] = host[i, head, page * p : page * p + p]
+                    positions[i, head, slot * p : slot * p + p] = torch.arange(page * p, page * p + p)
+    return target, positions
 
 
 def _offsets_past_int32() -> dict:
@@ -132,11 +148,15 @@ def _offsets_past_int32() -> dict:
     flat = torch.empty(2 * stride + n * d, dtype=torch.uint8)
     host = flat.as_strided((3, 1, n, d), (stride, n * d, d, 1))
     host[2].copy_(torch.arange(n * d).remainder(251).to(torch.uint8).view(1, n, d))
-    target = torch.zeros(3, 1, 8, d, dtype=torch.uint8)
-    rows = torch.arange(8).expand(3, 1, 8).contiguous()
-    host_pages.gather_rows((host,), (target,), rows + 5, rows, torch.ones(3, 1, 8, dtype=torch.bool))
+    target, positions = torch.zeros(3, 1, 8, d, dtype=torch.uint8), torch.zeros(3, 1, 8, dtype=torch.int64)
+    pages, slots, fetch = (
+        torch.ones(3, 1, 1, dtype=torch.int64),
+        torch.zeros(3, 1, 1, dtype=torch.int64),
+        torch.ones(3, 1, 1, dtype=torch.bool),
+    )
+    host_pages.gather_pages((host,), (target,), positions, pages, slots, fetch, 8)  # page 1: rows 8 to 15
     host_pages.write_rows((host,), torch.tensor([1, 2, 3]), (torch.full((3, 1, 1, d), 255, dtype=torch.uint8),))
-    return {"gather": torch.equal(target[2, 0], host[2, 0, 5:13]), "write": bool((host[2, 0, 3] == 255).all())}
+    return {"gather": torch.equal(target[2, 0], host[2, 0, 8:16]), "write": bool((host[2, 0, 3] == 255).all())}
 
 
 @pytest.fixture(scope="module")
@@ -177,12 +197,33 @@ def test_copies_address_past_int32_elements(interpreted: dict) -> None:
     assert interpreted["past_int32"] == {"gather": True, "write": True}
 
 
-@pytest.mark.parametrize("pairs", ["one", "pair", "strided_take"])
-def test_gather_rows_copies_taken_rows_and_nothing_else(interpreted: dict, pairs: str) -> None:
-    """One (host, target) pair, keys and values as two pairs in one launch, and a `take` that is a view."""
-    assert 0 < interpreted["taken"] < 2 * 3 * 9  # some rows taken, some not
-    assert interpreted["gathered"][pairs]["untouched"]
-    assert interpreted["gathered"][pairs]["equal"]
+@pytest.mark.parametrize("pairs", ["one", "pair", "strided_fetch"])
+def test_gather_pages_copies_fetched_pages_and_nothing_else(interpreted: dict, pairs: str) -> None:
+    """One (host, target) pair, keys and values as two pairs in one launch, and a `fetch` that is a view:
+    each fetched page's rows for every head of its group, with their positions."""
+    check = interpreted["gathered"][pairs]
+    assert 0 < check["taken"] < 2 * 2 * 3, check  # some pages fetched, some not
+    assert check["untouched"] and check["equal"] and check["positions"], check
+
+
+def test_gather_page_pairs_mutates_both_targets_and_the_positions(interpreted: dict) -> None:
+    schema = interpreted["gather_page_pairs_schema"]
+    assert "Tensor(a1!) target" in schema and "Tensor(a3!) second_target" in schema
+    assert "Tensor(a4!) positions" in schema
+
+
+def test_gather_pages_without_kernels_copies_every_pair() -> None:
+    """The PyTorch path (CPU runs without Triton's interpreter) against the same loops."""
+    generator = torch.Generator().manual_seed(1)
+    hosts = tuple(torch.randn(2, 4, 50, 6, generator=generator) for _ in range(2))
+    pages, slots, fetch = _page_pairs(2, 2, 3, 10, 4, generator)
+    targets, positions = tuple(torch.full((2, 4, 20, 6), float("nan")) for _ in hosts), torch.full((2, 4, 20), -7)
+    host_pages.gather_pages(hosts, targets, positions, pages, slots, fetch, 5, through_kernels=False)
+    for host, target in zip(hosts, targets, strict=True):
+        want, want_positions = gather_pages_by_loops(host, pages, slots, fetch, 5, 20)
+        assert torch.equal(target.nan_to_num(), want.nan_to_num()) and torch.equal(target.isnan(), want.isnan())
+        assert torch.equal(positions, want_positions)
+    assert 0 < int(fetch.sum()) < 12
 
 
 def test_pinned_copy_registers_exact_bytes_until_the_last_view_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,13 +11,16 @@ import pytest
 import torch
 
 from kvbench import kernels, page_selection
+from kvbench.page_selection import PageSchedule
 from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 
-def _case(b: int, g: int, n: int, s: int, newest: list[int], gen: torch.Generator) -> tuple:
-    """Distinct scores; each row's slots hold distinct pages (sinks 0, a window, some of the best pages,
-    some random ones), a few slots empty (-1)."""
-    scores = torch.randn(b, g, n, generator=gen)
+def _case(b: int, g: int, heads: int, n: int, s: int, newest: list[int], schedule, gen: torch.Generator) -> tuple:
+    """Distinct scores per KV head ([B, g * heads, N]); each row's slots hold distinct pages (sinks 0, a
+    window, some of the best pages by group mean, some random ones), a few slots empty (-1); counters at
+    random step counts; each row's tokens such that its window starts at `newest`."""
+    head_scores = torch.randn(b, g * heads, n, generator=gen)
+    scores = head_scores.view(b, g, heads, n).mean(dim=2)
     slot_page = torch.full((b, g, s), -1, dtype=torch.int64)
     for i in range(b):
         for j in range(g):
@@ -26,19 +29,25 @@ def _case(b: int, g: int, n: int, s: int, newest: list[int], gen: torch.Generato
             others = torch.randperm(n, generator=gen)
             held = list(dict.fromkeys([0, *window, *best[::2].tolist(), *others.tolist()]))[: s - 2]
             slot_page[i, j, : len(held)] = torch.tensor(held)
-    return scores, slot_page, torch.tensor(newest), torch.tensor([True] * (b - 1) + [False])
+    counters = torch.stack([torch.randint(0, 50, (b, g), generator=gen).float(), torch.zeros(b, g)], dim=-1)
+    # (tokens - 1) // p - n_window + 1 = newest, one token into the page after the window's first.
+    tokens = torch.tensor([(x + schedule.n_window - 1) * schedule.page_size + 1 for x in newest])
+    return head_scores, slot_page, counters, tokens
 
 
 def _compare(got: tuple, want: tuple, whole: bool) -> dict:
-    pages, slots, fetch = got
-    ref_pages, ref_slots, ref_fetch = want
+    (pages, slots, fetch), (slot_page, counters) = got
+    (ref_pages, ref_slots, ref_fetch), (ref_slot_page, ref_counters) = want
     n = fetch.sum(-1, keepdim=True)
     first = torch.arange(fetch.shape[-1]) < n  # the fetched pairs; past them ties may order freely
     return {
         "fetch": torch.equal(fetch, ref_fetch),
         "fetched_pairs": torch.equal(pages[first], ref_pages[first]) and torch.equal(slots[first], ref_slots[first]),
         "whole": (torch.equal(pages, ref_pages) and torch.equal(slots, ref_slots)) if whole else None,
+        "slot_page": torch.equal(slot_page, ref_slot_page),
+        "counters": torch.equal(counters, ref_counters),
         "fetched": int(fetch.sum()),
+        "width": fetch.shape[-1],
     }
 
 
@@ -71,21 +80,19 @@ def _interpreted_checks() -> dict:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     gen = torch.Generator().manual_seed(0)
     checks = {}
-    for name, (b, g, n, s, newest, k, whole) in {
-        "small": (3, 2, 75, 16, [60, 70, 40], 6, True),
-        "arkvale_32k": (4, 1, 1026, 64, [1020, 1000, 900, 1024], 30, True),
-        "few_candidates": (2, 1, 40, 16, [5, 30], 8, False),  # row 0: 4 candidates for 8 places
+    for name, (b, g, heads, n, s, newest, schedule, k, cap, whole) in {
+        # The last row holds no more tokens than its slots (inactive): it fetches nothing and counts no step.
+        "small": (3, 2, 2, 75, 16, [60, 70, 40], PageSchedule(1, 1, 1, 41), 6, None, True),
+        "arkvale_32k": (4, 1, 8, 1026, 64, [1020, 1000, 1024, 900], PageSchedule(1, 2, 32, 2048), 30, None, True),
+        "few_candidates": (2, 1, 1, 40, 16, [5, 30], PageSchedule(1, 1, 1, 0), 8, None, False),  # row 0: 4 for 8
+        "capped_rate": (4, 2, 4, 300, 32, [290, 280, 270, 260], PageSchedule(1, 2, 8, 0), 12, 0.3, True),
+        "capped_two": (2, 1, 4, 300, 32, [290, 250], PageSchedule(1, 2, 8, 0), 12, 2.0, True),
     }.items():
-        inputs = (*_case(b, g, n, s, newest, gen), k)
-        scores, slot_page, newest_t, active, k = inputs
-        got = page_selection.select_pages(scores, slot_page, 1, newest_t, active, k)
-        want = page_selection.select_pages_reference(scores, slot_page, 1, newest_t, active, k)
-        checks[name] = _compare(got, want, whole)
-    # Signed zeros: torch.neg keeps -0.0 below +0.0, so the page scored -0.0 is the first victim.
-    zeros = (torch.tensor([[[9.0, 0.0, -0.0, 1.0]]]), torch.tensor([[[2, 1, 3]]]), 0, torch.tensor([4]))
-    got = page_selection.select_pages(*zeros, torch.tensor([True]), 1)
-    want = page_selection.select_pages_reference(*zeros, torch.tensor([True]), 1)
-    checks["signed_zeros"] = _compare(got, want, True)
+        head_scores, slot_page, counters, tokens = _case(b, g, heads, n, s, newest, schedule, gen)
+        ref_slot_page, ref_counters = slot_page.clone(), counters.clone()
+        got = page_selection.select_pages(head_scores, slot_page, counters, tokens, schedule, k, cap)
+        want = page_selection.select_pages_reference(head_scores, ref_slot_page, ref_counters, tokens, schedule, k, cap)
+        checks[name] = _compare((got, (slot_page, counters)), (want, (ref_slot_page, ref_counters)), whole)
     checks["arkvale"] = _arkvale_trace()
     return checks
 
@@ -95,12 +102,18 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__), timeout_s=300)
 
 
-@pytest.mark.parametrize("case", ["small", "arkvale_32k", "few_candidates", "signed_zeros"])
+@pytest.mark.parametrize("case", ["small", "arkvale_32k", "few_candidates", "capped_rate", "capped_two"])
 def test_kernel_matches_the_reference(interpreted: dict, case: str) -> None:
     check = interpreted[case]
     assert check["fetch"] and check["fetched_pairs"], check
     assert check["whole"] in (True, None), check
+    assert check["slot_page"] and check["counters"], check  # the step's bookkeeping, written in place
     assert check["fetched"] > 0, check  # the cases recall something
+
+
+def test_capped_steps_return_only_the_pairs_they_may_fetch(interpreted: dict) -> None:
+    assert interpreted["capped_rate"]["width"] == 1 and interpreted["capped_two"]["width"] == 2
+    assert interpreted["small"]["width"] == 6
 
 
 def test_arkvale_through_its_kernels_keeps_the_pages_of_the_pytorch_path(interpreted: dict) -> None:
@@ -112,31 +125,65 @@ def test_arkvale_through_its_kernels_keeps_the_pages_of_the_pytorch_path(interpr
     assert torch.allclose(torch.tensor(kernel_run["outputs"]), torch.tensor(torch_run["outputs"]), atol=1e-4)
 
 
-def test_reference_selects_missing_best_pages_over_the_lowest_resident() -> None:
-    """A hand-made row: pages 0..9, sink 0, window from page 8; slots hold 0, 8, 9, 2, 5, 7; k = 3."""
-    scores = torch.tensor([[[0.0, 9.0, 1.0, 8.0, 0.5, 7.0, 6.0, 0.2, 0.0, 0.0]]])
+def _hand_made(capacity: int, cap: float | None, steps: float = 0.0) -> tuple:
+    """A hand-made row: pages 0..9, sink 0, window from page 8 (9 tokens, pages of 1); slots hold 0, 8, 9,
+    2, 5, 7; k = 3. Scores are the mean of two heads."""
+    mean = torch.tensor([0.0, 9.0, 1.0, 8.0, 0.5, 7.0, 6.0, 0.2, 0.0, 0.0])
+    head_scores = torch.stack([mean - 1, mean + 1]).unsqueeze(0)
     slot_page = torch.tensor([[[0, 8, 9, 2, 5, 7]]])
-    pages, slots, fetch = page_selection.select_pages(slot_page=slot_page, scores=scores, n_sink=1,
-        newest_candidate=torch.tensor([8]), active=torch.tensor([True]), k=3)  # fmt: skip
+    counters = torch.tensor([[[steps, 4.0]]])
+    got = page_selection.select_pages(
+        head_scores, slot_page, counters, torch.tensor([9]), PageSchedule(1, 1, 1, capacity), 3, cap
+    )
+    return (*got, slot_page, counters)
+
+
+def test_reference_selects_missing_best_pages_over_the_lowest_resident() -> None:
+    pages, slots, fetch, slot_page, counters = _hand_made(capacity=6, cap=None)
     # Best three candidates: 1, 3, 5; 5 is resident. Victims, lowest first: page 7 (slot 5), page 2 (slot 3).
     assert fetch.tolist() == [[[True, True, False]]]
     assert pages[0, 0, :2].tolist() == [1, 3] and pages[0, 0, 2] == 5
     assert slots[0, 0, :2].tolist() == [5, 3]
-    inactive = page_selection.select_pages(scores, slot_page, 1, torch.tensor([8]), torch.tensor([False]), 3)
-    assert not inactive[2].any()
+    # In place: pages 1 and 3 now name slots 5 and 3; one more selection step, two more pages recalled.
+    assert slot_page.tolist() == [[[0, 8, 9, 3, 5, 1]]]
+    assert counters.tolist() == [[[1.0, 6.0]]]
 
 
-def test_bad_k_is_refused() -> None:
+def test_a_row_within_its_slots_selects_nothing() -> None:
+    *_, fetch, slot_page, counters = _hand_made(capacity=9, cap=None)
+    assert not fetch.any()
+    assert slot_page.tolist() == [[[0, 8, 9, 2, 5, 7]]] and counters.tolist() == [[[0.0, 4.0]]]
+
+
+@pytest.mark.parametrize(("cap", "steps", "fetched"), [(1.0, 0.0, 1), (0.3, 2.0, 0), (0.3, 3.0, 1), (0.0, 0.0, 0)])
+def test_recall_cap_fetches_at_most_its_share_of_the_first_pairs(cap: float, steps: float, fetched: int) -> None:
+    """floor((n + 1) cap) - floor(n cap) pages on the row's n-th selection step: at 0.3, none on step 2
+    (0.9 - 0.6 both floor to 0), one on step 3 (1.2 -> 1, 0.9 -> 0)."""
+    pages, slots, fetch, slot_page, counters = _hand_made(capacity=6, cap=cap, steps=steps)
+    assert fetch.shape[-1] == (1 if cap else 0)  # ceil(cap) pairs at most
+    assert int(fetch.sum()) == fetched
+    assert counters.tolist() == [[[steps + 1, 4.0 + fetched]]]
+    if fetched:
+        assert pages[0, 0, 0] == 1 and slots[0, 0, 0] == 5 and slot_page[0, 0, 5] == 1
+
+
+def test_bad_inputs_are_refused() -> None:
+    scores, slot_page, counters = torch.zeros(1, 2, 10), torch.zeros(1, 1, 6, dtype=torch.int64), torch.zeros(1, 1, 2)
+    schedule, tokens = PageSchedule(1, 1, 1, 0), torch.tensor([5])
     with pytest.raises(ValueError, match="k=7"):
-        page_selection.select_pages(torch.zeros(1, 1, 10), torch.zeros(1, 1, 6, dtype=torch.int64), 1,
-            torch.tensor([5]), torch.tensor([True]), 7)  # fmt: skip
+        page_selection.select_pages(scores, slot_page, counters, tokens, schedule, 7)
+    with pytest.raises(ValueError, match="counters"):
+        page_selection.select_pages(scores, slot_page, counters[..., :1], tokens, schedule, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        page_selection.select_pages(scores, slot_page.repeat(1, 1, 2)[..., ::2], counters, tokens, schedule, 3)
 
 
 def test_kernel_compiles_for_hopper() -> None:
-    pointers = {"scores_ptr": "*fp32", "slot_page_ptr": "*i64", "newest_ptr": "*i64", "active_ptr": "*i8"}
-    pointers |= {"pages_out": "*i64", "slots_out": "*i64", "fetch_out": "*i8"}
-    constexprs = {"BITS": 11, "N_PAD": 2048, "S_PAD": 64, "K_PAD": 32}
-    compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs)
+    pointers = {"scores_ptr": "*fp32", "slot_page_ptr": "*i64", "counters_ptr": "*fp32", "tokens_ptr": "*i64"}
+    pointers |= {"pages_out": "*i64", "slots_out": "*i64", "fetch_out": "*i8", "cap": "fp32"}
+    for capped in (True, False):
+        constexprs = {"CAPPED": capped, "BITS": 11, "N_PAD": 2048, "S_PAD": 64, "K_PAD": 32}
+        compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs)
 
 
 if __name__ == "__main__":
