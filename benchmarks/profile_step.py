@@ -5,7 +5,8 @@
 Prefills `batch` random prompts through the engine, compiles the decode step as the `compiled` engine does,
 then (1) times CUDA-graph replays of it (what `speed.py` reports) and (2) runs the same compiled step
 without the graph under `torch.profiler`, summing GPU kernel time by kind: matrix products (cuBLAS /
-CUTLASS / nvjet), kvbench's attention kernels, host-page kernels, Inductor's fused Triton kernels, other.
+CUTLASS / nvjet), kvbench's attention kernels, host-page kernels, page scoring and selection, Inductor's
+fused Triton kernels, other.
 The gap between the replay time and the kernel-time sum is idle GPU time between kernels; the gap between
 matrix-product time and weight bytes / bandwidth is how far the projections are from the memory floor.
 
@@ -41,7 +42,8 @@ from kvbench.records import environment
 KINDS = (
     ("attention", ("_decode_split_kernel", "_decode_combine_kernel", "_packed_split_kernel", "_plane_split_kernel")),
     ("received", ("_received_kernel",)),
-    ("host_pages", ("_gather_rows", "_write_rows", "gather_rows", "write_rows")),
+    ("host_pages", ("_gather_pages", "_write_rows", "gather_pages", "write_rows")),
+    ("page_selection", ("_cuboid_scores_kernel", "_select_pages_kernel", "_largest_keys_kernel")),
     ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitK", "mm_")),
     ("fused", ("triton_",)),
 )
