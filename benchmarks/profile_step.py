@@ -43,7 +43,8 @@ KINDS = (
     ("attention", ("_decode_split_kernel", "_decode_combine_kernel", "_packed_split_kernel", "_plane_split_kernel")),
     ("received", ("_received_kernel",)),
     ("host_pages", ("_gather_pages", "_write_rows", "gather_pages", "write_rows")),
-    ("page_selection", ("_cuboid_scores_kernel", "_select_pages_kernel", "_largest_keys_kernel")),
+    ("page_selection", ("_cuboid_scores_kernel", "_select_pages_kernel")),
+    ("topk", ("_largest_keys_kernel",)),
     ("matmul", ("gemm", "gemv", "cutlass", "nvjet", "sm90_", "sm80_", "cublas", "splitK", "mm_")),
     ("fused", ("triton_",)),
 )

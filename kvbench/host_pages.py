@@ -153,7 +153,7 @@ def gather_pages(
 
     host [B, H, N, D], target [B, H, S, D] on the device; positions [B, H, S] int64; pages, slots [B, G, R]
     int64, fetch [B, G, R] bool. The kernel takes one or two pairs of equal shapes and strides; other pairs
-    run one launch each (the first of them writing the positions). `through_kernels` as in `write_rows`.
+    run one launch each, each writing the same positions. `through_kernels` as in `write_rows`.
     """
     b, h = positions.shape[:2]
     groups = pages.shape[1]

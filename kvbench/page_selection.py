@@ -40,6 +40,7 @@ from kvbench import kernels
 from kvbench.topk import float_order_keys, largest_keys
 
 MAX_KERNEL_PAGES = 16384  # pages and slots within 2^14: float keys (within +-2^31) pack without overflow
+SELECTION_STEPS, PAGES_RECALLED = 0, 1  # counters [B, G, 2], per row: steps it selected on, pages it recalled
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,14 @@ def select_pages_reference(
     _, victim_slots = largest_keys(float_order_keys(-resident_score), k)  # lowest score first
     order = missing.to(torch.int8).argsort(dim=-1, descending=True, stable=True)  # missing pages first
     width = recall_width(k, cap)
-    top, victim_slots, fetch = top.gather(2, order)[..., :width], victim_slots[..., :width], missing.gather(2, order)
-    fetch = fetch[..., :width]
+    top, victim_slots, fetch = (t[..., :width] for t in (top.gather(2, order), victim_slots, missing.gather(2, order)))
     if cap is not None:
-        steps = counters[..., 0]
+        steps = counters[..., SELECTION_STEPS]
         allowed = torch.floor((steps + 1) * cap) - torch.floor(steps * cap)  # float32, as the kernel
         fetch = fetch & (torch.arange(width, device=fetch.device) < allowed.unsqueeze(-1))
     slot_page.scatter_(2, victim_slots, torch.where(fetch, top, slot_page.gather(2, victim_slots)))
-    counters[..., 0] += active.view(b, 1).float()
-    counters[..., 1] += fetch.sum(dim=-1).float()
+    counters[..., SELECTION_STEPS] += active.view(b, 1).float()
+    counters[..., PAGES_RECALLED] += fetch.sum(dim=-1).float()
     return top, victim_slots, fetch
 
 
@@ -163,14 +163,13 @@ if kernels.triton is not None:
         kept_before = j - before
         position = tl.where(missing, before, n_missing + kept_before)
 
-        # 5. The recall cap: the first `allowed` pairs of this selection step.
-        steps = tl.load(counters_ptr + row * 2)
+        # 5. The recall cap: the first `allowed` pairs of this selection step (allowed <= ceil(cap): within width).
+        steps = tl.load(counters_ptr + row * 2)  # counters [.., 2]: selection steps, pages recalled
         if CAPPED:
             allowed = tl.floor((steps + 1) * cap) - tl.floor(steps * cap)
             fetched = missing & (position < allowed)
         else:
             fetched = missing
-        fetched = fetched & (position < width)
         tl.store(pages_out + row * width + position, top_page, mask=real & (position < width))
         tl.store(fetch_out + row * width + position, fetched.to(tl.int8), mask=real & (position < width))
 
@@ -252,12 +251,15 @@ def select_pages(
     groups, s = slot_page.shape[1:]
     if not 1 <= k <= min(n, s):
         raise ValueError(f"select_pages: 1 <= k <= pages and slots: got k={k}, {n} pages, {s} slots")
-    if h % groups or counters.shape != (b, groups, 2) or tokens.shape != (b,):
+    if h % groups or slot_page.shape[0] != b or counters.shape != (b, groups, 2) or tokens.shape != (b,):
         raise ValueError(
             f"select_pages: head scores [B, H, N] with H a multiple of slot_page's groups [B, G, S], counters "
             f"[B, G, 2], tokens [B]: got {tuple(head_scores.shape)}, {tuple(slot_page.shape)}, "
             f"{tuple(counters.shape)}, {tuple(tokens.shape)}"
         )
+    dtypes = (head_scores.dtype, slot_page.dtype, counters.dtype, tokens.dtype)
+    if dtypes != (torch.float32, torch.int64, torch.float32, torch.int64):
+        raise ValueError(f"select_pages: float32 scores, int64 slot_page, float32 counters, int64 tokens: got {dtypes}")
     if cap is not None and cap < 0:
         raise ValueError(f"select_pages: cap is None or >= 0, got {cap}")
     if any(not t.is_contiguous() for t in (head_scores, slot_page, counters, tokens)):

@@ -17,7 +17,7 @@ from kvbench.cuboid_scores import cuboid_scores
 from kvbench.errors import require
 from kvbench.host_pages import gather_pages, pinned_concat, uses_kernels, write_rows
 from kvbench.method import Method, check_budget, check_budget_fits
-from kvbench.page_selection import PageSchedule, select_pages
+from kvbench.page_selection import PAGES_RECALLED, SELECTION_STEPS, PageSchedule, select_pages
 
 RADII = ("mean", "max", "center")
 # The paper's evaluation setting: top-k = min(C, budget / 2) / page_size pages, C = 40 pages of 32 tokens.
@@ -52,11 +52,13 @@ class ArkVale(Method):
     Deviations from the paper and its code:
     - PyTorch and kvbench's kernels: attention over the resident slots instead of FlashInfer paged
       kernels; the estimate as q⁺·(c + r) + q⁻·(c - r) (equal to the per-channel max because
-      c + r >= c - r): on a GPU one Triton pass over both digests (`kvbench.cuboid_scores`; bf16 digests,
-      float32 sums and scores), elsewhere two matmuls in the cache's dtype; the decode step's selection
-      (top-k pages, which are missing, the victims) in one Triton program per row on CUDA
-      (`kvbench.page_selection`: bitonic top-k), PyTorch elsewhere (`torch.topk`); equal scores may pick
-      different pages than RAFT's radix top-k. Only the cuboid digests; the sphere digests and the
+      c + r >= c - r): on a GPU one Triton pass over both digests that also averages each KV head's query
+      halves (`kvbench.cuboid_scores`; bf16 digests, float32 sums and scores), elsewhere two matmuls in the
+      cache's dtype; the decode step's selection (the group's ranking, top-k pages, which are missing, the
+      victims, the benchmark's recall cap, and the slot and counter updates) in one Triton program per row
+      on CUDA (`kvbench.page_selection`: bitonic top-k; the group's scores summed, which ranks as their
+      mean), PyTorch elsewhere (`torch.topk`); equal scores may pick different pages than RAFT's radix
+      top-k. Only the cuboid digests; the sphere digests and the
       speculative prefetch of later layers (`n_prefetch_layers`, off by default) are not implemented.
     - Slot layout: the page being written always sits in the last page slot. When it fills and the
       next token starts a page, it moves into the slot of the page leaving the window; the code instead
@@ -383,7 +385,8 @@ class ArkValeLayer(KVLayer):
 
     # ----- shared helpers -----
     def _page_scores(self, query: torch.Tensor) -> torch.Tensor:
-        """[B, groups, total_pages] page estimates for `query` [B, Hq, D]; unfilled pages score 0."""
+        """[B, groups, total_pages] page estimates for `query` [B, Hq, D]; unfilled pages score 0. For the
+        prefill's ranking (decode's `select_pages` averages the heads of each group itself)."""
         per_kv_head = cuboid_scores(query, self.digest_upper, self.digest_lower)
         b, h, n = per_kv_head.shape
         return per_kv_head.view(b, self.groups, h // self.groups, n).mean(dim=2)
@@ -436,5 +439,5 @@ class ArkValeLayer(KVLayer):
         if self.counters is None:
             return {}
         # Every group of a row counts the row's selection steps; the pages are each group's own.
-        steps, recalled = self.counters[:, 0, 0], self.counters[..., 1]
+        steps, recalled = self.counters[:, 0, SELECTION_STEPS], self.counters[..., PAGES_RECALLED]
         return {"pages_recalled": float(recalled.sum()), "selection_steps": float(steps.sum())}

@@ -150,6 +150,7 @@ def test_compiled_page_schedule_gives_the_every_step_tokens_and_pages(tiny, monk
         if not isinstance(got, ArkValeLayer):
             continue
         assert torch.equal(got.slot_page, expected.slot_page) and torch.equal(got.positions, expected.positions)
+        assert torch.equal(got.counters, expected.counters)
         torch.testing.assert_close(got.keys, expected.keys, rtol=1e-4, atol=1e-4)
         full_pages = int(got.seen.min()) // method.page_size
         for name in ("digest_upper", "digest_lower"):

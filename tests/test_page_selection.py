@@ -51,7 +51,10 @@ def _compare(got: tuple, want: tuple, whole: bool) -> dict:
     }
 
 
-def _arkvale_trace() -> dict:
+TRACES = ((1, None), (2, 0.5))  # (n_groups, recall_cap) of the ArkVale traces
+
+
+def _arkvale_trace(n_groups: int, recall_cap: float | None) -> dict:
     """ArkVale decoding random keys with a small budget: the page in each slot after every step, the pages
     recalled and the attention outputs. Under the interpreter the layer runs every kernel of its CUDA step
     (estimate, selection, host copies, top-k, attention); in the test process, the PyTorch paths."""
@@ -61,7 +64,8 @@ def _arkvale_trace() -> dict:
     gen = torch.Generator().manual_seed(5)
     model = ModelSpec("test", num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_positions=4096)
     prompt_len, steps = 200, 40
-    layer = ArkVale(budget=64, page_size=8, page_topk=4).make_layer(LayerSpec(3, model, 1, prompt_len, steps))
+    method = ArkVale(budget=64, page_size=8, page_topk=4, n_groups=n_groups, recall_cap=recall_cap)
+    layer = method.make_layer(LayerSpec(3, model, 1, prompt_len, steps))
     q = torch.randn(1, 4, prompt_len + steps, 16, generator=gen)
     k, v = (torch.randn(1, 2, prompt_len + steps, 16, generator=gen) for _ in range(2))
     for start in range(0, prompt_len, 50):
@@ -73,7 +77,7 @@ def _arkvale_trace() -> dict:
         keys, values = layer.update(k[:, :, i : i + 1], v[:, :, i : i + 1])
         outputs.append(layer.attend(q[:, :, i : i + 1], keys, values, 0.25).flatten().tolist())
         trace.append(layer.slot_page.flatten().tolist())
-    return {"slot_pages": trace, "recalled": layer.stats()["pages_recalled"], "outputs": outputs}
+    return {"slot_pages": trace, "stats": layer.stats(), "outputs": outputs}
 
 
 def _interpreted_checks() -> dict:
@@ -85,15 +89,19 @@ def _interpreted_checks() -> dict:
         "small": (3, 2, 2, 75, 16, [60, 70, 40], PageSchedule(1, 1, 1, 41), 6, None, True),
         "arkvale_32k": (4, 1, 8, 1026, 64, [1020, 1000, 1024, 900], PageSchedule(1, 2, 32, 2048), 30, None, True),
         "few_candidates": (2, 1, 1, 40, 16, [5, 30], PageSchedule(1, 1, 1, 0), 8, None, False),  # row 0: 4 for 8
-        "capped_rate": (4, 2, 4, 300, 32, [290, 280, 270, 260], PageSchedule(1, 2, 8, 0), 12, 0.3, True),
+        # Tokens (x + 1) * 8 + 1 for window starts x: capacity 2100 leaves the last row (2,089) inactive.
+        "capped_rate": (4, 2, 4, 300, 32, [290, 280, 270, 260], PageSchedule(1, 2, 8, 2100), 12, 0.3, True),
         "capped_two": (2, 1, 4, 300, 32, [290, 250], PageSchedule(1, 2, 8, 0), 12, 2.0, True),
+        "capped_zero": (2, 1, 4, 300, 32, [290, 250], PageSchedule(1, 2, 8, 0), 12, 0.0, True),
+        "capped_over_k": (2, 2, 2, 300, 32, [290, 250], PageSchedule(1, 2, 8, 0), 12, 40.0, True),
     }.items():
         head_scores, slot_page, counters, tokens = _case(b, g, heads, n, s, newest, schedule, gen)
         ref_slot_page, ref_counters = slot_page.clone(), counters.clone()
         got = page_selection.select_pages(head_scores, slot_page, counters, tokens, schedule, k, cap)
         want = page_selection.select_pages_reference(head_scores, ref_slot_page, ref_counters, tokens, schedule, k, cap)
         checks[name] = _compare((got, (slot_page, counters)), (want, (ref_slot_page, ref_counters)), whole)
-    checks["arkvale"] = _arkvale_trace()
+    for groups, cap in TRACES:
+        checks[f"arkvale_{groups}_{cap}"] = _arkvale_trace(groups, cap)
     return checks
 
 
@@ -102,26 +110,33 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__), timeout_s=300)
 
 
-@pytest.mark.parametrize("case", ["small", "arkvale_32k", "few_candidates", "capped_rate", "capped_two"])
+CASES = ["small", "arkvale_32k", "few_candidates", "capped_rate", "capped_two", "capped_zero", "capped_over_k"]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_kernel_matches_the_reference(interpreted: dict, case: str) -> None:
     check = interpreted[case]
     assert check["fetch"] and check["fetched_pairs"], check
     assert check["whole"] in (True, None), check
     assert check["slot_page"] and check["counters"], check  # the step's bookkeeping, written in place
-    assert check["fetched"] > 0, check  # the cases recall something
+    assert (check["fetched"] > 0) == (case != "capped_zero"), check  # the others recall something
 
 
 def test_capped_steps_return_only_the_pairs_they_may_fetch(interpreted: dict) -> None:
-    assert interpreted["capped_rate"]["width"] == 1 and interpreted["capped_two"]["width"] == 2
-    assert interpreted["small"]["width"] == 6
+    widths = {case: interpreted[case]["width"] for case in CASES}
+    assert widths["capped_rate"] == 1 and widths["capped_two"] == 2 and widths["capped_zero"] == 0
+    assert widths["capped_over_k"] == 12 and widths["small"] == 6
 
 
-def test_arkvale_through_its_kernels_keeps_the_pages_of_the_pytorch_path(interpreted: dict) -> None:
+@pytest.mark.parametrize(("groups", "cap"), TRACES)
+def test_arkvale_through_its_kernels_keeps_the_pages_of_the_pytorch_path(
+    interpreted: dict, groups: int, cap: float | None
+) -> None:
     """The whole decode step of an ArkVale layer with its kernels (interpreted) against the PyTorch path."""
-    kernel_run, torch_run = interpreted["arkvale"], _arkvale_trace()
-    assert torch_run["recalled"] > 0
+    kernel_run, torch_run = interpreted[f"arkvale_{groups}_{cap}"], _arkvale_trace(groups, cap)
+    assert torch_run["stats"]["pages_recalled"] > 0
     assert kernel_run["slot_pages"] == torch_run["slot_pages"]
-    assert kernel_run["recalled"] == torch_run["recalled"]
+    assert kernel_run["stats"] == torch_run["stats"]
     assert torch.allclose(torch.tensor(kernel_run["outputs"]), torch.tensor(torch_run["outputs"]), atol=1e-4)
 
 
