@@ -345,7 +345,8 @@ class ArkValeLayer(KVLayer):
             return  # every page of this generation fits: never anything to select
         # Per KV head: the selection averages each group's heads itself. The k best pages, those of them
         # missing, the lowest-scored resident slots they replace (missing pages first), the recall cap and the
-        # slot and counter updates: one Triton program per row on CUDA (about 18 small PyTorch kernels before).
+        # slot and counter updates: one Triton program per row on CUDA (10 more kernels a layer before, by
+        # `benchmarks/profile_step.py` on an H100).
         head_scores = cuboid_scores(query, self.digest_upper, self.digest_lower)  # [B, Hkv, total_pages]
         pages, slots, fetch = select_pages(
             head_scores, self.slot_page, self.counters, self.seen, self.schedule, self.free_topk, self.method.recall_cap
