@@ -81,7 +81,7 @@ def check_host_pages() -> None:
         gather_pages(hosts, targets, positions, pages.cuda(), slots.cuda(), fetch.cuda(), p)
         torch.cuda.synchronize()
         want_positions = torch.full((b, h, s), -7)
-        for one_host, target in zip(hosts, targets, strict=True):
+        for index, (one_host, target) in enumerate(zip(hosts, targets, strict=True)):
             reference = torch.full((b, h, s, d), float("nan"), dtype=torch.bfloat16)
             for bb in range(b):
                 for hh in range(h):
@@ -94,7 +94,7 @@ def check_host_pages() -> None:
             got = target.cpu()
             same = torch.equal(got.isnan(), reference.isnan()) and torch.equal(got.nan_to_num(), reference.nan_to_num())
             same = same and torch.equal(positions.cpu(), want_positions)
-            check(f"gather_pages, {len(hosts)} pair(s) (pages not fetched stay untouched)", same)
+            check(f"gather_pages, pair {index + 1} of {len(hosts)} in one launch (pages not fetched untouched)", same)
 
 
 def check_arkvale_kernels() -> None:
