@@ -196,6 +196,10 @@ def gather_pages(
 
 if triton is not None:
 
+    def _mutates_only(*args: object) -> None:
+        """The operators' fake implementation: they return nothing and only write their mutated arguments."""
+        return None
+
     def _launch_write(
         host: torch.Tensor,
         second_host: torch.Tensor | None,
@@ -217,9 +221,7 @@ if triton is not None:
     def _write_rows_op(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
         _launch_write(host, None, rows, source, None)
 
-    @_write_rows_op.register_fake
-    def _(host: torch.Tensor, rows: torch.Tensor, source: torch.Tensor) -> None:
-        return None
+    _write_rows_op.register_fake(_mutates_only)
 
     @torch.library.custom_op("kvbench::write_row_pairs", mutates_args=("host", "second_host"))
     def _write_row_pairs_op(
@@ -231,15 +233,7 @@ if triton is not None:
     ) -> None:
         _launch_write(host, second_host, rows, source, second_source)
 
-    @_write_row_pairs_op.register_fake
-    def _(
-        host: torch.Tensor,
-        second_host: torch.Tensor,
-        rows: torch.Tensor,
-        source: torch.Tensor,
-        second_source: torch.Tensor,
-    ) -> None:
-        return None
+    _write_row_pairs_op.register_fake(_mutates_only)
 
     def _launch_gather(
         host: torch.Tensor,
@@ -279,17 +273,7 @@ if triton is not None:
     ) -> None:
         _launch_gather(host, target, None, None, positions, pages, slots, fetch, page_size)
 
-    @_gather_pages_op.register_fake
-    def _(
-        host: torch.Tensor,
-        target: torch.Tensor,
-        positions: torch.Tensor,
-        pages: torch.Tensor,
-        slots: torch.Tensor,
-        fetch: torch.Tensor,
-        page_size: int,
-    ) -> None:
-        return None
+    _gather_pages_op.register_fake(_mutates_only)
 
     @torch.library.custom_op("kvbench::gather_page_pairs", mutates_args=("target", "second_target", "positions"))
     def _gather_page_pairs_op(
@@ -305,19 +289,7 @@ if triton is not None:
     ) -> None:
         _launch_gather(host, target, second_host, second_target, positions, pages, slots, fetch, page_size)
 
-    @_gather_page_pairs_op.register_fake
-    def _(
-        host: torch.Tensor,
-        target: torch.Tensor,
-        second_host: torch.Tensor,
-        second_target: torch.Tensor,
-        positions: torch.Tensor,
-        pages: torch.Tensor,
-        slots: torch.Tensor,
-        fetch: torch.Tensor,
-        page_size: int,
-    ) -> None:
-        return None
+    _gather_page_pairs_op.register_fake(_mutates_only)
 
     @triton.jit
     def _write_rows_kernel(
