@@ -227,13 +227,11 @@ def _select_pages_op(
     k: int,
     cap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    schedule = PageSchedule(n_sink, n_window, page_size, capacity)
+    schedule, limit = PageSchedule(n_sink, n_window, page_size, capacity), None if cap < 0 else cap
     fits = max(head_scores.shape[-1], slot_page.shape[-1]) <= MAX_KERNEL_PAGES
     if kernels._use_triton(head_scores) and fits:
-        return _select_pages_triton(head_scores, slot_page, counters, tokens, schedule, k, None if cap < 0 else cap)
-    pages, slots, fetch = select_pages_reference(
-        head_scores, slot_page, counters, tokens, schedule, k, None if cap < 0 else cap
-    )
+        return _select_pages_triton(head_scores, slot_page, counters, tokens, schedule, k, limit)
+    pages, slots, fetch = select_pages_reference(head_scores, slot_page, counters, tokens, schedule, k, limit)
     return pages, slots, fetch.to(torch.int8)
 
 
