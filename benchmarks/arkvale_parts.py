@@ -8,6 +8,9 @@ room, pages of 32, so 1,026 pages; 2,048 resident slots), and Llama-3.1-8B's 8 K
 - `scores`: the digest estimate q⁺·upper + q⁻·lower per page and KV head, as two cuBLAS products
   (`einsum`, what the step ran before `kvbench.cuboid_scores`) and as the Triton pass; floor = both
   digests' bytes / the read bandwidth.
+- `select`: `kvbench.page_selection.select_pages` (the top pages, those missing, their victims, the recall
+  cap and the bookkeeping) for the paper's batch (4 rows of 32 heads) and Llama-3.1-8B's batch 1 (one row of
+  8 heads), 32k-token rows plus 48 decode tokens, 64 slots, k = 30, cap 0.3; against its PyTorch reference.
 - `recall`: one page (32 rows of keys and values, every KV head) recalled from pinned host memory into
   device slots for 0, 1 or all 4 sequences, by `kvbench.host_pages.gather_pages`: keys and values in two
   launches or as a pair in one, under tile and warp choices; `dma` is the copy engine moving the same bytes
@@ -37,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_attention import environment, read_bandwidth, time_us
 
-from kvbench import cuboid_scores, host_pages, kernels
+from kvbench import cuboid_scores, host_pages, kernels, page_selection
 
 PAGE = 32
 INPUT_SETS = 8
@@ -80,6 +83,31 @@ def score_rows(batch: int, heads: int, pages: int, device: torch.device, bandwid
         "kernel": [lambda i=i: cuboid_scores.cuboid_scores(*i) for i in inputs],
     }
     shape = {"part": "scores", "batch": batch, "kv_heads": heads, "pages": pages, "ok": ok, "floor_us": floor_us}
+    return [{**shape, "variant": name, "us": time_us(c, device)} for name, c in calls.items()]
+
+
+def select_rows(batch: int, heads: int, tokens: int, slots: int, k: int, device: torch.device) -> list[dict]:
+    """One page ranking per sequence (ArkVale's default: one group), every row past its slots."""
+    gen = torch.Generator().manual_seed(11)
+    pages = -(-tokens // PAGE)
+    schedule = page_selection.PageSchedule(n_sink=1, n_window=2, page_size=PAGE, capacity=slots * PAGE)
+    inputs = []
+    for _ in range(INPUT_SETS if device.type == "cuda" else 1):
+        head_scores = torch.randn(batch, heads, pages, generator=gen)
+        slot_page = torch.stack([torch.randperm(pages, generator=gen)[:slots] for _ in range(batch)]).view(batch, 1, -1)
+        counters = torch.zeros(batch, 1, 2)
+        written = torch.randint(tokens - 40, tokens + 1, (batch,), generator=gen)
+        inputs.append(tuple(t.to(device) for t in (head_scores, slot_page, counters, written)))
+    scores, slot_page, counters, written = inputs[0]
+    mine, theirs = (slot_page.clone(), counters.clone()), (slot_page.clone(), counters.clone())
+    got = page_selection.select_pages(scores, *mine, written, schedule, k, 0.3)
+    want = page_selection.select_pages_reference(scores, *theirs, written, schedule, k, 0.3)
+    ok = torch.equal(got[2].bool(), want[2]) and all(torch.equal(x, y) for x, y in zip(mine, theirs, strict=True))
+    calls = {
+        "reference": [lambda i=i: page_selection.select_pages_reference(*i, schedule, k, 0.3) for i in inputs],
+        "kernel": [lambda i=i: page_selection.select_pages(*i, schedule, k, 0.3) for i in inputs],
+    }
+    shape = {"part": "select", "batch": batch, "kv_heads": heads, "pages": pages, "ok": ok}
     return [{**shape, "variant": name, "us": time_us(c, device)} for name, c in calls.items()]
 
 
@@ -250,7 +278,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
-    parser.add_argument("--parts", nargs="+", default=["scores", "recall", "recall_cold", "backup"], help="which rows")
+    parts = ["scores", "select", "recall", "recall_cold", "backup"]
+    parser.add_argument("--parts", nargs="+", default=parts, help="which rows")
     parser.add_argument("--commit", default="")
     parser.add_argument("--out", default="benchmarks/results/arkvale_parts.jsonl")
     args = parser.parse_args()
@@ -261,6 +290,10 @@ def main() -> int:
         "scores": (
             lambda: [*(score_rows(*bhn, device, bandwidth) for bhn in ((4, 32, 1026), (1, 8, 1026), (4, 8, 1026)))],
             lambda: [score_rows(2, 2, 40, device, bandwidth)],
+        ),
+        "select": (
+            lambda: [select_rows(4, 32, 30720 + 48, 64, 30, device), select_rows(1, 8, 32768 + 48, 64, 30, device)],
+            lambda: [select_rows(2, 4, 300, 16, 6, device)],
         ),
         "recall": (lambda: [recall_rows(4, 32, 991, 2048, device)], lambda: [recall_rows(2, 2, 12, 128, device)]),
         # 8.3 GB of host keys

@@ -127,7 +127,7 @@ def check_arkvale_kernels() -> None:
         want = select_pages_reference(head_scores, want_slot_page, want_counters, tokens, schedule, k, cap)
         want_pages, want_slots, want_fetch = want
         fetched = torch.arange(fetch.shape[-1], device="cuda") < fetch.sum(-1, keepdim=True)  # ties order freely past
-        same = torch.equal(fetch, want_fetch) and torch.equal(pages[fetched], want_pages[fetched])
+        same = torch.equal(fetch.bool(), want_fetch) and torch.equal(pages[fetched], want_pages[fetched])
         same = same and torch.equal(slots[fetched], want_slots[fetched])
         kept = torch.equal(got_slot_page, want_slot_page) and torch.equal(counters, want_counters)
         check(f"select_pages against its reference, cap {cap}", same and kept, f"({int(fetch.sum())} pages fetched)")
@@ -150,7 +150,7 @@ def check_arkvale_kernels() -> None:
             got = select_pages(head_scores, *mine, tokens, schedule, k, cap)
             want = select_pages_reference(head_scores, *theirs, tokens, schedule, k, cap)
             fetched = torch.arange(got[2].shape[-1], device="cuda") < got[2].sum(-1, keepdim=True)
-            same = torch.equal(got[2], want[2]) and all(
+            same = torch.equal(got[2].bool(), want[2]) and all(
                 torch.equal(x[fetched], y[fetched]) for x, y in zip(got[:2], want[:2], strict=True)
             )
             mismatches += not (same and all(torch.equal(x, y) for x, y in zip(mine, theirs, strict=True)))

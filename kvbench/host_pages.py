@@ -152,8 +152,9 @@ def gather_pages(
     positions. Nothing else moves: a step that fetches nothing reads nothing from host memory.
 
     host [B, H, N, D], target [B, H, S, D] on the device; positions [B, H, S] int64; pages, slots [B, G, R]
-    int64, fetch [B, G, R] bool. The kernel takes one or two pairs of equal shapes and strides; other pairs
-    run one launch each, each writing the same positions. `through_kernels` as in `write_rows`.
+    int64, fetch [B, G, R] bool or int8 (nonzero: fetch; `page_selection.select_pages` gives int8). The kernel
+    takes one or two pairs of equal shapes and strides; other pairs run one launch each, each writing the same
+    positions. `through_kernels` as in `write_rows`.
     """
     b, h = positions.shape[:2]
     groups = pages.shape[1]
@@ -168,7 +169,7 @@ def gather_pages(
 
         source_rows = per_head(pages.unsqueeze(-1) * page_size + offsets)
         target_rows = per_head(slots.unsqueeze(-1) * page_size + offsets)
-        take = per_head(fetch.unsqueeze(-1).expand(-1, -1, -1, page_size))
+        take = per_head(fetch.bool().unsqueeze(-1).expand(-1, -1, -1, page_size))
         batch = torch.arange(b, device=positions.device).view(b, 1, 1)
         heads = torch.arange(h, device=positions.device).view(1, h, 1)
         for host, target in zip(hosts, targets, strict=True):

@@ -23,10 +23,12 @@ resident slots directly and writes the row's bookkeeping. Elsewhere (CPU) the re
 tests compare the two.
 
 `select_pages(head_scores, slot_page, counters, tokens, schedule, k, cap)`: head_scores float32 [B, H, N]
-(per KV head); slot_page int64 [B, G, S] (-1: empty); counters float32 [B, G, 2]; tokens int64 [B].
-Returns (pages, slots, fetch) [B, G, width], width = min(ceil(cap), k) or k: page pages[.., i] goes into
-slot slots[.., i] where fetch[.., i]. Among equal scores the kernel prefers the higher index and the
-reference (`torch.topk`) any of them.
+(per KV head); slot_page int64 [B, G, S] (-1: empty); counters float32 [B, G, 2]; tokens int64 [B], at
+most N * page_size. Returns (pages, slots, fetch) [B, G, width], width = min(ceil(cap), k) or k: page
+pages[.., i] goes into slot slots[.., i] where fetch[.., i] (int8, 1 or 0: `host_pages.gather_pages` takes it
+as it is, so no kernel converts it to bool). Among equal scores the kernel prefers the higher index and the
+reference (`torch.topk`) any of them; a row with fewer than k pages between sinks and window names page -1
+(the reference: some page outside them) in the places past them, none of them fetched.
 """
 
 from __future__ import annotations
@@ -108,8 +110,9 @@ if kernels.triton is not None:
     @triton.jit
     def _select_pages_kernel(
         scores_ptr, slot_page_ptr, counters_ptr, tokens_ptr, pages_out, slots_out, fetch_out,
-        groups, heads_per_group, N, S, K, width, n_sink, n_window, page_size, capacity, cap,
-        CAPPED: tl.constexpr, BITS: tl.constexpr, N_PAD: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr,
+        groups, N, S, K, width, n_sink, n_window, page_size, capacity, cap,
+        CAPPED: tl.constexpr, HEADS: tl.constexpr, BITS: tl.constexpr, C_PAD: tl.constexpr, S_PAD: tl.constexpr,
+        K_PAD: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         b = row // groups
@@ -117,22 +120,29 @@ if kernels.triton is not None:
         newest = (tokens - 1) // page_size - n_window + 1  # tokens >= 1 after prefill: no negative division
         active = tokens > capacity
 
-        # 0. Each page's score: the sum of its group's heads, which ranks pages as the reference's mean does.
-        page = tl.arange(0, N_PAD)
-        in_row = page < N
-        first_head = scores_ptr + row * heads_per_group * N
-        score = tl.zeros([N_PAD], tl.float32)
-        for head in range(heads_per_group):
+        # 0. Each candidate page's score: the sum of its group's heads, which ranks pages as the reference's mean
+        # does. Candidates lie in [n_sink, N - n_window) (tokens <= N * page_size), so the row is that range
+        # alone: at 1,026 pages, 1,024 keys to rank instead of 2,048. The heads are unrolled so that their loads
+        # are in flight together (a loop waits for each in turn).
+        offset = tl.arange(0, C_PAD)
+        page = n_sink + offset
+        in_row = offset < N - n_sink - n_window
+        first_head = scores_ptr + row * HEADS * N
+        score = tl.zeros([C_PAD], tl.float32)
+        for head in tl.static_range(HEADS):
             score += tl.load(first_head + head * N + page, mask=in_row, other=0.0)
 
-        # 1. The k best candidate pages: keys packed with their page index, bitonic top-k.
-        candidate = (page >= n_sink) & (page < newest)
+        # 1. The k best candidate pages: keys packed with their offset, bitonic top-k. Rows with fewer than k
+        # positions get padding back, which names no page (-1).
+        candidate = in_row & (page < newest)
         key = _float_key(tl.where(candidate, score, float("-inf")))
         # Padding packs below every real packed value (those lie within +-2^(31 + BITS)): int64's minimum.
-        top = tl.topk(tl.where(in_row, key * (1 << BITS) + page, tl.full([N_PAD], -(2**63), tl.int64)), K_PAD)
+        lowest: tl.constexpr = -(2**63)
+        top = tl.topk(tl.where(in_row, key * (1 << BITS) + offset, tl.full([C_PAD], lowest, tl.int64)), K_PAD)
         j = tl.arange(0, K_PAD)
-        real = j < K
-        top_page = tl.where(real, top & ((1 << BITS) - 1), -1)  # -1 beyond k: matches no slot
+        in_k = j < K
+        real = in_k & (top != lowest)
+        top_page = tl.where(real, n_sink + (top & ((1 << BITS) - 1)), -1)  # -1: matches no slot
 
         # 2. Resident or not: each top page against every slot (empty slots read as page 0).
         slot = tl.arange(0, S_PAD)
@@ -146,7 +156,7 @@ if kernels.triton is not None:
         # 3. Victims: a resident slot's page score (the same sum again: registers cannot be gathered), +inf
         # for pages to keep; the k lowest, lowest first.
         held_score = tl.zeros([S_PAD], tl.float32)
-        for head in range(heads_per_group):
+        for head in tl.static_range(HEADS):
             held_score += tl.load(first_head + head * N + held, mask=in_slots, other=0.0)
         in_top = tl.max((held[:, None] == top_page[None, :]).to(tl.int32), axis=1) > 0
         keep = in_top | (held < n_sink) | (held >= newest)
@@ -170,8 +180,8 @@ if kernels.triton is not None:
             fetched = missing & (position < allowed)
         else:
             fetched = missing
-        tl.store(pages_out + row * width + position, top_page, mask=real & (position < width))
-        tl.store(fetch_out + row * width + position, fetched.to(tl.int8), mask=real & (position < width))
+        tl.store(pages_out + row * width + position, top_page, mask=in_k & (position < width))
+        tl.store(fetch_out + row * width + position, fetched.to(tl.int8), mask=in_k & (position < width))
 
         # 6. Bookkeeping. Each fetched page's slot is the victim at its position, which another thread may hold:
         # read the pairs back from memory once every thread's stores are done.
@@ -200,19 +210,21 @@ if kernels.triton is not None:
         pages = torch.empty(b, g, width, dtype=torch.int64, device=head_scores.device)
         slots = torch.empty_like(pages)
         fetch = torch.empty(b, g, width, dtype=torch.int8, device=head_scores.device)
-        n_pad, s_pad = max(2, triton.next_power_of_2(n)), max(2, triton.next_power_of_2(s))
+        k_pad = max(2, triton.next_power_of_2(k))
+        positions = n - schedule.n_sink - schedule.n_window  # where candidates can be
+        c_pad, s_pad = max(k_pad, triton.next_power_of_2(max(positions, 1))), max(2, triton.next_power_of_2(s))
         wrap_triton(_select_pages_kernel)[(b * g,)](
             head_scores, slot_page, counters, tokens, pages, slots, fetch,
-            g, h // g, n, s, k, width, schedule.n_sink, schedule.n_window, schedule.page_size, schedule.capacity,
-            0.0 if cap is None else cap, CAPPED=cap is not None,
-            BITS=max(n_pad, s_pad).bit_length() - 1, N_PAD=n_pad, S_PAD=s_pad,
-            K_PAD=max(2, triton.next_power_of_2(k)), num_warps=4 if n_pad <= 1024 else 8,
+            g, n, s, k, width, schedule.n_sink, schedule.n_window, schedule.page_size, schedule.capacity,
+            0.0 if cap is None else cap, CAPPED=cap is not None, HEADS=h // g,
+            BITS=max(c_pad, s_pad).bit_length() - 1, C_PAD=c_pad, S_PAD=s_pad, K_PAD=k_pad,
+            num_warps=4 if c_pad <= 1024 else 8,
         )  # fmt: skip
         return pages, slots, fetch
 
 
-# The operator returns `fetch` as int8 0/1 and the caller compares it: Inductor could not lower a view of the
-# kernel's int8 output as bool inside the operator ("torch.bool is not supported by torch.iinfo", on the H200).
+# `fetch` stays int8 0/1: Inductor could not lower a view of the kernel's int8 output as bool inside the operator
+# ("torch.bool is not supported by torch.iinfo", on the H200), and a bool copy outside it is a kernel of its own.
 # Its scalars travel one by one (an operator's schema has no dataclasses); a negative cap is none.
 @kernels._make_op("kvbench::select_pages", mutates_args=("slot_page", "counters"))
 def _select_pages_op(
@@ -244,7 +256,8 @@ def select_pages(
     k: int,
     cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pages, slots, fetch) [B, G, width] for one step; `slot_page` and `counters` updated (module doc)."""
+    """(pages, slots, fetch) [B, G, width] for one step, fetch int8 0/1; `slot_page` and `counters` updated
+    (module doc)."""
     b, h, n = head_scores.shape
     groups, s = slot_page.shape[1:]
     if not 1 <= k <= min(n, s):
@@ -266,4 +279,4 @@ def select_pages(
         head_scores, slot_page, counters, tokens, schedule.n_sink, schedule.n_window, schedule.page_size,
         schedule.capacity, k, -1.0 if cap is None else float(cap),
     )  # fmt: skip
-    return pages, slots, fetch != 0
+    return pages, slots, fetch

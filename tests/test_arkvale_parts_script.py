@@ -23,6 +23,6 @@ def test_tiny_run_checks_every_part(tmp_path: Path) -> None:
     proc = subprocess.run([*command, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {row["part"] for row in rows} == {"scores", "recall", "recall_cold", "backup"}
+    assert {row["part"] for row in rows} == {"scores", "select", "recall", "recall_cold", "backup"}
     assert all(row["ok"] for row in rows)
     assert {row["variant"] for row in rows if row["part"] == "recall_cold"} == {"present layout", "page-major layout"}

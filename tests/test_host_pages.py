@@ -67,6 +67,7 @@ def _interpreted_checks() -> dict:
         ("one", (page_host,), fetch),
         ("pair", (page_host, second_host), fetch),  # keys and values: one launch for both
         ("strided_fetch", (page_host,), wide[..., ::2]),  # a `fetch` that is a view with strides of its own
+        ("int8_fetch", (page_host, second_host), fetch.to(torch.int8)),  # as `select_pages` returns it
     ):
         targets = tuple(torch.full((b, h, s, d), float("nan")) for _ in hosts)
         positions = torch.full((b, h, s), -7)
@@ -197,10 +198,10 @@ def test_copies_address_past_int32_elements(interpreted: dict) -> None:
     assert interpreted["past_int32"] == {"gather": True, "write": True}
 
 
-@pytest.mark.parametrize("pairs", ["one", "pair", "strided_fetch"])
+@pytest.mark.parametrize("pairs", ["one", "pair", "strided_fetch", "int8_fetch"])
 def test_gather_pages_copies_fetched_pages_and_nothing_else(interpreted: dict, pairs: str) -> None:
-    """One (host, target) pair, keys and values as two pairs in one launch, and a `fetch` that is a view:
-    each fetched page's rows for every head of its group, with their positions."""
+    """One (host, target) pair, keys and values as two pairs in one launch, a `fetch` that is a view, and
+    one of int8 0/1: each fetched page's rows for every head of its group, with their positions."""
     check = interpreted["gathered"][pairs]
     assert 0 < check["taken"] < 2 * 2 * 3, check  # some pages fetched, some not
     assert check["untouched"] and check["equal"] and check["positions"], check
@@ -212,13 +213,15 @@ def test_gather_page_pairs_mutates_both_targets_and_the_positions(interpreted: d
     assert "Tensor(a4!) positions" in schema
 
 
-def test_gather_pages_without_kernels_copies_every_pair() -> None:
-    """The PyTorch path (CPU runs without Triton's interpreter) against the same loops."""
+@pytest.mark.parametrize("flags", [torch.bool, torch.int8])
+def test_gather_pages_without_kernels_copies_every_pair(flags: torch.dtype) -> None:
+    """The PyTorch path (CPU runs without Triton's interpreter) against the same loops; `fetch` as bool and
+    as int8 0/1 (what `select_pages` returns)."""
     generator = torch.Generator().manual_seed(1)
     hosts = tuple(torch.randn(2, 4, 50, 6, generator=generator) for _ in range(2))
     pages, slots, fetch = _page_pairs(2, 2, 3, 10, 4, generator)
     targets, positions = tuple(torch.full((2, 4, 20, 6), float("nan")) for _ in hosts), torch.full((2, 4, 20), -7)
-    host_pages.gather_pages(hosts, targets, positions, pages, slots, fetch, 5, through_kernels=False)
+    host_pages.gather_pages(hosts, targets, positions, pages, slots, fetch.to(flags), 5, through_kernels=False)
     for host, target in zip(hosts, targets, strict=True):
         want, want_positions = gather_pages_by_loops(host, pages, slots, fetch, 5, 20)
         assert torch.equal(target.nan_to_num(), want.nan_to_num()) and torch.equal(target.isnan(), want.isnan())
