@@ -246,8 +246,10 @@ class Engine:
         if engine != "eager" and fuse and next(model.parameters()).is_cuda:
             # The fast paths on a GPU read each layer's q/k/v (and gate/up) weights in one product; in place
             # and idempotent, so a model kept for the next run of a sweep stays fused (same math, same
-            # memory). Not on a CPU, where it buys nothing and a fused model ignores weights replaced later
-            # (a test that folds a rotation into a shared model's weights would silently see the old ones).
+            # memory; not always the same rounding: a fused product may take another cuBLAS kernel, and in bf16
+            # with random weights a greedy token may then differ from the unfused eager step's). Not on
+            # a CPU, where it buys nothing and a fused model ignores weights replaced later (a test that
+            # folds a rotation into a shared model's weights would silently see the old ones).
             fuse_projections(model)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
