@@ -132,8 +132,8 @@ def check_arkvale_kernels() -> None:
         same = same and torch.equal(slots[fetched], want_slots[fetched])
         kept = torch.equal(got_slot_page, want_slot_page) and torch.equal(counters, want_counters)
         check(f"select_pages against its reference, cap {cap}", same and kept, f"({int(fetch.sum())} pages fetched)")
-    # Many rows, seeds and widths, 4 and 8 warps: the kernel reads back its own pairs after a barrier, which
-    # Triton's interpreter (one thread) cannot test.
+    # Many rows, seeds and widths, 4 and 8 warps: the kernel moves values between threads (`tl.gather` of the
+    # sums and of the victim slots), which Triton's interpreter (one thread) cannot test.
     shapes = [(4, 4, 8, 1026, 64, 30, 0.3), (8, 8, 1, 300, 64, 60, 4.0), (16, 2, 4, 2050, 128, 100, None)]
     for b, groups, heads, n, s, k, cap in shapes:
         mismatches = 0
@@ -241,7 +241,7 @@ def check_engines() -> None:
     where = [first_difference(x, y) for x, y in zip(*compiled, strict=True)]
     check("full: compiled twice, same tokens", same, "" if same else f"(first differing steps {where})")
     # ArkVale's compiled step mutates its slots and counters inside its selection operator: twice, same tokens
-    # (a race in the kernel's read-back, or a mutation Inductor dropped, would show here or against eager).
+    # (a race in the kernel, or a mutation Inductor dropped, would show here or against eager).
     arkvale = []
     for _ in range(2):
         engine = Engine(model, None, ArkVale(budget=512), spec, prefill_chunk=1024, engine="compiled")

@@ -153,18 +153,16 @@ if kernels.triton is not None:
         top_candidate = (top_page >= n_sink) & (top_page < newest)
         missing = real & ~resident & top_candidate & active
 
-        # 3. Victims: a resident slot's page score (the same sum again: registers cannot be gathered), +inf
-        # for pages to keep; the k lowest, lowest first.
-        held_score = tl.zeros([S_PAD], tl.float32)
-        for head in tl.static_range(HEADS):
-            held_score += tl.load(first_head + head * N + held, mask=in_slots, other=0.0)
+        # 3. Victims: a resident slot's page score, gathered from the row's sums (a page outside the candidates
+        # is kept whatever it reads), +inf for pages to keep; the k lowest, lowest first.
+        held_score = tl.gather(score, tl.minimum(tl.maximum(held - n_sink, 0), C_PAD - 1), axis=0)
         in_top = tl.max((held[:, None] == top_page[None, :]).to(tl.int32), axis=1) > 0
         keep = in_top | (held < n_sink) | (held >= newest)
         # x * -1, not -x: Triton's negation is 0 - x, which turns +0.0 into +0.0 (torch.neg gives -0.0).
         victim_key = _float_key(tl.where(keep, float("inf"), held_score) * -1.0)
         packed = tl.where(in_slots, victim_key * (1 << BITS) + slot, tl.full([S_PAD], -(2**63), tl.int64))
-        victims = tl.topk(packed, K_PAD)
-        tl.store(slots_out + row * width + j, victims & ((1 << BITS) - 1), mask=j < width)
+        victim_slot = tl.topk(packed, K_PAD) & ((1 << BITS) - 1)
+        tl.store(slots_out + row * width + j, victim_slot, mask=j < width)
 
         # 4. Missing pages first, each group in its own order: a stable partition by running counts.
         missing_i = missing.to(tl.int32)
@@ -183,17 +181,12 @@ if kernels.triton is not None:
         tl.store(pages_out + row * width + position, top_page, mask=in_k & (position < width))
         tl.store(fetch_out + row * width + position, fetched.to(tl.int8), mask=in_k & (position < width))
 
-        # 6. Bookkeeping. Each fetched page's slot is the victim at its position, which another thread may hold:
-        # read the pairs back from memory once every thread's stores are done.
-        tl.debug_barrier()
-        pair = j < width
-        got = tl.load(fetch_out + row * width + j, mask=pair, other=0) != 0
-        got_page = tl.load(pages_out + row * width + j, mask=got, other=0)
-        got_slot = tl.load(slots_out + row * width + j, mask=got, other=0)
-        tl.store(slot_page_ptr + row * S + got_slot, got_page, mask=got)
+        # 6. Bookkeeping: each fetched page goes into the victim slot at its position (gathered in registers).
+        slot_of = tl.gather(victim_slot, tl.minimum(position, K_PAD - 1), axis=0)
+        tl.store(slot_page_ptr + row * S + slot_of, top_page, mask=fetched)
         tl.store(counters_ptr + row * 2, steps + active.to(tl.float32))
         recalled = tl.load(counters_ptr + row * 2 + 1)
-        tl.store(counters_ptr + row * 2 + 1, recalled + tl.sum(got.to(tl.float32), axis=0))
+        tl.store(counters_ptr + row * 2 + 1, recalled + tl.sum(fetched.to(tl.float32), axis=0))
 
     def _select_pages_triton(
         head_scores: torch.Tensor,
