@@ -211,7 +211,7 @@ if kernels.triton is not None:
             g, n, s, k, width, schedule.n_sink, schedule.n_window, schedule.page_size, schedule.capacity,
             0.0 if cap is None else cap, CAPPED=cap is not None, HEADS=h // g,
             BITS=max(c_pad, s_pad).bit_length() - 1, C_PAD=c_pad, S_PAD=s_pad, K_PAD=k_pad,
-            num_warps=4 if c_pad <= 1024 else 8,
+            num_warps=8 if c_pad >= 1024 else 4,  # at 1,024 keys on an H100: 6.9 us against 7.8 with 4 warps
         )  # fmt: skip
         return pages, slots, fetch
 
