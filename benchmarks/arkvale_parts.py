@@ -9,8 +9,10 @@ room, pages of 32, so 1,026 pages; 2,048 resident slots), and Llama-3.1-8B's 8 K
   (`einsum`, what the step ran before `kvbench.cuboid_scores`) and as the Triton pass; floor = both
   digests' bytes / the read bandwidth.
 - `select`: `kvbench.page_selection.select_pages` (the top pages, those missing, their victims, the recall
-  cap and the bookkeeping) for the paper's batch (4 rows of 32 heads) and Llama-3.1-8B's batch 1 (one row of
-  8 heads), 32k-token rows plus 48 decode tokens, 64 slots, k = 30, cap 0.3; against its PyTorch reference.
+  cap and the bookkeeping) for the paper's batch (4 rows of 32 heads, 30,720 + 48 tokens: 962 pages) and
+  Llama-3.1-8B's batch 1 (one row of 8 heads, 32,768 + 48 tokens: 1,026 pages), each row's pages ending at
+  its newest token (a layer's have room for the rest of the generation past it), 64 slots, k = 30, cap 0.3;
+  against its PyTorch reference.
 - `recall`: one page (32 rows of keys and values, every KV head) recalled from pinned host memory into
   device slots for 0, 1 or all 4 sequences, by `kvbench.host_pages.gather_pages`: keys and values in two
   launches or as a pair in one, under tile and warp choices; `dma` is the copy engine moving the same bytes

@@ -152,7 +152,8 @@ def gather_pages(
     positions. Nothing else moves: a step that fetches nothing reads nothing from host memory.
 
     host [B, H, N, D], target [B, H, S, D] on the device; positions [B, H, S] int64; pages, slots [B, G, R]
-    int64, fetch [B, G, R] bool or int8 (nonzero: fetch; `page_selection.select_pages` gives int8). The kernel
+    int64, fetch [B, G, R] bool or int8 (nonzero: fetch; `page_selection.select_pages` gives int8; its unfetched
+    places may name page -1, never read). The kernel
     takes one or two pairs of equal shapes and strides; other pairs run one launch each, each writing the same
     positions. `through_kernels` as in `write_rows`.
     """

@@ -3,7 +3,8 @@
 A paged cache with a host backup (ArkVale) ranks every page each step and keeps the `k` best on the device.
 For each row (sequence b, group g of KV heads):
 0. a page's score is the mean of its group's KV heads' scores; pages [n_sink, newest) are candidates,
-   newest = (tokens - 1) // page_size - n_window + 1 (later pages are the window), and the row selects
+   newest = min((tokens - 1) // page_size - n_window + 1, N - n_window) (later pages are the window; the
+   bound only matters for more tokens than the pages hold, which no cache writes), and the row selects
    only while it holds more tokens than its slots (`active`: tokens > capacity);
 1. the `k` best candidate pages by score (`top`, best first);
 2. `missing`: those of them that are candidates, not resident, and the row is active;
@@ -23,10 +24,10 @@ resident slots directly and writes the row's bookkeeping. Elsewhere (CPU) the re
 tests compare the two.
 
 `select_pages(head_scores, slot_page, counters, tokens, schedule, k, cap)`: head_scores float32 [B, H, N]
-(per KV head); slot_page int64 [B, G, S] (-1: empty); counters float32 [B, G, 2]; tokens int64 [B], at
-most N * page_size. Returns (pages, slots, fetch) [B, G, width], width = min(ceil(cap), k) or k: page
-pages[.., i] goes into slot slots[.., i] where fetch[.., i] (int8, 1 or 0: `host_pages.gather_pages` takes it
-as it is, so no kernel converts it to bool). Among equal scores the kernel prefers the higher index and the
+(per KV head); slot_page int64 [B, G, S] (-1: empty); counters float32 [B, G, 2]; tokens int64 [B].
+Returns (pages, slots, fetch) [B, G, width], width = min(ceil(cap), k) or k: page pages[.., i] goes into
+slot slots[.., i] where fetch[.., i] (int8, 1 or 0: `host_pages.gather_pages` takes it as it is, so no
+kernel converts it to bool). Among equal scores the kernel prefers the higher index and the
 reference (`torch.topk`) any of them; a row with fewer than k pages between sinks and window names page -1
 (the reference: some page outside them) in the places past them, none of them fetched.
 """
@@ -72,7 +73,7 @@ def select_pages_reference(
     b, h, n = head_scores.shape
     groups = slot_page.shape[1]
     scores = head_scores.float().view(b, groups, h // groups, n).mean(dim=2)
-    newest = (tokens - 1).div(schedule.page_size, rounding_mode="floor") - schedule.n_window + 1
+    newest = (tokens - 1).div(schedule.page_size, rounding_mode="floor").clamp(max=n - 1) - schedule.n_window + 1
     active = tokens > schedule.capacity
     pages = torch.arange(n, device=scores.device)
     candidate = (pages >= schedule.n_sink) & (pages < newest.view(b, 1, 1))  # [B, 1, N]
@@ -117,11 +118,12 @@ if kernels.triton is not None:
         row = tl.program_id(0)
         b = row // groups
         tokens = tl.load(tokens_ptr + b)
-        newest = (tokens - 1) // page_size - n_window + 1  # tokens >= 1 after prefill: no negative division
+        # tokens >= 1 after prefill: no negative division. The last page bounds the window (module doc, 0.).
+        newest = tl.minimum((tokens - 1) // page_size, N - 1) - n_window + 1
         active = tokens > capacity
 
         # 0. Each candidate page's score: the sum of its group's heads, which ranks pages as the reference's mean
-        # does. Candidates lie in [n_sink, N - n_window) (tokens <= N * page_size), so the row is that range
+        # does. Candidates lie in [n_sink, N - n_window) (newest <= N - n_window), so the row is that range
         # alone: at 1,026 pages, 1,024 keys to rank instead of 2,048. The heads are unrolled so that their loads
         # are in flight together (a loop waits for each in turn).
         offset = tl.arange(0, C_PAD)
@@ -155,6 +157,8 @@ if kernels.triton is not None:
 
         # 3. Victims: a resident slot's page score, gathered from the row's sums (a page outside the candidates
         # is kept whatever it reads), +inf for pages to keep; the k lowest, lowest first.
+        # Both bounds are needed: sinks and empty slots would index below 0 (undefined on a GPU; the interpreter
+        # wraps negative indices, so the tests cannot see the lower bound go).
         held_score = tl.gather(score, tl.minimum(tl.maximum(held - n_sink, 0), C_PAD - 1), axis=0)
         in_top = tl.max((held[:, None] == top_page[None, :]).to(tl.int32), axis=1) > 0
         keep = in_top | (held < n_sink) | (held >= newest)
@@ -182,7 +186,7 @@ if kernels.triton is not None:
         tl.store(fetch_out + row * width + position, fetched.to(tl.int8), mask=in_k & (position < width))
 
         # 6. Bookkeeping: each fetched page goes into the victim slot at its position (gathered in registers).
-        slot_of = tl.gather(victim_slot, tl.minimum(position, K_PAD - 1), axis=0)
+        slot_of = tl.gather(victim_slot, position, axis=0)  # position < K_PAD: a permutation of j
         tl.store(slot_page_ptr + row * S + slot_of, top_page, mask=fetched)
         tl.store(counters_ptr + row * 2, steps + active.to(tl.float32))
         recalled = tl.load(counters_ptr + row * 2 + 1)

@@ -122,7 +122,7 @@ def test_mismatched_shapes_are_refused() -> None:
 def test_kernel_compiles_for_hopper() -> None:
     pointers = {name: "*bf16" for name in ("query", "upper", "lower")} | {"out": "*fp32"}
     constexprs = {"D": 128, "BLOCK_D": 128, "BLOCK_N": cs.BLOCK_PAGES, "BLOCK_G": 4}
-    compile_for_hopper(cs._cuboid_scores_kernel, pointers, constexprs)
+    compile_for_hopper(cs._cuboid_scores_kernel, pointers, constexprs, num_warps=cs.WARPS)  # as launched
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ def _interpreted_checks() -> dict:
         "few_candidates": (2, 1, 1, 40, 16, [5, 30], PageSchedule(1, 1, 1, 0), 8, None, False),  # row 0: 4 for 8
         # 7 pages between the sink and the window, k = 8: the kernel's top-k returns padding, which names no page.
         "few_positions": (3, 1, 2, 10, 8, [8, 8, 4], PageSchedule(1, 2, 1, 0), 8, None, False),
+        # More slots than positions (65 against 64 between sinks and window): slot indices set the packing.
+        "more_slots": (3, 1, 2, 67, 65, [65, 50, 30], PageSchedule(1, 2, 1, 0), 20, None, True),
+        # Row 0 holds 21 tokens in 20 pages of 1, which no cache writes: both sides bound the window by the last page.
+        "past_the_pages": (2, 1, 2, 20, 8, [19, 10], PageSchedule(1, 2, 1, 0), 4, None, True),
         # Tokens (x + 1) * 8 + 1 for window starts x: capacity 2100 leaves the last row (2,089) inactive.
         "capped_rate": (4, 2, 4, 300, 32, [290, 280, 270, 260], PageSchedule(1, 2, 8, 2100), 12, 0.3, True),
         "capped_two": (2, 1, 4, 300, 32, [290, 250], PageSchedule(1, 2, 8, 0), 12, 2.0, True),
@@ -102,6 +106,7 @@ def _interpreted_checks() -> dict:
         got = page_selection.select_pages(head_scores, slot_page, counters, tokens, schedule, k, cap)
         want = page_selection.select_pages_reference(head_scores, ref_slot_page, ref_counters, tokens, schedule, k, cap)
         checks[name] = _compare((got, (slot_page, counters)), (want, (ref_slot_page, ref_counters)), whole)
+        checks[name]["pages"] = got[0].tolist()
     for groups, cap in TRACES:
         checks[f"arkvale_{groups}_{cap}"] = _arkvale_trace(groups, cap)
     return checks
@@ -112,7 +117,7 @@ def interpreted() -> dict:
     return run_under_triton_interpreter(Path(__file__), timeout_s=300)
 
 
-CASES = ["small", "arkvale_32k", "few_candidates", "few_positions"]
+CASES = ["small", "arkvale_32k", "few_candidates", "few_positions", "more_slots", "past_the_pages"]
 CASES += ["capped_rate", "capped_two", "capped_zero", "capped_over_k"]
 
 
@@ -123,6 +128,12 @@ def test_kernel_matches_the_reference(interpreted: dict, case: str) -> None:
     assert check["whole"] in (True, None), check
     assert check["slot_page"] and check["counters"], check  # the step's bookkeeping, written in place
     assert (check["fetched"] > 0) == (case != "capped_zero"), check  # the others recall something
+
+
+def test_rows_with_fewer_positions_than_k_name_no_page_past_them(interpreted: dict) -> None:
+    """7 pages between the sink and the window for k = 8: each row's last place names page -1, unfetched."""
+    pages = interpreted["few_positions"]["pages"]
+    assert all(row[-1] == -1 and -1 not in row[:-1] for sequence in pages for row in sequence), pages
 
 
 def test_capped_steps_return_only_the_pairs_they_may_fetch(interpreted: dict) -> None:
@@ -201,7 +212,7 @@ def test_kernel_compiles_for_hopper() -> None:
     pointers |= {"pages_out": "*i64", "slots_out": "*i64", "fetch_out": "*i8", "cap": "fp32"}
     for capped in (True, False):
         constexprs = {"CAPPED": capped, "HEADS": 8, "BITS": 10, "C_PAD": 1024, "S_PAD": 64, "K_PAD": 32}
-        compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs)
+        compile_for_hopper(page_selection._select_pages_kernel, pointers, constexprs, num_warps=8)  # as launched
 
 
 if __name__ == "__main__":
