@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kvbench import kernels
+
 if TYPE_CHECKING:
     from kvbench.cache import KVCache
 
@@ -80,11 +82,7 @@ def register() -> str:
 
 
 def _kernels():
-    """kvbench.kernels where Triton can run on this tensor's device, else None (PyTorch serves)."""
-    try:
-        from kvbench import kernels
-    except ImportError:
-        return None
+    """kvbench.kernels where Triton is installed, else None (PyTorch serves)."""
     return kernels if kernels.triton is not None else None
 
 
@@ -98,18 +96,20 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per sequence over a fixed slot buffer, live slots only (positions >= 0).
 
-    query [B, Hq, D], keys/values [B, Hkv, S, D], positions [B, Hkv, S]; returns out [B, Hq, D] and, if
+    query [B, Hq, D], keys/values [B, Hkv, S, D], positions [B, Hkv, S], or each sequence's length [B] for
+    a cache whose slot i holds position i (`kernels.decode_attention`); returns out [B, Hq, D] and, if
     asked, the attention each slot received, summed over each KV head's query heads (float32 [B, Hkv, S],
     0 on empty slots). KV heads are never expanded: on CUDA Triton flash-decoding kernels read each K/V
     tile once for all the query heads of its group (and the received attention comes from their
     log-sum-exp); elsewhere SDPA with `enable_gqa` and a mask, whose CPU kernels do not expand either.
     """
-    kernels = _kernels() if query.is_cuda else None
-    if kernels is not None:
-        out, lse = kernels.decode_attention(query, keys, values, positions, scaling)
-        received = kernels.received_attention(query, keys, positions, scaling, lse) if with_received else None
+    triton_kernels = _kernels() if query.is_cuda else None
+    if triton_kernels is not None:
+        out, lse = triton_kernels.decode_attention(query, keys, values, positions, scaling)
+        received = triton_kernels.received_attention(query, keys, positions, scaling, lse) if with_received else None
         return out, received
     group = query.shape[1] // keys.shape[1]
+    positions = kernels.as_positions(positions, keys)
     live = (positions >= 0).repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S]
     out = F.scaled_dot_product_attention(
         query.unsqueeze(2), keys, values, attn_mask=live, scale=scaling, enable_gqa=True

@@ -184,7 +184,7 @@ class KVLayer(CacheLayerMixin):
             q = query[:, :, 0]
             keys = self.keys_for_attention()
             out, received = decode_attention(
-                q, keys, self.values, self.positions, scaling, with_received=self.needs_received_attention
+                q, keys, self.values, self.live_slots(), scaling, with_received=self.needs_received_attention
             )
             self.observe(query, received)
             return out.unsqueeze(1)
@@ -198,6 +198,11 @@ class KVLayer(CacheLayerMixin):
     def keys_for_attention(self) -> torch.Tensor:
         """The keys decode attention sees; a method that re-positions keys overrides this."""
         return self.keys
+
+    def live_slots(self) -> torch.Tensor:
+        """Which slots decode attention reads: positions [B, Hkv, S] (-1: empty), or each sequence's length
+        [B] where slot i holds position i (`attention.decode_attention`)."""
+        return self.positions
 
     def observe(self, query: torch.Tensor, received: torch.Tensor | None) -> None:
         """See the queries [B, Hq, T, D] of the step just attended and, if asked for, the attention each
@@ -326,6 +331,11 @@ class FullLayer(KVLayer):
     def decode_slot(self) -> torch.Tensor:
         return self.seen.view(-1, 1).expand(*self.keys.shape[:2])
 
+    def live_slots(self) -> torch.Tensor:
+        """The lengths: nothing to materialise each step, and on a GPU the attention kernel reads no
+        positions and skips the empty tiles past the length."""
+        return self.seen
+
 
 class SharedLayer(KVLayer):
     """A layer that attends over its producer's keys and values and caches nothing: Cross-Layer Attention
@@ -371,7 +381,7 @@ class SharedLayer(KVLayer):
             return prefill_attention(query, keys, values, scaling)
         producer = self.producer
         keys = producer.keys_for_attention()
-        out, _ = decode_attention(query[:, :, 0], keys, producer.values, producer.positions, scaling)
+        out, _ = decode_attention(query[:, :, 0], keys, producer.values, producer.live_slots(), scaling)
         return out.unsqueeze(1)
 
     def get_seq_length(self) -> int:

@@ -62,7 +62,7 @@ def decode_attention_reference(
     hkv = keys.shape[1]
     q = query.float().view(b, hkv, hq // hkv, d)
     logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scale
-    live = (positions >= 0).unsqueeze(2)
+    live = (as_positions(positions, keys) >= 0).unsqueeze(2)
     logits = logits.masked_fill(~live, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # -inf where no slot is live
     # exp(-inf - -inf) would be NaN on a sequence with no live slot; its probabilities are all 0 instead.
@@ -84,13 +84,23 @@ def received_attention_reference(
     return torch.where((positions >= 0).unsqueeze(2), probs, 0.0).sum(dim=2)
 
 
+def as_positions(live: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Slot positions [B, Hkv, S] from either form `decode_attention` takes: positions themselves, or each
+    sequence's live length [B] (slot i holds position i below it, nothing from it on)."""
+    if live.dim() != 1:
+        return live
+    b, h, s = keys.shape[:3]
+    slots = torch.arange(s, device=keys.device)
+    return slots.masked_fill(slots >= live.view(b, 1, 1), -1).expand(b, h, s)
+
+
 def _check_shapes(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> None:
     b, hq, d = query.shape
     bk, hkv, s, dk = keys.shape
     if bk != b or dk != d or hq % hkv != 0:
         raise ValueError(f"query {tuple(query.shape)} does not fit keys {tuple(keys.shape)}")
-    if tuple(positions.shape) != (b, hkv, s):
-        raise ValueError(f"positions {tuple(positions.shape)} should be {(b, hkv, s)}")
+    if tuple(positions.shape) not in ((b, hkv, s), (b,)):
+        raise ValueError(f"positions {tuple(positions.shape)} should be {(b, hkv, s)}, or lengths {(b,)}")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -177,10 +187,12 @@ if triton is not None:
         BLOCK_DV: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        PREFIX: tl.constexpr,
     ):
         """One (sequence, KV head, split): softmax-weighted values of the split's live slots for the G query
         heads, normalised, plus their log2-sum-exp (-inf when none is live). Logits are in log2 units
-        (scale_log2 = scale·log2 e) so the exponentials are exp2."""
+        (scale_log2 = scale·log2 e) so the exponentials are exp2. PREFIX: pos_ptr holds each sequence's
+        length, the slots below it live; else positions, live where >= 0."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
@@ -212,10 +224,15 @@ if triton is not None:
         acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
+        if PREFIX:  # tiles past the length hold nothing: not read at all
+            end = tl.minimum(end, tl.load(pos_ptr + b).to(tl.int32))
         for n0 in range(start, end, BLOCK_N):
             slots = n0 + offs_n
             in_split = slots < end
-            live = tl.load(p_base + slots * stride_ps, mask=in_split, other=-1) >= 0
+            if PREFIX:  # noqa: SIM108 (a constexpr branch: the positions' load is not even compiled)
+                live = in_split
+            else:
+                live = tl.load(p_base + slots * stride_ps, mask=in_split, other=-1) >= 0
             # K is loaded transposed, [D, N], so the logits are one q @ kT.
             kt = tl.load(
                 k_base + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
@@ -403,7 +420,7 @@ if triton is not None:
             *query.stride(),
             *keys.stride(),
             *values.stride(),
-            *positions.stride(),
+            *(positions.stride() if positions.dim() == 3 else (0, 0, 0)),  # lengths: one value a sequence
             HEAD_DIM=d,
             VALUE_DIM=dv,
             BLOCK_G=_dot_block(group),
@@ -412,6 +429,7 @@ if triton is not None:
             BLOCK_DV=_dot_block(dv),
             UPCAST=upcast,
             PRECISION=precision,
+            PREFIX=positions.dim() == 1,
             num_warps=NUM_WARPS,
             num_stages=NUM_STAGES,
         )
@@ -530,9 +548,11 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence over the live slots (positions >= 0) of a slot buffer.
 
-    query [B, Hq, D], keys [B, Hkv, S, D], values [B, Hkv, S, Dv], positions [B, Hkv, S]; float16, bfloat16
-    or float32. Returns (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32), lse being the
-    log-sum-exp of the scaled logits over live slots. No live slot: out = 0, lse = -inf.
+    query [B, Hq, D], keys [B, Hkv, S, D], values [B, Hkv, S, Dv], positions [B, Hkv, S] int64, or lengths
+    [B] int64 where each sequence's slots below its length are live (a dense cache: no positions to
+    materialise or read, and the kernel skips the tiles past the length); float16, bfloat16 or float32.
+    Returns (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32), lse being the log-sum-exp of the
+    scaled logits over live slots. No live slot: out = 0, lse = -inf.
     """
     _check_shapes(query, keys, positions)
     return torch.ops.kvbench.decode_attention(query, keys, values, positions, float(scale))
@@ -543,6 +563,8 @@ def received_attention(
 ) -> torch.Tensor:
     """Probability each slot received from the current query (exp(q·k·scale − lse) for live slots, 0 for
     empty ones), summed over the G query heads of its KV head: float32 [B, Hkv, S]. `lse` is
-    `decode_attention`'s, so the probabilities are those the output was computed with."""
+    `decode_attention`'s, so the probabilities are those the output was computed with. `positions` as
+    `decode_attention` takes them (lengths are expanded to positions here)."""
     _check_shapes(query, keys, positions)
+    positions = as_positions(positions, keys)
     return torch.ops.kvbench.received_attention(query, keys, positions, float(scale), lse)

@@ -104,10 +104,47 @@ def _measure(name: str) -> dict:
     }
 
 
+# name: (case whose shapes and dtype it takes, live lengths: none, a tile boundary, one, odd).
+# Sequences past the listed ones are full (length = slots).
+LENGTH_CASES = {
+    "gqa_bf16_lengths": ("gqa_bf16", [0, 64]),
+    "gqa_fp16_lengths": ("gqa_fp16_odd_dims", [1, 100]),  # strided keys; the third sequence full
+    "gqa8_fp32_lengths": ("gqa8_fp32_many_splits", [333]),
+}
+
+
+def _measure_lengths(name: str) -> dict:
+    """Lengths [B] (a dense cache's slots below each length live) against the reference over the positions
+    they stand for, and against the kernel given those positions."""
+    case, lengths = LENGTH_CASES[name]
+    x = _case_inputs(case, seed=7)
+    lengths = torch.tensor(lengths[: x["keys"].shape[0]] + [x["keys"].shape[2]] * (x["keys"].shape[0] - len(lengths)))
+    positions = kernels.as_positions(lengths, x["keys"])
+    out, lse = kernels.decode_attention(x["query"], x["keys"], x["values"], lengths, x["scale"])
+    by_positions = kernels.decode_attention(x["query"], x["keys"], x["values"], positions, x["scale"])
+    ref_out, ref_lse = kernels.decode_attention_reference(x["query"], x["keys"], x["values"], positions, x["scale"])
+    received = kernels.received_attention(x["query"], x["keys"], lengths, x["scale"], lse)
+    ref_received = kernels.received_attention_reference(x["query"], x["keys"], positions, x["scale"], ref_lse)
+    group = x["query"].shape[1] // x["keys"].shape[1]
+    any_live = (lengths > 0).view(-1, 1).expand(-1, x["query"].shape[1])
+    finite = torch.isfinite(ref_lse)
+    return {
+        "dtype": str(out.dtype).removeprefix("torch."),
+        "lengths": lengths.tolist(),
+        "out_rel": _rel(out[any_live], ref_out[any_live]),
+        "lse_rel": _rel(lse[finite], ref_lse[finite]),
+        "dead_out_zero": bool((out[~any_live] == 0).all()) and bool(torch.isneginf(lse[~any_live]).all()),
+        "same_as_positions": torch.equal(out, by_positions[0]) and torch.equal(lse, by_positions[1]),
+        "received_rel": _rel(received, ref_received),
+        "received_sum_err": (received.sum(-1) - (lengths > 0).view(-1, 1) * group).abs().max().item(),
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     torch.empty = _poisoned_empty  # every buffer the kernels allocate, outputs and split partials alike
-    print(json.dumps({name: _measure(name) for name in CASES}))
+    measured = {name: _measure(name) for name in CASES}
+    print(json.dumps(measured | {name: _measure_lengths(name) for name in LENGTH_CASES}))
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +162,39 @@ def test_decode_attention_matches_reference(interpreted: dict, name: str) -> Non
 
 
 def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
-    assert min(m["splits"] for m in interpreted.values()) == 1
-    assert max(m["splits"] for m in interpreted.values()) > 4
-    assert sum(m["dead_rows"] for m in interpreted.values()) > 0
+    measured = [interpreted[name] for name in CASES]
+    assert min(m["splits"] for m in measured) == 1
+    assert max(m["splits"] for m in measured) > 4
+    assert sum(m["dead_rows"] for m in measured) > 0
+
+
+@pytest.mark.parametrize("name", list(LENGTH_CASES))
+def test_lengths_attend_to_the_slots_below_them(interpreted: dict, name: str) -> None:
+    """A dense cache passes each sequence's length instead of positions: the kernel reads no positions and
+    skips the tiles past the length, with the same result as the positions the lengths stand for."""
+    m = interpreted[name]
+    assert m["out_rel"] < TOLERANCE[m["dtype"]] and m["lse_rel"] < LSE_TOLERANCE, m
+    assert m["dead_out_zero"] and m["same_as_positions"], m
+    assert m["received_rel"] < TOLERANCE[m["dtype"]] and m["received_sum_err"] < 1e-3, m
+
+
+def test_lengths_on_the_pytorch_path_equal_their_positions() -> None:
+    """CPU decode attention (SDPA with a mask) and the references take lengths as the positions they stand for."""
+    from kvbench.attention import decode_attention
+
+    x = _case_inputs("gqa_bf16", seed=4)
+    lengths = torch.tensor([0, 701])
+    positions = kernels.as_positions(lengths, x["keys"])
+    assert positions[1, 1, 700] == 700 and positions[1, 1, 701] == -1 and (positions[0] == -1).all()
+    args = (x["query"], x["keys"], x["values"])
+    got = decode_attention(*args, lengths, x["scale"], with_received=True)
+    want = decode_attention(*args, positions, x["scale"], with_received=True)
+    # SDPA gives NaN for the sequence with no live slot, on both sides
+    assert all(torch.allclose(g, w, rtol=0, atol=0, equal_nan=True) for g, w in zip(got, want, strict=True))
+    if not kernels._INTERPRETED:  # the CPU operators run the references
+        got = kernels.decode_attention(*args, lengths, x["scale"])
+        want = kernels.decode_attention_reference(*args, positions, x["scale"])
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -213,12 +280,13 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
     blocks = {"BLOCK_N": kernels.BLOCK_N, "BLOCK_D": 128, "UPCAST": False, "PRECISION": precision, "HEAD_DIM": 128}
     tensors = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "pos_ptr": "*i64", "scale_log2": "fp32"}
     partials = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32"}
-    compile_for_hopper(
-        kernels._decode_split_kernel,
-        tensors | partials | {"v_ptr": f"*{dtype}"},
-        blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128, "VALUE_DIM": 128},
-        kernels.NUM_WARPS,
-    )
+    for prefix in (False, True):  # positions, or lengths
+        compile_for_hopper(
+            kernels._decode_split_kernel,
+            tensors | partials | {"v_ptr": f"*{dtype}"},
+            blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128, "VALUE_DIM": 128, "PREFIX": prefix},
+            kernels.NUM_WARPS,
+        )
     compile_for_hopper(
         kernels._decode_combine_kernel,
         partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"},
