@@ -15,6 +15,8 @@
 4. `kvbench.token_quant.quantize_tokens_into` (the decode step's 4-bit token kernel, which writes the six
    stores itself): every byte of the stores against the quantize-then-index reference on the GPU, at the 8B
    shape (4 sequences, 8 KV heads, head_dim 128), one slot past the end; rotated within one code step.
+5. `kvbench.kernels.decode_attention` over each sequence's length (the dense layer's form) equals the same
+   kernel over the positions the lengths stand for, bit for bit, and the float32 reference.
 Prints one line per check and exits non-zero on the first mismatch.
 """
 
@@ -25,7 +27,7 @@ import sys
 
 import torch
 
-from kvbench import token_quant
+from kvbench import kernels, token_quant
 from kvbench.cuboid_scores import cuboid_scores, query_halves
 from kvbench.engine import Engine, Request
 from kvbench.hadamard import hadamard_matrix
@@ -267,6 +269,29 @@ def engine_setup() -> tuple:
     return model, model_spec(cfg), [Request(p, 40, min_new_tokens=40) for p in prompts]
 
 
+def check_attention_lengths() -> None:
+    """The dense layer's decode attention over lengths (no positions; the split kernel stops at the length)
+    against the same kernel over the positions they stand for, and the float32 reference, at Llama-3.1-8B's
+    heads: lengths 0, a tile boundary, odd, and the whole buffer."""
+    b, hkv, group, s, d = 4, 8, 4, 32768 + 64, 128
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(b, hkv * group, d, generator=generator).to("cuda", torch.bfloat16)
+    keys, values = (torch.randn(b, hkv, s, d, generator=generator).to("cuda", torch.bfloat16) for _ in range(2))
+    lengths = torch.tensor([0, 4096, 30001, s], device="cuda")
+    positions = kernels.as_positions(lengths, keys)
+    out, lse = kernels.decode_attention(query, keys, values, lengths, d**-0.5)
+    by_positions = kernels.decode_attention(query, keys, values, positions, d**-0.5)
+    same = torch.equal(out, by_positions[0]) and torch.equal(lse, by_positions[1])
+    check("decode_attention over lengths == over their positions", same)
+    ref_out, ref_lse = kernels.decode_attention_reference(query, keys, values, positions, d**-0.5)
+    live = lengths > 0
+    error = (out[live].float() - ref_out[live].float()).abs().max().item()
+    lse_error = (lse[live] - ref_lse[live]).abs().max().item()
+    dead = bool((out[~live] == 0).all()) and bool(torch.isneginf(lse[~live]).all())
+    ok = error < 2e-2 and lse_error < 1e-3 and dead
+    check("decode_attention over lengths against float32", ok, f"(max error {error:.1e}, lse {lse_error:.1e})")
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
@@ -276,6 +301,7 @@ CHECKS = {
     "arkvale_kernels": check_arkvale_kernels,
     "token_stores": check_token_stores,
     "engines": check_engines,
+    "attention_lengths": check_attention_lengths,
 }
 
 if __name__ == "__main__":

@@ -272,6 +272,14 @@ def test_triton_launches_trace_into_a_static_graph() -> None:
     targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
     assert targets.count("triton_kernel_wrapper_mutation") == 3, targets
     assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
+    # The dense layer's form, lengths [B]: the split kernel and its combine, nothing expanded to positions.
+    lengths = torch.tensor([5, 900])
+    gm = make_fx(lambda *a: kernels._decode_attention_triton(*a, x["scale"]), tracing_mode="fake")(
+        x["query"], x["keys"], x["values"], lengths
+    )
+    targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count("triton_kernel_wrapper_mutation") == 2, targets
+    assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
 
 
 @pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 1)])
