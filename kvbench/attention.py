@@ -94,7 +94,7 @@ def decode_attention(
     scaling: float,
     with_received: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One query per sequence over a fixed slot buffer, live slots only (positions >= 0).
+    """One query per sequence over a fixed slot buffer, live slots only (positions >= 0, or below the length).
 
     query [B, Hq, D], keys/values [B, Hkv, S, D], positions [B, Hkv, S], or each sequence's length [B] for
     a cache whose slot i holds position i (`kernels.decode_attention`); returns out [B, Hq, D] and, if

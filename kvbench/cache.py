@@ -251,7 +251,7 @@ class KVLayer(CacheLayerMixin):
 
     def decodes_from_slots(self) -> bool:
         """Whether decode attention reads this layer's slot buffers (`keys_for_attention()`, `values`,
-        `positions`), so that a `SharedLayer` can attend over them too. A layer that keeps its keys and values
+        `live_slots()`), so that a `SharedLayer` can attend over them too. A layer that keeps its keys and values
         in another form (packed codes) has no `keys` and `values` in its decode state."""
         return {"keys", "values"} <= self.decode_state().keys()
 
@@ -348,7 +348,7 @@ class SharedLayer(KVLayer):
     - prefill: `update` returns the producer's first `seen` slots, and attention is the same SDPA call as
       `KVLayer.attend`;
     - decode: attention is `decode_attention` over the producer's `keys_for_attention()`, `values` and
-      `positions`, as they are after the producer's own step (after, say, Scissorhands dropped tokens).
+      `live_slots()`, as they are after the producer's own step (after, say, Scissorhands dropped tokens).
     Policy: this layer never calls `observe`. A method's scores (SnapKV's votes, H2O's accumulated
     attention...) come from the producer's queries alone, and the consumers follow the producer's selection.
     """

@@ -84,14 +84,16 @@ def received_attention_reference(
     return torch.where((positions >= 0).unsqueeze(2), probs, 0.0).sum(dim=2)
 
 
+def positions_from_lengths(lengths: torch.Tensor, slots: int, heads: int) -> torch.Tensor:
+    """[B, heads, slots] positions for each sequence's live length [B]: the slot index below it, -1 from it on."""
+    s = torch.arange(slots, device=lengths.device)
+    return s.masked_fill(s >= lengths.view(-1, 1), -1).view(-1, 1, slots).expand(-1, heads, slots)
+
+
 def as_positions(live: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Slot positions [B, Hkv, S] from either form `decode_attention` takes: positions themselves, or each
-    sequence's live length [B] (slot i holds position i below it, nothing from it on)."""
-    if live.dim() != 1:
-        return live
-    b, h, s = keys.shape[:3]
-    slots = torch.arange(s, device=keys.device)
-    return slots.masked_fill(slots >= live.view(b, 1, 1), -1).expand(b, h, s)
+    sequence's live length [B]."""
+    return live if live.dim() != 1 else positions_from_lengths(live, keys.shape[2], keys.shape[1])
 
 
 def _check_shapes(query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor) -> None:
@@ -225,7 +227,7 @@ if triton is not None:
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
         if PREFIX:  # tiles past the length hold nothing: not read at all
-            end = tl.minimum(end, tl.load(pos_ptr + b).to(tl.int32))
+            end = tl.minimum(end, tl.load(pos_ptr + b * stride_pb).to(tl.int32))
         for n0 in range(start, end, BLOCK_N):
             slots = n0 + offs_n
             in_split = slots < end
@@ -420,7 +422,7 @@ if triton is not None:
             *query.stride(),
             *keys.stride(),
             *values.stride(),
-            *(positions.stride() if positions.dim() == 3 else (0, 0, 0)),  # lengths: one value a sequence
+            *(positions.stride() if positions.dim() == 3 else (positions.stride(0), 0, 0)),  # lengths: one a sequence
             HEAD_DIM=d,
             VALUE_DIM=dv,
             BLOCK_G=_dot_block(group),
@@ -548,9 +550,10 @@ def decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence over the live slots (positions >= 0) of a slot buffer.
 
-    query [B, Hq, D], keys [B, Hkv, S, D], values [B, Hkv, S, Dv], positions [B, Hkv, S] int64, or lengths
-    [B] int64 where each sequence's slots below its length are live (a dense cache: no positions to
-    materialise or read, and the kernel skips the tiles past the length); float16, bfloat16 or float32.
+    query [B, Hq, D], keys [B, Hkv, S, D], values [B, Hkv, S, Dv], positions [B, Hkv, S] (integers), or
+    lengths [B] (integers, any stride) where each sequence's slots below its length are live (a dense cache:
+    no positions to materialise or read, and the kernel skips the tiles past the length); float16, bfloat16
+    or float32.
     Returns (out [B, Hq, Dv] in the query's dtype, lse [B, Hq] float32), lse being the log-sum-exp of the
     scaled logits over live slots. No live slot: out = 0, lse = -inf.
     """

@@ -113,18 +113,12 @@ def dequantize_slots(packed: PackedSlots, dtype: torch.dtype = torch.float32) ->
     return (codes * per_slot(packed.scale) + per_slot(packed.zero)).to(dtype)
 
 
-def live_positions(lengths: torch.Tensor, slots: int, heads: int) -> torch.Tensor:
-    """[B, Hkv, S] positions in `kvbench.kernels`' convention: the slot index where live, -1 where not."""
-    s = torch.arange(slots, device=lengths.device)
-    return s.masked_fill(s >= lengths.view(-1, 1), -1).view(-1, 1, slots).expand(-1, heads, slots)
-
-
 def packed_decode_attention_reference(
     query: torch.Tensor, keys: PackedSlots, values: PackedSlots, lengths: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle: dequantize every slot, then `kvbench.kernels.decode_attention_reference` over the live ones."""
     k, v = dequantize_slots(keys), dequantize_slots(values)
-    positions = live_positions(lengths, k.shape[2], k.shape[1])
+    positions = kernels.positions_from_lengths(lengths, k.shape[2], k.shape[1])
     return kernels.decode_attention_reference(query, k, v, positions, scale)
 
 

@@ -73,7 +73,6 @@ from kvbench.quant import AXES, BITS, PARAM_DTYPE, Quantized, dequantize, packed
 from kvbench.quant_kernels import (
     PackedSlots,
     Window,
-    live_positions,
     merge_attention,
     packed_decode_attention,
     packed_sets_attention,
@@ -252,7 +251,7 @@ class Part:
             return packed_decode_attention(query, keys, values, self.length, scale, window, rotation)
         if window is not None or rotation is not None:
             raise ValueError("a simulated part attends over its own slots only")
-        positions = live_positions(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
+        positions = kernels.positions_from_lengths(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
         return kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ CASES = {
 def _case_inputs(name: str, seed: int) -> dict:
     """Random inputs whose masks hold every hard case: random empty slots, whole splits empty, and the
     last sequence with no live slot at all. The odd-dims case also has strided (non-contiguous) keys and
-    stride-0 positions, as the dense layer's derived positions are."""
+    stride-0 positions (one row of positions for every sequence and head)."""
     b, hkv, group, s, d, dv, dtype, pos_dtype = CASES[name]
     gen = torch.Generator().manual_seed(seed)
     dt = getattr(torch, dtype)
@@ -108,7 +108,7 @@ def _measure(name: str) -> dict:
 # Sequences past the listed ones are full (length = slots).
 LENGTH_CASES = {
     "gqa_bf16_lengths": ("gqa_bf16", [0, 64]),
-    "gqa_fp16_lengths": ("gqa_fp16_odd_dims", [1, 100]),  # strided keys; the third sequence full
+    "gqa_fp16_lengths": ("gqa_fp16_odd_dims", [1, 100]),  # strided keys and lengths; the third sequence full
     "gqa8_fp32_lengths": ("gqa8_fp32_many_splits", [333]),
 }
 
@@ -119,6 +119,8 @@ def _measure_lengths(name: str) -> dict:
     case, lengths = LENGTH_CASES[name]
     x = _case_inputs(case, seed=7)
     lengths = torch.tensor(lengths[: x["keys"].shape[0]] + [x["keys"].shape[2]] * (x["keys"].shape[0] - len(lengths)))
+    if name == "gqa_fp16_lengths":  # int32, a column of a wider tensor: the kernel reads the lengths' stride
+        lengths = torch.stack([lengths, -lengths], dim=1).int()[:, 0]
     positions = kernels.as_positions(lengths, x["keys"])
     out, lse = kernels.decode_attention(x["query"], x["keys"], x["values"], lengths, x["scale"])
     by_positions = kernels.decode_attention(x["query"], x["keys"], x["values"], positions, x["scale"])

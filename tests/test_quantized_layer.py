@@ -434,7 +434,7 @@ def test_reference_reads_the_packed_layout() -> None:
     query = torch.randn(2, 4, 32, generator=gen)
     lengths = torch.tensor([64, 20])
     out, lse = packed_decode_attention_reference(query, keys, values, lengths, 0.2)
-    positions = quant_kernels.live_positions(lengths, 64, 2)
+    positions = kernels.positions_from_lengths(lengths, 64, 2)
     dense = kernels.decode_attention_reference(
         query, dequantize(k, 4, "channel", 16), dequantize(v, 3, "token", 8), positions, 0.2
     )
