@@ -118,8 +118,7 @@ def packed_decode_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The oracle: dequantize every slot, then `kvbench.kernels.decode_attention_reference` over the live ones."""
     k, v = dequantize_slots(keys), dequantize_slots(values)
-    positions = kernels.positions_from_lengths(lengths, k.shape[2], k.shape[1])
-    return kernels.decode_attention_reference(query, k, v, positions, scale)
+    return kernels.decode_attention_reference(query, k, v, lengths, scale)
 
 
 @dataclass(frozen=True)

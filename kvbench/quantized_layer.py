@@ -251,8 +251,7 @@ class Part:
             return packed_decode_attention(query, keys, values, self.length, scale, window, rotation)
         if window is not None or rotation is not None:
             raise ValueError("a simulated part attends over its own slots only")
-        positions = kernels.positions_from_lengths(self.length, self.keys.codes.shape[2], self.keys.codes.shape[1])
-        return kernels.decode_attention(query, self.keys.codes, self.values.codes, positions, scale)
+        return kernels.decode_attention(query, self.keys.codes, self.values.codes, self.length, scale)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {**self.keys.tensors(f"{prefix}.keys"), **self.values.tensors(f"{prefix}.values")}
