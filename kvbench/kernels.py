@@ -38,7 +38,10 @@ except ImportError:  # CPU-only installs: the operators run the references
 
 LOG2E = math.log2(math.e)
 BLOCK_N = 64  # slots per K/V tile
-COMBINE_BLOCK = 16  # splits reduced per step of the combine kernel
+# The combine kernel: a program takes COMBINE_CHANNELS of one row's value channels (the whole row when it
+# rotates) and reads at most COMBINE_ELEMENTS partial outputs at a time (8,192 floats: 64 a thread).
+COMBINE_CHANNELS = 32
+COMBINE_ELEMENTS = 8192
 MAX_SPLITS = 256
 # Flash-decoding's split target: programs per SM while batch x KV heads alone would not fill the GPU. Measured
 # on an H200 at 32k (benchmarks/decode_parts.py): 4 beats 2 up to 32 (sequence, KV head) pairs (GQA batch 1:
@@ -279,10 +282,15 @@ if triton is not None:
         BLOCK_DV: tl.constexpr,
         ROTATE: tl.constexpr,
     ):
-        """One (sequence, query head): the splits' outputs weighted by exp2(lse2_split - lse2_total); with
-        ROTATE, then multiplied by the [Dv, Dv] matrix at rotation_ptr times rotation_scale (a +-1 Hadamard
-        matrix and 1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32."""
+        """One (sequence, query head) and BLOCK_DV of its value channels (program_id 1 picks which): the
+        splits' outputs weighted by exp2(lse2_split - lse2_total); with ROTATE (BLOCK_DV then covers the whole
+        row), multiplied by the [Dv, Dv] matrix at rotation_ptr times rotation_scale (a +-1 Hadamard matrix and
+        1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32.
+
+        The combine is latency-bound (a few KiB a program): when COMBINE_BLOCK covers every split, the weights
+        come from the log-sum-exps already loaded and the outputs arrive in one load, in flight with theirs."""
         row = tl.program_id(0)
+        chunk = tl.program_id(1)
         b = row // num_q_heads
         hq = row % num_q_heads
         offs_s = tl.arange(0, BLOCK_SPLITS)
@@ -291,20 +299,28 @@ if triton is not None:
         m_ref = tl.where(m == float("-inf"), 0.0, m)  # no live slot in any split: all weights 0, not NaN
         total = tl.sum(tl.exp2(lse2 - m_ref), axis=0)
 
-        offs_c = tl.arange(0, COMBINE_BLOCK)
-        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_dv = chunk * BLOCK_DV + tl.arange(0, BLOCK_DV)
         dv_ok = offs_dv < value_dim
-        acc = tl.zeros([BLOCK_DV], tl.float32)
-        for s0 in range(0, num_splits, COMBINE_BLOCK):
-            splits = s0 + offs_c
-            s_ok = splits < num_splits
-            w = tl.exp2(tl.load(lse_part_ptr + row * num_splits + splits, mask=s_ok, other=float("-inf")) - m_ref)
+        if COMBINE_BLOCK >= BLOCK_SPLITS:
             o = tl.load(
-                o_part_ptr + (row * num_splits + splits)[:, None] * value_dim + offs_dv[None, :],
-                mask=s_ok[:, None] & dv_ok[None, :],
+                o_part_ptr + (row * num_splits + offs_s)[:, None] * value_dim + offs_dv[None, :],
+                mask=(offs_s < num_splits)[:, None] & dv_ok[None, :],
                 other=0.0,
             )
-            acc += tl.sum(w[:, None] * o, axis=0)
+            acc = tl.sum(tl.exp2(lse2 - m_ref)[:, None] * o, axis=0)
+        else:
+            offs_c = tl.arange(0, COMBINE_BLOCK)
+            acc = tl.zeros([BLOCK_DV], tl.float32)
+            for s0 in range(0, num_splits, COMBINE_BLOCK):
+                splits = s0 + offs_c
+                s_ok = splits < num_splits
+                lse_c = tl.load(lse_part_ptr + row * num_splits + splits, mask=s_ok, other=float("-inf"))
+                o = tl.load(
+                    o_part_ptr + (row * num_splits + splits)[:, None] * value_dim + offs_dv[None, :],
+                    mask=s_ok[:, None] & dv_ok[None, :],
+                    other=0.0,
+                )
+                acc += tl.sum(tl.exp2(lse_c - m_ref)[:, None] * o, axis=0)
 
         any_live = total > 0.0
         out = acc / tl.where(any_live, total, 1.0)
@@ -322,7 +338,8 @@ if triton is not None:
         )
         # back from log2 to natural-log units: times ln 2
         lse = tl.where(any_live, (m_ref + tl.log2(tl.where(any_live, total, 1.0))) * 0.6931471805599453, float("-inf"))
-        tl.store(lse_ptr + row, lse)
+        if chunk == 0:
+            tl.store(lse_ptr + row, lse)
 
     @triton.jit
     def _received_kernel(
@@ -451,7 +468,13 @@ if triton is not None:
         num_splits, dv = o_part.shape[1], o_part.shape[2]
         out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
-        wrap_triton(_decode_combine_kernel)[(b * hq,)](
+        block_splits = triton.next_power_of_2(num_splits)
+        # The rotation needs the whole row in one program; otherwise a row's channels are split between
+        # programs, so the outputs of every split fit one load of at most COMBINE_ELEMENTS (registers).
+        block_dv = triton.next_power_of_2(dv)
+        if rotation is None:
+            block_dv = min(COMBINE_CHANNELS, block_dv)
+        wrap_triton(_decode_combine_kernel)[(b * hq, _cdiv(dv, block_dv))](
             o_part,
             lse_part,
             out,
@@ -462,9 +485,9 @@ if triton is not None:
             hq,
             lse_part if rotation is None else rotation,  # never read without ROTATE
             dv**-0.5,
-            BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-            COMBINE_BLOCK=COMBINE_BLOCK,
-            BLOCK_DV=triton.next_power_of_2(dv),
+            BLOCK_SPLITS=block_splits,
+            COMBINE_BLOCK=min(block_splits, max(16, COMBINE_ELEMENTS // block_dv)),
+            BLOCK_DV=block_dv,
             ROTATE=rotation is not None,
             num_warps=NUM_WARPS,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from kvbench import kernels
+from kvbench.hadamard import hadamard_matrix
 from tests.conftest import compile_for_hopper, run_under_triton_interpreter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,11 +144,50 @@ def _measure_lengths(name: str) -> dict:
     }
 
 
+# name: (sequences, query heads, splits, value dim, rotate). The combine reads every split's output in one
+# load when they fit its register budget, else loops; a row's channels are split between programs unless it
+# rotates. 300 splits loop without a rotation; 70 loop with one; 48 channels leave a half-masked second chunk.
+COMBINE_CASES = {
+    "combine_one_split": (1, 4, 1, 128, False),
+    "combine_one_load": (2, 8, 66, 128, False),
+    "combine_odd_channels": (3, 2, 17, 48, False),
+    "combine_looped": (2, 2, 300, 128, False),
+    "combine_rotated_one_load": (2, 4, 33, 128, True),
+    "combine_rotated_looped": (1, 4, 70, 128, True),
+}
+
+
+def _measure_combine(name: str) -> dict:
+    """The combine kernel alone, on random partials (every split of one row empty, more splits empty at
+    random), against the same combine written in PyTorch: outputs weighted by exp2(lse2 - logsumexp2)."""
+    b, hq, splits, dv, rotate = COMBINE_CASES[name]
+    gen = torch.Generator().manual_seed(splits)
+    o_part = torch.randn(b * hq, splits, dv, generator=gen)
+    lse_part = torch.randn(b * hq, splits, generator=gen) * 4
+    lse_part[torch.rand(b * hq, splits, generator=gen) < 0.3] = float("-inf")
+    lse_part[-1] = float("-inf")  # a row with no live slot in any split
+    o_part[torch.isneginf(lse_part)] = 0.0  # what the split kernels store for an empty split
+    rotation = hadamard_matrix(dv, torch.int8, normalized=False) if rotate else None
+    out, lse = kernels._combine_splits(o_part, lse_part, b, hq, torch.float32, rotation)
+    weights = torch.softmax(lse_part * math.log(2), dim=1).nan_to_num(0.0)  # log2 units; NaN where all -inf
+    want = (weights[:, :, None] * o_part).sum(1)
+    if rotate:
+        want = want @ rotation.float() * dv**-0.5
+    want_lse = torch.logsumexp(lse_part * math.log(2), dim=1)
+    return {
+        "out_err": (out.view(b * hq, dv) - want).abs().max().item(),
+        "lse_err": (lse.view(-1) - want_lse).nan_to_num(0.0).abs().max().item(),
+        "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse.view(-1)), torch.isneginf(want_lse))),
+        "dead_out_zero": bool((out.view(b * hq, dv)[-1] == 0).all()),
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     torch.empty = _poisoned_empty  # every buffer the kernels allocate, outputs and split partials alike
     measured = {name: _measure(name) for name in CASES}
-    print(json.dumps(measured | {name: _measure_lengths(name) for name in LENGTH_CASES}))
+    measured |= {name: _measure_lengths(name) for name in LENGTH_CASES}
+    print(json.dumps(measured | {name: _measure_combine(name) for name in COMBINE_CASES}))
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +238,13 @@ def test_lengths_on_the_pytorch_path_equal_their_positions() -> None:
         got = kernels.decode_attention(*args, lengths, x["scale"])
         want = kernels.decode_attention_reference(*args, positions, x["scale"])
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("name", list(COMBINE_CASES))
+def test_combine_matches_the_pytorch_combine(interpreted: dict, name: str) -> None:
+    m = interpreted[name]
+    assert m["out_err"] < 1e-5 and m["lse_err"] < 1e-5, m
+    assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -300,8 +348,10 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
     compile_for_hopper(
         kernels._decode_combine_kernel,
         partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"},
-        # bf16: the combine that rotates QuaRot's outputs back (`kvbench.quant_kernels`)
-        {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": kernels.COMBINE_BLOCK, "BLOCK_DV": 128, "ROTATE": dtype == "bf16"},
+        # bf16: the looped combine that rotates QuaRot's outputs back (`kvbench.quant_kernels`); fp32: one load
+        {"BLOCK_SPLITS": 128, "COMBINE_BLOCK": 64, "BLOCK_DV": 128, "ROTATE": True}
+        if dtype == "bf16"
+        else {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": 64, "BLOCK_DV": kernels.COMBINE_CHANNELS, "ROTATE": False},
         kernels.NUM_WARPS,
     )
     compile_for_hopper(
