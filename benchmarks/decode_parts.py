@@ -8,8 +8,9 @@ twice the L2 (so every call reads from HBM), median of 5 replays:
   through cuBLAS (`F.linear`, what the compiled step calls) and through a plain Triton GEMV
   (`_gemv_kernel` below, a few tile shapes): if cuBLAS is far from the read bandwidth at these shapes, a
   hand kernel has room; if not, the dense step's excess is elsewhere (small kernels, launch gaps);
-- `kvbench.kernels.decode_attention` at 32k under launch variants (tile size, programs per SM, stages,
-  warps), GQA and MHA, batch 1 and 4.
+- `kvbench.kernels.decode_attention` (the split kernel and its combine) at 32k over each sequence's length,
+  the form a dense cache passes, under launch variants (tile size, programs per SM, stages, warps), GQA
+  and MHA, batch 1 and 4.
 
 Imports only torch, triton and kvbench. One JSON line per timing to `--out`; a table at the end.
 """
@@ -40,6 +41,8 @@ PROJECTIONS = {
 ATTENTION_VARIANTS = {  # changes to kvbench.kernels' launch constants (the default first)
     "default": {},
     "pps2": {"PROGRAMS_PER_SM": 2},
+    "pps3": {"PROGRAMS_PER_SM": 3},
+    "pps6": {"PROGRAMS_PER_SM": 6},
     "pps8": {"PROGRAMS_PER_SM": 8},
     "stages3": {"NUM_STAGES": 3},
     "n128": {"BLOCK_N": 128},
@@ -142,11 +145,12 @@ def attention_rows(bandwidth: float, context: int) -> list[dict]:
             inputs = []
             for _ in range(copies_past_l2(kv_bytes, CUDA)):
                 keys = torch.randn(batch, hkv, context, 128, device="cuda", dtype=torch.bfloat16)
+                lengths = torch.full((batch,), context, device="cuda")  # a dense cache's form (FullLayer's)
                 inputs.append(
                     (torch.randn(batch, 32, 128, device="cuda", dtype=torch.bfloat16), keys, torch.randn_like(keys),
-                     torch.arange(context, device="cuda").expand(batch, hkv, context))
+                     lengths)
                 )  # fmt: skip
-            floor_us = (kv_bytes + batch * hkv * context * 8) / bandwidth * 1e6  # K, V and the int64 positions
+            floor_us = kv_bytes / bandwidth * 1e6
             reference = kernels.decode_attention_reference(*inputs[0], 128**-0.5)[0].float()
             for variant, settings in ATTENTION_VARIANTS.items():
                 for name, value in {**saved, **settings}.items():
