@@ -17,26 +17,38 @@
    shape (4 sequences, 8 KV heads, head_dim 128), one slot past the end; rotated within one code step.
 5. `kvbench.kernels.decode_attention` over each sequence's length (the dense layer's form) equals the same
    kernel over the positions the lengths stand for, bit for bit, and the float32 reference.
-Prints one line per check and exits non-zero on the first mismatch.
+6. `inductor_options` (with `--inductor-option KEY=VALUE ...`, e.g. `combo_kernels=1`; `--methods` picks
+   which): every method's compiled step with the options gives the same greedy tokens as without them. Meant
+   for options that regroup kernels and launches, not arithmetic; what must pass before such an option
+   becomes the engine's default.
+Prints one line per check and exits non-zero on the first mismatch (the options check: after every method).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 
 from kvbench import kernels, token_quant
 from kvbench.cuboid_scores import cuboid_scores, query_halves
-from kvbench.engine import Engine, Request
+from kvbench.engine import Engine, Request, parse_inductor_options
 from kvbench.hadamard import hadamard_matrix
 from kvbench.host_pages import gather_pages, pinned_copy, uses_kernels, write_rows
+from kvbench.method import Method
 from kvbench.methods.arkvale import ArkVale
+from kvbench.methods.cla import CLA
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
+from kvbench.methods.kivi import KIVI
+from kvbench.methods.quarot import QuaRot
+from kvbench.methods.scissorhands import Scissorhands
 from kvbench.methods.snapkv import SnapKV
+from kvbench.methods.snapstream import SnapStream
 from kvbench.methods.streamingllm import StreamingLLM
+from kvbench.methods.zipcache import ZipCache
 from kvbench.models import ModelConfig, load_model, model_spec
 from kvbench.page_selection import PageSchedule, select_pages, select_pages_reference
 from kvbench.quant import Quantized
@@ -292,6 +304,48 @@ def check_attention_lengths() -> None:
     check("decode_attention over lengths against float32", ok, f"(max error {error:.1e}, lse {lse_error:.1e})")
 
 
+# Every method, at settings that compress the engines check's prompts (3,000 and 2,200 tokens).
+OPTION_METHODS: dict[str, Callable[[], Method]] = {
+    "full": Full,
+    "streamingllm": lambda: StreamingLLM(budget=512),
+    "snapkv": lambda: SnapKV(budget=512),
+    "h2o": lambda: H2O(budget=512),
+    "arkvale": lambda: ArkVale(budget=512),
+    "scissorhands": lambda: Scissorhands(budget=512),
+    "snapstream": lambda: SnapStream(budget=512),
+    "kivi4": lambda: KIVI(bits=4),
+    "kivi2": lambda: KIVI(bits=2),
+    "quarot": lambda: QuaRot(bits=4),
+    "rtn": lambda: QuaRot(bits=4, rotate=False),
+    "zipcache": ZipCache,
+    "cla": lambda: CLA(sharing=2),
+}
+
+
+def check_inductor_options(options: dict, methods: list[str]) -> None:
+    """Each method's compiled step with `options` against the same step without them: same greedy tokens."""
+    if not options:
+        check("inductor_options: given with --inductor-option", False)
+    model, spec, requests = engine_setup()
+    parted = []
+    for name in methods:
+        tokens = []
+        for given in ({}, options):
+            engine = Engine(
+                model, None, OPTION_METHODS[name](), spec, prefill_chunk=1024, engine="compiled", inductor_options=given
+            )
+            generations = engine.generate_batch(requests)
+            tokens.append([g.token_ids for g in generations])
+            m = generations[0].measurement
+            label = "with" if given else "without"
+            print(f"     {name:<13}{label:<8}{m.decode_s * 1000 / max(m.decode_steps, 1):.2f} ms/step", flush=True)
+        where = [first_difference(x, y) for x, y in zip(*tokens, strict=True)]
+        same = tokens[0] == tokens[1]
+        print(f"{'ok  ' if same else 'FAIL'} {name}: compiled with {options} == without {'' if same else where}")
+        parted += [] if same else [name]
+    check(f"inductor_options {options}: every method's tokens unchanged", not parted, f"(parted: {parted})")
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
@@ -306,9 +360,20 @@ CHECKS = {
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS))
-    checks = parser.parse_args().checks
+    parser.add_argument("--checks", nargs="+", choices=[*CHECKS, "inductor_options"], default=list(CHECKS))
+    parser.add_argument(
+        "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="for 6."
+    )
+    parser.add_argument("--methods", nargs="+", choices=list(OPTION_METHODS), default=list(OPTION_METHODS))
+    args = parser.parse_args()
+    try:
+        options = parse_inductor_options(args.inductor_options)
+    except ValueError as error:
+        parser.error(str(error))
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the checks compare GPU kernels and captured steps with their CPU references)")
-    for name in checks:
-        CHECKS[name]()
+    for name in args.checks:
+        if name == "inductor_options":
+            check_inductor_options(options, args.methods)
+        else:
+            CHECKS[name]()

@@ -38,10 +38,13 @@ except ImportError:  # CPU-only installs: the operators run the references
 
 LOG2E = math.log2(math.e)
 BLOCK_N = 64  # slots per K/V tile
-# The combine kernel: a program takes COMBINE_CHANNELS of one row's value channels (the whole row when it
-# rotates) and reads at most COMBINE_ELEMENTS partial outputs at a time (8,192 floats: 64 a thread).
+# The combine kernel: a program takes COMBINE_CHANNELS of one row's value channels and reads at most
+# COMBINE_ELEMENTS partial outputs at a time (8,192 floats: 64 a thread at 4 warps); where it rotates QuaRot's
+# outputs back it takes the whole row, ROTATED_COMBINE_BLOCK splits a pass. Offline (sm_90, Triton 3.6, 4
+# warps) the rotated program at 128 channels takes 150 registers at 32 splits a pass and spills at 64.
 COMBINE_CHANNELS = 32
 COMBINE_ELEMENTS = 8192
+ROTATED_COMBINE_BLOCK = 32
 MAX_SPLITS = 256
 # Flash-decoding's split target: programs per SM while batch x KV heads alone would not fill the GPU. Measured
 # on an H200 at 32k (benchmarks/decode_parts.py): 4 beats 2 up to 32 (sequence, KV head) pairs (GQA batch 1:
@@ -287,8 +290,9 @@ if triton is not None:
         row), multiplied by the [Dv, Dv] matrix at rotation_ptr times rotation_scale (a +-1 Hadamard matrix and
         1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32.
 
-        The combine is latency-bound (a few KiB a program): when COMBINE_BLOCK covers every split, the weights
-        come from the log-sum-exps already loaded and the outputs arrive in one load, in flight with theirs."""
+        The combine is latency-bound (at most 32 KiB of partials a program): when COMBINE_BLOCK covers every
+        split, the weights come from the log-sum-exps already loaded and the outputs arrive in one load, in
+        flight with theirs."""
         row = tl.program_id(0)
         chunk = tl.program_id(1)
         b = row // num_q_heads
@@ -465,16 +469,36 @@ if triton is not None:
         """The combine kernel: the splits' partial outputs [B * Hq, splits, Dv] (normalised) and log2-sum-exps
         [B * Hq, splits] into (out [B, Hq, Dv] in dtype, lse [B, Hq] float32); with `rotation` (a [Dv, Dv]
         matrix of +-1, contiguous), out is multiplied by rotation / sqrt(Dv) before it is rounded to dtype."""
-        num_splits, dv = o_part.shape[1], o_part.shape[2]
+        dv = o_part.shape[2]
         out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
+        _launch_combine(o_part, lse_part, out, lse, rotation)
+        return out, lse
+
+    def _combine_blocks(num_splits: int, dv: int, rotated: bool) -> dict[str, int]:
+        """The combine kernel's tile sizes. The rotation needs a row's channels in one program; otherwise they
+        are split between programs so that every split's outputs fit one load of at most COMBINE_ELEMENTS.
+        Rotated, passes of ROTATED_COMBINE_BLOCK splits leave registers for the [Dv, Dv] matrix."""
         block_splits = triton.next_power_of_2(num_splits)
-        # The rotation needs the whole row in one program; otherwise a row's channels are split between
-        # programs, so the outputs of every split fit one load of at most COMBINE_ELEMENTS (registers).
-        block_dv = triton.next_power_of_2(dv)
-        if rotation is None:
-            block_dv = min(COMBINE_CHANNELS, block_dv)
-        wrap_triton(_decode_combine_kernel)[(b * hq, _cdiv(dv, block_dv))](
+        if rotated:
+            block_dv = triton.next_power_of_2(dv)
+            return {"BLOCK_SPLITS": block_splits, "COMBINE_BLOCK": min(block_splits, ROTATED_COMBINE_BLOCK),
+                    "BLOCK_DV": block_dv}  # fmt: skip
+        block_dv = min(COMBINE_CHANNELS, triton.next_power_of_2(dv))
+        return {"BLOCK_SPLITS": block_splits, "COMBINE_BLOCK": min(block_splits, COMBINE_ELEMENTS // block_dv),
+                "BLOCK_DV": block_dv}  # fmt: skip
+
+    def _launch_combine(
+        o_part: torch.Tensor,
+        lse_part: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        rotation: torch.Tensor | None = None,
+    ) -> None:
+        """The combine kernel into `out` [B, Hq, Dv] (any strides) and `lse` (B * Hq contiguous floats)."""
+        num_splits, dv = o_part.shape[1], o_part.shape[2]
+        blocks = _combine_blocks(num_splits, dv, rotation is not None)
+        wrap_triton(_decode_combine_kernel)[(o_part.shape[0], _cdiv(dv, blocks["BLOCK_DV"]))](
             o_part,
             lse_part,
             out,
@@ -482,16 +506,13 @@ if triton is not None:
             num_splits,
             dv,
             *out.stride(),
-            hq,
+            out.shape[1],
             lse_part if rotation is None else rotation,  # never read without ROTATE
             dv**-0.5,
-            BLOCK_SPLITS=block_splits,
-            COMBINE_BLOCK=min(block_splits, max(16, COMBINE_ELEMENTS // block_dv)),
-            BLOCK_DV=block_dv,
+            **blocks,
             ROTATE=rotation is not None,
             num_warps=NUM_WARPS,
         )
-        return out, lse
 
     def _received_attention_triton(
         query: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, scale: float, lse: torch.Tensor

@@ -66,6 +66,24 @@ def method_names() -> list[str]:
     return sorted(path.stem for path in (CONFIGS / "method").glob("*.yaml"))
 
 
+def spill_operations(compiled) -> int:
+    """Local-memory loads and stores (register spills) in a `compile_for_hopper` kernel's SASS, through the
+    nvdisasm Triton ships. Skips where that binary is missing."""
+    import re
+    import tempfile
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        pytest.skip("Triton ships no nvdisasm here")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([nvdisasm, "-c", cubin.name], capture_output=True, text=True, check=True).stdout
+    return len(re.findall(r"\b(?:LDL|STL)\b", sass))
+
+
 def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4):
     """`kernel` lowered for sm_90 with Triton's bundled ptxas: no GPU needed, and it catches what the
     interpreter cannot (tl.dot shape rules, layouts, inline PTX, lowering). Arguments not in `types` or

@@ -22,7 +22,7 @@ import torch
 
 from kvbench import kernels
 from kvbench.hadamard import hadamard_matrix
-from tests.conftest import compile_for_hopper, run_under_triton_interpreter
+from tests.conftest import compile_for_hopper, run_under_triton_interpreter, spill_operations
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}
@@ -145,21 +145,28 @@ def _measure_lengths(name: str) -> dict:
 
 
 # name: (sequences, query heads, splits, value dim, rotate). The combine reads every split's output in one
-# load when they fit its register budget, else loops; a row's channels are split between programs unless it
-# rotates. 300 splits loop without a rotation; 70 loop with one; 48 channels leave a half-masked second chunk.
+# load when they fit its register budget, else loops; a row's channels are split between programs (32 each)
+# unless it rotates. 300 and 513 splits loop without a rotation (513: a short last pass, three chunks of 80
+# channels); 34 and 70 loop with one; 48 channels leave a half-masked second chunk; 16 channels, one chunk.
 COMBINE_CASES = {
     "combine_one_split": (1, 4, 1, 128, False),
     "combine_one_load": (2, 8, 66, 128, False),
     "combine_odd_channels": (3, 2, 17, 48, False),
+    "combine_few_channels": (2, 2, 9, 16, False),
     "combine_looped": (2, 2, 300, 128, False),
-    "combine_rotated_one_load": (2, 4, 33, 128, True),
-    "combine_rotated_looped": (1, 4, 70, 128, True),
+    "combine_looped_three_chunks": (1, 3, 513, 80, False),
+    "combine_rotated_one_load": (2, 4, 9, 128, True),
+    "combine_rotated_looped": (2, 4, 34, 128, True),
+    "combine_rotated_looped_more": (1, 4, 70, 64, True),
 }
 
 
 def _measure_combine(name: str) -> dict:
     """The combine kernel alone, on random partials (every split of one row empty, more splits empty at
-    random), against the same combine written in PyTorch: outputs weighted by exp2(lse2 - logsumexp2)."""
+    random), against the same combine written in PyTorch: outputs weighted by exp2(lse2 - logsumexp2). Its
+    outputs go to a view of a wider NaN buffer and its lse to a buffer one float longer, so a write outside
+    a program's own channels or rows shows as a padding value changed (the interpreter runs the programs in
+    order, so a later program would overwrite an earlier one's stray write inside the outputs)."""
     b, hq, splits, dv, rotate = COMBINE_CASES[name]
     gen = torch.Generator().manual_seed(splits)
     o_part = torch.randn(b * hq, splits, dv, generator=gen)
@@ -168,17 +175,21 @@ def _measure_combine(name: str) -> dict:
     lse_part[-1] = float("-inf")  # a row with no live slot in any split
     o_part[torch.isneginf(lse_part)] = 0.0  # what the split kernels store for an empty split
     rotation = hadamard_matrix(dv, torch.int8, normalized=False) if rotate else None
-    out, lse = kernels._combine_splits(o_part, lse_part, b, hq, torch.float32, rotation)
+    out_buffer = torch.full((b, hq, dv + 32), float("nan"))
+    lse_buffer = torch.full((b * hq + 1,), float("nan"))
+    kernels._launch_combine(o_part, lse_part, out_buffer[..., :dv], lse_buffer, rotation)
+    out, lse = out_buffer[..., :dv].reshape(b * hq, dv), lse_buffer[:-1]
     weights = torch.softmax(lse_part * math.log(2), dim=1).nan_to_num(0.0)  # log2 units; NaN where all -inf
     want = (weights[:, :, None] * o_part).sum(1)
     if rotate:
         want = want @ rotation.float() * dv**-0.5
     want_lse = torch.logsumexp(lse_part * math.log(2), dim=1)
     return {
-        "out_err": (out.view(b * hq, dv) - want).abs().max().item(),
-        "lse_err": (lse.view(-1) - want_lse).nan_to_num(0.0).abs().max().item(),
-        "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse.view(-1)), torch.isneginf(want_lse))),
-        "dead_out_zero": bool((out.view(b * hq, dv)[-1] == 0).all()),
+        "out_err": (out - want).abs().max().item(),
+        "lse_err": (lse - want_lse).nan_to_num(0.0).abs().max().item(),
+        "lse_inf_where_ref": bool(torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))),
+        "dead_out_zero": bool((out[-1] == 0).all()),
+        "padding_untouched": bool(out_buffer[..., dv:].isnan().all() and lse_buffer[-1].isnan()),
     }
 
 
@@ -244,7 +255,7 @@ def test_lengths_on_the_pytorch_path_equal_their_positions() -> None:
 def test_combine_matches_the_pytorch_combine(interpreted: dict, name: str) -> None:
     m = interpreted[name]
     assert m["out_err"] < 1e-5 and m["lse_err"] < 1e-5, m
-    assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
+    assert m["lse_inf_where_ref"] and m["dead_out_zero"] and m["padding_untouched"], m
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -345,15 +356,16 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
             blocks | {"BLOCK_G": kernels._dot_block(group), "BLOCK_DV": 128, "VALUE_DIM": 128, "PREFIX": prefix},
             kernels.NUM_WARPS,
         )
-    compile_for_hopper(
-        kernels._decode_combine_kernel,
-        partials | {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"},
-        # bf16: the looped combine that rotates QuaRot's outputs back (`kvbench.quant_kernels`); fp32: one load
-        {"BLOCK_SPLITS": 128, "COMBINE_BLOCK": 64, "BLOCK_DV": 128, "ROTATE": True}
-        if dtype == "bf16"
-        else {"BLOCK_SPLITS": 64, "COMBINE_BLOCK": 64, "BLOCK_DV": kernels.COMBINE_CHANNELS, "ROTATE": False},
-        kernels.NUM_WARPS,
-    )
+    out_type = {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"}
+    # The combine at the tile sizes it launches with: dense at batch 1 and 4 (66 and 17 splits a row on an
+    # H100), many splits; rotating QuaRot's outputs back (`kvbench.plane_kernel`), at 34 and 67 splits (the
+    # plane kernel's at batch 4 and 1, its window included). None may spill: it is latency-bound.
+    for splits, rotated in ((66, False), (17, False), (513, False), (34, True), (67, True)):
+        tiles = kernels._combine_blocks(splits, 128, rotated)
+        compiled = compile_for_hopper(
+            kernels._decode_combine_kernel, partials | out_type, tiles | {"ROTATE": rotated}, kernels.NUM_WARPS
+        )
+        assert spill_operations(compiled) == 0, (splits, rotated, tiles)
     compile_for_hopper(
         kernels._received_kernel,
         tensors | {"lse_ptr": "*fp32", "out_ptr": "*fp32"},
