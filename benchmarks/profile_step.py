@@ -191,7 +191,8 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         ],
         "kernels_per_step": len(in_order) / profiled,
         # The first --sequence kernels of the profiled steps in launch order: which small kernels a layer makes.
-        "sequence": [{"name": name[:80], "us": round(us, 2)} for _, name, us in sorted(in_order)[: args.sequence]],
+        # Whole names: an Inductor kernel's name lists the ops it fused, which is how one is told from another.
+        "sequence": [{"name": name, "us": round(us, 2)} for _, name, us in sorted(in_order)[: args.sequence]],
         "method_stats": cache.stats(),
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
     }
