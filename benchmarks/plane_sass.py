@@ -82,6 +82,7 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
     elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
     pointers |= {"kc_ptr": elements, "vc_ptr": elements, "wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}
+    pointers["wq_ptr"] = "*i64"
     pointers |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     floats = {"scale_log2": "fp32", "rotation_scale": "fp32"}
@@ -90,7 +91,7 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_
         "V_BITS": bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in ("rows", "lead") else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0,
+        "OFFSET": 0.0, "WINDOW_RING": False,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}

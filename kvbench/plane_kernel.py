@@ -424,6 +424,7 @@ if kernels.triton is not None:
         wk_ptr,
         wv_ptr,
         wpos_ptr,
+        wq_ptr,
         total_splits,
         window_slots,
         stride_wkb,
@@ -458,6 +459,7 @@ if kernels.triton is not None:
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
+        WINDOW_RING: tl.constexpr,
     ):
         """Program (bh = sequence x KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -494,6 +496,9 @@ if kernels.triton is not None:
         With HAS_WINDOW, one more program per (sequence, KV head), split == num_splits, attends over the
         full-precision window instead (slots whose position is >= 0, `kvbench.kernels`' convention), and
         the combine kernel merges it with the splits: the window costs no launch of its own and no merge.
+        With WINDOW_RING the window's positions are not read but derived from the ring's counters
+        (`quant_kernels.Window`): wpos_ptr and wq_ptr hold each sequence's tokens seen and tokens quantized,
+        at strides stride_wpb and stride_wph, and the step computes no positions.
         With ROTATE (QuaRot: keys and values stored rotated), the query is rotated here to meet them, each
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
@@ -708,12 +713,22 @@ if kernels.triton is not None:
             wk_base = wk_ptr + b * stride_wkb + h * stride_wkh
             wv_base = wv_ptr + b * stride_wvb + h * stride_wvh
             wv_mask = (offs_wv < V_WIDTH)[None, :]
+            if WINDOW_RING:  # the ring's counters: wpos_ptr holds tokens seen, wq_ptr tokens quantized
+                last = tl.load(wpos_ptr + b * stride_wpb).to(tl.int32) - 1
+                quantized = tl.load(wq_ptr + b * stride_wph).to(tl.int32)
             for tile in range(0, tl.where(split == num_splits, window_slots, 0), BLOCK_N):
                 slots = tile + offs_n
-                position = tl.load(
-                    wpos_ptr + b * stride_wpb + h * stride_wph + slots * stride_wps, mask=slots < window_slots, other=-1
-                )
-                live = position >= 0
+                if WINDOW_RING:  # slot r holds position last - (last - r) mod R; last - r >= -R, so one + R wraps it
+                    behind = last - slots
+                    behind = tl.where(behind < 0, behind + window_slots, behind) % window_slots
+                    live = (last - behind >= quantized) & (slots < window_slots)
+                else:
+                    position = tl.load(
+                        wpos_ptr + b * stride_wpb + h * stride_wph + slots * stride_wps,
+                        mask=slots < window_slots,
+                        other=-1,
+                    )
+                    live = position >= 0
                 k_rows = wk_base + slots[:, None] * stride_wks + offs_w[None, :]
                 k_mask = live[:, None] & w_ok[None, :]
                 k0 = tl.load(k_rows, mask=k_mask, other=0.0).to(DTYPE)
@@ -797,6 +812,7 @@ if kernels.triton is not None:
         wk_ptr,
         wv_ptr,
         wpos_ptr,
+        wq_ptr,
         total_splits,
         window_slots,
         stride_wkb,
@@ -831,6 +847,7 @@ if kernels.triton is not None:
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
+        WINDOW_RING: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
         says what each program does."""
@@ -838,11 +855,11 @@ if kernels.triton is not None:
             tl.program_id(0), tl.program_id(1), tl.program_id(1), q_ptr, kc_ptr, ks_ptr, kz_ptr, k_lead_ptr, vc_ptr,
             vs_ptr, vz_ptr, v_lead_ptr, len_ptr, o_part_ptr, lse_part_ptr, scale_log2, num_kv_heads, group, split_len,
             num_splits, stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcs, stride_ksb, stride_ksh, stride_ksr,
-            stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr,
+            stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr, wq_ptr,
             total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE,
-            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET,
+            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING,
         )  # fmt: skip
 
     # fmt: off
@@ -854,7 +871,7 @@ if kernels.triton is not None:
         q_ptr, kc_ptr, ks_ptr, kz_ptr, k_lead_ptr, vc_ptr, vs_ptr, vz_ptr, v_lead_ptr, len_ptr, o_part_ptr,
         lse_part_ptr, scale_log2, num_kv_heads, group, split_len, num_splits, stride_qb, stride_qh, stride_kcb,
         stride_kch, stride_kcs, stride_ksb, stride_ksh, stride_ksr, stride_vcb, stride_vch, stride_vcs, stride_vsb,
-        stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr, total_splits, window_slots, stride_wkb, stride_wkh,
+        stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr, wq_ptr, total_splits, window_slots, stride_wkb, stride_wkh,
         stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr,
         rotation_scale,
         # the second store's
@@ -869,7 +886,7 @@ if kernels.triton is not None:
         OFFSET: tl.constexpr,
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
-        V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr,
+        V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
     ):
     # fmt: on
         """One launch over two stores (ZipCache's sets), each as `_plane_split_kernel` would launch it: the first
@@ -884,10 +901,10 @@ if kernels.triton is not None:
                 v_lead_ptr, len_ptr, o_part_ptr, lse_part_ptr, scale_log2, num_kv_heads, group, split_len, num_splits,
                 stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcs, stride_ksb, stride_ksh, stride_ksr,
                 stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr,
-                total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
-                stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
-                K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE,
-                K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET,
+                wq_ptr, total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh,
+                stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
+                K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE,
+                K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING,
             )  # fmt: skip
         else:
             _plane_split(
@@ -895,11 +912,11 @@ if kernels.triton is not None:
                 vc_ptr_2, vs_ptr_2, vz_ptr_2, v_lead_ptr_2, len_ptr_2, o_part_ptr, lse_part_ptr, scale_log2,
                 num_kv_heads, group, split_len_2, num_splits_2, stride_qb, stride_qh, stride_kcb_2, stride_kch_2,
                 stride_kcs_2, stride_ksb_2, stride_ksh_2, stride_ksr_2, stride_vcb_2, stride_vch_2, stride_vcs_2,
-                stride_vsb_2, stride_vsh_2, stride_vsr_2, wk_ptr, wv_ptr, wpos_ptr, total_splits, window_slots,
+                stride_vsb_2, stride_vsh_2, stride_vsr_2, wk_ptr, wv_ptr, wpos_ptr, wq_ptr, total_splits, window_slots,
                 stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph,
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE_2, K_ASM_2,
-                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2,
+                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -972,12 +989,19 @@ if kernels.triton is not None:
         o_part = torch.empty(b * hq, total_splits, dv, dtype=torch.float32, device=query.device)
         lse_part = torch.empty(b * hq, total_splits, dtype=torch.float32, device=query.device)
         # Without a window its pointers are the query's and its sizes 0: the kernel never reads them.
-        wk, wv, wpos = window if window is not None else (query, query, query)
-        window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride()) if window is not None else (0,) * 9
+        wk, wv, wpos, wq = query, query, query, query
+        window_strides = (0,) * 9
+        ring = window is not None and window.positions is None
+        if ring:
+            wk, wv, wpos, wq = window.keys, window.values, window.seen, window.quantized
+            window_strides = (*wk.stride()[:3], *wv.stride()[:3], wpos.stride(0), wq.stride(0), 0)
+        elif window is not None:
+            wk, wv, wpos = window.keys, window.values, window.positions
+            window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride())
         upcast, precision = kernels._upcast_and_precision(query.dtype)
         arguments = [
             query, *first.pointers, o_part, lse_part, scale * kernels.LOG2E, hkv, group, *first.splits,
-            query.stride(0), query.stride(1), *first.strides, wk, wv, wpos, total_splits,
+            query.stride(0), query.stride(1), *first.strides, wk, wv, wpos, wq, total_splits,
             wk.shape[2] if window is not None else 0, *window_strides,
             query if rotation is None else rotation,  # never read without ROTATE
             d**-0.5,
@@ -986,7 +1010,7 @@ if kernels.triton is not None:
             "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": kernels._dot_block(group), "BLOCK_N": first.launch.block_n,
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
-            "ROTATE": rotation is not None, "PRECISION": precision,
+            "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
         }  # fmt: skip
         kernel = _plane_split_kernel
         if len(stores) == 2:
@@ -1015,6 +1039,8 @@ def _plane_attention_op(
     window_keys: torch.Tensor | None,
     window_values: torch.Tensor | None,
     window_positions: torch.Tensor | None,
+    window_seen: torch.Tensor | None,
+    window_quantized: torch.Tensor | None,
     rotation: torch.Tensor | None,
     scale: float,
     k_format: list[int],
@@ -1025,7 +1051,11 @@ def _plane_attention_op(
     combine on CUDA; elsewhere the references, merged, with the rotation as two products."""
     keys = PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format)
     values = PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format)
-    window = None if window_keys is None else Window(window_keys, window_values, window_positions)
+    window = (
+        None
+        if window_keys is None
+        else Window(window_keys, window_values, window_positions, window_seen, window_quantized)
+    )
     if kernels._use_triton(query):
         # `quant_kernels.LAUNCH`, read at each call: benchmarks and tests assign it.
         store = _store_launch(query, keys, values, lengths, quant_kernels.LAUNCH)
@@ -1033,7 +1063,8 @@ def _plane_attention_op(
     q = query if rotation is None else rotate(query, rotation)
     out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
     if window is not None:
-        out, lse = merge_attention([(out, lse), kernels.decode_attention_reference(q, *window, scale)])
+        window_attention = kernels.decode_attention_reference(q, *window[:2], window.live_positions(), scale)
+        out, lse = merge_attention([(out, lse), window_attention])
     return (out if rotation is None else rotate(out, rotation)), lse
 
 
@@ -1061,6 +1092,8 @@ def _plane_pair_op(
     window_keys: torch.Tensor | None,
     window_values: torch.Tensor | None,
     window_positions: torch.Tensor | None,
+    window_seen: torch.Tensor | None,
+    window_quantized: torch.Tensor | None,
     scale: float,
     k_format: list[int],
     v_format: list[int],
@@ -1077,7 +1110,11 @@ def _plane_pair_op(
         PackedSlots(k_codes_2, k_scale_2, k_zero_2, k_lead_2, *k_format_2),
         PackedSlots(v_codes_2, v_scale_2, v_zero_2, v_lead_2, *v_format_2),
     )
-    window = None if window_keys is None else Window(window_keys, window_values, window_positions)
+    window = (
+        None
+        if window_keys is None
+        else Window(window_keys, window_values, window_positions, window_seen, window_quantized)
+    )
     if kernels._use_triton(query):
         launch = quant_kernels.LAUNCH
         shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], k_codes.shape[0] * k_codes.shape[1], launch)
@@ -1091,5 +1128,5 @@ def _plane_pair_op(
         packed_decode_attention_reference(query, *second, lengths_2, scale),
     ]
     if window is not None:
-        pieces.append(kernels.decode_attention_reference(query, *window, scale))
+        pieces.append(kernels.decode_attention_reference(query, *window[:2], window.live_positions(), scale))
     return merge_attention(pieces)

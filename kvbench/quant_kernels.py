@@ -85,11 +85,30 @@ class PackedSlots(NamedTuple):
 
 class Window(NamedTuple):
     """A full-precision window next to a packed store: keys [B, Hkv, R, D] and values [B, Hkv, R, Dv] in the
-    query's dtype, positions [B, Hkv, R] (>= 0 where live: `kvbench.kernels`' convention)."""
+    query's dtype, and which of its R slots are live, in one of two forms: `positions` [B, Hkv, R] (>= 0
+    where live: `kvbench.kernels`' convention), or, for a ring of R slots, its counters `seen` and
+    `quantized` [B] (tokens seen, tokens already moved to the store; `ring_positions` says which slot holds
+    what). The counters cost the step no kernel: the plane kernel derives the positions itself."""
 
     keys: torch.Tensor
     values: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+    quantized: torch.Tensor | None = None
+
+    def live_positions(self) -> torch.Tensor:
+        """[B, Hkv, R] positions, -1 where not live, whichever form the window holds."""
+        if self.positions is not None:
+            return self.positions
+        return ring_positions(self.seen, self.quantized, self.keys.shape[2], self.keys.shape[1])
+
+
+def ring_positions(seen: torch.Tensor, quantized: torch.Tensor, ring: int, heads: int) -> torch.Tensor:
+    """[B, heads, ring]: the position each slot of a ring of `ring` slots holds after `seen[b]` tokens (token
+    t at slot t mod ring), -1 where not live: below `quantized[b]` (moved to the store) or never written."""
+    last = (seen - 1).view(-1, 1)
+    position = last - (last - torch.arange(ring, device=seen.device)) % ring
+    return position.masked_fill(position < quantized.view(-1, 1), -1).unsqueeze(1).expand(-1, heads, -1)
 
 
 def slot_rows(slots: int, lead: torch.Tensor, row_tokens: int) -> torch.Tensor:
@@ -759,7 +778,7 @@ def packed_sets_attention(
         _check_store(query, keys, values)
     if len(sets) == 2 and LAUNCH.pair_sets and plane_kernel.pair_fits(sets[0][:2], sets[1][:2], LAUNCH):
         (k1, v1, len1), (k2, v2, len2) = sets
-        held = window if window is not None else (None, None, None)
+        held = window if window is not None else (None,) * len(Window._fields)
         return torch.ops.kvbench.plane_pair_attention(
             query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, float(scale), *_formats(k1, v1),
             *_formats(k2, v2),
@@ -799,14 +818,15 @@ def packed_decode_attention(
         )
     formats = (float(scale), *_formats(keys, values))
     if plane_kernel.plane_plan(keys, values, LAUNCH) is not None:
-        held = window if window is not None else (None, None, None)
+        held = window if window is not None else (None,) * len(Window._fields)
         return torch.ops.kvbench.plane_attention(
             query, *keys[:4], *values[:4], lengths, *held, rotation, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)
     out, lse = torch.ops.kvbench.packed_decode_attention(q, *keys[:4], *values[:4], lengths, *formats)
     if window is not None:
-        out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window, scale)])
+        window_attention = kernels.decode_attention(q, window.keys, window.values, window.live_positions(), scale)
+        out, lse = merge_attention([(out, lse), window_attention])
     return (out if rotation is None else rotate(out, rotation)), lse
 
 

@@ -76,6 +76,7 @@ from kvbench.quant_kernels import (
     merge_attention,
     packed_decode_attention,
     packed_sets_attention,
+    ring_positions,
     rotate,
 )
 
@@ -471,16 +472,14 @@ class QuantizedLayer(KVLayer):
 
     def window_positions(self) -> torch.Tensor:
         """[B, Hkv, ring]: each window slot's position, -1 where not live (already quantized, or never written)."""
-        last = (self.seen - 1).view(-1, 1)
-        position = last - (last - torch.arange(self.ring, device=last.device)) % self.ring
-        live = position >= self.quantized.view(-1, 1)
-        return position.masked_fill(~live, -1).unsqueeze(1).expand(-1, self.window_keys.shape[1], -1)
+        return ring_positions(self.seen, self.quantized, self.ring, self.window_keys.shape[1])
 
     def attend(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         if self.prefilling:
             return super().attend(query, keys, values, scaling)
         q = self.transform_query(query[:, :, 0])
-        window = Window(self.window_keys, self.window_values, self.window_positions()) if self.ring else None
+        # The ring's counters, not its positions: the plane kernel derives them (no kernel a step for them).
+        window = Window(self.window_keys, self.window_values, None, self.seen, self.quantized) if self.ring else None
         if len(self.parts) == 1 and not self.simulated:  # one call: window and rotation inside where it can
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
         else:
@@ -493,7 +492,7 @@ class QuantizedLayer(KVLayer):
             else:
                 pieces = [part.attend(rotated, scaling) for part in self.parts]
                 if window is not None:
-                    pieces.append(kernels.decode_attention(rotated, *window, scaling))
+                    pieces.append(kernels.decode_attention(rotated, *window[:2], window.live_positions(), scaling))
                 out, lse = merge_attention(pieces)
             out = out if self.rotation is None else rotate(out, self.rotation)
         self.after_attention(q, lse, scaling)

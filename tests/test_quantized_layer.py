@@ -176,7 +176,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
     window = None
     if with_window:  # the window's own reference, merged: what the fused window program must give
         window = _window(x, 70, torch.Generator().manual_seed(7))
-        dense = kernels.decode_attention_reference(query, *window, x["scale"])
+        dense = kernels.decode_attention_reference(query, *window[:3], x["scale"])
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
     if rotation is not None:
         ref_out = quant_kernels.rotate(ref_out, rotation)
@@ -257,7 +257,7 @@ def _measure_pair(name: str, with_window: bool, launch: quant_kernels.LaunchConf
     x = {"query": query, "keys": sets[0][0], "lengths": torch.maximum(sets[0][2], sets[1][2])}
     window = _window(x, 70, torch.Generator().manual_seed(7)) if with_window else None
     if window is not None:
-        pieces.append(kernels.decode_attention_reference(query, *window, 0.2))
+        pieces.append(kernels.decode_attention_reference(query, *window[:3], 0.2))
     ref_out, ref_lse = quant_kernels.merge_attention(pieces)
     out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window)
     live = torch.isfinite(ref_lse)  # rows with a live slot in some store or the window
@@ -275,6 +275,57 @@ def _measure_pair(name: str, with_window: bool, launch: quant_kernels.LaunchConf
     }
 
 
+# A ring window's counters per sequence, (tokens seen, tokens quantized), for a ring of RING slots (neither a
+# power of two nor a multiple of the tile): wrapped with a partly quantized oldest part; not yet full (slots
+# never written); exactly full; empty (all quantized); nothing seen; wrapped many times over.
+RING = 70
+RING_COUNTERS = [(100, 64), (30, 0), (70, 6), (250, 250), (0, 0), (1001, 950)]
+# The plane kernel's window program over the counters (`Window.seen`, `.quantized`) against the same launch
+# over the positions they stand for: one store, one store rotated, ZipCache's two sets in one launch.
+RING_CASES = ("kivi4_halves_bf16", "quarot4_bf16+rotation", "zipcache4_lead_bf16", "pair:zipcache_pair_fp16")
+
+
+def _ring_window(query: torch.Tensor, hkv: int, gen: torch.Generator) -> quant_kernels.Window:
+    b, _, d = query.shape
+    counters = torch.tensor([RING_COUNTERS[i % len(RING_COUNTERS)] for i in range(b)])
+    keys = torch.randn(b, hkv, RING, d, generator=gen).to(query.dtype)
+    values = torch.randn(b, hkv, RING, d, generator=gen).to(query.dtype)
+    return quant_kernels.Window(keys, values, None, counters[:, 0], counters[:, 1])
+
+
+def _measure_ring(name: str) -> dict:
+    """Bit for bit: the ring's counters give the kernel the same live slots as the positions do."""
+    quant_kernels.LAUNCH = quant_kernels.LaunchConfig()
+    case, _, rotated = name.partition("+")
+    if case.startswith("pair:"):
+        b, hkv, group, d, dtype, *stores = PAIRS[case.removeprefix("pair:")]
+        gen = torch.Generator().manual_seed(3)
+        sets = []
+        for slots, k_layout, v_layout in stores:
+            keys = _layout(b, hkv, slots, d, k_layout, gen)._replace(prompt_row=True)
+            sets.append((keys, _layout(b, hkv, slots, d, v_layout, gen), torch.randint(1, slots, (b,), generator=gen)))
+        query = torch.randn(b, hkv * group, d, generator=gen).to(getattr(torch, dtype))
+        ring = _ring_window(query, hkv, gen)
+
+        def attend(window: quant_kernels.Window) -> tuple[torch.Tensor, torch.Tensor]:
+            return quant_kernels.packed_sets_attention(query, sets, 0.2, window)
+    else:
+        x = _case_inputs(case, seed=5)
+        args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
+        rotation = hadamard_matrix(x["query"].shape[-1], dtype=torch.int8, normalized=False) if rotated else None
+        ring = _ring_window(x["query"], x["keys"].codes.shape[1], torch.Generator().manual_seed(4))
+
+        def attend(window: quant_kernels.Window) -> tuple[torch.Tensor, torch.Tensor]:
+            return packed_decode_attention(*args, window, rotation)
+
+    by_positions = quant_kernels.Window(ring.keys, ring.values, ring.live_positions())
+    got, want = attend(ring), attend(by_positions)
+    return {
+        "same": torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]),
+        "live_slots": int((by_positions.positions >= 0).sum()),
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     cases = {name: _measure(name) for name in CASES}
@@ -287,6 +338,7 @@ def _worker() -> None:
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
         cases[f"{name}+rotation"] = _measure(case, with_window=window == "window", with_rotation=True)
+    cases |= {f"ring:{name}": _measure_ring(name) for name in RING_CASES}
     print(json.dumps(cases))
 
 
@@ -325,6 +377,26 @@ def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
 
 
+@pytest.mark.parametrize("name", RING_CASES)
+def test_a_ring_window_by_its_counters_equals_its_positions(interpreted: dict, name: str) -> None:
+    """A quantized layer passes its window's counters (tokens seen and quantized), not positions computed
+    each step: the plane kernel derives the live slots itself, and must find the same ones."""
+    m = interpreted[f"ring:{name}"]
+    assert m["same"] and m["live_slots"] > 0, m
+
+
+def test_ring_positions_are_where_the_ring_put_each_token() -> None:
+    """Token t is written at slot t mod R; a slot holds the last token written to it, live from `quantized`
+    on. Checked against writing the tokens one by one."""
+    for seen, quantized in RING_COUNTERS:
+        slots = [-1] * RING
+        for token in range(seen):
+            slots[token % RING] = token
+        want = [t if t >= quantized else -1 for t in slots]
+        got = quant_kernels.ring_positions(torch.tensor([seen]), torch.tensor([quantized]), RING, 3)
+        assert got.shape == (1, 3, RING) and (got == torch.tensor(want)).all(), (seen, quantized)
+
+
 def test_a_shared_split_target_is_split_by_slots_for_few_heads() -> None:
     """With `pair_shared_target` (the default) the two sets plan for shares of one target that add up to it,
     by slots, up to FEW_HEADS (sequence, KV head) pairs; above (where the target is already two waves), and
@@ -352,7 +424,7 @@ def test_merging_one_piece_returns_it() -> None:
 def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     """Every way each kernel applies parameters, for K and V, every bit width, tiles aligned to key rows
     from a lead that is not a multiple of the tile, one split and many, sequences with no live slot."""
-    cases = [m for name, m in interpreted.items() if not name.startswith("pair:")]
+    cases = [m for name, m in interpreted.items() if not name.startswith(("pair:", "ring:"))]
     packed = [m for m in cases if m["kernel"] == "packed"]
     assert {m["key_mode"] for m in packed} == {"slot", "row", "lead", "rows", "columns", "gather"}
     assert {m["value_mode"] for m in packed} == {"slot", "columns", "gather"}
@@ -520,7 +592,7 @@ def test_plane_kernel_compiles_for_hopper(
     elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
     pointers |= {"kc_ptr": elements, "vc_ptr": elements}
     pointers |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
-    pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64"}
+    pointers |= {"wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "wpos_ptr": "*i64", "wq_ptr": "*i64"}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     pointers |= {"rotation_ptr": "*i8", "rotation_scale": "fp32"}
     constexprs = {
@@ -533,6 +605,8 @@ def test_plane_kernel_compiles_for_hopper(
         "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
+        # the window's live slots from a ring's counters (quantized layers) or read as positions
+        "WINDOW_RING": key_mode in ("halves", "lead"),
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
@@ -549,6 +623,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
         "wk_ptr": "*bf16",
         "wv_ptr": "*bf16",
         "wpos_ptr": "*i64",
+        "wq_ptr": "*i64",
         "rotation_ptr": "*i8",
         "rotation_scale": "fp32",
     }
@@ -558,7 +633,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
         pointers |= {f"{name}{suffix}": "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
-        "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32",
+        "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
         constexprs |= {
