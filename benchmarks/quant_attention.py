@@ -221,7 +221,7 @@ def check(
     rotated = query if rotation is None else quant_kernels.rotate(query, rotation)
     ref_out, ref_lse = packed_decode_attention_reference(rotated, keys, values, lengths, SCALE)
     if window is not None:
-        dense = kernels.decode_attention_reference(rotated, *window, SCALE)
+        dense = kernels.decode_attention_reference(rotated, *window[:2], window.live_positions(), SCALE)
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
     if rotation is not None:
         ref_out = quant_kernels.rotate(ref_out, rotation)
@@ -253,6 +253,15 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
         if name in TIMED or name in lead_layouts:  # with a window: the plane kernel's window program, or merged
             result = check(query, keys, values, lengths, window_inputs(query, 129))
             rows.append({"check": f"reference_{name}_window", "config": config} | result)
+            # a quantized layer's form: the ring's counters, wrapped and partly quantized / not yet full, which
+            # the kernel must read as the positions they stand for, bit for bit
+            counters = torch.tensor([[1000, 900], [60, 0]], device=device)
+            ring = window_inputs(query, 129)._replace(positions=None, seen=counters[:, 0], quantized=counters[:, 1])
+            by_positions = ring._replace(positions=ring.live_positions())
+            got = packed_decode_attention(query, keys, values, lengths, SCALE, ring)
+            want = packed_decode_attention(query, keys, values, lengths, SCALE, by_positions)
+            same = all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+            rows.append({"check": f"ring_counters_{name}", "config": config, "ok": same})
         if name == "int4_token":  # QuaRot's rotations, in the plane kernel's prologue and the combine
             signs = hadamard_matrix(D, dtype=torch.int8, device=device, normalized=False)
             result = check(query, keys, values, lengths, rotation=signs)
@@ -272,7 +281,7 @@ def pair_checks(device: torch.device, slots: int, config: str) -> list[dict]:
         out, lse = packed_sets_attention(query, parts, SCALE, window)
         pieces = [packed_decode_attention_reference(query, *part, SCALE) for part in parts]
         if window is not None:
-            pieces.append(kernels.decode_attention_reference(query, *window, SCALE))
+            pieces.append(kernels.decode_attention_reference(query, *window[:2], window.live_positions(), SCALE))
         result = compare(out, lse, *quant_kernels.merge_attention(pieces), query.dtype)
         name = "reference_zipcache_sets" + ("_window" if window is not None else "")
         rows.append({"check": name, "config": config} | result)
