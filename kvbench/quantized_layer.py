@@ -478,7 +478,8 @@ class QuantizedLayer(KVLayer):
         if self.prefilling:
             return super().attend(query, keys, values, scaling)
         q = self.transform_query(query[:, :, 0])
-        # The ring's counters, not its positions: the plane kernel derives them (no kernel a step for them).
+        # The ring's counters, not its positions: the plane kernel derives them (no kernel a step for them);
+        # the other paths (the split kernel's layouts, simulated storage) compute them (`live_positions`).
         window = Window(self.window_keys, self.window_values, None, self.seen, self.quantized) if self.ring else None
         if len(self.parts) == 1 and not self.simulated:  # one call: window and rotation inside where it can
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation)

@@ -285,16 +285,18 @@ RING_COUNTERS = [(100, 64), (30, 0), (70, 6), (250, 250), (0, 0), (1001, 950)]
 RING_CASES = ("kivi4_halves_bf16", "quarot4_bf16+rotation", "zipcache4_lead_bf16", "pair:zipcache_pair_fp16")
 
 
-def _ring_window(query: torch.Tensor, hkv: int, gen: torch.Generator) -> quant_kernels.Window:
+def _ring_window(query: torch.Tensor, hkv: int, gen: torch.Generator, first: int) -> quant_kernels.Window:
+    """Sequence i's counters: RING_COUNTERS[first + i] (cyclically)."""
     b, _, d = query.shape
-    counters = torch.tensor([RING_COUNTERS[i % len(RING_COUNTERS)] for i in range(b)])
+    counters = torch.tensor([RING_COUNTERS[(first + i) % len(RING_COUNTERS)] for i in range(b)])
     keys = torch.randn(b, hkv, RING, d, generator=gen).to(query.dtype)
     values = torch.randn(b, hkv, RING, d, generator=gen).to(query.dtype)
     return quant_kernels.Window(keys, values, None, counters[:, 0], counters[:, 1])
 
 
 def _measure_ring(name: str) -> dict:
-    """Bit for bit: the ring's counters give the kernel the same live slots as the positions do."""
+    """Bit for bit: the ring's counters give the kernel the same live slots as the positions do, for every
+    state in RING_COUNTERS (the batch takes them a few at a time)."""
     quant_kernels.LAUNCH = quant_kernels.LaunchConfig()
     case, _, rotated = name.partition("+")
     if case.startswith("pair:"):
@@ -305,7 +307,6 @@ def _measure_ring(name: str) -> dict:
             keys = _layout(b, hkv, slots, d, k_layout, gen)._replace(prompt_row=True)
             sets.append((keys, _layout(b, hkv, slots, d, v_layout, gen), torch.randint(1, slots, (b,), generator=gen)))
         query = torch.randn(b, hkv * group, d, generator=gen).to(getattr(torch, dtype))
-        ring = _ring_window(query, hkv, gen)
 
         def attend(window: quant_kernels.Window) -> tuple[torch.Tensor, torch.Tensor]:
             return quant_kernels.packed_sets_attention(query, sets, 0.2, window)
@@ -313,17 +314,20 @@ def _measure_ring(name: str) -> dict:
         x = _case_inputs(case, seed=5)
         args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
         rotation = hadamard_matrix(x["query"].shape[-1], dtype=torch.int8, normalized=False) if rotated else None
-        ring = _ring_window(x["query"], x["keys"].codes.shape[1], torch.Generator().manual_seed(4))
+        query, hkv, gen = x["query"], x["keys"].codes.shape[1], torch.Generator().manual_seed(4)
 
         def attend(window: quant_kernels.Window) -> tuple[torch.Tensor, torch.Tensor]:
             return packed_decode_attention(*args, window, rotation)
 
-    by_positions = quant_kernels.Window(ring.keys, ring.values, ring.live_positions())
-    got, want = attend(ring), attend(by_positions)
-    return {
-        "same": torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]),
-        "live_slots": int((by_positions.positions >= 0).sum()),
-    }
+    same, live_slots, states = True, 0, set()
+    for first in range(0, len(RING_COUNTERS), query.shape[0]):
+        ring = _ring_window(query, hkv, gen, first)
+        by_positions = quant_kernels.Window(ring.keys, ring.values, ring.live_positions())
+        got, want = attend(ring), attend(by_positions)
+        same = same and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        live_slots += int((by_positions.positions >= 0).sum())
+        states |= set(zip(ring.seen.tolist(), ring.quantized.tolist(), strict=True))
+    return {"same": same, "live_slots": live_slots, "states": len(states)}
 
 
 def _worker() -> None:
@@ -382,7 +386,7 @@ def test_a_ring_window_by_its_counters_equals_its_positions(interpreted: dict, n
     """A quantized layer passes its window's counters (tokens seen and quantized), not positions computed
     each step: the plane kernel derives the live slots itself, and must find the same ones."""
     m = interpreted[f"ring:{name}"]
-    assert m["same"] and m["live_slots"] > 0, m
+    assert m["same"] and m["live_slots"] > 0 and m["states"] == len(RING_COUNTERS), m
 
 
 def test_ring_positions_are_where_the_ring_put_each_token() -> None:
