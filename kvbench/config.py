@@ -42,6 +42,9 @@ class RunSettings:
     prefill_chunk: int = 512
     engine: str = "eager"
     compile_scope: str = "layer"  # engine=compiled: one decoder layer compiled and reused, or the whole step
+    # engine=compiled: Inductor config values for the step's compile (e.g. combo_kernels: true), checked
+    # against torch._inductor.config's keys and types in `build`
+    inductor_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     batch_size: int = 1
     warmup: bool = True
     retry_errors: bool = False
@@ -56,6 +59,12 @@ class RunSettings:
         scopes = ("layer", "step")  # kvbench.engine.COMPILE_SCOPES
         require(self.compile_scope in scopes, "kvbench.compile_scope", self.compile_scope, f"one of {scopes}")
         require(self.batch_size >= 1, "kvbench.batch_size", self.batch_size, "an integer >= 1")
+        require(
+            not self.inductor_options or self.engine == "compiled",
+            "kvbench.inductor_options",
+            self.inductor_options,
+            "empty unless kvbench.engine=compiled",
+        )
 
 
 def check_results_dir(path: str) -> None:
@@ -282,6 +291,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item) for k, v in value.items())
     if hint is Any:
         return True
     if hint is type(None):
@@ -321,6 +333,23 @@ def _target_class(node: dict[str, Any], group: str, base: type) -> type:
     return cls
 
 
+def check_inductor_options(options: dict[str, Any]) -> None:
+    """Each `kvbench.inductor_options` key must be one of torch._inductor.config's, its value of that key's
+    type: a typo would otherwise compile as if it were not there."""
+    if not options:
+        return
+    import torch._inductor.config
+
+    known = torch._inductor.config.get_config_copy()
+    for key, value in options.items():
+        name = f"kvbench.inductor_options.{key}"
+        require(key in known, name, value, "a key of torch._inductor.config (e.g. combo_kernels)")
+        default = known[key]
+        if default is not None:
+            kind = type(default).__name__
+            require(type(value) is type(default), name, value, f"a {kind}, as Inductor's default {default!r}")
+
+
 def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
     """Validate and instantiate everything a run needs from the composed config. Loads no model."""
     try:
@@ -333,6 +362,7 @@ def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
     for section in ("model", "method", "task", "kvbench"):
         require(section in plain, section, None, "present in the config (see configs/config.yaml)")
     settings = build_dataclass(RunSettings, plain["kvbench"], "kvbench")
+    check_inductor_options(settings.inductor_options)
     model = build_dataclass(ModelConfig, plain["model"], "model")
     from kvbench.method import Method
     from kvbench.task import Task

@@ -278,6 +278,7 @@ class Engine:
             settings.prefill_chunk,
             settings.engine,
             compile_scope=settings.compile_scope,
+            inductor_options=settings.inductor_options,
         )
 
     # ----- building blocks -----

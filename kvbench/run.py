@@ -41,6 +41,8 @@ def identity(config: RunConfig) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(config.settings).items() if k not in NOT_IDENTITY}
     if settings["engine"] != "compiled":  # it changes nothing elsewhere; out, earlier runs keep their directories
         settings.pop("compile_scope")
+    if not settings["inductor_options"]:  # added later: out when empty, so earlier runs keep their directories
+        settings.pop("inductor_options")
     return {
         "names": config.names,
         "model": asdict(config.model),

@@ -224,6 +224,25 @@ BAD_INPUTS = [
     pytest.param(["task.context_lengths=[9000]"], "task.context_lengths", "positions", id="task-check"),
     pytest.param(["task=passkey", "task.context_lengths=[]"], "task.context_lengths", "non-empty", id="no-lengths"),
     pytest.param(["task=passkey", "task.depths=[]"], "task.depths", "non-empty", id="no-depths"),
+    # Inductor options: a key Inductor does not have, a value not of its key's type, any without compile
+    pytest.param(
+        ["kvbench.engine=compiled", "+kvbench.inductor_options.combo_kernel=true"],
+        "kvbench.inductor_options.combo_kernel",
+        "torch._inductor.config",
+        id="inductor-option-unknown",
+    ),
+    pytest.param(
+        ["kvbench.engine=compiled", "+kvbench.inductor_options.combo_kernels=1"],
+        "kvbench.inductor_options.combo_kernels",
+        "a bool",
+        id="inductor-option-type",
+    ),
+    pytest.param(
+        ["+kvbench.inductor_options.combo_kernels=true"],
+        "kvbench.inductor_options",
+        "kvbench.engine=compiled",
+        id="inductor-option-eager",
+    ),
 ]
 
 

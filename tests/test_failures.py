@@ -87,6 +87,15 @@ def test_compile_scope_defines_compiled_runs_only(tmp_path):
     assert with_settings(engine="compiled") != with_settings(engine="compiled", compile_scope="step")
 
 
+def test_inductor_options_define_compiled_runs_only_when_given(tmp_path):
+    """`kvbench.inductor_options` (added after runs were recorded) stays out of the identity while empty, so
+    those runs keep their directories; given, it separates compiled runs (a speed setting, as the engine)."""
+    config = build(compose_config(*TINY, *SHORT_PASSKEY, f"kvbench.results_dir={tmp_path}", "kvbench.engine=compiled"))
+    combo = dataclasses.replace(config.settings, inductor_options={"combo_kernels": True})
+    assert "inductor_options" not in identity(config)
+    assert identity(dataclasses.replace(config, settings=combo))["inductor_options"] == {"combo_kernels": True}
+
+
 def test_bad_compile_scope_is_one_line_naming_the_key():
     with pytest.raises(ConfigError) as caught:
         RunSettings(compile_scope="model")
