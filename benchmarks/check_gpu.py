@@ -28,27 +28,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 import torch
+from speed import make_method  # beside this file
 
 from kvbench import kernels, token_quant
 from kvbench.cuboid_scores import cuboid_scores, query_halves
 from kvbench.engine import Engine, Request, parse_inductor_options
 from kvbench.hadamard import hadamard_matrix
 from kvbench.host_pages import gather_pages, pinned_copy, uses_kernels, write_rows
-from kvbench.method import Method
 from kvbench.methods.arkvale import ArkVale
-from kvbench.methods.cla import CLA
 from kvbench.methods.full import Full
 from kvbench.methods.h2o import H2O
-from kvbench.methods.kivi import KIVI
-from kvbench.methods.quarot import QuaRot
-from kvbench.methods.scissorhands import Scissorhands
 from kvbench.methods.snapkv import SnapKV
-from kvbench.methods.snapstream import SnapStream
 from kvbench.methods.streamingllm import StreamingLLM
-from kvbench.methods.zipcache import ZipCache
 from kvbench.models import ModelConfig, load_model, model_spec
 from kvbench.page_selection import PageSchedule, select_pages, select_pages_reference
 from kvbench.quant import Quantized
@@ -304,21 +297,22 @@ def check_attention_lengths() -> None:
     check("decode_attention over lengths against float32", ok, f"(max error {error:.1e}, lse {lse_error:.1e})")
 
 
-# Every method, at settings that compress the engines check's prompts (3,000 and 2,200 tokens).
-OPTION_METHODS: dict[str, Callable[[], Method]] = {
-    "full": Full,
-    "streamingllm": lambda: StreamingLLM(budget=512),
-    "snapkv": lambda: SnapKV(budget=512),
-    "h2o": lambda: H2O(budget=512),
-    "arkvale": lambda: ArkVale(budget=512),
-    "scissorhands": lambda: Scissorhands(budget=512),
-    "snapstream": lambda: SnapStream(budget=512),
-    "kivi4": lambda: KIVI(bits=4),
-    "kivi2": lambda: KIVI(bits=2),
-    "quarot": lambda: QuaRot(bits=4),
-    "rtn": lambda: QuaRot(bits=4, rotate=False),
-    "zipcache": ZipCache,
-    "cla": lambda: CLA(sharing=2),
+# Every method (`speed.py`'s name and size), at settings that compress the engines check's prompts (3,000 and
+# 2,200 tokens).
+OPTION_METHODS = {
+    "full": ("full", 0),
+    "streamingllm": ("streamingllm", 512),
+    "snapkv": ("snapkv", 512),
+    "h2o": ("h2o", 512),
+    "arkvale": ("arkvale", 512),
+    "scissorhands": ("scissorhands", 512),
+    "snapstream": ("snapstream", 512),
+    "kivi4": ("kivi", 4),
+    "kivi2": ("kivi", 2),
+    "quarot": ("quarot", 4),
+    "rtn": ("rtn", 4),
+    "zipcache": ("zipcache", 0),
+    "cla": ("cla", 2),
 }
 
 
@@ -332,7 +326,13 @@ def check_inductor_options(options: dict, methods: list[str]) -> None:
         tokens = []
         for given in ({}, options):
             engine = Engine(
-                model, None, OPTION_METHODS[name](), spec, prefill_chunk=1024, engine="compiled", inductor_options=given
+                model,
+                None,
+                make_method(*OPTION_METHODS[name]),
+                spec,
+                prefill_chunk=1024,
+                engine="compiled",
+                inductor_options=given,
             )
             generations = engine.generate_batch(requests)
             tokens.append([g.token_ids for g in generations])

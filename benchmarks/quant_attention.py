@@ -221,7 +221,7 @@ def check(
     rotated = query if rotation is None else quant_kernels.rotate(query, rotation)
     ref_out, ref_lse = packed_decode_attention_reference(rotated, keys, values, lengths, SCALE)
     if window is not None:
-        dense = kernels.decode_attention_reference(rotated, *window[:2], window.live_positions(), SCALE)
+        dense = kernels.decode_attention_reference(rotated, *window.attention_inputs(), SCALE)
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
     if rotation is not None:
         ref_out = quant_kernels.rotate(ref_out, rotation)
@@ -281,7 +281,7 @@ def pair_checks(device: torch.device, slots: int, config: str) -> list[dict]:
         out, lse = packed_sets_attention(query, parts, SCALE, window)
         pieces = [packed_decode_attention_reference(query, *part, SCALE) for part in parts]
         if window is not None:
-            pieces.append(kernels.decode_attention_reference(query, *window[:2], window.live_positions(), SCALE))
+            pieces.append(kernels.decode_attention_reference(query, *window.attention_inputs(), SCALE))
         result = compare(out, lse, *quant_kernels.merge_attention(pieces), query.dtype)
         name = "reference_zipcache_sets" + ("_window" if window is not None else "")
         rows.append({"check": name, "config": config} | result)

@@ -334,20 +334,19 @@ def _target_class(node: dict[str, Any], group: str, base: type) -> type:
 
 
 def check_inductor_options(options: dict[str, Any]) -> None:
-    """Each `kvbench.inductor_options` key must be one of torch._inductor.config's, its value of that key's
-    type: a typo would otherwise compile as if it were not there."""
+    """`kvbench.inductor_options` through the engine's own check (each key one of torch._inductor.config's,
+    its value of that key's type: a typo would otherwise compile as if it were not there), reported as the
+    config key it came from."""
     if not options:
         return
-    import torch._inductor.config
+    from kvbench.engine import check_inductor_options as engine_check
 
-    known = torch._inductor.config.get_config_copy()
     for key, value in options.items():
-        name = f"kvbench.inductor_options.{key}"
-        require(key in known, name, value, "a key of torch._inductor.config (e.g. combo_kernels)")
-        default = known[key]
-        if default is not None:
-            kind = type(default).__name__
-            require(type(value) is type(default), name, value, f"a {kind}, as Inductor's default {default!r}")
+        try:
+            engine_check({key: value}, "compiled")
+        except ValueError as error:
+            allowed = str(error).removeprefix("inductor_options: ")
+            raise ConfigError(f"kvbench.inductor_options.{key}", value, allowed) from None
 
 
 def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:

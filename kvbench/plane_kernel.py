@@ -1063,8 +1063,8 @@ def _plane_attention_op(
     q = query if rotation is None else rotate(query, rotation)
     out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
     if window is not None:
-        window_attention = kernels.decode_attention_reference(q, *window[:2], window.live_positions(), scale)
-        out, lse = merge_attention([(out, lse), window_attention])
+        dense = kernels.decode_attention_reference(q, *window.attention_inputs(), scale)
+        out, lse = merge_attention([(out, lse), dense])
     return (out if rotation is None else rotate(out, rotation)), lse
 
 
@@ -1128,5 +1128,5 @@ def _plane_pair_op(
         packed_decode_attention_reference(query, *second, lengths_2, scale),
     ]
     if window is not None:
-        pieces.append(kernels.decode_attention_reference(query, *window[:2], window.live_positions(), scale))
+        pieces.append(kernels.decode_attention_reference(query, *window.attention_inputs(), scale))
     return merge_attention(pieces)

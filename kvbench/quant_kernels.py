@@ -102,6 +102,10 @@ class Window(NamedTuple):
             return self.positions
         return ring_positions(self.seen, self.quantized, self.keys.shape[2], self.keys.shape[1])
 
+    def attention_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, positions): the window as `kvbench.kernels`' dense attention takes it."""
+        return self.keys, self.values, self.live_positions()
+
 
 def ring_positions(seen: torch.Tensor, quantized: torch.Tensor, ring: int, heads: int) -> torch.Tensor:
     """[B, heads, ring]: the position each slot of a ring of `ring` slots holds after `seen[b]` tokens (token
@@ -825,8 +829,7 @@ def packed_decode_attention(
     q = query if rotation is None else rotate(query, rotation)
     out, lse = torch.ops.kvbench.packed_decode_attention(q, *keys[:4], *values[:4], lengths, *formats)
     if window is not None:
-        window_attention = kernels.decode_attention(q, window.keys, window.values, window.live_positions(), scale)
-        out, lse = merge_attention([(out, lse), window_attention])
+        out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window.attention_inputs(), scale)])
     return (out if rotation is None else rotate(out, rotation)), lse
 
 

@@ -479,7 +479,7 @@ class QuantizedLayer(KVLayer):
             return super().attend(query, keys, values, scaling)
         q = self.transform_query(query[:, :, 0])
         # The ring's counters, not its positions: the plane kernel derives them (no kernel a step for them);
-        # the other paths (the split kernel's layouts, simulated storage) compute them (`live_positions`).
+        # the other paths (the split kernel's layouts, simulated storage) compute them (`attention_inputs`).
         window = Window(self.window_keys, self.window_values, None, self.seen, self.quantized) if self.ring else None
         if len(self.parts) == 1 and not self.simulated:  # one call: window and rotation inside where it can
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
@@ -493,7 +493,7 @@ class QuantizedLayer(KVLayer):
             else:
                 pieces = [part.attend(rotated, scaling) for part in self.parts]
                 if window is not None:
-                    pieces.append(kernels.decode_attention(rotated, *window[:2], window.live_positions(), scaling))
+                    pieces.append(kernels.decode_attention(rotated, *window.attention_inputs(), scaling))
                 out, lse = merge_attention(pieces)
             out = out if self.rotation is None else rotate(out, self.rotation)
         self.after_attention(q, lse, scaling)
