@@ -114,6 +114,10 @@ CONFIGS = {
     "no_offset": replace(quant_kernels.LAUNCH, offset_codes=False),
     "one_warp": replace(quant_kernels.LAUNCH, one_warp_summed_slots=0),
     "two_warps": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
+    # ZipCache's "lead" keys at one warp too, under the same rule (its two sets' slots together) from 2^19
+    # pairs x slots: the timed sets at 32k batch 4 hold 32 x 32,767 (the shares round down), just under 2^20.
+    # Per-token keys take one warp as by default at the timed sizes (2^18 at 32k batch 1, >= 2^20 the others).
+    "lead_one_warp": replace(quant_kernels.LAUNCH, one_warp_lead=True, one_warp_summed_slots=2**19),
     # ZipCache's keys read per slot in every tile, as before the "lead" fold (row 0 folded below lead)
     "no_lead": replace(quant_kernels.LAUNCH, fold_lead=False),
     # ZipCache's two sets in two launches and two combines, merged, as before they shared one launch
@@ -378,12 +382,17 @@ def timed_parts(
     return parts
 
 
-def packed_rows(device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict) -> list[dict]:
-    """Every timed layout's attention (ZipCache's two sets as one, `packed_sets_attention`) timed as one call."""
+TIMED_LAYOUTS = [*TIMED, "zipcache_4_2"]
+
+
+def packed_rows(
+    device: torch.device, contexts: list[int], batches: list[int], config: str, dense: dict, layouts: list[str]
+) -> list[dict]:
+    """Each of `layouts`' attention (ZipCache's two sets as one, `packed_sets_attention`) timed as one call."""
     rows = []
     for slots in contexts:
         for batch in batches:
-            for layout in [*TIMED, "zipcache_4_2"]:
+            for layout in layouts:
                 copies = [timed_parts(layout, batch, slots, device, seed=3)]
                 bytes_per_copy = sum(packed_bytes(keys, values) for keys, values, _ in copies[0])
                 copies += [
@@ -450,12 +459,19 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="32k and 128k only; no torch.compile check")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"launch configurations, of {list(CONFIGS)}")
     parser.add_argument("--commit", default="", help="the commit to record (default: git's, where there is one)")
+    parser.add_argument(
+        "--layouts", default=",".join(TIMED_LAYOUTS), help=f"the timed layouts, of {TIMED_LAYOUTS} (checks: all)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"--configs={args.configs} is not valid: {unknown} not among {list(CONFIGS)}")
+    layouts = args.layouts.split(",")
+    unknown = [name for name in layouts if name not in TIMED_LAYOUTS]
+    if unknown:
+        parser.error(f"--layouts={args.layouts} is not valid: {unknown} not among {TIMED_LAYOUTS}")
     began = time.perf_counter()
     small = device.type != "cuda"  # Triton's interpreter or the reference on a CPU: small shapes
     contexts = [256, 700] if small else ([32768, 131072] if args.quick else [8192, 32768, 131072])
@@ -470,7 +486,7 @@ def main() -> int:
     for config in configs:
         quant_kernels.LAUNCH = CONFIGS[config]
         rows += reference_checks(device, check_slots, config)
-        rows += packed_rows(device, contexts, batches, config, dense)
+        rows += packed_rows(device, contexts, batches, config, dense, layouts)
         print(f"[{time.perf_counter() - began:.0f} s] config {config} done", file=sys.stderr)
     env = environment(device, bandwidth, args.commit)
     for row in rows:
