@@ -239,8 +239,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/profile_step.jsonl")
     parser.add_argument("--commit", default="", help="the commit to record (the GPU copy has no .git)")
     args = parser.parse_args()
-    if args.block_n:
+    if args.block_n and args.block_n != kernels.BLOCK_N:
         kernels.BLOCK_N = args.block_n
+        kernels.compile_caches_off()  # a cached graph would replay the tile it was compiled with
     if args.coordinate_descent:
         torch._inductor.config.coordinate_descent_tuning = True
     if args.layers:  # the same layers, fewer of them: kernels per layer are what a profile compares

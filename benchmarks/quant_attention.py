@@ -114,10 +114,6 @@ CONFIGS = {
     "no_offset": replace(quant_kernels.LAUNCH, offset_codes=False),
     "one_warp": replace(quant_kernels.LAUNCH, one_warp_summed_slots=0),
     "two_warps": replace(quant_kernels.LAUNCH, one_warp_summed_slots=2**62),
-    # ZipCache's "lead" keys at one warp too, under the same rule (its two sets' slots together) from 2^19
-    # pairs x slots: the timed sets at 32k batch 4 hold 32 x 32,767 (the shares round down), just under 2^20.
-    # Per-token keys take one warp as by default at the timed sizes (2^18 at 32k batch 1, >= 2^20 the others).
-    "lead_one_warp": replace(quant_kernels.LAUNCH, one_warp_lead=True, one_warp_summed_slots=2**19),
     # ZipCache's keys read per slot in every tile, as before the "lead" fold (row 0 folded below lead)
     "no_lead": replace(quant_kernels.LAUNCH, fold_lead=False),
     # ZipCache's two sets in two launches and two combines, merged, as before they shared one launch

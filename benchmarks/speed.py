@@ -49,7 +49,7 @@ import torch
 import kvbench
 import kvbench.methods
 import kvbench.tasks
-from kvbench import quant_kernels
+from kvbench import kernels, quant_kernels
 from kvbench.engine import Engine, Request, Timer, parse_inductor_options
 from kvbench.errors import ConfigError
 from kvbench.method import Method
@@ -393,7 +393,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu runs the same code (for checking the script)")
     parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
     args = parser.parse_args()
-    quant_kernels.LAUNCH = quant_launch(args.quant_launch)
+    use_quant_launch(args.quant_launch)
     try:
         args.inductor_options = parse_inductor_options(args.inductor_options)
     except ValueError as error:
@@ -438,6 +438,15 @@ def main() -> None:
     if terminated:
         print("terminated: no new rows", flush=True)
         raise SystemExit(128 + signal.SIGTERM)  # the shell's code for a process stopped by SIGTERM
+
+
+def use_quant_launch(overrides: list[str]) -> None:
+    """The 4-bit kernels' launch for this run; any other than the default compiles without torch.compile's
+    caches (`kernels.compile_caches_off`: a cached graph replays the launch it was compiled under)."""
+    launch = quant_launch(overrides)
+    quant_kernels.LAUNCH = launch
+    if launch != quant_kernels.LaunchConfig():
+        kernels.compile_caches_off()
 
 
 def quant_launch(overrides: list[str]) -> quant_kernels.LaunchConfig:

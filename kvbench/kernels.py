@@ -57,6 +57,21 @@ NUM_WARPS = 4
 NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
 
 
+def compile_caches_off() -> None:
+    """Turn torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's) off for this process.
+    They key a graph on its traced operators and the compile's config, not on the Python that chose a custom
+    operator's kernels, so a graph compiled under one launch setting (this module's `BLOCK_N`,
+    `quant_kernels.LAUNCH`) is replayed under another from a warm cache directory. Seen on an H100: ZipCache's
+    step (32k, batch 4) compiled under a one-warp launch, then run under the default launch in the same cache
+    directory, replayed the one-warp graph (4.7 s to compile, 10.71 ms a step, against 9.55 ms in a directory
+    of its own). A process that changes such a setting and then compiles calls this first."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
 def decode_attention_reference(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

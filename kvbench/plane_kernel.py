@@ -81,34 +81,28 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
 
 
 def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: int, slots: int) -> LaunchConfig:
-    """The plane kernel's launch for a store (`slots`: a pair's two sets together): per-token keys ("token")
-    with summed value zero-points and pairs x slots of at least `one_warp_summed_slots`, one warp a program
-    at the many-heads split target; so too ZipCache's "lead" keys where the launch's `one_warp_lead` asks.
+    """The plane kernel's launch for a store: per-token keys ("token") with summed value zero-points and
+    pairs x slots of at least `one_warp_summed_slots`, one warp a program at the many-heads split target.
     Other key modes keep the launch: one warp was measured on per-token keys only, and ZipCache's "lead"
     loop, while it was one loop with a branch per tile, spilled there (offline, sm_90, Triton 3.7.1,
     `benchmarks/plane_sass.py --modes lead`: 989 local-memory operations and 4,269 instructions a tile, vs 90
     and 1,784 at two warps) and took ZipCache's two sets at 128k batch 4 to 1,491 us, kernel alone on the
     H200, vs 808 with per-slot key rows on one warp (`quant_attention.py`, ff5c769). Split into two loops it
-    spills 3 operations in the prompt loop at one warp (1,511 instructions), none at two (833)."""
-    one_warp_modes = ("token", "lead") if launch.one_warp_lead else ("token",)
-    if zero_sums and key_mode in one_warp_modes and pairs * slots >= launch.one_warp_summed_slots:
+    spills 3 operations in the prompt loop at one warp (1,511 instructions), none at two (833): untimed."""
+    if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
         return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
     return launch
 
 
-def store_launch(
-    keys: PackedSlots, values: PackedSlots, launch: LaunchConfig, launch_slots: int = 0
-) -> tuple[str, bool, LaunchConfig] | None:
+def store_launch(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, bool, LaunchConfig] | None:
     """(key mode, summed value zero-points, launch) of the plane kernel for a store, None where it does not
-    take it (`plane_plan`, `plane_launch`); `launch_slots`: the slots of every store in the launch (a pair's
-    two sets), 0 for this store's own."""
+    take it (`plane_plan`, `plane_launch`)."""
     plan = plane_plan(keys, values, launch)
     if plan is None:
         return None
     key_mode, block_n = plan
     zero_sums = launch.zero_row_sums and values.col_channels == values.codes.shape[-1] * 8 // values.bits
     b, hkv, slots = keys.codes.shape[:3]
-    slots = launch_slots or slots
     return key_mode, zero_sums, plane_launch(replace(launch, block_n=block_n), zero_sums, key_mode, b * hkv, slots)
 
 
@@ -117,8 +111,7 @@ def pair_fits(
 ) -> bool:
     """Whether two stores go into one launch (`_plane_pair_kernel`): the plane kernel takes both, with the same
     tile, warps and stages (each keeps its own split plan)."""
-    slots = first[0].codes.shape[2] + second[0].codes.shape[2]
-    plans = [store_launch(*store, launch, slots) for store in (first, second)]
+    plans = [store_launch(*store, launch) for store in (first, second)]
     if None in plans:
         return False
     a, b = (plan[2] for plan in plans)
@@ -943,13 +936,12 @@ if kernels.triton is not None:
         lengths: torch.Tensor,
         launch: LaunchConfig,
         sm_share: float = 1.0,
-        launch_slots: int = 0,
     ) -> _StoreLaunch:
         """`sm_share`: the fraction of the GPU's split target this store's plan takes (a pair's sets may share
-        one target, `LaunchConfig.pair_shared_target`); `launch_slots`: `store_launch`'s."""
+        one target, `LaunchConfig.pair_shared_target`)."""
         b, _, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
-        key_mode, zero_sums, launch = store_launch(keys, values, launch, launch_slots)
+        key_mode, zero_sums, launch = store_launch(keys, values, launch)
         num_sms = max(1, round(kernels._num_sms(query.device) * sm_share))
         num_splits, split_len = _split_plan(b * hkv, s, num_sms, launch)
         upcast, _ = kernels._upcast_and_precision(query.dtype)
@@ -1023,9 +1015,6 @@ if kernels.triton is not None:
         kernel = _plane_split_kernel
         if len(stores) == 2:
             second = stores[1]
-            tiling = [(s.launch.block_n, s.launch.num_warps, s.launch.num_stages) for s in stores]
-            if tiling[0] != tiling[1]:  # one launch runs one tile, warps and stages (`pair_fits`)
-                raise ValueError(f"two stores in one launch need one tile, warps and stages, not {tiling}")
             arguments += [*second.pointers, *second.splits, *second.strides]
             constexprs |= {f"{name}_2": value for name, value in second.constexprs.items()}
             kernel = _plane_pair_kernel
@@ -1129,10 +1118,9 @@ def _plane_pair_op(
     if kernels._use_triton(query):
         launch = quant_kernels.LAUNCH
         shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], k_codes.shape[0] * k_codes.shape[1], launch)
-        slots = k_codes.shape[2] + k_codes_2.shape[2]  # one warp rule for both sets (`pair_fits`)
         stores = [
-            _store_launch(query, *first, lengths, launch, shares[0], slots),
-            _store_launch(query, *second, lengths_2, launch, shares[1], slots),
+            _store_launch(query, *first, lengths, launch, shares[0]),
+            _store_launch(query, *second, lengths_2, launch, shares[1]),
         ]
         return _plane_attention_triton(query, stores, scale, window)
     pieces = [

@@ -179,15 +179,8 @@ class LaunchConfig:
     # at 32k batch 4 (2^20), 218.7 vs 269.1 at 128k batch 4 (2^22), 68.5 vs 77.2 at 128k batch 1 (2^20);
     # below, at 32k batch 1 (2^18), one warp lost (29.4 at 4 programs an SM, 27.8 at 8, vs 26.7). KIVI's
     # layout at one warp was 1.6x slower, so it keeps `num_warps`; so do ZipCache's "lead" keys, which spill
-    # at one warp (`plane_kernel.plane_launch`): only per-token keys take it, unless `one_warp_lead`.
+    # at one warp (`plane_kernel.plane_launch`): only per-token keys take it.
     one_warp_summed_slots: int = 2**20
-    # ZipCache's "lead" keys (summed value zero-points) also at one warp under the rule above, a pair's two
-    # sets counted together. Offline (sm_90, Triton 3.7.1, `plane_sass.py --modes lead --warps 1`) the prompt
-    # set's loop takes 1,511 instructions a tile at 4 bits (3 local-memory operations) and 1,786 at 2 bits
-    # (none), against 833 and 1,074 a warp at two warps; the decode blocks' loop spills (26 and 36). Off
-    # until timed (`quant_attention.py --configs lead_one_warp`; `speed.py --quant-launch one_warp_lead=1
-    # one_warp_summed_slots=524288`, as ZipCache's sets at 32k batch 4 hold just under 2^20 slots).
-    one_warp_lead: bool = False
     # With zero_row_sums, on QuaRot's and RTN's layout: codes converted as 2^m + c (no subtract; the offset
     # taken out of the sums once per slot). Offline: 846 -> 780 instructions per warp and tile. H200, kernel
     # alone, int4 per token at one warp: 64.4 -> 60.5 us at 32k batch 4, 218.7 -> 205.4 at 128k batch 4; at

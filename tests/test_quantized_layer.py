@@ -338,9 +338,6 @@ def _worker() -> None:
     whole = quant_kernels.LaunchConfig(pair_shared_target=False)  # each set's plan takes the whole split target
     cases["pair:zipcache_pair_bf16+whole"] = _measure_pair("zipcache_pair_bf16", False, whole)
     cases["pair:zipcache_pair_fp16+window+whole"] = _measure_pair("zipcache_pair_fp16", True, whole)
-    # one warp for "lead" keys where the sets' slots together reach the rule (700 x 6 alone does, 500 x 6 not)
-    lead_one_warp = quant_kernels.LaunchConfig(one_warp_lead=True, one_warp_summed_slots=6 * 600)
-    cases["pair:zipcache_pair_bf16+window+lead_one_warp"] = _measure_pair("zipcache_pair_bf16", True, lead_one_warp)
     cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
@@ -371,7 +368,6 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
         *(f"pair:{name}{window}" for name in PAIRS for window in ("", "+window")),
         "pair:zipcache_pair_bf16+whole",
         "pair:zipcache_pair_fp16+window+whole",
-        "pair:zipcache_pair_bf16+window+lead_one_warp",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -489,27 +485,6 @@ def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
     assert plane_kernel.plane_launch(launch, True, "token", 8, 32768) == launch
     assert plane_kernel.plane_launch(launch, False, "halves", 32, 131072) == launch
     assert plane_kernel.plane_launch(launch, True, "lead", 32, 131072) == launch
-
-
-def test_lead_keys_take_one_warp_where_asked_by_both_sets_slots() -> None:
-    """With `one_warp_lead`, ZipCache's "lead" keys take one warp under the summed-slots rule, a pair's two
-    sets counted together: one set alone is above the rule's slots and the other below, so each set's own
-    count would split the pair into two launches (`pair_fits`) or two launches' warps into one."""
-    launch = quant_kernels.LaunchConfig(one_warp_lead=True, one_warp_summed_slots=6 * 600)
-    assert plane_kernel.plane_launch(launch, True, "lead", 6, 700).num_warps == 1
-    assert plane_kernel.plane_launch(launch, True, "lead", 6, 500) == launch
-    assert plane_kernel.plane_launch(launch, False, "lead", 6, 700) == launch  # value zero-points per group
-    assert plane_kernel.plane_launch(launch, True, "halves", 6, 700) == launch
-    two_warps = dataclasses.replace(launch, one_warp_lead=False)
-    assert plane_kernel.plane_launch(two_warps, True, "lead", 6, 700) == two_warps
-    sets = [  # zipcache_pair_bf16's: 3 sequences x 2 KV heads, sets of 700 and 500 slots
-        (_layout(3, 2, slots, 64, layout[0], gen)._replace(prompt_row=True), _layout(3, 2, slots, 64, layout[1], gen))
-        for slots, layout in ((700, SALIENT), (500, REST))
-        for gen in [torch.Generator().manual_seed(slots)]
-    ]
-    assert plane_kernel.pair_fits(*sets, launch)
-    assert [plane_kernel.store_launch(*store, launch, 1200)[2].num_warps for store in sets] == [1, 1]
-    # the kernel under that launch: `test_packed_sets_match_the_merged_references`, "+lead_one_warp"
 
 
 def test_split_target_grows_with_the_pairs() -> None:

@@ -190,3 +190,21 @@ def test_a_cut_off_passes_through_dynamo_unwrapped():
     with pytest.raises(speed.RowTimeout), speed.row_deadline(0.2):
         compiled(torch.zeros(2))
     torch._dynamo.reset()
+
+
+def test_a_launch_other_than_the_default_compiles_without_the_caches(monkeypatch):
+    """torch.compile's on-disk caches key a graph on its operators, not on the launch the 4-bit kernels were
+    chosen under: a `--quant-launch` row must not read (or leave) a graph compiled under another launch."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    from kvbench import quant_kernels
+
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
+    monkeypatch.setattr(quant_kernels, "LAUNCH", quant_kernels.LaunchConfig())
+    speed.use_quant_launch([])
+    assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
+    speed.use_quant_launch(["pair_sets=0"])
+    assert not quant_kernels.LAUNCH.pair_sets
+    assert not torch._inductor.config.fx_graph_cache and not torch._functorch.config.enable_autograd_cache
