@@ -271,20 +271,25 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
 
 
 def pair_checks(device: torch.device, slots: int, config: str) -> list[dict]:
-    """ZipCache's two sets (`timed_parts`, a partial second sequence) as one attention, alone and with a
-    window, against the sets' references merged: one launch of the plane kernel where the launch pairs them."""
+    """ZipCache's two sets (`timed_parts`, a partial second sequence) as one attention, alone, with a window,
+    and with the window and its channel scales (applied by the combine kernel), against the sets' references
+    merged: one launch of the plane kernel where the launch pairs them."""
     parts = timed_parts("zipcache_4_2", 2, slots, device, seed=1)
     parts = [(keys, values, torch.stack([n[0], n[0] // 3 + 5])) for keys, values, n in parts]
     query = torch.randn(2, HQ, D, device=device).bfloat16()
+    channel_scale = (torch.rand(2, HKV, D, device=device) + 0.5).half()
     rows = []
-    for window in (None, window_inputs(query, 129)):
-        out, lse = packed_sets_attention(query, parts, SCALE, window)
+    ring = window_inputs(query, 129)
+    for suffix, window, out_scale in (("", None, None), ("_window", ring, None), ("_scaled", ring, channel_scale)):
+        out, lse = packed_sets_attention(query, parts, SCALE, window, out_scale)
         pieces = [packed_decode_attention_reference(query, *part, SCALE) for part in parts]
         if window is not None:
             pieces.append(kernels.decode_attention_reference(query, *window.attention_inputs(), SCALE))
-        result = compare(out, lse, *quant_kernels.merge_attention(pieces), query.dtype)
-        name = "reference_zipcache_sets" + ("_window" if window is not None else "")
-        rows.append({"check": name, "config": config} | result)
+        want_out, want_lse = quant_kernels.merge_attention(pieces)
+        if out_scale is not None:
+            want_out = quant_kernels.scale_channels(want_out, out_scale)
+        result = compare(out, lse, want_out, want_lse, query.dtype)
+        rows.append({"check": "reference_zipcache_sets" + suffix, "config": config} | result)
     return rows
 
 

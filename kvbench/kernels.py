@@ -295,15 +295,22 @@ if triton is not None:
         num_q_heads,
         rotation_ptr,
         rotation_scale,
+        scale_ptr,
+        stride_sb,
+        stride_sh,
+        group,
         BLOCK_SPLITS: tl.constexpr,
         COMBINE_BLOCK: tl.constexpr,
         BLOCK_DV: tl.constexpr,
         ROTATE: tl.constexpr,
+        SCALE: tl.constexpr,
     ):
         """One (sequence, query head) and BLOCK_DV of its value channels (program_id 1 picks which): the
         splits' outputs weighted by exp2(lse2_split - lse2_total); with ROTATE (BLOCK_DV then covers the whole
         row), multiplied by the [Dv, Dv] matrix at rotation_ptr times rotation_scale (a +-1 Hadamard matrix and
-        1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32.
+        1 / sqrt(Dv): attention computed in QuaRot's rotated basis, rotated back), in float32; with SCALE, each
+        channel then multiplied by its scale at scale_ptr (per sequence and KV head, `group` query heads a KV
+        head: ZipCache's channel scales, its values stored divided by them), in float32.
 
         The combine is latency-bound (at most 32 KiB of partials a program): when COMBINE_BLOCK covers every
         split, the weights come from the log-sum-exps already loaded and the outputs arrive in one load, in
@@ -350,6 +357,9 @@ if triton is not None:
                 other=0.0,
             ).to(tl.float32)
             out = tl.sum(out[:, None] * rotation, axis=0) * rotation_scale
+        if SCALE:
+            channel_scale = tl.load(scale_ptr + b * stride_sb + (hq // group) * stride_sh + offs_dv, mask=dv_ok)
+            out = out * channel_scale.to(tl.float32)
         tl.store(
             out_ptr + b * stride_ob + hq * stride_oh + offs_dv * stride_od,
             out.to(out_ptr.dtype.element_ty),
@@ -480,14 +490,16 @@ if triton is not None:
         hq: int,
         dtype: torch.dtype,
         rotation: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The combine kernel: the splits' partial outputs [B * Hq, splits, Dv] (normalised) and log2-sum-exps
         [B * Hq, splits] into (out [B, Hq, Dv] in dtype, lse [B, Hq] float32); with `rotation` (a [Dv, Dv]
-        matrix of +-1, contiguous), out is multiplied by rotation / sqrt(Dv) before it is rounded to dtype."""
+        matrix of +-1, contiguous), out is multiplied by rotation / sqrt(Dv), then with `out_scale` ([B, Hkv,
+        Dv], channels contiguous) by each channel's scale, before it is rounded to dtype."""
         dv = o_part.shape[2]
         out = torch.empty(b, hq, dv, dtype=dtype, device=o_part.device)
         lse = torch.empty(b, hq, dtype=torch.float32, device=o_part.device)
-        _launch_combine(o_part, lse_part, out, lse, rotation)
+        _launch_combine(o_part, lse_part, out, lse, rotation, out_scale)
         return out, lse
 
     def _combine_blocks(num_splits: int, dv: int, rotated: bool) -> dict[str, int]:
@@ -509,10 +521,16 @@ if triton is not None:
         out: torch.Tensor,
         lse: torch.Tensor,
         rotation: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> None:
-        """The combine kernel into `out` [B, Hq, Dv] (any strides) and `lse` (B * Hq contiguous floats)."""
+        """The combine kernel into `out` [B, Hq, Dv] (any strides) and `lse` (B * Hq contiguous floats);
+        `_combine_splits` says what `rotation` and `out_scale` do."""
         num_splits, dv = o_part.shape[1], o_part.shape[2]
+        if out_scale is not None and (out_scale.dim() != 3 or out_scale.shape[2] != dv or out_scale.stride(2) != 1):
+            raise ValueError(f"out_scale {tuple(out_scale.shape)}: [B, Hkv, {dv}] with contiguous channels")
         blocks = _combine_blocks(num_splits, dv, rotation is not None)
+        scale = lse_part if out_scale is None else out_scale  # never read without SCALE
+        group = out.shape[1] // (1 if out_scale is None else out_scale.shape[1])
         wrap_triton(_decode_combine_kernel)[(o_part.shape[0], _cdiv(dv, blocks["BLOCK_DV"]))](
             o_part,
             lse_part,
@@ -524,8 +542,13 @@ if triton is not None:
             out.shape[1],
             lse_part if rotation is None else rotation,  # never read without ROTATE
             dv**-0.5,
+            scale,
+            scale.stride(0),
+            scale.stride(1) if scale.dim() > 1 else 0,
+            group,
             **blocks,
             ROTATE=rotation is not None,
+            SCALE=out_scale is not None,
             num_warps=NUM_WARPS,
         )
 

@@ -46,6 +46,7 @@ from kvbench.quant_kernels import (
     merge_attention,
     packed_decode_attention_reference,
     rotate,
+    scale_channels,
 )
 
 
@@ -977,9 +978,10 @@ if kernels.triton is not None:
         scale: float,
         window: Window | None = None,
         rotation: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One store (`_plane_split_kernel`) or two under one launch (`_plane_pair_kernel`), the window's program
-        last, then one combine over all their partials."""
+        last, then one combine over all their partials (which rotates and scales the output where asked)."""
         b, hq, d = query.shape
         first = stores[0]
         hkv = first.pointers[0].shape[1]
@@ -1021,7 +1023,7 @@ if kernels.triton is not None:
         wrap_triton(kernel)[(b * hkv, total_splits)](
             *arguments, **constexprs, num_warps=first.launch.num_warps, num_stages=first.launch.num_stages
         )
-        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation)
+        return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation, out_scale)
 
 
 @kernels._make_op("kvbench::plane_attention")
@@ -1042,13 +1044,15 @@ def _plane_attention_op(
     window_seen: torch.Tensor | None,
     window_quantized: torch.Tensor | None,
     rotation: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
     scale: float,
     k_format: list[int],
     v_format: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed store in the plane kernel's layouts (`plane_plan`), with a full-precision window and a
-    rotation where given (`packed_decode_attention`), in one launch of `_plane_split_kernel` and the
-    combine on CUDA; elsewhere the references, merged, with the rotation as two products."""
+    """A packed store in the plane kernel's layouts (`plane_plan`), with a full-precision window, a rotation
+    and channel scales where given (`packed_decode_attention`), in one launch of `_plane_split_kernel` and the
+    combine on CUDA; elsewhere the references, merged, with the rotation as two products and the scales as
+    one."""
     keys = PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format)
     values = PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format)
     window = (
@@ -1059,13 +1063,14 @@ def _plane_attention_op(
     if kernels._use_triton(query):
         # `quant_kernels.LAUNCH`, read at each call: benchmarks and tests assign it.
         store = _store_launch(query, keys, values, lengths, quant_kernels.LAUNCH)
-        return _plane_attention_triton(query, [store], scale, window, rotation)
+        return _plane_attention_triton(query, [store], scale, window, rotation, out_scale)
     q = query if rotation is None else rotate(query, rotation)
     out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
     if window is not None:
         dense = kernels.decode_attention_reference(q, *window.attention_inputs(), scale)
         out, lse = merge_attention([(out, lse), dense])
-    return (out if rotation is None else rotate(out, rotation)), lse
+    out = out if rotation is None else rotate(out, rotation)
+    return (out if out_scale is None else scale_channels(out, out_scale)), lse
 
 
 @kernels._make_op("kvbench::plane_pair_attention")
@@ -1094,14 +1099,16 @@ def _plane_pair_op(
     window_positions: torch.Tensor | None,
     window_seen: torch.Tensor | None,
     window_quantized: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
     scale: float,
     k_format: list[int],
     v_format: list[int],
     k_format_2: list[int],
     v_format_2: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two packed stores that `pair_fits` (ZipCache's sets), with a full-precision window where given, as one
-    attention: one launch of `_plane_pair_kernel` and one combine on CUDA; elsewhere the references, merged."""
+    """Two packed stores that `pair_fits` (ZipCache's sets), with a full-precision window and channel scales
+    where given, as one attention: one launch of `_plane_pair_kernel` and one combine (which scales) on CUDA;
+    elsewhere the references, merged, then scaled."""
     first = (
         PackedSlots(k_codes, k_scale, k_zero, k_lead, *k_format),
         PackedSlots(v_codes, v_scale, v_zero, v_lead, *v_format),
@@ -1122,11 +1129,12 @@ def _plane_pair_op(
             _store_launch(query, *first, lengths, launch, shares[0]),
             _store_launch(query, *second, lengths_2, launch, shares[1]),
         ]
-        return _plane_attention_triton(query, stores, scale, window)
+        return _plane_attention_triton(query, stores, scale, window, out_scale=out_scale)
     pieces = [
         packed_decode_attention_reference(query, *first, lengths, scale),
         packed_decode_attention_reference(query, *second, lengths_2, scale),
     ]
     if window is not None:
         pieces.append(kernels.decode_attention_reference(query, *window.attention_inputs(), scale))
-    return merge_attention(pieces)
+    out, lse = merge_attention(pieces)
+    return (out if out_scale is None else scale_channels(out, out_scale)), lse

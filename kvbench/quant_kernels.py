@@ -741,6 +741,13 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return (x.float() @ rotation.float() * x.shape[-1] ** -0.5).to(x.dtype)
 
 
+def scale_channels(out: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
+    """out [B, Hq, Dv] times each channel's scale out_scale [B, Hkv, Dv] (query head h takes KV head
+    h // (Hq / Hkv)'s), in float32, returned in out's dtype: what the combine kernel does with `out_scale`."""
+    group = out.shape[1] // out_scale.shape[1]
+    return (out.float() * out_scale.float().repeat_interleave(group, dim=1)).to(out.dtype)
+
+
 def merge_attention(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over disjoint sets of slots, each (out [B, Hq, Dv], lse [B, Hq]), as one: the outputs
     weighted by exp(lse_i - lse), lse = logsumexp of the lse_i (-inf and a zero output where none is live).
@@ -772,26 +779,29 @@ def packed_sets_attention(
     sets: list[tuple[PackedSlots, PackedSlots, torch.Tensor]],
     scale: float,
     window: Window | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`packed_decode_attention` over several stores at once, each (keys, values, lengths) (ZipCache's two
-    sets), and the window where given, as one attention. Two stores that `plane_kernel.pair_fits` are one
-    launch of the plane kernel (both sets' programs side by side, the window's after them) and one combine
-    (the launch's `pair_sets`); otherwise each store is its own call (the window in the first) and the
-    results are merged through the log-sum-exp."""
+    sets), and the window where given, as one attention, its output times `out_scale` where given (as
+    `packed_decode_attention`'s). Two stores that `plane_kernel.pair_fits` are one launch of the plane kernel
+    (both sets' programs side by side, the window's after them) and one combine (the launch's `pair_sets`),
+    which scales the channels; otherwise each store is its own call (the window in the first) and the
+    results are merged through the log-sum-exp, then scaled."""
     for keys, values, _ in sets:
         _check_store(query, keys, values)
     if len(sets) == 2 and LAUNCH.pair_sets and plane_kernel.pair_fits(sets[0][:2], sets[1][:2], LAUNCH):
         (k1, v1, len1), (k2, v2, len2) = sets
         held = window if window is not None else (None,) * len(Window._fields)
         return torch.ops.kvbench.plane_pair_attention(
-            query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, float(scale), *_formats(k1, v1),
-            *_formats(k2, v2),
+            query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, out_scale, float(scale),
+            *_formats(k1, v1), *_formats(k2, v2),
         )  # fmt: skip
     pieces = [
         packed_decode_attention(query, keys, values, lengths, scale, window if i == 0 else None)
         for i, (keys, values, lengths) in enumerate(sets)
     ]
-    return merge_attention(pieces)
+    out, lse = merge_attention(pieces)
+    return (out if out_scale is None else scale_channels(out, out_scale)), lse
 
 
 def packed_decode_attention(
@@ -802,16 +812,19 @@ def packed_decode_attention(
     scale: float,
     window: Window | None = None,
     rotation: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query per sequence, query [B, Hq, D], over the live slots (slot < lengths[b]) of a
     packed store, and over a full-precision `window` too where one is given. Returns (out [B, Hq, Dv] in the
     query's dtype, lse [B, Hq] float32); no live slot gives out = 0 and lse = -inf, as
     `kvbench.kernels.decode_attention`. With `rotation` R (a +-1 [D, D] matrix, D = Dv; QuaRot), the slots
     hold rotated keys and values: the query is rotated to meet them, q R / sqrt(D), and the output rotated
-    back, out R / sqrt(D) (R R = D I for a Hadamard matrix). Where the plane kernel takes the store, the
-    window is one more of its programs and the rotations happen in its prologue and in the combine kernel;
-    otherwise the window is `kvbench.kernels.decode_attention`, merged through the log-sum-exp, and the
-    rotations are products around the call."""
+    back, out R / sqrt(D) (R R = D I for a Hadamard matrix). With `out_scale` [B, Hkv, Dv] (channels
+    contiguous; ZipCache's channel scales, its values stored divided by them), the output's channels are then
+    multiplied by their sequence's and KV head's scales (`scale_channels`). Where the plane kernel takes the
+    store, the window is one more of its programs and the rotations happen in its prologue and in the combine
+    kernel, as does the channel scaling; otherwise the window is `kvbench.kernels.decode_attention`, merged
+    through the log-sum-exp, and the rotations and scaling are products around the call."""
     d = query.shape[-1]
     _check_store(query, keys, values)
     dv = values.codes.shape[-1] * 8 // values.bits
@@ -824,13 +837,14 @@ def packed_decode_attention(
     if plane_kernel.plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None,) * len(Window._fields)
         return torch.ops.kvbench.plane_attention(
-            query, *keys[:4], *values[:4], lengths, *held, rotation, *formats
+            query, *keys[:4], *values[:4], lengths, *held, rotation, out_scale, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)
     out, lse = torch.ops.kvbench.packed_decode_attention(q, *keys[:4], *values[:4], lengths, *formats)
     if window is not None:
         out, lse = merge_attention([(out, lse), kernels.decode_attention(q, *window.attention_inputs(), scale)])
-    return (out if rotation is None else rotate(out, rotation)), lse
+    out = out if rotation is None else rotate(out, rotation)
+    return (out if out_scale is None else scale_channels(out, out_scale)), lse
 
 
 # `kvbench.plane_kernel` builds on the slots, launch and helpers above, and registers `kvbench::plane_attention`,

@@ -10,6 +10,8 @@ API for methods (KIVI, ZipCache and QuaRot build on it):
   decode tokens). A subclass may override these hooks (identity by default):
   `transform_keys(k [B, Hkv, T, D])` and `transform_values(v)` before anything is stored (window included),
   `transform_query(q [B, Hq, D])` before decode attention and `transform_output(out [B, Hq, Dv])` after it;
+  `output_scale()`: per-channel scales [B, Hkv, Dv] the attention output is multiplied by (ZipCache's: its
+  values are stored divided by them), inside the combine kernel where the plane kernel takes the store;
   `decode_rotation(dim, device)`: a +-1 matrix R the stored keys and values are rotated by (QuaRot's
   Hadamard), so that decode attention rotates the query by R / sqrt(D) to meet them and its output back,
   inside the attention kernels where they take the store (`packed_decode_attention`), else by products;
@@ -78,6 +80,7 @@ from kvbench.quant_kernels import (
     packed_sets_attention,
     ring_positions,
     rotate,
+    scale_channels,
 )
 
 STORAGES = ("packed", "simulated")
@@ -242,15 +245,21 @@ class Part:
     length: torch.Tensor  # [B]
 
     def attend(
-        self, query: torch.Tensor, scale: float, window: Window | None = None, rotation: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        scale: float,
+        window: Window | None = None,
+        rotation: torch.Tensor | None = None,
+        out_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention over this part's slots; a packed part's also over `window` and in the basis `rotation`
-        stores the slots in where given (`packed_decode_attention`); a simulated one's takes neither (the
-        layer merges and rotates around it)."""
+        """Attention over this part's slots; a packed part's also over `window`, in the basis `rotation`
+        stores the slots in and with its output's channels times `out_scale` where given
+        (`packed_decode_attention`); a simulated one's takes none (the layer merges, rotates and scales
+        around it)."""
         if not self.keys.simulated:
             keys, values = self.keys.slots_view(), self.values.slots_view()
-            return packed_decode_attention(query, keys, values, self.length, scale, window, rotation)
-        if window is not None or rotation is not None:
+            return packed_decode_attention(query, keys, values, self.length, scale, window, rotation, out_scale)
+        if window is not None or rotation is not None or out_scale is not None:
             raise ValueError("a simulated part attends over its own slots only")
         return kernels.decode_attention(query, self.keys.codes, self.values.codes, self.length, scale)
 
@@ -320,6 +329,12 @@ class QuantizedLayer(KVLayer):
     def transform_output(self, out: torch.Tensor) -> torch.Tensor:
         """Decode attention's output [B, Hq, Dv] over the stored values, back to the model's space."""
         return out
+
+    def output_scale(self) -> torch.Tensor | None:
+        """Scales [B, Hkv, Dv] (channels contiguous) that decode attention's output channels are multiplied by,
+        each query head by its KV head's, before `transform_output`, or None. Where the plane kernel takes the
+        store the combine kernel applies them (no kernel of their own a step); elsewhere one product."""
+        return None
 
     def decode_rotation(self, dim: int, device: torch.device) -> torch.Tensor | None:
         """A contiguous [dim, dim] matrix R of +-1 entries (R R = dim I; any dtype, int8 the cheapest to read,
@@ -481,21 +496,26 @@ class QuantizedLayer(KVLayer):
         # The ring's counters, not its positions: the plane kernel derives them (no kernel a step for them);
         # the other paths (the split kernel's layouts, simulated storage) compute them (`attention_inputs`).
         window = Window(self.window_keys, self.window_values, None, self.seen, self.quantized) if self.ring else None
-        if len(self.parts) == 1 and not self.simulated:  # one call: window and rotation inside where it can
-            out, lse = self.parts[0].attend(q, scaling, window, self.rotation)
+        out_scale = self.output_scale()
+        if len(self.parts) == 1 and not self.simulated:  # one call: window, rotation and scales inside where it can
+            out, lse = self.parts[0].attend(q, scaling, window, self.rotation, out_scale)
         else:
             rotated = q if self.rotation is None else rotate(q, self.rotation)
+            scaled_inside = len(self.parts) > 1 and not self.simulated and self.rotation is None
             if len(self.parts) > 1 and not self.simulated:
                 # Packed parts (ZipCache's sets) and the window as one attention: one launch where the plane
-                # kernel takes both sets (`packed_sets_attention`).
+                # kernel takes both sets (`packed_sets_attention`), the scales in its combine where nothing
+                # rotates after it.
                 sets = [(part.keys.slots_view(), part.values.slots_view(), part.length) for part in self.parts]
-                out, lse = packed_sets_attention(rotated, sets, scaling, window)
+                out, lse = packed_sets_attention(rotated, sets, scaling, window, out_scale if scaled_inside else None)
             else:
                 pieces = [part.attend(rotated, scaling) for part in self.parts]
                 if window is not None:
                     pieces.append(kernels.decode_attention(rotated, *window.attention_inputs(), scaling))
                 out, lse = merge_attention(pieces)
             out = out if self.rotation is None else rotate(out, self.rotation)
+            if out_scale is not None and not scaled_inside:
+                out = scale_channels(out, out_scale)
         self.after_attention(q, lse, scaling)
         if self.ring and self.flushes_after_attention:
             self._step_done()

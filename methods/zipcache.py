@@ -199,10 +199,10 @@ class ZipCacheLayer(QuantizedLayer):
     def transform_values(self, values: torch.Tensor) -> torch.Tensor:
         return (values.float() / self.channel_scale.float()).to(values.dtype)
 
-    def transform_output(self, out: torch.Tensor) -> torch.Tensor:
-        c = self.channel_scale.float()[:, :, 0]
-        c = c.repeat_interleave(out.shape[1] // c.shape[1], dim=1)  # each KV head's scales for its query heads
-        return (out.float() * c).to(out.dtype)
+    def output_scale(self) -> torch.Tensor:
+        """Attention over values stored divided by c comes out divided by c: times c, each KV head's for its
+        query heads (in the combine kernel where the plane kernel takes the sets)."""
+        return self.channel_scale[:, :, 0]
 
     def quantize_prompt(self, keys: torch.Tensor, values: torch.Tensor) -> int:
         """Every prompt token goes to its set; the decode buffer starts empty."""

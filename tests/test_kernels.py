@@ -159,6 +159,13 @@ COMBINE_CASES = {
     "combine_rotated_looped": (2, 4, 34, 128, True),
     "combine_rotated_looped_more": (1, 4, 70, 64, True),
 }
+# Scaled per channel (ZipCache's channel scales, per sequence and KV head), (batch, query heads, splits,
+# channels, rotated, KV heads): 4 query heads a KV head; 2 a head over a half-masked chunk; after a rotation.
+SCALED_COMBINE_CASES = {
+    "combine_scaled_one_load": (2, 8, 66, 128, False, 2),
+    "combine_scaled_odd_channels": (3, 2, 17, 48, False, 1),
+    "combine_scaled_rotated": (2, 4, 9, 128, True, 2),
+}
 
 
 def _measure_combine(name: str) -> dict:
@@ -167,7 +174,7 @@ def _measure_combine(name: str) -> dict:
     outputs go to a view of a wider NaN buffer and its lse to a buffer one float longer, so a write outside
     a program's own channels or rows shows as a padding value changed (the interpreter runs the programs in
     order, so a later program would overwrite an earlier one's stray write inside the outputs)."""
-    b, hq, splits, dv, rotate = COMBINE_CASES[name]
+    b, hq, splits, dv, rotate, *scaled = COMBINE_CASES.get(name) or SCALED_COMBINE_CASES[name]
     gen = torch.Generator().manual_seed(splits)
     o_part = torch.randn(b * hq, splits, dv, generator=gen)
     lse_part = torch.randn(b * hq, splits, generator=gen) * 4
@@ -177,12 +184,16 @@ def _measure_combine(name: str) -> dict:
     rotation = hadamard_matrix(dv, torch.int8, normalized=False) if rotate else None
     out_buffer = torch.full((b, hq, dv + 32), float("nan"))
     lse_buffer = torch.full((b * hq + 1,), float("nan"))
-    kernels._launch_combine(o_part, lse_part, out_buffer[..., :dv], lse_buffer, rotation)
+    # the scales [B, Hkv, Dv] as ZipCache holds them (float16, a view whose sequences and heads are strided)
+    out_scale = (torch.rand(b, scaled[0], 3, dv, generator=gen) + 0.5).half()[:, :, 1] if scaled else None
+    kernels._launch_combine(o_part, lse_part, out_buffer[..., :dv], lse_buffer, rotation, out_scale)
     out, lse = out_buffer[..., :dv].reshape(b * hq, dv), lse_buffer[:-1]
     weights = torch.softmax(lse_part * math.log(2), dim=1).nan_to_num(0.0)  # log2 units; NaN where all -inf
     want = (weights[:, :, None] * o_part).sum(1)
     if rotate:
         want = want @ rotation.float() * dv**-0.5
+    if scaled:  # query head h takes KV head h // (hq / Hkv)'s scales
+        want = want * out_scale.float().repeat_interleave(hq // scaled[0], dim=1).reshape(b * hq, dv)
     want_lse = torch.logsumexp(lse_part * math.log(2), dim=1)
     return {
         "out_err": (out - want).abs().max().item(),
@@ -198,7 +209,8 @@ def _worker() -> None:
     torch.empty = _poisoned_empty  # every buffer the kernels allocate, outputs and split partials alike
     measured = {name: _measure(name) for name in CASES}
     measured |= {name: _measure_lengths(name) for name in LENGTH_CASES}
-    print(json.dumps(measured | {name: _measure_combine(name) for name in COMBINE_CASES}))
+    combined = {name: _measure_combine(name) for name in [*COMBINE_CASES, *SCALED_COMBINE_CASES]}
+    print(json.dumps(measured | combined))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +263,7 @@ def test_lengths_on_the_pytorch_path_equal_their_positions() -> None:
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
-@pytest.mark.parametrize("name", list(COMBINE_CASES))
+@pytest.mark.parametrize("name", [*COMBINE_CASES, *SCALED_COMBINE_CASES])
 def test_combine_matches_the_pytorch_combine(interpreted: dict, name: str) -> None:
     m = interpreted[name]
     assert m["out_err"] < 1e-5 and m["lse_err"] < 1e-5, m
@@ -357,15 +369,20 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
             kernels.NUM_WARPS,
         )
     out_type = {"out_ptr": f"*{dtype}", "lse_ptr": "*fp32", "rotation_ptr": "*i8", "rotation_scale": "fp32"}
+    out_type |= {"scale_ptr": "*fp16"}
     # The combine at the tile sizes it launches with: dense at batch 1 and 4 (66 and 17 splits a row on an
     # H100), many splits; rotating QuaRot's outputs back (`kvbench.plane_kernel`), at 34 and 67 splits (the
-    # plane kernel's at batch 4 and 1, its window included). None may spill: it is latency-bound.
-    for splits, rotated in ((66, False), (17, False), (513, False), (34, True), (67, True)):
+    # plane kernel's at batch 4 and 1, its window included); scaling ZipCache's channels back (at its pair
+    # kernel's 63 splits at batch 4). None may spill: it is latency-bound.
+    for splits, rotated, scaled in ((66, 0, 0), (17, 0, 0), (513, 0, 0), (34, 1, 0), (67, 1, 0), (63, 0, 1)):
         tiles = kernels._combine_blocks(splits, 128, rotated)
         compiled = compile_for_hopper(
-            kernels._decode_combine_kernel, partials | out_type, tiles | {"ROTATE": rotated}, kernels.NUM_WARPS
+            kernels._decode_combine_kernel,
+            partials | out_type,
+            tiles | {"ROTATE": bool(rotated), "SCALE": bool(scaled)},
+            kernels.NUM_WARPS,
         )
-        assert spill_operations(compiled) == 0, (splits, rotated, tiles)
+        assert spill_operations(compiled) == 0, (splits, rotated, scaled, tiles)
     compile_for_hopper(
         kernels._received_kernel,
         tensors | {"lse_ptr": "*fp32", "out_ptr": "*fp32"},

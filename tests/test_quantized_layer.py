@@ -98,6 +98,9 @@ WINDOW_CASES = (
 )
 # Cases also run with QuaRot's rotation (keys and values stored rotated): inside the plane kernel and the
 # combine, alone and with a window; around `_packed_split_kernel` (products outside it).
+# Output channels scaled (ZipCache's channel scales): in the combine kernel (the plane kernel's store, with its
+# window), after the merge (the split kernel's 3-bit layout), after the rotation (QuaRot's).
+SCALE_CASES = ("zipcache4_lead_bf16+window", "three_bits_fp16+window", "quarot4_bf16+rotation")
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -164,7 +167,12 @@ def _window(x: dict, slots: int, gen: torch.Generator) -> quant_kernels.Window:
     return quant_kernels.Window(keys, values, positions)
 
 
-def _measure(name: str, with_window: bool = False, with_rotation: bool = False) -> dict:
+def _out_scale(b: int, hkv: int, dv: int) -> torch.Tensor:
+    """Channel scales [B, Hkv, Dv] as ZipCache holds them: float16, a view whose sequences and heads are strided."""
+    return (torch.rand(b, hkv, 3, dv, generator=torch.Generator().manual_seed(5)) + 0.5).half()[:, :, 1]
+
+
+def _measure(name: str, with_window: bool = False, with_rotation: bool = False, with_scale: bool = False) -> dict:
     x = _case_inputs(name, seed=len(name))
     args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
     rotation = hadamard_matrix(x["query"].shape[-1], dtype=torch.int8, normalized=False) if with_rotation else None
@@ -180,7 +188,11 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False) 
         ref_out, ref_lse = quant_kernels.merge_attention([(ref_out, ref_lse), dense])
     if rotation is not None:
         ref_out = quant_kernels.rotate(ref_out, rotation)
-    out, lse = packed_decode_attention(*args, window, rotation)
+    out_scale = None
+    if with_scale:  # after the rotation, as the combine kernel scales
+        out_scale = _out_scale(*x["keys"].codes.shape[:2], ref_out.shape[-1])
+        ref_out = quant_kernels.scale_channels(ref_out, out_scale)
+    out, lse = packed_decode_attention(*args, window, rotation, out_scale)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -240,7 +252,9 @@ PAIRS = {
 }
 
 
-def _measure_pair(name: str, with_window: bool, launch: quant_kernels.LaunchConfig | None = None) -> dict:
+def _measure_pair(
+    name: str, with_window: bool, launch: quant_kernels.LaunchConfig | None = None, with_scale: bool = False
+) -> dict:
     b, hkv, group, d, dtype, *stores = PAIRS[name]
     gen = torch.Generator().manual_seed(len(name))
     sets = []
@@ -259,7 +273,10 @@ def _measure_pair(name: str, with_window: bool, launch: quant_kernels.LaunchConf
     if window is not None:
         pieces.append(kernels.decode_attention_reference(query, *window[:3], 0.2))
     ref_out, ref_lse = quant_kernels.merge_attention(pieces)
-    out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window)
+    out_scale = _out_scale(b, hkv, d) if with_scale else None
+    if out_scale is not None:
+        ref_out = quant_kernels.scale_channels(ref_out, out_scale)
+    out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window, out_scale)
     live = torch.isfinite(ref_lse)  # rows with a live slot in some store or the window
     return {
         "one_launch": plane_kernel.pair_fits(sets[0][:2], sets[1][:2], quant_kernels.LAUNCH),
@@ -339,6 +356,11 @@ def _worker() -> None:
     cases["pair:zipcache_pair_bf16+whole"] = _measure_pair("zipcache_pair_bf16", False, whole)
     cases["pair:zipcache_pair_fp16+window+whole"] = _measure_pair("zipcache_pair_fp16", True, whole)
     cases |= {f"{name}+window": _measure(name, with_window=True) for name in WINDOW_CASES}
+    for name in SCALE_CASES:
+        case, *given = name.split("+")
+        cases[f"{name}+scale"] = _measure(case, "window" in given, "rotation" in given, with_scale=True)
+    cases["pair:zipcache_pair_bf16+window+scale"] = _measure_pair("zipcache_pair_bf16", True, with_scale=True)
+    cases["pair:split_pair_fp16+scale"] = _measure_pair("split_pair_fp16", False, with_scale=True)
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
         cases[f"{name}+rotation"] = _measure(case, with_window=window == "window", with_rotation=True)
@@ -352,7 +374,13 @@ def interpreted() -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", [*CASES, *(f"{name}+window" for name in WINDOW_CASES), *(f"{name}+rotation" for name in ROTATION_CASES)]
+    "name",
+    [
+        *CASES,
+        *(f"{name}+window" for name in WINDOW_CASES),
+        *(f"{name}+rotation" for name in ROTATION_CASES),
+        *(f"{name}+scale" for name in SCALE_CASES),
+    ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     m = interpreted[name]
@@ -368,6 +396,8 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
         *(f"pair:{name}{window}" for name in PAIRS for window in ("", "+window")),
         "pair:zipcache_pair_bf16+whole",
         "pair:zipcache_pair_fp16+window+whole",
+        "pair:zipcache_pair_bf16+window+scale",
+        "pair:split_pair_fp16+scale",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
