@@ -58,18 +58,27 @@ NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory 
 
 
 def compile_caches_off() -> None:
-    """Turn torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's) off for this process.
-    They key a graph on its traced operators and the compile's config, not on the Python that chose a custom
-    operator's kernels, so a graph compiled under one launch setting (this module's `BLOCK_N`,
-    `quant_kernels.LAUNCH`) is replayed under another from a warm cache directory. Seen on an H100: ZipCache's
-    step (32k, batch 4) compiled under a one-warp launch, then run under the default launch in the same cache
-    directory, replayed the one-warp graph (4.7 s to compile, 10.71 ms a step, against 9.55 ms in a directory
-    of its own). A process that changes such a setting and then compiles calls this first."""
+    """Turn torch.compile's caches off for this process. AOTAutograd's cache keys a graph on Dynamo's graph,
+    where each kvbench operator is one opaque node, not on the Python inside it that chose its kernels'
+    launch (this module's `BLOCK_N`, `quant_kernels.LAUNCH`), so from a warm cache directory a graph compiled
+    under one launch is replayed under another. Seen on an H100: ZipCache's step (32k, batch 4) compiled under
+    a one-warp launch, then run under the default launch in the same cache directory, replayed the one-warp
+    graph (4.7 s to compile, 10.71 ms a step, against 9.55 ms in a directory of its own). Inductor's FX graph
+    cache hashes the kernels' source and constants and would not; the switches below (`force_disable_caches`
+    first: environment variables can force the others on) turn every cache off all the same, and Dynamo's
+    precompile cache where it exists. A process that changes such a setting and then compiles calls this."""
+    import torch._dynamo.config
     import torch._functorch.config
     import torch._inductor.config
 
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
+    # torch.compiler.config's switch (Inductor's is an alias of it where both exist)
+    config = getattr(torch.compiler, "config", torch._inductor.config)
+    if hasattr(config, "force_disable_caches"):
+        config.force_disable_caches = True
+    if hasattr(torch._dynamo.config, "caching_precompile"):
+        torch._dynamo.config.caching_precompile = False
 
 
 def decode_attention_reference(
@@ -526,8 +535,18 @@ if triton is not None:
         """The combine kernel into `out` [B, Hq, Dv] (any strides) and `lse` (B * Hq contiguous floats);
         `_combine_splits` says what `rotation` and `out_scale` do."""
         num_splits, dv = o_part.shape[1], o_part.shape[2]
-        if out_scale is not None and (out_scale.dim() != 3 or out_scale.shape[2] != dv or out_scale.stride(2) != 1):
-            raise ValueError(f"out_scale {tuple(out_scale.shape)}: [B, Hkv, {dv}] with contiguous channels")
+        b, hq = out.shape[:2]
+        if out_scale is not None and (
+            out_scale.dim() != 3
+            or out_scale.shape[0] != b
+            or out_scale.shape[1] == 0
+            or hq % out_scale.shape[1]
+            or out_scale.shape[2] != dv
+            or out_scale.stride(2) != 1
+        ):
+            raise ValueError(
+                f"out_scale {tuple(out_scale.shape)}: [{b}, Hkv, {dv}] (Hkv dividing {hq} heads), channels contiguous"
+            )
         blocks = _combine_blocks(num_splits, dv, rotation is not None)
         scale = lse_part if out_scale is None else out_scale  # never read without SCALE
         group = out.shape[1] // (1 if out_scale is None else out_scale.shape[1])

@@ -160,11 +160,13 @@ COMBINE_CASES = {
     "combine_rotated_looped_more": (1, 4, 70, 64, True),
 }
 # Scaled per channel (ZipCache's channel scales, per sequence and KV head), (batch, query heads, splits,
-# channels, rotated, KV heads): 4 query heads a KV head; 2 a head over a half-masked chunk; after a rotation.
+# channels, rotated, KV heads): 4 query heads a KV head; 2 a head over a half-masked chunk; after a rotation;
+# splits read in passes.
 SCALED_COMBINE_CASES = {
     "combine_scaled_one_load": (2, 8, 66, 128, False, 2),
     "combine_scaled_odd_channels": (3, 2, 17, 48, False, 1),
     "combine_scaled_rotated": (2, 4, 9, 128, True, 2),
+    "combine_scaled_looped": (1, 4, 300, 128, False, 2),
 }
 
 
@@ -268,6 +270,16 @@ def test_combine_matches_the_pytorch_combine(interpreted: dict, name: str) -> No
     m = interpreted[name]
     assert m["out_err"] < 1e-5 and m["lse_err"] < 1e-5, m
     assert m["lse_inf_where_ref"] and m["dead_out_zero"] and m["padding_untouched"], m
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 64), (1, 2, 128), (2, 3, 128), (2, 2, 64, 2)])
+def test_combine_refuses_scales_of_another_shape(shape: tuple) -> None:
+    """Scales [B, Hkv, Dv] with Hkv dividing the query heads: any other shape would be read out of bounds."""
+    pytest.importorskip("triton")
+    o_part, lse_part = torch.zeros(2 * 8, 5, 128), torch.zeros(2 * 8, 5)
+    out, lse = torch.empty(2, 8, 128), torch.empty(2 * 8)
+    with pytest.raises(ValueError, match="out_scale"):
+        kernels._launch_combine(o_part, lse_part, out, lse, None, torch.ones(shape, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("name", list(CASES))

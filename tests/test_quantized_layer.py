@@ -204,6 +204,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False, 
     return {
         "window": with_window,
         "rotation": with_rotation,
+        "scale": with_scale,
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
         "offset": launch.offset_codes
         and launch.zero_row_sums
@@ -481,6 +482,9 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
         assert any(m["window"] for m in lead), kernel
     assert interpreted["zipcache4_lead_off_fp16"]["key_mode"] == "rows"
     assert {m["kernel"] for m in cases if m["window"]} == {"plane", "packed"}
+    # channel scales: in the plane kernel's combine (with its window, and after its rotation), after the merge
+    scaled = {(m["kernel"], m["window"], m["rotation"]) for m in cases if m["scale"]}
+    assert scaled == {("plane", True, False), ("packed", True, False), ("plane", False, True)}, scaled
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),

@@ -200,11 +200,17 @@ def test_a_launch_other_than_the_default_compiles_without_the_caches(monkeypatch
 
     from kvbench import quant_kernels
 
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", True)
     monkeypatch.setattr(quant_kernels, "LAUNCH", quant_kernels.LaunchConfig())
-    speed.use_quant_launch([])
-    assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
-    speed.use_quant_launch(["pair_sets=0"])
-    assert not quant_kernels.LAUNCH.pair_sets
-    assert not torch._inductor.config.fx_graph_cache and not torch._functorch.config.enable_autograd_cache
+    with (
+        torch._inductor.config.patch(fx_graph_cache=True),
+        torch._functorch.config.patch(enable_autograd_cache=True),
+        torch.compiler.config.patch(force_disable_caches=False),
+    ):
+        speed.use_quant_launch([])
+        assert torch._inductor.config.fx_graph_cache and torch._functorch.config.enable_autograd_cache
+        assert not torch.compiler.config.force_disable_caches
+        speed.use_quant_launch(["pair_sets=0"])
+        assert not quant_kernels.LAUNCH.pair_sets
+        assert not torch._inductor.config.fx_graph_cache and not torch._functorch.config.enable_autograd_cache
+        # environment variables can force those two on; this switch comes first in both caches' checks
+        assert torch.compiler.config.force_disable_caches
