@@ -51,6 +51,7 @@ MODES = {
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
+VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 CLASSES = [
     ("mma", r"^HMMA"), ("shared", r"^(LDS|STS|LDSM)"), ("shuffle", r"^SHFL"), ("global", r"^(LDG|STG|LDGSTS)"),
     ("barrier", r"^(BAR|DEPBAR|LDGDEPBAR)"), ("logic/shift", r"^(LOP3|SHF|PRMT)"), ("half2", r"^H(ADD|FMA|MUL)2"),
@@ -91,7 +92,7 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_
         "V_BITS": bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in ("rows", "lead") else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WINDOW_RING": False,
+        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}
@@ -168,10 +169,11 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, {args.block_n}-slot tiles; loop = SASS instructions per warp and tile")
     for mode in args.modes:
         for variant in args.variants:
-            if (variant != "default" and MODES[mode][2] != D) or (variant == "offset" and mode != "token"):
+            base = variant.removesuffix("_unmasked")  # the unmasked inner tiles' loop is one of `loops`
+            if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
             for bits, warps in itertools.product(args.bits, args.warps):
-                if variant == "offset" and bits != 4:
+                if base == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
                 m = measure(compile_plane(mode, variant, warps, bits, args.block_n))
                 print(f"{mode:<7}{variant:<10} {bits} bits {warps} warps: loop {m['loop']:5d}  "

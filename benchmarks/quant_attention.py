@@ -120,6 +120,8 @@ CONFIGS = {
     "no_pair": replace(quant_kernels.LAUNCH, pair_sets=False),
     # the pair's two sets each taking the whole split target at few heads, as before they shared one (by slots)
     "pair_whole": replace(quant_kernels.LAUNCH, pair_shared_target=False),
+    # the plane kernel's inner tiles (every slot live) in a loop without slot masks
+    "unmasked": replace(quant_kernels.LAUNCH, unmasked_tiles=True),
 }
 DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests

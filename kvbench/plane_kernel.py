@@ -461,6 +461,7 @@ if kernels.triton is not None:
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
         WINDOW_RING: tl.constexpr,
+        UNMASKED: tl.constexpr,
     ):
         """Program (bh = sequence x KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -600,17 +601,36 @@ if kernels.triton is not None:
         # "lead" runs two loops, the prompt set's tiles (below lead, row 0 folded) and then the decode blocks'
         # (per slot), so that neither carries the other's registers: one loop with a branch per tile spilled
         # (offline, sm_90: 90 local-memory operations at two warps). Other modes run one loop.
+        # With UNMASKED, the first phase runs as three loops: the tile that starts below `start`, the tiles
+        # wholly inside [start, end) without slot masks (no masked loads, no -inf select in the softmax), and
+        # the tiles past them. Pieces: the phases, the first split in three where UNMASKED.
         PHASES: tl.constexpr = 2 if K_MODE == "lead" else 1
+        PIECES: tl.constexpr = PHASES + 2 if UNMASKED else PHASES
         lead_tile = tl.minimum(tl.maximum(k_lead, first), end)  # tiles are aligned to lead
-        for phase in tl.static_range(PHASES):
+        for piece in tl.static_range(PIECES):
+            phase = (1 if piece == 3 else 0) if UNMASKED else piece
             lo = first
             hi = end
             if PHASES == 2:
                 lo = first if phase == 0 else lead_tile
                 hi = lead_tile if phase == 0 else end
+            if UNMASKED and phase == 0:  # tiles start at lo + k BLOCK_N; the inner ones lie in [start, end)
+                inner_lo = tl.minimum(lo + tl.cdiv(tl.maximum(start - lo, 0), BLOCK_N) * BLOCK_N, hi)
+                inner_hi = lo + tl.maximum(tl.minimum(end, hi) - lo, 0) // BLOCK_N * BLOCK_N
+                inner_hi = tl.maximum(tl.minimum(inner_hi, hi), inner_lo)
+                if piece == 0:
+                    hi = inner_lo
+                elif piece == 1:
+                    lo = inner_lo
+                    hi = inner_hi
+                else:
+                    lo = inner_hi
             for tile in range(lo, hi, BLOCK_N):
                 slots = tile + offs_n
-                live = ((slots >= start) & (slots < end)) if ALIGNED else slots < end
+                if UNMASKED and piece == 1:  # every slot of the tile is live
+                    live = tl.full([BLOCK_N], 1, tl.int1)
+                else:
+                    live = ((slots >= start) & (slots < end)) if ALIGNED else slots < end
                 ahead = slots + BLOCK_N
                 ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
 
@@ -849,6 +869,7 @@ if kernels.triton is not None:
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
         WINDOW_RING: tl.constexpr,
+        UNMASKED: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
         says what each program does."""
@@ -860,7 +881,7 @@ if kernels.triton is not None:
             total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE,
-            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING,
+            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
         )  # fmt: skip
 
     # fmt: off
@@ -888,6 +909,7 @@ if kernels.triton is not None:
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
         V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
+        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr,
     ):
     # fmt: on
         """One launch over two stores (ZipCache's sets), each as `_plane_split_kernel` would launch it: the first
@@ -905,7 +927,7 @@ if kernels.triton is not None:
                 wq_ptr, total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh,
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
                 K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE,
-                K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING,
+                K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
             )  # fmt: skip
         else:
             _plane_split(
@@ -917,7 +939,7 @@ if kernels.triton is not None:
                 stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph,
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE_2, K_ASM_2,
-                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING,
+                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -966,7 +988,7 @@ if kernels.triton is not None:
             "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,
             "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,
             "K_ASM": asm and key_dtype != tl.float32, "V_ASM": asm and dtype != tl.float32, "ZERO_SUMS": zero_sums,
-            "OFFSET": offset,
+            "OFFSET": offset, "UNMASKED": launch.unmasked_tiles,
         }  # fmt: skip
         pointers = [k_codes, keys.scale, keys.zero, keys.lead, v_codes, values.scale, values.zero, values.lead]
         strides = [*k_codes.stride()[:3], *keys.scale.stride()[:3], *v_codes.stride()[:3], *values.scale.stride()[:3]]

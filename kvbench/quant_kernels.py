@@ -207,6 +207,12 @@ class LaunchConfig:
     # was 101.3 -> 99.3 at 32k batch 4 and 297.5 -> 353.2 at 128k batch 4, so there each set keeps the whole.
     # ZipCache's step at 32k batch 4 with sharing at every size: 9.65 ms against 9.68 (1.57x either way).
     pair_shared_target: bool = True
+    # The plane kernel's tiles wholly inside a split's live slots (all but its first and last, and below
+    # lead for ZipCache's sets) in a loop of their own, without slot masks (`_plane_split`'s UNMASKED).
+    # Offline (sm_90, Triton 3.7.1, `plane_sass.py`): ZipCache's prompt loop 833 -> 757 instructions a warp
+    # and tile at 4 bits, 1,074 -> 975 at 2; KIVI's "halves" 1,640 -> 1,572 and 1,991 -> 1,899. Off until
+    # timed (`quant_attention.py --configs unmasked`).
+    unmasked_tiles: bool = False
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`

@@ -101,6 +101,19 @@ WINDOW_CASES = (
 # Output channels scaled (ZipCache's channel scales): in the combine kernel (the plane kernel's store, with its
 # window), after the merge (the split kernel's 3-bit layout), after the rotation (QuaRot's).
 SCALE_CASES = ("zipcache4_lead_bf16+window", "three_bits_fp16+window", "quarot4_bf16+rotation")
+# The plane kernel's inner tiles without slot masks (the launch's `unmasked_tiles`): every key mode, leads and
+# rows misaligned to the tile, partial lengths, a window, a rotation.
+UNMASKED_CASES = (
+    "quarot4_offset_bf16+rotation",
+    "plane_groups_fp16+window",
+    "row_fold_misaligned",
+    "rows_fp16",
+    "halves_fp16",
+    "kivi4_halves_bf16+window",
+    "kivi2_fp32",
+    "zipcache4_lead_bf16+window",
+    "zipcache2_lead_fp16",
+)
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -172,14 +185,20 @@ def _out_scale(b: int, hkv: int, dv: int) -> torch.Tensor:
     return (torch.rand(b, hkv, 3, dv, generator=torch.Generator().manual_seed(5)) + 0.5).half()[:, :, 1]
 
 
-def _measure(name: str, with_window: bool = False, with_rotation: bool = False, with_scale: bool = False) -> dict:
+def _measure(
+    name: str,
+    with_window: bool = False,
+    with_rotation: bool = False,
+    with_scale: bool = False,
+    launch: quant_kernels.LaunchConfig | None = None,
+) -> dict:
     x = _case_inputs(name, seed=len(name))
     args = (x["query"], x["keys"], x["values"], x["lengths"], x["scale"])
     rotation = hadamard_matrix(x["query"].shape[-1], dtype=torch.int8, normalized=False) if with_rotation else None
     # The reference meets the stored (rotated) keys with the rotated query and rotates its output back.
     query = x["query"] if rotation is None else quant_kernels.rotate(x["query"], rotation)
     ref_out, ref_lse = packed_decode_attention_reference(query, *args[1:])
-    launch = LAUNCHES.get(name, quant_kernels.LaunchConfig())
+    launch = launch or LAUNCHES.get(name, quant_kernels.LaunchConfig())
     quant_kernels.LAUNCH = launch
     window = None
     if with_window:  # the window's own reference, merged: what the fused window program must give
@@ -205,6 +224,7 @@ def _measure(name: str, with_window: bool = False, with_rotation: bool = False, 
         "window": with_window,
         "rotation": with_rotation,
         "scale": with_scale,
+        "unmasked": launch.unmasked_tiles,
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
         "offset": launch.offset_codes
         and launch.zero_row_sums
@@ -362,6 +382,12 @@ def _worker() -> None:
         cases[f"{name}+scale"] = _measure(case, "window" in given, "rotation" in given, with_scale=True)
     cases["pair:zipcache_pair_bf16+window+scale"] = _measure_pair("zipcache_pair_bf16", True, with_scale=True)
     cases["pair:split_pair_fp16+scale"] = _measure_pair("split_pair_fp16", False, with_scale=True)
+    for name in UNMASKED_CASES:
+        case, *given = name.split("+")
+        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), unmasked_tiles=True)
+        cases[f"{name}+unmasked"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
+    unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
+    cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
         cases[f"{name}+rotation"] = _measure(case, with_window=window == "window", with_rotation=True)
@@ -381,6 +407,7 @@ def interpreted() -> dict:
         *(f"{name}+window" for name in WINDOW_CASES),
         *(f"{name}+rotation" for name in ROTATION_CASES),
         *(f"{name}+scale" for name in SCALE_CASES),
+        *(f"{name}+unmasked" for name in UNMASKED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -399,6 +426,7 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
         "pair:zipcache_pair_fp16+window+whole",
         "pair:zipcache_pair_bf16+window+scale",
         "pair:split_pair_fp16+scale",
+        "pair:zipcache_pair_bf16+window+unmasked",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -485,6 +513,11 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     # channel scales: in the plane kernel's combine (with its window, and after its rotation), after the merge
     scaled = {(m["kernel"], m["window"], m["rotation"]) for m in cases if m["scale"]}
     assert scaled == {("plane", True, False), ("packed", True, False), ("plane", False, True)}, scaled
+    # the unmasked inner tiles: every key mode of the plane kernel, tiles misaligned to the split's start
+    unmasked = [m for m in cases if m["unmasked"]]
+    assert {m["key_mode"] for m in unmasked} == {"token", "row", "lead", "halves", "rows"}, unmasked
+    assert all(m["kernel"] == "plane" for m in unmasked)
+    assert {m["key_mode"] for m in unmasked if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),
@@ -602,24 +635,28 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 
 @pytest.mark.parametrize(
-    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits"),
+    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits", "unmasked"),
     [
-        ("bf16", "token", 1, False, False, 4),
-        ("bf16", "token", 1, True, False, 4),  # the launch's `zero_row_sums`
-        ("bf16", "token", 1, True, True, 4),  # and its `offset_codes`: the offset nibble PTX
-        ("fp16", "token", 1, True, True, 4),
-        ("fp16", "row", 4, False, False, 4),
-        ("fp16", "token", 4, False, False, 4),
-        ("bf16", "rows", 4, False, False, 4),
-        ("bf16", "halves", 4, False, False, 4),
-        ("bf16", "lead", 1, True, False, 4),  # ZipCache's salient set: values with one zero-point per slot
-        ("fp16", "lead", 1, True, False, 4),
-        ("bf16", "lead", 1, True, False, 2),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
-        ("fp16", "halves", 4, False, False, 2),  # KIVI-2 (`_f16_crumbs`)
+        ("bf16", "token", 1, False, False, 4, False),
+        ("bf16", "token", 1, True, False, 4, False),  # the launch's `zero_row_sums`
+        ("bf16", "token", 1, True, True, 4, False),  # and its `offset_codes`: the offset nibble PTX
+        ("fp16", "token", 1, True, True, 4, False),
+        ("fp16", "row", 4, False, False, 4, False),
+        ("fp16", "token", 4, False, False, 4, False),
+        ("bf16", "rows", 4, False, False, 4, False),
+        ("bf16", "halves", 4, False, False, 4, False),
+        ("bf16", "lead", 1, True, False, 4, False),  # ZipCache's salient set: values with one zero-point per slot
+        ("fp16", "lead", 1, True, False, 4, False),
+        ("bf16", "lead", 1, True, False, 2, False),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
+        ("fp16", "halves", 4, False, False, 2, False),  # KIVI-2 (`_f16_crumbs`)
+        # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
+        ("bf16", "token", 1, True, True, 4, True),
+        ("bf16", "lead", 1, True, False, 2, True),
+        ("fp16", "halves", 4, False, False, 2, True),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
-    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool, bits: int
+    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool, bits: int, unmasked: bool
 ) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
     bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
@@ -644,7 +681,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
-        "WINDOW_RING": key_mode in ("halves", "lead"),
+        "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
@@ -672,6 +709,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
         "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
+        "UNMASKED": True, "UNMASKED_2": True,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
         constexprs |= {
