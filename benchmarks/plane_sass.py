@@ -176,7 +176,7 @@ def main() -> None:
                 if base == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
                 m = measure(compile_plane(mode, variant, warps, bits, args.block_n))
-                print(f"{mode:<7}{variant:<10} {bits} bits {warps} warps: loop {m['loop']:5d}  "
+                print(f"{mode:<7}{variant:<18} {bits} bits {warps} warps: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
 

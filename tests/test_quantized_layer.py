@@ -651,6 +651,9 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         ("fp16", "halves", 4, False, False, 2, False),  # KIVI-2 (`_f16_crumbs`)
         # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
         ("bf16", "token", 1, True, True, 4, True),
+        ("fp16", "token", 4, False, False, 4, True),
+        ("fp16", "row", 4, False, False, 4, True),
+        ("bf16", "rows", 4, False, False, 4, True),
         ("bf16", "lead", 1, True, False, 2, True),
         ("fp16", "halves", 4, False, False, 2, True),
     ],
