@@ -220,6 +220,7 @@ def _measure(
     if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     sums = plan is not None and launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1]
+    halves = plan is not None and plan[0] == "halves"
     return {
         "window": with_window,
         "rotation": with_rotation,
@@ -238,7 +239,9 @@ def _measure(
         if plan is None
         else f"token/{d // x['values'].col_channels}",
         "bits": [x["keys"].bits, x["values"].bits],
-        "lead_misaligned": bool((x["keys"].lead % launch.block_n != 0).any()),
+        # tiles start where key rows do: a lead off the tile ("halves": off the half tile, the row) puts a
+        # split's first tile below its start
+        "lead_misaligned": bool((x["keys"].lead % (x["keys"].row_tokens if halves else launch.block_n) != 0).any()),
         # every sequence's lead > 0 (tiles below it) and some sequence live past it (decode-block tiles)
         "both_sides_of_lead": bool((x["lengths"] > x["keys"].lead).any() and (x["keys"].lead > 0).all()),
         "dtype": str(x["query"].dtype).removeprefix("torch."),
