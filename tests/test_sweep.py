@@ -162,9 +162,11 @@ def test_nightly_sweep_shows_progress_and_loads_the_model_once(monkeypatch, caps
 def test_a_sweep_killed_mid_run_redoes_that_run_only(tmp_path):
     """SIGKILL (no Python handler runs) while the second of three runs generates: the rerun skips the first,
     redoes the second from scratch and runs the third."""
+    # 48 new tokens keep the second run alive ~0.4 s on a fast CPU (4 tokens: ~50 ms, which a CI run once missed
+    # between two polls: the sweep had finished before it could be killed)
     command = [
         sys.executable, "-m", "kvbench", "-m", *TINY, "task=passkey", "task.context_lengths=[256]",
-        "task.depths=[0.5]", "task.samples_per_cell=2", "task.max_new_tokens=4", "method=streamingllm",
+        "task.depths=[0.5]", "task.samples_per_cell=2", "task.max_new_tokens=48", "method=streamingllm",
         "method.budget=32,48,64", f"kvbench.results_dir={tmp_path}",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
@@ -173,7 +175,8 @@ def test_a_sweep_killed_mid_run_redoes_that_run_only(tmp_path):
         runs = [p.parent for p in tmp_path.glob("passkey/*/*/config.yaml")]
         if len(runs) == 2 and len(list(tmp_path.rglob("record.json"))) == 1:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
+    assert process.poll() is None, "the sweep ended before its second run could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     (finished,) = [p.parent for p in tmp_path.rglob("record.json")]
