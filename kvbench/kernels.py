@@ -549,7 +549,7 @@ if triton is not None:
             )
         blocks = _combine_blocks(num_splits, dv, rotation is not None)
         scale = lse_part if out_scale is None else out_scale  # never read without SCALE
-        group = out.shape[1] // (1 if out_scale is None else out_scale.shape[1])
+        group = 1 if out_scale is None else hq // out_scale.shape[1]
         wrap_triton(_decode_combine_kernel)[(o_part.shape[0], _cdiv(dv, blocks["BLOCK_DV"]))](
             o_part,
             lse_part,
@@ -558,7 +558,7 @@ if triton is not None:
             num_splits,
             dv,
             *out.stride(),
-            out.shape[1],
+            hq,
             lse_part if rotation is None else rotation,  # never read without ROTATE
             dv**-0.5,
             scale,

@@ -501,11 +501,11 @@ class QuantizedLayer(KVLayer):
             out, lse = self.parts[0].attend(q, scaling, window, self.rotation, out_scale)
         else:
             rotated = q if self.rotation is None else rotate(q, self.rotation)
-            scaled_inside = len(self.parts) > 1 and not self.simulated and self.rotation is None
-            if len(self.parts) > 1 and not self.simulated:
+            packed_sets = len(self.parts) > 1 and not self.simulated
+            scaled_inside = packed_sets and self.rotation is None  # in the sets' combine: nothing rotates after it
+            if packed_sets:
                 # Packed parts (ZipCache's sets) and the window as one attention: one launch where the plane
-                # kernel takes both sets (`packed_sets_attention`), the scales in its combine where nothing
-                # rotates after it.
+                # kernel takes both sets (`packed_sets_attention`).
                 sets = [(part.keys.slots_view(), part.values.slots_view(), part.length) for part in self.parts]
                 out, lse = packed_sets_attention(rotated, sets, scaling, window, out_scale if scaled_inside else None)
             else:
