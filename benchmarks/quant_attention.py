@@ -123,6 +123,11 @@ CONFIGS = {
     # the plane kernel's inner tiles (every slot live) in a loop without slot masks
     "unmasked": replace(quant_kernels.LAUNCH, unmasked_tiles=True),
 }
+# The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
+# programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default.
+CONFIGS |= {
+    f"many{n}": replace(quant_kernels.LAUNCH, programs_per_sm_many_heads=n) for n in (3, 4, 5, 6, 7, 10, 12, 16)
+}
 DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout
 TOLERANCE = {torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 1e-3)}  # relative (output, lse): the tests
 TIMED_CALLS, REPLAYS = 20, 5
