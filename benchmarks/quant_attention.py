@@ -122,6 +122,8 @@ CONFIGS = {
     "pair_whole": replace(quant_kernels.LAUNCH, pair_shared_target=False),
     # the plane kernel's inner tiles (every slot live) in a loop without slot masks
     "unmasked": replace(quant_kernels.LAUNCH, unmasked_tiles=True),
+    # above FEW_HEADS pairs, ZipCache's pair launch at `programs_per_sm_many_heads`, as before its waves chose
+    "pair_fixed": replace(quant_kernels.LAUNCH, pair_wave_target=False),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default.

@@ -30,6 +30,8 @@ ZipCache's two sets in one launch".
 
 from __future__ import annotations
 
+import functools
+import heapq
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -126,6 +128,59 @@ def pair_shares(slots: int, slots_2: int, batch_heads: int, launch: LaunchConfig
     if not launch.pair_shared_target or batch_heads > FEW_HEADS or slots + slots_2 == 0:
         return 1.0, 1.0
     return slots / (slots + slots_2), slots_2 / (slots + slots_2)
+
+
+# `pair_wave_target`'s estimate of a program's time, in units of a 4-bit tile: a tile by its code width (the
+# "lead" prompt loop's SASS instructions a warp and tile, `plane_sass.py --modes lead`: 833 at 4 bits, 1,074
+# at 2), and what a program does besides its tiles (folding the query, writing its partial, its share of the
+# combine), as two tiles.
+TILE_COST = {4: 1.0, 2: 1.3}
+PROGRAM_COST = 2.0
+WAVE_TARGETS = (4, 5, 6, 7, 8, 10, 12, 16)  # the programs-an-SM split targets `pair_wave_target` chooses from
+# Warps an SM holds at the plane kernel's ~255 registers a thread (65,536 registers): 4 programs of 2 warps.
+RESIDENT_WARPS = 8
+
+
+def list_schedule_time(costs: list[float], resident: int) -> float:
+    """When the last of `costs` (programs, in launch order) ends on a GPU that runs `resident` programs at once
+    and starts the next program wherever one ends (list scheduling; the makespan)."""
+    ends = [0.0] * max(1, resident)
+    for cost in costs:
+        heapq.heapreplace(ends, ends[0] + cost)
+    return max(ends)
+
+
+@functools.lru_cache(maxsize=64)
+def pair_wave_target(
+    sets: tuple[tuple[int, int], ...], window_slots: int, batch_heads: int, num_sms: int, launch: LaunchConfig
+) -> int:
+    """The split target (programs an SM) of a pair launch above `quant_kernels.FEW_HEADS` (sequence, KV head)
+    pairs: of `launch.programs_per_sm_many_heads` and `WAVE_TARGETS`, the one whose programs end first under
+    `list_schedule_time`, ties to the launch's own. `sets`: each store's (slots, bits); the programs are its
+    splits' (`_split_plan`, costs by `TILE_COST` and `PROGRAM_COST`), in the kernel's grid order (every
+    (sequence, KV head) pair's program of split 0, then of split 1, ...; the window's last).
+
+    Why: the programs of one launch run in waves of `num_sms * RESIDENT_WARPS / num_warps`, and a launch whose
+    last wave is a sliver waits a whole program's time for it. ZipCache's two sets at 32k batch 4 (H100, kernel
+    alone, f06e256): 98.0 us at 8 programs an SM (3.7 waves), 85.9 at 4 (2 waves); at 128k batch 4 the
+    default's 4.0 waves win (291.1 us against 338.2 at 4). Over 4-16 programs an SM this estimate ranked
+    those and KIVI's single stores' timings the same way (benchmarks/README.md, "Waves")."""
+    resident = num_sms * max(1, RESIDENT_WARPS // launch.num_warps)
+
+    def finish(target: int) -> float:
+        plan = replace(launch, programs_per_sm_many_heads=target)
+        costs = []
+        for slots, bits in sets:
+            splits, split_len = _split_plan(batch_heads, slots, num_sms, plan)
+            tiles, per_split = -(-slots // launch.block_n), split_len // launch.block_n
+            for split in range(splits):
+                tiles_here = max(0, min(per_split, tiles - split * per_split))
+                costs += [PROGRAM_COST + TILE_COST[bits] * tiles_here] * batch_heads
+        if window_slots:
+            costs += [PROGRAM_COST + -(-window_slots // launch.block_n)] * batch_heads
+        return list_schedule_time(costs, resident)
+
+    return min((launch.programs_per_sm_many_heads, *WAVE_TARGETS), key=finish)
 
 
 if kernels.triton is not None:
@@ -1146,7 +1201,13 @@ def _plane_pair_op(
     )
     if kernels._use_triton(query):
         launch = quant_kernels.LAUNCH
-        shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], k_codes.shape[0] * k_codes.shape[1], launch)
+        batch_heads = k_codes.shape[0] * k_codes.shape[1]
+        if launch.pair_wave_target and batch_heads > FEW_HEADS:
+            sets = ((k_codes.shape[2], first[0].bits), (k_codes_2.shape[2], second[0].bits))
+            window_slots = 0 if window is None else window.keys.shape[2]
+            target = pair_wave_target(sets, window_slots, batch_heads, kernels._num_sms(query.device), launch)
+            launch = replace(launch, programs_per_sm_many_heads=target)
+        shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], batch_heads, launch)
         stores = [
             _store_launch(query, *first, lengths, launch, shares[0]),
             _store_launch(query, *second, lengths_2, launch, shares[1]),

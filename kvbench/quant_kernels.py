@@ -213,6 +213,10 @@ class LaunchConfig:
     # and tile at 4 bits, 1,074 -> 975 at 2; KIVI's "halves" 1,640 -> 1,572 and 1,991 -> 1,899. Off until
     # timed (`quant_attention.py --configs unmasked`).
     unmasked_tiles: bool = False
+    # With pair_sets, above FEW_HEADS pairs: the pair launch's split target chosen from a few by an estimate
+    # of its waves (`plane_kernel.pair_wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
+    # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
+    pair_wave_target: bool = True
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`

@@ -271,6 +271,8 @@ PAIRS = {
     "zipcache_pair_bf16": (3, 2, 4, 64, "bfloat16", (700, *SALIENT), (500, *REST)),
     "zipcache_pair_fp16": (2, 2, 4, 64, "float16", (700, *SALIENT), (500, *REST)),
     "zipcache_pair_fp32": (2, 1, 4, 64, "float32", (300, (4, 60, 1, 30), SALIENT[1]), (400, (2, 40, 1, 70), REST[1])),
+    # above FEW_HEADS (sequence, KV head) pairs: the launch's split target from its waves (`pair_wave_target`)
+    "zipcache_pair_many_heads": (3, 6, 2, 64, "bfloat16", (700, *SALIENT), (500, *REST)),
     # a 3-bit rest, which the split kernel takes: two calls, merged
     "split_pair_fp16": (2, 2, 4, 64, "float16", (700, *SALIENT), (500, (3, 40, 1, 100), (3, 1, 64, None))),
 }
@@ -300,10 +302,22 @@ def _measure_pair(
     out_scale = _out_scale(b, hkv, d) if with_scale else None
     if out_scale is not None:
         ref_out = quant_kernels.scale_channels(ref_out, out_scale)
-    out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window, out_scale)
+    launched = []  # each plane-kernel launch's stores' (split length, number of splits)
+    launch_stores = plane_kernel._plane_attention_triton
+
+    def spy(query: torch.Tensor, stores: list, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        launched.append([list(store.splits) for store in stores])
+        return launch_stores(query, stores, *args, **kwargs)
+
+    plane_kernel._plane_attention_triton = spy
+    try:
+        out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window, out_scale)
+    finally:
+        plane_kernel._plane_attention_triton = launch_stores
     live = torch.isfinite(ref_lse)  # rows with a live slot in some store or the window
     return {
         "one_launch": plane_kernel.pair_fits(sets[0][:2], sets[1][:2], quant_kernels.LAUNCH),
+        "launched_splits": launched,
         "window": with_window,
         "dtype": dtype,
         "out_dtype_ok": out.dtype == query.dtype and lse.dtype == torch.float32,
@@ -474,6 +488,48 @@ def test_a_shared_split_target_is_split_by_slots_for_few_heads() -> None:
     whole = quant_kernels.LaunchConfig(pair_shared_target=False)
     assert plane_kernel.pair_shares(600, 400, 8, whole) == (1.0, 1.0)
     assert plane_kernel.pair_shares(0, 0, 8, shared) == (1.0, 1.0)
+
+
+def test_list_scheduling_starts_each_program_where_one_ends() -> None:
+    """`list_schedule_time`: programs in launch order, each on the first resident slot to free (round robin
+    would put 4 + 1 + 1 on one slot of two: 6)."""
+    assert plane_kernel.list_schedule_time([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 4.0
+    assert plane_kernel.list_schedule_time([3.0, 3.0, 3.0], 2) == 6.0
+    assert plane_kernel.list_schedule_time([1.0] * 9, 4) == 3.0
+    assert plane_kernel.list_schedule_time([2.0, 5.0], 8) == 5.0
+    assert plane_kernel.list_schedule_time([], 4) == 0.0
+
+
+def test_a_pair_above_few_heads_takes_the_target_its_waves_favour() -> None:
+    """ZipCache's two sets (60% of the slots at 4 bits, 40% at 2, a ring window of 100) on 132 SMs: at 32k batch
+    4 the H100 measured 85.9 us at 4 programs an SM against 98.0 at 8 (the default), at 128k batch 4 291.1 at
+    8 against 338.2 at 4; `pair_wave_target` picks those. Where every target gives the same plan (one split
+    each), the launch's own target stays, whatever it is."""
+    launch = quant_kernels.LaunchConfig()
+
+    def target(slots: int, batch: int, own: quant_kernels.LaunchConfig = launch) -> int:
+        high = int(0.6 * slots)
+        return plane_kernel.pair_wave_target(((high, 4), (slots - high, 2)), 100, 8 * batch, 132, own)
+
+    assert target(32768, 4) == 4
+    assert target(131072, 4) == 8
+    assert target(64, 4) == 8
+    assert target(64, 4, quant_kernels.LaunchConfig(programs_per_sm_many_heads=9)) == 9
+
+
+def test_a_pair_launch_above_few_heads_plans_the_wave_target(interpreted: dict) -> None:
+    """The pair launch above FEW_HEADS pairs (18 here, on the interpreter's 4 "SMs") plans both sets' splits
+    with `pair_wave_target`'s choice, one split each where the default target would give two."""
+    launch = quant_kernels.LaunchConfig()
+    b, hkv, _, _, _, (slots, *_), (slots_2, *_) = PAIRS["zipcache_pair_many_heads"]
+    target = plane_kernel.pair_wave_target(((slots, 4), (slots_2, 2)), 70, b * hkv, 4, launch)
+    wave = dataclasses.replace(launch, programs_per_sm_many_heads=target)
+
+    def plan(launch: quant_kernels.LaunchConfig) -> list[list[int]]:
+        return [list(quant_kernels._split_plan(b * hkv, s, 4, launch))[::-1] for s in (slots, slots_2)]
+
+    assert plan(wave) != plan(launch)
+    assert interpreted["pair:zipcache_pair_many_heads+window"]["launched_splits"] == [plan(wave)]
 
 
 def test_merging_one_piece_returns_it() -> None:
