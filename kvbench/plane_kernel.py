@@ -62,7 +62,8 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
     ("token") or per channel ("row" where tiles divide the rows; "lead" where row 0 spans a prompt set and
     the launch asks for it: ZipCache's sets, row 0 folded below lead, rows read per slot past it;
-    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles;
+    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles, or
+    "halves_dequantized" where the launch's `dequantize_half_rows` asks for that form of it;
     "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
@@ -77,7 +78,7 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     if keys.col_channels == 1 and keys.prompt_row and launch.fold_lead:
         return "lead", launch.block_n
     if keys.col_channels == 1 and launch.fold_half_rows and 2 * keys.row_tokens == launch.block_n:
-        return "halves", launch.block_n
+        return ("halves_dequantized" if launch.dequantize_half_rows else "halves"), launch.block_n
     if keys.col_channels == 1:
         return "rows", launch.block_n
     return None
@@ -163,8 +164,9 @@ def pair_wave_target(
     Why: the programs of one launch run in waves of `num_sms * RESIDENT_WARPS / num_warps`, and a launch whose
     last wave is a sliver waits a whole program's time for it. ZipCache's two sets at 32k batch 4 (H100, kernel
     alone, f06e256): 98.0 us at 8 programs an SM (3.7 waves), 85.9 at 4 (2 waves); at 128k batch 4 the
-    default's 4.0 waves win (291.1 us against 338.2 at 4). Over 4-16 programs an SM this estimate ranked
-    those and KIVI's single stores' timings the same way (benchmarks/README.md, "Waves")."""
+    default's 4.0 waves win (291.1 us against 338.2 at 4). Over 3-16 programs an SM the estimate picked the
+    best measured target for those and for KIVI's single stores (8); its order of the others is rougher
+    (benchmarks/README.md, "Waves")."""
     resident = num_sms * max(1, RESIDENT_WARPS // launch.num_warps)
 
     def finish(target: int) -> float:
@@ -442,6 +444,24 @@ if kernels.triton is not None:
         return logits
 
     @triton.jit
+    def _half_rows_plane(codes, scales_a, zeros_a, scales_b, zeros_b, offs_w, mask_a, mask_b, first_half):
+        """One plane of a tile's keys [N, W] dequantized, c * s + z in the codes' type (one multiply-add per
+        pair of 16-bit values), under per-channel rows of half a tile: row a's parameters (`scales_a`,
+        `zeros_a`: its first channel of the plane) for the slots where `first_half` [N, 1], row b's for the
+        others."""
+        s = tl.where(
+            first_half,
+            tl.load(scales_a + offs_w, mask=mask_a, other=0.0)[None, :],
+            tl.load(scales_b + offs_w, mask=mask_b, other=0.0)[None, :],
+        )
+        z = tl.where(
+            first_half,
+            tl.load(zeros_a + offs_w, mask=mask_a, other=0.0)[None, :],
+            tl.load(zeros_b + offs_w, mask=mask_b, other=0.0)[None, :],
+        )
+        return codes * s.to(codes.dtype) + z.to(codes.dtype)
+
+    @triton.jit
     def _plane_split(
         bh,
         split,
@@ -528,6 +548,9 @@ if kernels.triton is not None:
         - keys "halves" (per-channel groups of half a tile, KIVI's 32 tokens in tiles of 64; tiles aligned
           to the rows): each half's row folds into its own copy of the query as in "row", both halves'
           logits come from the whole tile's codes (twice the key products) and each slot takes its half's;
+        - keys "halves_dequantized" (the same rows): each half's row dequantizes its slots' keys, c * s + z in
+          K_DTYPE (float16 for 16-bit queries, as "rows"), and the query, converted to K_DTYPE once, meets
+          them in one product: no per-tile fold of the query, no bias, half the key products;
         - keys "rows" (per-channel groups of any other size, from any lead: KIVI's 32 tokens in tiles of
           64 without `fold_half_rows`, ZipCache's blocks without `fold_lead`): each slot's row is read and
           the keys dequantized, c * s + z in K_DTYPE
@@ -592,6 +615,11 @@ if kernels.triton is not None:
             q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
             q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
             q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
+        if K_MODE == "halves_dequantized":  # the query meets dequantized keys in their type
+            qk0 = q0.to(K_DTYPE)
+            qk1 = q1.to(K_DTYPE)
+            qk2 = q2.to(K_DTYPE)
+            qk3 = q3.to(K_DTYPE)
         qsum0 = tl.sum(q0.to(tl.float32), axis=1)
         qsum1 = tl.sum(q1.to(tl.float32), axis=1)
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
@@ -626,12 +654,14 @@ if kernels.triton is not None:
             lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
             lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
             lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
-        if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
+        if K_MODE == "halves" or K_MODE == "halves_dequantized":  # tiles start where a row does: a half, a row
             first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
         # Tiles aligned to rows start before the split and mask its slots below `start`; the others start
         # at `start`, so only `end` bounds them.
-        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves" or K_MODE == "lead"
+        ALIGNED: tl.constexpr = (
+            K_MODE == "row" or K_MODE == "halves" or K_MODE == "halves_dequantized" or K_MODE == "lead"
+        )
         ahead = first + offs_n
         ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
         if K_MODE == "token":
@@ -731,6 +761,34 @@ if kernels.triton is not None:
                             q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
                             w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
                         )  # fmt: skip
+                elif K_MODE == "halves_dequantized":  # two rows, one per half of the tile: keys dequantized
+                    half = tile + K_ROW_TOKENS
+                    rows_a = _slot_rows(tile, k_lead, K_ROW_TOKENS) * stride_ksr
+                    rows_b = _slot_rows(half, k_lead, K_ROW_TOKENS) * stride_ksr
+                    b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
+                    first_half = (offs_n < K_ROW_TOKENS)[:, None]
+                    k0 = _half_rows_plane(
+                        c0, ks_base + rows_a, kz_base + rows_a, ks_base + rows_b, kz_base + rows_b, offs_w, w_ok,
+                        b_mask, first_half,
+                    )  # fmt: skip
+                    k1 = _half_rows_plane(
+                        c1, ks_base + rows_a + K_WIDTH, kz_base + rows_a + K_WIDTH, ks_base + rows_b + K_WIDTH,
+                        kz_base + rows_b + K_WIDTH, offs_w, w_ok, b_mask, first_half,
+                    )  # fmt: skip
+                    k2 = _half_rows_plane(
+                        c2, ks_base + rows_a + 2 * K_WIDTH, kz_base + rows_a + 2 * K_WIDTH,
+                        ks_base + rows_b + 2 * K_WIDTH, kz_base + rows_b + 2 * K_WIDTH, offs_w, w_ok, b_mask,
+                        first_half,
+                    )  # fmt: skip
+                    k3 = _half_rows_plane(
+                        c3, ks_base + rows_a + 3 * K_WIDTH, kz_base + rows_a + 3 * K_WIDTH,
+                        ks_base + rows_b + 3 * K_WIDTH, kz_base + rows_b + 3 * K_WIDTH, offs_w, w_ok, b_mask,
+                        first_half,
+                    )  # fmt: skip
+                    logits = tl.dot(qk0, tl.trans(k0), input_precision=PRECISION)
+                    logits = tl.dot(qk1, tl.trans(k1), logits, input_precision=PRECISION)
+                    logits = tl.dot(qk2, tl.trans(k2), logits, input_precision=PRECISION)
+                    logits = tl.dot(qk3, tl.trans(k3), logits, input_precision=PRECISION)
                 elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
                     half = tile + K_ROW_TOKENS
                     row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
@@ -1028,9 +1086,9 @@ if kernels.triton is not None:
         # path and a 16-bit dot.
         k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
         v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
-        # Dequantized keys ("rows", and "lead" past lead) are float16 for a 16-bit query: c * s + z in the
-        # parameters' own type.
-        key_dtype = tl.float16 if key_mode in ("rows", "lead") and dtype != tl.float32 else dtype
+        # Dequantized keys ("rows", "halves_dequantized", and "lead" past lead) are float16 for a 16-bit query:
+        # c * s + z in the parameters' own type.
+        key_dtype = tl.float16 if key_mode in ("rows", "lead", "halves_dequantized") and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
         # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
         # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).

@@ -56,6 +56,8 @@ CASES = {
     # each half's row folded into the query)
     "halves_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     "kivi4_halves_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
+    # KIVI-2's layout from a lead off the half tile: rows of 32 from 9 + 7b, value groups of a plane
+    "kivi2_halves_fp16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "float16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
     # one value zero-point per slot, summed per tile (the launch's `zero_row_sums`): QuaRot's layout, and
@@ -114,6 +116,9 @@ UNMASKED_CASES = (
     "zipcache4_lead_bf16+window",
     "zipcache2_lead_fp16",
 )
+# KIVI's half-tile key rows dequantized per half (the launch's `dequantize_half_rows`): 4 and 2 bits, leads
+# off the half tile, a window, inner tiles unmasked too.
+DEQUANTIZED_CASES = ("halves_fp16", "kivi4_halves_bf16+window", "kivi2_halves_fp16", "kivi2_halves_fp16+unmasked")
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -220,7 +225,7 @@ def _measure(
     if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     sums = plan is not None and launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1]
-    halves = plan is not None and plan[0] == "halves"
+    halves = plan is not None and plan[0] in ("halves", "halves_dequantized")
     return {
         "window": with_window,
         "rotation": with_rotation,
@@ -403,6 +408,11 @@ def _worker() -> None:
         case, *given = name.split("+")
         launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), unmasked_tiles=True)
         cases[f"{name}+unmasked"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
+    for name in DEQUANTIZED_CASES:
+        case, *given = name.split("+")
+        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), dequantize_half_rows=True)
+        launch = dataclasses.replace(launch, unmasked_tiles="unmasked" in given)
+        cases[f"{name}+dequantized"] = _measure(case, "window" in given, launch=launch)
     unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
     for name in ROTATION_CASES:
@@ -425,6 +435,7 @@ def interpreted() -> dict:
         *(f"{name}+rotation" for name in ROTATION_CASES),
         *(f"{name}+scale" for name in SCALE_CASES),
         *(f"{name}+unmasked" for name in UNMASKED_CASES),
+        *(f"{name}+dequantized" for name in DEQUANTIZED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -492,8 +503,9 @@ def test_a_shared_split_target_is_split_by_slots_for_few_heads() -> None:
 
 def test_list_scheduling_starts_each_program_where_one_ends() -> None:
     """`list_schedule_time`: programs in launch order, each on the first resident slot to free (round robin
-    would put 4 + 1 + 1 on one slot of two: 6)."""
+    would put 4 + 1 + 1 on one slot of two: 6; the longest first would end [1, 1, 4] at 4, not 5)."""
     assert plane_kernel.list_schedule_time([4.0, 1.0, 1.0, 1.0, 1.0], 2) == 4.0
+    assert plane_kernel.list_schedule_time([1.0, 1.0, 4.0], 2) == 5.0
     assert plane_kernel.list_schedule_time([3.0, 3.0, 3.0], 2) == 6.0
     assert plane_kernel.list_schedule_time([1.0] * 9, 4) == 3.0
     assert plane_kernel.list_schedule_time([2.0, 5.0], 8) == 5.0
@@ -514,6 +526,8 @@ def test_a_pair_above_few_heads_takes_the_target_its_waves_favour() -> None:
     assert target(32768, 4) == 4
     assert target(131072, 4) == 8
     assert target(64, 4) == 8
+    # a set with no slots plans one empty split, as `_split_plan` does
+    assert plane_kernel.pair_wave_target(((0, 4), (0, 2)), 0, 32, 132, launch) == 8
     assert target(64, 4, quant_kernels.LaunchConfig(programs_per_sm_many_heads=9)) == 9
 
 
@@ -553,7 +567,7 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
     assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "lead", "rows"}
     plane = [m for m in cases if m["kernel"] == "plane"]
-    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "rows"}
+    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "halves_dequantized", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {2, 4}
     assert {m["dtype"] for m in plane if 2 in m["bits"]} == {"float32", "float16", "bfloat16"}
@@ -574,9 +588,15 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert scaled == {("plane", True, False), ("packed", True, False), ("plane", False, True)}, scaled
     # the unmasked inner tiles: every key mode of the plane kernel, tiles misaligned to the split's start
     unmasked = [m for m in cases if m["unmasked"]]
-    assert {m["key_mode"] for m in unmasked} == {"token", "row", "lead", "halves", "rows"}, unmasked
+    modes = {"token", "row", "lead", "halves", "halves_dequantized", "rows"}
+    assert {m["key_mode"] for m in unmasked} == modes, unmasked
     assert all(m["kernel"] == "plane" for m in unmasked)
     assert {m["key_mode"] for m in unmasked if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
+    # KIVI's half-tile rows dequantized: 4 and 2 bits, leads off the half tile, a window, 16-bit types
+    dequantized = [m for m in cases if m["key_mode"] == "halves_dequantized"]
+    assert {bits for m in dequantized for bits in m["bits"]} == {2, 4}
+    assert any(m["lead_misaligned"] for m in dequantized) and any(m["window"] for m in dequantized)
+    assert {m["dtype"] for m in dequantized} == {"float16", "bfloat16"}
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),
@@ -715,6 +735,10 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         ("bf16", "rows", 4, False, False, 4, True),
         ("bf16", "lead", 1, True, False, 2, True),
         ("fp16", "halves", 4, False, False, 2, True),
+        # the launch's `dequantize_half_rows`: KIVI's half-tile key rows dequantized, not folded
+        ("bf16", "halves_dequantized", 4, False, False, 4, False),
+        ("fp16", "halves_dequantized", 4, False, False, 2, False),
+        ("bf16", "halves_dequantized", 4, False, False, 2, True),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
@@ -738,12 +762,12 @@ def test_plane_kernel_compiles_for_hopper(
         "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": bits,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
-        "K_DTYPE": tl.float16 if key_mode in ("rows", "lead") or dtype == "fp16" else tl.bfloat16,
+        "K_DTYPE": tl.float16 if key_mode in ("rows", "lead", "halves_dequantized") or dtype == "fp16" else tl.bfloat16,
         "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
-        "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked,
+        "WINDOW_RING": key_mode in ("halves", "halves_dequantized", "lead"), "UNMASKED": unmasked,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
