@@ -79,19 +79,23 @@ def argument_values(mode: str) -> dict[str, int]:
     return values
 
 
-def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64):
+def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64, value_bits: int = 0):
+    """The plane kernel for `mode` and `variant`; codes of `bits` (`value_bits` for the values, if given)."""
+    value_bits = value_bits or bits
     kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
     elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
-    pointers |= {"kc_ptr": elements, "vc_ptr": elements, "wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}
+    pointers |= {"kc_ptr": elements, "vc_ptr": "*i16" if value_bits == 4 else "*u8"}
+    pointers |= {"wk_ptr": "*bf16", "wv_ptr": "*bf16", "wpos_ptr": "*i64"}
     pointers["wq_ptr"] = "*i64"
     pointers |= {name: "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
     pointers |= {name: "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     floats = {"scale_log2": "fp32", "rotation_scale": "fp32"}
     constexprs = {
         "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": bits, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
-        "V_BITS": bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4, "BLOCK_WV": D // 4,
+        "V_BITS": value_bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4,
+        "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in DEQUANTIZED else tl.bfloat16, "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False,
@@ -165,6 +169,7 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[2])
     parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
     parser.add_argument("--block-n", type=int, default=64, help="slots a tile (mode row: 32)")
+    parser.add_argument("--value-bits", type=int, default=0, choices=[0, 2, 4], help="values' bits (0: --bits)")
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
@@ -177,8 +182,9 @@ def main() -> None:
             for bits, warps in itertools.product(args.bits, args.warps):
                 if base == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
-                m = measure(compile_plane(mode, variant, warps, bits, args.block_n))
-                print(f"{mode:<7}{variant:<18} {bits} bits {warps} warps: loop {m['loop']:5d}  "
+                m = measure(compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits))
+                widths = f"{bits}/{args.value_bits or bits} bits"
+                print(f"{mode:<7}{variant:<18} {widths} {warps} warps: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
 

@@ -117,8 +117,15 @@ UNMASKED_CASES = (
     "zipcache2_lead_fp16",
 )
 # KIVI's half-tile key rows dequantized per half (the launch's `dequantize_half_rows`): 4 and 2 bits, leads
-# off the half tile, a window, inner tiles unmasked too.
-DEQUANTIZED_CASES = ("halves_fp16", "kivi4_halves_bf16+window", "kivi2_halves_fp16", "kivi2_halves_fp16+unmasked")
+# off the half tile with and without a window, inner tiles unmasked too.
+DEQUANTIZED_CASES = (
+    "halves_fp16",
+    "halves_fp16+window",
+    "kivi4_halves_bf16+window",
+    "kivi2_halves_fp16",
+    "kivi2_halves_fp16+window",
+    "kivi2_halves_fp16+unmasked",
+)
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -595,7 +602,8 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     # KIVI's half-tile rows dequantized: 4 and 2 bits, leads off the half tile, a window, 16-bit types
     dequantized = [m for m in cases if m["key_mode"] == "halves_dequantized"]
     assert {bits for m in dequantized for bits in m["bits"]} == {2, 4}
-    assert any(m["lead_misaligned"] for m in dequantized) and any(m["window"] for m in dequantized)
+    assert any(m["lead_misaligned"] and m["window"] for m in dequantized)
+    assert any(m["window"] for m in dequantized if 2 in m["bits"])
     assert {m["dtype"] for m in dequantized} == {"float16", "bfloat16"}
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
