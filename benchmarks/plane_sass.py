@@ -51,7 +51,6 @@ MODES = {
     "halves_dequantized": (32, 1, 32, D, 4),  # KIVI's rows of 32, keys dequantized per half (not folded)
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
-DEQUANTIZED = ("rows", "lead", "halves_dequantized")  # key modes whose keys are dequantized in float16
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 CLASSES = [
@@ -96,7 +95,8 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_
         "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": bits, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
         "V_BITS": value_bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4,
         "BLOCK_WV": D // 4,
-        "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in DEQUANTIZED else tl.bfloat16, "K_ASM": True,
+        "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
+        "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False,
     } | VARIANTS[variant]  # fmt: skip

@@ -770,7 +770,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": bits,
         "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
-        "K_DTYPE": tl.float16 if key_mode in ("rows", "lead", "halves_dequantized") or dtype == "fp16" else tl.bfloat16,
+        "K_DTYPE": tl.float16 if key_mode in plane_kernel.DEQUANTIZED_KEY_MODES or dtype == "fp16" else tl.bfloat16,
         "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
