@@ -48,7 +48,6 @@ MODES = {
     "halves": (32, 1, 32, D, 4),  # KIVI-4: per-channel key rows of 32 tokens, values in groups of 32
     "rows": (32, 1, 32, D, 4),  # the same, keys dequantized per slot
     "row": (32, 1, 32, D, 4),  # the same in tiles of one row (`--block-n 32`): one fold a tile
-    "halves_dequantized": (32, 1, 32, D, 4),  # KIVI's rows of 32, keys dequantized per half (not folded)
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}

@@ -124,20 +124,6 @@ CONFIGS = {
     "unmasked": replace(quant_kernels.LAUNCH, unmasked_tiles=True),
     # above FEW_HEADS pairs, ZipCache's pair launch at `programs_per_sm_many_heads`, as before its waves chose
     "pair_fixed": replace(quant_kernels.LAUNCH, pair_wave_target=False),
-    # KIVI's half-tile key rows dequantized in float16 instead of folded into the query
-    "halves_dequantized": replace(quant_kernels.LAUNCH, dequantize_half_rows=True),
-    # the same with other split targets: fewer registers fit more programs an SM (Triton 3.6, the GPU image's:
-    # 176 / 194 registers at 4 / 2 bits against 255, so 5 programs of 2 warps an SM, not 4)
-    "halves_dequantized_many6": replace(quant_kernels.LAUNCH, dequantize_half_rows=True, programs_per_sm_many_heads=6),
-    "halves_dequantized_many12": replace(
-        quant_kernels.LAUNCH, dequantize_half_rows=True, programs_per_sm_many_heads=12
-    ),
-    # (at batch 4, 32 pairs: a target of 4 makes 544 programs, one round of 660; 5 would make 672, two)
-    "halves_dequantized_few5": replace(quant_kernels.LAUNCH, dequantize_half_rows=True, programs_per_sm=5),
-    "halves_dequantized_many4": replace(quant_kernels.LAUNCH, dequantize_half_rows=True, programs_per_sm_many_heads=4),
-    "halves_dequantized_many10": replace(
-        quant_kernels.LAUNCH, dequantize_half_rows=True, programs_per_sm_many_heads=10
-    ),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default; ZipCache's pair too (its

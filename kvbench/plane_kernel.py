@@ -58,8 +58,8 @@ def _fits_planes(group: int, dim: int) -> bool:
 
 
 # Key modes whose keys the kernel dequantizes (c * s + z) rather than folding their scales into the query:
-# float16 for a 16-bit query, the parameters' own type.
-DEQUANTIZED_KEY_MODES = ("rows", "lead", "halves_dequantized")
+# float16 for a 16-bit query, the parameters' own type ("lead" past lead).
+DEQUANTIZED_KEY_MODES = ("rows", "lead")
 
 
 def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, int] | None:
@@ -67,8 +67,7 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     does): planar codes (2 or 4 bits), values in per-token groups that planes lie inside, keys either so too
     ("token") or per channel ("row" where tiles divide the rows; "lead" where row 0 spans a prompt set and
     the launch asks for it: ZipCache's sets, row 0 folded below lead, rows read per slot past it;
-    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles, or
-    "halves_dequantized" where the launch's `dequantize_half_rows` asks for that form of it;
+    "halves" where a row is half a tile and the launch asks for it: KIVI's 32 tokens in 64-slot tiles;
     "rows" otherwise)."""
     d = keys.codes.shape[-1] * 8 // keys.bits
     dv = values.codes.shape[-1] * 8 // values.bits
@@ -83,7 +82,7 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     if keys.col_channels == 1 and keys.prompt_row and launch.fold_lead:
         return "lead", launch.block_n
     if keys.col_channels == 1 and launch.fold_half_rows and 2 * keys.row_tokens == launch.block_n:
-        return ("halves_dequantized" if launch.dequantize_half_rows else "halves"), launch.block_n
+        return "halves", launch.block_n
     if keys.col_channels == 1:
         return "rows", launch.block_n
     return None
@@ -449,24 +448,6 @@ if kernels.triton is not None:
         return logits
 
     @triton.jit
-    def _half_rows_plane(codes, scales_a, zeros_a, scales_b, zeros_b, offs_w, mask_a, mask_b, first_half):
-        """One plane of a tile's keys [N, W] dequantized, c * s + z in the codes' type (one multiply-add per
-        pair of 16-bit values), under per-channel rows of half a tile: row a's parameters (`scales_a`,
-        `zeros_a`: its first channel of the plane) for the slots where `first_half` [N, 1], row b's for the
-        others."""
-        s = tl.where(
-            first_half,
-            tl.load(scales_a + offs_w, mask=mask_a, other=0.0)[None, :],
-            tl.load(scales_b + offs_w, mask=mask_b, other=0.0)[None, :],
-        )
-        z = tl.where(
-            first_half,
-            tl.load(zeros_a + offs_w, mask=mask_a, other=0.0)[None, :],
-            tl.load(zeros_b + offs_w, mask=mask_b, other=0.0)[None, :],
-        )
-        return codes * s.to(codes.dtype) + z.to(codes.dtype)
-
-    @triton.jit
     def _plane_split(
         bh,
         split,
@@ -553,9 +534,6 @@ if kernels.triton is not None:
         - keys "halves" (per-channel groups of half a tile, KIVI's 32 tokens in tiles of 64; tiles aligned
           to the rows): each half's row folds into its own copy of the query as in "row", both halves'
           logits come from the whole tile's codes (twice the key products) and each slot takes its half's;
-        - keys "halves_dequantized" (the same rows): each half's row dequantizes its slots' keys, c * s + z in
-          K_DTYPE (float16 for 16-bit queries, as "rows"), and the query, converted to K_DTYPE once, meets
-          them in one product: no per-tile fold of the query, no bias, half the key products;
         - keys "rows" (per-channel groups of any other size, from any lead: KIVI's 32 tokens in tiles of
           64 without `fold_half_rows`, ZipCache's blocks without `fold_lead`): each slot's row is read and
           the keys dequantized, c * s + z in K_DTYPE
@@ -620,11 +598,6 @@ if kernels.triton is not None:
             q1 = tl.load(q_rows + K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
             q2 = tl.load(q_rows + 2 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
             q3 = tl.load(q_rows + 3 * K_WIDTH + offs_w[None, :], mask=q_mask, other=0.0).to(DTYPE)
-        if K_MODE == "halves_dequantized":  # the query meets dequantized keys in their type
-            qk0 = q0.to(K_DTYPE)
-            qk1 = q1.to(K_DTYPE)
-            qk2 = q2.to(K_DTYPE)
-            qk3 = q3.to(K_DTYPE)
         qsum0 = tl.sum(q0.to(tl.float32), axis=1)
         qsum1 = tl.sum(q1.to(tl.float32), axis=1)
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
@@ -659,14 +632,12 @@ if kernels.triton is not None:
             lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
             lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
             lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
-        if K_MODE == "halves" or K_MODE == "halves_dequantized":  # tiles start where a row does: a half, a row
+        if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
             first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
         # Tiles aligned to rows start before the split and mask its slots below `start`; the others start
         # at `start`, so only `end` bounds them.
-        ALIGNED: tl.constexpr = (
-            K_MODE == "row" or K_MODE == "halves" or K_MODE == "halves_dequantized" or K_MODE == "lead"
-        )
+        ALIGNED: tl.constexpr = K_MODE == "row" or K_MODE == "halves" or K_MODE == "lead"
         ahead = first + offs_n
         ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
         if K_MODE == "token":
@@ -766,36 +737,6 @@ if kernels.triton is not None:
                             q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
                             w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
                         )  # fmt: skip
-                elif K_MODE == "halves_dequantized":  # two rows, one per half of the tile: keys dequantized
-                    half = tile + K_ROW_TOKENS
-                    rows_a = _slot_rows(tile, k_lead, K_ROW_TOKENS) * stride_ksr
-                    rows_b = _slot_rows(half, k_lead, K_ROW_TOKENS) * stride_ksr
-                    b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
-                    first_half = (offs_n < K_ROW_TOKENS)[:, None]
-                    # Four row pointers a plane, spelled out: passing the rows and a plane offset instead
-                    # compiled to more instructions at 2 bits (offline: 1,815 a tile against 1,790).
-                    k0 = _half_rows_plane(
-                        c0, ks_base + rows_a, kz_base + rows_a, ks_base + rows_b, kz_base + rows_b, offs_w, w_ok,
-                        b_mask, first_half,
-                    )  # fmt: skip
-                    k1 = _half_rows_plane(
-                        c1, ks_base + rows_a + K_WIDTH, kz_base + rows_a + K_WIDTH, ks_base + rows_b + K_WIDTH,
-                        kz_base + rows_b + K_WIDTH, offs_w, w_ok, b_mask, first_half,
-                    )  # fmt: skip
-                    k2 = _half_rows_plane(
-                        c2, ks_base + rows_a + 2 * K_WIDTH, kz_base + rows_a + 2 * K_WIDTH,
-                        ks_base + rows_b + 2 * K_WIDTH, kz_base + rows_b + 2 * K_WIDTH, offs_w, w_ok, b_mask,
-                        first_half,
-                    )  # fmt: skip
-                    k3 = _half_rows_plane(
-                        c3, ks_base + rows_a + 3 * K_WIDTH, kz_base + rows_a + 3 * K_WIDTH,
-                        ks_base + rows_b + 3 * K_WIDTH, kz_base + rows_b + 3 * K_WIDTH, offs_w, w_ok, b_mask,
-                        first_half,
-                    )  # fmt: skip
-                    logits = tl.dot(qk0, tl.trans(k0), input_precision=PRECISION)
-                    logits = tl.dot(qk1, tl.trans(k1), logits, input_precision=PRECISION)
-                    logits = tl.dot(qk2, tl.trans(k2), logits, input_precision=PRECISION)
-                    logits = tl.dot(qk3, tl.trans(k3), logits, input_precision=PRECISION)
                 elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
                     half = tile + K_ROW_TOKENS
                     row_a = _slot_rows(tile, k_lead, K_ROW_TOKENS)
@@ -1093,8 +1034,8 @@ if kernels.triton is not None:
         # path and a 16-bit dot.
         k_codes = keys.codes.view(torch.int16) if keys.bits == 4 else keys.codes
         v_codes = values.codes.view(torch.int16) if values.bits == 4 else values.codes
-        # Dequantized keys ("rows", "halves_dequantized", and "lead" past lead) are float16 for a 16-bit query:
-        # c * s + z in the parameters' own type.
+        # Dequantized keys (`DEQUANTIZED_KEY_MODES`) are float16 for a 16-bit query: c * s + z in the
+        # parameters' own type.
         key_dtype = tl.float16 if key_mode in DEQUANTIZED_KEY_MODES and dtype != tl.float32 else dtype
         asm = not kernels._INTERPRETED
         # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a

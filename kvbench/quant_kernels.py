@@ -217,15 +217,6 @@ class LaunchConfig:
     # of its waves (`plane_kernel.pair_wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
-    # With fold_half_rows, KIVI's half-tile key rows dequantized in float16 (c * s + z, one multiply-add per
-    # pair of values, as "rows" does per slot) instead of folded into two copies of the query: key mode
-    # "halves_dequantized". Offline (sm_90, Triton 3.7.1, `plane_sass.py --modes halves halves_dequantized`):
-    # 1,640 -> 1,375 instructions a warp and tile at 4 bits, 1,991 -> 1,790 at 2; 168 / 198 registers
-    # against 255. Precision: keys rounded to float16 once, an error of |k| 2^-11 a key; the fold keeps
-    # q . z in float32 and rounds q * s to the query's type (bfloat16: 2^-9). Worse than the fold where
-    # zero-points dwarf a step (|z| >> s), float16 queries above all; better for bfloat16 queries otherwise.
-    # Off until timed (`quant_attention.py --configs halves_dequantized`).
-    dequantize_half_rows: bool = False
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`

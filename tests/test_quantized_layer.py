@@ -116,16 +116,6 @@ UNMASKED_CASES = (
     "zipcache4_lead_bf16+window",
     "zipcache2_lead_fp16",
 )
-# KIVI's half-tile key rows dequantized per half (the launch's `dequantize_half_rows`): 4 and 2 bits, leads
-# off the half tile with and without a window, inner tiles unmasked too.
-DEQUANTIZED_CASES = (
-    "halves_fp16",
-    "halves_fp16+window",
-    "kivi4_halves_bf16+window",
-    "kivi2_halves_fp16",
-    "kivi2_halves_fp16+window",
-    "kivi2_halves_fp16+unmasked",
-)
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -232,7 +222,7 @@ def _measure(
     if plan is not None:  # what `packed_decode_attention` launched
         launch = dataclasses.replace(launch, block_n=plan[1])
     sums = plan is not None and launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1]
-    halves = plan is not None and plan[0] in ("halves", "halves_dequantized")
+    halves = plan is not None and plan[0] == "halves"
     return {
         "window": with_window,
         "rotation": with_rotation,
@@ -415,11 +405,6 @@ def _worker() -> None:
         case, *given = name.split("+")
         launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), unmasked_tiles=True)
         cases[f"{name}+unmasked"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
-    for name in DEQUANTIZED_CASES:
-        case, *given = name.split("+")
-        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), dequantize_half_rows=True)
-        launch = dataclasses.replace(launch, unmasked_tiles="unmasked" in given)
-        cases[f"{name}+dequantized"] = _measure(case, "window" in given, launch=launch)
     unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
     for name in ROTATION_CASES:
@@ -442,7 +427,6 @@ def interpreted() -> dict:
         *(f"{name}+rotation" for name in ROTATION_CASES),
         *(f"{name}+scale" for name in SCALE_CASES),
         *(f"{name}+unmasked" for name in UNMASKED_CASES),
-        *(f"{name}+dequantized" for name in DEQUANTIZED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -574,7 +558,7 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in packed for bits in m["bits"]} == {2, 3, 4, 8}  # planar rows read code by code too
     assert {m["key_mode"] for m in packed if m["lead_misaligned"]} >= {"row", "lead", "rows"}
     plane = [m for m in cases if m["kernel"] == "plane"]
-    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "halves_dequantized", "rows"}
+    assert {m["key_mode"] for m in plane} == {"token", "row", "lead", "halves", "rows"}
     assert {m["value_mode"] for m in plane} >= {"token/1", "token/2", "token/4"}  # parameter columns
     assert {bits for m in plane for bits in m["bits"]} == {2, 4}
     assert {m["dtype"] for m in plane if 2 in m["bits"]} == {"float32", "float16", "bfloat16"}
@@ -595,16 +579,9 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert scaled == {("plane", True, False), ("packed", True, False), ("plane", False, True)}, scaled
     # the unmasked inner tiles: every key mode of the plane kernel, tiles misaligned to the split's start
     unmasked = [m for m in cases if m["unmasked"]]
-    modes = {"token", "row", "lead", "halves", "halves_dequantized", "rows"}
-    assert {m["key_mode"] for m in unmasked} == modes, unmasked
+    assert {m["key_mode"] for m in unmasked} == {"token", "row", "lead", "halves", "rows"}, unmasked
     assert all(m["kernel"] == "plane" for m in unmasked)
     assert {m["key_mode"] for m in unmasked if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
-    # KIVI's half-tile rows dequantized: 4 and 2 bits, leads off the half tile, a window, 16-bit types
-    dequantized = [m for m in cases if m["key_mode"] == "halves_dequantized"]
-    assert {bits for m in dequantized for bits in m["bits"]} == {2, 4}
-    assert any(m["lead_misaligned"] and m["window"] for m in dequantized)
-    assert any(m["window"] for m in dequantized if 2 in m["bits"])
-    assert {m["dtype"] for m in dequantized} == {"float16", "bfloat16"}
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),
@@ -743,10 +720,6 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         ("bf16", "rows", 4, False, False, 4, True),
         ("bf16", "lead", 1, True, False, 2, True),
         ("fp16", "halves", 4, False, False, 2, True),
-        # the launch's `dequantize_half_rows`: KIVI's half-tile key rows dequantized, not folded
-        ("bf16", "halves_dequantized", 4, False, False, 4, False),
-        ("fp16", "halves_dequantized", 4, False, False, 2, False),
-        ("bf16", "halves_dequantized", 4, False, False, 2, True),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
@@ -775,7 +748,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
-        "WINDOW_RING": key_mode in ("halves", "halves_dequantized", "lead"), "UNMASKED": unmasked,
+        "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
