@@ -16,7 +16,8 @@ import argparse
 import torch
 from quant_attention import HQ, SCALE, TIMED_LAYOUTS, D, timed_parts  # this script's folder is on sys.path
 
-from kvbench.quant_kernels import packed_sets_attention
+from kvbench import plane_kernel
+from kvbench.quant_kernels import LAUNCH, packed_sets_attention
 
 
 def main() -> None:
@@ -32,6 +33,9 @@ def main() -> None:
     query = torch.randn(args.batch, HQ, D, device=device, dtype=torch.bfloat16)
     for _ in range(args.calls):
         packed_sets_attention(query, parts, SCALE)
+    # what ran, so a profile names it: the plane kernel's key mode per store (None: the split kernel's path)
+    modes = [(plane_kernel.store_launch(keys, values, LAUNCH) or (None,))[0] for keys, values, _ in parts]
+    print(f"{args.layout}: batch {args.batch}, {args.context} slots, {args.calls} calls, key modes {modes}")
     if device.type == "cuda":
         torch.cuda.synchronize()
 
