@@ -4,18 +4,23 @@
     PYTHONPATH=. python benchmarks/speed.py --quick --out speed.jsonl          # one shape, 8k, batch 1
 
 Random bf16 weights (costs do not depend on them), random prompt token ids, `--new-tokens` greedy tokens
-(stop tokens refused, so every sequence runs the same number of steps). Per row: prefill seconds per
-sequence, decode ms per step (CUDA events, after compile/capture/warm-up, which are reported apart),
-tokens/s over the batch, measured KV bytes on the device and host, the allocator's peak, and the floor:
-(weight bytes read per step + the bytes the method's decode reads) / measured copy bandwidth. A method's
-decode reads every tensor its cache holds on the device (keys, values, positions, scores, digests), and
-scoring methods read the keys a second time for the attention each slot received.
+(stop tokens refused, so every sequence runs the same number of steps). A batch's sequences share one
+random prompt, which the engine prefills once and copies into each sequence's cache
+(`Measurement.prefill_shared`): a decode step costs the same over copies as over distinct prompts (each
+sequence reads its own copy), and a batch of 64 at 32k no longer spends minutes prefilling;
+`--distinct-prompts` gives each sequence its own. Per row: prefill seconds per sequence prefilled
+(`prefills` of them), decode ms per step (CUDA events, after compile/capture/warm-up, which are reported
+apart), tokens/s over the batch, measured KV bytes on the device and host, the allocator's peak, and the
+floor: (weight bytes read per step + the bytes the method's decode reads) / measured copy bandwidth. A
+method's decode reads every tensor its cache holds on the device (keys, values, positions, scores,
+digests), and scoring methods read the keys a second time for the attention each slot received.
 
 Batch `max` (in `--batches` or a row's BATCH): the largest batch predicted to fit, from the batch-1 row of the
 same method and context (run first if the plan has none): each sequence adds its measured cache bytes to
 everything else in that row's allocator peak, within 92% of the device's memory, of the host's available
 memory for host backups (ArkVale), of `--kv-limit-gib` if given (the paper's KV pool) and of `--batch-limit`
-(64: each sequence is prefilled on its own, so a tiny cache would otherwise ask for hundreds). A batch that still
+(64: a tiny cache would otherwise ask for hundreds of sequences, each prefilled on its own under
+`--distinct-prompts`). A batch that still
 runs out of memory is retried at 85% of its size, twice at most; the row's `largest_batch` says what was
 predicted, what bounded it and what was tried.
 
@@ -37,6 +42,7 @@ import gc
 import json
 import os
 import signal
+import statistics
 import time
 import traceback
 from collections.abc import Iterator
@@ -233,14 +239,9 @@ def run_row(
         inductor_options=args.inductor_options if engine_name == "compiled" else None,
     )
     generator = torch.Generator().manual_seed(context + batch)
-    requests = [
-        Request(
-            torch.randint(0, spec_vocab(model), (context,), generator=generator).tolist(),
-            args.new_tokens,
-            min_new_tokens=args.new_tokens,
-        )
-        for _ in range(batch)
-    ]
+    distinct = batch if args.distinct_prompts else 1
+    prompts = [torch.randint(0, spec_vocab(model), (context,), generator=generator).tolist() for _ in range(distinct)]
+    requests = [Request(prompts[i % distinct], args.new_tokens, min_new_tokens=args.new_tokens) for i in range(batch)]
     row = {"method": method_name, "budget": budget if SIZED_BY[method_name] else None, "context": context}
     row.update(
         size_means=SIZED_BY[method_name],
@@ -264,6 +265,7 @@ def run_row(
     except Exception as error:  # a failed row is data; the sweep goes on
         return {**row, "status": "error", **failure(error)}
     m = generations[0].measurement
+    prefilled = [g.measurement for g in generations if not g.measurement.prefill_shared]
     cache_read = m.kv_bytes_device * batch
     if method_name in READS_KEYS_TWICE:
         cache_read += cache_read // 2  # received attention reads the keys again (keys are half of K + V)
@@ -272,7 +274,8 @@ def run_row(
     tokens = sum(g.measurement.decode_tokens for g in generations)
     row.update(
         status="ok",
-        prefill_s=sum(g.measurement.prefill_s for g in generations) / batch,
+        prefill_s=statistics.mean(m.prefill_s for m in prefilled),
+        prefills=len(prefilled),
         decode_ms_per_step=decode_ms,
         tokens_per_s=tokens / m.decode_s if m.decode_s else None,
         decode_steps=m.decode_steps,
@@ -371,6 +374,11 @@ def main() -> None:
         "--compile-scope", default="layer", choices=["layer", "step"], help="engine=compiled: what is compiled"
     )
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="a prompt of its own for each sequence of a batch (default: one, prefilled once and copied)",
+    )
     parser.add_argument(
         "--arkvale-recall-cap",
         type=float,

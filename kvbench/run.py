@@ -72,6 +72,7 @@ def summarize(measurements: list[Measurement], device: torch.device) -> dict[str
     counted once per batch (each sample contributes 1 / batch_size of them).
     """
     count = max(len(measurements), 1)
+    prefilled = [m for m in measurements if not m.prefill_shared]
     decode_s = sum(m.decode_s / m.batch_size for m in measurements)
     steps = sum(m.decode_steps / m.batch_size for m in measurements)
     tokens = sum(m.decode_tokens for m in measurements)
@@ -83,7 +84,8 @@ def summarize(measurements: list[Measurement], device: torch.device) -> dict[str
         "batch_size_max": max((m.batch_size for m in measurements), default=0),
         "prompt_tokens_mean": sum(m.prompt_tokens for m in measurements) / count,
         "prompt_tokens_max": max((m.prompt_tokens for m in measurements), default=0),
-        "prefill_s_mean": sum(m.prefill_s for m in measurements) / count,
+        # per sequence prefilled: a sample whose identical request was prefilled for it took none
+        "prefill_s_mean": sum(m.prefill_s for m in prefilled) / max(1, len(prefilled)),
         "decode_ms_per_token": 1000 * decode_s / steps if steps else None,  # per decode step of a batch
         "decode_tokens_per_s": tokens / decode_s if decode_s > 0 else None,  # over the batch
         "compile_s": sum(m.compile_s / m.batch_size for m in measurements),

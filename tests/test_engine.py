@@ -209,6 +209,42 @@ def test_batch_of_different_lengths_gives_each_sequence_its_own_tokens(tiny, nam
     assert sum(g.measurement.decode_tokens for g in together) == 3 * 9
 
 
+@pytest.mark.parametrize("name", ["full", "snapkv", "kivi", "zipcache", "arkvale"])
+def test_identical_requests_are_prefilled_once_and_decode_as_if_alone(tiny, name, monkeypatch):
+    """A batch's identical requests (prompt and question) share one prefill, and each copy decodes as that
+    request does alone; a request with the same prompt but its own question is prefilled on its own."""
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, small_budget_method(name), spec, prefill_chunk=64)
+    shared, other = list(range(100, 340)), list(range(500, 590))
+    requests = [Request(shared, 8), Request(other, 8), Request(shared, 8, question_ids=[5, 6]), Request(shared, 8)]
+    alone = [engine.generate(r.prompt_ids, 8, question_ids=r.question_ids).token_ids for r in requests]
+    prefills = []
+    prefill_one = engine._prefill_one
+    monkeypatch.setattr(engine, "_prefill_one", lambda *args: prefills.append(args[0]) or prefill_one(*args))
+    together = engine.generate_batch(requests)
+    assert [g.token_ids for g in together] == alone
+    assert len(prefills) == 3
+    assert [g.measurement.prefill_shared for g in together] == [False, False, False, True]
+    assert together[3].measurement.prefill_s == 0 and together[3].measurement.prompt_tokens == len(shared)
+
+
+@pytest.mark.parametrize("name", ["full", "kivi", "arkvale"])
+def test_shared_prefills_are_independent_caches_when_sampling(tiny, name, monkeypatch):
+    """Sampled, two copies of one request draw different tokens and write different decode tokens into
+    their caches: with the prefill shared they give what two separate prefills give (no copy aliases
+    the other's tensors)."""
+    model, tokenizer, spec = tiny
+    engine = Engine(model, tokenizer, small_budget_method(name), spec, prefill_chunk=64)
+    requests = [Request(list(range(100, 340)), 12, sampling=Sampling(temperature=1.5, seed=3))] * 2
+    shared = [g.token_ids for g in engine.generate_batch(requests)]
+    keys = iter(range(len(requests)))
+    monkeypatch.setattr(Engine, "_prefill_key", staticmethod(lambda request: next(keys)))
+    separate = engine.generate_batch(requests)
+    assert not any(g.measurement.prefill_shared for g in separate)
+    assert shared == [g.token_ids for g in separate]
+    assert shared[0] != shared[1]  # the copies did decode differently
+
+
 def small_budget_method(name: str):
     method = build(compose_config(f"method={name}")).method
     names = {f.name for f in dataclasses.fields(method)}

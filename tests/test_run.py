@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kvbench.run as run_module
-from kvbench.engine import Engine
+from kvbench.engine import Engine, Measurement
 from kvbench.errors import ConfigError
 from kvbench.run import run
 from tests.conftest import REPO, compose_config
@@ -156,3 +157,9 @@ def test_sweep_resumes_where_it_stopped(tiny, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.count("skipping") == 1
     assert records[1].exists() and records[0].stat().st_mtime == kept_mtime
+
+
+def test_prefill_time_is_a_mean_over_the_sequences_prefilled():
+    """A sample whose identical request was prefilled for it (`prefill_shared`, 0 s) does not halve the mean."""
+    measurements = [Measurement(prefill_s=2.0, batch_size=2), Measurement(prefill_shared=True, batch_size=2)]
+    assert run_module.summarize(measurements, torch.device("cpu"))["prefill_s_mean"] == 2.0

@@ -214,3 +214,20 @@ def test_a_launch_other_than_the_default_compiles_without_the_caches(monkeypatch
         assert not torch._inductor.config.fx_graph_cache and not torch._functorch.config.enable_autograd_cache
         # environment variables can force those two on; this switch comes first in both caches' checks
         assert torch.compiler.config.force_disable_caches
+
+
+def test_a_batch_shares_one_prompt_prefilled_once_unless_asked_for_distinct_ones(tmp_path):
+    """The batch's sequences share one prompt, prefilled once (`prefills` 1, its prefill time per sequence
+    prefilled); `--distinct-prompts` prefills each sequence. Decode tokens per step are the batch's either way."""
+    rows = {}
+    for flag in ([], ["--distinct-prompts"]):
+        out = tmp_path / f"rows{len(flag)}.jsonl"
+        command = [sys.executable, str(SPEED), "--device", "cpu", "--runs", "tiny-llama:full:0:64:3:eager"]
+        command += ["--new-tokens", "4", "--out", str(out), *flag]
+        done = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        rows[bool(flag)] = row
+    assert rows[False]["status"] == rows[True]["status"] == "ok"
+    assert rows[False]["prefills"] == 1 and rows[True]["prefills"] == 3
+    assert rows[False]["prefill_s"] > 0 and rows[True]["prefill_s"] > 0
