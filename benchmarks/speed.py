@@ -153,7 +153,7 @@ def largest_batch(
         limits["host memory"] = int(MEMORY_MARGIN * host_bytes // host_per_sequence)
     if kv_limit_bytes is not None:
         limits["kv limit"] = kv_limit_bytes // per_sequence
-    limits["batch limit"] = batch_limit  # small caches would otherwise predict hundreds of sequential prefills
+    limits["batch limit"] = batch_limit  # small caches would otherwise predict hundreds of sequences
     bound = min(limits, key=limits.get)
     return max(1, limits[bound]), bound
 

@@ -62,6 +62,7 @@ def merged(measurements: Sequence[Measurement]) -> Measurement:
     return Measurement(
         prompt_tokens=max(m.prompt_tokens for m in measurements),
         prefill_s=sum(m.prefill_s for m in measurements),
+        prefill_shared=all(m.prefill_shared for m in measurements),  # no request of the work was prefilled
         decode_steps=sum(m.decode_steps for m in measurements),
         decode_s=sum(m.decode_s for m in measurements),
         decode_tokens=sum(m.decode_tokens for m in measurements),

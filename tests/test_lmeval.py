@@ -23,9 +23,9 @@ from lm_eval.models.huggingface import HFLM
 
 import kvbench.models
 import kvbench.run as run_module
-from kvbench.engine import Engine
+from kvbench.engine import Engine, Measurement
 from kvbench.errors import ConfigError
-from kvbench.lmeval import KVBenchLM
+from kvbench.lmeval import KVBenchLM, merged
 from kvbench.methods.full import Full
 from kvbench.models import ModelConfig, load_model
 from kvbench.run import run
@@ -229,3 +229,11 @@ def test_the_command_line_runs_a_task_and_reports_bad_arguments_in_one_line(task
     bad = lm_eval_cli("model=smollm2-135m,method=snapkv,method.budget=16")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("kvbench: error: method.budget=16 is not valid")
+
+
+def test_merged_work_counts_as_prefilled_if_any_of_its_requests_was():
+    """A document's requests merged into one measurement: shared only when none of them was prefilled (the
+    run's prefill mean then leaves the document out instead of adding its 0 s)."""
+    prefilled, shared = Measurement(prefill_s=2.0), Measurement(prefill_shared=True)
+    assert not merged([prefilled, shared]).prefill_shared
+    assert merged([shared, shared]).prefill_shared

@@ -231,3 +231,5 @@ def test_a_batch_shares_one_prompt_prefilled_once_unless_asked_for_distinct_ones
     assert rows[False]["status"] == rows[True]["status"] == "ok"
     assert rows[False]["prefills"] == 1 and rows[True]["prefills"] == 3
     assert rows[False]["prefill_s"] > 0 and rows[True]["prefill_s"] > 0
+    # shared: the one sequence prefilled (the first, whose measurement the row keeps), not a mean over three
+    assert rows[False]["prefill_s"] == rows[False]["measurement"]["prefill_s"]
