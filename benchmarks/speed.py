@@ -6,9 +6,10 @@
 Random bf16 weights (costs do not depend on them), random prompt token ids, `--new-tokens` greedy tokens
 (stop tokens refused, so every sequence runs the same number of steps). A batch's sequences share one
 random prompt, which the engine prefills once and copies into each sequence's cache
-(`Measurement.prefill_shared`): a decode step costs the same over copies as over distinct prompts (each
-sequence reads its own copy), and a batch of 64 at 32k no longer spends minutes prefilling;
-`--distinct-prompts` gives each sequence its own. Per row: prefill seconds per sequence prefilled
+(`Measurement.prefill_shared`): a decode step reads the bytes distinct prompts would (each sequence its
+own copy), though every sequence makes the same data-dependent choices, and a batch of 64 at 32k no longer
+spends minutes prefilling; `--distinct-prompts` gives each sequence its own (benchmarks/README.md, "One
+prompt a batch"). Per row: prefill seconds per sequence prefilled
 (`prefills` of them), decode ms per step (CUDA events, after compile/capture/warm-up, which are reported
 apart), tokens/s over the batch, measured KV bytes on the device and host, the allocator's peak, and the
 floor: (weight bytes read per step + the bytes the method's decode reads) / measured copy bandwidth. A
