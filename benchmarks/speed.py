@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import signal
-import statistics
 import time
 import traceback
 from collections.abc import Iterator
@@ -275,7 +274,7 @@ def run_row(
     tokens = sum(g.measurement.decode_tokens for g in generations)
     row.update(
         status="ok",
-        prefill_s=statistics.mean(m.prefill_s for m in prefilled),
+        prefill_s=sum(p.prefill_s for p in prefilled) / len(prefilled),  # the first is always prefilled
         prefills=len(prefilled),
         decode_ms_per_step=decode_ms,
         tokens_per_s=tokens / m.decode_s if m.decode_s else None,

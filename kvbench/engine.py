@@ -600,7 +600,6 @@ class Engine:
                 prefilled[key] = cache, last, m
             caches.append(cache)
             logits.append(last)
-        del prefilled
         cache = type(caches[0]).stack(caches)
         del caches
         state = self._decode_state(requests, [len(r.prompt_ids) + len(r.question_ids) for r in requests])
