@@ -77,7 +77,9 @@ def argument_values(mode: str) -> dict[str, int]:
     return values
 
 
-def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64, value_bits: int = 0):
+def compile_plane(
+    mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64, value_bits: int = 0, block_g: int = 16
+):
     """The plane kernel for `mode` and `variant`; codes of `bits` (`value_bits` for the values, if given)."""
     value_bits = value_bits or bits
     kernel = plane_kernel._plane_split_kernel
@@ -92,7 +94,7 @@ def compile_plane(mode: str, variant: str, num_warps: int, bits: int = 4, block_
     floats = {"scale_log2": "fp32", "rotation_scale": "fp32"}
     constexprs = {
         "HEAD_DIM": D, "VALUE_DIM": D, "K_BITS": bits, "K_ROW_TOKENS": row_tokens, "K_GROUP": k_group, "K_MODE": mode,
-        "V_BITS": value_bits, "V_GROUP": v_group, "BLOCK_G": 16, "BLOCK_N": block_n, "BLOCK_W": D // 4,
+        "V_BITS": value_bits, "V_GROUP": v_group, "BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_W": D // 4,
         "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
@@ -169,6 +171,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
     parser.add_argument("--block-n", type=int, default=64, help="slots a tile (mode row: 32)")
     parser.add_argument("--value-bits", type=int, default=0, choices=[0, 2, 4], help="values' bits (0: --bits)")
+    parser.add_argument("--block-g", type=int, nargs="+", default=[16], help="query rows a tile (a power of two)")
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
@@ -178,12 +181,12 @@ def main() -> None:
             base = variant.removesuffix("_unmasked")  # the unmasked inner tiles' loop is one of `loops`
             if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
-            for bits, warps in itertools.product(args.bits, args.warps):
+            for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
                 if base == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
-                m = measure(compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits))
+                m = measure(compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g))
                 widths = f"{bits}/{args.value_bits or bits} bits"
-                print(f"{mode:<7}{variant:<18} {widths} {warps} warps: loop {m['loop']:5d}  "
+                print(f"{mode:<7}{variant:<18} {widths} {warps} warps {block_g:2d} rows: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
 

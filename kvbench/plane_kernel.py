@@ -1091,8 +1091,9 @@ if kernels.triton is not None:
             query if rotation is None else rotation,  # never read without ROTATE
             d**-0.5,
         ]  # fmt: skip
+        query_rows = max(first.launch.query_rows, triton.next_power_of_2(group))  # the launch's `query_rows`
         constexprs = first.constexprs | {
-            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": kernels._dot_block(group), "BLOCK_N": first.launch.block_n,
+            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": query_rows, "BLOCK_N": first.launch.block_n,
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
