@@ -124,9 +124,9 @@ CONFIGS = {
     "unmasked": replace(quant_kernels.LAUNCH, unmasked_tiles=True),
     # above FEW_HEADS pairs, ZipCache's pair launch at `programs_per_sm_many_heads`, as before its waves chose
     "pair_fixed": replace(quant_kernels.LAUNCH, pair_wave_target=False),
-    # the plane kernel's query rows the group's (rounded up to a power of two), not one product's 16
-    "qrows1": replace(quant_kernels.LAUNCH, query_rows=1),
-    "qrows8": replace(quant_kernels.LAUNCH, query_rows=8),
+    # the plane kernel's query rows: one product's 16 for every key mode, as before they followed the group
+    "qrows16": replace(quant_kernels.LAUNCH, query_rows=16, query_rows_token_keys=16),
+    "qrows8": replace(quant_kernels.LAUNCH, query_rows=8),  # 8 for every key mode
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default; ZipCache's pair too (its

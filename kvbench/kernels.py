@@ -55,6 +55,9 @@ PROGRAMS_PER_SM_MANY_HEADS = 2  # above FEW_HEADS (sequence, KV head) pairs
 FEW_HEADS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
+# The decode kernel's query rows a tile: at least this many, the group rounded up to a power of two above it
+# (16, one tensor-core product's rows; fewer pad inside Triton's product, `quant_kernels.LaunchConfig.query_rows`).
+QUERY_ROWS = 16
 
 
 def compile_caches_off() -> None:
@@ -480,7 +483,7 @@ if triton is not None:
             *(positions.stride() if positions.dim() == 3 else (positions.stride(0), 0, 0)),  # lengths: one a sequence
             HEAD_DIM=d,
             VALUE_DIM=dv,
-            BLOCK_G=_dot_block(group),
+            BLOCK_G=max(QUERY_ROWS, triton.next_power_of_2(group)),
             BLOCK_N=BLOCK_N,
             BLOCK_D=_dot_block(d),
             BLOCK_DV=_dot_block(dv),

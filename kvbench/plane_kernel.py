@@ -89,14 +89,17 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
 
 
 def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: int, slots: int) -> LaunchConfig:
-    """The plane kernel's launch for a store: per-token keys ("token") with summed value zero-points and
-    pairs x slots of at least `one_warp_summed_slots`, one warp a program at the many-heads split target.
+    """The plane kernel's launch for a store: per-token keys ("token") take at least `query_rows_token_keys`
+    query rows, and with summed value zero-points and pairs x slots of at least `one_warp_summed_slots`, one
+    warp a program at the many-heads split target.
     Other key modes keep the launch: one warp was measured on per-token keys only, and ZipCache's "lead"
     loop, while it was one loop with a branch per tile, spilled there (offline, sm_90, Triton 3.7.1,
     `benchmarks/plane_sass.py --modes lead`: 989 local-memory operations and 4,269 instructions a tile, vs 90
     and 1,784 at two warps) and took ZipCache's two sets at 128k batch 4 to 1,491 us, kernel alone on the
     H200, vs 808 with per-slot key rows on one warp (`quant_attention.py`, ff5c769). Split into two loops it
     spills 3 operations in the prompt loop at one warp (1,511 instructions), none at two (833): untimed."""
+    if key_mode == "token":
+        launch = replace(launch, query_rows=max(launch.query_rows, launch.query_rows_token_keys))
     if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
         return replace(launch, num_warps=1, programs_per_sm=launch.programs_per_sm_many_heads)
     return launch

@@ -218,13 +218,17 @@ class LaunchConfig:
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
     # The plane kernel's query rows a tile (BLOCK_G): at least this many, the group rounded up to a power of
-    # two above it. 16 is one tensor-core product's rows, so a GQA group of 4 pads 12 rows that every
-    # elementwise step (the folded queries, softmax, p * s) computes too; below 16 Triton pads inside the
-    # product (its `min_dot_size` on NVIDIA is 1) and the layouts hold only the group's rows. Offline
-    # (sm_90, Triton 3.6, 2 warps, `plane_sass.py --block-g`): KIVI-4's "halves" loop 1,641 -> 1,454
-    # instructions a warp and tile at 4 rows (230 of them register moves), KIVI-2's 1,989 -> 1,553;
-    # per-token keys with offset codes 780 -> 785 at 153 registers instead of 233. Untimed: off.
-    query_rows: int = 16
+    # two above it; per-token keys ("token": QuaRot's and RTN's) at least `query_rows_token_keys`. 16 is one
+    # tensor-core product's rows, so a GQA group of 4 padded to it computes 12 empty rows in every
+    # elementwise step (the folded queries, the softmax, p * s); below 16 Triton pads inside the product
+    # (its `min_dot_size` on NVIDIA is 1) and the layouts hold only the rows asked for. Offline (sm_90,
+    # Triton 3.6, 2 warps, `plane_sass.py --block-g`): KIVI-4's "halves" loop 1,641 -> 1,454 instructions a
+    # warp and tile at 4 rows, KIVI-2's 1,989 -> 1,553. H100, kernel alone at 32k batch 4 (us, 16 / 8 / 4
+    # rows): KIVI-4 121.9 / 104.9 / 101.9, KIVI-2 133.2 / 113.6 / 102.5, ZipCache's sets 84.4 / 76.5 /
+    # 76.7, per-token 4-bit 64.4 / 59.3 / 63.4 (at 128k batch 1: 64.3 / 59.6 / 66.2), so per-token keys
+    # take 8 (benchmarks/README.md, "The plane kernel's query rows").
+    query_rows: int = 1
+    query_rows_token_keys: int = 8
 
 
 FEW_HEADS = 16  # (sequence, KV head) pairs up to which a launch targets `programs_per_sm`
