@@ -34,6 +34,7 @@ from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
 
 from kvbench import plane_kernel
+from kvbench.quant_kernels import LaunchConfig
 
 try:  # where Triton keeps its argument specialisation (3.6 and 3.7)
     from triton._C.libtriton import native_specialize_impl
@@ -78,10 +79,13 @@ def argument_values(mode: str) -> dict[str, int]:
 
 
 def compile_plane(
-    mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64, value_bits: int = 0, block_g: int = 16
+    mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64, value_bits: int = 0, block_g: int = 0
 ):
-    """The plane kernel for `mode` and `variant`; codes of `bits` (`value_bits` for the values, if given)."""
+    """The plane kernel for `mode` and `variant`; codes of `bits` (`value_bits` for the values, if given), at
+    `block_g` query rows a tile (0: the default launch's)."""
     value_bits = value_bits or bits
+    if not block_g:  # the default launch's query rows for this key mode and the shape's group
+        block_g = plane_kernel.query_block(plane_kernel.plane_launch(LaunchConfig(), False, mode, 1, 1), HQ // HKV)
     kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
@@ -171,7 +175,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
     parser.add_argument("--block-n", type=int, default=64, help="slots a tile (mode row: 32)")
     parser.add_argument("--value-bits", type=int, default=0, choices=[0, 2, 4], help="values' bits (0: --bits)")
-    parser.add_argument("--block-g", type=int, nargs="+", default=[16], help="query rows a tile (a power of two)")
+    parser.add_argument(
+        "--block-g", type=int, nargs="+", default=[0], help="query rows a tile, a power of two (0: the launch's)"
+    )
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
@@ -186,7 +192,8 @@ def main() -> None:
                     continue  # offset codes: 4 bits only
                 m = measure(compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g))
                 widths = f"{bits}/{args.value_bits or bits} bits"
-                print(f"{mode:<7}{variant:<18} {widths} {warps} warps {block_g:2d} rows: loop {m['loop']:5d}  "
+                rows = block_g or "default"
+                print(f"{mode:<7}{variant:<18} {widths} {warps} warps {rows:>2} rows: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
 

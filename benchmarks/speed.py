@@ -392,12 +392,6 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="override fields of the 4-bit kernels' launch (kvbench.quant_kernels.LaunchConfig), e.g. zero_row_sums=1",
     )
-    parser.add_argument(
-        "--dense-query-rows",
-        type=int,
-        default=kernels.QUERY_ROWS,
-        help="the dense decode kernel's least query rows a tile (kvbench.kernels.QUERY_ROWS)",
-    )
     parser.add_argument("--prefill-chunk", type=int, default=4096)
     parser.add_argument("--time-limit-s", type=float, default=480, help="start no new row after this long")
     parser.add_argument(
@@ -408,9 +402,6 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
     args = parser.parse_args()
     use_quant_launch(args.quant_launch)
-    if args.dense_query_rows != kernels.QUERY_ROWS:  # a cached graph would replay the kernel it was compiled with
-        kernels.QUERY_ROWS = args.dense_query_rows
-        kernels.compile_caches_off()
     try:
         args.inductor_options = parse_inductor_options(args.inductor_options)
     except ValueError as error:
@@ -545,7 +536,6 @@ class Sweep:
         row.update(
             shape=self.shape,
             quant_launch=asdict(quant_kernels.LAUNCH),
-            dense_query_rows=kernels.QUERY_ROWS,
             bandwidth_bytes_per_s=self.bandwidth,
             environment=self.env,
             commit=args.commit or self.env.get("git_commit"),

@@ -55,9 +55,6 @@ PROGRAMS_PER_SM_MANY_HEADS = 2  # above FEW_HEADS (sequence, KV head) pairs
 FEW_HEADS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
-# The decode kernel's query rows a tile: at least this many, the group rounded up to a power of two above it
-# (16, one tensor-core product's rows; fewer pad inside Triton's product, `quant_kernels.LaunchConfig.query_rows`).
-QUERY_ROWS = 16
 
 
 def compile_caches_off() -> None:
@@ -160,7 +157,10 @@ if triton is not None:
 
     def _dot_block(n: int) -> int:
         """Tile sizes are powers of two, and tl.dot's reduction dimension must be at least 16; the group is
-        padded to 16 as well, the row count of one tensor-core MMA. Padded lanes are masked."""
+        padded to 16 as well, the row count of one tensor-core MMA. Padded lanes are masked. (The plane
+        kernel takes the group's rows instead, `quant_kernels.LaunchConfig.query_rows`; the dense decode
+        kernel at the group's 4 rows timed the same in the step, 7.48 / 11.65 ms against 7.50 / 11.63 at 32k
+        batch 1 / 4 on one H100, so it stays at 16: benchmarks/README.md, "The plane kernel's query rows".)"""
         return max(16, triton.next_power_of_2(n))
 
     @functools.lru_cache
@@ -483,7 +483,7 @@ if triton is not None:
             *(positions.stride() if positions.dim() == 3 else (positions.stride(0), 0, 0)),  # lengths: one a sequence
             HEAD_DIM=d,
             VALUE_DIM=dv,
-            BLOCK_G=max(QUERY_ROWS, triton.next_power_of_2(group)),
+            BLOCK_G=_dot_block(group),
             BLOCK_N=BLOCK_N,
             BLOCK_D=_dot_block(d),
             BLOCK_DV=_dot_block(dv),

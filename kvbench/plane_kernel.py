@@ -105,6 +105,12 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: in
     return launch
 
 
+def query_block(launch: LaunchConfig, group: int) -> int:
+    """The plane kernel's query rows a tile (BLOCK_G) under a store's launch (`plane_launch`): the group
+    rounded up to a power of two, at least the launch's `query_rows`."""
+    return max(launch.query_rows, 1 << (group - 1).bit_length())
+
+
 def store_launch(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, bool, LaunchConfig] | None:
     """(key mode, summed value zero-points, launch) of the plane kernel for a store, None where it does not
     take it (`plane_plan`, `plane_launch`)."""
@@ -1094,9 +1100,9 @@ if kernels.triton is not None:
             query if rotation is None else rotation,  # never read without ROTATE
             d**-0.5,
         ]  # fmt: skip
-        query_rows = max(first.launch.query_rows, triton.next_power_of_2(group))  # the launch's `query_rows`
         constexprs = first.constexprs | {
-            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": query_rows, "BLOCK_N": first.launch.block_n,
+            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": query_block(first.launch, group),
+            "BLOCK_N": first.launch.block_n,
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,

@@ -116,6 +116,18 @@ UNMASKED_CASES = (
     "zipcache4_lead_bf16+window",
     "zipcache2_lead_fp16",
 )
+# The plane kernel's query rows at one tensor-core product's 16 for every key mode (the launch's `query_rows`,
+# `query_rows_token_keys`), as before they followed the group: every key mode, a window, a rotation.
+ROWS16_CASES = (
+    "quarot4_offset_bf16+rotation",
+    "plane_groups_fp16+window",
+    "kivi2_fp32",
+    "kivi4_halves_bf16+window",
+    "kivi2_halves_fp16",
+    "rows_fp16",
+    "zipcache4_lead_bf16+window",
+)
+ROWS16 = {"query_rows": 16, "query_rows_token_keys": 16}
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -261,6 +273,9 @@ def _measure(
             plane_kernel.plane_launch(launch, sums, plan[0] if plan else "", b * hkv, s),
         )[0],
         "group": group,
+        "query_block": plane_kernel.query_block(plane_kernel.plane_launch(launch, sums, plan[0], b * hkv, s), group)
+        if plan
+        else None,
     }
 
 
@@ -407,6 +422,12 @@ def _worker() -> None:
         cases[f"{name}+unmasked"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
     unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
+    for name in ROWS16_CASES:
+        case, *given = name.split("+")
+        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), **ROWS16)
+        cases[f"{name}+rows16"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
+    rows16 = quant_kernels.LaunchConfig(**ROWS16)
+    cases["pair:zipcache_pair_fp16+window+rows16"] = _measure_pair("zipcache_pair_fp16", True, rows16)
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
         cases[f"{name}+rotation"] = _measure(case, with_window=window == "window", with_rotation=True)
@@ -427,6 +448,7 @@ def interpreted() -> dict:
         *(f"{name}+rotation" for name in ROTATION_CASES),
         *(f"{name}+scale" for name in SCALE_CASES),
         *(f"{name}+unmasked" for name in UNMASKED_CASES),
+        *(f"{name}+rows16" for name in ROWS16_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -446,6 +468,7 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
         "pair:zipcache_pair_bf16+window+scale",
         "pair:split_pair_fp16+scale",
         "pair:zipcache_pair_bf16+window+unmasked",
+        "pair:zipcache_pair_fp16+window+rows16",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -582,6 +605,11 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["key_mode"] for m in unmasked} == {"token", "row", "lead", "halves", "rows"}, unmasked
     assert all(m["kernel"] == "plane" for m in unmasked)
     assert {m["key_mode"] for m in unmasked if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
+    # query rows: the group's (2, 4: the default), past it (8 for per-token keys, 16 for every key mode)
+    assert {m["query_block"] for m in plane if m["query_block"] == m["group"]} >= {2, 4}
+    assert {m["key_mode"] for m in plane if m["query_block"] == m["group"]} >= {"row", "lead", "halves", "rows"}
+    assert {m["key_mode"] for m in plane if m["query_block"] > m["group"]} == {"token", "row", "lead", "halves", "rows"}
+    assert {m["query_block"] for m in plane} == {2, 4, 8, 16}
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),
@@ -613,9 +641,22 @@ def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
     big = plane_kernel.plane_launch(launch, True, "token", 8, 131072)
     assert (big.num_warps, big.programs_per_sm) == (1, launch.programs_per_sm_many_heads)
     assert plane_kernel.plane_launch(launch, True, "token", 32, 32768).num_warps == 1
-    assert plane_kernel.plane_launch(launch, True, "token", 8, 32768) == launch
+    token_rows = dataclasses.replace(launch, query_rows=launch.query_rows_token_keys)
+    assert plane_kernel.plane_launch(launch, True, "token", 8, 32768) == token_rows
     assert plane_kernel.plane_launch(launch, False, "halves", 32, 131072) == launch
     assert plane_kernel.plane_launch(launch, True, "lead", 32, 131072) == launch
+
+
+def test_query_rows_follow_the_group_and_per_token_keys_take_eight() -> None:
+    """The plane kernel's query rows a tile: the group's, rounded up to a power of two (Triton pads the
+    tensor-core product itself), per-token keys at least `query_rows_token_keys` (8: faster on the H100 than
+    4 or 16), never fewer than the group's, whatever the launch asks."""
+    launch = quant_kernels.LaunchConfig()
+    rows = {mode: plane_kernel.plane_launch(launch, False, mode, 8, 4096) for mode in ("token", "halves", "lead")}
+    assert [plane_kernel.query_block(rows[mode], 4) for mode in rows] == [8, 4, 4]
+    assert [plane_kernel.query_block(launch, group) for group in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
+    assert plane_kernel.query_block(dataclasses.replace(launch, query_rows=16), 4) == 16
+    assert plane_kernel.query_block(rows["token"], 32) == 32
 
 
 def test_split_target_grows_with_the_pairs() -> None:
@@ -699,36 +740,44 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 
 @pytest.mark.parametrize(
-    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits", "unmasked"),
+    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits", "unmasked", "rows"),
     [
-        ("bf16", "token", 1, False, False, 4, False),
-        ("bf16", "token", 1, True, False, 4, False),  # the launch's `zero_row_sums`
-        ("bf16", "token", 1, True, True, 4, False),  # and its `offset_codes`: the offset nibble PTX
-        ("fp16", "token", 1, True, True, 4, False),
-        ("fp16", "row", 4, False, False, 4, False),
-        ("fp16", "token", 4, False, False, 4, False),
-        ("bf16", "rows", 4, False, False, 4, False),
-        ("bf16", "halves", 4, False, False, 4, False),
-        ("bf16", "lead", 1, True, False, 4, False),  # ZipCache's salient set: values with one zero-point per slot
-        ("fp16", "lead", 1, True, False, 4, False),
-        ("bf16", "lead", 1, True, False, 2, False),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
-        ("fp16", "halves", 4, False, False, 2, False),  # KIVI-2 (`_f16_crumbs`)
+        ("bf16", "token", 1, False, False, 4, False, 0),
+        ("bf16", "token", 1, True, False, 4, False, 0),  # the launch's `zero_row_sums`
+        ("bf16", "token", 1, True, True, 4, False, 0),  # and its `offset_codes`: the offset nibble PTX
+        ("fp16", "token", 1, True, True, 4, False, 0),
+        ("fp16", "row", 4, False, False, 4, False, 0),
+        ("fp16", "token", 4, False, False, 4, False, 0),
+        ("bf16", "rows", 4, False, False, 4, False, 0),
+        ("bf16", "halves", 4, False, False, 4, False, 0),
+        ("bf16", "lead", 1, True, False, 4, False, 0),  # ZipCache's salient set: values with one zero-point per slot
+        ("fp16", "lead", 1, True, False, 4, False, 0),
+        ("bf16", "lead", 1, True, False, 2, False, 0),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
+        ("fp16", "halves", 4, False, False, 2, False, 0),  # KIVI-2 (`_f16_crumbs`)
         # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
-        ("bf16", "token", 1, True, True, 4, True),
-        ("fp16", "token", 4, False, False, 4, True),
-        ("fp16", "row", 4, False, False, 4, True),
-        ("bf16", "rows", 4, False, False, 4, True),
-        ("bf16", "lead", 1, True, False, 2, True),
-        ("fp16", "halves", 4, False, False, 2, True),
+        ("bf16", "token", 1, True, True, 4, True, 0),
+        ("fp16", "token", 4, False, False, 4, True, 0),
+        ("fp16", "row", 4, False, False, 4, True, 0),
+        ("bf16", "rows", 4, False, False, 4, True, 0),
+        ("bf16", "lead", 1, True, False, 2, True, 0),
+        ("fp16", "halves", 4, False, False, 2, True, 0),
+        # query rows past the group's: one tensor-core product's 16, as before they followed the group
+        ("bf16", "token", 1, True, True, 4, False, 16),
+        ("bf16", "halves", 4, False, False, 4, False, 16),
+        ("fp16", "halves", 4, False, False, 2, False, 16),
+        ("bf16", "lead", 1, True, False, 2, False, 16),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
-    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool, bits: int, unmasked: bool
+    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool, bits: int, unmasked: bool, rows: int
 ) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
     bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
-    instead."""
+    instead. Query rows (`rows`; 0: the default launch's for a GQA group of 4) below one product's 16 go
+    through Triton's padding of the product."""
     import triton.language as tl
+
+    default = quant_kernels.LaunchConfig()
 
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
     elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
@@ -741,7 +790,8 @@ def test_plane_kernel_compiles_for_hopper(
         "HEAD_DIM": 128, "VALUE_DIM": 128, "K_BITS": bits,
         "K_ROW_TOKENS": {"token": 1, "lead": 60}.get(key_mode, 32),
         "K_GROUP": 128 // groups if key_mode == "token" else 1, "K_MODE": key_mode, "V_BITS": bits,
-        "V_GROUP": 128 // groups, "BLOCK_G": 16, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
+        "V_GROUP": 128 // groups, "BLOCK_N": 32 if key_mode == "row" else 64, "BLOCK_W": 32,
+        "BLOCK_G": rows or plane_kernel.query_block(plane_kernel.plane_launch(default, False, key_mode, 1, 1), 4),
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode in plane_kernel.DEQUANTIZED_KEY_MODES or dtype == "fp16" else tl.bfloat16,
         "PRECISION": "tf32",
@@ -774,7 +824,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
         pointers |= {f"{name}{suffix}": "*fp16" for name in ("ks_ptr", "kz_ptr", "vs_ptr", "vz_ptr")}
         pointers |= {f"{name}{suffix}": "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     constexprs = {
-        "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
+        "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 4, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
         "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
         "UNMASKED": True, "UNMASKED_2": True,
     }  # fmt: skip
