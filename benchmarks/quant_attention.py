@@ -105,6 +105,10 @@ CONFIGS = {
     "w2_stages3": fixed(4, num_warps=2, num_stages=3),  # one more tile in flight
     "n128_w4": fixed(4, block_n=128, num_warps=4),  # tiles of twice the bytes
     "n32_w2": fixed(4, block_n=32, num_warps=2),  # KIVI's key rows of 32 span whole tiles: their scales fold
+    # the same at the group's query rows: 160 registers (KIVI-4, 164 KIVI-2) fit 6 two-warp programs an SM,
+    # or one warp (240 / 254 registers) at 8 (offline, `plane_sass.py --modes row --block-n 32`)
+    "n32_w2_pps6": fixed(6, block_n=32, num_warps=2),
+    "n32_w1_pps8": fixed(8, block_n=32, num_warps=1),
     # KIVI's key rows dequantized per slot, as before the half-tile fold became the default
     "rows": replace(quant_kernels.LAUNCH, fold_half_rows=False),
     # QuaRot's and RTN's layout (one value zero-point per slot): the zero-points through the product, as
