@@ -476,6 +476,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default="", help="append the JSON rows to this file")
     parser.add_argument("--quick", action="store_true", help="32k and 128k only; no torch.compile check")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="timed contexts (on a GPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=None, help="timed batch sizes (on a GPU)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"launch configurations, of {list(CONFIGS)}")
     parser.add_argument("--commit", default="", help="the commit to record (default: git's, where there is one)")
     parser.add_argument(
@@ -493,8 +495,8 @@ def main() -> int:
         parser.error(f"--layouts={args.layouts} is not valid: {unknown} not among {TIMED_LAYOUTS}")
     began = time.perf_counter()
     small = device.type != "cuda"  # Triton's interpreter or the reference on a CPU: small shapes
-    contexts = [256, 700] if small else ([32768, 131072] if args.quick else [8192, 32768, 131072])
-    batches = [1, 2] if small else [1, 4]
+    contexts = [256, 700] if small else (args.contexts or ([32768, 131072] if args.quick else [8192, 32768, 131072]))
+    batches = [1, 2] if small else (args.batches or [1, 4])
     check_slots = 300 if small else 4096
     bandwidth = read_bandwidth(device)
     # Under Triton's interpreter no triton_op compiles (fake tensors reach the interpreted launch).
