@@ -106,9 +106,9 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: in
 
 
 def query_block(launch: LaunchConfig, group: int) -> int:
-    """The plane kernel's query rows a tile (BLOCK_G) under a store's launch (`plane_launch`): the group
-    rounded up to a power of two, at least the launch's `query_rows`."""
-    return max(launch.query_rows, 1 << (group - 1).bit_length())
+    """The plane kernel's query rows a tile (BLOCK_G) under a store's launch (`plane_launch`): the group or
+    the launch's `query_rows`, whichever is more, rounded up to a power of two."""
+    return 1 << (max(launch.query_rows, group) - 1).bit_length()
 
 
 def store_launch(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple[str, bool, LaunchConfig] | None:
@@ -1101,7 +1101,7 @@ if kernels.triton is not None:
             d**-0.5,
         ]  # fmt: skip
         constexprs = first.constexprs | {
-            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": query_block(first.launch, group),
+            "HEAD_DIM": d, "VALUE_DIM": dv, "BLOCK_G": max(query_block(store.launch, group) for store in stores),
             "BLOCK_N": first.launch.block_n,
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,

@@ -4,8 +4,10 @@ storage, flush schedule, byte count, hooks and batching against plain-PyTorch ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,8 @@ CASES = {
     # each half's row folded into the query)
     "halves_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     "kivi4_halves_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
+    # a group of 3 in 4 query rows: one padded row under the default launch
+    "halves_group3_fp16": (2, 2, 3, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     # KIVI-2's layout from a lead off the half tile: rows of 32 from 9 + 7b, value groups of a plane
     "kivi2_halves_fp16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "float16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
@@ -163,6 +167,31 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
     return PackedSlots(codes, scale, zero, lead, bits, row_tokens, col_channels)
 
 
+@contextlib.contextmanager
+def _launched_query_rows() -> Iterator[list[int]]:
+    """The query rows (BLOCK_G) each plane-kernel launch inside the block was given, as launched."""
+    rows, wrap = [], plane_kernel.wrap_triton
+
+    def spy(kernel):  # wrap_triton(kernel)[grid](*args, **constexprs)
+        grids = wrap(kernel)
+
+        class Grids:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    rows.append(kwargs["BLOCK_G"])
+                    return grids[grid](*args, **kwargs)
+
+                return launch
+
+        return Grids()
+
+    plane_kernel.wrap_triton = spy
+    try:
+        yield rows
+    finally:
+        plane_kernel.wrap_triton = wrap
+
+
 def _case_inputs(name: str, seed: int) -> dict:
     b, hkv, group, s, d, k_layout, v_layout, dtype = CASES[name]
     gen = torch.Generator().manual_seed(seed)
@@ -225,7 +254,8 @@ def _measure(
     if with_scale:  # after the rotation, as the combine kernel scales
         out_scale = _out_scale(*x["keys"].codes.shape[:2], ref_out.shape[-1])
         ref_out = quant_kernels.scale_channels(ref_out, out_scale)
-    out, lse = packed_decode_attention(*args, window, rotation, out_scale)
+    with _launched_query_rows() as query_rows:
+        out, lse = packed_decode_attention(*args, window, rotation, out_scale)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -273,9 +303,8 @@ def _measure(
             plane_kernel.plane_launch(launch, sums, plan[0] if plan else "", b * hkv, s),
         )[0],
         "group": group,
-        "query_block": plane_kernel.query_block(plane_kernel.plane_launch(launch, sums, plan[0], b * hkv, s), group)
-        if plan
-        else None,
+        "query_block": query_rows[0] if query_rows else None,  # one plane-kernel launch, or none
+        "launches": len(query_rows),
     }
 
 
@@ -290,6 +319,8 @@ PAIRS = {
     "zipcache_pair_fp32": (2, 1, 4, 64, "float32", (300, (4, 60, 1, 30), SALIENT[1]), (400, (2, 40, 1, 70), REST[1])),
     # above FEW_HEADS (sequence, KV head) pairs: the launch's split target from its waves (`pair_wave_target`)
     "zipcache_pair_many_heads": (3, 6, 2, 64, "bfloat16", (700, *SALIENT), (500, *REST)),
+    # a "lead" set (4 query rows by default) beside per-token keys (8): one launch at the larger
+    "lead_token_pair_bf16": (2, 2, 4, 64, "bfloat16", (500, *REST), (300, (4, 1, 64, None), SALIENT[1])),
     # a 3-bit rest, which the split kernel takes: two calls, merged
     "split_pair_fp16": (2, 2, 4, 64, "float16", (700, *SALIENT), (500, (3, 40, 1, 100), (3, 1, 64, None))),
 }
@@ -328,13 +359,15 @@ def _measure_pair(
 
     plane_kernel._plane_attention_triton = spy
     try:
-        out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window, out_scale)
+        with _launched_query_rows() as query_rows:
+            out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window, out_scale)
     finally:
         plane_kernel._plane_attention_triton = launch_stores
     live = torch.isfinite(ref_lse)  # rows with a live slot in some store or the window
     return {
         "one_launch": plane_kernel.pair_fits(sets[0][:2], sets[1][:2], quant_kernels.LAUNCH),
         "launched_splits": launched,
+        "launched_query_rows": query_rows,
         "window": with_window,
         "dtype": dtype,
         "out_dtype_ok": out.dtype == query.dtype and lse.dtype == torch.float32,
@@ -472,10 +505,11 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
-    """Two stores and a window as one attention: ZipCache's sets in one launch of the plane kernel (both
-    sets' programs, the window's, one combine), a pair the split kernel takes as two calls merged."""
+    """Two stores and a window as one attention: ZipCache's sets (and per-token keys beside a set) in one
+    launch of the plane kernel (both sets' programs, the window's, one combine), a pair the split kernel
+    takes as two calls merged."""
     m = interpreted[name]
-    assert m["one_launch"] == name.startswith("pair:zipcache"), m
+    assert m["one_launch"] == (not name.startswith("pair:split")), m
     assert m["out_dtype_ok"] and not m["nan"], m
     assert m["out_rel"] < TOLERANCE[m["dtype"]], m
     assert m["lse_rel"] < LSE_TOLERANCE[m["dtype"]], m
@@ -605,11 +639,17 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["key_mode"] for m in unmasked} == {"token", "row", "lead", "halves", "rows"}, unmasked
     assert all(m["kernel"] == "plane" for m in unmasked)
     assert {m["key_mode"] for m in unmasked if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
-    # query rows: the group's (2, 4: the default), past it (8 for per-token keys, 16 for every key mode)
+    # query rows as launched: the group's (2, 4: the default), a group of 3 in 4, past the group (8 for
+    # per-token keys, 16 for every key mode); one launch a case
+    assert all(m["launches"] == 1 for m in plane) and not any(m["launches"] for m in packed)
     assert {m["query_block"] for m in plane if m["query_block"] == m["group"]} >= {2, 4}
     assert {m["key_mode"] for m in plane if m["query_block"] == m["group"]} >= {"row", "lead", "halves", "rows"}
     assert {m["key_mode"] for m in plane if m["query_block"] > m["group"]} == {"token", "row", "lead", "halves", "rows"}
     assert {m["query_block"] for m in plane} == {2, 4, 8, 16}
+    assert interpreted["halves_group3_fp16"]["query_block"] == 4
+    assert interpreted["pair:zipcache_pair_bf16+window"]["launched_query_rows"] == [4]
+    assert interpreted["pair:zipcache_pair_fp16+window+rows16"]["launched_query_rows"] == [16]
+    assert interpreted["pair:lead_token_pair_bf16"]["launched_query_rows"] == [8]  # the second store's
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),
@@ -640,6 +680,7 @@ def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
     launch = quant_kernels.LaunchConfig()
     big = plane_kernel.plane_launch(launch, True, "token", 8, 131072)
     assert (big.num_warps, big.programs_per_sm) == (1, launch.programs_per_sm_many_heads)
+    assert big.query_rows == launch.query_rows_token_keys  # one warp or two, per-token keys take their rows
     assert plane_kernel.plane_launch(launch, True, "token", 32, 32768).num_warps == 1
     token_rows = dataclasses.replace(launch, query_rows=launch.query_rows_token_keys)
     assert plane_kernel.plane_launch(launch, True, "token", 8, 32768) == token_rows
@@ -656,6 +697,7 @@ def test_query_rows_follow_the_group_and_per_token_keys_take_eight() -> None:
     assert [plane_kernel.query_block(rows[mode], 4) for mode in rows] == [8, 4, 4]
     assert [plane_kernel.query_block(launch, group) for group in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
     assert plane_kernel.query_block(dataclasses.replace(launch, query_rows=16), 4) == 16
+    assert plane_kernel.query_block(dataclasses.replace(launch, query_rows=6), 4) == 8  # rounded up
     assert plane_kernel.query_block(rows["token"], 32) == 32
 
 
