@@ -58,8 +58,9 @@ CASES = {
     # each half's row folded into the query)
     "halves_fp16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
     "kivi4_halves_bf16": (2, 2, 4, 1000, 128, (4, 32, 1, None), (4, 1, 32, None), "bfloat16"),
-    # a group of 3 in 4 query rows: one padded row under the default launch
+    # a group of 3 in 4 query rows: one padded row under the default launch; MHA (a group of 1) in one row
     "halves_group3_fp16": (2, 2, 3, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "float16"),
+    "kivi2_mha_bf16": (2, 3, 1, 300, 64, (2, 32, 1, None), (2, 1, 32, None), "bfloat16"),
     # KIVI-2's layout from a lead off the half tile: rows of 32 from 9 + 7b, value groups of a plane
     "kivi2_halves_fp16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "float16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
@@ -639,14 +640,15 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["key_mode"] for m in unmasked} == {"token", "row", "lead", "halves", "rows"}, unmasked
     assert all(m["kernel"] == "plane" for m in unmasked)
     assert {m["key_mode"] for m in unmasked if m["lead_misaligned"]} >= {"row", "lead", "halves", "rows"}
-    # query rows as launched: the group's (2, 4: the default), a group of 3 in 4, past the group (8 for
+    # query rows as launched: the group's (1, 2, 4: the default), a group of 3 in 4, past the group (8 for
     # per-token keys, 16 for every key mode); one launch a case
     assert all(m["launches"] == 1 for m in plane) and not any(m["launches"] for m in packed)
-    assert {m["query_block"] for m in plane if m["query_block"] == m["group"]} >= {2, 4}
+    assert {m["query_block"] for m in plane if m["query_block"] == m["group"]} >= {1, 2, 4}
     assert {m["key_mode"] for m in plane if m["query_block"] == m["group"]} >= {"row", "lead", "halves", "rows"}
     assert {m["key_mode"] for m in plane if m["query_block"] > m["group"]} == {"token", "row", "lead", "halves", "rows"}
-    assert {m["query_block"] for m in plane} == {2, 4, 8, 16}
+    assert {m["query_block"] for m in plane} == {1, 2, 4, 8, 16}
     assert interpreted["halves_group3_fp16"]["query_block"] == 4
+    assert interpreted["kivi2_mha_bf16"]["query_block"] == 1
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_query_rows"] == [4]
     assert interpreted["pair:zipcache_pair_fp16+window+rows16"]["launched_query_rows"] == [16]
     assert interpreted["pair:lead_token_pair_bf16"]["launched_query_rows"] == [8]  # the second store's
@@ -808,6 +810,7 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
         ("bf16", "halves", 4, False, False, 4, False, 16),
         ("fp16", "halves", 4, False, False, 2, False, 16),
         ("bf16", "lead", 1, True, False, 2, False, 16),
+        ("bf16", "halves", 4, False, False, 2, False, 1),  # MHA: one query row a KV head
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
