@@ -217,8 +217,9 @@ class LaunchConfig:
     # of its waves (`plane_kernel.pair_wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
-    # The plane kernel's query rows a tile (BLOCK_G): at least this many, the group rounded up to a power of
-    # two above it; per-token keys ("token": QuaRot's and RTN's) at least `query_rows_token_keys`. 16 is one
+    # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
+    # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
+    # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one
     # tensor-core product's rows, so a GQA group of 4 padded to it computes 12 empty rows in every
     # elementwise step (the folded queries, the softmax, p * s); below 16 Triton pads inside the product
     # (its `min_dot_size` on NVIDIA is 1) and the layouts hold only the rows asked for. Offline (sm_90,
@@ -226,7 +227,8 @@ class LaunchConfig:
     # warp and tile at 4 rows, KIVI-2's 1,989 -> 1,553. H100, kernel alone at 32k batch 4 (us, 16 / 8 / 4
     # rows): KIVI-4 121.9 / 104.9 / 101.9, KIVI-2 133.2 / 113.6 / 102.5, ZipCache's sets 84.4 / 76.5 /
     # 76.7, per-token 4-bit 64.4 / 59.3 / 63.4 (at 128k batch 1: 64.3 / 59.6 / 66.2), so per-token keys
-    # take 8 (benchmarks/README.md, "The plane kernel's query rows").
+    # take 8; KIVI-4's step at 32k batch 4: 10.04 -> 9.45 ms (benchmarks/README.md, "The plane kernel's
+    # query rows").
     query_rows: int = 1
     query_rows_token_keys: int = 8
 
