@@ -158,9 +158,8 @@ if triton is not None:
     def _dot_block(n: int) -> int:
         """Tile sizes are powers of two, and tl.dot's reduction dimension must be at least 16; the group is
         padded to 16 as well, the row count of one tensor-core MMA. Padded lanes are masked. (The plane
-        kernel takes the group's rows instead, `quant_kernels.LaunchConfig.query_rows`; the dense decode
-        kernel at the group's 4 rows timed the same in the step, 7.48 / 11.65 ms against 7.50 / 11.63 at 32k
-        batch 1 / 4 on one H100, so it stays at 16: benchmarks/README.md, "The plane kernel's query rows".)"""
+        kernel holds only the group's rows, `plane_kernel.query_block`; the dense decode kernel timed no
+        faster that way: benchmarks/README.md, "The plane kernel's query rows".)"""
         return max(16, triton.next_power_of_2(n))
 
     @functools.lru_cache
