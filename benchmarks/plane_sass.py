@@ -53,6 +53,7 @@ MODES = {
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
+VARIANTS |= {f"{name}_codes_first": flags | {"CODES_FIRST": True} for name, flags in VARIANTS.items()}
 CLASSES = [
     ("mma", r"^HMMA"), ("shared", r"^(LDS|STS|LDSM)"), ("shuffle", r"^SHFL"), ("global", r"^(LDG|STG|LDGSTS)"),
     ("barrier", r"^(BAR|DEPBAR|LDGDEPBAR)"), ("logic/shift", r"^(LOP3|SHF|PRMT)"), ("half2", r"^H(ADD|FMA|MUL)2"),
@@ -103,7 +104,7 @@ def compile_plane(
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False,
+        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": False,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}
@@ -184,7 +185,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, {args.block_n}-slot tiles; loop = SASS instructions per warp and tile")
     for mode in args.modes:
         for variant in args.variants:
-            base = variant.removesuffix("_unmasked")  # the unmasked inner tiles' loop is one of `loops`
+            # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
+            base = variant.removesuffix("_codes_first").removesuffix("_unmasked")
             if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
@@ -193,7 +195,7 @@ def main() -> None:
                 m = measure(compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g))
                 widths = f"{bits}/{args.value_bits or bits} bits"
                 rows = block_g or "default"
-                print(f"{mode:<7}{variant:<18} {widths} {warps} warps {rows:>2} rows: loop {m['loop']:5d}  "
+                print(f"{mode:<7}{variant:<22} {widths} {warps} warps {rows:>2} rows: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
 

@@ -360,6 +360,48 @@ if kernels.triton is not None:
         return tl.load(base + slots[:, None] * stride_s + offs_w[None, :], mask=mask, other=0)
 
     @triton.jit
+    def _load_value_elements(base, slots, live, stride_s, offs_w, WIDTH: tl.constexpr, CODES_FIRST: tl.constexpr):
+        """A tile's planar value elements: [N, BLOCK_W] as `_load_elements`, or with CODES_FIRST [BLOCK_W, N]
+        (the products' first operand, `_weighted_values`), loaded that way rather than transposed after."""
+        if CODES_FIRST:
+            mask = (offs_w < WIDTH)[:, None] & live[None, :]
+            elements = tl.load(base + slots[None, :] * stride_s + offs_w[:, None], mask=mask, other=0)
+        else:
+            elements = _load_elements(base, slots, live, stride_s, offs_w, WIDTH)
+        return elements
+
+    @triton.jit
+    def _scores(q, keys, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
+        """q . keys^T [G, N] for a query [G, W] and a tile's keys [N, W]. With CODES_FIRST the tensor cores take
+        the keys as the first operand (keys . q^T, then transposed: a layout change, no data moved): a
+        product's first operand has 16 rows and its second 8 columns, so a GQA group of 4 query rows pads to 8
+        instead of 16, and the codes go in from registers."""
+        if CODES_FIRST:
+            scores = tl.trans(tl.dot(keys, tl.trans(q), input_precision=PRECISION))
+        else:
+            scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION)
+        return scores
+
+    @triton.jit
+    def _add_scores(acc, q, keys, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
+        """acc + `_scores`, accumulated in the product."""
+        if CODES_FIRST:
+            scores = tl.trans(tl.dot(keys, tl.trans(q), tl.trans(acc), input_precision=PRECISION))
+        else:
+            scores = tl.dot(q, tl.trans(keys), acc, input_precision=PRECISION)
+        return scores
+
+    @triton.jit
+    def _weighted_values(p, values, acc, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
+        """acc + p . values [G, W] for weights p [G, N] and a tile's values: [N, W], or with CODES_FIRST
+        [W, N] (`_load_value_elements`), taken as the products' first operand (`_scores`)."""
+        if CODES_FIRST:
+            out = tl.trans(tl.dot(values, tl.trans(p), tl.trans(acc), input_precision=PRECISION))
+        else:
+            out = tl.dot(p, values, acc, input_precision=PRECISION)
+        return out
+
+    @triton.jit
     def _column_params(base, slots, live, lead, stride_r, COLUMN: tl.constexpr, ROW_TOKENS: tl.constexpr):
         """The parameter in column COLUMN of each slot's row, float32 [N] (0 where masked)."""
         rows = _slot_rows(slots, lead, ROW_TOKENS)
@@ -403,33 +445,34 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
         `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
         s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
         bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
-        logits = tl.dot((q0.to(tl.float32) * s0[None, :]).to(DTYPE), tl.trans(c0), input_precision=PRECISION)
-        logits = tl.dot((q1.to(tl.float32) * s1[None, :]).to(DTYPE), tl.trans(c1), logits, input_precision=PRECISION)
-        logits = tl.dot((q2.to(tl.float32) * s2[None, :]).to(DTYPE), tl.trans(c2), logits, input_precision=PRECISION)
-        logits = tl.dot((q3.to(tl.float32) * s3[None, :]).to(DTYPE), tl.trans(c3), logits, input_precision=PRECISION)
+        logits = _scores((q0.to(tl.float32) * s0[None, :]).to(DTYPE), c0, PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, (q1.to(tl.float32) * s1[None, :]).to(DTYPE), c1, PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, (q2.to(tl.float32) * s2[None, :]).to(DTYPE), c2, PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, (q3.to(tl.float32) * s3[None, :]).to(DTYPE), c3, PRECISION, CODES_FIRST)
         return logits, bias
 
     @triton.jit
-    def _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION: tl.constexpr):
+    def _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
         """sum over planes g of qs_g . c_g, [G, N]: a tile's codes (planes c_g [N, W]) against a query whose
         planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` does
         not call it: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
-        logits = tl.dot(qs0, tl.trans(c0), input_precision=PRECISION)
-        logits = tl.dot(qs1, tl.trans(c1), logits, input_precision=PRECISION)
-        logits = tl.dot(qs2, tl.trans(c2), logits, input_precision=PRECISION)
-        logits = tl.dot(qs3, tl.trans(c3), logits, input_precision=PRECISION)
+        logits = _scores(qs0, c0, PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, qs1, c1, PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, qs2, c2, PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, qs3, c3, PRECISION, CODES_FIRST)
         return logits
 
     @triton.jit
     def _slot_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, slots, live, lead, stride_r, offs_w, w_ok,
         K_WIDTH: tl.constexpr, ROW_TOKENS: tl.constexpr, K_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+        CODES_FIRST: tl.constexpr,
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under per-channel key rows of any size: each slot's row
         read and the keys dequantized, c * s + z in K_DTYPE (the codes converted to it first, exactly)."""
@@ -450,10 +493,10 @@ if kernels.triton is not None:
         k3 = c3.to(K_DTYPE) * tl.load(scales + params, mask=mask, other=0.0) + tl.load(
             zeros + params, mask=mask, other=0.0
         )
-        logits = tl.dot(q0.to(K_DTYPE), tl.trans(k0.to(K_DTYPE)), input_precision=PRECISION)
-        logits = tl.dot(q1.to(K_DTYPE), tl.trans(k1.to(K_DTYPE)), logits, input_precision=PRECISION)
-        logits = tl.dot(q2.to(K_DTYPE), tl.trans(k2.to(K_DTYPE)), logits, input_precision=PRECISION)
-        logits = tl.dot(q3.to(K_DTYPE), tl.trans(k3.to(K_DTYPE)), logits, input_precision=PRECISION)
+        logits = _scores(q0.to(K_DTYPE), k0.to(K_DTYPE), PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, q1.to(K_DTYPE), k1.to(K_DTYPE), PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, q2.to(K_DTYPE), k2.to(K_DTYPE), PRECISION, CODES_FIRST)
+        logits = _add_scores(logits, q3.to(K_DTYPE), k3.to(K_DTYPE), PRECISION, CODES_FIRST)
         return logits
 
     @triton.jit
@@ -532,6 +575,7 @@ if kernels.triton is not None:
         OFFSET: tl.constexpr,
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
+        CODES_FIRST: tl.constexpr,
     ):
         """Program (bh = sequence x KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -711,10 +755,10 @@ if kernels.triton is not None:
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
                 if K_MODE == "token":
                     if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
-                        logits = ks0[None, :] * tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
-                        logits += ks1[None, :] * tl.dot(q1, tl.trans(c1), input_precision=PRECISION)
-                        logits += ks2[None, :] * tl.dot(q2, tl.trans(c2), input_precision=PRECISION)
-                        logits += ks3[None, :] * tl.dot(q3, tl.trans(c3), input_precision=PRECISION)
+                        logits = ks0[None, :] * _scores(q0, c0, PRECISION, CODES_FIRST)
+                        logits += ks1[None, :] * _scores(q1, c1, PRECISION, CODES_FIRST)
+                        logits += ks2[None, :] * _scores(q2, c2, PRECISION, CODES_FIRST)
+                        logits += ks3[None, :] * _scores(q3, c3, PRECISION, CODES_FIRST)
                         logits += qsum0[:, None] * kz0[None, :] + qsum1[:, None] * kz1[None, :]
                         logits += qsum2[:, None] * kz2[None, :] + qsum3[:, None] * kz3[None, :]
                         ks1 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 1 * K_WIDTH // K_GROUP, 1)
@@ -724,10 +768,10 @@ if kernels.triton is not None:
                         ks3 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
                         kz3 = _column_params(kz_base, ahead, ahead_live, k_lead, stride_ksr, 3 * K_WIDTH // K_GROUP, 1)
                     else:  # one scale and zero-point per slot
-                        qc = tl.dot(q0, tl.trans(c0), input_precision=PRECISION)
-                        qc = tl.dot(q1, tl.trans(c1), qc, input_precision=PRECISION)
-                        qc = tl.dot(q2, tl.trans(c2), qc, input_precision=PRECISION)
-                        qc = tl.dot(q3, tl.trans(c3), qc, input_precision=PRECISION)
+                        qc = _scores(q0, c0, PRECISION, CODES_FIRST)
+                        qc = _add_scores(qc, q1, c1, PRECISION, CODES_FIRST)
+                        qc = _add_scores(qc, q2, c2, PRECISION, CODES_FIRST)
+                        qc = _add_scores(qc, q3, c3, PRECISION, CODES_FIRST)
                         if OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
                             kz0 = kz0 - OFFSET * ks0
                         logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
@@ -736,15 +780,16 @@ if kernels.triton is not None:
                 elif K_MODE == "rows":  # per-channel rows of any size: each slot's row read, keys dequantized
                     logits = _slot_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w, w_ok,
-                        K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                        K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                 elif K_MODE == "lead":  # phase 0: the prompt set's tiles (below lead); 1: the decode blocks'
                     if phase == 0:
-                        logits = _folded_logits(lq0, lq1, lq2, lq3, c0, c1, c2, c3, PRECISION) + lead_bias[:, None]
+                        logits = _folded_logits(lq0, lq1, lq2, lq3, c0, c1, c2, c3, PRECISION, CODES_FIRST)
+                        logits += lead_bias[:, None]
                     else:
                         logits = _slot_row_logits(
                             q0, q1, q2, q3, c0, c1, c2, c3, ks_base, kz_base, slots, live, k_lead, stride_ksr, offs_w,
-                            w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION,
+                            w_ok, K_WIDTH, K_ROW_TOKENS, K_DTYPE, PRECISION, CODES_FIRST,
                         )  # fmt: skip
                 elif K_MODE == "halves":  # two rows, one per half of the tile: each folded into q, halves chosen
                     half = tile + K_ROW_TOKENS
@@ -753,11 +798,11 @@ if kernels.triton is not None:
                     b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
                     logits_a, bias_a = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     logits_b, bias_b = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
-                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION,
+                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     logits = tl.where(
                         (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
@@ -766,12 +811,12 @@ if kernels.triton is not None:
                     row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
                     logits, bias = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row * stride_ksr, kz_base + row * stride_ksr,
-                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     logits += bias[:, None]
                 p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
-                v_el = _load_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH)
+                v_el = _load_value_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH, CODES_FIRST)
                 c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
                 if ZERO_SUMS:
                     if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
@@ -781,22 +826,25 @@ if kernels.triton is not None:
                         zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
                     vz0 = _column_params(vz_base, ahead, ahead_live, v_lead, stride_vsr, 0, 1)
                 else:
-                    zacc = tl.dot(p.to(DTYPE), vz.to(DTYPE), zacc * alpha[:, None], input_precision=PRECISION)
+                    zacc = _weighted_values(
+                        p.to(DTYPE), tl.trans(vz.to(DTYPE)) if CODES_FIRST else vz.to(DTYPE), zacc * alpha[:, None],
+                        PRECISION, CODES_FIRST,
+                    )  # fmt: skip
                     vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
                 if V_GROUP < VALUE_DIM:
-                    acc0 = tl.dot((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], input_precision=PRECISION)
-                    acc1 = tl.dot((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], input_precision=PRECISION)
-                    acc2 = tl.dot((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], input_precision=PRECISION)
-                    acc3 = tl.dot((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], input_precision=PRECISION)
+                    acc0 = _weighted_values((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc1 = _weighted_values((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc2 = _weighted_values((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc3 = _weighted_values((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST)
                     vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
                     vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
                     vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
                 else:
                     p_scaled = (p * vs0[None, :]).to(DTYPE)
-                    acc0 = tl.dot(p_scaled, c0, acc0 * alpha[:, None], input_precision=PRECISION)
-                    acc1 = tl.dot(p_scaled, c1, acc1 * alpha[:, None], input_precision=PRECISION)
-                    acc2 = tl.dot(p_scaled, c2, acc2 * alpha[:, None], input_precision=PRECISION)
-                    acc3 = tl.dot(p_scaled, c3, acc3 * alpha[:, None], input_precision=PRECISION)
+                    acc0 = _weighted_values(p_scaled, c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc1 = _weighted_values(p_scaled, c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc2 = _weighted_values(p_scaled, c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc3 = _weighted_values(p_scaled, c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST)
                 vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
                 m_i = m_new
 
@@ -940,6 +988,7 @@ if kernels.triton is not None:
         OFFSET: tl.constexpr,
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
+        CODES_FIRST: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
         says what each program does."""
@@ -951,7 +1000,7 @@ if kernels.triton is not None:
             total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE,
-            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
+            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED, CODES_FIRST,
         )  # fmt: skip
 
     # fmt: off
@@ -979,7 +1028,7 @@ if kernels.triton is not None:
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
         V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
-        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr,
+        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):
     # fmt: on
         """One launch over two stores (ZipCache's sets), each as `_plane_split_kernel` would launch it: the first
@@ -998,6 +1047,7 @@ if kernels.triton is not None:
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
                 K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE,
                 K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
+                CODES_FIRST,
             )  # fmt: skip
         else:
             _plane_split(
@@ -1009,7 +1059,7 @@ if kernels.triton is not None:
                 stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph,
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE_2, K_ASM_2,
-                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2,
+                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2, CODES_FIRST,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -1106,6 +1156,7 @@ if kernels.triton is not None:
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
+            "CODES_FIRST": first.launch.codes_first,
         }  # fmt: skip
         kernel = _plane_split_kernel
         if len(stores) == 2:

@@ -217,6 +217,10 @@ class LaunchConfig:
     # of its waves (`plane_kernel.pair_wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
+    # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
+    # `_weighted_values`): a product's first operand has 16 rows, its second 8 columns, so the query rows pad
+    # to 8 instead of 16. Off until timed.
+    codes_first: bool = False
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
     # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one
