@@ -134,8 +134,12 @@ CONFIGS = {
     # the plane kernel's products with the codes as the first operand (rows pad to 8, not 16): KIVI's
     # "halves" loop at 168 registers (offline), so 6 two-warp programs fit an SM, or 12 in two waves
     "codes_first": replace(quant_kernels.LAUNCH, codes_first=True),
-    "codes_first_pps6": replace(quant_kernels.LAUNCH, codes_first=True, programs_per_sm=6, programs_per_sm_many_heads=12),
-    "codes_first_pps6x6": replace(quant_kernels.LAUNCH, codes_first=True, programs_per_sm=6, programs_per_sm_many_heads=6),
+    "codes_first_pps6": replace(
+        quant_kernels.LAUNCH, codes_first=True, programs_per_sm=6, programs_per_sm_many_heads=12
+    ),
+    "codes_first_pps6x6": replace(
+        quant_kernels.LAUNCH, codes_first=True, programs_per_sm=6, programs_per_sm_many_heads=6
+    ),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default; ZipCache's pair too (its

@@ -832,10 +832,18 @@ if kernels.triton is not None:
                     )  # fmt: skip
                     vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
                 if V_GROUP < VALUE_DIM:
-                    acc0 = _weighted_values((p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST)
-                    acc1 = _weighted_values((p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST)
-                    acc2 = _weighted_values((p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST)
-                    acc3 = _weighted_values((p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST)
+                    acc0 = _weighted_values(
+                        (p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST
+                    )
+                    acc1 = _weighted_values(
+                        (p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST
+                    )
+                    acc2 = _weighted_values(
+                        (p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST
+                    )
+                    acc3 = _weighted_values(
+                        (p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST
+                    )
                     vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
                     vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
                     vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
