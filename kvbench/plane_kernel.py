@@ -360,9 +360,10 @@ if kernels.triton is not None:
         return tl.load(base + slots[:, None] * stride_s + offs_w[None, :], mask=mask, other=0)
 
     @triton.jit
-    def _load_value_elements(base, slots, live, stride_s, offs_w, WIDTH: tl.constexpr, CODES_FIRST: tl.constexpr):
-        """A tile's planar value elements: [N, BLOCK_W] as `_load_elements`, or with CODES_FIRST [BLOCK_W, N]
-        (the products' first operand, `_weighted_values`), loaded that way rather than transposed after."""
+    def _load_values(base, slots, live, stride_s, offs_w, WIDTH: tl.constexpr, CODES_FIRST: tl.constexpr):
+        """A tile's values (planar elements of codes, or one plane of the window's values): [N, BLOCK_W] as
+        `_load_elements`, or with CODES_FIRST [BLOCK_W, N] (the products' first operand, `_weighted_values`),
+        loaded that way rather than transposed after (0 where masked)."""
         if CODES_FIRST:
             mask = (offs_w < WIDTH)[:, None] & live[None, :]
             elements = tl.load(base + slots[None, :] * stride_s + offs_w[:, None], mask=mask, other=0)
@@ -394,7 +395,7 @@ if kernels.triton is not None:
     @triton.jit
     def _weighted_values(p, values, acc, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
         """acc + p . values [G, W] for weights p [G, N] and a tile's values: [N, W], or with CODES_FIRST
-        [W, N] (`_load_value_elements`), taken as the products' first operand (`_scores`)."""
+        [W, N] (`_load_values`), taken as the products' first operand (`_scores`)."""
         if CODES_FIRST:
             out = tl.trans(tl.dot(values, tl.trans(p), tl.trans(acc), input_precision=PRECISION))
         else:
@@ -816,7 +817,7 @@ if kernels.triton is not None:
                     logits += bias[:, None]
                 p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
-                v_el = _load_value_elements(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH, CODES_FIRST)
+                v_el = _load_values(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH, CODES_FIRST)
                 c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
                 if ZERO_SUMS:
                     if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
@@ -859,12 +860,15 @@ if kernels.triton is not None:
         if HAS_WINDOW:  # the window's program: slots of the model's dtype, read plane by plane as the codes
             wk_base = wk_ptr + b * stride_wkb + h * stride_wkh
             wv_base = wv_ptr + b * stride_wvb + h * stride_wvh
-            wv_mask = (offs_wv < V_WIDTH)[None, :]
             if WINDOW_RING:  # the ring's counters: wpos_ptr holds tokens seen, wq_ptr tokens quantized
                 last = tl.load(wpos_ptr + b * stride_wpb).to(tl.int32) - 1
                 quantized = tl.load(wq_ptr + b * stride_wph).to(tl.int32)
-            for tile in range(0, tl.where(split == num_splits, window_slots, 0), BLOCK_N):
-                slots = tile + offs_n
+            # With the codes first, the window's rows (16-bit, 64 slots a tile) held more registers than the codes'
+            # loop (offline, KIVI-2: the kernel at 197 registers, 168 at 16 slots a tile); its program is one
+            # of many and shorter than a split's, so its smaller tiles should cost little (not timed apart).
+            WINDOW_N: tl.constexpr = 16 if CODES_FIRST else BLOCK_N
+            for tile in range(0, tl.where(split == num_splits, window_slots, 0), WINDOW_N):
+                slots = tile + tl.arange(0, WINDOW_N)
                 if WINDOW_RING:  # slot r holds position last - (last - r) mod R; last - r >= -R, so one + R wraps it
                     behind = last - slots
                     behind = tl.where(behind < 0, behind + window_slots, behind) % window_slots
@@ -882,22 +886,20 @@ if kernels.triton is not None:
                 k1 = tl.load(k_rows + K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
                 k2 = tl.load(k_rows + 2 * K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
                 k3 = tl.load(k_rows + 3 * K_WIDTH, mask=k_mask, other=0.0).to(DTYPE)
-                logits = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-                logits = tl.dot(q1, tl.trans(k1), logits, input_precision=PRECISION)
-                logits = tl.dot(q2, tl.trans(k2), logits, input_precision=PRECISION)
-                logits = tl.dot(q3, tl.trans(k3), logits, input_precision=PRECISION)
+                logits = _scores(q0, k0, PRECISION, CODES_FIRST)
+                logits = _add_scores(logits, q1, k1, PRECISION, CODES_FIRST)
+                logits = _add_scores(logits, q2, k2, PRECISION, CODES_FIRST)
+                logits = _add_scores(logits, q3, k3, PRECISION, CODES_FIRST)
                 p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
                 p = p.to(DTYPE)
-                v_rows = wv_base + slots[:, None] * stride_wvs + offs_wv[None, :]
-                v_mask = live[:, None] & wv_mask
-                v0 = tl.load(v_rows, mask=v_mask, other=0.0).to(DTYPE)
-                v1 = tl.load(v_rows + V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
-                v2 = tl.load(v_rows + 2 * V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
-                v3 = tl.load(v_rows + 3 * V_WIDTH, mask=v_mask, other=0.0).to(DTYPE)
-                acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
-                acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
-                acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=PRECISION)
-                acc3 = tl.dot(p, v3, acc3 * alpha[:, None], input_precision=PRECISION)
+                v0 = _load_values(wv_base, slots, live, stride_wvs, offs_wv, V_WIDTH, CODES_FIRST)
+                v1 = _load_values(wv_base + V_WIDTH, slots, live, stride_wvs, offs_wv, V_WIDTH, CODES_FIRST)
+                v2 = _load_values(wv_base + 2 * V_WIDTH, slots, live, stride_wvs, offs_wv, V_WIDTH, CODES_FIRST)
+                v3 = _load_values(wv_base + 3 * V_WIDTH, slots, live, stride_wvs, offs_wv, V_WIDTH, CODES_FIRST)
+                acc0 = _weighted_values(p, v0.to(DTYPE), acc0 * alpha[:, None], PRECISION, CODES_FIRST)
+                acc1 = _weighted_values(p, v1.to(DTYPE), acc1 * alpha[:, None], PRECISION, CODES_FIRST)
+                acc2 = _weighted_values(p, v2.to(DTYPE), acc2 * alpha[:, None], PRECISION, CODES_FIRST)
+                acc3 = _weighted_values(p, v3.to(DTYPE), acc3 * alpha[:, None], PRECISION, CODES_FIRST)
                 m_i = m_new
 
         any_live = l_i > 0.0
