@@ -104,7 +104,7 @@ def compile_plane(
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": False,
+        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": False, "BLOCK_NW": 16,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}

@@ -565,6 +565,7 @@ if kernels.triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_WV: tl.constexpr,
+        BLOCK_NW: tl.constexpr,
         DTYPE: tl.constexpr,
         K_DTYPE: tl.constexpr,
         K_ASM: tl.constexpr,
@@ -866,9 +867,8 @@ if kernels.triton is not None:
             # With the codes first, the window's rows (16-bit, 64 slots a tile) held more registers than the codes'
             # loop (offline, KIVI-2: the kernel at 197 registers, 168 at 16 slots a tile); its program is one
             # of many and shorter than a split's, so its smaller tiles should cost little (not timed apart).
-            WINDOW_N: tl.constexpr = 16 if CODES_FIRST else BLOCK_N
-            for tile in range(0, tl.where(split == num_splits, window_slots, 0), WINDOW_N):
-                slots = tile + tl.arange(0, WINDOW_N)
+            for tile in range(0, tl.where(split == num_splits, window_slots, 0), BLOCK_NW):
+                slots = tile + tl.arange(0, BLOCK_NW)
                 if WINDOW_RING:  # slot r holds position last - (last - r) mod R; last - r >= -R, so one + R wraps it
                     behind = last - slots
                     behind = tl.where(behind < 0, behind + window_slots, behind) % window_slots
@@ -987,6 +987,7 @@ if kernels.triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_W: tl.constexpr,
         BLOCK_WV: tl.constexpr,
+        BLOCK_NW: tl.constexpr,
         DTYPE: tl.constexpr,
         K_DTYPE: tl.constexpr,
         K_ASM: tl.constexpr,
@@ -1009,8 +1010,8 @@ if kernels.triton is not None:
             stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr, wq_ptr,
             total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
-            K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE,
-            K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED, CODES_FIRST,
+            K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE,
+            K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED, CODES_FIRST,
         )  # fmt: skip
 
     # fmt: off
@@ -1032,6 +1033,7 @@ if kernels.triton is not None:
         HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, K_BITS: tl.constexpr, K_ROW_TOKENS: tl.constexpr,
         K_GROUP: tl.constexpr, K_MODE: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_WV: tl.constexpr,
+        BLOCK_NW: tl.constexpr,
         DTYPE: tl.constexpr, K_DTYPE: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
         HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr, ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
@@ -1055,8 +1057,8 @@ if kernels.triton is not None:
                 stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr,
                 wq_ptr, total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh,
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
-                K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE,
-                K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
+                K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW,
+                DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
                 CODES_FIRST,
             )  # fmt: skip
         else:
@@ -1068,7 +1070,7 @@ if kernels.triton is not None:
                 stride_vsb_2, stride_vsh_2, stride_vsr_2, wk_ptr, wv_ptr, wpos_ptr, wq_ptr, total_splits, window_slots,
                 stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph,
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
-                K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, DTYPE, K_DTYPE_2, K_ASM_2,
+                K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE, K_DTYPE_2, K_ASM_2,
                 V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2, CODES_FIRST,
             )  # fmt: skip
 
@@ -1167,6 +1169,7 @@ if kernels.triton is not None:
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
             "CODES_FIRST": first.launch.codes_first,
+            "BLOCK_NW": first.launch.window_block_n or (16 if first.launch.codes_first else first.launch.block_n),
         }  # fmt: skip
         kernel = _plane_split_kernel
         if len(stores) == 2:

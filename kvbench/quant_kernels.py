@@ -221,6 +221,8 @@ class LaunchConfig:
     # `_weighted_values`): a product's first operand has 16 rows, its second 8 columns, so the query rows pad
     # to 8 instead of 16. Off until timed.
     codes_first: bool = False
+    # The plane kernel's window program's tile (slots); 0: 16 with codes_first, else block_n.
+    window_block_n: int = 0
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
     # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one

@@ -844,6 +844,7 @@ def test_plane_kernel_compiles_for_hopper(
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": default.codes_first,
+        "BLOCK_NW": 16 if default.codes_first else 64,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
@@ -872,6 +873,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 4, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
         "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
         "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": quant_kernels.LaunchConfig().codes_first,
+        "BLOCK_NW": 64,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
         constexprs |= {
