@@ -105,6 +105,7 @@ def compile_plane(
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": False, "BLOCK_NW": 16,
+        "WINDOW_FIRST": False,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}

@@ -1000,11 +1000,16 @@ if kernels.triton is not None:
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
+        WINDOW_FIRST: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
-        says what each program does."""
+        says what each program does. With WINDOW_FIRST the window's programs are the grid's first column
+        (started first) instead of its last; their partials stay in the last."""
+        split = tl.program_id(1)
+        if HAS_WINDOW and WINDOW_FIRST:
+            split = tl.where(split == 0, num_splits, split - 1)
         _plane_split(
-            tl.program_id(0), tl.program_id(1), tl.program_id(1), q_ptr, kc_ptr, ks_ptr, kz_ptr, k_lead_ptr, vc_ptr,
+            tl.program_id(0), split, split, q_ptr, kc_ptr, ks_ptr, kz_ptr, k_lead_ptr, vc_ptr,
             vs_ptr, vz_ptr, v_lead_ptr, len_ptr, o_part_ptr, lse_part_ptr, scale_log2, num_kv_heads, group, split_len,
             num_splits, stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcs, stride_ksb, stride_ksh, stride_ksr,
             stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr, wq_ptr,
@@ -1172,6 +1177,8 @@ if kernels.triton is not None:
             "BLOCK_NW": first.launch.window_block_n or (16 if first.launch.codes_first else first.launch.block_n),
         }  # fmt: skip
         kernel = _plane_split_kernel
+        if len(stores) == 1:
+            constexprs["WINDOW_FIRST"] = first.launch.window_first
         if len(stores) == 2:
             second = stores[1]
             arguments += [*second.pointers, *second.splits, *second.strides]

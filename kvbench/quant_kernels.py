@@ -223,6 +223,8 @@ class LaunchConfig:
     codes_first: bool = False
     # The plane kernel's window program's tile (slots); 0: 16 with codes_first, else block_n.
     window_block_n: int = 0
+    # One store's launch: the window's programs first in the grid, not last.
+    window_first: bool = False
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
     # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one

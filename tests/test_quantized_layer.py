@@ -844,7 +844,7 @@ def test_plane_kernel_compiles_for_hopper(
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": default.codes_first,
-        "BLOCK_NW": 16 if default.codes_first else 64,
+        "BLOCK_NW": 16 if default.codes_first else 64, "WINDOW_FIRST": default.window_first,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
