@@ -4,6 +4,7 @@
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/plane_sass.py --modes token halves
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead --variants zero_sums --warps 1 2   # ZipCache
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead halves --variants default zero_sums --bits 2
+    PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --variants default default_query_first --bits 2
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
@@ -12,6 +13,8 @@ arguments equal to 1 made constants), at 4 bits (16-bit elements) or 2 (bytes; `
 specialisation the codes load 16 bits at a time and the counts are ~60% higher than what runs. Prints, per
 variant, the SASS instructions in the largest loop (the tile loop) per warp, registers, local-memory (spill)
 operations, and the loop's instructions by class.
+The products take the operands in the launch's order (`plane_kernel.CODES_FIRST_KEY_MODES`: the codes first
+for "token" and "halves"); variants ending in _codes_first or _query_first choose it.
 Counts depend on the Triton version (the GPU image has 3.6; put its wheel first on PYTHONPATH to match).
 Instructions are not time: the kernel is bound by latency as much as by issue (benchmarks/README.md,
 "Where the plane kernel's instructions go"); `quant_attention.py` times the variants on a GPU.
@@ -53,7 +56,12 @@ MODES = {
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
-VARIANTS |= {f"{name}_codes_first": flags | {"CODES_FIRST": True} for name, flags in VARIANTS.items()}
+# the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
+VARIANTS |= {
+    f"{name}_{order}_first": flags | {"CODES_FIRST": order == "codes"}
+    for name, flags in VARIANTS.items()
+    for order in ("codes", "query")
+}
 CLASSES = [
     ("mma", r"^HMMA"), ("shared", r"^(LDS|STS|LDSM)"), ("shuffle", r"^SHFL"), ("global", r"^(LDG|STG|LDGSTS)"),
     ("barrier", r"^(BAR|DEPBAR|LDGDEPBAR)"), ("logic/shift", r"^(LOP3|SHF|PRMT)"), ("half2", r"^H(ADD|FMA|MUL)2"),
@@ -85,8 +93,9 @@ def compile_plane(
     """The plane kernel for `mode` and `variant`; codes of `bits` (`value_bits` for the values, if given), at
     `block_g` query rows a tile (0: the default launch's)."""
     value_bits = value_bits or bits
+    launch = plane_kernel.plane_launch(LaunchConfig(), False, mode, 1, 1)
     if not block_g:  # the default launch's query rows for this key mode and the shape's group
-        block_g = plane_kernel.query_block(plane_kernel.plane_launch(LaunchConfig(), False, mode, 1, 1), HQ // HKV)
+        block_g = plane_kernel.query_block(launch, HQ // HKV)
     kernel = plane_kernel._plane_split_kernel
     row_tokens, k_group, v_group, _, _ = MODES[mode]
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "rotation_ptr": "*i8"}
@@ -104,8 +113,8 @@ def compile_plane(
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": False, "BLOCK_NW": 16,
-        "WINDOW_FIRST": False,
+        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
+        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST,
     } | VARIANTS[variant]  # fmt: skip
     values = argument_values(mode)
     signature, attrs = {}, {}
@@ -187,7 +196,7 @@ def main() -> None:
     for mode in args.modes:
         for variant in args.variants:
             # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
-            base = variant.removesuffix("_codes_first").removesuffix("_unmasked")
+            base = variant.removesuffix("_codes_first").removesuffix("_query_first").removesuffix("_unmasked")
             if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):

@@ -92,6 +92,8 @@ def fixed(programs_per_sm: int, **launch) -> LaunchConfig:
     return LaunchConfig(programs_per_sm=programs_per_sm, programs_per_sm_many_heads=programs_per_sm, **launch)
 
 
+# KIVI's "halves" layout takes its split targets from `halves_programs_per_sm` while its products take the
+# codes first (the default), whatever a configuration's programs_per_sm says (`plane_kernel.plane_launch`).
 CONFIGS = {
     "default": quant_kernels.LAUNCH,
     "w4_pps2": fixed(2, num_warps=4),  # the launch before two warps became the default
@@ -131,15 +133,10 @@ CONFIGS = {
     # the plane kernel's query rows: one product's 16 for every key mode, as before they followed the group
     "qrows16": replace(quant_kernels.LAUNCH, query_rows=16, query_rows_token_keys=16),
     "qrows8": replace(quant_kernels.LAUNCH, query_rows=8),  # 8 for every key mode
-    # the plane kernel's products with the codes as the first operand (rows pad to 8, not 16): KIVI's
-    # "halves" loop at 168 registers (offline), so 6 two-warp programs fit an SM, or 12 in two waves
-    "codes_first": replace(quant_kernels.LAUNCH, codes_first=True),
-    "codes_first_pps6": replace(
-        quant_kernels.LAUNCH, codes_first=True, programs_per_sm=6, programs_per_sm_many_heads=12
-    ),
-    "codes_first_pps6x6": replace(
-        quant_kernels.LAUNCH, codes_first=True, programs_per_sm=6, programs_per_sm_many_heads=6
-    ),
+    # the plane kernel's products with the query rows first in every key mode, as before the codes went first
+    # for per-token keys and KIVI's "halves"; and "halves" with the codes first at the default split targets
+    "no_codes_first": replace(quant_kernels.LAUNCH, codes_first=False),
+    "halves_pps4": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(4, 8)),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default; ZipCache's pair too (its

@@ -458,15 +458,19 @@ def use_quant_launch(overrides: list[str]) -> None:
 
 
 def quant_launch(overrides: list[str]) -> quant_kernels.LaunchConfig:
-    """The default launch with FIELD=VALUE overrides (integers; booleans as 0/1 or true/false)."""
+    """The default launch with FIELD=VALUE overrides (integers; booleans as 0/1 or true/false; pairs as 6,12)."""
     fields = {f.name: f.type for f in dataclasses.fields(quant_kernels.LaunchConfig)}
     changes = {}
     for item in overrides:
         name, _, value = item.partition("=")
         if name not in fields or not value:
             raise SystemExit(f"--quant-launch {item!r} is not valid: FIELD=VALUE, FIELD one of {list(fields)}")
-        is_flag = fields[name] in (bool, "bool")
-        changes[name] = value.lower() in ("1", "true") if is_flag else int(value)
+        if fields[name] in (bool, "bool"):
+            changes[name] = value.lower() in ("1", "true")
+        elif str(fields[name]).startswith("tuple"):
+            changes[name] = tuple(int(v) for v in value.split(","))
+        else:
+            changes[name] = int(value)
     return dataclasses.replace(quant_kernels.LAUNCH, **changes)
 
 

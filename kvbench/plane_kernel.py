@@ -15,7 +15,10 @@ plane with one shift and one mask-or per register (`_bf16_nibbles`, `_f16_nibble
 two byte permutes first, `_bf16_crumbs`, `_f16_crumbs`; integer shifts under the interpreter), the four
 planes are multiplied as exact codes on the tensor cores, and the parameters are folded into the products,
 plane by plane (`kvbench.quant_kernels`' module doc gives the algebra; `_plane_split`'s docstring, each key
-mode). The same launch attends over a full-precision window (one more program) and applies QuaRot's rotation
+mode). For per-token keys and KIVI's "halves" (`CODES_FIRST_KEY_MODES`) the codes are the tensor cores' first
+operand (`_scores`, `_weighted_values`: keys . q^T and values^T . p^T, each transposed back as a layout),
+so the query rows pad a product to 8 rather than 16 and the tile loop takes fewer registers. The same
+launch attends over a full-precision window (one more program) and applies QuaRot's rotation
 (the query's in the prologue, the output's in `kvbench.kernels`' combine kernel). `_plane_pair_kernel` runs
 two stores (ZipCache's sets, `pair_fits`) in one launch: each store's programs as the single kernel would run
 them, side by side, and one combine for both and the window.
@@ -25,7 +28,7 @@ them, side by side, and one combine for both and the window.
 under Triton's interpreter, the references elsewhere. Measured in benchmarks/README.md: "quant_attention.py
 with the plane kernel", "Launch of the 4-bit kernels", "Where the plane kernel's instructions go"
 (`benchmarks/plane_sass.py` counts its SASS offline), "Row sums, offset codes, one warp", "2-bit rows planar;
-ZipCache's two sets in one launch".
+ZipCache's two sets in one launch", "The plane kernel's query rows", "The codes first".
 """
 
 from __future__ import annotations
@@ -88,16 +91,34 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
     return None
 
 
+# Key modes whose products take the codes first (`LaunchConfig.codes_first`). H100, kernel alone
+# (`quant_attention.py`, 695bb17): per-token 4-bit codes ("token") 2.5-5% faster at 32k and 128k, batch 1 and 4;
+# KIVI's "halves" at 6 / 12 programs an SM 4-12% faster at 32k batch 4 and 128k batch 1, 13% slower at 128k
+# batch 4, and its step at 32k batch 4 9.96 -> 9.26 ms; ZipCache's "lead" sets 5-11% slower, so they keep
+# the query rows first; "row" and "rows" (KIVI off its default tiles) were not timed.
+CODES_FIRST_KEY_MODES = ("token", "halves")
+# The window program's tile with the codes first: its 16-bit rows at 64 slots a tile held more registers than
+# the codes' loop (offline, sm_90, KIVI-2: the kernel at 197 registers a thread, 168 at 16 slots a tile). The
+# window's program is one of many and shorter than a split's; its smaller tiles were not timed apart.
+WINDOW_BLOCK_CODES_FIRST = 16
+
+
 def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: int, slots: int) -> LaunchConfig:
     """The plane kernel's launch for a store: per-token keys ("token") take at least `query_rows_token_keys`
     query rows, and with summed value zero-points and pairs x slots of at least `one_warp_summed_slots`, one
-    warp a program at the many-heads split target.
-    Other key modes keep the launch: one warp was measured on per-token keys only, and ZipCache's "lead"
+    warp a program at the many-heads split target; the products take the codes first in
+    `CODES_FIRST_KEY_MODES` only (where the launch asks for it), KIVI's "halves" then at its own split targets.
+    Other key modes keep the launch's warps: one warp was measured on per-token keys only, and ZipCache's "lead"
     loop, while it was one loop with a branch per tile, spilled there (offline, sm_90, Triton 3.7.1,
     `benchmarks/plane_sass.py --modes lead`: 989 local-memory operations and 4,269 instructions a tile, vs 90
     and 1,784 at two warps) and took ZipCache's two sets at 128k batch 4 to 1,491 us, kernel alone on the
     H200, vs 808 with per-slot key rows on one warp (`quant_attention.py`, ff5c769). Split into two loops it
     spills 3 operations in the prompt loop at one warp (1,511 instructions), none at two (833): untimed."""
+    codes_first = launch.codes_first and key_mode in CODES_FIRST_KEY_MODES
+    launch = replace(launch, codes_first=codes_first)
+    if codes_first and key_mode == "halves":
+        programs_per_sm, many_heads = launch.halves_programs_per_sm
+        launch = replace(launch, programs_per_sm=programs_per_sm, programs_per_sm_many_heads=many_heads)
     if key_mode == "token":
         launch = replace(launch, query_rows=max(launch.query_rows, launch.query_rows_token_keys))
     if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
@@ -617,6 +638,8 @@ if kernels.triton is not None:
         With WINDOW_RING the window's positions are not read but derived from the ring's counters
         (`quant_kernels.Window`): wpos_ptr and wq_ptr hold each sequence's tokens seen and tokens quantized,
         at strides stride_wpb and stride_wph, and the step computes no positions.
+        With CODES_FIRST every product takes the codes (the window's rows) as its first operand and the value
+        tiles are read [W, N] (`_load_values`); the window's tiles are BLOCK_NW slots.
         With ROTATE (QuaRot: keys and values stored rotated), the query is rotated here to meet them, each
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
@@ -864,9 +887,7 @@ if kernels.triton is not None:
             if WINDOW_RING:  # the ring's counters: wpos_ptr holds tokens seen, wq_ptr tokens quantized
                 last = tl.load(wpos_ptr + b * stride_wpb).to(tl.int32) - 1
                 quantized = tl.load(wq_ptr + b * stride_wph).to(tl.int32)
-            # With the codes first, the window's rows (16-bit, 64 slots a tile) held more registers than the codes'
-            # loop (offline, KIVI-2: the kernel at 197 registers, 168 at 16 slots a tile); its program is one
-            # of many and shorter than a split's, so its smaller tiles should cost little (not timed apart).
+            # BLOCK_NW: the window's tile, 16 slots with the codes first (`WINDOW_BLOCK_CODES_FIRST`)
             for tile in range(0, tl.where(split == num_splits, window_slots, 0), BLOCK_NW):
                 slots = tile + tl.arange(0, BLOCK_NW)
                 if WINDOW_RING:  # slot r holds position last - (last - r) mod R; last - r >= -R, so one + R wraps it
@@ -1000,16 +1021,11 @@ if kernels.triton is not None:
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
-        WINDOW_FIRST: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
-        says what each program does. With WINDOW_FIRST the window's programs are the grid's first column
-        (started first) instead of its last; their partials stay in the last."""
-        split = tl.program_id(1)
-        if HAS_WINDOW and WINDOW_FIRST:
-            split = tl.where(split == 0, num_splits, split - 1)
+        says what each program does."""
         _plane_split(
-            tl.program_id(0), split, split, q_ptr, kc_ptr, ks_ptr, kz_ptr, k_lead_ptr, vc_ptr,
+            tl.program_id(0), tl.program_id(1), tl.program_id(1), q_ptr, kc_ptr, ks_ptr, kz_ptr, k_lead_ptr, vc_ptr,
             vs_ptr, vz_ptr, v_lead_ptr, len_ptr, o_part_ptr, lse_part_ptr, scale_log2, num_kv_heads, group, split_len,
             num_splits, stride_qb, stride_qh, stride_kcb, stride_kch, stride_kcs, stride_ksb, stride_ksh, stride_ksr,
             stride_vcb, stride_vch, stride_vcs, stride_vsb, stride_vsh, stride_vsr, wk_ptr, wv_ptr, wpos_ptr, wq_ptr,
@@ -1160,6 +1176,7 @@ if kernels.triton is not None:
             wk, wv, wpos = window.keys, window.values, window.positions
             window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride())
         upcast, precision = kernels._upcast_and_precision(query.dtype)
+        codes_first = all(store.launch.codes_first for store in stores)
         arguments = [
             query, *first.pointers, o_part, lse_part, scale * kernels.LOG2E, hkv, group, *first.splits,
             query.stride(0), query.stride(1), *first.strides, wk, wv, wpos, wq, total_splits,
@@ -1173,12 +1190,10 @@ if kernels.triton is not None:
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
-            "CODES_FIRST": first.launch.codes_first,
-            "BLOCK_NW": first.launch.window_block_n or (16 if first.launch.codes_first else first.launch.block_n),
+            # a two-store launch takes the codes first where both stores do (one kernel, one orientation)
+            "CODES_FIRST": codes_first, "BLOCK_NW": WINDOW_BLOCK_CODES_FIRST if codes_first else first.launch.block_n,
         }  # fmt: skip
         kernel = _plane_split_kernel
-        if len(stores) == 1:
-            constexprs["WINDOW_FIRST"] = first.launch.window_first
         if len(stores) == 2:
             second = stores[1]
             arguments += [*second.pointers, *second.splits, *second.strides]

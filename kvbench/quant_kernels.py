@@ -218,13 +218,13 @@ class LaunchConfig:
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
     # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
-    # `_weighted_values`): a product's first operand has 16 rows, its second 8 columns, so the query rows pad
-    # to 8 instead of 16. Off until timed.
-    codes_first: bool = False
-    # The plane kernel's window program's tile (slots); 0: 16 with codes_first, else block_n.
-    window_block_n: int = 0
-    # One store's launch: the window's programs first in the grid, not last.
-    window_first: bool = False
+    # `_weighted_values`) for the key modes in `plane_kernel.CODES_FIRST_KEY_MODES`: a product's first operand
+    # has 16 rows and its second 8 columns, so a GQA group of 4 query rows pads to 8 instead of 16. KIVI's
+    # layout ("halves") then takes `halves_programs_per_sm` (offline: 168 registers a thread, so 6 two-warp
+    # programs fit an SM). H100 (benchmarks/README.md, "The codes first"): KIVI-2's step at 32k batch 4
+    # 9.96 -> 9.26 ms; kernel alone, per-token 4-bit 2.5-5% faster at 32k and 128k, batch 1 and 4.
+    codes_first: bool = True
+    halves_programs_per_sm: tuple[int, int] = (6, 12)  # (programs_per_sm, programs_per_sm_many_heads)
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
     # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one

@@ -133,6 +133,14 @@ ROWS16_CASES = (
     "zipcache4_lead_bf16+window",
 )
 ROWS16 = {"query_rows": 16, "query_rows_token_keys": 16}
+# The products with the query rows first where the default launch puts the codes first (per-token keys, KIVI's
+# "halves"; the launch's `codes_first` off), as before: a window, a rotation, both bit widths, groups of 2-4.
+QUERY_FIRST_CASES = (
+    "quarot4_offset_bf16+rotation",
+    "plane_groups_fp16+window",
+    "kivi4_halves_bf16+window",
+    "kivi2_halves_fp16",
+)
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -169,9 +177,10 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
 
 
 @contextlib.contextmanager
-def _launched_query_rows() -> Iterator[list[int]]:
-    """The query rows (BLOCK_G) each plane-kernel launch inside the block was given, as launched."""
-    rows, wrap = [], plane_kernel.wrap_triton
+def _launched() -> Iterator[list[dict]]:
+    """The constexprs each plane-kernel launch inside the block was given (query rows BLOCK_G, CODES_FIRST),
+    as launched."""
+    launches, wrap = [], plane_kernel.wrap_triton
 
     def spy(kernel):  # wrap_triton(kernel)[grid](*args, **constexprs)
         grids = wrap(kernel)
@@ -179,7 +188,7 @@ def _launched_query_rows() -> Iterator[list[int]]:
         class Grids:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    rows.append(kwargs["BLOCK_G"])
+                    launches.append({name: kwargs[name] for name in ("BLOCK_G", "CODES_FIRST")})
                     return grids[grid](*args, **kwargs)
 
                 return launch
@@ -188,7 +197,7 @@ def _launched_query_rows() -> Iterator[list[int]]:
 
     plane_kernel.wrap_triton = spy
     try:
-        yield rows
+        yield launches
     finally:
         plane_kernel.wrap_triton = wrap
 
@@ -255,7 +264,7 @@ def _measure(
     if with_scale:  # after the rotation, as the combine kernel scales
         out_scale = _out_scale(*x["keys"].codes.shape[:2], ref_out.shape[-1])
         ref_out = quant_kernels.scale_channels(ref_out, out_scale)
-    with _launched_query_rows() as query_rows:
+    with _launched() as launches:
         out, lse = packed_decode_attention(*args, window, rotation, out_scale)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
@@ -304,8 +313,9 @@ def _measure(
             plane_kernel.plane_launch(launch, sums, plan[0] if plan else "", b * hkv, s),
         )[0],
         "group": group,
-        "query_block": query_rows[0] if query_rows else None,  # one plane-kernel launch, or none
-        "launches": len(query_rows),
+        "query_block": launches[0]["BLOCK_G"] if launches else None,  # one plane-kernel launch, or none
+        "codes_first": bool(launches and launches[0]["CODES_FIRST"]),
+        "launches": len(launches),
     }
 
 
@@ -360,7 +370,7 @@ def _measure_pair(
 
     plane_kernel._plane_attention_triton = spy
     try:
-        with _launched_query_rows() as query_rows:
+        with _launched() as launches:
             out, lse = quant_kernels.packed_sets_attention(query, sets, 0.2, window, out_scale)
     finally:
         plane_kernel._plane_attention_triton = launch_stores
@@ -368,7 +378,8 @@ def _measure_pair(
     return {
         "one_launch": plane_kernel.pair_fits(sets[0][:2], sets[1][:2], quant_kernels.LAUNCH),
         "launched_splits": launched,
-        "launched_query_rows": query_rows,
+        "launched_query_rows": [launch["BLOCK_G"] for launch in launches],
+        "launched_codes_first": [launch["CODES_FIRST"] for launch in launches],
         "window": with_window,
         "dtype": dtype,
         "out_dtype_ok": out.dtype == query.dtype and lse.dtype == torch.float32,
@@ -460,6 +471,10 @@ def _worker() -> None:
         case, *given = name.split("+")
         launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), **ROWS16)
         cases[f"{name}+rows16"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
+    for name in QUERY_FIRST_CASES:
+        case, *given = name.split("+")
+        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), codes_first=False)
+        cases[f"{name}+query_first"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
     rows16 = quant_kernels.LaunchConfig(**ROWS16)
     cases["pair:zipcache_pair_fp16+window+rows16"] = _measure_pair("zipcache_pair_fp16", True, rows16)
     for name in ROTATION_CASES:
@@ -483,6 +498,7 @@ def interpreted() -> dict:
         *(f"{name}+scale" for name in SCALE_CASES),
         *(f"{name}+unmasked" for name in UNMASKED_CASES),
         *(f"{name}+rows16" for name in ROWS16_CASES),
+        *(f"{name}+query_first" for name in QUERY_FIRST_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -652,6 +668,14 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_query_rows"] == [4]
     assert interpreted["pair:zipcache_pair_fp16+window+rows16"]["launched_query_rows"] == [16]
     assert interpreted["pair:lead_token_pair_bf16"]["launched_query_rows"] == [8]  # the second store's
+    # products with the codes first (per-token keys, KIVI's "halves"; with and without a window, a rotation)
+    # and with the query rows first (every other key mode, and those two with the launch's codes_first off)
+    codes_first = {(m["key_mode"], m["window"], m["rotation"]) for m in plane if m["codes_first"]}
+    assert {mode for mode, _, _ in codes_first} == set(plane_kernel.CODES_FIRST_KEY_MODES)
+    assert {(window, rotation) for _, window, rotation in codes_first} >= {(False, False), (True, False), (False, True)}
+    assert {m["key_mode"] for m in plane if not m["codes_first"]} == {"token", "row", "lead", "halves", "rows"}
+    assert interpreted["pair:zipcache_pair_bf16+window"]["launched_codes_first"] == [False]
+    assert interpreted["pair:lead_token_pair_bf16"]["launched_codes_first"] == [False]  # not both stores
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
         (True, False),
@@ -686,8 +710,23 @@ def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
     assert plane_kernel.plane_launch(launch, True, "token", 32, 32768).num_warps == 1
     token_rows = dataclasses.replace(launch, query_rows=launch.query_rows_token_keys)
     assert plane_kernel.plane_launch(launch, True, "token", 8, 32768) == token_rows
-    assert plane_kernel.plane_launch(launch, False, "halves", 32, 131072) == launch
-    assert plane_kernel.plane_launch(launch, True, "lead", 32, 131072) == launch
+    assert plane_kernel.plane_launch(launch, False, "halves", 32, 131072).num_warps == launch.num_warps
+    assert plane_kernel.plane_launch(launch, True, "lead", 32, 131072) == dataclasses.replace(launch, codes_first=False)
+
+
+def test_codes_go_first_for_per_token_keys_and_kivis_halves() -> None:
+    """The products take the codes first for the key modes where it was faster (`CODES_FIRST_KEY_MODES`),
+    KIVI's "halves" then at its own split targets; the launch's codes_first off, no key mode does."""
+    launch = quant_kernels.LaunchConfig()
+    modes = ("token", "halves", "lead", "row", "rows")
+    launches = {mode: plane_kernel.plane_launch(launch, False, mode, 8, 4096) for mode in modes}
+    assert [launches[mode].codes_first for mode in modes] == [True, True, False, False, False]
+    halves = launches["halves"]
+    assert (halves.programs_per_sm, halves.programs_per_sm_many_heads) == launch.halves_programs_per_sm
+    assert launches["token"].programs_per_sm == launch.programs_per_sm
+    off = dataclasses.replace(launch, codes_first=False)
+    assert not any(plane_kernel.plane_launch(off, False, mode, 8, 4096).codes_first for mode in modes)
+    assert plane_kernel.plane_launch(off, False, "halves", 8, 4096).programs_per_sm == launch.programs_per_sm
 
 
 def test_query_rows_follow_the_group_and_per_token_keys_take_eight() -> None:
@@ -784,45 +823,73 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
 
 
 @pytest.mark.parametrize(
-    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits", "unmasked", "rows"),
+    ("dtype", "key_mode", "groups", "zero_sums", "offset", "bits", "unmasked", "rows", "flip"),
     [
-        ("bf16", "token", 1, False, False, 4, False, 0),
-        ("bf16", "token", 1, True, False, 4, False, 0),  # the launch's `zero_row_sums`
-        ("bf16", "token", 1, True, True, 4, False, 0),  # and its `offset_codes`: the offset nibble PTX
-        ("fp16", "token", 1, True, True, 4, False, 0),
-        ("fp16", "row", 4, False, False, 4, False, 0),
-        ("fp16", "token", 4, False, False, 4, False, 0),
-        ("bf16", "rows", 4, False, False, 4, False, 0),
-        ("bf16", "halves", 4, False, False, 4, False, 0),
-        ("bf16", "lead", 1, True, False, 4, False, 0),  # ZipCache's salient set: values with one zero-point per slot
-        ("fp16", "lead", 1, True, False, 4, False, 0),
-        ("bf16", "lead", 1, True, False, 2, False, 0),  # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
-        ("fp16", "halves", 4, False, False, 2, False, 0),  # KIVI-2 (`_f16_crumbs`)
-        # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
-        ("bf16", "token", 1, True, True, 4, True, 0),
-        ("fp16", "token", 4, False, False, 4, True, 0),
-        ("fp16", "row", 4, False, False, 4, True, 0),
-        ("bf16", "rows", 4, False, False, 4, True, 0),
-        ("bf16", "lead", 1, True, False, 2, True, 0),
-        ("fp16", "halves", 4, False, False, 2, True, 0),
-        # query rows past the group's: one tensor-core product's 16, as before they followed the group
-        ("bf16", "token", 1, True, True, 4, False, 16),
-        ("bf16", "halves", 4, False, False, 4, False, 16),
-        ("fp16", "halves", 4, False, False, 2, False, 16),
-        ("bf16", "lead", 1, True, False, 2, False, 16),
-        ("bf16", "halves", 4, False, False, 2, False, 1),  # MHA: one query row a KV head
+        *(
+            (*case, True)  # the other operand first: query rows first where codes go first, and the reverse
+            for case in (
+                ("bf16", "token", 1, True, True, 4, False, 0),
+                ("fp16", "token", 4, False, False, 4, False, 0),
+                ("bf16", "halves", 4, False, False, 4, False, 0),
+                ("fp16", "halves", 4, False, False, 2, False, 0),
+                ("bf16", "lead", 1, True, False, 2, False, 0),
+                ("fp16", "row", 4, False, False, 4, False, 0),
+            )
+        ),
+        *(
+            (*case, False)
+            for case in (
+                ("bf16", "token", 1, False, False, 4, False, 0),
+                ("bf16", "token", 1, True, False, 4, False, 0),  # the launch's `zero_row_sums`
+                ("bf16", "token", 1, True, True, 4, False, 0),  # and its `offset_codes`: the offset nibble PTX
+                ("fp16", "token", 1, True, True, 4, False, 0),
+                ("fp16", "row", 4, False, False, 4, False, 0),
+                ("fp16", "token", 4, False, False, 4, False, 0),
+                ("bf16", "rows", 4, False, False, 4, False, 0),
+                ("bf16", "halves", 4, False, False, 4, False, 0),
+                # ZipCache's salient set: values with one zero-point per slot
+                ("bf16", "lead", 1, True, False, 4, False, 0),
+                ("fp16", "lead", 1, True, False, 4, False, 0),
+                # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
+                ("bf16", "lead", 1, True, False, 2, False, 0),
+                ("fp16", "halves", 4, False, False, 2, False, 0),  # KIVI-2 (`_f16_crumbs`)
+                # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
+                ("bf16", "token", 1, True, True, 4, True, 0),
+                ("fp16", "token", 4, False, False, 4, True, 0),
+                ("fp16", "row", 4, False, False, 4, True, 0),
+                ("bf16", "rows", 4, False, False, 4, True, 0),
+                ("bf16", "lead", 1, True, False, 2, True, 0),
+                ("fp16", "halves", 4, False, False, 2, True, 0),
+                # query rows past the group's: one tensor-core product's 16, as before they followed the group
+                ("bf16", "token", 1, True, True, 4, False, 16),
+                ("bf16", "halves", 4, False, False, 4, False, 16),
+                ("fp16", "halves", 4, False, False, 2, False, 16),
+                ("bf16", "lead", 1, True, False, 2, False, 16),
+                ("bf16", "halves", 4, False, False, 2, False, 1),  # MHA: one query row a KV head
+            )
+        ),
     ],
 )
 def test_plane_kernel_compiles_for_hopper(
-    dtype: str, key_mode: str, groups: int, zero_sums: bool, offset: bool, bits: int, unmasked: bool, rows: int
+    dtype: str,
+    key_mode: str,
+    groups: int,
+    zero_sums: bool,
+    offset: bool,
+    bits: int,
+    unmasked: bool,
+    rows: int,
+    flip: bool,
 ) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
     bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
     instead. Query rows (`rows`; 0: the default launch's for a GQA group of 4) below one product's 16 go
-    through Triton's padding of the product."""
+    through Triton's padding of the product. The products take the codes first where the default launch does
+    (`plane_kernel.CODES_FIRST_KEY_MODES`), the query rows first elsewhere; `flip` compiles the other."""
     import triton.language as tl
 
     default = quant_kernels.LaunchConfig()
+    codes_first = plane_kernel.plane_launch(default, zero_sums, key_mode, 1, 1).codes_first != flip
 
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
     elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
@@ -843,8 +910,8 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
-        "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": default.codes_first,
-        "BLOCK_NW": 16 if default.codes_first else 64, "WINDOW_FIRST": default.window_first,
+        "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
+        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
@@ -872,8 +939,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 4, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
         "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
-        "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": quant_kernels.LaunchConfig().codes_first,
-        "BLOCK_NW": 64,
+        "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": False, "BLOCK_NW": 64,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
         constexprs |= {
