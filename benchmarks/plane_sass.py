@@ -5,6 +5,7 @@
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead --variants zero_sums --warps 1 2   # ZipCache
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead halves --variants default zero_sums --bits 2
     PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --variants default default_query_first --bits 2
+    PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --bits 2 4 --window   # registers as KIVI's step
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
@@ -88,10 +89,17 @@ def argument_values(mode: str) -> dict[str, int]:
 
 
 def compile_plane(
-    mode: str, variant: str, num_warps: int, bits: int = 4, block_n: int = 64, value_bits: int = 0, block_g: int = 0
+    mode: str,
+    variant: str,
+    num_warps: int,
+    bits: int = 4,
+    block_n: int = 64,
+    value_bits: int = 0,
+    block_g: int = 0,
+    window: bool = False,
 ):
     """The plane kernel for `mode` and `variant`; codes of `bits` (`value_bits` for the values, if given), at
-    `block_g` query rows a tile (0: the default launch's)."""
+    `block_g` query rows a tile (0: the default launch's), with the window's program (a ring) if `window`."""
     value_bits = value_bits or bits
     launch = plane_kernel.plane_launch(LaunchConfig(), False, mode, 1, 1)
     if not block_g:  # the default launch's query rows for this key mode and the shape's group
@@ -112,10 +120,11 @@ def compile_plane(
         "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
-        "V_ASM": True, "HAS_WINDOW": False, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WINDOW_RING": False, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
-        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST,
+        "V_ASM": True, "HAS_WINDOW": window, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
+        "OFFSET": 0.0, "WINDOW_RING": window, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
     } | VARIANTS[variant]  # fmt: skip
+    # the window's tile as `_plane_attention_triton` chooses it for the products' order
+    constexprs["BLOCK_NW"] = plane_kernel.WINDOW_BLOCK_CODES_FIRST if constexprs["CODES_FIRST"] else block_n
     values = argument_values(mode)
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
@@ -185,6 +194,7 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[2])
     parser.add_argument("--bits", type=int, nargs="+", default=[4], choices=[2, 4])
     parser.add_argument("--block-n", type=int, default=64, help="slots a tile (mode row: 32)")
+    parser.add_argument("--window", action="store_true", help="with the window's program (a ring), as KIVI's step")
     parser.add_argument("--value-bits", type=int, default=0, choices=[0, 2, 4], help="values' bits (0: --bits)")
     parser.add_argument(
         "--block-g", type=int, nargs="+", default=[0], help="query rows a tile, a power of two (0: the launch's)"
@@ -202,7 +212,9 @@ def main() -> None:
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
                 if base == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only
-                m = measure(compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g))
+                m = measure(
+                    compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g, args.window)
+                )
                 widths = f"{bits}/{args.value_bits or bits} bits"
                 rows = block_g or "default"
                 print(f"{mode:<7}{variant:<22} {widths} {warps} warps {rows:>2} rows: loop {m['loop']:5d}  "

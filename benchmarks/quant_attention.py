@@ -88,12 +88,17 @@ CHECKED_ONLY = {
 
 
 def fixed(programs_per_sm: int, **launch) -> LaunchConfig:
-    """A launch with one split target whatever the number of (sequence, KV head) pairs."""
-    return LaunchConfig(programs_per_sm=programs_per_sm, programs_per_sm_many_heads=programs_per_sm, **launch)
+    """A launch with one split target whatever the number of (sequence, KV head) pairs (KIVI's "halves" too)."""
+    return LaunchConfig(
+        programs_per_sm=programs_per_sm,
+        programs_per_sm_many_heads=programs_per_sm,
+        halves_programs_per_sm=(programs_per_sm, programs_per_sm),
+        **launch,
+    )
 
 
 # KIVI's "halves" layout takes its split targets from `halves_programs_per_sm` while its products take the
-# codes first (the default), whatever a configuration's programs_per_sm says (`plane_kernel.plane_launch`).
+# codes first (the default; `plane_kernel.plane_launch`): `fixed` and `many{n}` set it too.
 CONFIGS = {
     "default": quant_kernels.LAUNCH,
     "w4_pps2": fixed(2, num_warps=4),  # the launch before two warps became the default
@@ -139,10 +144,15 @@ CONFIGS = {
     "halves_pps4": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(4, 8)),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
-# programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default; ZipCache's pair too (its
-# wave estimate off, which would otherwise choose among n and its own targets).
+# programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": six as by
+# default); ZipCache's pair too (its wave estimate off, which would otherwise choose among n and its own targets).
 CONFIGS |= {
-    f"many{n}": replace(quant_kernels.LAUNCH, programs_per_sm_many_heads=n, pair_wave_target=False)
+    f"many{n}": replace(
+        quant_kernels.LAUNCH,
+        programs_per_sm_many_heads=n,
+        halves_programs_per_sm=(quant_kernels.LAUNCH.halves_programs_per_sm[0], n),
+        pair_wave_target=False,
+    )
     for n in (3, 4, 5, 6, 7, 10, 12, 16)
 }
 DEFAULT_CONFIGS = "default,no_offset,one_warp,two_warps"  # each block/warp/stage change compiles per layout

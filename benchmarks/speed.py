@@ -469,6 +469,8 @@ def quant_launch(overrides: list[str]) -> quant_kernels.LaunchConfig:
             changes[name] = value.lower() in ("1", "true")
         elif str(fields[name]).startswith("tuple"):
             changes[name] = tuple(int(v) for v in value.split(","))
+            if len(changes[name]) != len(getattr(quant_kernels.LAUNCH, name)):
+                raise SystemExit(f"--quant-launch {item!r} is not valid: {name} takes as many integers as its default")
         else:
             changes[name] = int(value)
     return dataclasses.replace(quant_kernels.LAUNCH, **changes)

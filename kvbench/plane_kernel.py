@@ -93,8 +93,9 @@ def plane_plan(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> 
 
 # Key modes whose products take the codes first (`LaunchConfig.codes_first`). H100, kernel alone
 # (`quant_attention.py`, 695bb17): per-token 4-bit codes ("token") 2.5-5% faster at 32k and 128k, batch 1 and 4;
-# KIVI's "halves" at 6 / 12 programs an SM 4-12% faster at 32k batch 4 and 128k batch 1, 13% slower at 128k
-# batch 4, and its step at 32k batch 4 9.96 -> 9.26 ms; ZipCache's "lead" sets 5-11% slower, so they keep
+# KIVI's "halves" at 6 / 12 programs an SM: KIVI-2 4% / 9% faster at 32k batch 4 / 128k batch 1, 2% / 13%
+# slower at 32k batch 1 / 128k batch 4 (KIVI-4 7% / 12% faster, 5% slower at 128k batch 4), and KIVI-2's step
+# at 32k batch 4 9.96 -> 9.26 ms (KIVI-4's 9.46 -> 9.47); ZipCache's "lead" sets 5-11% slower, so they keep
 # the query rows first; "row" and "rows" (KIVI off its default tiles) were not timed.
 CODES_FIRST_KEY_MODES = ("token", "halves")
 # The window program's tile with the codes first: its 16-bit rows at 64 slots a tile held more registers than
@@ -384,7 +385,7 @@ if kernels.triton is not None:
     def _load_values(base, slots, live, stride_s, offs_w, WIDTH: tl.constexpr, CODES_FIRST: tl.constexpr):
         """A tile's values (planar elements of codes, or one plane of the window's values): [N, BLOCK_W] as
         `_load_elements`, or with CODES_FIRST [BLOCK_W, N] (the products' first operand, `_weighted_values`),
-        loaded that way rather than transposed after (0 where masked)."""
+        loaded that way (0 where masked)."""
         if CODES_FIRST:
             mask = (offs_w < WIDTH)[:, None] & live[None, :]
             elements = tl.load(base + slots[None, :] * stride_s + offs_w[:, None], mask=mask, other=0)
@@ -638,8 +639,9 @@ if kernels.triton is not None:
         With WINDOW_RING the window's positions are not read but derived from the ring's counters
         (`quant_kernels.Window`): wpos_ptr and wq_ptr hold each sequence's tokens seen and tokens quantized,
         at strides stride_wpb and stride_wph, and the step computes no positions.
-        With CODES_FIRST every product takes the codes (the window's rows) as its first operand and the value
-        tiles are read [W, N] (`_load_values`); the window's tiles are BLOCK_NW slots.
+        With CODES_FIRST every product of a tile takes the tile (codes, the window's rows, the value
+        zero-points) as its first operand and the value tiles are read [W, N] (`_load_values`); the window's
+        tiles are BLOCK_NW slots.
         With ROTATE (QuaRot: keys and values stored rotated), the query is rotated here to meet them, each
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
@@ -1303,6 +1305,11 @@ def _plane_pair_op(
     )
     if kernels._use_triton(query):
         launch = quant_kernels.LAUNCH
+        # One kernel, one order of the products: the codes first only where both stores' key modes take them,
+        # decided before each store's launch (whose split targets follow it, `plane_launch`).
+        modes = [store_launch(keys, values, launch)[0] for keys, values in (first, second)]
+        if not all(mode in CODES_FIRST_KEY_MODES for mode in modes):
+            launch = replace(launch, codes_first=False)
         batch_heads = k_codes.shape[0] * k_codes.shape[1]
         if launch.pair_wave_target and batch_heads > FEW_HEADS:
             sets = ((k_codes.shape[2], first[0].bits), (k_codes_2.shape[2], second[0].bits))

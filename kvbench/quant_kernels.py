@@ -210,8 +210,8 @@ class LaunchConfig:
     # The plane kernel's tiles wholly inside a split's live slots (all but its first and last, and below
     # lead for ZipCache's sets) in a loop of their own, without slot masks (`_plane_split`'s UNMASKED).
     # Offline (sm_90, Triton 3.7.1, `plane_sass.py`): ZipCache's prompt loop 833 -> 757 instructions a warp
-    # and tile at 4 bits, 1,074 -> 975 at 2; KIVI's "halves" 1,640 -> 1,572 and 1,991 -> 1,899. Off until
-    # timed (`quant_attention.py --configs unmasked`).
+    # and tile at 4 bits, 1,074 -> 975 at 2; KIVI's "halves" 1,640 -> 1,572 and 1,991 -> 1,899. Off: timed
+    # without a consistent gain (`quant_attention.py --configs unmasked`; benchmarks/README.md).
     unmasked_tiles: bool = False
     # With pair_sets, above FEW_HEADS pairs: the pair launch's split target chosen from a few by an estimate
     # of its waves (`plane_kernel.pair_wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
@@ -220,9 +220,10 @@ class LaunchConfig:
     # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
     # `_weighted_values`) for the key modes in `plane_kernel.CODES_FIRST_KEY_MODES`: a product's first operand
     # has 16 rows and its second 8 columns, so a GQA group of 4 query rows pads to 8 instead of 16. KIVI's
-    # layout ("halves") then takes `halves_programs_per_sm` (offline: 168 registers a thread, so 6 two-warp
-    # programs fit an SM). H100 (benchmarks/README.md, "The codes first"): KIVI-2's step at 32k batch 4
-    # 9.96 -> 9.26 ms; kernel alone, per-token 4-bit 2.5-5% faster at 32k and 128k, batch 1 and 4.
+    # layout ("halves") then takes `halves_programs_per_sm` (offline: KIVI-2's kernel, window included, at 168
+    # registers a thread, so 6 two-warp programs fit an SM; KIVI-4's at 255, 4). H100 (benchmarks/README.md,
+    # "The codes first"): KIVI-2's step at 32k batch 4 9.96 -> 9.26 ms, KIVI-4's unchanged; kernel alone
+    # per-token 4-bit 2.5-5% faster at 32k and 128k, batch 1 and 4, KIVI-2 13% slower at 128k batch 4.
     codes_first: bool = True
     halves_programs_per_sm: tuple[int, int] = (6, 12)  # (programs_per_sm, programs_per_sm_many_heads)
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever

@@ -674,6 +674,9 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {mode for mode, _, _ in codes_first} == set(plane_kernel.CODES_FIRST_KEY_MODES)
     assert {(window, rotation) for _, window, rotation in codes_first} >= {(False, False), (True, False), (False, True)}
     assert {m["key_mode"] for m in plane if not m["codes_first"]} == {"token", "row", "lead", "halves", "rows"}
+    assert {bits for m in plane if m["codes_first"] for bits in m["bits"]} == {2, 4}
+    assert any(m["key_mode"] == "halves" and m["window"] for m in plane if m["codes_first"])
+    assert any(not m["zero_sums"] for m in plane if m["codes_first"])  # the zero-point product, codes first
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_codes_first"] == [False]
     assert interpreted["pair:lead_token_pair_bf16"]["launched_codes_first"] == [False]  # not both stores
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
@@ -726,7 +729,11 @@ def test_codes_go_first_for_per_token_keys_and_kivis_halves() -> None:
     assert launches["token"].programs_per_sm == launch.programs_per_sm
     off = dataclasses.replace(launch, codes_first=False)
     assert not any(plane_kernel.plane_launch(off, False, mode, 8, 4096).codes_first for mode in modes)
-    assert plane_kernel.plane_launch(off, False, "halves", 8, 4096).programs_per_sm == launch.programs_per_sm
+    off_halves = plane_kernel.plane_launch(off, False, "halves", 8, 4096)
+    assert (off_halves.programs_per_sm, off_halves.programs_per_sm_many_heads) == (
+        launch.programs_per_sm,
+        launch.programs_per_sm_many_heads,
+    )
 
 
 def test_query_rows_follow_the_group_and_per_token_keys_take_eight() -> None:

@@ -233,3 +233,14 @@ def test_a_batch_shares_one_prompt_prefilled_once_unless_asked_for_distinct_ones
     assert rows[False]["prefill_s"] > 0 and rows[True]["prefill_s"] > 0
     # shared: the one sequence prefilled (the first, whose measurement the row keeps), not a mean over three
     assert rows[False]["prefill_s"] == rows[False]["measurement"]["prefill_s"]
+
+
+def test_quant_launch_reads_flags_integers_and_pairs():
+    """`--quant-launch FIELD=VALUE`: booleans as 0/1, integers, pairs as "6,12"; a pair of the wrong length or
+    an unknown field is refused naming it."""
+    launch = speed.quant_launch(["codes_first=0", "block_n=32", "halves_programs_per_sm=4,8"])
+    assert (launch.codes_first, launch.block_n, launch.halves_programs_per_sm) == (False, 32, (4, 8))
+    with pytest.raises(SystemExit, match="halves_programs_per_sm"):
+        speed.quant_launch(["halves_programs_per_sm=6"])
+    with pytest.raises(SystemExit, match="nope"):
+        speed.quant_launch(["nope=1"])
