@@ -178,8 +178,8 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
 
 @contextlib.contextmanager
 def _launched() -> Iterator[list[dict]]:
-    """The constexprs each plane-kernel launch inside the block was given (query rows BLOCK_G, CODES_FIRST),
-    as launched."""
+    """The constexprs each plane-kernel launch inside the block was given (query rows BLOCK_G, CODES_FIRST, the
+    window's tile BLOCK_NW), as launched."""
     launches, wrap = [], plane_kernel.wrap_triton
 
     def spy(kernel):  # wrap_triton(kernel)[grid](*args, **constexprs)
@@ -188,7 +188,7 @@ def _launched() -> Iterator[list[dict]]:
         class Grids:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    launches.append({name: kwargs[name] for name in ("BLOCK_G", "CODES_FIRST")})
+                    launches.append({name: kwargs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW")})
                     return grids[grid](*args, **kwargs)
 
                 return launch
@@ -315,6 +315,7 @@ def _measure(
         "group": group,
         "query_block": launches[0]["BLOCK_G"] if launches else None,  # one plane-kernel launch, or none
         "codes_first": bool(launches and launches[0]["CODES_FIRST"]),
+        "window_block": launches[0]["BLOCK_NW"] if launches else None,
         "launches": len(launches),
     }
 
@@ -677,6 +678,10 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {bits for m in plane if m["codes_first"] for bits in m["bits"]} == {2, 4}
     assert any(m["key_mode"] == "halves" and m["window"] for m in plane if m["codes_first"])
     assert any(not m["zero_sums"] for m in plane if m["codes_first"])  # the zero-point product, codes first
+    # the window's tile: 16 slots with the codes first, the launch's tile with the query rows first
+    windowed = [m for m in plane if m["window"]]
+    assert {m["window_block"] for m in windowed if m["codes_first"]} == {plane_kernel.WINDOW_BLOCK_CODES_FIRST}
+    assert {m["window_block"] for m in windowed if not m["codes_first"]} >= {64}
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_codes_first"] == [False]
     assert interpreted["pair:lead_token_pair_bf16"]["launched_codes_first"] == [False]  # not both stores
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
