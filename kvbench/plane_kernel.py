@@ -349,8 +349,9 @@ if kernels.triton is not None:
 
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
-        """Planar elements [N, W] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes; the
-        integer path takes any BITS) -> the 4 planes' codes plus OFFSET as DTYPE values, exactly, each [N, W]:
+        """Planar elements [N, W] or [W, N] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes;
+        the integer path takes any BITS) -> the 4 planes' codes plus OFFSET as DTYPE values, exactly, each of
+        the elements' shape:
         with ASM (a 16-bit DTYPE, compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (4 bits, OFFSET
         0), their offset forms (OFFSET 128 for bfloat16, 1024 for float16) or `_bf16_crumbs` / `_f16_crumbs`
         (2 bits, OFFSET 0), otherwise by integer shifts and the exact float32 exponent trick, the offset added
