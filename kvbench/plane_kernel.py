@@ -1179,7 +1179,7 @@ if kernels.triton is not None:
             wk, wv, wpos = window.keys, window.values, window.positions
             window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride())
         upcast, precision = kernels._upcast_and_precision(query.dtype)
-        codes_first = all(store.launch.codes_first for store in stores)
+        codes_first = first.launch.codes_first  # a pair's stores agree (`_plane_pair_op` decides for both)
         arguments = [
             query, *first.pointers, o_part, lse_part, scale * kernels.LOG2E, hkv, group, *first.splits,
             query.stride(0), query.stride(1), *first.strides, wk, wv, wpos, wq, total_splits,
@@ -1193,7 +1193,6 @@ if kernels.triton is not None:
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
-            # a two-store launch takes the codes first where both stores do (one kernel, one orientation)
             "CODES_FIRST": codes_first, "BLOCK_NW": WINDOW_BLOCK_CODES_FIRST if codes_first else first.launch.block_n,
         }  # fmt: skip
         kernel = _plane_split_kernel
@@ -1308,7 +1307,7 @@ def _plane_pair_op(
         launch = quant_kernels.LAUNCH
         # One kernel, one order of the products: the codes first only where both stores' key modes take them,
         # decided before each store's launch (whose split targets follow it, `plane_launch`).
-        modes = [store_launch(keys, values, launch)[0] for keys, values in (first, second)]
+        modes = [plane_plan(keys, values, launch)[0] for keys, values in (first, second)]
         if not all(mode in CODES_FIRST_KEY_MODES for mode in modes):
             launch = replace(launch, codes_first=False)
         batch_heads = k_codes.shape[0] * k_codes.shape[1]
