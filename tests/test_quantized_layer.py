@@ -462,20 +462,17 @@ def _worker() -> None:
         cases[f"{name}+scale"] = _measure(case, "window" in given, "rotation" in given, with_scale=True)
     cases["pair:zipcache_pair_bf16+window+scale"] = _measure_pair("zipcache_pair_bf16", True, with_scale=True)
     cases["pair:split_pair_fp16+scale"] = _measure_pair("split_pair_fp16", False, with_scale=True)
-    for name in UNMASKED_CASES:
-        case, *given = name.split("+")
-        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), unmasked_tiles=True)
-        cases[f"{name}+unmasked"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
+    for suffix, names, changes in (
+        ("unmasked", UNMASKED_CASES, {"unmasked_tiles": True}),
+        ("rows16", ROWS16_CASES, ROWS16),
+        ("query_first", QUERY_FIRST_CASES, {"codes_first": False}),
+    ):
+        for name in names:  # each case's own launch with `changes`
+            case, *given = name.split("+")
+            launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), **changes)
+            cases[f"{name}+{suffix}"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
     unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
-    for name in ROWS16_CASES:
-        case, *given = name.split("+")
-        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), **ROWS16)
-        cases[f"{name}+rows16"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
-    for name in QUERY_FIRST_CASES:
-        case, *given = name.split("+")
-        launch = dataclasses.replace(LAUNCHES.get(case, quant_kernels.LaunchConfig()), codes_first=False)
-        cases[f"{name}+query_first"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
     rows16 = quant_kernels.LaunchConfig(**ROWS16)
     cases["pair:zipcache_pair_fp16+window+rows16"] = _measure_pair("zipcache_pair_fp16", True, rows16)
     for name in ROTATION_CASES:
