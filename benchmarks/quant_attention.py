@@ -142,9 +142,6 @@ CONFIGS = {
     # for per-token keys and KIVI's "halves"; and "halves" with the codes first at the default split targets
     "no_codes_first": replace(quant_kernels.LAUNCH, codes_first=False),
     "halves_pps4": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(4, 8)),
-    # "halves" at 8 / 16 and 8 / 8 programs an SM: what fits an SM's registers at 128 a thread (ptxas's cap)
-    "halves_pps8": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(8, 16)),
-    "halves_pps8x8": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(8, 8)),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": six as by
