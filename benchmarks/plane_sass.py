@@ -29,6 +29,7 @@ import itertools
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import triton
@@ -123,8 +124,10 @@ def compile_plane(
         "V_ASM": True, "HAS_WINDOW": window, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0, "WINDOW_RING": window, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
     } | VARIANTS[variant]  # fmt: skip
-    # the window's tile as `_plane_attention_triton` chooses it for the products' order
-    constexprs["BLOCK_NW"] = plane_kernel.WINDOW_BLOCK_CODES_FIRST if constexprs["CODES_FIRST"] else block_n
+    # the window's tile as the launch chooses it for the products' order
+    constexprs["BLOCK_NW"] = plane_kernel.window_block(
+        replace(launch, codes_first=constexprs["CODES_FIRST"], block_n=block_n)
+    )
     values = argument_values(mode)
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):

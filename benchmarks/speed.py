@@ -459,17 +459,18 @@ def use_quant_launch(overrides: list[str]) -> None:
 
 def quant_launch(overrides: list[str]) -> quant_kernels.LaunchConfig:
     """The default launch with FIELD=VALUE overrides (integers; booleans as 0/1 or true/false; pairs as 6,12)."""
-    fields = {f.name: f.type for f in dataclasses.fields(quant_kernels.LaunchConfig)}
+    fields = [f.name for f in dataclasses.fields(quant_kernels.LaunchConfig)]
     changes = {}
     for item in overrides:
         name, _, value = item.partition("=")
         if name not in fields or not value:
-            raise SystemExit(f"--quant-launch {item!r} is not valid: FIELD=VALUE, FIELD one of {list(fields)}")
-        if fields[name] in (bool, "bool"):
+            raise SystemExit(f"--quant-launch {item!r} is not valid: FIELD=VALUE, FIELD one of {fields}")
+        default = getattr(quant_kernels.LAUNCH, name)  # its type is the field's
+        if isinstance(default, bool):
             changes[name] = value.lower() in ("1", "true")
-        elif str(fields[name]).startswith("tuple"):
+        elif isinstance(default, tuple):
             changes[name] = tuple(int(v) for v in value.split(","))
-            if len(changes[name]) != len(getattr(quant_kernels.LAUNCH, name)):
+            if len(changes[name]) != len(default):
                 raise SystemExit(f"--quant-launch {item!r} is not valid: {name} takes as many integers as its default")
         else:
             changes[name] = int(value)

@@ -104,6 +104,12 @@ CODES_FIRST_KEY_MODES = ("token", "halves")
 WINDOW_BLOCK_CODES_FIRST = 16
 
 
+def window_block(launch: LaunchConfig) -> int:
+    """The window program's tile (BLOCK_NW) under a store's launch: `WINDOW_BLOCK_CODES_FIRST` slots with the
+    codes first, the launch's tile otherwise."""
+    return WINDOW_BLOCK_CODES_FIRST if launch.codes_first else launch.block_n
+
+
 def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: int, slots: int) -> LaunchConfig:
     """The plane kernel's launch for a store: per-token keys ("token") take at least `query_rows_token_keys`
     query rows, and with summed value zero-points and pairs x slots of at least `one_warp_summed_slots`, one
@@ -1193,7 +1199,7 @@ if kernels.triton is not None:
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
             "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
-            "CODES_FIRST": codes_first, "BLOCK_NW": WINDOW_BLOCK_CODES_FIRST if codes_first else first.launch.block_n,
+            "CODES_FIRST": codes_first, "BLOCK_NW": window_block(first.launch),
         }  # fmt: skip
         kernel = _plane_split_kernel
         if len(stores) == 2:
