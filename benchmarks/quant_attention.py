@@ -142,6 +142,8 @@ CONFIGS = {
     # for per-token keys and KIVI's "halves"; and "halves" with the codes first at the default split targets
     "no_codes_first": replace(quant_kernels.LAUNCH, codes_first=False),
     "halves_pps4": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(4, 8)),
+    # KIVI's "halves" with bfloat16 queries: codes into the products as bfloat16 bit patterns (subnormal)
+    "subnormal": replace(quant_kernels.LAUNCH, subnormal_codes=True),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": six as by

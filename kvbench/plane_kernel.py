@@ -102,6 +102,9 @@ CODES_FIRST_KEY_MODES = ("token", "halves")
 # the codes' loop (offline, sm_90, KIVI-2: the kernel at 197 registers a thread, 168 at 16 slots a tile). The
 # window's program is one of many and shorter than a split's; its smaller tiles were not timed apart.
 WINDOW_BLOCK_CODES_FIRST = 16
+# SUBNORMAL codes (`_subnormal_codes`): the other operand takes 2^SUBNORMAL_EXPONENT / w_g, the products come
+# out in units of 2^(SUBNORMAL_EXPONENT - 133) (`_subnormal_scale`, `_subnormal_unit` write it as literals).
+SUBNORMAL_EXPONENT = 64
 
 
 def window_block(launch: LaunchConfig) -> int:
@@ -353,6 +356,79 @@ if kernels.triton is not None:
             4,
         )
 
+    # Codes as bfloat16 bit patterns, no exponent and no subtract (SUBNORMAL): a 16-bit pattern v < 256 is
+    # the bfloat16 value v * 2^-133 (subnormal below 128; at 128-255 the exponent field is 1, and
+    # 2^-126 (1 + m / 128) = (128 + m) 2^-133 again), so masking a plane in place gives code * w_g * 2^-133,
+    # w_g the plane's place value (2 bits: 4^g; 4 bits: 1, 16, 1, 16), which the caller folds into the other
+    # operand (`_subnormal_scale`).
+    # 4 bits: 5 instructions make 8 values (planes 2 and 3 from one shift); 2 bits: 10 make 16.
+    @triton.jit
+    def _bf16_subnormal_nibbles(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 t;
+            and.b32 $0, $4, 0x000F000F; and.b32 $1, $4, 0x00F000F0; shr.b32 t, $4, 8;
+            and.b32 $2, t, 0x000F000F; and.b32 $3, t, 0x00F000F0; }""",
+            "=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            2,
+        )
+
+    @triton.jit
+    def _bf16_subnormal_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            and.b32 $0, a, 0x00030003; and.b32 $1, b, 0x00030003;
+            and.b32 $2, a, 0x000C000C; and.b32 $3, b, 0x000C000C;
+            and.b32 $4, a, 0x00300030; and.b32 $5, b, 0x00300030;
+            and.b32 $6, a, 0x00C000C0; and.b32 $7, b, 0x00C000C0; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            4,
+        )
+
+    @triton.jit
+    def _subnormal_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+        """`_plane_codes`'s planes as the values code * w_g * 2^-133 (bfloat16 patterns code * w_g): through
+        the asm above (bfloat16), or by integer masks and a bitcast to float32, then DTYPE (the interpreter,
+        which takes bfloat16 queries in float32)."""
+        if ASM and BITS == 4:
+            c0, c1, c2, c3 = _bf16_subnormal_nibbles(elements)
+        elif ASM:
+            c0, c1, c2, c3 = _bf16_subnormal_crumbs(elements)
+        else:
+            # bfloat16 is a float32's high half: the pattern v shifted 16 bits is v * 2^-133 in float32 too
+            words = elements.to(tl.int32)
+            low: tl.constexpr = (1 << BITS) - 1
+            c0 = ((words & low) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+            c1 = ((words & (low << BITS)) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+            if BITS == 4:  # planes 2 and 3 shifted down a byte, to place values 1 and 16 like planes 0 and 1
+                c2 = (((words >> 8) & low) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+                c3 = (((words >> 8) & (low << BITS)) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+            else:
+                c2 = ((words & (low << (2 * BITS))) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+                c3 = ((words & (low << (3 * BITS))) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _subnormal_unit():
+        """2^(133 - SUBNORMAL_EXPONENT): the products of `_subnormal_codes` back in their own units."""
+        return 590295810358705651712.0
+
+    @triton.jit
+    def _subnormal_scale(PLANE: tl.constexpr, BITS: tl.constexpr):
+        """2^SUBNORMAL_EXPONENT / w_g: what the other operand of plane PLANE's product takes, so that with
+        `_subnormal_codes` every plane's products come out in units of 2^(SUBNORMAL_EXPONENT - 133)."""
+        if BITS == 2:
+            scale = 18446744073709551616.0 / (1 << (2 * PLANE))
+        else:
+            scale = 18446744073709551616.0 / (1 << (4 * (PLANE % 2)))
+        return scale
+
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
         """Planar elements [N, W] or [W, N] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes;
@@ -475,12 +551,18 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr,
+        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr, SUBNORMAL: tl.constexpr = False, BITS: tl.constexpr = 4,
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
-        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G]). With
+        SUBNORMAL (codes from `_subnormal_codes`) the first in units of 2^(SUBNORMAL_EXPONENT - 133)."""
         s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
         bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
+        if SUBNORMAL:
+            s0 = s0 * _subnormal_scale(0, BITS)
+            s1 = s1 * _subnormal_scale(1, BITS)
+            s2 = s2 * _subnormal_scale(2, BITS)
+            s3 = s3 * _subnormal_scale(3, BITS)
         logits = _scores((q0.to(tl.float32) * s0[None, :]).to(DTYPE), c0, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, (q1.to(tl.float32) * s1[None, :]).to(DTYPE), c1, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, (q2.to(tl.float32) * s2[None, :]).to(DTYPE), c2, PRECISION, CODES_FIRST)
@@ -607,6 +689,7 @@ if kernels.triton is not None:
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
+        SUBNORMAL: tl.constexpr,
     ):
         """Program (bh = sequence x KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -653,6 +736,9 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
+        # bit-pattern codes: KIVI's "halves" (the fold takes the place values) and a bfloat16 query (float32
+        # under the interpreter), whose exponent range holds 2^64 times the scales
+        tl.static_assert(not SUBNORMAL or (K_MODE == "halves" and tl.float16 != DTYPE))
         b = (bh // num_kv_heads).to(tl.int64)
         h = (bh % num_kv_heads).to(tl.int64)
         K_WIDTH: tl.constexpr = HEAD_DIM // 4
@@ -785,6 +871,8 @@ if kernels.triton is not None:
                 k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
                 if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
+                elif SUBNORMAL:
+                    c0, c1, c2, c3 = _subnormal_codes(k_el, K_BITS, DTYPE, K_ASM)
                 else:
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
                 if K_MODE == "token":
@@ -832,15 +920,19 @@ if kernels.triton is not None:
                     b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
                     logits_a, bias_a = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, SUBNORMAL, K_BITS,
                     )  # fmt: skip
                     logits_b, bias_b = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
-                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
+                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, SUBNORMAL, K_BITS,
                     )  # fmt: skip
-                    logits = tl.where(
-                        (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
-                    )
+                    if SUBNORMAL:  # the products' unit 2^(SUBNORMAL_EXPONENT - 133) taken out with the bias
+                        logits_a = logits_a * _subnormal_unit() + bias_a[:, None]
+                        logits_b = logits_b * _subnormal_unit() + bias_b[:, None]
+                    else:
+                        logits_a += bias_a[:, None]
+                        logits_b += bias_b[:, None]
+                    logits = tl.where((offs_n < K_ROW_TOKENS)[None, :], logits_a, logits_b)
                 else:  # "row": one row of per-channel parameters for the whole tile
                     row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
                     logits, bias = _folded_row_logits(
@@ -851,7 +943,10 @@ if kernels.triton is not None:
                 p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
                 v_el = _load_values(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH, CODES_FIRST)
-                c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
+                if SUBNORMAL:
+                    c0, c1, c2, c3 = _subnormal_codes(v_el, V_BITS, DTYPE, V_ASM)
+                else:
+                    c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
                 if ZERO_SUMS:
                     if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
                         rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
@@ -865,22 +960,37 @@ if kernels.triton is not None:
                         PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
-                if V_GROUP < VALUE_DIM:
+                if V_GROUP < VALUE_DIM or SUBNORMAL:
+                    ws0 = vs0
+                    if V_GROUP < VALUE_DIM:
+                        ws1 = vs1
+                        ws2 = vs2
+                        ws3 = vs3
+                    else:  # one scale per slot, each plane's place value apart (SUBNORMAL)
+                        ws1 = vs0
+                        ws2 = vs0
+                        ws3 = vs0
+                    if SUBNORMAL:  # each plane's place value and 2^64 in its scales (`_subnormal_scale`)
+                        ws0 = ws0 * _subnormal_scale(0, V_BITS)
+                        ws1 = ws1 * _subnormal_scale(1, V_BITS)
+                        ws2 = ws2 * _subnormal_scale(2, V_BITS)
+                        ws3 = ws3 * _subnormal_scale(3, V_BITS)
                     acc0 = _weighted_values(
-                        (p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * ws0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     acc1 = _weighted_values(
-                        (p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * ws1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     acc2 = _weighted_values(
-                        (p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * ws2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     acc3 = _weighted_values(
-                        (p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * ws3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST
                     )
-                    vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
-                    vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
-                    vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+                    if V_GROUP < VALUE_DIM:
+                        vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_WIDTH // V_GROUP, 1)
+                        vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+                        vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
                 else:
                     p_scaled = (p * vs0[None, :]).to(DTYPE)
                     acc0 = _weighted_values(p_scaled, c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST)
@@ -949,6 +1059,12 @@ if kernels.triton is not None:
             z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
             z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
             z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
+        if SUBNORMAL:  # the codes' products in units of 2^(SUBNORMAL_EXPONENT - 133); the window's in 1
+            unit = tl.where(split < num_splits, _subnormal_unit(), 1.0)
+            acc0 = acc0 * unit
+            acc1 = acc1 * unit
+            acc2 = acc2 * unit
+            acc3 = acc3 * unit
         tl.store(out, (acc0 + z0[:, None]) / norm[:, None], mask=mask)
         tl.store(out + V_WIDTH, (acc1 + z1[:, None]) / norm[:, None], mask=mask)
         tl.store(out + 2 * V_WIDTH, (acc2 + z2[:, None]) / norm[:, None], mask=mask)
@@ -1030,6 +1146,7 @@ if kernels.triton is not None:
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
+        SUBNORMAL: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
         says what each program does."""
@@ -1042,6 +1159,7 @@ if kernels.triton is not None:
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE,
             K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED, CODES_FIRST,
+            SUBNORMAL,
         )  # fmt: skip
 
     # fmt: off
@@ -1070,7 +1188,8 @@ if kernels.triton is not None:
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
         V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
-        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr,
+        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr, SUBNORMAL: tl.constexpr,
+        SUBNORMAL_2: tl.constexpr,
     ):
     # fmt: on
         """One launch over two stores (ZipCache's sets), each as `_plane_split_kernel` would launch it: the first
@@ -1089,7 +1208,7 @@ if kernels.triton is not None:
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
                 K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW,
                 DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
-                CODES_FIRST,
+                CODES_FIRST, SUBNORMAL,
             )  # fmt: skip
         else:
             _plane_split(
@@ -1102,6 +1221,7 @@ if kernels.triton is not None:
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE, K_DTYPE_2, K_ASM_2,
                 V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2, CODES_FIRST,
+                SUBNORMAL_2,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -1151,6 +1271,7 @@ if kernels.triton is not None:
             "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,
             "K_ASM": asm and key_dtype != tl.float32, "V_ASM": asm and dtype != tl.float32, "ZERO_SUMS": zero_sums,
             "OFFSET": offset, "UNMASKED": launch.unmasked_tiles,
+            "SUBNORMAL": launch.subnormal_codes and key_mode == "halves" and query.dtype == torch.bfloat16,
         }  # fmt: skip
         pointers = [k_codes, keys.scale, keys.zero, keys.lead, v_codes, values.scale, values.zero, values.lead]
         strides = [*k_codes.stride()[:3], *keys.scale.stride()[:3], *v_codes.stride()[:3], *values.scale.stride()[:3]]

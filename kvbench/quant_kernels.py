@@ -226,6 +226,13 @@ class LaunchConfig:
     # per-token 4-bit 2.5-5% faster at 32k and 128k, batch 1 and 4, KIVI-2 13% slower at 128k batch 4.
     codes_first: bool = True
     halves_programs_per_sm: tuple[int, int] = (6, 12)  # (programs_per_sm, programs_per_sm_many_heads)
+    # KIVI's layout ("halves") with bfloat16 queries: codes go into the products as bfloat16 bit patterns
+    # (subnormal and exponent-1 values, code * w_g * 2^-133; `plane_kernel._subnormal_codes`), the place value
+    # w_g and 2^64 folded into the other operand's scales and 2^69 into the results: no exponent OR and no
+    # subtract per pair of codes. Exactly the products of the usual conversion, scaled by powers of two.
+    # Offline (sm_90, Triton 3.6, `plane_sass.py --window`): KIVI-2's loop 1,420 -> 1,216 instructions a warp
+    # and tile, KIVI-4's 1,298 -> 1,125, registers unchanged.
+    subnormal_codes: bool = False
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
     # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one

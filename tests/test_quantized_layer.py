@@ -63,6 +63,10 @@ CASES = {
     "kivi2_mha_bf16": (2, 3, 1, 300, 64, (2, 32, 1, None), (2, 1, 32, None), "bfloat16"),
     # KIVI-2's layout from a lead off the half tile: rows of 32 from 9 + 7b, value groups of a plane
     "kivi2_halves_fp16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "float16"),
+    # the same in bfloat16 (the launch's subnormal codes take it), and "halves" keys with one value
+    # zero-point per slot (summed) in bfloat16
+    "kivi2_halves_bf16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "bfloat16"),
+    "halves_whole_values_bf16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "bfloat16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
     # one value zero-point per slot, summed per tile (the launch's `zero_row_sums`): QuaRot's layout, and
@@ -141,6 +145,16 @@ QUERY_FIRST_CASES = (
     "kivi4_halves_bf16+window",
     "kivi2_halves_fp16",
 )
+# KIVI's "halves" with the codes as bfloat16 bit patterns (the launch's `subnormal_codes`): 2 and 4 bits, a
+# window, value groups of a plane, of two, of the whole head (summed zero-points), MHA; float16 keeps the
+# usual conversion.
+SUBNORMAL_CASES = (
+    "kivi4_halves_bf16+window",
+    "kivi2_halves_bf16",
+    "kivi2_mha_bf16",
+    "halves_whole_values_bf16+window",
+    "halves_fp16",
+)
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -179,7 +193,7 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
 @contextlib.contextmanager
 def _launched() -> Iterator[list[dict]]:
     """The constexprs each plane-kernel launch inside the block was given (query rows BLOCK_G, CODES_FIRST, the
-    window's tile BLOCK_NW), as launched."""
+    window's tile BLOCK_NW, SUBNORMAL), as launched."""
     launches, wrap = [], plane_kernel.wrap_triton
 
     def spy(kernel):  # wrap_triton(kernel)[grid](*args, **constexprs)
@@ -188,7 +202,8 @@ def _launched() -> Iterator[list[dict]]:
         class Grids:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    launches.append({name: kwargs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW")})
+                    names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "SUBNORMAL")
+                    launches.append({name: kwargs[name] for name in names})
                     return grids[grid](*args, **kwargs)
 
                 return launch
@@ -266,6 +281,11 @@ def _measure(
         ref_out = quant_kernels.scale_channels(ref_out, out_scale)
     with _launched() as launches:
         out, lse = packed_decode_attention(*args, window, rotation, out_scale)
+    same_as_usual = None
+    if launch.subnormal_codes:  # the usual conversion's results, which the bit patterns must give exactly
+        quant_kernels.LAUNCH = dataclasses.replace(launch, subnormal_codes=False)
+        usual_out, usual_lse = packed_decode_attention(*args, window, rotation, out_scale)
+        same_as_usual = torch.equal(out, usual_out) and torch.equal(lse, usual_lse)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -316,6 +336,8 @@ def _measure(
         "query_block": launches[0]["BLOCK_G"] if launches else None,  # one plane-kernel launch, or none
         "codes_first": bool(launches and launches[0]["CODES_FIRST"]),
         "window_block": launches[0]["BLOCK_NW"] if launches else None,
+        "subnormal": bool(launches and launches[0]["SUBNORMAL"]),
+        "same_as_usual": same_as_usual,
         "launches": len(launches),
     }
 
@@ -466,6 +488,7 @@ def _worker() -> None:
         ("unmasked", UNMASKED_CASES, {"unmasked_tiles": True}),
         ("rows16", ROWS16_CASES, ROWS16),
         ("query_first", QUERY_FIRST_CASES, {"codes_first": False}),
+        ("subnormal", SUBNORMAL_CASES, {"subnormal_codes": True}),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -497,6 +520,7 @@ def interpreted() -> dict:
         *(f"{name}+unmasked" for name in UNMASKED_CASES),
         *(f"{name}+rows16" for name in ROWS16_CASES),
         *(f"{name}+query_first" for name in QUERY_FIRST_CASES),
+        *(f"{name}+subnormal" for name in SUBNORMAL_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -505,6 +529,27 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     assert m["out_rel"] < TOLERANCE[m["dtype"]], m
     assert m["lse_rel"] < LSE_TOLERANCE[m["dtype"]], m
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
+
+
+@pytest.mark.parametrize("name", SUBNORMAL_CASES)
+def test_subnormal_codes_give_the_usual_results_exactly(interpreted: dict, name: str) -> None:
+    """Codes as bfloat16 bit patterns (code * w_g * 2^-133) with w_g and 2^64 in the other operand's scales
+    and 2^69 taken out of the results: the usual products scaled by powers of two, so the same outputs and
+    lse to the bit (the interpreter's float32 holds the subnormal codes exactly). bfloat16 queries only."""
+    m = interpreted[f"{name}+subnormal"]
+    assert m["subnormal"] == (m["dtype"] == "bfloat16"), m
+    assert m["same_as_usual"], m
+
+
+def test_subnormal_cases_cover_the_value_layouts(interpreted: dict) -> None:
+    launched = [m for name, m in interpreted.items() if name.endswith("+subnormal") and m["subnormal"]]
+    assert {bits for m in launched for bits in m["bits"]} == {2, 4}
+    assert {m["window"] for m in launched} == {True, False}
+    assert {m["zero_sums"] for m in launched} == {True, False}
+    assert {m["value_mode"] for m in launched} >= {"token/1", "token/2", "token/4"}
+    assert {m["group"] for m in launched} >= {1, 4}
+    assert all(m["key_mode"] == "halves" and m["codes_first"] for m in launched)
+    assert not any(m.get("subnormal") for name, m in interpreted.items() if not name.endswith("+subnormal"))
 
 
 @pytest.mark.parametrize(
@@ -889,6 +934,7 @@ def test_plane_kernel_compiles_for_hopper(
     unmasked: bool,
     rows: int,
     flip: bool,
+    subnormal: bool = False,
 ) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
     bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
@@ -920,11 +966,22 @@ def test_plane_kernel_compiles_for_hopper(
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
-        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,
+        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64, "SUBNORMAL": subnormal,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
+    if subnormal:  # the bit-pattern masks, and no subtract anywhere (the window's rows need none)
+        assert ("0x00C000C0" if bits == 2 else "0x00F000F0") in compiled.asm["ptx"]
+        assert "sub.rn.bf16x2" not in compiled.asm["ptx"]
+        return
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_subnormal_codes_compile_for_hopper(bits: int) -> None:
+    """KIVI's "halves" with the codes as bfloat16 bit patterns (`_bf16_subnormal_crumbs`,
+    `_bf16_subnormal_nibbles`) through ptxas, with the window's program as KIVI's step runs it."""
+    test_plane_kernel_compiles_for_hopper("bf16", "halves", 4, False, False, bits, False, 0, False, subnormal=True)
 
 
 def test_plane_pair_kernel_compiles_for_hopper() -> None:
@@ -948,7 +1005,8 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 4, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
         "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
-        "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": False, "BLOCK_NW": 64,
+        "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": False, "BLOCK_NW": 64, "SUBNORMAL": False,
+        "SUBNORMAL_2": False,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
         constexprs |= {
