@@ -17,7 +17,10 @@ planes are multiplied as exact codes on the tensor cores, and the parameters are
 plane by plane (`kvbench.quant_kernels`' module doc gives the algebra; `_plane_split`'s docstring, each key
 mode). For per-token keys and KIVI's "halves" (`CODES_FIRST_KEY_MODES`) the codes are the tensor cores' first
 operand (`_scores`, `_weighted_values`: keys . q^T and values^T . p^T, each transposed back as a layout),
-so the query rows pad a product to 8 rather than 16 and the tile loop takes fewer registers. The same
+so the query rows pad a product to 8 rather than 16 and the tile loop takes fewer registers. With the
+launch's `subnormal_codes` (KIVI's "halves", bfloat16 queries) the codes go in as bfloat16 bit patterns,
+masked in place with no exponent and no subtract (`_subnormal_codes`), and the place values and a power of two
+are folded into the scales (`_subnormal_scale`). The same
 launch attends over a full-precision window (one more program) and applies QuaRot's rotation
 (the query's in the prologue, the output's in `kvbench.kernels`' combine kernel). `_plane_pair_kernel` runs
 two stores (ZipCache's sets, `pair_fits`) in one launch: each store's programs as the single kernel would run
@@ -102,9 +105,6 @@ CODES_FIRST_KEY_MODES = ("token", "halves")
 # the codes' loop (offline, sm_90, KIVI-2: the kernel at 197 registers a thread, 168 at 16 slots a tile). The
 # window's program is one of many and shorter than a split's; its smaller tiles were not timed apart.
 WINDOW_BLOCK_CODES_FIRST = 16
-# SUBNORMAL codes (`_subnormal_codes`): the other operand takes 2^SUBNORMAL_EXPONENT / w_g, the products come
-# out in units of 2^(SUBNORMAL_EXPONENT - 133) (`_subnormal_scale`, `_subnormal_unit` write it as literals).
-SUBNORMAL_EXPONENT = 64
 
 
 def window_block(launch: LaunchConfig) -> int:
@@ -416,17 +416,19 @@ if kernels.triton is not None:
 
     @triton.jit
     def _subnormal_unit():
-        """2^(133 - SUBNORMAL_EXPONENT): the products of `_subnormal_codes` back in their own units."""
-        return 590295810358705651712.0
+        """2^45: the products of `_subnormal_codes` (units of 2^-45, `_subnormal_scale`) back in their own."""
+        return 35184372088832.0
 
     @triton.jit
     def _subnormal_scale(PLANE: tl.constexpr, BITS: tl.constexpr):
-        """2^SUBNORMAL_EXPONENT / w_g: what the other operand of plane PLANE's product takes, so that with
-        `_subnormal_codes` every plane's products come out in units of 2^(SUBNORMAL_EXPONENT - 133)."""
+        """2^88 / w_g: what the other operand of plane PLANE's product takes, so that with `_subnormal_codes`
+        every plane's products come out in units of 2^(88 - 133) = 2^-45. Why 88: a product term below
+        2^-126 in those units (2^-81 ~ 4e-25 in its own) would fall out of float32's normal range, and a
+        scaled operand (q * s, p * s) over 2^40 ~ 1e12 would overflow bfloat16's 2^128."""
         if BITS == 2:
-            scale = 18446744073709551616.0 / (1 << (2 * PLANE))
+            scale = 309485009821345068724781056.0 / (1 << (2 * PLANE))
         else:
-            scale = 18446744073709551616.0 / (1 << (4 * (PLANE % 2)))
+            scale = 309485009821345068724781056.0 / (1 << (4 * (PLANE % 2)))
         return scale
 
     @triton.jit
@@ -555,7 +557,7 @@ if kernels.triton is not None:
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
         `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G]). With
-        SUBNORMAL (codes from `_subnormal_codes`) the first in units of 2^(SUBNORMAL_EXPONENT - 133)."""
+        SUBNORMAL (codes from `_subnormal_codes`) the first in units of 2^-45 (`_subnormal_scale`)."""
         s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
         bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
         if SUBNORMAL:
@@ -729,6 +731,9 @@ if kernels.triton is not None:
         With WINDOW_RING the window's positions are not read but derived from the ring's counters
         (`quant_kernels.Window`): wpos_ptr and wq_ptr hold each sequence's tokens seen and tokens quantized,
         at strides stride_wpb and stride_wph, and the step computes no positions.
+        With SUBNORMAL (key mode "halves") the codes are `_subnormal_codes`' bit patterns: the key row's and
+        the value scales take 2^88 / w_g (`_subnormal_scale`), and 2^45 (`_subnormal_unit`) goes back into the
+        logits with the row's bias and into the value sums at the end (not the window program's).
         With CODES_FIRST every product of a tile takes the tile (codes, the window's rows, the value
         zero-points) as its first operand and the value tiles are read [W, N] (`_load_values`); the window's
         tiles are BLOCK_NW slots.
@@ -736,9 +741,9 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
-        # bit-pattern codes: KIVI's "halves" (the fold takes the place values) and a bfloat16 query (float32
-        # under the interpreter), whose exponent range holds 2^64 times the scales
-        tl.static_assert(not SUBNORMAL or (K_MODE == "halves" and tl.float16 != DTYPE))
+        # bit-pattern codes: KIVI's "halves" (the fold takes the place values; no offset codes) and a bfloat16
+        # query (float32 under the interpreter), whose exponent range holds 2^88 times the scales
+        tl.static_assert(not SUBNORMAL or (K_MODE == "halves" and OFFSET == 0.0 and tl.float16 != DTYPE))
         b = (bh // num_kv_heads).to(tl.int64)
         h = (bh % num_kv_heads).to(tl.int64)
         K_WIDTH: tl.constexpr = HEAD_DIM // 4
@@ -926,7 +931,7 @@ if kernels.triton is not None:
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
                         offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, SUBNORMAL, K_BITS,
                     )  # fmt: skip
-                    if SUBNORMAL:  # the products' unit 2^(SUBNORMAL_EXPONENT - 133) taken out with the bias
+                    if SUBNORMAL:  # the products' unit 2^-45 taken out with the bias
                         logits_a = logits_a * _subnormal_unit() + bias_a[:, None]
                         logits_b = logits_b * _subnormal_unit() + bias_b[:, None]
                     else:
@@ -970,7 +975,7 @@ if kernels.triton is not None:
                         ws1 = vs0
                         ws2 = vs0
                         ws3 = vs0
-                    if SUBNORMAL:  # each plane's place value and 2^64 in its scales (`_subnormal_scale`)
+                    if SUBNORMAL:  # each plane's place value and 2^88 in its scales (`_subnormal_scale`)
                         ws0 = ws0 * _subnormal_scale(0, V_BITS)
                         ws1 = ws1 * _subnormal_scale(1, V_BITS)
                         ws2 = ws2 * _subnormal_scale(2, V_BITS)
@@ -988,7 +993,7 @@ if kernels.triton is not None:
                         (p * ws3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     if V_GROUP < VALUE_DIM:
-                        vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, V_WIDTH // V_GROUP, 1)
+                        vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
                         vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
                         vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
                 else:
@@ -1059,7 +1064,7 @@ if kernels.triton is not None:
             z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
             z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
             z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
-        if SUBNORMAL:  # the codes' products in units of 2^(SUBNORMAL_EXPONENT - 133); the window's in 1
+        if SUBNORMAL:  # the codes' products in units of 2^-45; the window's in 1
             unit = tl.where(split < num_splits, _subnormal_unit(), 1.0)
             acc0 = acc0 * unit
             acc1 = acc1 * unit

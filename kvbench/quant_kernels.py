@@ -228,10 +228,12 @@ class LaunchConfig:
     halves_programs_per_sm: tuple[int, int] = (6, 12)  # (programs_per_sm, programs_per_sm_many_heads)
     # KIVI's layout ("halves") with bfloat16 queries: codes go into the products as bfloat16 bit patterns
     # (subnormal and exponent-1 values, code * w_g * 2^-133; `plane_kernel._subnormal_codes`), the place value
-    # w_g and 2^64 folded into the other operand's scales and 2^69 into the results: no exponent OR and no
-    # subtract per pair of codes. Exactly the products of the usual conversion, scaled by powers of two.
-    # Offline (sm_90, Triton 3.6, `plane_sass.py --window`): KIVI-2's loop 1,420 -> 1,216 instructions a warp
-    # and tile, KIVI-4's 1,298 -> 1,125, registers unchanged.
+    # w_g and 2^88 folded into the other operand's scales and 2^45 into the results: no exponent OR and no
+    # subtract per pair of codes. The usual conversion's products scaled by powers of two, so the same results
+    # while no product term falls below ~4e-25 or a scaled operand (q * s, p * s) exceeds ~1e12
+    # (`plane_kernel._subnormal_scale`). Offline (sm_90, Triton 3.6, `plane_sass.py --window`): KIVI-2's loop
+    # 1,420 -> 1,216 instructions a warp and tile, KIVI-4's 1,298 -> 1,125, registers unchanged (Triton
+    # 3.7.1: KIVI-4's 255 -> 168). Off until timed on a GPU.
     subnormal_codes: bool = False
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least

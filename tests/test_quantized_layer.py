@@ -67,6 +67,8 @@ CASES = {
     # zero-point per slot (summed) in bfloat16
     "kivi2_halves_bf16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "bfloat16"),
     "halves_whole_values_bf16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "bfloat16"),
+    # 4-bit keys beside 2-bit values: each side's own place values
+    "halves_k4_v2_bf16": (2, 2, 4, 300, 64, (4, 32, 1, None), (2, 1, 16, None), "bfloat16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
     # one value zero-point per slot, summed per tile (the launch's `zero_row_sums`): QuaRot's layout, and
@@ -153,6 +155,7 @@ SUBNORMAL_CASES = (
     "kivi2_halves_bf16",
     "kivi2_mha_bf16",
     "halves_whole_values_bf16+window",
+    "halves_k4_v2_bf16",
     "halves_fp16",
 )
 ROTATION_CASES = (
@@ -282,10 +285,15 @@ def _measure(
     with _launched() as launches:
         out, lse = packed_decode_attention(*args, window, rotation, out_scale)
     same_as_usual = None
-    if launch.subnormal_codes:  # the usual conversion's results, which the bit patterns must give exactly
-        quant_kernels.LAUNCH = dataclasses.replace(launch, subnormal_codes=False)
-        usual_out, usual_lse = packed_decode_attention(*args, window, rotation, out_scale)
-        same_as_usual = torch.equal(out, usual_out) and torch.equal(lse, usual_lse)
+    if launch.subnormal_codes:  # the usual conversion's results, which the bit patterns must give exactly,
+        same_as_usual = True  # also for a peaked query (attention weights far below 1)
+        for peak in (1, 30):
+            results = []
+            for subnormal in (True, False):
+                quant_kernels.LAUNCH = dataclasses.replace(launch, subnormal_codes=subnormal)
+                results.append(packed_decode_attention(args[0] * peak, *args[1:], window, rotation, out_scale))
+            (sub_out, sub_lse), (usual_out, usual_lse) = results
+            same_as_usual = same_as_usual and torch.equal(sub_out, usual_out) and torch.equal(sub_lse, usual_lse)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -533,9 +541,10 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", SUBNORMAL_CASES)
 def test_subnormal_codes_give_the_usual_results_exactly(interpreted: dict, name: str) -> None:
-    """Codes as bfloat16 bit patterns (code * w_g * 2^-133) with w_g and 2^64 in the other operand's scales
-    and 2^69 taken out of the results: the usual products scaled by powers of two, so the same outputs and
-    lse to the bit (the interpreter's float32 holds the subnormal codes exactly). bfloat16 queries only."""
+    """Codes as bfloat16 bit patterns (code * w_g * 2^-133) with w_g and 2^88 in the other operand's scales
+    and 2^45 taken out of the results: the usual products scaled by powers of two, so the same outputs and
+    lse to the bit, with the query as drawn and 30 times larger (the interpreter's float32 holds the
+    subnormal codes exactly). bfloat16 queries only."""
     m = interpreted[f"{name}+subnormal"]
     assert m["subnormal"] == (m["dtype"] == "bfloat16"), m
     assert m["same_as_usual"], m
@@ -937,7 +946,8 @@ def test_plane_kernel_compiles_for_hopper(
     subnormal: bool = False,
 ) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
-    bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
+    bytes `_bf16_crumbs`, `_f16_crumbs`; with `subnormal`, `_bf16_subnormal_nibbles` and
+    `_bf16_subnormal_crumbs`) goes through ptxas here; the interpreter runs the integer path
     instead. Query rows (`rows`; 0: the default launch's for a GQA group of 4) below one product's 16 go
     through Triton's padding of the product. The products take the codes first where the default launch does
     (`plane_kernel.CODES_FIRST_KEY_MODES`), the query rows first elsewhere; `flip` compiles the other."""
