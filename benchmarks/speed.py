@@ -31,13 +31,20 @@ elapsed seconds and `where`, the innermost frames it was in (compiling, prefilli
 terminated run starts no new row. A GPU session's device time is short: a row cut off still says where
 the time went.
 
+A grid longer than one GPU session runs in parts: `--resume` skips every row of the plan that `--out`
+already holds from the same commit, device and settings (`run_settings`), finished: "ok", or out of memory
+(at batch `max`: on every size it tried); errors, time-outs and terminated rows run again. Each run starts no
+new row after `--time-limit-s` and says how many rows of the plan are left.
+
 Imports only torch, transformers and kvbench (the GPU machine has no hydra or datasets). One JSON line per
-row to `--out`, with device, versions and commit; a table at the end.
+row to `--out`, with device, versions and commit, its plan entry (`run`, as `--runs` writes it) and the run's
+`settings`; a table at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import json
@@ -397,6 +404,9 @@ def main() -> None:
     parser.add_argument(
         "--row-time-limit-s", type=float, default=None, help="cut a row off after this long (written as a timeout row)"
     )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip the plan's rows that --out holds, finished, from this commit"
+    )
     parser.add_argument("--quick", action="store_true", help="llama-3.1-8b, 8k, batch 1, budget 2048")
     parser.add_argument("--device", default="cuda", help="cpu runs the same code (for checking the script)")
     parser.add_argument("--out", default="benchmarks/results/speed.jsonl")
@@ -419,14 +429,22 @@ def main() -> None:
             make_method(method_name, size, args.arkvale_recall_cap)
         except ConfigError as error:
             raise SystemExit(f"{method_name} at size {size}: {error}") from None
-    sweep = Sweep(args, bandwidth)
+    sweep = Sweep(args, bandwidth, run_settings(args, device))
+    if args.resume:
+        specs = [run_spec(*entry) for entry in plan]
+        # batch max predicts from a batch-1 row: one in the file serves, whether or not the plan has it
+        ones = [run_spec(*entry[:4], 1, entry[5]) for entry in plan if entry[4] == MAX_BATCH]
+        sweep.rows = finished_rows(Path(args.out), sweep.settings, specs + ones)
+        planned = len(plan)
+        plan = not_finished(plan, specs, sweep.rows)
+        print(f"resume: {planned - len(plan)} rows of the plan already in {args.out}, {len(plan)} to run", flush=True)
     signal.signal(signal.SIGTERM, terminate)  # the row in progress is written before the process stops
-    terminated = False
-    with open(args.out, "a") as sweep.out:
+    terminated, left = False, len(plan)
+    with open_rows(Path(args.out)) as sweep.out:
         try:
             for shape, method_name, size, context, batch, engine_name in plan:
                 if time.perf_counter() - began > args.time_limit_s:
-                    print("time limit reached: no new rows", flush=True)
+                    print(f"time limit reached: no new rows; {left} of the plan not run (--resume goes on)", flush=True)
                     break
                 if sweep.rows and sweep.rows[-1]["status"] == "terminated":
                     terminated = True
@@ -437,6 +455,7 @@ def main() -> None:
                     sweep.record_largest_batch(*run, device)
                 else:
                     sweep.record(*run, batch)
+                left -= 1
             terminated = terminated or bool(sweep.rows and sweep.rows[-1]["status"] == "terminated")
         except Terminated:  # between rows (loading a shape, writing a row): the rows so far are written
             terminated = True
@@ -516,8 +535,8 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str, int, int, int, str]]:
 class Sweep:
     """The rows of one run: the loaded model (one shape at a time) and the output file."""
 
-    def __init__(self, args, bandwidth: float) -> None:
-        self.args, self.bandwidth = args, bandwidth
+    def __init__(self, args, bandwidth: float, settings: dict) -> None:
+        self.args, self.bandwidth, self.settings = args, bandwidth, settings
         self.rows: list[dict] = []
         self.shape, self.model, self.spec, self.env, self.out = None, None, None, None, None
 
@@ -536,12 +555,24 @@ class Sweep:
         warm = Engine(self.model, None, Full(), self.spec, prefill_chunk=self.args.prefill_chunk, engine="eager")
         warm.generate_batch([Request(list(range(1, 300)), 4, min_new_tokens=4)])  # module load, cuBLAS
 
-    def record(self, method_name: str, size: int, context: int, engine_name: str, batch: int, **extra) -> dict:
-        """Run one row, append it to the output and the table."""
+    def record(
+        self,
+        method_name: str,
+        size: int,
+        context: int,
+        engine_name: str,
+        batch: int,
+        planned: int | None = None,
+        **extra,
+    ) -> dict:
+        """Run one row, append it to the output and the table; `planned`: the plan's batch where it is not
+        `batch` (MAX_BATCH)."""
         args = self.args
         row = run_row(self.model, self.spec, method_name, size, context, batch, engine_name, args, self.bandwidth)
         row.update(
             shape=self.shape,
+            run=run_spec(self.shape, method_name, size, context, batch if planned is None else planned, engine_name),
+            settings=self.settings,
             quant_launch=asdict(quant_kernels.LAUNCH),
             bandwidth_bytes_per_s=self.bandwidth,
             environment=self.env,
@@ -580,7 +611,8 @@ class Sweep:
         sizes = retry_sizes(predicted)
         for attempt, batch in enumerate(sizes):
             note = {"predicted": predicted, "bound_by": bound, "attempt": attempt + 1, "sizes": sizes}
-            if self.record(method_name, size, context, engine_name, batch, largest_batch=note)["status"] != "oom":
+            row = self.record(method_name, size, context, engine_name, batch, MAX_BATCH, largest_batch=note)
+            if row["status"] != "oom":
                 return
 
 
@@ -593,6 +625,87 @@ def retry_sizes(predicted: int) -> list[int]:
             break
         sizes.append(smaller)
     return sizes
+
+
+def run_spec(shape: str, method_name: str, size: int, context: int, batch: int, engine_name: str) -> str:
+    """A plan entry as `--runs` takes it: SHAPE:METHOD:SIZE:CONTEXT:BATCH:ENGINE[-SCOPE] (BATCH max for 0)."""
+    return f"{shape}:{method_name}:{size}:{context}:{'max' if batch == MAX_BATCH else batch}:{engine_name}"
+
+
+def run_settings(args, device: torch.device) -> dict:
+    """Everything besides its plan entry that decides a row's measurement: rows resume (`--resume`) only
+    from an output written under all of it."""
+    env = environment(device)
+    settings = {
+        "commit": args.commit or env["git_commit"],
+        "device_name": env["device_name"],
+        "torch": env["torch"],
+        "transformers": env["transformers"],
+        "new_tokens": args.new_tokens,
+        "prefill_chunk": args.prefill_chunk,
+        "distinct_prompts": args.distinct_prompts,
+        "unfused": args.unfused,
+        "compile_scope": args.compile_scope,
+        "inductor_options": args.inductor_options,
+        "quant_launch": asdict(quant_kernels.LAUNCH),
+        "arkvale_recall_cap": args.arkvale_recall_cap,
+        "batch_max": {"kv_limit_gib": args.kv_limit_gib, "batch_limit": args.batch_limit,
+                      "device_memory_gib": args.device_memory_gib},
+    }  # fmt: skip
+    return json.loads(json.dumps(settings, default=str))  # as a row holds it (tuples as lists)
+
+
+def finished_rows(path: Path, settings: dict, specs: list[str]) -> list[dict]:
+    """Every row of `path` written under `settings` for an entry of `specs` that a row finished (`finishes`),
+    in the file's order. Lines that do not parse (one cut short by a crash) are skipped and counted."""
+    if not path.exists():
+        return []
+    rows, unreadable = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        if isinstance(row, dict) and row.get("run") in specs and row.get("settings") == settings:
+            rows.append(row)
+    if unreadable:
+        print(f"resume: {unreadable} unreadable lines in {path} skipped", flush=True)
+    finished = {row["run"] for row in rows if finishes(row)}
+    return [row for row in rows if row["run"] in finished]
+
+
+def finishes(row: dict) -> bool:
+    """Whether `row` finishes its plan entry: it ran, or ran out of memory at a fixed batch or on the last size
+    batch max tried (each of batch max's attempts is a row)."""
+    if row["status"] == "ok":
+        return True
+    note = row.get("largest_batch")
+    return row["status"] == "oom" and (note is None or note["attempt"] == len(note["sizes"]))
+
+
+def not_finished(plan: list[tuple], specs: list[str], rows: list[dict]) -> list[tuple]:
+    """The entries of `plan` (whose `run_spec`s are `specs`) that `rows` did not finish; an entry the plan
+    repeats (A/B timing in one run) counts once for each row that finished it."""
+    finished = collections.Counter(row["run"] for row in rows if finishes(row))
+    left = []
+    for entry, spec in zip(plan, specs, strict=True):
+        if finished[spec]:
+            finished[spec] -= 1
+        else:
+            left.append(entry)
+    return left
+
+
+@contextmanager
+def open_rows(path: Path) -> Iterator:
+    """`path` to append rows to, starting on a line of its own: a line a crash cut short stays one line, which
+    `finished_rows` skips, instead of swallowing the next row."""
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as out:
+        if torn:
+            out.write("\n")
+        yield out
 
 
 def row_key(row: dict) -> tuple:

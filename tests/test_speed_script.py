@@ -71,7 +71,7 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
         runs=None,
         prefill_chunk=64,
     )
-    sweep = speed.Sweep(args, bandwidth=1.0)
+    sweep = speed.Sweep(args, bandwidth=1.0, settings={})
     sweep.shape, sweep.env, sweep.out = "llama-3.1-8b", {}, io.StringIO()
     for batch in map(speed.parse_batch, batches):
         if batch == speed.MAX_BATCH:
@@ -84,6 +84,100 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
     assert [note["attempt"] for note in notes] == [1, 2, 3]
     assert all(note["predicted"] == 27 and note["bound_by"] == "device memory" for note in notes)
     assert [row["status"] for row in sweep.rows[-3:]] == ["oom", "oom", "ok"]
+
+
+class StandIn:
+    """`run_row` for `speed.main()` without a model: batches up to `fits` run, larger ones run out of memory,
+    `fails` fail; `calls` records each row's (batch, new tokens)."""
+
+    def __init__(self, fits: int = 20, fails: tuple[int, ...] = ()) -> None:
+        self.fits, self.fails, self.calls = fits, fails, []
+
+    def __call__(self, model, spec, method_name, size, context, batch, engine_name, args, bandwidth) -> dict:
+        self.calls.append((batch, args.new_tokens))
+        row = {"method": method_name, "budget": None, "context": context, "batch": batch, "engine": engine_name}
+        row["compile_scope"] = "layer"
+        if batch in self.fails:
+            return {**row, "status": "error", "error": "RuntimeError: stand-in"}
+        if batch > self.fits:
+            return {**row, "status": "oom", "error": "OutOfMemoryError: stand-in"}
+        row.update(status="ok", prefill_s=1.0, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=9.0)
+        return {**row, **batch_one(4 * batch, 17 + 4 * batch)}
+
+
+def run_main(monkeypatch, stand_in: StandIn, out: Path, *argv: str) -> list[dict]:
+    """`speed.main()` on CPU with `stand_in` for the rows; returns every row of `out` (lines that parse)."""
+    monkeypatch.setattr(sys, "argv", ["speed.py", "--device", "cpu", "--out", str(out), "--device-memory-gib", "140"])
+    monkeypatch.setattr(sys, "argv", [*sys.argv, *argv])
+    monkeypatch.setattr(speed, "run_row", stand_in)
+    monkeypatch.setattr(speed, "copy_bandwidth", lambda device: 1.0)
+    monkeypatch.setattr(speed, "available_host_memory", lambda: 500 * GIB)
+    monkeypatch.setattr(speed.Sweep, "load", lambda self, shape, device: self.__dict__.update(shape=shape, env={}))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        speed.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return [json.loads(line) for line in out.read_text().splitlines() if line.endswith("}")]
+
+
+RUNS = ["tiny-llama:full:0:64:1", "tiny-llama:full:0:64:2", "tiny-llama:full:0:64:max", "tiny-llama:full:0:64:3"]
+
+
+def test_resume_runs_only_what_the_output_has_not_finished(monkeypatch, tmp_path):
+    """`--resume`: rows finished under the same settings ("ok"; out of memory at a fixed batch, or at batch max
+    on its last size) are not run again; a failed row is; a row's `run` is its plan entry as `--runs` writes it."""
+    out = tmp_path / "rows.jsonl"
+    first = StandIn(fits=2, fails=(3,))  # batch max: 27 predicted, then 22 and 18, all out of memory
+    rows = run_main(monkeypatch, first, out, "--runs", *RUNS)
+    assert [call for call, _ in first.calls] == [1, 2, 27, 22, 18, 3]
+    assert [row["run"].split(":")[4] for row in rows] == ["1", "2", "max", "max", "max", "3"]
+    assert rows[0]["run"] == "tiny-llama:full:0:64:1:compiled"
+    again = StandIn(fits=3)
+    rows = run_main(monkeypatch, again, out, "--runs", *RUNS, "--resume")
+    assert [call for call, _ in again.calls] == [3]  # the failed row, and nothing else
+    assert rows[-1]["status"] == "ok"
+    never = StandIn()
+    run_main(monkeypatch, never, out, "--runs", *RUNS, "--resume")
+    assert never.calls == []
+
+
+def test_resume_needs_the_same_settings_and_counts_repeated_entries(monkeypatch, tmp_path):
+    """Rows written under other settings (here `--new-tokens`) finish nothing; an entry the plan repeats
+    runs as often as it is repeated, less the rows that finished it."""
+    out = tmp_path / "rows.jsonl"
+    run_main(monkeypatch, StandIn(), out, "--runs", RUNS[0])
+    other = StandIn()
+    run_main(monkeypatch, other, out, "--runs", RUNS[0], "--resume", "--new-tokens", "8")
+    assert other.calls == [(1, 8)]
+    twice = StandIn()
+    run_main(monkeypatch, twice, out, "--runs", RUNS[0], RUNS[0], RUNS[0], "--resume")
+    assert twice.calls == [(1, 48), (1, 48)]  # three asked for, one finished with 48 tokens
+
+
+def test_batch_max_cut_off_between_attempts_runs_again(monkeypatch, tmp_path):
+    """Batch max whose last row is an out-of-memory attempt with sizes left (the run stopped between attempts)
+    is not finished: it runs again, predicted from the batch-1 row the file holds."""
+    out = tmp_path / "rows.jsonl"
+    rows = run_main(monkeypatch, StandIn(fits=20), out, "--runs", RUNS[2])
+    assert [row["batch"] for row in rows] == [1, 27, 22, 18]
+    out.write_text("\n".join(json.dumps(row) for row in rows[:2]) + "\n")  # batch 1, then attempt 1 of 3
+    again = StandIn(fits=20)
+    run_main(monkeypatch, again, out, "--runs", RUNS[2], "--resume")
+    assert [call for call, _ in again.calls] == [27, 22, 18]  # batch 1 not run again
+
+
+def test_a_line_cut_short_is_skipped_and_the_next_row_starts_a_line(monkeypatch, tmp_path):
+    """A crash mid-write leaves a line without its end: `--resume` skips it, and the next row is written on a
+    line of its own, readable."""
+    out = tmp_path / "rows.jsonl"
+    rows = run_main(monkeypatch, StandIn(), out, "--runs", RUNS[0])
+    out.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[0])[:40])
+    again = StandIn()
+    run_main(monkeypatch, again, out, "--runs", RUNS[0], RUNS[1], "--resume")
+    assert [call for call, _ in again.calls] == [2]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["batch"] == 2
 
 
 def test_bad_batch_is_refused_with_what_is_allowed():
