@@ -11,6 +11,7 @@ of time, the launcher itself raises in the launching process: the command ends w
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,7 +107,24 @@ def interrupted(outcomes: list[Outcome]) -> str:
     )
 
 
+# A plain `method.KEY=VALUE` (or task.): the keys a method or task takes depend on which one is chosen.
+CHOICE_DEPENDENT_KEY = re.compile(r"^(method|task)\.[A-Za-z_][\w.]*=")
+
+
+def set_or_add(arguments: list[str]) -> list[str]:
+    """The command line with each plain `method.KEY=VALUE` and `task.KEY=VALUE` as `++` (set, or add).
+
+    Hydra checks a plain override against the config it composes first, the defaults' method and task, not
+    the command's choice: in a sweep `-m method=kivi,rtn method.bits=4` failed on snapkv's config, which has
+    no `bits`, and a misspelt key (`method.budgte=128`) failed in a message naming no key it could be. With
+    `++` every key reaches kvbench's own check (`config.build_dataclass`), which refuses a key the chosen
+    method or task lacks, naming it and the keys it takes, before any model loads (in a sweep, for every job
+    before any runs: `EarlyChecks`)."""
+    return [f"++{argument}" if CHOICE_DEPENDENT_KEY.match(argument) else argument for argument in arguments]
+
+
 def main() -> None:
+    sys.argv[1:] = set_or_add(sys.argv[1:])
     # This invocation's jobs: Hydra's basic launcher calls `app` once per job, in this process. A launcher
     # that runs jobs in other processes (joblib, submitit) leaves this empty: their folders say how they ended.
     outcomes: list[Outcome] = []

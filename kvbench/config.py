@@ -98,9 +98,10 @@ class EarlyChecks(Callback):
 
     @staticmethod
     def _compose_every_job(config: DictConfig) -> None:
-        """A sweep job whose overrides do not compose (`method.budget` swept over a method without one) stops
-        Hydra's sweep when its turn comes, after the jobs before it ran, in a message that does not say which
-        job: compose every job first and name the first that fails (exit 2, nothing run)."""
+        """A sweep job whose overrides do not compose, or set a key its method or task does not take
+        (`method.budget` over a method without one), would fail when its turn comes, after the jobs before it
+        ran: compose every job first, check its keys, and name the first that fails (exit 2, nothing run). A
+        bad value ends its own job only (`kvbench.__main__.job`): the others still run."""
         from hydra import compose
 
         try:
@@ -110,12 +111,21 @@ class EarlyChecks(Callback):
         for job in jobs:
             try:
                 # Overrides of Hydra's own config (launcher, sweeper) need no checking here.
-                compose(config.hydra.job.config_name, [o for o in job if not o.lstrip("+~").startswith("hydra")])
+                composed = compose(
+                    config.hydra.job.config_name, [o for o in job if not o.lstrip("+~").startswith("hydra")]
+                )
             except HydraException as error:
                 if config.kvbench.debug:
                     raise
                 reason = " ".join(str(error).split())
                 print(f"kvbench: error: sweep job '{' '.join(job)}' does not compose: {reason}", file=sys.stderr)
+                sys.exit(2)
+            try:
+                check_keys(composed)
+            except ConfigError as error:
+                if config.kvbench.debug:
+                    raise
+                print(f"kvbench: error: sweep job '{' '.join(job)}': {error}", file=sys.stderr)
                 sys.exit(2)
 
     @staticmethod
@@ -305,12 +315,17 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def build_dataclass(cls: type, values: dict[str, Any], group: str) -> Any:
-    """`cls(**values)` after checking every key and type; errors name `group.key`."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    hints = typing.get_type_hints(cls)
+def _require_known_keys(cls: type, values: dict[str, Any], group: str) -> None:
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
     for key, value in values.items():
         require(key in fields, f"{group}.{key}", value, f"a known key of {cls.__name__}: {', '.join(fields)}")
+
+
+def build_dataclass(cls: type, values: dict[str, Any], group: str) -> Any:
+    """`cls(**values)` after checking every key and type; errors name `group.key`."""
+    _require_known_keys(cls, values, group)
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
         require(_type_ok(value, hints[key]), f"{group}.{key}", value, f"a value of type {hints[key]}")
     kwargs = {k: (float(v) if hints[k] is float else v) for k, v in values.items()}
     return cls(**kwargs)
@@ -379,6 +394,17 @@ def build(cfg: DictConfig, names: dict[str, str] | None = None) -> RunConfig:
     chosen.update(names or {})
     chosen["model"] = model_label(model)  # not the group's choice: `model=hf` names no model by itself
     return RunConfig(model, method, task, settings, chosen)
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key of the method and the task is one its class takes (`build`'s first check, nothing built)."""
+    from kvbench.method import Method
+    from kvbench.task import Task
+
+    for group, base in (("method", Method), ("task", Task)):
+        node = OmegaConf.to_container(cfg[group], resolve=False)
+        assert isinstance(node, dict)
+        _require_known_keys(_target_class(node, group, base), node, group)
 
 
 def model_label(model: ModelConfig) -> str:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 import kvbench.run as run_module
-from kvbench.__main__ import NO_OUTCOME, Outcome, main, read_outcomes, save_outcome
+from kvbench.__main__ import NO_OUTCOME, Outcome, main, read_outcomes, save_outcome, set_or_add
 from kvbench.config import SweepFolder
 from tests.conftest import REPO
 
@@ -222,6 +222,14 @@ BAD_INPUTS = [
         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is there: good input"),
     ),
     pytest.param(["task.context_lengths=[9000]"], "task.context_lengths", "positions", id="task-check"),
+    # a misspelt key of the chosen method or task: named with the keys it takes (Hydra named none)
+    pytest.param(
+        ["method=snapkv", "method.budgte=128"],
+        "method.budgte",
+        "a known key of SnapKV: exempt_layers, budget,",
+        id="method-key-misspelt",
+    ),
+    pytest.param(["task=passkey", "task.limt=2"], "task.limt", "a known key of Passkey: limit", id="task-misspelt"),
     pytest.param(["task=passkey", "task.context_lengths=[]"], "task.context_lengths", "non-empty", id="no-lengths"),
     pytest.param(["task=passkey", "task.depths=[]"], "task.depths", "non-empty", id="no-depths"),
     # Inductor options: a key Inductor does not have, a value not of its key's type, any without compile
@@ -324,10 +332,30 @@ def test_a_model_is_filed_under_its_own_name_not_the_source_group(overrides, fil
 
 
 def test_a_key_the_config_lacks_is_bad_input(monkeypatch, capsys, tmp_path):
-    """Hydra rejects the command line itself (exit 1, its own message); kvbench reports that as bad input (2)."""
-    assert cli(monkeypatch, *TINY, *SHORT_PASSKEY, "task.max_length=64", f"{RESULTS}={tmp_path}") == 2
-    assert "task.max_length" in capsys.readouterr().err
+    """A key no config group has: Hydra rejects the command line itself (exit 1, its own message); kvbench
+    reports that as bad input (2)."""
+    assert cli(monkeypatch, *TINY, *SHORT_PASSKEY, "kvbench.max_length=64", f"{RESULTS}={tmp_path}") == 2
+    assert "kvbench.max_length" in capsys.readouterr().err
     assert not list(tmp_path.rglob("record.json"))
+
+
+def test_plain_method_and_task_keys_are_set_or_added():
+    """Only a plain `method.KEY=` / `task.KEY=` becomes `++` (Hydra checks a plain one against the default
+    method's config, not the chosen one's); other groups, prefixed keys and flags stay as given."""
+    given = ["-m", "method=kivi,rtn", "method.bits=4", "task.limit=2", "method.group.size=1", "+method.x=1"]
+    given += ["++method.y=2", "~method.z", "model.device=cpu", "kvbench.debug=true", "hydra.verbose=true"]
+    expected = ["-m", "method=kivi,rtn", "++method.bits=4", "++task.limit=2", "++method.group.size=1", *given[5:]]
+    assert set_or_add(given) == expected
+
+
+def test_a_key_every_swept_method_takes_but_the_default_lacks_sweeps(monkeypatch, capsys, tmp_path):
+    """`-m method=kivi,rtn method.bits=2`: both take `bits`, the default method (snapkv) does not; Hydra once
+    refused the command line for it."""
+    args = ["-m", *TINY, *SHORT_PASSKEY, "method=kivi,rtn", "method.bits=2", f"{RESULTS}={tmp_path}"]
+    assert cli(monkeypatch, *args) == 0
+    found = records(tmp_path).values()
+    assert sorted(record["method"] for record in found) == ["kivi", "rtn"]
+    assert all(record["config"]["method"]["bits"] == 2 for record in found)
 
 
 def test_a_sweep_job_that_does_not_compose_stops_the_sweep_before_any_run(monkeypatch, capsys, tmp_path):
