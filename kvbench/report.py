@@ -124,7 +124,9 @@ def _counts(index: pd.DataFrame) -> pd.DataFrame:
 def _failures(index: pd.DataFrame) -> pd.DataFrame:
     failed = index[index["status"] != "ok"].copy()
     failed["setting"] = run_setting(failed) if len(failed) else []
-    failed["error"] = failed.get("error", pd.Series(index=failed.index, dtype=object)).fillna("")
+    # as objects: where no failed run has a message (all unfinished), the column is float NaN, which a string
+    # fill would have to change (pandas warns that it will refuse)
+    failed["error"] = failed.get("error", pd.Series(index=failed.index, dtype=object)).astype(object).fillna("")
     return failed[["task", "model", "method", "setting", "status", "error", "run_dir"]]
 
 

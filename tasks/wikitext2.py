@@ -191,7 +191,8 @@ class WikiText2(Task):
     def scope(self) -> str:
         """What a smoke test scores, and how to score everything."""
         if self.protocol == "stream":
-            scored = f"{self.limit} windows x {self.continuation_tokens} = {self.limit * self.continuation_tokens}"
+            windows = f"{self.limit} window{'s' if self.limit > 1 else ''}"
+            scored = f"{windows} x {self.continuation_tokens} = {self.limit * self.continuation_tokens}"
             return f"scores only {scored} tokens (task.limit={self.limit}); task.limit=0 scores the whole test set"
         return f"scores only the first {self.max_tokens} tokens; task.max_tokens=0 scores the whole test set"
 

@@ -4,6 +4,7 @@ the comparison with a previous sweep that flags regressions beyond the stated to
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -79,6 +80,20 @@ def test_report_page_has_counts_tables_figures_failures_and_other_commits(tmp_pa
     assert "| streamingllm | budget=128 | error | RuntimeError: boom |" in failed
     assert "| snapkv |  | incomplete |" in failed
     assert len(pd.read_csv(out / "index.csv")) == 6  # the index travels with the page
+
+
+def test_a_page_whose_failed_runs_are_all_unfinished_lists_them_without_a_warning(tmp_path):
+    """No failed run has a message (an unfinished one has no record): the error column is all NaN, which
+    a string fill once turned into a pandas deprecation warning (to become an error)."""
+    results = tmp_path / "results"
+    write_sweep(results)
+    write_run(results, "snapkv-fff", None, status="incomplete")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        assert main([str(results), "--out", str(tmp_path / "report")]) == 0
+    failed = (tmp_path / "report" / "report.md").read_text().split("## Failed and unfinished runs")[1]
+    assert "| snapkv |  | incomplete |" in failed
 
 
 @pytest.mark.parametrize(
