@@ -431,12 +431,17 @@ def main() -> None:
             raise SystemExit(f"{method_name} at size {size}: {error}") from None
     sweep = Sweep(args, bandwidth, run_settings(args, device))
     if args.resume:
+        commit = sweep.settings["commit"]
+        if commit in (None, "unknown"):  # a copy without .git: any code's rows would pass for this one's
+            raise SystemExit("--resume needs to know the commit the rows were measured at: pass --commit")
+        if str(commit).endswith("+dirty"):
+            print(f"resume: the checkout has uncommitted changes ({commit}): rows of other edits pass too", flush=True)
         specs = [run_spec(*entry) for entry in plan]
         # batch max predicts from a batch-1 row: one in the file serves, whether or not the plan has it
         ones = [run_spec(*entry[:4], 1, entry[5]) for entry in plan if entry[4] == MAX_BATCH]
-        sweep.rows = finished_rows(Path(args.out), sweep.settings, specs + ones)
+        sweep.resumed = finished_rows(Path(args.out), sweep.settings, specs + ones)
         planned = len(plan)
-        plan = not_finished(plan, specs, sweep.rows)
+        plan = not_finished(plan, specs, sweep.resumed)
         print(f"resume: {planned - len(plan)} rows of the plan already in {args.out}, {len(plan)} to run", flush=True)
     signal.signal(signal.SIGTERM, terminate)  # the row in progress is written before the process stops
     terminated, left = False, len(plan)
@@ -459,7 +464,7 @@ def main() -> None:
             terminated = terminated or bool(sweep.rows and sweep.rows[-1]["status"] == "terminated")
         except Terminated:  # between rows (loading a shape, writing a row): the rows so far are written
             terminated = True
-    rows = sweep.rows
+    rows = [*sweep.resumed, *sweep.rows]
     print("\n" + "\n".join(format_row(row) for row in rows))
     print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
     if terminated:
@@ -537,7 +542,8 @@ class Sweep:
 
     def __init__(self, args, bandwidth: float, settings: dict) -> None:
         self.args, self.bandwidth, self.settings = args, bandwidth, settings
-        self.rows: list[dict] = []
+        self.rows: list[dict] = []  # this run's
+        self.resumed: list[dict] = []  # finished rows of the plan that `--out` held (`--resume`)
         self.shape, self.model, self.spec, self.env, self.out = None, None, None, None, None
 
     def load(self, shape: str, device: torch.device) -> None:
@@ -599,7 +605,8 @@ class Sweep:
         base, _, scope = engine_name.partition("-")
         scope = (scope or args.compile_scope) if base == "compiled" else None
         key = (self.shape, method_name, size if SIZED_BY[method_name] else None, context, base, scope)
-        one = next((r for r in reversed(self.rows) if row_key(r) == key and r["batch"] == 1), None)
+        rows = [*self.resumed, *self.rows]
+        one = next((r for r in reversed(rows) if row_key(r) == key and r["batch"] == 1), None)
         if one is None or one["status"] != "ok":
             one = self.record(method_name, size, context, engine_name, 1)
         if one["status"] != "ok":
@@ -656,8 +663,8 @@ def run_settings(args, device: torch.device) -> dict:
 
 
 def finished_rows(path: Path, settings: dict, specs: list[str]) -> list[dict]:
-    """Every row of `path` written under `settings` for an entry of `specs` that a row finished (`finishes`),
-    in the file's order. Lines that do not parse (one cut short by a crash) are skipped and counted."""
+    """The rows of `path` written under `settings` for an entry of `specs` that finish it (`finishes`), in the
+    file's order. Lines that do not parse (one cut short by a crash) are skipped and counted."""
     if not path.exists():
         return []
     rows, unreadable = [], 0
@@ -671,8 +678,7 @@ def finished_rows(path: Path, settings: dict, specs: list[str]) -> list[dict]:
             rows.append(row)
     if unreadable:
         print(f"resume: {unreadable} unreadable lines in {path} skipped", flush=True)
-    finished = {row["run"] for row in rows if finishes(row)}
-    return [row for row in rows if row["run"] in finished]
+    return [row for row in rows if finishes(row)]
 
 
 def finishes(row: dict) -> bool:
@@ -684,12 +690,21 @@ def finishes(row: dict) -> bool:
     return row["status"] == "oom" and (note is None or note["attempt"] == len(note["sizes"]))
 
 
+def without_batch(spec: str) -> str:
+    shape, method_name, size, context, _, engine_name = spec.split(":")
+    return ":".join((shape, method_name, size, context, engine_name))
+
+
 def not_finished(plan: list[tuple], specs: list[str], rows: list[dict]) -> list[tuple]:
     """The entries of `plan` (whose `run_spec`s are `specs`) that `rows` did not finish; an entry the plan
     repeats (A/B timing in one run) counts once for each row that finished it."""
     finished = collections.Counter(row["run"] for row in rows if finishes(row))
+    # batch max whose batch-1 row ran out of memory: nothing fits, and no max row was written
+    nothing_fits = {without_batch(row["run"]) for row in rows if row["status"] == "oom" and row["batch"] == 1}
     left = []
     for entry, spec in zip(plan, specs, strict=True):
+        if entry[4] == MAX_BATCH and without_batch(spec) in nothing_fits:
+            continue
         if finished[spec]:
             finished[spec] -= 1
         else:

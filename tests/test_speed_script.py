@@ -88,15 +88,18 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
 
 class StandIn:
     """`run_row` for `speed.main()` without a model: batches up to `fits` run, larger ones run out of memory,
-    `fails` fail; `calls` records each row's (batch, new tokens)."""
+    `fails` fail; the rows numbered in `cut_off` (from 0) come back terminated; `calls` records each row's
+    (batch, new tokens)."""
 
-    def __init__(self, fits: int = 20, fails: tuple[int, ...] = ()) -> None:
-        self.fits, self.fails, self.calls = fits, fails, []
+    def __init__(self, fits: int = 20, fails: tuple[int, ...] = (), cut_off: tuple[int, ...] = ()) -> None:
+        self.fits, self.fails, self.cut_off, self.calls = fits, fails, cut_off, []
 
     def __call__(self, model, spec, method_name, size, context, batch, engine_name, args, bandwidth) -> dict:
         self.calls.append((batch, args.new_tokens))
         row = {"method": method_name, "budget": None, "context": context, "batch": batch, "engine": engine_name}
         row["compile_scope"] = "layer"
+        if len(self.calls) - 1 in self.cut_off:
+            return {**row, "status": "terminated", "elapsed_s": 1.0, "error": "Terminated: signal SIGTERM"}
         if batch in self.fails:
             return {**row, "status": "error", "error": "RuntimeError: stand-in"}
         if batch > self.fits:
@@ -108,6 +111,8 @@ class StandIn:
 def run_main(monkeypatch, stand_in: StandIn, out: Path, *argv: str) -> list[dict]:
     """`speed.main()` on CPU with `stand_in` for the rows; returns every row of `out` (lines that parse)."""
     monkeypatch.setattr(sys, "argv", ["speed.py", "--device", "cpu", "--out", str(out), "--device-memory-gib", "140"])
+    if "--commit" not in argv:
+        argv = (*argv, "--commit", "c0")
     monkeypatch.setattr(sys, "argv", [*sys.argv, *argv])
     monkeypatch.setattr(speed, "run_row", stand_in)
     monkeypatch.setattr(speed, "copy_bandwidth", lambda device: 1.0)
@@ -153,6 +158,37 @@ def test_resume_needs_the_same_settings_and_counts_repeated_entries(monkeypatch,
     twice = StandIn()
     run_main(monkeypatch, twice, out, "--runs", RUNS[0], RUNS[0], RUNS[0], "--resume")
     assert twice.calls == [(1, 48), (1, 48)]  # three asked for, one finished with 48 tokens
+
+
+def test_a_terminated_row_in_the_file_does_not_stop_the_resumed_run(monkeypatch, tmp_path):
+    """A row cut off in an earlier run (here the second of a repeated entry) is run again; only a row cut off
+    in this run stops it."""
+    out = tmp_path / "rows.jsonl"
+    with pytest.raises(SystemExit):  # the earlier run: terminated in its second row
+        run_main(monkeypatch, StandIn(cut_off=(1,)), out, "--runs", RUNS[0], RUNS[0])
+    again = StandIn()
+    rows = run_main(monkeypatch, again, out, "--runs", RUNS[0], RUNS[0], "--resume")
+    assert [call for call, _ in again.calls] == [1]
+    assert [row["status"] for row in rows] == ["ok", "terminated", "ok"]
+    run_main(monkeypatch, StandIn(), out, "--runs", RUNS[0], RUNS[0], "--resume")  # nothing left: exits 0
+
+
+def test_batch_max_where_not_even_one_sequence_fits_is_finished(monkeypatch, tmp_path):
+    """Batch max whose batch-1 row runs out of memory writes no max row; resumed, it is not run again."""
+    out = tmp_path / "rows.jsonl"
+    rows = run_main(monkeypatch, StandIn(fits=0), out, "--runs", RUNS[2])
+    assert [(row["batch"], row["status"]) for row in rows] == [(1, "oom")]
+    again = StandIn(fits=0)
+    run_main(monkeypatch, again, out, "--runs", RUNS[2], "--resume")
+    assert again.calls == []
+
+
+def test_resume_refuses_an_unknown_commit(monkeypatch, tmp_path):
+    """A copy without .git and no --commit: rows of any code would pass for this code's."""
+    environment = speed.environment
+    monkeypatch.setattr(speed, "environment", lambda device: {**environment(device), "git_commit": "unknown"})
+    with pytest.raises(SystemExit, match="--commit"):
+        run_main(monkeypatch, StandIn(), tmp_path / "rows.jsonl", "--runs", RUNS[0], "--resume", "--commit", "")
 
 
 def test_batch_max_cut_off_between_attempts_runs_again(monkeypatch, tmp_path):
