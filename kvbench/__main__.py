@@ -108,19 +108,47 @@ def interrupted(outcomes: list[Outcome]) -> str:
 
 
 # A plain `method.KEY=VALUE` (or task.): the keys a method or task takes depend on which one is chosen.
-CHOICE_DEPENDENT_KEY = re.compile(r"^(method|task)\.[A-Za-z_][\w.]*=")
+CHOICE_DEPENDENT_KEY = re.compile(r"^(method|task)\.([A-Za-z_]\w*)[\w.]*=")
+CHOICE_NAMES = re.compile(r"[\w-]+(,[\w-]+)*")  # a group's choice, or a plain list of them
 
 
 def set_or_add(arguments: list[str]) -> list[str]:
-    """The command line with each plain `method.KEY=VALUE` and `task.KEY=VALUE` as `++` (set, or add).
+    """The command line with a plain `method.KEY=VALUE` or `task.KEY=VALUE` as `++` (set, or add) where a
+    config Hydra checks it against lacks KEY: the default method's or task's (in a sweep Hydra composes the
+    defaults with the command line's other overrides first: `-m method=kivi,rtn method.bits=4` failed on
+    snapkv's config, which has no `bits`) or a chosen one's (`method.budgte=128` failed in a message naming
+    no key it could be). With `++` the key reaches kvbench's own check (`config.build_dataclass`), which
+    refuses a key the chosen method or task lacks, naming it and the keys it takes, before any model loads
+    (in a sweep, for every job before any runs: `EarlyChecks`). A key every such config has stays plain: a
+    sweep config's `hydra.sweeper.params` and the command line then still set one key (Hydra tells keys apart
+    by their prefix, so `++method.budget` would sweep beside `method.budget`, not replace it)."""
+    groups = {match.group(1) for match in map(CHOICE_DEPENDENT_KEY.match, arguments) if match}
+    shared = {group: keys_every_choice_has(group, arguments) for group in groups}
+    rewritten = []
+    for argument in arguments:
+        match = CHOICE_DEPENDENT_KEY.match(argument)
+        keys = shared.get(match.group(1)) if match else None
+        rewritten.append(f"++{argument}" if match and (keys is None or match.group(2) not in keys) else argument)
+    return rewritten
 
-    Hydra checks a plain override against the config it composes first, the defaults' method and task, not
-    the command's choice: in a sweep `-m method=kivi,rtn method.bits=4` failed on snapkv's config, which has
-    no `bits`, and a misspelt key (`method.budgte=128`) failed in a message naming no key it could be. With
-    `++` every key reaches kvbench's own check (`config.build_dataclass`), which refuses a key the chosen
-    method or task lacks, naming it and the keys it takes, before any model loads (in a sweep, for every job
-    before any runs: `EarlyChecks`)."""
-    return [f"++{argument}" if CHOICE_DEPENDENT_KEY.match(argument) else argument for argument in arguments]
+
+def keys_every_choice_has(group: str, arguments: list[str]) -> set[str] | None:
+    """The top-level keys that the default config of `group` and every one the command line chooses all have;
+    None where a choice is not a plain list of names of this config folder (a glob, `choice(...)`, another
+    `--config-dir`'s): then every key of the group is set or added."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    given = [argument.split("=", 1)[1] for argument in arguments if argument.startswith(f"{group}=")]
+    if given and not CHOICE_NAMES.fullmatch(given[-1]):  # the last one is Hydra's
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            default = str(compose("config", return_hydra_config=True).hydra.runtime.choices[group])
+            names = {default, *(given[-1].split(",") if given else [])}
+            return set.intersection(*(set(compose("config", [f"{group}={name}"])[group]) for name in names))
+    except HydraException:
+        return None
 
 
 def main() -> None:

@@ -402,6 +402,8 @@ def check_keys(cfg: DictConfig) -> None:
     from kvbench.task import Task
 
     for group, base in (("method", Method), ("task", Task)):
+        if group not in cfg:  # `build` says so, in the job's own run
+            continue
         node = OmegaConf.to_container(cfg[group], resolve=False)
         assert isinstance(node, dict)
         _require_known_keys(_target_class(node, group, base), node, group)

@@ -339,13 +339,36 @@ def test_a_key_the_config_lacks_is_bad_input(monkeypatch, capsys, tmp_path):
     assert not list(tmp_path.rglob("record.json"))
 
 
-def test_plain_method_and_task_keys_are_set_or_added():
-    """Only a plain `method.KEY=` / `task.KEY=` becomes `++` (Hydra checks a plain one against the default
-    method's config, not the chosen one's); other groups, prefixed keys and flags stay as given."""
-    given = ["-m", "method=kivi,rtn", "method.bits=4", "task.limit=2", "method.group.size=1", "+method.x=1"]
-    given += ["++method.y=2", "~method.z", "model.device=cpu", "kvbench.debug=true", "hydra.verbose=true"]
-    expected = ["-m", "method=kivi,rtn", "++method.bits=4", "++task.limit=2", "++method.group.size=1", *given[5:]]
-    assert set_or_add(given) == expected
+def test_a_method_or_task_key_is_set_or_added_where_a_config_hydra_checks_lacks_it():
+    """`++` for a plain `method.KEY=` / `task.KEY=` that the default (snapkv, passkey) or a chosen config lacks
+    (a sweep's jobs: every name listed), or where the choice is not a plain list; plain where all have it;
+    other groups, prefixed keys and flags as given."""
+    assert set_or_add(["-m", "method=kivi,rtn", "method.bits=4", "task.limit=2", "model.device=cpu"]) == [
+        "-m", "method=kivi,rtn", "++method.bits=4", "task.limit=2", "model.device=cpu"
+    ]  # fmt: skip
+    assert set_or_add(["method=snapkv", "method.budgte=128", "method.budget=64", "task.limt=1"]) == [
+        "method=snapkv", "++method.budgte=128", "method.budget=64", "++task.limt=1"
+    ]  # fmt: skip
+    assert set_or_add(["-m", "method=full,kivi", "method.budget=64"])[-1] == "++method.budget=64"  # kivi lacks it
+    assert set_or_add(["-m", "method=glob(*)", "method.budget=64"])[-1] == "++method.budget=64"
+    given = ["+method.x=1", "++method.y=2", "~method.z", "kvbench.debug=true", "hydra.verbose=true", "-m"]
+    assert set_or_add(given) == given
+
+
+def test_a_sweep_configs_params_and_the_command_line_set_one_key(monkeypatch, tmp_path):
+    """A sweep config's `hydra.sweeper.params` sweeps `method.budget`, the command line sets it: one job, as
+    Hydra has it (as `++method.budget` it had made two jobs, both at the command line's budget)."""
+    configs = tmp_path / "configs" / "sweep"
+    configs.mkdir(parents=True)
+    (configs / "budgets.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      method.budget: 64,128\n"
+    )
+    args = ["-m", "--config-dir", str(tmp_path / "configs"), "+sweep=budgets", *TINY, *SHORT_PASSKEY]
+    args += ["method=snapkv", "method.budget=96", f"{RESULTS}={tmp_path}/results"]
+    assert cli(monkeypatch, *args) == 0
+    found = list(records(tmp_path / "results").values())
+    assert [record["config"]["method"]["budget"] for record in found] == [96]
+    assert len(list((tmp_path / "results" / ".hydra").glob("multirun-*/*/outcome.json"))) == 1
 
 
 def test_a_key_every_swept_method_takes_but_the_default_lacks_sweeps(monkeypatch, capsys, tmp_path):
