@@ -32,9 +32,10 @@ terminated run starts no new row. A GPU session's device time is short: a row cu
 the time went.
 
 A grid longer than one GPU session runs in parts: `--resume` skips every row of the plan that `--out`
-already holds from the same commit, device and settings (`run_settings`), finished: "ok", or out of memory
-(at batch `max`: on every size it tried); errors, time-outs and terminated rows run again. Each run starts no
-new row after `--time-limit-s` and says how many rows of the plan are left.
+already holds from the same commit, device and settings (`run_settings`), finished (`finishes`): "ok", or
+out of memory (batch `max`: on every size it tried, or not even one sequence fits); errors, time-outs and
+terminated rows run again. Each run starts no new row after `--time-limit-s` and says how many rows of the
+plan are left.
 
 Imports only torch, transformers and kvbench (the GPU machine has no hydra or datasets). One JSON line per
 row to `--out`, with device, versions and commit, its plan entry (`run`, as `--runs` writes it) and the run's

@@ -147,7 +147,7 @@ def keys_every_choice_has(group: str, arguments: list[str]) -> set[str] | None:
             default = str(compose("config", return_hydra_config=True).hydra.runtime.choices[group])
             names = {default, *(given[-1].split(",") if given else [])}
             return set.intersection(*(set(compose("config", [f"{group}={name}"])[group]) for name in names))
-    except HydraException:
+    except (HydraException, ValueError):  # ValueError: Hydra already initialized (a caller composing its own)
         return None
 
 
