@@ -401,18 +401,23 @@ if kernels.triton is not None:
         elif ASM:
             c0, c1, c2, c3 = _bf16_subnormal_crumbs(elements)
         else:
-            # bfloat16 is a float32's high half: the pattern v shifted 16 bits is v * 2^-133 in float32 too
             words = elements.to(tl.int32)
             low: tl.constexpr = (1 << BITS) - 1
-            c0 = ((words & low) << 16).to(tl.float32, bitcast=True).to(DTYPE)
-            c1 = ((words & (low << BITS)) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+            c0 = _bf16_pattern(words & low, DTYPE)
+            c1 = _bf16_pattern(words & (low << BITS), DTYPE)
             if BITS == 4:  # planes 2 and 3 shifted down a byte, to place values 1 and 16 like planes 0 and 1
-                c2 = (((words >> 8) & low) << 16).to(tl.float32, bitcast=True).to(DTYPE)
-                c3 = (((words >> 8) & (low << BITS)) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+                c2 = _bf16_pattern((words >> 8) & low, DTYPE)
+                c3 = _bf16_pattern((words >> 8) & (low << BITS), DTYPE)
             else:
-                c2 = ((words & (low << (2 * BITS))) << 16).to(tl.float32, bitcast=True).to(DTYPE)
-                c3 = ((words & (low << (3 * BITS))) << 16).to(tl.float32, bitcast=True).to(DTYPE)
+                c2 = _bf16_pattern(words & (low << (2 * BITS)), DTYPE)
+                c3 = _bf16_pattern(words & (low << (3 * BITS)), DTYPE)
         return c0, c1, c2, c3
+
+    @triton.jit
+    def _bf16_pattern(pattern, DTYPE: tl.constexpr):
+        """The value of a 16-bit bfloat16 pattern held in an int32, as DTYPE: bfloat16 is a float32's high half,
+        so the pattern shifted 16 bits is the same value in float32."""
+        return (pattern << 16).to(tl.float32, bitcast=True).to(DTYPE)
 
     @triton.jit
     def _subnormal_unit():
