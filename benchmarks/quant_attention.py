@@ -151,6 +151,9 @@ CONFIGS = {
     # with KIVI's split targets at 8 / 16
     "regs128": replace(quant_kernels.LAUNCH, max_registers=128),
     "regs128_pps8": replace(quant_kernels.LAUNCH, max_registers=128, halves_programs_per_sm=(8, 16)),
+    "subnormal_regs128_pps8": replace(
+        quant_kernels.LAUNCH, subnormal_codes=True, max_registers=128, halves_programs_per_sm=(8, 16)
+    ),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": six as by
