@@ -144,6 +144,16 @@ CONFIGS = {
     "halves_pps4": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(4, 8)),
     # KIVI's "halves" with bfloat16 queries: codes into the products as bfloat16 bit patterns (subnormal)
     "subnormal": replace(quant_kernels.LAUNCH, subnormal_codes=True),
+    # "halves" at 8 / 16 and 8 / 8 programs an SM: what fits an SM's registers at 128 a thread (ptxas's cap)
+    "halves_pps8": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(8, 16)),
+    "halves_pps8x8": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(8, 8)),
+    # the plane kernels' registers capped at 128 a thread (`max_registers`: the opaque operators), alone and
+    # with KIVI's split targets at 8 / 16
+    "regs128": replace(quant_kernels.LAUNCH, max_registers=128),
+    "regs128_pps8": replace(quant_kernels.LAUNCH, max_registers=128, halves_programs_per_sm=(8, 16)),
+    "subnormal_regs128_pps8": replace(
+        quant_kernels.LAUNCH, subnormal_codes=True, max_registers=128, halves_programs_per_sm=(8, 16)
+    ),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": six as by

@@ -24,8 +24,10 @@ out = 0 and lse = -inf, and its slots receive 0.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -623,8 +625,51 @@ else:
         return register
 
 
+def _make_opaque_op(name: str):
+    """`_make_op` for an operator that torch.compile does not trace into: its graph calls the operator, which
+    runs as it is (at capture, under CUDA graphs), so its kernels launch with options that Inductor's copy of a
+    user kernel would drop (`plane_kernel`'s register cap). Its fake runs the references (`_references_only`)."""
+
+    def register(fn):
+        def launch(*args, **kwargs):
+            # as `triton_op` runs its body: launches straight to Triton, not through the traceable wrapper
+            with _wrap_triton_off():
+                return fn(*args, **kwargs)
+
+        def fake(*args, **kwargs):
+            with _references_only():
+                return fn(*args, **kwargs)
+
+        schema = torch.library.infer_schema(fn, mutates_args=())
+        op = torch.library.custom_op(name, launch, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+_REFERENCES_ONLY = False  # `_references_only`: the operators' bodies take the references
+
+
+@contextlib.contextmanager
+def _references_only() -> Iterator[None]:
+    global _REFERENCES_ONLY
+    before, _REFERENCES_ONLY = _REFERENCES_ONLY, True
+    try:
+        yield
+    finally:
+        _REFERENCES_ONLY = before
+
+
+def _wrap_triton_off():
+    """`wrap_triton` hands back the kernel itself while this holds (torch's switch, as `triton_op` uses it)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    return set_wrap_triton_enabled(False)
+
+
 def _use_triton(tensor: torch.Tensor) -> bool:
-    return triton is not None and (tensor.is_cuda or _INTERPRETED)
+    return triton is not None and (tensor.is_cuda or _INTERPRETED) and not _REFERENCES_ONLY
 
 
 # With Triton these are `triton_op`s: their body is also their fake implementation (under fake tensors the

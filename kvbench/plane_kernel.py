@@ -1338,14 +1338,21 @@ if kernels.triton is not None:
             arguments += [*second.pointers, *second.splits, *second.strides]
             constexprs |= {f"{name}_2": value for name, value in second.constexprs.items()}
             kernel = _plane_pair_kernel
-        wrap_triton(kernel)[(b * hkv, total_splits)](
-            *arguments, **constexprs, num_warps=first.launch.num_warps, num_stages=first.launch.num_stages
-        )
+        _launch(kernel, (b * hkv, total_splits), arguments, constexprs, first.launch)
         return kernels._combine_splits(o_part, lse_part, b, hq, query.dtype, rotation, out_scale)
 
+    def _launch(kernel, grid: tuple[int, int], arguments: list, constexprs: dict, launch: LaunchConfig) -> None:
+        """One plane-kernel launch under `launch`: through `wrap_triton` (torch.compile traces it), or, with a
+        register cap (`LaunchConfig.max_registers`), straight to Triton with ptxas's `maxnreg`, which Inductor's
+        copy of a kernel would drop: only the opaque operators (`plane_operators`) take a cap."""
+        options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
+        if launch.max_registers:
+            kernel[grid](*arguments, **constexprs, **options, maxnreg=launch.max_registers)
+        else:
+            wrap_triton(kernel)[grid](*arguments, **constexprs, **options)
 
-@kernels._make_op("kvbench::plane_attention")
-def _plane_attention_op(
+
+def _plane_attention(
     query: torch.Tensor,
     k_codes: torch.Tensor,
     k_scale: torch.Tensor,
@@ -1391,8 +1398,7 @@ def _plane_attention_op(
     return (out if out_scale is None else scale_channels(out, out_scale)), lse
 
 
-@kernels._make_op("kvbench::plane_pair_attention")
-def _plane_pair_op(
+def _plane_pair(
     query: torch.Tensor,
     k_codes: torch.Tensor,
     k_scale: torch.Tensor,
@@ -1467,3 +1473,19 @@ def _plane_pair_op(
         pieces.append(kernels.decode_attention_reference(query, *window.attention_inputs(), scale))
     out, lse = merge_attention(pieces)
     return (out if out_scale is None else scale_channels(out, out_scale)), lse
+
+
+# Each body twice: as a traced operator (torch.compile sees its kernels) and as an opaque one (torch.compile
+# calls it as it is), which a register cap needs (`plane_operators`).
+_plane_attention_op = kernels._make_op("kvbench::plane_attention")(_plane_attention)
+_plane_pair_op = kernels._make_op("kvbench::plane_pair_attention")(_plane_pair)
+_plane_attention_opaque_op = kernels._make_opaque_op("kvbench::plane_attention_opaque")(_plane_attention)
+_plane_pair_opaque_op = kernels._make_opaque_op("kvbench::plane_pair_attention_opaque")(_plane_pair)
+
+
+def plane_operators(launch: LaunchConfig) -> tuple:
+    """(single-store, pair) operators for `launch`: the traced ones, or with a register cap
+    (`LaunchConfig.max_registers`) the opaque ones, whose launches go straight to Triton with the cap."""
+    if launch.max_registers:
+        return torch.ops.kvbench.plane_attention_opaque, torch.ops.kvbench.plane_pair_attention_opaque
+    return torch.ops.kvbench.plane_attention, torch.ops.kvbench.plane_pair_attention

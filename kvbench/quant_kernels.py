@@ -235,6 +235,13 @@ class LaunchConfig:
     # 1,420 -> 1,216 instructions a warp and tile, KIVI-4's 1,298 -> 1,125, registers unchanged (Triton
     # 3.7.1: KIVI-4's 255 -> 168). Off until timed on a GPU.
     subnormal_codes: bool = False
+    # A cap on the plane kernels' registers a thread (ptxas `maxnreg`; 0: ptxas's choice), so that more
+    # programs fit an SM: at 128, 8 two-warp programs (KIVI-2's windowed kernel takes 168 registers, 6;
+    # KIVI-4's 255, 4). Inductor's copy of a user kernel keeps warps and stages but no `maxnreg`, so with a cap
+    # the plane operators run opaque to torch.compile (`plane_kernel.plane_operators`). Offline (sm_90, Triton
+    # 3.6, 2 warps, windowed): at 128 KIVI-2's loop 1,420 -> 1,462 instructions a warp and tile with 2
+    # local-memory operations in it, KIVI-4's 1,298 -> 1,336 with none (16 outside); per-token 4-bit 882 -> 908.
+    max_registers: int = 0
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
     # `query_rows_token_keys`; one launch's two stores take the larger of theirs. 16 is one
@@ -834,7 +841,7 @@ def packed_sets_attention(
     if len(sets) == 2 and LAUNCH.pair_sets and plane_kernel.pair_fits(sets[0][:2], sets[1][:2], LAUNCH):
         (k1, v1, len1), (k2, v2, len2) = sets
         held = window if window is not None else (None,) * len(Window._fields)
-        return torch.ops.kvbench.plane_pair_attention(
+        return plane_kernel.plane_operators(LAUNCH)[1](
             query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, out_scale, float(scale),
             *_formats(k1, v1), *_formats(k2, v2),
         )  # fmt: skip
@@ -878,7 +885,7 @@ def packed_decode_attention(
     formats = (float(scale), *_formats(keys, values))
     if plane_kernel.plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None,) * len(Window._fields)
-        return torch.ops.kvbench.plane_attention(
+        return plane_kernel.plane_operators(LAUNCH)[0](
             query, *keys[:4], *values[:4], lengths, *held, rotation, out_scale, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)

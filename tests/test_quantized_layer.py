@@ -158,6 +158,10 @@ SUBNORMAL_CASES = (
     "halves_k4_v2_bf16",
     "halves_fp16",
 )
+# A register cap (the launch's `max_registers`): the opaque operators, their launches straight to Triton (whose
+# interpreter drops the cap; `test_a_register_cap_launches_straight_to_triton` checks that it is passed).
+CAPPED = {"max_registers": 128}
+CAPPED_CASES = ("quarot4_offset_bf16+rotation", "kivi4_halves_bf16+window", "kivi2_halves_fp16")
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -196,28 +200,19 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
 @contextlib.contextmanager
 def _launched() -> Iterator[list[dict]]:
     """The constexprs each plane-kernel launch inside the block was given (query rows BLOCK_G, CODES_FIRST, the
-    window's tile BLOCK_NW, SUBNORMAL), as launched."""
-    launches, wrap = [], plane_kernel.wrap_triton
+    window's tile BLOCK_NW, SUBNORMAL) and its register cap, as launched (`plane_kernel._launch`)."""
+    launches, launch_kernel = [], plane_kernel._launch
 
-    def spy(kernel):  # wrap_triton(kernel)[grid](*args, **constexprs)
-        grids = wrap(kernel)
+    def spy(kernel, grid, arguments, constexprs, launch):
+        launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "SUBNORMAL")})
+        launches[-1]["max_registers"] = launch.max_registers
+        return launch_kernel(kernel, grid, arguments, constexprs, launch)
 
-        class Grids:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "SUBNORMAL")
-                    launches.append({name: kwargs[name] for name in names})
-                    return grids[grid](*args, **kwargs)
-
-                return launch
-
-        return Grids()
-
-    plane_kernel.wrap_triton = spy
+    plane_kernel._launch = spy
     try:
         yield launches
     finally:
-        plane_kernel.wrap_triton = wrap
+        plane_kernel._launch = launch_kernel
 
 
 def _case_inputs(name: str, seed: int) -> dict:
@@ -346,6 +341,7 @@ def _measure(
         "window_block": launches[0]["BLOCK_NW"] if launches else None,
         "subnormal": bool(launches and launches[0]["SUBNORMAL"]),
         "same_as_usual": same_as_usual,
+        "max_registers": launches[0]["max_registers"] if launches else None,
         "launches": len(launches),
     }
 
@@ -411,6 +407,7 @@ def _measure_pair(
         "launched_splits": launched,
         "launched_query_rows": [launch["BLOCK_G"] for launch in launches],
         "launched_codes_first": [launch["CODES_FIRST"] for launch in launches],
+        "launched_max_registers": [launch["max_registers"] for launch in launches],
         "window": with_window,
         "dtype": dtype,
         "out_dtype_ok": out.dtype == query.dtype and lse.dtype == torch.float32,
@@ -478,6 +475,26 @@ def _measure_ring(name: str) -> dict:
     return {"same": same, "live_slots": live_slots, "states": len(states)}
 
 
+def _measure_compiled_capped(name: str) -> dict:
+    """A capped launch inside torch.compile (fullgraph): the opaque operator traced by its fake (the
+    references) and run as it is, against the same launch run eagerly."""
+    x = _case_inputs(name, seed=len(name))
+    window = _window(x, 70, torch.Generator().manual_seed(7))
+    quant_kernels.LAUNCH = quant_kernels.LaunchConfig(**CAPPED)
+
+    def attend(query, lengths):
+        return packed_decode_attention(query, x["keys"], x["values"], lengths, x["scale"], window)
+
+    eager = attend(x["query"], x["lengths"])
+    torch._dynamo.reset()
+    with _launched() as launches:
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(x["query"], x["lengths"])
+    return {
+        "same": bool(torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])),
+        "launched_max_registers": [launch["max_registers"] for launch in launches],
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     cases = {name: _measure(name) for name in CASES}
@@ -497,6 +514,7 @@ def _worker() -> None:
         ("rows16", ROWS16_CASES, ROWS16),
         ("query_first", QUERY_FIRST_CASES, {"codes_first": False}),
         ("subnormal", SUBNORMAL_CASES, {"subnormal_codes": True}),
+        ("capped", CAPPED_CASES, CAPPED),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -506,6 +524,9 @@ def _worker() -> None:
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
     rows16 = quant_kernels.LaunchConfig(**ROWS16)
     cases["pair:zipcache_pair_fp16+window+rows16"] = _measure_pair("zipcache_pair_fp16", True, rows16)
+    capped = quant_kernels.LaunchConfig(**CAPPED)
+    cases["pair:zipcache_pair_bf16+window+capped"] = _measure_pair("zipcache_pair_bf16", True, capped)
+    cases["compiled:capped"] = _measure_compiled_capped("kivi4_halves_bf16")
     for name in ROTATION_CASES:
         case, _, window = name.partition("+")
         cases[f"{name}+rotation"] = _measure(case, with_window=window == "window", with_rotation=True)
@@ -529,6 +550,7 @@ def interpreted() -> dict:
         *(f"{name}+rows16" for name in ROWS16_CASES),
         *(f"{name}+query_first" for name in QUERY_FIRST_CASES),
         *(f"{name}+subnormal" for name in SUBNORMAL_CASES),
+        *(f"{name}+capped" for name in CAPPED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -572,6 +594,7 @@ def test_subnormal_cases_cover_the_value_layouts(interpreted: dict) -> None:
         "pair:split_pair_fp16+scale",
         "pair:zipcache_pair_bf16+window+unmasked",
         "pair:zipcache_pair_fp16+window+rows16",
+        "pair:zipcache_pair_bf16+window+capped",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -678,7 +701,7 @@ def test_merging_one_piece_returns_it() -> None:
 def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     """Every way each kernel applies parameters, for K and V, every bit width, tiles aligned to key rows
     from a lead that is not a multiple of the tile, one split and many, sequences with no live slot."""
-    cases = [m for name, m in interpreted.items() if not name.startswith(("pair:", "ring:"))]
+    cases = [m for name, m in interpreted.items() if not name.startswith(("pair:", "ring:", "compiled:"))]
     packed = [m for m in cases if m["kernel"] == "packed"]
     assert {m["key_mode"] for m in packed} == {"slot", "row", "lead", "rows", "columns", "gather"}
     assert {m["value_mode"] for m in packed} == {"slot", "columns", "gather"}
@@ -735,6 +758,12 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["window_block"] for m in windowed if m["codes_first"]} == {plane_kernel.WINDOW_BLOCK_CODES_FIRST}
     assert {m["window_block"] for m in windowed if not m["codes_first"]} >= {64}
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_codes_first"] == [False]
+    # a register cap reaches the launch (the opaque operators), one store or a pair, and no other case has one
+    capped = {name for name, m in interpreted.items() if m.get("max_registers")}
+    assert capped == {f"{name}+capped" for name in CAPPED_CASES}, capped
+    assert {interpreted[name]["max_registers"] for name in capped} == {CAPPED["max_registers"]}
+    assert interpreted["pair:zipcache_pair_bf16+window+capped"]["launched_max_registers"] == [128]
+    assert interpreted["pair:zipcache_pair_bf16+window"]["launched_max_registers"] == [0]
     assert interpreted["pair:lead_token_pair_bf16"]["launched_codes_first"] == [False]  # not both stores
     assert {(m["window"], m["rotation"]) for m in cases if m["offset"]} == {
         (False, False),
@@ -757,6 +786,45 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert min(m["splits"] for m in cases) == 1
     assert max(m["splits"] for m in cases) > 4
     assert sum(m["dead_rows"] for m in cases) > 0
+
+
+def test_a_capped_launch_compiles_whole_and_matches_eager(interpreted: dict) -> None:
+    """torch.compile(fullgraph) over a capped launch: the opaque operator, which its graph calls (the traced
+    one would launch straight to Triton on traced tensors), gives the eager outputs exactly."""
+    m = interpreted["compiled:capped"]
+    assert m["same"] and m["launched_max_registers"] == [128], m
+
+
+def test_a_register_cap_launches_straight_to_triton(monkeypatch) -> None:
+    """With `max_registers` the launch goes to the kernel itself with ptxas's `maxnreg` (Inductor's copy of a
+    kernel would drop it); without, through `wrap_triton` and with no cap."""
+    if kernels.triton is None:
+        pytest.skip("no Triton")
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append(("direct", grid, args, kwargs))
+
+    def wrap(kernel):
+        return {(1, 2): lambda *args, **kwargs: calls.append(("wrapped", (1, 2), args, kwargs))}
+
+    monkeypatch.setattr(plane_kernel, "wrap_triton", wrap)
+    for cap in (0, 96):
+        launch = quant_kernels.LaunchConfig(num_warps=2, num_stages=3, max_registers=cap)
+        plane_kernel._launch(Kernel(), (1, 2), [7, 8], {"BLOCK_N": 64}, launch)
+    (how, _, args, plain), (capped_how, _, capped_args, capped) = calls
+    assert (how, capped_how) == ("wrapped", "direct") and args == capped_args == (7, 8)
+    assert plain == {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
+    assert capped == {**plain, "maxnreg": 96}
+    assert plane_kernel.plane_operators(quant_kernels.LaunchConfig(max_registers=96)) == (
+        torch.ops.kvbench.plane_attention_opaque,
+        torch.ops.kvbench.plane_pair_attention_opaque,
+    )
+    assert plane_kernel.plane_operators(quant_kernels.LaunchConfig()) == (
+        torch.ops.kvbench.plane_attention,
+        torch.ops.kvbench.plane_pair_attention,
+    )
 
 
 def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
