@@ -23,25 +23,18 @@
    becomes the engine's default. Random bf16 weights leave near-ties that any regrouping of a reduction can
    flip (combo kernels parted 9 of 13 methods' tokens, e725901): `--dtype float32` runs the model in float32,
    where rounding is ~2^16 times finer, so tokens that still part point at a real difference.
-7. `subnormal_codes`: KIVI's layouts (2 and 4 bits, bfloat16 queries, the 8B shape at 4 x 4,096 slots with
-   a window) with the codes taken as bfloat16 bit patterns (`LaunchConfig.subnormal_codes`) give the usual
-   conversion's outputs and lse bit for bit, with queries as drawn and 30 times larger (peaked attention, tiny
-   weights): the tensor cores must take bfloat16 subnormals as they are.
 Prints one line per check and exits non-zero on the first mismatch (the options check: after every method).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
-from dataclasses import replace
 
-import quant_attention  # beside this file
 import torch
 from speed import make_method  # beside this file
 
-from kvbench import kernels, quant_kernels, token_quant
+from kvbench import kernels, token_quant
 from kvbench.cuboid_scores import cuboid_scores, query_halves
 from kvbench.engine import Engine, Request, parse_inductor_options
 from kvbench.hadamard import hadamard_matrix
@@ -360,33 +353,12 @@ def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
 
 
-def check_subnormal_codes() -> None:
-    device, usual = torch.device("cuda"), quant_kernels.LAUNCH
-    for name, peak in itertools.product(("kivi2", "kivi4"), (1, 30)):
-        keys, values = quant_attention.packed_inputs(4, 4096, quant_attention.TIMED[name], device, seed=3)
-        query = torch.randn(4, 32, 128, device=device, dtype=torch.bfloat16) * peak
-        lengths = torch.tensor([4096, 4000, 2049, 31], device=device)
-        window = quant_attention.window_inputs(query, 129)
-        results = []
-        try:
-            for launch in (usual, replace(usual, subnormal_codes=True)):
-                quant_kernels.LAUNCH = launch
-                results.append(quant_kernels.packed_decode_attention(query, keys, values, lengths, 0.088, window))
-        finally:
-            quant_kernels.LAUNCH = usual
-        (out, lse), (sub_out, sub_lse) = results
-        diff = (out.float() - sub_out.float()).abs().max().item()
-        same = torch.equal(out, sub_out) and torch.equal(lse, sub_lse)
-        check(f"subnormal_codes {name} query x{peak}", same, f"max diff {diff:.3g}")
-
-
 CHECKS = {
     "host_pages": check_host_pages,
     "arkvale_kernels": check_arkvale_kernels,
     "token_stores": check_token_stores,
     "engines": check_engines,
     "attention_lengths": check_attention_lengths,
-    "subnormal_codes": check_subnormal_codes,
 }
 
 if __name__ == "__main__":

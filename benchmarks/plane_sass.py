@@ -6,12 +6,12 @@
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead halves --variants default zero_sums --bits 2
     PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --variants default default_query_first --bits 2
     PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --bits 2 4 --window   # registers as KIVI's step
-    PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --bits 2 4 --window --variants default subnormal
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
 batch 1, 32k slots: strides that are multiples of 16 and 16-byte-aligned pointers marked divisible by 16,
-arguments equal to 1 made constants), at 4 bits (16-bit elements) or 2 (bytes; `--bits`). Without that
+arguments equal to 1 made constants), at 4 bits (16-bit elements) or 2 (bytes; `--bits`), under the
+launch's register cap (KIVI's "halves": `halves_max_registers`). Without that
 specialisation the codes load 16 bits at a time and the counts are ~60% higher than what runs. Prints, per
 variant, the SASS instructions in the largest loop (the tile loop) per warp, registers, local-memory (spill)
 operations, and the loop's instructions by class.
@@ -57,12 +57,7 @@ MODES = {
     "row": (32, 1, 32, D, 4),  # the same in tiles of one row (`--block-n 32`): one fold a tile
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
-VARIANTS = {
-    "default": {},
-    "subnormal": {"SUBNORMAL": True},
-    "zero_sums": {"ZERO_SUMS": True},
-    "offset": {"ZERO_SUMS": True, "OFFSET": 128.0},
-}
+VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
 VARIANTS |= {
@@ -129,7 +124,6 @@ def compile_plane(
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": window, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0, "WINDOW_RING": window, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
-        "SUBNORMAL": False,
     } | VARIANTS[variant]  # fmt: skip
     # the window's tile as the launch chooses it for the products' order
     constexprs["BLOCK_NW"] = plane_kernel.window_block(
@@ -157,6 +151,8 @@ def compile_plane(
     positions = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
     source = ASTSource(kernel, signature, constexprs=positions, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 2}
+    if launch.max_registers:  # KIVI's "halves" by default (`halves_max_registers`)
+        options["maxnreg"] = launch.max_registers
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
@@ -217,10 +213,8 @@ def main() -> None:
         for variant in args.variants:
             # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
             base = variant.removesuffix("_codes_first").removesuffix("_query_first").removesuffix("_unmasked")
-            if (base not in ("default", "subnormal") and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
+            if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
-            if base == "subnormal" and mode != "halves":
-                continue  # codes as bfloat16 bit patterns: KIVI's "halves" only
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
                 if base == "offset" and bits != 4:
                     continue  # offset codes: 4 bits only

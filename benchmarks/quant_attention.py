@@ -98,7 +98,8 @@ def fixed(programs_per_sm: int, **launch) -> LaunchConfig:
 
 
 # KIVI's "halves" layout takes its split targets from `halves_programs_per_sm` while its products take the
-# codes first (the default; `plane_kernel.plane_launch`): `fixed` and `many{n}` set it too.
+# codes first (the default; `plane_kernel.plane_launch`): `fixed` and `many{n}` set it too, and keep its
+# register cap (`halves_max_registers`).
 CONFIGS = {
     "default": quant_kernels.LAUNCH,
     "w4_pps2": fixed(2, num_warps=4),  # the launch before two warps became the default
@@ -142,21 +143,14 @@ CONFIGS = {
     # for per-token keys and KIVI's "halves"; and "halves" with the codes first at the default split targets
     "no_codes_first": replace(quant_kernels.LAUNCH, codes_first=False),
     "halves_pps4": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(4, 8)),
-    # KIVI's "halves" with bfloat16 queries: codes into the products as bfloat16 bit patterns (subnormal)
-    "subnormal": replace(quant_kernels.LAUNCH, subnormal_codes=True),
-    # "halves" at 8 / 16 and 8 / 8 programs an SM: what fits an SM's registers at 128 a thread (ptxas's cap)
-    "halves_pps8": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(8, 16)),
     "halves_pps8x8": replace(quant_kernels.LAUNCH, halves_programs_per_sm=(8, 8)),
-    # the plane kernels' registers capped at 128 a thread (`max_registers`: the opaque operators), alone and
-    # with KIVI's split targets at 8 / 16
+    # "halves" without its register cap at 6 / 12 programs an SM (ptxas's 168 registers: 6 fit), the default
+    # before session 54; and every plane kernel capped at 128 registers a thread (`max_registers`)
+    "uncapped": replace(quant_kernels.LAUNCH, halves_max_registers=0, halves_programs_per_sm=(6, 12)),
     "regs128": replace(quant_kernels.LAUNCH, max_registers=128),
-    "regs128_pps8": replace(quant_kernels.LAUNCH, max_registers=128, halves_programs_per_sm=(8, 16)),
-    "subnormal_regs128_pps8": replace(
-        quant_kernels.LAUNCH, subnormal_codes=True, max_registers=128, halves_programs_per_sm=(8, 16)
-    ),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
-# programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": six as by
+# programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by
 # default); ZipCache's pair too (its wave estimate off, which would otherwise choose among n and its own targets).
 CONFIGS |= {
     f"many{n}": replace(

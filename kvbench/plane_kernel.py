@@ -17,10 +17,7 @@ planes are multiplied as exact codes on the tensor cores, and the parameters are
 plane by plane (`kvbench.quant_kernels`' module doc gives the algebra; `_plane_split`'s docstring, each key
 mode). For per-token keys and KIVI's "halves" (`CODES_FIRST_KEY_MODES`) the codes are the tensor cores' first
 operand (`_scores`, `_weighted_values`: keys . q^T and values^T . p^T, each transposed back as a layout),
-so the query rows pad a product to 8 rather than 16 and the tile loop takes fewer registers. With the
-launch's `subnormal_codes` (KIVI's "halves", bfloat16 queries) the codes go in as bfloat16 bit patterns,
-masked in place with no exponent and no subtract (`_subnormal_codes`), and the place values and a power of two
-are folded into the scales (`_subnormal_scale`). The same
+so the query rows pad a product to 8 rather than 16 and the tile loop takes fewer registers. The same
 launch attends over a full-precision window (one more program) and applies QuaRot's rotation
 (the query's in the prologue, the output's in `kvbench.kernels`' combine kernel). `_plane_pair_kernel` runs
 two stores (ZipCache's sets, `pair_fits`) in one launch: each store's programs as the single kernel would run
@@ -117,7 +114,8 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: in
     """The plane kernel's launch for a store: per-token keys ("token") take at least `query_rows_token_keys`
     query rows, and with summed value zero-points and pairs x slots of at least `one_warp_summed_slots`, one
     warp a program at the many-heads split target; the products take the codes first in
-    `CODES_FIRST_KEY_MODES` only (where the launch asks for it), KIVI's "halves" then at its own split targets.
+    `CODES_FIRST_KEY_MODES` only (where the launch asks for it), KIVI's "halves" then at its own split targets
+    and register cap (`halves_programs_per_sm`, `halves_max_registers`).
     Other key modes keep the launch's warps: one warp was measured on per-token keys only, and ZipCache's "lead"
     loop, while it was one loop with a branch per tile, spilled there (offline, sm_90, Triton 3.7.1,
     `benchmarks/plane_sass.py --modes lead`: 989 local-memory operations and 4,269 instructions a tile, vs 90
@@ -128,7 +126,12 @@ def plane_launch(launch: LaunchConfig, zero_sums: bool, key_mode: str, pairs: in
     launch = replace(launch, codes_first=codes_first)
     if codes_first and key_mode == "halves":
         programs_per_sm, many_heads = launch.halves_programs_per_sm
-        launch = replace(launch, programs_per_sm=programs_per_sm, programs_per_sm_many_heads=many_heads)
+        launch = replace(
+            launch,
+            programs_per_sm=programs_per_sm,
+            programs_per_sm_many_heads=many_heads,
+            max_registers=launch.halves_max_registers,
+        )
     if key_mode == "token":
         launch = replace(launch, query_rows=max(launch.query_rows, launch.query_rows_token_keys))
     if zero_sums and key_mode == "token" and pairs * slots >= launch.one_warp_summed_slots:
@@ -356,86 +359,6 @@ if kernels.triton is not None:
             4,
         )
 
-    # Codes as bfloat16 bit patterns, no exponent and no subtract (SUBNORMAL): a 16-bit pattern v < 256 is
-    # the bfloat16 value v * 2^-133 (subnormal below 128; at 128-255 the exponent field is 1, and
-    # 2^-126 (1 + m / 128) = (128 + m) 2^-133 again), so masking a plane in place gives code * w_g * 2^-133,
-    # w_g the plane's place value (2 bits: 4^g; 4 bits: 1, 16, 1, 16), which the caller folds into the other
-    # operand (`_subnormal_scale`).
-    # 4 bits: 5 instructions make 8 values (planes 2 and 3 from one shift); 2 bits: 10 make 16.
-    @triton.jit
-    def _bf16_subnormal_nibbles(elements):
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 t;
-            and.b32 $0, $4, 0x000F000F; and.b32 $1, $4, 0x00F000F0; shr.b32 t, $4, 8;
-            and.b32 $2, t, 0x000F000F; and.b32 $3, t, 0x00F000F0; }""",
-            "=r,=r,=r,=r,r",
-            [elements],
-            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-            True,
-            2,
-        )
-
-    @triton.jit
-    def _bf16_subnormal_crumbs(elements):
-        return tl.inline_asm_elementwise(
-            """{ .reg .b32 a, b;
-            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
-            and.b32 $0, a, 0x00030003; and.b32 $1, b, 0x00030003;
-            and.b32 $2, a, 0x000C000C; and.b32 $3, b, 0x000C000C;
-            and.b32 $4, a, 0x00300030; and.b32 $5, b, 0x00300030;
-            and.b32 $6, a, 0x00C000C0; and.b32 $7, b, 0x00C000C0; }""",
-            "=r,=r,=r,=r,=r,=r,=r,=r,r",
-            [elements],
-            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-            True,
-            4,
-        )
-
-    @triton.jit
-    def _subnormal_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-        """`_plane_codes`'s planes as the values code * w_g * 2^-133 (bfloat16 patterns code * w_g): through
-        the asm above (bfloat16), or by integer masks and a bitcast to float32, then DTYPE (the interpreter,
-        which takes bfloat16 queries in float32)."""
-        if ASM and BITS == 4:
-            c0, c1, c2, c3 = _bf16_subnormal_nibbles(elements)
-        elif ASM:
-            c0, c1, c2, c3 = _bf16_subnormal_crumbs(elements)
-        else:
-            words = elements.to(tl.int32)
-            low: tl.constexpr = (1 << BITS) - 1
-            c0 = _bf16_pattern(words & low, DTYPE)
-            c1 = _bf16_pattern(words & (low << BITS), DTYPE)
-            if BITS == 4:  # planes 2 and 3 shifted down a byte, to place values 1 and 16 like planes 0 and 1
-                c2 = _bf16_pattern((words >> 8) & low, DTYPE)
-                c3 = _bf16_pattern((words >> 8) & (low << BITS), DTYPE)
-            else:
-                c2 = _bf16_pattern(words & (low << (2 * BITS)), DTYPE)
-                c3 = _bf16_pattern(words & (low << (3 * BITS)), DTYPE)
-        return c0, c1, c2, c3
-
-    @triton.jit
-    def _bf16_pattern(pattern, DTYPE: tl.constexpr):
-        """The value of a 16-bit bfloat16 pattern held in an int32, as DTYPE: bfloat16 is a float32's high half,
-        so the pattern shifted 16 bits is the same value in float32."""
-        return (pattern << 16).to(tl.float32, bitcast=True).to(DTYPE)
-
-    @triton.jit
-    def _subnormal_unit():
-        """2^45: the products of `_subnormal_codes` (units of 2^-45, `_subnormal_scale`) back in their own."""
-        return 35184372088832.0
-
-    @triton.jit
-    def _subnormal_scale(PLANE: tl.constexpr, BITS: tl.constexpr):
-        """2^88 / w_g: what the other operand of plane PLANE's product takes, so that with `_subnormal_codes`
-        every plane's products come out in units of 2^(88 - 133) = 2^-45. Why 88: a product term below
-        2^-126 in those units (2^-81 ~ 4e-25 in its own) would fall out of float32's normal range, and a
-        scaled operand (q * s, p * s) over 2^40 ~ 1e12 would overflow bfloat16's 2^128."""
-        if BITS == 2:
-            scale = 309485009821345068724781056.0 / (1 << (2 * PLANE))
-        else:
-            scale = 309485009821345068724781056.0 / (1 << (4 * (PLANE % 2)))
-        return scale
-
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
         """Planar elements [N, W] or [W, N] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes;
@@ -558,18 +481,12 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr, SUBNORMAL: tl.constexpr = False, BITS: tl.constexpr = 4,
+        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
-        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G]). With
-        SUBNORMAL (codes from `_subnormal_codes`) the first in units of 2^-45 (`_subnormal_scale`)."""
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
         s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
         bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
-        if SUBNORMAL:
-            s0 = s0 * _subnormal_scale(0, BITS)
-            s1 = s1 * _subnormal_scale(1, BITS)
-            s2 = s2 * _subnormal_scale(2, BITS)
-            s3 = s3 * _subnormal_scale(3, BITS)
         logits = _scores((q0.to(tl.float32) * s0[None, :]).to(DTYPE), c0, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, (q1.to(tl.float32) * s1[None, :]).to(DTYPE), c1, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, (q2.to(tl.float32) * s2[None, :]).to(DTYPE), c2, PRECISION, CODES_FIRST)
@@ -696,7 +613,6 @@ if kernels.triton is not None:
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
-        SUBNORMAL: tl.constexpr,
     ):
         """Program (bh = sequence x KV head, split) of decode attention over planar codes: `_packed_split_kernel`'s
         online softmax, with each K/V tile's 4 planes multiplied as exact codes on the tensor cores and the
@@ -736,9 +652,6 @@ if kernels.triton is not None:
         With WINDOW_RING the window's positions are not read but derived from the ring's counters
         (`quant_kernels.Window`): wpos_ptr and wq_ptr hold each sequence's tokens seen and tokens quantized,
         at strides stride_wpb and stride_wph, and the step computes no positions.
-        With SUBNORMAL (key mode "halves") the codes are `_subnormal_codes`' bit patterns: the key row's and
-        the value scales take 2^88 / w_g (`_subnormal_scale`), and 2^45 (`_subnormal_unit`) goes back into the
-        logits with the row's bias and into the value sums at the end (not the window program's).
         With CODES_FIRST every product of a tile takes the tile (codes, the window's rows, the value
         zero-points) as its first operand and the value tiles are read [W, N] (`_load_values`); the window's
         tiles are BLOCK_NW slots.
@@ -746,9 +659,6 @@ if kernels.triton is not None:
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
         the combine kernel rotates the output back."""
-        # bit-pattern codes: KIVI's "halves" (the fold takes the place values; no offset codes) and a bfloat16
-        # query (float32 under the interpreter), whose exponent range holds 2^88 times the scales
-        tl.static_assert(not SUBNORMAL or (K_MODE == "halves" and OFFSET == 0.0 and tl.float16 != DTYPE))
         b = (bh // num_kv_heads).to(tl.int64)
         h = (bh % num_kv_heads).to(tl.int64)
         K_WIDTH: tl.constexpr = HEAD_DIM // 4
@@ -881,8 +791,6 @@ if kernels.triton is not None:
                 k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
                 if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
-                elif SUBNORMAL:
-                    c0, c1, c2, c3 = _subnormal_codes(k_el, K_BITS, DTYPE, K_ASM)
                 else:
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
                 if K_MODE == "token":
@@ -930,19 +838,15 @@ if kernels.triton is not None:
                     b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
                     logits_a, bias_a = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, SUBNORMAL, K_BITS,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     logits_b, bias_b = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
-                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, SUBNORMAL, K_BITS,
+                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
-                    if SUBNORMAL:  # the products' unit 2^-45 taken out with the bias
-                        logits_a = logits_a * _subnormal_unit() + bias_a[:, None]
-                        logits_b = logits_b * _subnormal_unit() + bias_b[:, None]
-                    else:
-                        logits_a += bias_a[:, None]
-                        logits_b += bias_b[:, None]
-                    logits = tl.where((offs_n < K_ROW_TOKENS)[None, :], logits_a, logits_b)
+                    logits = tl.where(
+                        (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
+                    )
                 else:  # "row": one row of per-channel parameters for the whole tile
                     row = _slot_rows(tile, k_lead, K_ROW_TOKENS)
                     logits, bias = _folded_row_logits(
@@ -953,10 +857,7 @@ if kernels.triton is not None:
                 p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
                 v_el = _load_values(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH, CODES_FIRST)
-                if SUBNORMAL:
-                    c0, c1, c2, c3 = _subnormal_codes(v_el, V_BITS, DTYPE, V_ASM)
-                else:
-                    c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
+                c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
                 if ZERO_SUMS:
                     if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
                         rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
@@ -970,37 +871,22 @@ if kernels.triton is not None:
                         PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     vz = _zero_matrix(vz_base, ahead, ahead_live, v_lead, stride_vsr, VALUE_DIM // V_GROUP, 1)
-                if V_GROUP < VALUE_DIM or SUBNORMAL:
-                    ws0 = vs0
-                    if V_GROUP < VALUE_DIM:
-                        ws1 = vs1
-                        ws2 = vs2
-                        ws3 = vs3
-                    else:  # one scale per slot, each plane's place value apart (SUBNORMAL)
-                        ws1 = vs0
-                        ws2 = vs0
-                        ws3 = vs0
-                    if SUBNORMAL:  # each plane's place value and 2^88 in its scales (`_subnormal_scale`)
-                        ws0 = ws0 * _subnormal_scale(0, V_BITS)
-                        ws1 = ws1 * _subnormal_scale(1, V_BITS)
-                        ws2 = ws2 * _subnormal_scale(2, V_BITS)
-                        ws3 = ws3 * _subnormal_scale(3, V_BITS)
+                if V_GROUP < VALUE_DIM:
                     acc0 = _weighted_values(
-                        (p * ws0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * vs0[None, :]).to(DTYPE), c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     acc1 = _weighted_values(
-                        (p * ws1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * vs1[None, :]).to(DTYPE), c1, acc1 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     acc2 = _weighted_values(
-                        (p * ws2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * vs2[None, :]).to(DTYPE), c2, acc2 * alpha[:, None], PRECISION, CODES_FIRST
                     )
                     acc3 = _weighted_values(
-                        (p * ws3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST
+                        (p * vs3[None, :]).to(DTYPE), c3, acc3 * alpha[:, None], PRECISION, CODES_FIRST
                     )
-                    if V_GROUP < VALUE_DIM:
-                        vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
-                        vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
-                        vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
+                    vs1 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 1 * V_WIDTH // V_GROUP, 1)
+                    vs2 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 2 * V_WIDTH // V_GROUP, 1)
+                    vs3 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 3 * V_WIDTH // V_GROUP, 1)
                 else:
                     p_scaled = (p * vs0[None, :]).to(DTYPE)
                     acc0 = _weighted_values(p_scaled, c0, acc0 * alpha[:, None], PRECISION, CODES_FIRST)
@@ -1069,12 +955,6 @@ if kernels.triton is not None:
             z1 = tl.sum(tl.where(cols == 1 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
             z2 = tl.sum(tl.where(cols == 2 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
             z3 = tl.sum(tl.where(cols == 3 * V_WIDTH // V_GROUP, zacc, 0.0), axis=1)
-        if SUBNORMAL:  # the codes' products in units of 2^-45; the window's in 1
-            unit = tl.where(split < num_splits, _subnormal_unit(), 1.0)
-            acc0 = acc0 * unit
-            acc1 = acc1 * unit
-            acc2 = acc2 * unit
-            acc3 = acc3 * unit
         tl.store(out, (acc0 + z0[:, None]) / norm[:, None], mask=mask)
         tl.store(out + V_WIDTH, (acc1 + z1[:, None]) / norm[:, None], mask=mask)
         tl.store(out + 2 * V_WIDTH, (acc2 + z2[:, None]) / norm[:, None], mask=mask)
@@ -1156,7 +1036,6 @@ if kernels.triton is not None:
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
-        SUBNORMAL: tl.constexpr,
     ):
         """One launch over one store: grid (sequence x KV head, splits + the window's program); `_plane_split`
         says what each program does."""
@@ -1169,7 +1048,6 @@ if kernels.triton is not None:
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE,
             K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED, CODES_FIRST,
-            SUBNORMAL,
         )  # fmt: skip
 
     # fmt: off
@@ -1198,8 +1076,7 @@ if kernels.triton is not None:
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
         V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
-        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr, SUBNORMAL: tl.constexpr,
-        SUBNORMAL_2: tl.constexpr,
+        UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):
     # fmt: on
         """One launch over two stores (ZipCache's sets), each as `_plane_split_kernel` would launch it: the first
@@ -1218,7 +1095,7 @@ if kernels.triton is not None:
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
                 K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW,
                 DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
-                CODES_FIRST, SUBNORMAL,
+                CODES_FIRST,
             )  # fmt: skip
         else:
             _plane_split(
@@ -1231,7 +1108,6 @@ if kernels.triton is not None:
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE, K_DTYPE_2, K_ASM_2,
                 V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2, CODES_FIRST,
-                SUBNORMAL_2,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -1281,7 +1157,6 @@ if kernels.triton is not None:
             "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,
             "K_ASM": asm and key_dtype != tl.float32, "V_ASM": asm and dtype != tl.float32, "ZERO_SUMS": zero_sums,
             "OFFSET": offset, "UNMASKED": launch.unmasked_tiles,
-            "SUBNORMAL": launch.subnormal_codes and key_mode == "halves" and query.dtype == torch.bfloat16,
         }  # fmt: skip
         pointers = [k_codes, keys.scale, keys.zero, keys.lead, v_codes, values.scale, values.zero, values.lead]
         strides = [*k_codes.stride()[:3], *keys.scale.stride()[:3], *v_codes.stride()[:3], *values.scale.stride()[:3]]
@@ -1343,8 +1218,9 @@ if kernels.triton is not None:
 
     def _launch(kernel, grid: tuple[int, int], arguments: list, constexprs: dict, launch: LaunchConfig) -> None:
         """One plane-kernel launch under `launch`: through `wrap_triton` (torch.compile traces it), or, with a
-        register cap (`LaunchConfig.max_registers`), straight to Triton with ptxas's `maxnreg`, which Inductor's
-        copy of a kernel would drop: only the opaque operators (`plane_operators`) take a cap."""
+        register cap (the store's launch's `max_registers`, `plane_launch`), straight to Triton with ptxas's
+        `maxnreg`, which Inductor's copy of a kernel would drop: only the opaque operators (`plane_operators`)
+        take a cap."""
         options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
         if launch.max_registers:
             kernel[grid](*arguments, **constexprs, **options, maxnreg=launch.max_registers)
@@ -1483,9 +1359,11 @@ _plane_attention_opaque_op = kernels._make_opaque_op("kvbench::plane_attention_o
 _plane_pair_opaque_op = kernels._make_opaque_op("kvbench::plane_pair_attention_opaque")(_plane_pair)
 
 
-def plane_operators(launch: LaunchConfig) -> tuple:
-    """(single-store, pair) operators for `launch`: the traced ones, or with a register cap
-    (`LaunchConfig.max_registers`) the opaque ones, whose launches go straight to Triton with the cap."""
-    if launch.max_registers:
+def plane_operators(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple:
+    """(single-store, pair) operators for a call whose (first) store is `keys`, `values` under `launch`: the
+    traced ones, or where that store's launch caps registers (`store_launch`: KIVI's "halves" at
+    `halves_max_registers`, other key modes at `max_registers`) the opaque ones, whose launches go straight to
+    Triton with the cap (`_launch` takes the first store's)."""
+    if store_launch(keys, values, launch)[2].max_registers:
         return torch.ops.kvbench.plane_attention_opaque, torch.ops.kvbench.plane_pair_attention_opaque
     return torch.ops.kvbench.plane_attention, torch.ops.kvbench.plane_pair_attention

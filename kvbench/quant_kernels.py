@@ -220,27 +220,24 @@ class LaunchConfig:
     # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
     # `_weighted_values`) for the key modes in `plane_kernel.CODES_FIRST_KEY_MODES`: a product's first operand
     # has 16 rows and its second 8 columns, so a GQA group of 4 query rows pads to 8 instead of 16. KIVI's
-    # layout ("halves") then takes `halves_programs_per_sm` (offline: KIVI-2's kernel, window included, at 168
-    # registers a thread, so 6 two-warp programs fit an SM; KIVI-4's at 255, 4). H100 (benchmarks/README.md,
-    # "The codes first"): KIVI-2's step at 32k batch 4 9.96 -> 9.26 ms, KIVI-4's unchanged; kernel alone
-    # per-token 4-bit 2.5-5% faster at 32k and 128k, batch 1 and 4, KIVI-2 13% slower at 128k batch 4.
+    # layout ("halves") then takes `halves_programs_per_sm` and `halves_max_registers`. H100
+    # (benchmarks/README.md, "The codes first"): KIVI-2's step at 32k batch 4 9.96 -> 9.26 ms, KIVI-4's
+    # unchanged; kernel alone per-token 4-bit 2.5-5% faster at 32k and 128k, batch 1 and 4, KIVI-2 13% slower
+    # at 128k batch 4 (then at 6 / 12 programs an SM, uncapped).
     codes_first: bool = True
-    halves_programs_per_sm: tuple[int, int] = (6, 12)  # (programs_per_sm, programs_per_sm_many_heads)
-    # KIVI's layout ("halves") with bfloat16 queries: codes go into the products as bfloat16 bit patterns
-    # (subnormal and exponent-1 values, code * w_g * 2^-133; `plane_kernel._subnormal_codes`), the place value
-    # w_g and 2^88 folded into the other operand's scales and 2^45 into the results: no exponent OR and no
-    # subtract per pair of codes. The usual conversion's products scaled by powers of two, so the same results
-    # while no product term falls below ~4e-25 or a scaled operand (q * s, p * s) exceeds ~1e12
-    # (`plane_kernel._subnormal_scale`). Offline (sm_90, Triton 3.6, `plane_sass.py --window`): KIVI-2's loop
-    # 1,420 -> 1,216 instructions a warp and tile, KIVI-4's 1,298 -> 1,125, registers unchanged (Triton
-    # 3.7.1: KIVI-4's 255 -> 168). Off until timed on a GPU.
-    subnormal_codes: bool = False
-    # A cap on the plane kernels' registers a thread (ptxas `maxnreg`; 0: ptxas's choice), so that more
-    # programs fit an SM: at 128, 8 two-warp programs (KIVI-2's windowed kernel takes 168 registers, 6;
-    # KIVI-4's 255, 4). Inductor's copy of a user kernel keeps warps and stages but no `maxnreg`, so with a cap
-    # the plane operators run opaque to torch.compile (`plane_kernel.plane_operators`). Offline (sm_90, Triton
-    # 3.6, 2 warps, windowed): at 128 KIVI-2's loop 1,420 -> 1,462 instructions a warp and tile with 2
-    # local-memory operations in it, KIVI-4's 1,298 -> 1,336 with none (16 outside); per-token 4-bit 882 -> 908.
+    halves_programs_per_sm: tuple[int, int] = (8, 16)  # (programs_per_sm, programs_per_sm_many_heads)
+    # KIVI's layout ("halves", codes first): its plane kernels' registers a thread capped (ptxas `maxnreg`; 0:
+    # ptxas's choice, then `halves_programs_per_sm` = 6, 12), so that 8 two-warp programs fit an SM (ptxas
+    # gives KIVI-2's windowed kernel 168 registers, 6 programs; KIVI-4's 255, 4). Offline (sm_90, Triton 3.6,
+    # 2 warps, windowed): KIVI-2's loop 1,420 -> 1,462 instructions a warp and tile with 2 local-memory
+    # operations in it, KIVI-4's 1,298 -> 1,336 with none (16 outside). H100 (benchmarks/README.md, "The
+    # register cap"), against no cap at 6 / 12 programs: KIVI-2's step at 32k batch 4 9.53 -> 9.38 ms; kernel
+    # alone KIVI-2 / KIVI-4 faster at 32k batch 1 and 4 and 128k batch 4 (416 -> 341 us, 387 -> 314), within
+    # 1% at 128k batch 1. With a cap the plane operators run opaque to torch.compile
+    # (`plane_kernel.plane_operators`): Inductor's copy of a user kernel keeps warps and stages but no `maxnreg`.
+    halves_max_registers: int = 128
+    # The same cap for the other key modes' plane kernels (0: none). Offline at 128, per-token 4-bit's loop
+    # 882 -> 908 instructions a warp and tile; not timed in a step for these layouts, so off.
     max_registers: int = 0
     # The plane kernel's query rows a tile (BLOCK_G, `plane_kernel.query_block`): the group or this, whichever
     # is more, rounded up to a power of two; per-token keys ("token": QuaRot's and RTN's) at least
@@ -841,7 +838,7 @@ def packed_sets_attention(
     if len(sets) == 2 and LAUNCH.pair_sets and plane_kernel.pair_fits(sets[0][:2], sets[1][:2], LAUNCH):
         (k1, v1, len1), (k2, v2, len2) = sets
         held = window if window is not None else (None,) * len(Window._fields)
-        return plane_kernel.plane_operators(LAUNCH)[1](
+        return plane_kernel.plane_operators(k1, v1, LAUNCH)[1](
             query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, out_scale, float(scale),
             *_formats(k1, v1), *_formats(k2, v2),
         )  # fmt: skip
@@ -885,7 +882,7 @@ def packed_decode_attention(
     formats = (float(scale), *_formats(keys, values))
     if plane_kernel.plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None,) * len(Window._fields)
-        return plane_kernel.plane_operators(LAUNCH)[0](
+        return plane_kernel.plane_operators(keys, values, LAUNCH)[0](
             query, *keys[:4], *values[:4], lengths, *held, rotation, out_scale, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)

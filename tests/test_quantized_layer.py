@@ -63,12 +63,6 @@ CASES = {
     "kivi2_mha_bf16": (2, 3, 1, 300, 64, (2, 32, 1, None), (2, 1, 32, None), "bfloat16"),
     # KIVI-2's layout from a lead off the half tile: rows of 32 from 9 + 7b, value groups of a plane
     "kivi2_halves_fp16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "float16"),
-    # the same in bfloat16 (the launch's subnormal codes take it), and "halves" keys with one value
-    # zero-point per slot (summed) in bfloat16
-    "kivi2_halves_bf16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "bfloat16"),
-    "halves_whole_values_bf16": (2, 2, 4, 400, 64, (4, 32, 1, 5), (4, 1, 64, None), "bfloat16"),
-    # 4-bit keys beside 2-bit values: each side's own place values
-    "halves_k4_v2_bf16": (2, 2, 4, 300, 64, (4, 32, 1, None), (2, 1, 16, None), "bfloat16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
     # one value zero-point per slot, summed per tile (the launch's `zero_row_sums`): QuaRot's layout, and
@@ -147,21 +141,13 @@ QUERY_FIRST_CASES = (
     "kivi4_halves_bf16+window",
     "kivi2_halves_fp16",
 )
-# KIVI's "halves" with the codes as bfloat16 bit patterns (the launch's `subnormal_codes`): 2 and 4 bits, a
-# window, value groups of a plane, of two, of the whole head (summed zero-points), MHA; float16 keeps the
-# usual conversion.
-SUBNORMAL_CASES = (
-    "kivi4_halves_bf16+window",
-    "kivi2_halves_bf16",
-    "kivi2_mha_bf16",
-    "halves_whole_values_bf16+window",
-    "halves_k4_v2_bf16",
-    "halves_fp16",
-)
-# A register cap (the launch's `max_registers`): the opaque operators, their launches straight to Triton (whose
-# interpreter drops the cap; `test_a_register_cap_launches_straight_to_triton` checks that it is passed).
+# A register cap takes the opaque operators, their launches straight to Triton (whose interpreter drops the cap;
+# `test_a_register_cap_launches_straight_to_triton` checks that it is passed): KIVI's "halves" has one by default
+# (`halves_max_registers`); the other key modes with the launch's `max_registers`; "halves" without, as before.
 CAPPED = {"max_registers": 128}
-CAPPED_CASES = ("quarot4_offset_bf16+rotation", "kivi4_halves_bf16+window", "kivi2_halves_fp16")
+CAPPED_CASES = ("quarot4_offset_bf16+rotation", "plane_groups_fp16+window")
+UNCAPPED = {"halves_max_registers": 0, "halves_programs_per_sm": (6, 12)}
+UNCAPPED_CASES = ("kivi4_halves_bf16+window", "kivi2_halves_fp16")
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -200,11 +186,11 @@ def _layout(b: int, h: int, s: int, d: int, layout: tuple, gen: torch.Generator)
 @contextlib.contextmanager
 def _launched() -> Iterator[list[dict]]:
     """The constexprs each plane-kernel launch inside the block was given (query rows BLOCK_G, CODES_FIRST, the
-    window's tile BLOCK_NW, SUBNORMAL) and its register cap, as launched (`plane_kernel._launch`)."""
+    window's tile BLOCK_NW) and its register cap, as launched (`plane_kernel._launch`)."""
     launches, launch_kernel = [], plane_kernel._launch
 
     def spy(kernel, grid, arguments, constexprs, launch):
-        launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "SUBNORMAL")})
+        launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW")})
         launches[-1]["max_registers"] = launch.max_registers
         return launch_kernel(kernel, grid, arguments, constexprs, launch)
 
@@ -279,16 +265,6 @@ def _measure(
         ref_out = quant_kernels.scale_channels(ref_out, out_scale)
     with _launched() as launches:
         out, lse = packed_decode_attention(*args, window, rotation, out_scale)
-    same_as_usual = None
-    if launch.subnormal_codes:  # the usual conversion's results, which the bit patterns must give exactly,
-        same_as_usual = True  # also for a peaked query (attention weights far below 1)
-        for peak in (1, 30):
-            results = []
-            for subnormal in (True, False):
-                quant_kernels.LAUNCH = dataclasses.replace(launch, subnormal_codes=subnormal)
-                results.append(packed_decode_attention(args[0] * peak, *args[1:], window, rotation, out_scale))
-            (sub_out, sub_lse), (usual_out, usual_lse) = results
-            same_as_usual = same_as_usual and torch.equal(sub_out, usual_out) and torch.equal(sub_lse, usual_lse)
     group = x["query"].shape[1] // x["keys"].codes.shape[1]
     live = (x["lengths"] > 0).view(-1, 1).expand(-1, x["query"].shape[1])
     finite = torch.isfinite(ref_lse)
@@ -339,8 +315,6 @@ def _measure(
         "query_block": launches[0]["BLOCK_G"] if launches else None,  # one plane-kernel launch, or none
         "codes_first": bool(launches and launches[0]["CODES_FIRST"]),
         "window_block": launches[0]["BLOCK_NW"] if launches else None,
-        "subnormal": bool(launches and launches[0]["SUBNORMAL"]),
-        "same_as_usual": same_as_usual,
         "max_registers": launches[0]["max_registers"] if launches else None,
         "launches": len(launches),
     }
@@ -476,11 +450,11 @@ def _measure_ring(name: str) -> dict:
 
 
 def _measure_compiled_capped(name: str) -> dict:
-    """A capped launch inside torch.compile (fullgraph): the opaque operator traced by its fake (the
-    references) and run as it is, against the same launch run eagerly."""
+    """KIVI's capped launch (the default's `halves_max_registers`) inside torch.compile (fullgraph): the opaque
+    operator traced by its fake (the references) and run as it is, against the same launch run eagerly."""
     x = _case_inputs(name, seed=len(name))
     window = _window(x, 70, torch.Generator().manual_seed(7))
-    quant_kernels.LAUNCH = quant_kernels.LaunchConfig(**CAPPED)
+    quant_kernels.LAUNCH = quant_kernels.LaunchConfig()
 
     def attend(query, lengths):
         return packed_decode_attention(query, x["keys"], x["values"], lengths, x["scale"], window)
@@ -513,8 +487,8 @@ def _worker() -> None:
         ("unmasked", UNMASKED_CASES, {"unmasked_tiles": True}),
         ("rows16", ROWS16_CASES, ROWS16),
         ("query_first", QUERY_FIRST_CASES, {"codes_first": False}),
-        ("subnormal", SUBNORMAL_CASES, {"subnormal_codes": True}),
         ("capped", CAPPED_CASES, CAPPED),
+        ("uncapped", UNCAPPED_CASES, UNCAPPED),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -549,8 +523,8 @@ def interpreted() -> dict:
         *(f"{name}+unmasked" for name in UNMASKED_CASES),
         *(f"{name}+rows16" for name in ROWS16_CASES),
         *(f"{name}+query_first" for name in QUERY_FIRST_CASES),
-        *(f"{name}+subnormal" for name in SUBNORMAL_CASES),
         *(f"{name}+capped" for name in CAPPED_CASES),
+        *(f"{name}+uncapped" for name in UNCAPPED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -559,29 +533,6 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
     assert m["out_rel"] < TOLERANCE[m["dtype"]], m
     assert m["lse_rel"] < LSE_TOLERANCE[m["dtype"]], m
     assert m["lse_inf_where_ref"] and m["dead_out_zero"], m
-
-
-@pytest.mark.parametrize("name", SUBNORMAL_CASES)
-def test_subnormal_codes_give_the_usual_results_exactly(interpreted: dict, name: str) -> None:
-    """Codes as bfloat16 bit patterns (code * w_g * 2^-133) with w_g and 2^88 in the other operand's scales
-    and 2^45 taken out of the results: the usual products scaled by powers of two, so the same outputs and
-    lse to the bit, with the query as drawn and 30 times larger (the interpreter's float32 holds the
-    subnormal codes exactly). bfloat16 queries only. It does not pin the power of two: numpy's float32
-    underflows gradually, so a planted 2^32 passes too; `benchmarks/check_gpu.py` compares on the GPU."""
-    m = interpreted[f"{name}+subnormal"]
-    assert m["subnormal"] == (m["dtype"] == "bfloat16"), m
-    assert m["same_as_usual"], m
-
-
-def test_subnormal_cases_cover_the_value_layouts(interpreted: dict) -> None:
-    launched = [m for name, m in interpreted.items() if name.endswith("+subnormal") and m["subnormal"]]
-    assert {bits for m in launched for bits in m["bits"]} == {2, 4}
-    assert {m["window"] for m in launched} == {True, False}
-    assert {m["zero_sums"] for m in launched} == {True, False}
-    assert {m["value_mode"] for m in launched} >= {"token/1", "token/2", "token/4"}
-    assert {m["group"] for m in launched} >= {1, 4}
-    assert all(m["key_mode"] == "halves" and m["codes_first"] for m in launched)
-    assert not any(m.get("subnormal") for name, m in interpreted.items() if not name.endswith("+subnormal"))
 
 
 @pytest.mark.parametrize(
@@ -758,10 +709,22 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
     assert {m["window_block"] for m in windowed if m["codes_first"]} == {plane_kernel.WINDOW_BLOCK_CODES_FIRST}
     assert {m["window_block"] for m in windowed if not m["codes_first"]} >= {64}
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_codes_first"] == [False]
-    # a register cap reaches the launch (the opaque operators), one store or a pair, and no other case has one
-    capped = {name for name, m in interpreted.items() if m.get("max_registers")}
-    assert capped == {f"{name}+capped" for name in CAPPED_CASES}, capped
-    assert {interpreted[name]["max_registers"] for name in capped} == {CAPPED["max_registers"]}
+    # a register cap reaches the launch (the opaque operators): KIVI's "halves" (codes first) at
+    # `halves_max_registers` unless the case's launch sets it to 0, the other key modes only with the launch's
+    # `max_registers` (one store or a pair)
+    halves_cap = quant_kernels.LaunchConfig().halves_max_registers
+    for name, m in interpreted.items():
+        if m.get("max_registers") is None:  # no single-store plane launch
+            continue
+        if m["key_mode"] == "halves" and m["codes_first"]:
+            expected = 0 if name.endswith("+uncapped") else halves_cap
+        else:
+            expected = CAPPED["max_registers"] if name.endswith("+capped") else 0
+        assert m["max_registers"] == expected, name
+    assert {name for name, m in interpreted.items() if name.endswith("+capped") and m.get("max_registers")} == {
+        f"{name}+capped" for name in CAPPED_CASES
+    }
+    assert sum(bool(m.get("max_registers")) and m["key_mode"] == "halves" for m in interpreted.values()) >= 4
     assert interpreted["pair:zipcache_pair_bf16+window+capped"]["launched_max_registers"] == [128]
     assert interpreted["pair:zipcache_pair_bf16+window"]["launched_max_registers"] == [0]
     assert interpreted["pair:lead_token_pair_bf16"]["launched_codes_first"] == [False]  # not both stores
@@ -789,10 +752,10 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
 
 
 def test_a_capped_launch_compiles_whole_and_matches_eager(interpreted: dict) -> None:
-    """torch.compile(fullgraph) over a capped launch: the opaque operator, which its graph calls (the traced
-    one would launch straight to Triton on traced tensors), gives the eager outputs exactly."""
+    """torch.compile(fullgraph) over KIVI's default (capped) launch: the opaque operator, which its graph calls
+    (the traced one would launch straight to Triton on traced tensors), gives the eager outputs exactly."""
     m = interpreted["compiled:capped"]
-    assert m["same"] and m["launched_max_registers"] == [128], m
+    assert m["same"] and m["launched_max_registers"] == [quant_kernels.LaunchConfig().halves_max_registers], m
 
 
 def test_a_register_cap_launches_straight_to_triton(monkeypatch) -> None:
@@ -817,14 +780,16 @@ def test_a_register_cap_launches_straight_to_triton(monkeypatch) -> None:
     assert (how, capped_how) == ("wrapped", "direct") and args == capped_args == (7, 8)
     assert plain == {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
     assert capped == {**plain, "maxnreg": 96}
-    assert plane_kernel.plane_operators(quant_kernels.LaunchConfig(max_registers=96)) == (
-        torch.ops.kvbench.plane_attention_opaque,
-        torch.ops.kvbench.plane_pair_attention_opaque,
-    )
-    assert plane_kernel.plane_operators(quant_kernels.LaunchConfig()) == (
-        torch.ops.kvbench.plane_attention,
-        torch.ops.kvbench.plane_pair_attention,
-    )
+    opaque = (torch.ops.kvbench.plane_attention_opaque, torch.ops.kvbench.plane_pair_attention_opaque)
+    traced = (torch.ops.kvbench.plane_attention, torch.ops.kvbench.plane_pair_attention)
+    kivi, token = (_case_inputs(name, seed=0) for name in ("kivi4_halves_bf16", "quarot4_bf16"))
+    for store, launch, operators in (
+        (kivi, quant_kernels.LaunchConfig(), opaque),  # KIVI's "halves": capped by default
+        (kivi, quant_kernels.LaunchConfig(halves_max_registers=0), traced),
+        (token, quant_kernels.LaunchConfig(), traced),
+        (token, quant_kernels.LaunchConfig(max_registers=96), opaque),
+    ):
+        assert plane_kernel.plane_operators(store["keys"], store["values"], launch) == operators
 
 
 def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
@@ -851,6 +816,8 @@ def test_codes_go_first_for_per_token_keys_and_kivis_halves() -> None:
     assert [launches[mode].codes_first for mode in modes] == [True, True, False, False, False]
     halves = launches["halves"]
     assert (halves.programs_per_sm, halves.programs_per_sm_many_heads) == launch.halves_programs_per_sm
+    assert halves.max_registers == launch.halves_max_registers > 0
+    assert {launches[mode].max_registers for mode in modes if mode != "halves"} == {launch.max_registers}
     assert launches["token"].programs_per_sm == launch.programs_per_sm
     off = dataclasses.replace(launch, codes_first=False)
     assert not any(plane_kernel.plane_launch(off, False, mode, 8, 4096).codes_first for mode in modes)
@@ -1012,11 +979,9 @@ def test_plane_kernel_compiles_for_hopper(
     unmasked: bool,
     rows: int,
     flip: bool,
-    subnormal: bool = False,
 ) -> None:
     """`_plane_split_kernel` lowered for sm_90: its inline PTX (`_bf16_nibbles`, `_f16_nibbles`, and for 2-bit
-    bytes `_bf16_crumbs`, `_f16_crumbs`; with `subnormal`, `_bf16_subnormal_nibbles` and
-    `_bf16_subnormal_crumbs`) goes through ptxas here; the interpreter runs the integer path
+    bytes `_bf16_crumbs`, `_f16_crumbs`) goes through ptxas here; the interpreter runs the integer path
     instead. Query rows (`rows`; 0: the default launch's for a GQA group of 4) below one product's 16 go
     through Triton's padding of the product. The products take the codes first where the default launch does
     (`plane_kernel.CODES_FIRST_KEY_MODES`), the query rows first elsewhere; `flip` compiles the other."""
@@ -1045,22 +1010,11 @@ def test_plane_kernel_compiles_for_hopper(
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
-        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64, "SUBNORMAL": subnormal,
+        "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,
     }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
-    if subnormal:  # the bit-pattern masks, and no subtract anywhere (the window's rows need none)
-        assert ("0x00C000C0" if bits == 2 else "0x00F000F0") in compiled.asm["ptx"]
-        assert "sub.rn.bf16x2" not in compiled.asm["ptx"]
-        return
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_subnormal_codes_compile_for_hopper(bits: int) -> None:
-    """KIVI's "halves" with the codes as bfloat16 bit patterns (`_bf16_subnormal_crumbs`,
-    `_bf16_subnormal_nibbles`) through ptxas, with the window's program as KIVI's step runs it."""
-    test_plane_kernel_compiles_for_hopper("bf16", "halves", 4, False, False, bits, False, 0, False, subnormal=True)
 
 
 def test_plane_pair_kernel_compiles_for_hopper() -> None:
@@ -1084,8 +1038,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 4, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
         "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
-        "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": False, "BLOCK_NW": 64, "SUBNORMAL": False,
-        "SUBNORMAL_2": False,
+        "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": False, "BLOCK_NW": 64,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
         constexprs |= {
