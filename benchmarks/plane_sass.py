@@ -151,8 +151,13 @@ def compile_plane(
     positions = {(kernel.arg_names.index(n),): v for n, v in constexprs.items()}
     source = ASTSource(kernel, signature, constexprs=positions, attrs=attrs)
     options = {"num_warps": num_warps, "num_stages": 2}
-    if launch.max_registers:  # KIVI's "halves" by default (`halves_max_registers`)
-        options["maxnreg"] = launch.max_registers
+    # the register cap of the launch in the variant's order of the products (KIVI's codes-first "halves":
+    # `halves_max_registers`; the query rows first: none)
+    ordered = plane_kernel.plane_launch(
+        replace(LaunchConfig(), codes_first=constexprs["CODES_FIRST"]), False, mode, 1, 1
+    )
+    if ordered.max_registers:
+        options["maxnreg"] = ordered.max_registers
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 

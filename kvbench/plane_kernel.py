@@ -25,10 +25,13 @@ them, side by side, and one combine for both and the window.
 
 `kvbench::plane_attention` and `kvbench::plane_pair_attention` are their operators, which
 `kvbench.quant_kernels.packed_decode_attention` and `packed_sets_attention` call: Triton on CUDA tensors and
-under Triton's interpreter, the references elsewhere. Measured in benchmarks/README.md: "quant_attention.py
-with the plane kernel", "Launch of the 4-bit kernels", "Where the plane kernel's instructions go"
-(`benchmarks/plane_sass.py` counts its SASS offline), "Row sums, offset codes, one warp", "2-bit rows planar;
-ZipCache's two sets in one launch", "The plane kernel's query rows", "The codes first".
+under Triton's interpreter, the references elsewhere. A launch with a register cap (KIVI's "halves" by
+default, `LaunchConfig.halves_max_registers`) goes through their opaque twins (`plane_operators`), which
+torch.compile calls as they are, since Inductor's copy of a kernel drops ptxas's `maxnreg`.
+Measured in benchmarks/README.md: "quant_attention.py with the plane kernel", "Launch of the 4-bit
+kernels", "Where the plane kernel's instructions go" (`benchmarks/plane_sass.py` counts its SASS offline),
+"Row sums, offset codes, one warp", "2-bit rows planar; ZipCache's two sets in one launch", "The plane
+kernel's query rows", "The codes first", "The register cap for KIVI".
 """
 
 from __future__ import annotations
@@ -157,16 +160,33 @@ def store_launch(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -
     return key_mode, zero_sums, plane_launch(replace(launch, block_n=block_n), zero_sums, key_mode, b * hkv, slots)
 
 
+def pair_launch(
+    first: tuple[PackedSlots, PackedSlots], second: tuple[PackedSlots, PackedSlots], launch: LaunchConfig
+) -> LaunchConfig:
+    """The launch two stores of one `_plane_pair_kernel` start from, before each store's own (`store_launch`):
+    one kernel has one order of the products, so the codes go first only where both stores' key modes take
+    them (and with it KIVI's split targets and register cap, `plane_launch`). Both stores must be the plane
+    kernel's (`plane_plan`)."""
+    modes = [plane_plan(*store, launch)[0] for store in (first, second)]
+    return launch if all(mode in CODES_FIRST_KEY_MODES for mode in modes) else replace(launch, codes_first=False)
+
+
 def pair_fits(
     first: tuple[PackedSlots, PackedSlots], second: tuple[PackedSlots, PackedSlots], launch: LaunchConfig
 ) -> bool:
     """Whether two stores go into one launch (`_plane_pair_kernel`): the plane kernel takes both, with the same
-    tile, warps and stages (each keeps its own split plan)."""
-    plans = [store_launch(*store, launch) for store in (first, second)]
-    if None in plans:
+    tile, warps, stages and register cap under their shared launch (`pair_launch`; each keeps its own split
+    plan): the launch takes the first store's cap (`_launch`)."""
+    if plane_plan(*first, launch) is None or plane_plan(*second, launch) is None:
         return False
-    a, b = (plan[2] for plan in plans)
-    return (a.block_n, a.num_warps, a.num_stages) == (b.block_n, b.num_warps, b.num_stages)
+    shared = pair_launch(first, second, launch)
+    a, b = (store_launch(*store, shared)[2] for store in (first, second))
+    return (a.block_n, a.num_warps, a.num_stages, a.max_registers) == (
+        b.block_n,
+        b.num_warps,
+        b.num_stages,
+        b.max_registers,
+    )
 
 
 def pair_shares(slots: int, slots_2: int, batch_heads: int, launch: LaunchConfig) -> tuple[float, float]:
@@ -1191,7 +1211,7 @@ if kernels.triton is not None:
             wk, wv, wpos = window.keys, window.values, window.positions
             window_strides = (*wk.stride()[:3], *wv.stride()[:3], *wpos.stride())
         upcast, precision = kernels._upcast_and_precision(query.dtype)
-        codes_first = first.launch.codes_first  # a pair's stores agree (`_plane_pair_op` decides for both)
+        codes_first = first.launch.codes_first  # a pair's stores agree (`pair_launch` decides for both)
         arguments = [
             query, *first.pointers, o_part, lse_part, scale * kernels.LOG2E, hkv, group, *first.splits,
             query.stride(0), query.stride(1), *first.strides, wk, wv, wpos, wq, total_splits,
@@ -1323,12 +1343,7 @@ def _plane_pair(
         else Window(window_keys, window_values, window_positions, window_seen, window_quantized)
     )
     if kernels._use_triton(query):
-        launch = quant_kernels.LAUNCH
-        # One kernel, one order of the products: the codes first only where both stores' key modes take them,
-        # decided before each store's launch (whose split targets follow it, `plane_launch`).
-        modes = [plane_plan(keys, values, launch)[0] for keys, values in (first, second)]
-        if not all(mode in CODES_FIRST_KEY_MODES for mode in modes):
-            launch = replace(launch, codes_first=False)
+        launch = pair_launch(first, second, quant_kernels.LAUNCH)
         batch_heads = k_codes.shape[0] * k_codes.shape[1]
         if launch.pair_wave_target and batch_heads > FEW_HEADS:
             sets = ((k_codes.shape[2], first[0].bits), (k_codes_2.shape[2], second[0].bits))
@@ -1359,11 +1374,18 @@ _plane_attention_opaque_op = kernels._make_opaque_op("kvbench::plane_attention_o
 _plane_pair_opaque_op = kernels._make_opaque_op("kvbench::plane_pair_attention_opaque")(_plane_pair)
 
 
-def plane_operators(keys: PackedSlots, values: PackedSlots, launch: LaunchConfig) -> tuple:
-    """(single-store, pair) operators for a call whose (first) store is `keys`, `values` under `launch`: the
-    traced ones, or where that store's launch caps registers (`store_launch`: KIVI's "halves" at
-    `halves_max_registers`, other key modes at `max_registers`) the opaque ones, whose launches go straight to
-    Triton with the cap (`_launch` takes the first store's)."""
-    if store_launch(keys, values, launch)[2].max_registers:
+def plane_operators(
+    first: tuple[PackedSlots, PackedSlots],
+    launch: LaunchConfig,
+    second: tuple[PackedSlots, PackedSlots] | None = None,
+) -> tuple:
+    """(single-store, pair) operators for a call over the store `first` (keys, values), or the pair `first`,
+    `second`, under `launch`: the traced ones, or where the first store's launch caps registers (`store_launch`,
+    for a pair under `pair_launch`: KIVI's codes-first "halves" at `halves_max_registers`, the rest at
+    `max_registers`) the opaque ones, whose launches go straight to Triton with the cap (`_launch` takes the
+    first store's)."""
+    if second is not None:
+        launch = pair_launch(first, second, launch)
+    if store_launch(*first, launch)[2].max_registers:
         return torch.ops.kvbench.plane_attention_opaque, torch.ops.kvbench.plane_pair_attention_opaque
     return torch.ops.kvbench.plane_attention, torch.ops.kvbench.plane_pair_attention

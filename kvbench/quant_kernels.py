@@ -232,8 +232,8 @@ class LaunchConfig:
     # 2 warps, windowed): KIVI-2's loop 1,420 -> 1,462 instructions a warp and tile with 2 local-memory
     # operations in it, KIVI-4's 1,298 -> 1,336 with none (16 outside). H100 (benchmarks/README.md, "The
     # register cap"), against no cap at 6 / 12 programs: KIVI-2's step at 32k batch 4 9.53 -> 9.38 ms; kernel
-    # alone KIVI-2 / KIVI-4 faster at 32k batch 1 and 4 and 128k batch 4 (416 -> 341 us, 387 -> 314), within
-    # 1% at 128k batch 1. With a cap the plane operators run opaque to torch.compile
+    # alone KIVI-2 / KIVI-4 faster at 32k batch 1 and 4 and 128k batch 4 (416 -> 341 us, 387 -> 314); at 128k
+    # batch 1 KIVI-2 1.2% slower, KIVI-4 0.3% faster. With a cap the plane operators run opaque to torch.compile
     # (`plane_kernel.plane_operators`): Inductor's copy of a user kernel keeps warps and stages but no `maxnreg`.
     halves_max_registers: int = 128
     # The same cap for the other key modes' plane kernels (0: none). Offline at 128, per-token 4-bit's loop
@@ -838,7 +838,7 @@ def packed_sets_attention(
     if len(sets) == 2 and LAUNCH.pair_sets and plane_kernel.pair_fits(sets[0][:2], sets[1][:2], LAUNCH):
         (k1, v1, len1), (k2, v2, len2) = sets
         held = window if window is not None else (None,) * len(Window._fields)
-        return plane_kernel.plane_operators(k1, v1, LAUNCH)[1](
+        return plane_kernel.plane_operators((k1, v1), LAUNCH, (k2, v2))[1](
             query, *k1[:4], *v1[:4], len1, *k2[:4], *v2[:4], len2, *held, out_scale, float(scale),
             *_formats(k1, v1), *_formats(k2, v2),
         )  # fmt: skip
@@ -882,7 +882,7 @@ def packed_decode_attention(
     formats = (float(scale), *_formats(keys, values))
     if plane_kernel.plane_plan(keys, values, LAUNCH) is not None:
         held = window if window is not None else (None,) * len(Window._fields)
-        return plane_kernel.plane_operators(keys, values, LAUNCH)[0](
+        return plane_kernel.plane_operators((keys, values), LAUNCH)[0](
             query, *keys[:4], *values[:4], lengths, *held, rotation, out_scale, *formats
         )  # fmt: skip
     q = query if rotation is None else rotate(query, rotation)

@@ -752,8 +752,9 @@ def test_cases_cover_the_hard_paths(interpreted: dict) -> None:
 
 
 def test_a_capped_launch_compiles_whole_and_matches_eager(interpreted: dict) -> None:
-    """torch.compile(fullgraph) over KIVI's default (capped) launch: the opaque operator, which its graph calls
-    (the traced one would launch straight to Triton on traced tensors), gives the eager outputs exactly."""
+    """torch.compile(fullgraph) over KIVI's default (capped) launch: its graph calls the opaque operator (the
+    launch recorded with the cap), which gives the eager outputs exactly. (Under the interpreter the traced
+    operator does not compile either, so this pins the operator chosen and its outputs, not why a cap needs it.)"""
     m = interpreted["compiled:capped"]
     assert m["same"] and m["launched_max_registers"] == [quant_kernels.LaunchConfig().halves_max_registers], m
 
@@ -780,16 +781,34 @@ def test_a_register_cap_launches_straight_to_triton(monkeypatch) -> None:
     assert (how, capped_how) == ("wrapped", "direct") and args == capped_args == (7, 8)
     assert plain == {"BLOCK_N": 64, "num_warps": 2, "num_stages": 3}
     assert capped == {**plain, "maxnreg": 96}
+
+
+def test_the_operators_follow_the_first_stores_cap() -> None:
+    """The opaque operators exactly where the launch the kernel gets has a cap: the first store's launch, for a
+    pair under their shared launch (`pair_launch`: a "halves" store beside a "lead" one is not codes-first, so
+    not under KIVI's cap, but under `max_registers`); two stores whose caps differ are not paired."""
     opaque = (torch.ops.kvbench.plane_attention_opaque, torch.ops.kvbench.plane_pair_attention_opaque)
     traced = (torch.ops.kvbench.plane_attention, torch.ops.kvbench.plane_pair_attention)
-    kivi, token = (_case_inputs(name, seed=0) for name in ("kivi4_halves_bf16", "quarot4_bf16"))
-    for store, launch, operators in (
-        (kivi, quant_kernels.LaunchConfig(), opaque),  # KIVI's "halves": capped by default
-        (kivi, quant_kernels.LaunchConfig(halves_max_registers=0), traced),
-        (token, quant_kernels.LaunchConfig(), traced),
-        (token, quant_kernels.LaunchConfig(max_registers=96), opaque),
+    kivi, token, lead = (
+        (x["keys"], x["values"])
+        for x in (_case_inputs(name, seed=0) for name in ("kivi4_halves_bf16", "quarot4_bf16", "zipcache4_lead_bf16"))
+    )
+    default, others_capped = quant_kernels.LaunchConfig(), quant_kernels.LaunchConfig(max_registers=96)
+    halves_uncapped = quant_kernels.LaunchConfig(halves_max_registers=0)
+    for first, second, launch, operators in (
+        (kivi, None, default, opaque),  # KIVI's "halves": capped by default
+        (kivi, None, halves_uncapped, traced),
+        (token, None, default, traced),
+        (token, None, others_capped, opaque),
+        (kivi, lead, default, traced),  # the pair's launch: not codes-first, so no KIVI cap
+        (kivi, lead, dataclasses.replace(halves_uncapped, max_registers=96), opaque),
     ):
-        assert plane_kernel.plane_operators(store["keys"], store["values"], launch) == operators
+        assert plane_kernel.plane_operators(first, launch, second) == operators, (launch, second is None)
+        shared = launch if second is None else plane_kernel.pair_launch(first, second, launch)
+        assert bool(plane_kernel.store_launch(*first, shared)[2].max_registers) == (operators == opaque)
+    assert plane_kernel.pair_fits(kivi, lead, default)
+    assert not plane_kernel.pair_fits(kivi, token, default)  # both codes-first: KIVI's cap, the token store's none
+    assert plane_kernel.pair_fits(kivi, token, halves_uncapped)
 
 
 def test_summed_zero_points_take_one_warp_from_enough_slots() -> None:
