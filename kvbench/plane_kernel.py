@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import heapq
 from dataclasses import replace
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -171,6 +172,10 @@ def pair_launch(
     return launch if all(mode in CODES_FIRST_KEY_MODES for mode in modes) else replace(launch, codes_first=False)
 
 
+# What two stores' launches must agree on to be one launch (`pair_fits`).
+_SHARED_BY_A_PAIR = attrgetter("block_n", "num_warps", "num_stages", "max_registers")
+
+
 def pair_fits(
     first: tuple[PackedSlots, PackedSlots], second: tuple[PackedSlots, PackedSlots], launch: LaunchConfig
 ) -> bool:
@@ -180,13 +185,8 @@ def pair_fits(
     if plane_plan(*first, launch) is None or plane_plan(*second, launch) is None:
         return False
     shared = pair_launch(first, second, launch)
-    a, b = (store_launch(*store, shared)[2] for store in (first, second))
-    return (a.block_n, a.num_warps, a.num_stages, a.max_registers) == (
-        b.block_n,
-        b.num_warps,
-        b.num_stages,
-        b.max_registers,
-    )
+    a, b = (_SHARED_BY_A_PAIR(store_launch(*store, shared)[2]) for store in (first, second))
+    return a == b
 
 
 def pair_shares(slots: int, slots_2: int, batch_heads: int, launch: LaunchConfig) -> tuple[float, float]:
