@@ -39,7 +39,6 @@ from __future__ import annotations
 import functools
 import heapq
 from dataclasses import replace
-from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -172,8 +171,10 @@ def pair_launch(
     return launch if all(mode in CODES_FIRST_KEY_MODES for mode in modes) else replace(launch, codes_first=False)
 
 
-# What two stores' launches must agree on to be one launch (`pair_fits`).
-_SHARED_BY_A_PAIR = attrgetter("block_n", "num_warps", "num_stages", "max_registers")
+def _shared_by_a_pair(launch: LaunchConfig) -> tuple[int, int, int, int]:
+    """What two stores' launches must agree on to be one launch (`pair_fits`). (A plain function: torch.compile
+    traces `pair_fits` inside the step, and Dynamo does not trace an `operator.attrgetter`.)"""
+    return launch.block_n, launch.num_warps, launch.num_stages, launch.max_registers
 
 
 def pair_fits(
@@ -185,7 +186,7 @@ def pair_fits(
     if plane_plan(*first, launch) is None or plane_plan(*second, launch) is None:
         return False
     shared = pair_launch(first, second, launch)
-    a, b = (_SHARED_BY_A_PAIR(store_launch(*store, shared)[2]) for store in (first, second))
+    a, b = (_shared_by_a_pair(store_launch(*store, shared)[2]) for store in (first, second))
     return a == b
 
 
