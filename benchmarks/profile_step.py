@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import torch
 from speed import (
-    READS_KEYS_TWICE,
+    cache_bytes_read,
     copy_bandwidth,
     failure,
     make_method,
@@ -154,7 +154,7 @@ def profile(args, model, spec, bandwidth: float) -> dict:
 
     device_bytes, host_bytes = cache.kv_bytes()
     weights = weight_bytes_per_step(model)
-    cache_read = device_bytes + (device_bytes // 2 if args.method in READS_KEYS_TWICE else 0)  # speed.py's floor
+    cache_read = cache_bytes_read(args.method, engine.method, spec, device_bytes)  # speed.py's floor
     floor_ms = 1000 * (weights + cache_read) / bandwidth
     kernel_ms = sum(by_kind.values()) / 1000
     row = {

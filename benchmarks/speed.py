@@ -14,7 +14,8 @@ prompt a batch"). Per row: prefill seconds per sequence prefilled
 apart), tokens/s over the batch, measured KV bytes on the device and host, the allocator's peak, and the
 floor: (weight bytes read per step + the bytes the method's decode reads) / measured copy bandwidth. A
 method's decode reads every tensor its cache holds on the device (keys, values, positions, scores,
-digests), and scoring methods read the keys a second time for the attention each slot received.
+digests), a layer sharing another's keys and values reads them again (CLA), and scoring methods read the
+keys a second time for the attention each slot received (`cache_bytes_read`).
 
 Batch `max` (in `--batches` or a row's BATCH): the largest batch predicted to fit, from the batch-1 row of the
 same method and context (run first if the plan has none): each sequence adds its measured cache bytes to
@@ -64,6 +65,7 @@ import kvbench
 import kvbench.methods
 import kvbench.tasks
 from kvbench import kernels, quant_kernels
+from kvbench.cache import ModelSpec
 from kvbench.engine import Engine, Request, Timer, parse_inductor_options
 from kvbench.errors import ConfigError
 from kvbench.method import Method
@@ -99,6 +101,19 @@ SIZED_BY = {
 }
 # Methods that read the keys a second time each step for the attention every slot received.
 READS_KEYS_TWICE = {"h2o", "scissorhands"}
+
+
+def cache_bytes_read(method_name: str, method: Method, spec: ModelSpec, stored: int) -> int:
+    """The cache bytes a decode step reads, of the `stored` bytes the cache holds on the device: each layer
+    reads the keys and values of the layer it attends over (`Method.kv_producer`), so a producer's are read
+    once for itself and once for each layer sharing them (CLA: a cache half the size, read as often as the
+    dense one); methods that score by received attention read the keys once more (keys are half of K + V).
+    Every storing layer holds the same bytes (a sharing method's producers are alike)."""
+    producers = [method.kv_producer(idx, spec) for idx in range(spec.num_layers)]
+    read = stored * len(producers) // len(set(producers))
+    if method_name in READS_KEYS_TWICE:
+        read += read // 2
+    return read
 
 
 MAX_BATCH = 0  # a plan's batch 0: the largest batch that fits (`largest_batch`)
@@ -274,9 +289,7 @@ def run_row(
         return {**row, "status": "error", **failure(error)}
     m = generations[0].measurement
     prefilled = [g.measurement for g in generations if not g.measurement.prefill_shared]
-    cache_read = m.kv_bytes_device * batch
-    if method_name in READS_KEYS_TWICE:
-        cache_read += cache_read // 2  # received attention reads the keys again (keys are half of K + V)
+    cache_read = cache_bytes_read(method_name, method, spec, m.kv_bytes_device * batch)
     floor_s = (weight_bytes_per_step(model) + cache_read) / bandwidth
     decode_ms = 1000 * m.decode_s / m.decode_steps if m.decode_steps else None
     tokens = sum(g.measurement.decode_tokens for g in generations)

@@ -19,6 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import speed
 
+from kvbench.cache import ModelSpec
+from kvbench.methods.cla import CLA
+from kvbench.methods.full import Full
+from kvbench.methods.h2o import H2O
+
 REPO = Path(__file__).resolve().parents[1]
 SPEED = REPO / "benchmarks" / "speed.py"
 SCRIPT_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -38,6 +43,30 @@ def test_each_sequence_adds_its_cache_to_the_rest_of_the_peak():
     assert speed.largest_batch(batch_one(0.3, 17, host=15), 140 * GIB, 125 * GIB, None, 64) == (7, "host memory")
     assert speed.largest_batch(batch_one(64, 100), 140 * GIB, 500 * GIB, None, 64) == (1, "device memory")
     assert speed.largest_batch(batch_one(0.25, 17), 140 * GIB, 500 * GIB, None, 64) == (64, "batch limit")
+
+
+def prefilled_bytes(method, spec: ModelSpec, prompt_len: int = 40) -> int:
+    """Device bytes of `method`'s cache after a prompt of random keys and values."""
+    cache = method.make_cache(spec, prompt_len, decode_len=8)
+    for layer in cache.layers:
+        keys = torch.randn(1, spec.num_kv_heads, prompt_len, spec.head_dim)
+        layer.update(keys, keys + 1)
+    cache.finish_prefill()
+    return cache.kv_bytes()[0]
+
+
+@pytest.mark.parametrize("sharing, exempt", [(2, 0), (2, 1), (3, 0)])
+def test_a_shared_cache_is_read_as_often_as_the_dense_one(sharing, exempt):
+    # CLA's consumers attend over their producer's keys and values: the step reads a dense cache's bytes
+    # from a cache that stores fewer (the floor counted only the stored ones before session 55).
+    spec = ModelSpec("six", num_layers=6, num_heads=4, num_kv_heads=2, head_dim=8, max_positions=256)
+    dense = prefilled_bytes(Full(), spec)
+    cla = CLA(sharing=sharing, exempt_layers=exempt)
+    stored = prefilled_bytes(cla, spec)
+    assert stored < dense
+    assert speed.cache_bytes_read("cla", cla, spec, stored) == dense
+    assert speed.cache_bytes_read("full", Full(), spec, dense) == dense
+    assert speed.cache_bytes_read("h2o", H2O(budget=16), spec, 400) == 600  # the keys again: half of K + V
 
 
 def test_retries_shrink_to_distinct_sizes():
