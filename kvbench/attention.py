@@ -133,26 +133,15 @@ def received_attention(
     return logits.softmax(dim=-1).sum(dim=2)
 
 
-def received_attention_prefill(
-    query: torch.Tensor, keys: torch.Tensor, scaling: float, query_block: int = 64
-) -> torch.Tensor:
+def received_attention_prefill(query: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention each key receives from a chunk of causal prefill queries, summed over queries and each KV
     head's query heads: float32 [B, Hkv, S].
 
-    query [B, Hq, T, D] are the last T of the S positions in `keys` [B, Hkv, S, D]. Queries go in blocks of
-    `query_block`, so at most [B, Hq, query_block, S] probabilities exist at once (never the chunk's
-    whole [T, S] matrix: at 32k keys a 512-query chunk would be 2 GiB per layer for an 8B model).
+    query [B, Hq, T, D] are the last T of the S positions in `keys` [B, Hkv, S, D]. On CUDA two Triton
+    kernels compute it without materialising any probabilities (`kernels.received_attention_prefill`);
+    elsewhere the PyTorch reference does, over blocks of queries.
     """
-    b, hq, t, d = query.shape
-    hkv, s = keys.shape[1], keys.shape[2]
-    k = keys.float()
-    received = torch.zeros(b, hkv, s, dtype=torch.float32, device=keys.device)
-    for start in range(0, t, query_block):
-        q = query[:, :, start : start + query_block].float()
-        rows = q.shape[2]
-        q = q.view(b, hkv, hq // hkv, rows, d)
-        logits = torch.einsum("bhgtd,bhsd->bhgts", q, k) * scaling
-        # Query i of the chunk sits at position s - t + start + i and sees keys up to that position.
-        visible = torch.ones(rows, s, dtype=torch.bool, device=keys.device).tril(s - t + start)
-        received += logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).sum(dim=(2, 3))
-    return received
+    triton_kernels = _kernels() if query.is_cuda else None
+    if triton_kernels is not None:
+        return triton_kernels.received_attention_prefill(query, keys, scaling)
+    return kernels.received_attention_prefill_reference(query, keys, scaling)

@@ -1,4 +1,5 @@
-"""Decode attention over a fixed-size slot buffer: Triton kernels for CUDA, PyTorch references elsewhere.
+"""Decode attention over a fixed-size slot buffer, and prefill's attention scores: Triton kernels for CUDA,
+PyTorch references elsewhere.
 
 The compiled decode step attends one new query per sequence over `S` slots, some empty or evicted
 (positions < 0). SDPA with a boolean mask and `enable_gqa` leaves the fast kernels on CUDA, and expanding
@@ -9,17 +10,27 @@ never expanded), keeps an online softmax in float32, and a second small kernel c
 through their log-sum-exp. `received_attention` recomputes, from that log-sum-exp, the probability each
 slot received (what H2O and Scissorhands accumulate) without materialising the [B, Hq, S] matrix.
 
-Both are `torch.library` operators (`kvbench::decode_attention`, `kvbench::received_attention`), so
-`torch.compile(fullgraph=True)` traces them without graph breaks; their launches have static grids and
-no host syncs, so they can be captured in CUDA graphs (keep `scale` a per-model constant: dynamo turns a
-float argument that changes between calls into a graph input read back with .item()). Triton runs on
-CUDA tensors, and on any tensors under Triton's interpreter (`TRITON_INTERPRET=1`, which the tests use);
-everywhere else, and when Triton is not installed, the operators run the PyTorch references.
+`received_attention_prefill` is the same score for a chunk of T causal prefill queries [B, Hq, T, D] (the
+last T of the S positions in the keys): the probability each key receives, summed over the chunk's queries
+and each KV head's G query heads. It takes two passes, as a flash-attention backward does, because each
+query's softmax needs its whole row's log-sum-exp before any of its probabilities can join a key's sum: the
+first kernel computes each (query, head) row's log-sum-exp online over the K tiles the row sees, the second
+recomputes the logits tile by tile and sums exp(logit - lse) down each key's column. Cost: Q·K^T twice, in
+tensor-core dots, and [B, Hq, T] floats of log-sum-exp written and read back; no probability matrix (the
+PyTorch reference writes and re-reads float32 blocks of [B, Hq, 64, S]).
 
-Conventions: query [B, Hq, D]; keys [B, Hkv, S, D]; values [B, Hkv, S, Dv]; positions [B, Hkv, S]
-(any integer dtype, a slot is live iff its position >= 0); Hq = G * Hkv, and query head `h * G + g`
-belongs to KV head `h` (transformers' `repeat_kv` order). A sequence/KV head with no live slot gets
-out = 0 and lse = -inf, and its slots receive 0.
+All three are `torch.library` operators (`kvbench::decode_attention`, `kvbench::received_attention`,
+`kvbench::received_attention_prefill`), so `torch.compile(fullgraph=True)` traces them without graph breaks;
+their launches have static grids and no host syncs, so they can be captured in CUDA graphs (keep `scale` a
+per-model constant: dynamo turns a float argument that changes between calls into a graph input read back
+with .item()). Triton runs on CUDA tensors, and on any tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`, which the tests use); everywhere else, and when Triton is not installed, the
+operators run the PyTorch references.
+
+Conventions: query [B, Hq, D] (prefill: [B, Hq, T, D]); keys [B, Hkv, S, D]; values [B, Hkv, S, Dv];
+positions [B, Hkv, S] (any integer dtype, a slot is live iff its position >= 0); Hq = G * Hkv, and query
+head `h * G + g` belongs to KV head `h` (transformers' `repeat_kv` order). A sequence/KV head with no live
+slot gets out = 0 and lse = -inf, and its slots receive 0.
 """
 
 from __future__ import annotations
@@ -57,6 +68,14 @@ PROGRAMS_PER_SM_MANY_HEADS = 2  # above FEW_HEADS (sequence, KV head) pairs
 FEW_HEADS = 64
 NUM_WARPS = 4
 NUM_STAGES = 2  # double-buffered K/V tile loads; the kernel is bound by memory bandwidth
+# Prefill scoring (`received_attention_prefill`): tiles of PREFILL_ROWS (query, head) rows by PREFILL_KEYS keys.
+# The log-sum-exp kernel holds a row tile and streams K tiles, a flash-attention forward's shape (PREFILL_LSE_WARPS:
+# two warpgroups of 64 rows); the column-sum kernel holds a K tile and streams row tiles in one warpgroup
+# (NUM_WARPS) whose MMA rows are the keys, so each key's sum over the rows stays inside its warp. Offline (sm_90,
+# Triton 3.7, head dim 128, 16-bit inputs, specialised as launched) they take 79 and 140 registers, no spills.
+PREFILL_ROWS = 128
+PREFILL_KEYS = 64
+PREFILL_LSE_WARPS = 8
 
 
 def compile_caches_off() -> None:
@@ -114,6 +133,28 @@ def received_attention_reference(
     logits = torch.einsum("bhgd,bhsd->bhgs", q, keys.float()) * scale
     probs = torch.exp(logits - lse.float().view(b, hkv, hq // hkv, 1))
     return torch.where((positions >= 0).unsqueeze(2), probs, 0.0).sum(dim=2)
+
+
+def received_attention_prefill_reference(
+    query: torch.Tensor, keys: torch.Tensor, scale: float, query_block: int = 64
+) -> torch.Tensor:
+    """The oracle: float32 softmax of each prefill query over the keys it sees, summed over the queries and
+    each KV head's G query heads; float32 [B, Hkv, S]. Queries go in blocks of `query_block`, so at most
+    [B, Hq, query_block, S] probabilities exist at once (never the chunk's whole [T, S] matrix: at 32k keys a
+    512-query chunk would be 2 GiB per layer for an 8B model)."""
+    b, hq, t, d = query.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    k = keys.float()
+    received = torch.zeros(b, hkv, s, dtype=torch.float32, device=keys.device)
+    for start in range(0, t, query_block):
+        q = query[:, :, start : start + query_block].float()
+        rows = q.shape[2]
+        q = q.view(b, hkv, hq // hkv, rows, d)
+        logits = torch.einsum("bhgtd,bhsd->bhgts", q, k) * scale
+        # Query i of the chunk sits at position s - t + start + i and sees keys up to that position.
+        visible = torch.ones(rows, s, dtype=torch.bool, device=keys.device).tril(s - t + start)
+        received += logits.masked_fill(~visible, float("-inf")).softmax(dim=-1).sum(dim=(2, 3))
+    return received
 
 
 def positions_from_lengths(lengths: torch.Tensor, slots: int, heads: int) -> torch.Tensor:
@@ -448,6 +489,229 @@ if triton is not None:
         p = tl.where(live[None, :] & g_ok[:, None], p, 0.0)
         tl.store(out_ptr + (b * num_kv_heads + h) * seq_len + slots, tl.sum(p, axis=0), mask=in_seq)
 
+    @triton.jit
+    def _prefill_lse_step(
+        q,
+        k_base,
+        n0,
+        seq_len,
+        last_key,
+        m_i,
+        l_i,
+        scale_log2,
+        stride_ks,
+        stride_kd,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr,
+    ):
+        """One K tile (keys n0 ..) of the online log2-sum-exp: the running maxima m_i and sums l_i [M] of
+        the rows q [M, D] updated. CAUSAL: the tile crosses some row's last visible key (last_key [M]), or the
+        sequence's end; else every row sees all of it and no mask is built."""
+        keys = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        kt_mask = offs_d[:, None] < HEAD_DIM
+        if CAUSAL:
+            kt_mask = kt_mask & (keys < seq_len)[None, :]
+        kt = tl.load(k_base + keys[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=kt_mask, other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        logits = (tl.dot(q, kt, input_precision=PRECISION) * scale_log2).to(tl.float32)
+        if CAUSAL:
+            logits = tl.where(keys[None, :] <= last_key[:, None], logits, float("-inf"))
+        # Never -inf - -inf: every row sees key 0, in the first tile, so m_new is finite from then on.
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        l_new = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(logits - m_new[:, None]), axis=1)
+        return m_new, l_new
+
+    @triton.jit
+    def _prefill_lse_kernel(
+        q_ptr,
+        k_ptr,
+        lse2_ptr,
+        scale_log2,
+        num_queries,
+        seq_len,
+        num_kv_heads,
+        group,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Prefill scoring's first pass. One (sequence, KV head, tile of BLOCK_M rows): each row's log2-sum-exp
+        of its scaled logits over the keys its query sees, which the second pass (`_prefill_received_kernel`)
+        needs before it can add any of the row's probabilities to a key's sum. A row is a (query, head of the
+        group) pair, query-major (row r: query r // G, head h * G + r % G), so the G heads of a query share a
+        tile and each K tile is loaded once for all of them; lse2 [B, Hkv, T * G] holds the rows in that
+        order. Query t sits at position S - T + t and sees keys 0 .. S - T + t: the key tiles past the tile's
+        last query are never read, and only those past its first query's are masked."""
+        bh = tl.program_id(0)
+        # The last queries see the most keys: their tiles start first, so the short ones fill the tail.
+        tile = tl.num_programs(1) - 1 - tl.program_id(1)
+        # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
+        b = (bh // num_kv_heads).to(tl.int64)
+        h = (bh % num_kv_heads).to(tl.int64)
+        num_rows = num_queries * group
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        # Rows past the last repeat the last query: read in bounds, computed, never stored.
+        t = tl.minimum(rows // group, num_queries - 1)
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(
+            q_ptr
+            + b * stride_qb
+            + (h * group + rows % group)[:, None] * stride_qh
+            + t[:, None] * stride_qt
+            + offs_d[None, :] * stride_qd,
+            mask=offs_d[None, :] < HEAD_DIM,
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        offset = seq_len - num_queries  # the chunk's first query's position
+        last_key = offset + t
+        # Keys below the tile's first query's position (in whole tiles) are seen by every row: no mask.
+        unmasked_end = (offset + (tile * BLOCK_M) // group + 1) // BLOCK_N * BLOCK_N
+        end = offset + tl.minimum(((tile + 1) * BLOCK_M - 1) // group, num_queries - 1) + 1
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for n0 in range(0, unmasked_end, BLOCK_N):
+            m_i, l_i = _prefill_lse_step(
+                q, k_base, n0, seq_len, last_key, m_i, l_i, scale_log2, stride_ks, stride_kd,
+                HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST, PRECISION, False,
+            )  # fmt: skip
+        for n0 in range(unmasked_end, end, BLOCK_N):
+            m_i, l_i = _prefill_lse_step(
+                q, k_base, n0, seq_len, last_key, m_i, l_i, scale_log2, stride_ks, stride_kd,
+                HEAD_DIM, BLOCK_N, BLOCK_D, UPCAST, PRECISION, True,
+            )  # fmt: skip
+        tl.store(lse2_ptr + bh.to(tl.int64) * num_rows + rows, m_i + tl.log2(l_i), mask=rows < num_rows)
+
+    @triton.jit
+    def _prefill_received_step(
+        k,
+        q_base,
+        lse2_base,
+        r0,
+        keys,
+        offset,
+        num_queries,
+        group,
+        scale_log2,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr,
+    ):
+        """The probabilities the keys of k [N, D] receive from rows r0 .. r0 + BLOCK_M (`_prefill_lse_kernel`'s
+        rows), summed over those rows: [N] float32. CAUSAL: some row does not see every key of the tile."""
+        rows = r0 + tl.arange(0, BLOCK_M)
+        t = tl.minimum(rows // group, num_queries - 1)  # rows past the last: in bounds, and p = 0 below
+        offs_d = tl.arange(0, BLOCK_D)
+        # Q transposed, [D, M]: the logits come out [N, M], a key per row, so the sum over the queries stays
+        # within each warp's rows.
+        qt = tl.load(
+            q_base + (rows % group)[None, :] * stride_qh + t[None, :] * stride_qt + offs_d[:, None] * stride_qd,
+            mask=offs_d[:, None] < HEAD_DIM,
+            other=0.0,
+        )
+        if UPCAST:
+            qt = qt.to(tl.float32)
+        # Rows past the last get lse2 = +inf, hence p = exp2(-inf) = 0.
+        lse2 = tl.load(lse2_base + rows, mask=rows < num_queries * group, other=float("inf"))
+        p = tl.exp2((tl.dot(k, qt, input_precision=PRECISION) * scale_log2).to(tl.float32) - lse2[None, :])
+        if CAUSAL:
+            p = tl.where(keys[:, None] <= (offset + t)[None, :], p, 0.0)
+        return tl.sum(p, axis=1)
+
+    @triton.jit
+    def _prefill_received_kernel(
+        q_ptr,
+        k_ptr,
+        lse2_ptr,
+        out_ptr,
+        scale_log2,
+        num_queries,
+        seq_len,
+        num_kv_heads,
+        group,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_ks,
+        stride_kd,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Prefill scoring's second pass. One (sequence, KV head, tile of BLOCK_N keys): the probability
+        exp2(logit2 - lse2) each key receives, its logits recomputed in tensor-core dots and its lse2 the first
+        pass's, summed over every (query, head) row that sees it, in float32, stored once. The K tile is
+        loaded once; the row tiles before the first query that sees the tile's first key are skipped, and
+        only those before the first query that sees its last key are masked. Keys past the sequence load as
+        0 and their sums are not stored."""
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+        # int64 offsets: b * stride_kb overflows int32 beyond 2^31 cached elements
+        b = (bh // num_kv_heads).to(tl.int64)
+        h = (bh % num_kv_heads).to(tl.int64)
+        keys = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        k = tl.load(
+            k_ptr + b * stride_kb + h * stride_kh + keys[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+            mask=(keys < seq_len)[:, None] & (offs_d < HEAD_DIM)[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+        q_base = q_ptr + b * stride_qb + h * group * stride_qh
+        num_rows = num_queries * group
+        lse2_base = lse2_ptr + bh.to(tl.int64) * num_rows
+        offset = seq_len - num_queries  # the chunk's first query's position
+        # Query t sees key j iff j <= offset + t: the first query seeing the tile's first key, and the first
+        # seeing its last (at most T: then no row sees the whole tile).
+        first_query = tl.maximum(tile * BLOCK_N - offset, 0)
+        whole_query = tl.minimum(tl.maximum(tile * BLOCK_N + BLOCK_N - 1 - offset, 0), num_queries)
+        masked_start = first_query * group // BLOCK_M * BLOCK_M
+        unmasked_start = tl.cdiv(whole_query * group, BLOCK_M) * BLOCK_M
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for r0 in range(masked_start, unmasked_start, BLOCK_M):
+            acc += _prefill_received_step(
+                k, q_base, lse2_base, r0, keys, offset, num_queries, group, scale_log2, stride_qh, stride_qt,
+                stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST, PRECISION, True,
+            )  # fmt: skip
+        for r0 in range(unmasked_start, num_rows, BLOCK_M):
+            acc += _prefill_received_step(
+                k, q_base, lse2_base, r0, keys, offset, num_queries, group, scale_log2, stride_qh, stride_qt,
+                stride_qd, HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST, PRECISION, False,
+            )  # fmt: skip
+        tl.store(out_ptr + bh.to(tl.int64) * seq_len + keys, acc, mask=keys < seq_len)
+
     def _upcast_and_precision(dtype: torch.dtype) -> tuple[bool, str]:
         """(UPCAST, PRECISION): float32 inputs get IEEE dots (TF32 would miss 1e-4). Triton 3.7's interpreter
         miscomputes bfloat16 tl.dot, so there bfloat16 tiles go to float32 first; float16 keeps the GPU path."""
@@ -607,6 +871,30 @@ if triton is not None:
         )
         return out
 
+    def _received_attention_prefill_triton(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+        b, hq, t, d = query.shape
+        hkv, s = keys.shape[1], keys.shape[2]
+        group = hq // hkv
+        lse2 = torch.empty(b, hkv, t * group, dtype=torch.float32, device=query.device)
+        out = torch.empty(b, hkv, s, dtype=torch.float32, device=query.device)
+        upcast, precision = _upcast_and_precision(keys.dtype)
+        args = (scale * LOG2E, t, s, hkv, group, *query.stride(), *keys.stride())
+        constants = {
+            "HEAD_DIM": d,
+            "BLOCK_M": PREFILL_ROWS,
+            "BLOCK_N": PREFILL_KEYS,
+            "BLOCK_D": _dot_block(d),
+            "UPCAST": upcast,
+            "PRECISION": precision,
+        }
+        wrap_triton(_prefill_lse_kernel)[(b * hkv, triton.cdiv(t * group, PREFILL_ROWS))](
+            query, keys, lse2, *args, **constants, num_warps=PREFILL_LSE_WARPS, num_stages=NUM_STAGES
+        )
+        wrap_triton(_prefill_received_kernel)[(b * hkv, triton.cdiv(s, PREFILL_KEYS))](
+            query, keys, lse2, out, *args, **constants, num_warps=NUM_WARPS, num_stages=NUM_STAGES
+        )
+        return out
+
     from triton.runtime.interpreter import InterpretedFunction
 
     _INTERPRETED = isinstance(_decode_split_kernel, InterpretedFunction)
@@ -693,6 +981,13 @@ def _received_attention_op(
     return received_attention_reference(query, keys, positions, scale, lse)
 
 
+@_make_op("kvbench::received_attention_prefill")
+def _received_attention_prefill_op(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    if _use_triton(query):
+        return _received_attention_prefill_triton(query, keys, scale)
+    return received_attention_prefill_reference(query, keys, scale)
+
+
 def decode_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -719,3 +1014,18 @@ def received_attention(
     _check_shapes(query, keys, positions)
     positions = as_positions(positions, keys)
     return torch.ops.kvbench.received_attention(query, keys, positions, float(scale), lse)
+
+
+def received_attention_prefill(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention each key receives from a chunk of causal prefill queries, summed over the queries and each
+    KV head's G query heads: float32 [B, Hkv, S].
+
+    query [B, Hq, T, D] are the last T of the S positions in keys [B, Hkv, S, D] (query i sits at position
+    S - T + i and sees keys 0 .. S - T + i); float16, bfloat16 or float32. Each key gets the sum of
+    softmax(q·k·scale) over the queries that see it, so a KV head's row sums to G * T.
+    """
+    b, hq, t, d = query.shape
+    bk, hkv, s, dk = keys.shape
+    if bk != b or dk != d or hq % hkv != 0 or t > s:
+        raise ValueError(f"prefill query {tuple(query.shape)} does not fit keys {tuple(keys.shape)}")
+    return torch.ops.kvbench.received_attention_prefill(query, keys, float(scale))

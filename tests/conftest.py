@@ -84,10 +84,15 @@ def spill_operations(compiled) -> int:
     return len(re.findall(r"\b(?:LDL|STL)\b", sass))
 
 
-def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4):
+def compile_for_hopper(
+    kernel, types: dict[str, str], constexprs: dict, num_warps: int = 4, divisible_by_16: tuple[str, ...] = ()
+):
     """`kernel` lowered for sm_90 with Triton's bundled ptxas: no GPU needed, and it catches what the
     interpreter cannot (tl.dot shape rules, layouts, inline PTX, lowering). Arguments not in `types` or
-    `constexprs` are i32. Skips where Triton has no NVIDIA backend, or runs kernels interpreted."""
+    `constexprs` are i32. `divisible_by_16` names the arguments Triton's launcher marks so at run time
+    (16-byte-aligned pointers, integers that are multiples of 16): unmarked, loads go an element at a time,
+    so a register or spill count would be of a kernel that never runs. Skips where Triton has no NVIDIA
+    backend, or runs kernels interpreted."""
     pytest.importorskip("triton.backends.nvidia")
     from kvbench import kernels
 
@@ -100,7 +105,8 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict, num_warp
     signature = {name: types.get(name, "i32") for name in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     positions = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
-    source = ASTSource(kernel, signature, constexprs=positions)
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    source = ASTSource(kernel, signature, constexprs=positions, attrs=attrs)
     compiled = triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2}
     )

@@ -206,11 +206,49 @@ def _measure_combine(name: str) -> dict:
     }
 
 
+# name: (batch, kv heads, group, queries, keys, head dim, dtype). Tiles of 128 (query, head) rows and 64 keys
+# (`kernels.PREFILL_ROWS`, `PREFILL_KEYS`): no count is a multiple of a tile; every case has a row tile that
+# reads key tiles both unmasked and masked, and the first two have key tiles that skip the row tiles before
+# their first query. One query is 4 rows of a 128-row tile; 3 heads a query put a query's rows across tiles.
+PREFILL_CASES = {
+    "prefill_first_chunk_fp32": (2, 2, 4, 100, 100, 64, "float32"),  # the first chunk: S == T
+    "prefill_later_chunk_bf16": (2, 2, 4, 70, 230, 128, "bfloat16"),  # keys before the chunk, a tile not aligned
+    "prefill_one_query_fp16": (2, 2, 4, 1, 77, 64, "float16"),
+    "prefill_group3_strided_fp16": (1, 2, 3, 45, 150, 80, "float16"),  # 3 heads a row's query; head dim padded
+}
+
+
+def _measure_prefill(name: str) -> dict:
+    """The two prefill kernels against the reference. The strided case takes its query and keys as
+    transformers' projections give them (views of [B, T, H, D])."""
+    b, hkv, group, t, s, d, dtype = PREFILL_CASES[name]
+    gen = torch.Generator().manual_seed(t)
+    dt = getattr(torch, dtype)
+    if name == "prefill_group3_strided_fp16":
+        query = torch.randn(b, t, hkv * group, d, generator=gen).to(dt).transpose(1, 2)
+        keys = torch.randn(b, s, hkv, d, generator=gen).to(dt).transpose(1, 2)
+    else:
+        query = torch.randn(b, hkv * group, t, d, generator=gen).to(dt)
+        keys = torch.randn(b, hkv, s, d, generator=gen).to(dt)
+    scale = 3 * d**-0.5  # sharpened, as `_case_inputs`: a key off by one moves the sums a lot
+    received = kernels.received_attention_prefill(query, keys, scale)
+    ref = kernels.received_attention_prefill_reference(query, keys, scale)
+    return {
+        "dtype": dtype,
+        "out_ok": received.dtype == torch.float32 and received.shape == ref.shape,
+        "nan": bool(received.isnan().any()),
+        "received_rel": _rel(received, ref),
+        # each query's probabilities sum to 1 over the keys it sees, so a KV head's sums add up to G * T
+        "received_sum_rel": ((received.sum(-1) - group * t).abs().max() / (group * t)).item(),
+    }
+
+
 def _worker() -> None:
     assert kernels._INTERPRETED, "run with TRITON_INTERPRET=1"
     torch.empty = _poisoned_empty  # every buffer the kernels allocate, outputs and split partials alike
     measured = {name: _measure(name) for name in CASES}
     measured |= {name: _measure_lengths(name) for name in LENGTH_CASES}
+    measured |= {name: _measure_prefill(name) for name in PREFILL_CASES}
     combined = {name: _measure_combine(name) for name in [*COMBINE_CASES, *SCALED_COMBINE_CASES]}
     print(json.dumps(measured | combined))
 
@@ -297,6 +335,20 @@ def test_received_attention_matches_reference(interpreted: dict, name: str) -> N
     assert m["received_sum_err"] < 1e-3, m
 
 
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_received_attention_prefill_matches_reference(interpreted: dict, name: str) -> None:
+    m = interpreted[name]
+    assert m["out_ok"] and not m["nan"], m
+    assert m["received_rel"] < TOLERANCE[m["dtype"]], m
+    assert m["received_sum_rel"] < 1e-5, m
+
+
+def test_received_attention_prefill_refuses_more_queries_than_keys() -> None:
+    """The queries are the last T of the S positions: with T > S the first queries would see no key at all."""
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.received_attention_prefill(torch.randn(1, 4, 9, 16), torch.randn(1, 2, 8, 16), 0.25)
+
+
 def test_cpu_ops_run_the_references() -> None:
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: CPU tensors go to the interpreted kernels")
@@ -308,6 +360,12 @@ def test_cpu_ops_run_the_references() -> None:
     received = kernels.received_attention(x["query"], x["keys"], x["positions"], x["scale"], lse)
     ref = kernels.received_attention_reference(x["query"], x["keys"], x["positions"], x["scale"], ref_lse)
     assert torch.equal(received, ref)
+    from kvbench.attention import received_attention_prefill
+
+    query, keys = torch.randn(1, 8, 30, 128).bfloat16(), x["keys"][:1, :, :100]
+    ref = kernels.received_attention_prefill_reference(query, keys, x["scale"])
+    assert torch.equal(kernels.received_attention_prefill(query, keys, x["scale"]), ref)
+    assert torch.equal(received_attention_prefill(query, keys, x["scale"]), ref)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
@@ -365,6 +423,14 @@ def test_triton_launches_trace_into_a_static_graph() -> None:
     targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
     assert targets.count("triton_kernel_wrapper_mutation") == 2, targets
     assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
+    # Prefill scoring: the log-sum-exp kernel and the column sums.
+    query = torch.randn(2, 8, 40, 128).bfloat16()
+    gm = make_fx(lambda *a: kernels._received_attention_prefill_triton(*a, x["scale"]), tracing_mode="fake")(
+        query, x["keys"]
+    )
+    targets = [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count("triton_kernel_wrapper_mutation") == 2, targets
+    assert set(targets) == {"triton_kernel_wrapper_mutation", "aten.empty.memory_format"}, targets
 
 
 @pytest.mark.parametrize(("dtype", "group"), [("bf16", 4), ("fp32", 1)])
@@ -401,6 +467,22 @@ def test_kernels_compile_for_hopper(dtype: str, group: int) -> None:
         blocks | {"BLOCK_G": kernels._dot_block(group)},
         kernels.NUM_WARPS,
     )
+    # The prefill kernels specialised as launched on transformers' query (a view of [B, T, Hq, D]) and keys:
+    # innermost strides 1, the others multiples of 16, pointers aligned. With 16-bit inputs neither may spill;
+    # float32's IEEE dots run on FMA units, not tensor cores, and spill (as `_received_kernel`'s do): correct,
+    # slow, and not what a model runs.
+    prefill = {"HEAD_DIM": 128, "BLOCK_M": kernels.PREFILL_ROWS, "BLOCK_N": kernels.PREFILL_KEYS, "BLOCK_D": 128}
+    prefill |= {"UPCAST": False, "PRECISION": precision, "stride_qd": 1, "stride_kd": 1}
+    strides = {"stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_ks"}
+    for kernel, num_warps in (
+        (kernels._prefill_lse_kernel, kernels.PREFILL_LSE_WARPS),
+        (kernels._prefill_received_kernel, kernels.NUM_WARPS),
+    ):
+        aligned = tuple(name for name in kernel.arg_names if name.endswith("_ptr") or name in strides)
+        compiled = compile_for_hopper(
+            kernel, tensors | {"lse2_ptr": "*fp32", "out_ptr": "*fp32"}, prefill, num_warps, aligned
+        )
+        assert dtype == "fp32" or spill_operations(compiled) == 0, kernel
 
 
 def test_without_triton_the_ops_are_the_references() -> None:
@@ -422,6 +504,9 @@ want = (*kernels.decode_attention_reference(q, k, v, pos, 0.25),)
 want += (kernels.received_attention_reference(q, k, pos, 0.25, want[1]),)
 for got in (step(q, k, v, pos), torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, pos)):
     assert all(torch.equal(g, w) for g, w in zip(got, want)), got
+q = torch.randn(2, 8, 10, 16)
+want = kernels.received_attention_prefill_reference(q, k, 0.25)
+assert torch.equal(kernels.received_attention_prefill(q, k, 0.25), want)
 """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TRITON_INTERPRET", None)
