@@ -17,7 +17,9 @@
    shape (4 sequences, 8 KV heads, head_dim 128), one slot past the end; rotated within one code step.
 5. `kvbench.kernels.decode_attention` over each sequence's length (the dense layer's form) equals the same
    kernel over the positions the lengths stand for, bit for bit, and the float32 reference.
-6. `inductor_options` (with `--inductor-option KEY=VALUE ...`, e.g. `combo_kernels=1`; `--methods` picks
+6. `kvbench.kernels.received_attention_prefill` (H2O's prefill scores) against its float32 reference, at
+   the 8B shape's heads and 4,096-query chunks.
+7. `inductor_options` (with `--inductor-option KEY=VALUE ...`, e.g. `combo_kernels=1`; `--methods` picks
    which): every method's compiled step with the options gives the same greedy tokens as without them. Meant
    for options that regroup kernels and launches, not arithmetic; what must pass before such an option
    becomes the engine's default. Random bf16 weights leave near-ties that any regrouping of a reduction can
@@ -299,6 +301,34 @@ def check_attention_lengths() -> None:
     check("decode_attention over lengths against float32", ok, f"(max error {error:.1e}, lse {lse_error:.1e})")
 
 
+def check_prefill_scores() -> None:
+    """H2O's prefill scores (`kernels.received_attention_prefill`: two Triton passes, no probability matrix)
+    against the float32 reference, at Llama-3.1-8B's heads and the engine's 4,096-query chunks: a first chunk
+    (S = T) and a later one (S = 3T), two sequences (the batch offsets); each KV head's row sums to G * T.
+    Prints both times (one call each, after a warm-up call)."""
+    b, hkv, group, t, d = 2, 8, 4, 4096, 128
+    generator = torch.Generator().manual_seed(5)
+    for s in (t, 3 * t):
+        query = torch.randn(b, hkv * group, t, d, generator=generator).to("cuda", torch.bfloat16)
+        keys = torch.randn(b, hkv, s, d, generator=generator).to("cuda", torch.bfloat16)
+        times = {}
+        for name, fn in (("kernels", kernels.received_attention_prefill),
+                         ("reference", kernels.received_attention_prefill_reference)):  # fmt: skip
+            fn(query, keys, d**-0.5)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            got = fn(query, keys, d**-0.5)
+            end.record()
+            torch.cuda.synchronize()
+            times[name] = (got, start.elapsed_time(end))
+        got, want = times["kernels"][0], times["reference"][0]
+        error = ((got - want).norm() / want.norm()).item()
+        sums = (got.sum(-1) - group * t).abs().max().item() / (group * t)
+        took = f"{times['kernels'][1]:.1f} ms against {times['reference'][1]:.1f} ms"
+        detail = f"(S {s}: rel error {error:.1e}, row sums {sums:.1e}; {took})"
+        check("received_attention_prefill against float32", error < 1e-3 and sums < 1e-4, detail)
+
+
 # Every method (`speed.py`'s name and size), at settings that compress the engines check's prompts (3,000 and
 # 2,200 tokens).
 OPTION_METHODS = {
@@ -359,16 +389,17 @@ CHECKS = {
     "token_stores": check_token_stores,
     "engines": check_engines,
     "attention_lengths": check_attention_lengths,
+    "prefill_scores": check_prefill_scores,
 }
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checks", nargs="+", choices=[*CHECKS, "inductor_options"], default=list(CHECKS))
     parser.add_argument(
-        "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="for 6."
+        "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="for 7."
     )
     parser.add_argument("--methods", nargs="+", choices=list(OPTION_METHODS), default=list(OPTION_METHODS))
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model's, for 6.")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model's, for 7.")
     args = parser.parse_args()
     try:
         options = parse_inductor_options(args.inductor_options)
