@@ -263,6 +263,9 @@ def main() -> None:
             except torch.OutOfMemoryError as error:
                 torch.cuda.empty_cache()
                 row = {"run": run, "status": "oom", **failure(error)}
+            except Exception as error:  # a run that fails (a schedule needing more --decode-room) is a row
+                torch.cuda.empty_cache()
+                row = {"run": run, "status": "error", **failure(error)}
             row.update(environment=env, bandwidth_bytes_per_s=bandwidth)
             out.write(json.dumps(row, default=str) + "\n")
             out.flush()
