@@ -19,7 +19,9 @@
    kernel over the positions the lengths stand for, bit for bit, and the float32 reference.
 6. `kvbench.kernels.received_attention_prefill` (H2O's prefill scores) against its float32 reference, at
    the 8B shape's heads and 4,096-query chunks.
-7. `inductor_options` (with `--inductor-option KEY=VALUE ...`, e.g. `combo_kernels=1`; `--methods` picks
+7. `kvbench.score_eviction.accumulate_and_evict` (H2O's decode bookkeeping) equals its reference bit for bit,
+   at batch 64's 512 rows.
+8. `inductor_options` (with `--inductor-option KEY=VALUE ...`, e.g. `combo_kernels=1`; `--methods` picks
    which): every method's compiled step with the options gives the same greedy tokens as without them. Meant
    for options that regroup kernels and launches, not arithmetic; what must pass before such an option
    becomes the engine's default. Random bf16 weights leave near-ties that any regrouping of a reduction can
@@ -36,7 +38,7 @@ import sys
 import torch
 from speed import make_method  # beside this file
 
-from kvbench import kernels, token_quant
+from kvbench import kernels, score_eviction, token_quant
 from kvbench.cuboid_scores import cuboid_scores, query_halves
 from kvbench.engine import Engine, Request, parse_inductor_options
 from kvbench.hadamard import hadamard_matrix
@@ -329,6 +331,39 @@ def check_prefill_scores() -> None:
         check("received_attention_prefill against float32", error < 1e-3 and sums < 1e-4, detail)
 
 
+def check_score_eviction() -> None:
+    """H2O's decode bookkeeping (`score_eviction.accumulate_and_evict`: one Triton program a row) against its
+    PyTorch reference on the GPU, bit for bit, at the shape profiled in session 55 (8k, batch 64: 512 rows
+    of 2,112 slots, capacity 2,049, recent 1,024): every row full (one eviction each) but a few with an empty
+    slot, a `seen` per sequence, ties in the scores. Prints both times (one call each, after a warm-up)."""
+    b, h, slots, capacity, recent = 64, 8, 2112, 2049, 1024
+    generator = torch.Generator().manual_seed(11)
+    seen = torch.randint(capacity + recent, 9000, (b,), generator=generator)
+    positions = torch.full((b, h, slots), -1, dtype=torch.long)
+    for row in range(b):  # distinct live positions below each sequence's seen
+        for head in range(h):
+            positions[row, head, :capacity] = torch.randperm(int(seen[row]), generator=generator)[:capacity]
+    positions[torch.rand(b, h, generator=generator) < 0.1, 7] = -1  # a tenth of the rows keep an empty slot
+    scores = torch.randint(0, 50, (b, h, slots), generator=generator).float()  # ties
+    received = torch.randint(0, 4, (b, h, slots), generator=generator).float() / 4
+    inputs = [t.to("cuda") for t in (scores, received, positions, seen)]
+    results, times = {}, {}
+    for name, fn in (("kernel", score_eviction.accumulate_and_evict),
+                     ("reference", score_eviction.accumulate_and_evict_reference)):  # fmt: skip
+        fn(*[t.clone() for t in inputs], recent, capacity)
+        copies = [t.clone() for t in inputs]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*copies, recent, capacity)
+        end.record()
+        torch.cuda.synchronize()
+        results[name], times[name] = copies, start.elapsed_time(end) * 1000
+    same = all(torch.equal(a, b) for a, b in zip(results["kernel"], results["reference"], strict=True))
+    evicted = int((results["kernel"][2] < 0).sum() - (inputs[2] < 0).sum())
+    took = f"{times['kernel']:.0f} us against {times['reference']:.0f} us"
+    check("accumulate_and_evict == its reference", same, f"({evicted} evictions; {took})")
+
+
 # Every method (`speed.py`'s name and size), at settings that compress the engines check's prompts (3,000 and
 # 2,200 tokens).
 OPTION_METHODS = {
@@ -390,16 +425,17 @@ CHECKS = {
     "engines": check_engines,
     "attention_lengths": check_attention_lengths,
     "prefill_scores": check_prefill_scores,
+    "score_eviction": check_score_eviction,
 }
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checks", nargs="+", choices=[*CHECKS, "inductor_options"], default=list(CHECKS))
     parser.add_argument(
-        "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="for 7."
+        "--inductor-option", dest="inductor_options", nargs="+", default=[], metavar="KEY=VALUE", help="for 8."
     )
     parser.add_argument("--methods", nargs="+", choices=list(OPTION_METHODS), default=list(OPTION_METHODS))
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model's, for 7.")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="the model's, for 8.")
     args = parser.parse_args()
     try:
         options = parse_inductor_options(args.inductor_options)
