@@ -308,6 +308,7 @@ def check_prefill_scores() -> None:
     against the float32 reference, at Llama-3.1-8B's heads and the engine's 4,096-query chunks: a first chunk
     (S = T) and a later one (S = 3T), two sequences (the batch offsets); each KV head's row sums to G * T.
     Prints both times (one call each, after a warm-up call)."""
+    check("Triton installed (the kernels run, not their references)", kernels.triton is not None)
     b, hkv, group, t, d = 2, 8, 4, 4096, 128
     generator = torch.Generator().manual_seed(5)
     for s in (t, 3 * t):
@@ -336,6 +337,7 @@ def check_score_eviction() -> None:
     PyTorch reference on the GPU, bit for bit, at the shape profiled in session 55 (8k, batch 64: 512 rows
     of 2,112 slots, capacity 2,049, recent 1,024): every row full (one eviction each) but a few with an empty
     slot, a `seen` per sequence, ties in the scores. Prints both times (one call each, after a warm-up)."""
+    check("Triton installed (the kernels run, not their references)", kernels.triton is not None)
     b, h, slots, capacity, recent = 64, 8, 2112, 2049, 1024
     generator = torch.Generator().manual_seed(11)
     seen = torch.randint(capacity + recent, 9000, (b,), generator=generator)

@@ -4,7 +4,7 @@ Why: H2O's decode step (`methods.h2o.H2OLayer.observe`) adds the attention each 
 then empties the lowest-scoring slot outside the recent window once every slot is live. Written in PyTorch
 (`accumulate_and_evict_reference`), Inductor fuses it into one reduction kernel that took 272 us a layer on
 an H100 (`benchmarks/profile_step.py`, Llama-3.1-8B shape, 8k context, batch 64, budget 2,048: 512 rows of
-2,112 slots), more than the decode attention kernel that reads 537 MB (188 us), while the operation moves
+2,112 slots), more than the decode attention kernel that reads 554 MB (188 us), while the operation moves
 about 22 MB (per slot: the float32 score read and written, the float32 received read, the int64 position
 read). Its generated code could not be read (no GPU), so this is a kernel whose cost is bounded by
 construction: one program per (sequence, KV head) row streams the row once, tile by tile, with a constant
@@ -88,7 +88,14 @@ def _accumulate_and_evict_op(
 
 
 @_accumulate_and_evict_op.register_fake
-def _(scores, received, positions, seen, recent, capacity) -> None:
+def _(
+    scores: torch.Tensor,
+    received: torch.Tensor,
+    positions: torch.Tensor,
+    seen: torch.Tensor,
+    recent: int,
+    capacity: int,
+) -> None:
     return None
 
 
@@ -188,7 +195,14 @@ if kernels.triton is not None:
         every_slot_live = tl.max(empty_seen, axis=0) == 0
         tl.store(positions_row + victim, tl.full([], -1, tl.int64), mask=every_slot_live)
 
-    def _launch(scores, received, positions, seen, recent: int, capacity: int) -> None:
+    def _launch(
+        scores: torch.Tensor,
+        received: torch.Tensor,
+        positions: torch.Tensor,
+        seen: torch.Tensor,
+        recent: int,
+        capacity: int,
+    ) -> None:
         """The kernel over every (sequence, head) row: launched by Triton itself (the operator is opaque)."""
         b, h, _ = scores.shape
         _accumulate_and_evict_kernel[(b * h,)](

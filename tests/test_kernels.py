@@ -27,6 +27,10 @@ from tests.conftest import compile_for_hopper, run_under_triton_interpreter, spi
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {"float32": 1e-4, "float16": 1e-3, "bfloat16": 1e-2}
 LSE_TOLERANCE = 1e-4  # the logits are float32 math whatever the input dtype
+# Prefill scores: float32 sums of probabilities from exact products of the inputs (16-bit inputs' products are
+# exact in float32), so only the order of additions differs from the reference (~1e-7 measured); a causal
+# mask one key off moved the bfloat16 case by 2e-2.
+PREFILL_TOLERANCE = 1e-4
 
 # name: (batch, kv heads, group, slots, head dim, value dim, dtype, positions dtype). Under the interpreter
 # `_num_sms` is 4, so these cover one split per program, several tiles per split, and many splits.
@@ -339,7 +343,7 @@ def test_received_attention_matches_reference(interpreted: dict, name: str) -> N
 def test_received_attention_prefill_matches_reference(interpreted: dict, name: str) -> None:
     m = interpreted[name]
     assert m["out_ok"] and not m["nan"], m
-    assert m["received_rel"] < TOLERANCE[m["dtype"]], m
+    assert m["received_rel"] < PREFILL_TOLERANCE, m
     assert m["received_sum_rel"] < 1e-5, m
 
 

@@ -257,6 +257,7 @@ def test_layouts_the_kernel_does_not_take_run_the_reference() -> None:
     strided = torch.full((*positions.shape[:2], 2 * positions.shape[-1]), -5)[..., ::2]
     strided.copy_(positions)
     for scores_in, positions_in in ((scores.half(), positions), (scores, strided)):
+        assert not score_eviction._kernel_takes(scores_in, received.to(scores_in.dtype), positions_in)
         want = scores_in.clone(), positions_in.clone()
         score_eviction.accumulate_and_evict_reference(
             want[0], received.to(scores_in.dtype), want[1], seen, recent, capacity
