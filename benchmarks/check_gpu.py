@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 from speed import make_method  # beside this file
 
 from kvbench import kernels, score_eviction, token_quant
 from kvbench.cuboid_scores import cuboid_scores, query_halves
-from kvbench.engine import Engine, Request, parse_inductor_options
+from kvbench.engine import Engine, Request, Timer, parse_inductor_options
 from kvbench.hadamard import hadamard_matrix
 from kvbench.host_pages import gather_pages, pinned_copy, uses_kernels, write_rows
 from kvbench.methods.arkvale import ArkVale
@@ -303,6 +304,16 @@ def check_attention_lengths() -> None:
     check("decode_attention over lengths against float32", ok, f"(max error {error:.1e}, lse {lse_error:.1e})")
 
 
+def timed_second_call(fn: Callable, make_args: Callable[[], tuple]) -> tuple[object, tuple, float]:
+    """fn's result on fresh arguments, those arguments (an in-place fn changes them) and its seconds: a first
+    call on other fresh arguments warms it up (Triton's compile, the allocator)."""
+    fn(*make_args())
+    args = make_args()
+    with Timer(torch.device("cuda")) as timer:
+        result = fn(*args)
+    return result, args, timer.seconds
+
+
 def check_prefill_scores() -> None:
     """H2O's prefill scores (`kernels.received_attention_prefill`: two Triton passes, no probability matrix)
     against the float32 reference, at Llama-3.1-8B's heads and the engine's 4,096-query chunks: a first chunk
@@ -314,20 +325,12 @@ def check_prefill_scores() -> None:
     for s in (t, 3 * t):
         query = torch.randn(b, hkv * group, t, d, generator=generator).to("cuda", torch.bfloat16)
         keys = torch.randn(b, hkv, s, d, generator=generator).to("cuda", torch.bfloat16)
-        times = {}
-        for name, fn in (("kernels", kernels.received_attention_prefill),
-                         ("reference", kernels.received_attention_prefill_reference)):  # fmt: skip
-            fn(query, keys, d**-0.5)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            got = fn(query, keys, d**-0.5)
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = (got, start.elapsed_time(end))
-        got, want = times["kernels"][0], times["reference"][0]
+        args = (query, keys, d**-0.5)  # read only: the same arguments every call
+        got, _, seconds = timed_second_call(kernels.received_attention_prefill, lambda: args)  # noqa: B023
+        want, _, reference_seconds = timed_second_call(kernels.received_attention_prefill_reference, lambda: args)  # noqa: B023
         error = ((got - want).norm() / want.norm()).item()
         sums = (got.sum(-1) - group * t).abs().max().item() / (group * t)
-        took = f"{times['kernels'][1]:.1f} ms against {times['reference'][1]:.1f} ms"
+        took = f"{1000 * seconds:.1f} ms against {1000 * reference_seconds:.1f} ms"
         detail = f"(S {s}: rel error {error:.1e}, row sums {sums:.1e}; {took})"
         check("received_attention_prefill against float32", error < 1e-3 and sums < 1e-4, detail)
 
@@ -349,20 +352,15 @@ def check_score_eviction() -> None:
     scores = torch.randint(0, 50, (b, h, slots), generator=generator).float()  # ties
     received = torch.randint(0, 4, (b, h, slots), generator=generator).float() / 4
     inputs = [t.to("cuda") for t in (scores, received, positions, seen)]
-    results, times = {}, {}
-    for name, fn in (("kernel", score_eviction.accumulate_and_evict),
-                     ("reference", score_eviction.accumulate_and_evict_reference)):  # fmt: skip
-        fn(*[t.clone() for t in inputs], recent, capacity)
-        copies = [t.clone() for t in inputs]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*copies, recent, capacity)
-        end.record()
-        torch.cuda.synchronize()
-        results[name], times[name] = copies, start.elapsed_time(end) * 1000
-    same = all(torch.equal(a, b) for a, b in zip(results["kernel"], results["reference"], strict=True))
-    evicted = int((results["kernel"][2] < 0).sum() - (inputs[2] < 0).sum())
-    took = f"{times['kernel']:.0f} us against {times['reference']:.0f} us"
+
+    def fresh_inputs() -> tuple:
+        return (*[t.clone() for t in inputs], recent, capacity)
+
+    _, got, seconds = timed_second_call(score_eviction.accumulate_and_evict, fresh_inputs)
+    _, want, reference_seconds = timed_second_call(score_eviction.accumulate_and_evict_reference, fresh_inputs)
+    same = all(torch.equal(a, b) for a, b in zip(got[:4], want[:4], strict=True))
+    evicted = int((got[2] < 0).sum() - (inputs[2] < 0).sum())
+    took = f"{1e6 * seconds:.0f} us against {1e6 * reference_seconds:.0f} us"
     check("accumulate_and_evict == its reference", same, f"({evicted} evictions; {took})")
 
 
