@@ -7,11 +7,12 @@
 One query per sequence, Hq = 32, Hkv = 8, D = 128, every slot live; batch 1 and 4 at 32k and 128k tokens
 (8k too without --quick). Rows: `bf16` (kvbench.kernels.decode_attention over bf16 K/V), and
 kvbench.quant_kernels' packed kernel for `int4_token` (K and V per token, one group per head: QuaRot's
-layout), `kivi4` and `kivi2` (keys per channel in groups of 32 tokens, values per token in groups of 32
-channels), `zipcache_4_2` (60% of the tokens at 4 bits, 40% at 2, keys per channel under one parameter row
-per set, values per token; one `packed_sets_attention` call: one launch and one combine for both sets, or
-with the launch's `pair_sets` off a launch and a combine per set, merged), under each launch configuration of
---configs (the default `LAUNCH` first; the others are the alternatives one GPU run can choose from). Each row
+layout) and `int2_token` (the same at 2 bits: QuaRot-2's and RTN-2's), `kivi4` and `kivi2` (keys per channel
+in groups of 32 tokens, values per token in groups of 32 channels), `zipcache_4_2` (60% of the tokens at 4
+bits, 40% at 2, keys per channel under one parameter row per set, values per token; one
+`packed_sets_attention` call: one launch and one combine for both sets, or with the launch's `pair_sets` off
+a launch and a combine per set, merged), under each launch configuration of --configs (the default `LAUNCH`
+first; the others are the alternatives one GPU run can choose from). Each row
 gives the bytes the kernel must read (codes + float16 scales/zero-points, or bf16 K/V), the floor (those bytes
 at the read bandwidth measured first, a bf16 sum over 1 GiB), the time per call, x_floor = time / floor and
 the speed-up over bf16.
@@ -64,6 +65,7 @@ TIMED = {
     "int4_token": ((4, 1, 128, None), (4, 1, 128, None)),
     "kivi4": ((4, 32, 1, None), (4, 1, 32, None)),
     "kivi2": ((2, 32, 1, None), (2, 1, 32, None)),
+    "int2_token": ((2, 1, 128, None), (2, 1, 128, None)),  # QuaRot-2's and RTN-2's layout
 }
 # ZipCache 4/2 (its paper's setting): the salient 60% of a prompt at 4 bits and the rest at 2, keys per channel
 # with one parameter row over each set's prompt tokens (`prompt_row`: the kernels' "lead" mode) and rows of 60
