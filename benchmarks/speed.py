@@ -116,6 +116,39 @@ def cache_bytes_read(method_name: str, method: Method, spec: ModelSpec, stored: 
     return read
 
 
+# Where a row's `compile_s` goes, from torch's own compile timers (`torch._dynamo.utils.compilation_time_metrics`,
+# seconds per event, nested): Dynamo's whole compile of a frame, the backend it calls, Inductor inside that, and
+# Inductor's wait for its kernels (Triton's compiles in worker processes).
+COMPILE_TIMERS = {
+    "dynamo": "_compile.compile_inner",
+    "backend": "OutputGraph.call_user_compiler",
+    "inductor": "compile_fx_inner",
+    "kernels": "async_compile.wait",
+}
+
+
+def compile_parts(compile_s: float) -> dict[str, float | int]:
+    """A row's compile seconds by part, from torch's compile timers, which hold this row's compiles only
+    (`torch._dynamo.reset`, at the row's start and the engine's, clears them): `graphs` (frames Dynamo
+    compiled); `trace_s` (Dynamo's tracing and guards: its compile without the backend), `backend_s`
+    (AOTAutograd and Inductor, or their on-disk caches) and `outside_s` (the rest of `compile_s`: the warm-up
+    steps, Inductor's first-call autotuning among them, and the CUDA-graph captures), which sum to `compile_s`;
+    and within `backend_s`, `inductor_s` (Inductor's compile, its wait for kernels included; absent where its
+    cache served the graph) and `kernel_compile_s` (that wait: Triton's compiles in worker processes, or their
+    loading from the cache). A timer torch does not have counts as zero; a difference below zero (float
+    rounding) as zero."""
+    metrics = torch._dynamo.utils.compilation_time_metrics
+    total = {part: sum(metrics.get(name, [])) for part, name in COMPILE_TIMERS.items()}
+    return {
+        "graphs": len(metrics.get(COMPILE_TIMERS["dynamo"], [])),
+        "trace_s": max(0.0, total["dynamo"] - total["backend"]),
+        "backend_s": total["backend"],
+        "outside_s": max(0.0, compile_s - total["dynamo"]),
+        "inductor_s": total["inductor"],
+        "kernel_compile_s": total["kernels"],
+    }
+
+
 MAX_BATCH = 0  # a plan's batch 0: the largest batch that fits (`largest_batch`)
 MEMORY_MARGIN = 0.92  # share of device (or available host) memory a predicted batch may fill: allocator slack
 RETRY_SHRINK, RETRIES = 0.85, 2  # a predicted batch that runs out of memory is retried this much smaller
@@ -301,6 +334,7 @@ def run_row(
         tokens_per_s=tokens / m.decode_s if m.decode_s else None,
         decode_steps=m.decode_steps,
         compile_s=m.compile_s,
+        compile_parts=compile_parts(m.compile_s),
         kv_bytes_device=m.kv_bytes_device * batch,
         kv_bytes_host=m.kv_bytes_host * batch,
         kv_bytes_device_peak=m.kv_bytes_device_peak,

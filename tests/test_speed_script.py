@@ -403,3 +403,19 @@ def test_quant_launch_reads_flags_integers_and_pairs():
         speed.quant_launch(["halves_programs_per_sm=6"])
     with pytest.raises(SystemExit, match="nope"):
         speed.quant_launch(["nope=1"])
+
+
+def test_compile_parts_sum_to_the_rows_compile_seconds(tmp_path):
+    """A compiled row splits its `compile_s` into Dynamo's tracing, the backend and the rest (warm-up and
+    capture), which sum to it; Inductor's compile and its kernels' lie within the backend's."""
+    out = tmp_path / "rows.jsonl"
+    command = [sys.executable, str(SPEED), "--device", "cpu", "--new-tokens", "3", "--out", str(out)]
+    command += ["--runs", "tiny-llama:full:0:64:1:compiled"]
+    done = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    parts = row["compile_parts"]
+    assert row["status"] == "ok" and parts["graphs"] >= 1 and parts["trace_s"] > 0 and parts["backend_s"] > 0
+    seconds = parts["trace_s"] + parts["backend_s"] + parts["outside_s"]
+    assert seconds == pytest.approx(row["compile_s"], rel=1e-6, abs=1e-6)
+    assert parts["kernel_compile_s"] <= parts["backend_s"] and parts["inductor_s"] <= parts["backend_s"]
