@@ -150,6 +150,8 @@ CONFIGS = {
     # before session 54; and every plane kernel capped at 128 registers a thread (`max_registers`)
     "uncapped": replace(quant_kernels.LAUNCH, halves_max_registers=0, halves_programs_per_sm=(6, 12)),
     "regs128": replace(quant_kernels.LAUNCH, max_registers=128),
+    # a single store's split target above FEW_HEADS pairs by its waves (`plane_kernel.wave_target`)
+    "store_waves": replace(quant_kernels.LAUNCH, store_wave_target=True),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

@@ -199,15 +199,23 @@ def pair_shares(slots: int, slots_2: int, batch_heads: int, launch: LaunchConfig
     return slots / (slots + slots_2), slots_2 / (slots + slots_2)
 
 
-# `pair_wave_target`'s estimate of a program's time, in units of a 4-bit tile: a tile by its code width (the
+# `wave_target`'s estimate of a program's time, in units of a 4-bit tile: a tile by its code width (the
 # "lead" prompt loop's SASS instructions a warp and tile, `plane_sass.py --modes lead`: 833 at 4 bits, 1,074
 # at 2), and what a program does besides its tiles (folding the query, writing its partial, its share of the
 # combine), as two tiles.
 TILE_COST = {4: 1.0, 2: 1.3}
 PROGRAM_COST = 2.0
-WAVE_TARGETS = (4, 5, 6, 7, 8, 10, 12, 16)  # the programs-an-SM split targets `pair_wave_target` chooses from
-# Warps an SM holds at the plane kernel's ~255 registers a thread (65,536 registers): 4 programs of 2 warps.
-RESIDENT_WARPS = 8
+WAVE_TARGETS = (4, 5, 6, 7, 8, 10, 12, 16)  # the programs-an-SM split targets `wave_target` chooses from
+# An SM's registers (65,536 on Hopper), the plane kernel's registers a thread without a cap (ptxas takes up to
+# 255 there), and the most warps an SM holds.
+SM_REGISTERS, UNCAPPED_REGISTERS, MAX_WARPS_PER_SM = 65536, 255, 64
+
+
+def resident_warps(launch: LaunchConfig) -> int:
+    """Warps of the plane kernel an SM holds by registers: 8 uncapped (4 programs of 2 warps), 16 under
+    KIVI's cap of 128 (`LaunchConfig.halves_max_registers`)."""
+    registers = launch.max_registers or UNCAPPED_REGISTERS
+    return max(1, min(MAX_WARPS_PER_SM, SM_REGISTERS // (32 * registers)))
 
 
 def list_schedule_time(costs: list[float], resident: int) -> float:
@@ -220,22 +228,24 @@ def list_schedule_time(costs: list[float], resident: int) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def pair_wave_target(
+def wave_target(
     sets: tuple[tuple[int, int], ...], window_slots: int, batch_heads: int, num_sms: int, launch: LaunchConfig
 ) -> int:
-    """The split target (programs an SM) of a pair launch above `quant_kernels.FEW_HEADS` (sequence, KV head)
-    pairs: of `launch.programs_per_sm_many_heads` and `WAVE_TARGETS`, the one whose programs end first under
+    """The split target (programs an SM) of a launch above `quant_kernels.FEW_HEADS` (sequence, KV head)
+    pairs, of a pair of stores (`LaunchConfig.pair_wave_target`) or of one (`store_wave_target`): of
+    `launch.programs_per_sm_many_heads` and `WAVE_TARGETS`, the one whose programs end first under
     `list_schedule_time`, ties to the launch's own. `sets`: each store's (slots, bits); the programs are its
     splits' (`_split_plan`, costs by `TILE_COST` and `PROGRAM_COST`), in the kernel's grid order (every
-    (sequence, KV head) pair's program of split 0, then of split 1, ...; the window's last).
+    (sequence, KV head) pair's program of split 0, then of split 1, ...; the window's last), `resident_warps`
+    of them an SM at once.
 
-    Why: the programs of one launch run in waves of `num_sms * RESIDENT_WARPS / num_warps`, and a launch whose
+    Why: the programs of one launch run in waves of `num_sms * resident_warps / num_warps`, and a launch whose
     last wave is a sliver waits a whole program's time for it. ZipCache's two sets at 32k batch 4 (H100, kernel
     alone, f06e256): 98.0 us at 8 programs an SM (3.7 waves), 85.9 at 4 (2 waves); at 128k batch 4 the
     default's 4.0 waves win (291.1 us against 338.2 at 4). Over 3-16 programs an SM the estimate picked the
     best measured target for those and for KIVI's single stores (8); its order of the others is rougher
     (benchmarks/README.md, "Waves")."""
-    resident = num_sms * max(1, RESIDENT_WARPS // launch.num_warps)
+    resident = num_sms * max(1, resident_warps(launch) // launch.num_warps)
 
     def finish(target: int) -> float:
         plan = replace(launch, programs_per_sm_many_heads=target)
@@ -1148,13 +1158,19 @@ if kernels.triton is not None:
         lengths: torch.Tensor,
         launch: LaunchConfig,
         sm_share: float = 1.0,
+        window_slots: int | None = None,
     ) -> _StoreLaunch:
         """`sm_share`: the fraction of the GPU's split target this store's plan takes (a pair's sets may share
-        one target, `LaunchConfig.pair_shared_target`)."""
+        one target, `LaunchConfig.pair_shared_target`). `window_slots`: a single store's window, where its
+        launch may take the split target of its waves (`LaunchConfig.store_wave_target`); None for a pair's
+        stores, whose target the pair chose."""
         b, _, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         key_mode, zero_sums, launch = store_launch(keys, values, launch)
         num_sms = max(1, round(kernels._num_sms(query.device) * sm_share))
+        if window_slots is not None and launch.store_wave_target and b * hkv > FEW_HEADS:
+            target = wave_target(((s, keys.bits),), window_slots, b * hkv, num_sms, launch)
+            launch = replace(launch, programs_per_sm_many_heads=target)
         num_splits, split_len = _split_plan(b * hkv, s, num_sms, launch)
         upcast, _ = kernels._upcast_and_precision(query.dtype)
         dtype = tl.float32 if upcast else _TL_DTYPES[query.dtype]
@@ -1284,7 +1300,8 @@ def _plane_attention(
     )
     if kernels._use_triton(query):
         # `quant_kernels.LAUNCH`, read at each call: benchmarks and tests assign it.
-        store = _store_launch(query, keys, values, lengths, quant_kernels.LAUNCH)
+        window_slots = 0 if window is None else window.keys.shape[2]
+        store = _store_launch(query, keys, values, lengths, quant_kernels.LAUNCH, window_slots=window_slots)
         return _plane_attention_triton(query, [store], scale, window, rotation, out_scale)
     q = query if rotation is None else rotate(query, rotation)
     out, lse = packed_decode_attention_reference(q, keys, values, lengths, scale)
@@ -1349,7 +1366,7 @@ def _plane_pair(
         if launch.pair_wave_target and batch_heads > FEW_HEADS:
             sets = ((k_codes.shape[2], first[0].bits), (k_codes_2.shape[2], second[0].bits))
             window_slots = 0 if window is None else window.keys.shape[2]
-            target = pair_wave_target(sets, window_slots, batch_heads, kernels._num_sms(query.device), launch)
+            target = wave_target(sets, window_slots, batch_heads, kernels._num_sms(query.device), launch)
             launch = replace(launch, programs_per_sm_many_heads=target)
         shares = pair_shares(k_codes.shape[2], k_codes_2.shape[2], batch_heads, launch)
         stores = [

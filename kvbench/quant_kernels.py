@@ -214,9 +214,14 @@ class LaunchConfig:
     # without a consistent gain (`quant_attention.py --configs unmasked`; benchmarks/README.md).
     unmasked_tiles: bool = False
     # With pair_sets, above FEW_HEADS pairs: the pair launch's split target chosen from a few by an estimate
-    # of its waves (`plane_kernel.pair_wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
+    # of its waves (`plane_kernel.wave_target`) instead of `programs_per_sm_many_heads` alone. H100,
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
+    # Above FEW_HEADS pairs, a single store's split target by the same estimate of its waves
+    # (`plane_kernel.wave_target`). Off: untimed. Offline, at 8k batch 64 of Llama-3.1-8B's shape (512 pairs),
+    # the estimate gives per-token 2-bit codes at one warp 2 splits a pair (1 wave) where the many-heads target
+    # gives 3 (1.45 waves of 1,056 programs): ~25% shorter by the estimate.
+    store_wave_target: bool = False
     # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
     # `_weighted_values`) for the key modes in `plane_kernel.CODES_FIRST_KEY_MODES`: a product's first operand
     # has 16 rows and its second 8 columns, so a GQA group of 4 query rows pads to 8 instead of 16. KIVI's

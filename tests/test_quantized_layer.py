@@ -63,6 +63,9 @@ CASES = {
     "kivi2_mha_bf16": (2, 3, 1, 300, 64, (2, 32, 1, None), (2, 1, 32, None), "bfloat16"),
     # KIVI-2's layout from a lead off the half tile: rows of 32 from 9 + 7b, value groups of a plane
     "kivi2_halves_fp16": (2, 2, 4, 450, 64, (2, 32, 1, 9), (2, 1, 16, None), "float16"),
+    # 18 (sequence, KV head) pairs, above FEW_HEADS: with `store_wave_target`, 3 splits a pair on the
+    # interpreter's 4 "SMs" where the many-heads target plans 2
+    "int2_many_heads_bf16": (3, 6, 3, 1500, 64, (2, 1, 64, None), (2, 1, 64, None), "bfloat16"),
     # `_packed_split_kernel`'s gathered key rows, now that planar ZipCache-like layouts go to the plane kernel
     "gather_three_bits": (2, 2, 2, 300, 64, (3, 24, 1, 50), (8, 1, 64, None), "float32"),
     # one value zero-point per slot, summed per tile (the launch's `zero_row_sums`): QuaRot's layout, and
@@ -148,6 +151,7 @@ CAPPED = {"max_registers": 128}
 CAPPED_CASES = ("quarot4_offset_bf16+rotation", "plane_groups_fp16+window")
 UNCAPPED = {"halves_max_registers": 0, "halves_programs_per_sm": (6, 12)}
 UNCAPPED_CASES = ("kivi4_halves_bf16+window", "kivi2_halves_fp16")
+WAVES_CASES = ("int2_many_heads_bf16+window",)  # a single store's split target by its waves
 ROTATION_CASES = (
     "quarot4_bf16",
     "plane_groups_fp16+window",
@@ -192,6 +196,7 @@ def _launched() -> Iterator[list[dict]]:
     def spy(kernel, grid, arguments, constexprs, launch):
         launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW")})
         launches[-1]["max_registers"] = launch.max_registers
+        launches[-1]["grid"] = list(grid)
         return launch_kernel(kernel, grid, arguments, constexprs, launch)
 
     plane_kernel._launch = spy
@@ -316,6 +321,7 @@ def _measure(
         "codes_first": bool(launches and launches[0]["CODES_FIRST"]),
         "window_block": launches[0]["BLOCK_NW"] if launches else None,
         "max_registers": launches[0]["max_registers"] if launches else None,
+        "launched_grid": launches[0]["grid"] if launches else None,
         "launches": len(launches),
     }
 
@@ -329,7 +335,7 @@ PAIRS = {
     "zipcache_pair_bf16": (3, 2, 4, 64, "bfloat16", (700, *SALIENT), (500, *REST)),
     "zipcache_pair_fp16": (2, 2, 4, 64, "float16", (700, *SALIENT), (500, *REST)),
     "zipcache_pair_fp32": (2, 1, 4, 64, "float32", (300, (4, 60, 1, 30), SALIENT[1]), (400, (2, 40, 1, 70), REST[1])),
-    # above FEW_HEADS (sequence, KV head) pairs: the launch's split target from its waves (`pair_wave_target`)
+    # above FEW_HEADS (sequence, KV head) pairs: the launch's split target from its waves (`wave_target`)
     "zipcache_pair_many_heads": (3, 6, 2, 64, "bfloat16", (700, *SALIENT), (500, *REST)),
     # a "lead" set (4 query rows by default) beside per-token keys (8): one launch at the larger
     "lead_token_pair_bf16": (2, 2, 4, 64, "bfloat16", (500, *REST), (300, (4, 1, 64, None), SALIENT[1])),
@@ -489,6 +495,7 @@ def _worker() -> None:
         ("query_first", QUERY_FIRST_CASES, {"codes_first": False}),
         ("capped", CAPPED_CASES, CAPPED),
         ("uncapped", UNCAPPED_CASES, UNCAPPED),
+        ("waves", WAVES_CASES, {"store_wave_target": True}),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -525,6 +532,7 @@ def interpreted() -> dict:
         *(f"{name}+query_first" for name in QUERY_FIRST_CASES),
         *(f"{name}+capped" for name in CAPPED_CASES),
         *(f"{name}+uncapped" for name in UNCAPPED_CASES),
+        *(f"{name}+waves" for name in WAVES_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -607,28 +615,28 @@ def test_list_scheduling_starts_each_program_where_one_ends() -> None:
 def test_a_pair_above_few_heads_takes_the_target_its_waves_favour() -> None:
     """ZipCache's two sets (60% of the slots at 4 bits, 40% at 2, a ring window of 100) on 132 SMs: at 32k batch
     4 the H100 measured 85.9 us at 4 programs an SM against 98.0 at 8 (the default), at 128k batch 4 291.1 at
-    8 against 338.2 at 4; `pair_wave_target` picks those. Where every target gives the same plan (one split
+    8 against 338.2 at 4; `wave_target` picks those. Where every target gives the same plan (one split
     each), the launch's own target stays, whatever it is."""
     launch = quant_kernels.LaunchConfig()
 
     def target(slots: int, batch: int, own: quant_kernels.LaunchConfig = launch) -> int:
         high = int(0.6 * slots)
-        return plane_kernel.pair_wave_target(((high, 4), (slots - high, 2)), 100, 8 * batch, 132, own)
+        return plane_kernel.wave_target(((high, 4), (slots - high, 2)), 100, 8 * batch, 132, own)
 
     assert target(32768, 4) == 4
     assert target(131072, 4) == 8
     assert target(64, 4) == 8
     # a set with no slots plans one empty split, as `_split_plan` does
-    assert plane_kernel.pair_wave_target(((0, 4), (0, 2)), 0, 32, 132, launch) == 8
+    assert plane_kernel.wave_target(((0, 4), (0, 2)), 0, 32, 132, launch) == 8
     assert target(64, 4, quant_kernels.LaunchConfig(programs_per_sm_many_heads=9)) == 9
 
 
 def test_a_pair_launch_above_few_heads_plans_the_wave_target(interpreted: dict) -> None:
     """The pair launch above FEW_HEADS pairs (18 here, on the interpreter's 4 "SMs") plans both sets' splits
-    with `pair_wave_target`'s choice, one split each where the default target would give two."""
+    with `wave_target`'s choice, one split each where the default target would give two."""
     launch = quant_kernels.LaunchConfig()
     b, hkv, _, _, _, (slots, *_), (slots_2, *_) = PAIRS["zipcache_pair_many_heads"]
-    target = plane_kernel.pair_wave_target(((slots, 4), (slots_2, 2)), 70, b * hkv, 4, launch)
+    target = plane_kernel.wave_target(((slots, 4), (slots_2, 2)), 70, b * hkv, 4, launch)
     wave = dataclasses.replace(launch, programs_per_sm_many_heads=target)
 
     def plan(launch: quant_kernels.LaunchConfig) -> list[list[int]]:
@@ -636,6 +644,38 @@ def test_a_pair_launch_above_few_heads_plans_the_wave_target(interpreted: dict) 
 
     assert plan(wave) != plan(launch)
     assert interpreted["pair:zipcache_pair_many_heads+window"]["launched_splits"] == [plan(wave)]
+
+
+def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
+    """With `store_wave_target`, a single store's launch above FEW_HEADS pairs plans its splits with
+    `wave_target`'s choice (here 3 a pair where the many-heads target plans 2); without it, the many-heads
+    target's. The outputs match the reference either way (`test_packed_kernel_matches_reference`)."""
+    b, hkv, _, slots, _, (bits, *_), _, _ = CASES["int2_many_heads_bf16"]
+    launch = plane_kernel.plane_launch(quant_kernels.LaunchConfig(), True, "token", b * hkv, slots)
+    target = plane_kernel.wave_target(((slots, bits),), 70, b * hkv, 4, launch)
+    default_splits = quant_kernels._split_plan(b * hkv, slots, 4, launch)[0]
+    wave_splits = quant_kernels._split_plan(
+        b * hkv, slots, 4, dataclasses.replace(launch, programs_per_sm_many_heads=target)
+    )[0]
+    assert wave_splits != default_splits
+    assert interpreted["int2_many_heads_bf16+window+waves"]["launched_grid"] == [b * hkv, wave_splits + 1]  # + window
+    assert interpreted["int2_many_heads_bf16"]["launched_grid"] == [b * hkv, default_splits]
+
+
+def test_per_token_two_bit_codes_at_batch_64_take_one_wave_by_the_estimate() -> None:
+    """Llama-3.1-8B's shape at 8k batch 64 (512 pairs, 132 SMs): per-token 2-bit codes (QuaRot-2, RTN-2) run one
+    warp a program, 8 resident an SM; the many-heads target (8) plans 3 splits a pair, 1.45 waves of programs,
+    and the estimate prefers 2 splits (4 programs an SM: one wave). KIVI's capped launch holds 16 warps an SM."""
+    launch = plane_kernel.plane_launch(quant_kernels.LaunchConfig(), True, "token", 512, 8192)
+    assert launch.num_warps == 1 and plane_kernel.resident_warps(launch) == 8
+    assert quant_kernels._split_plan(512, 8192, 132, launch)[0] == 3
+    target = plane_kernel.wave_target(((8192, 2),), 128, 512, 132, launch)
+    assert (
+        target == 4
+        and quant_kernels._split_plan(512, 8192, 132, dataclasses.replace(launch, programs_per_sm_many_heads=target))[0]
+        == 2
+    )
+    assert plane_kernel.resident_warps(quant_kernels.LaunchConfig(max_registers=128)) == 16
 
 
 def test_merging_one_piece_returns_it() -> None:
