@@ -15,7 +15,12 @@ from tests.conftest import REPO
 
 @pytest.mark.parametrize(
     ("layout", "modes"),
-    [("kivi2", "['halves']"), ("int4_token", "['token']"), ("zipcache_4_2", "['lead', 'lead']")],
+    [
+        ("kivi2", "['halves']"),
+        ("int4_token", "['token']"),
+        ("int2_token", "['token']"),
+        ("zipcache_4_2", "['lead', 'lead']"),
+    ],
 )
 def test_tiny_run_names_its_key_modes(layout: str, modes: str) -> None:
     pytest.importorskip("triton")
