@@ -221,8 +221,6 @@ def main() -> None:
             if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
-                if base == "offset" and bits != 4:
-                    continue  # offset codes: 4 bits only
                 m = measure(
                     compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g, args.window)
                 )

@@ -390,14 +390,54 @@ if kernels.triton is not None:
             4,
         )
 
+    # The same without the subtracts: 2^m + code, for the offset form (`LaunchConfig.offset_crumbs`): 16
+    # instructions make 16 values.
+    @triton.jit
+    def _bf16_offset_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b, t;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA; lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, a, 2; lop3.b32 $2, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, b, 2; lop3.b32 $3, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, a, 4; lop3.b32 $4, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, b, 4; lop3.b32 $5, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, a, 6; lop3.b32 $6, t, 0x00030003, 0x43004300, 0xEA;
+            shr.b32 t, b, 6; lop3.b32 $7, t, 0x00030003, 0x43004300, 0xEA; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            4,
+        )
+
+    @triton.jit
+    def _f16_offset_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b, t;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x64006400, 0xEA; lop3.b32 $1, b, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, a, 2; lop3.b32 $2, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, b, 2; lop3.b32 $3, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, a, 4; lop3.b32 $4, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, b, 4; lop3.b32 $5, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, a, 6; lop3.b32 $6, t, 0x00030003, 0x64006400, 0xEA;
+            shr.b32 t, b, 6; lop3.b32 $7, t, 0x00030003, 0x64006400, 0xEA; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            4,
+        )
+
     @triton.jit
     def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
         """Planar elements [N, W] or [W, N] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes;
         the integer path takes any BITS) -> the 4 planes' codes plus OFFSET as DTYPE values, exactly, each of
         the elements' shape:
         with ASM (a 16-bit DTYPE, compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (4 bits, OFFSET
-        0), their offset forms (OFFSET 128 for bfloat16, 1024 for float16) or `_bf16_crumbs` / `_f16_crumbs`
-        (2 bits, OFFSET 0), otherwise by integer shifts and the exact float32 exponent trick, the offset added
+        0), `_bf16_crumbs` / `_f16_crumbs` (2 bits, OFFSET 0) or their offset forms (OFFSET 128 for bfloat16,
+        1024 for float16), otherwise by integer shifts and the exact float32 exponent trick, the offset added
         in float32."""
         if ASM and BITS == 4 and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_offset_nibbles(elements)
@@ -407,9 +447,13 @@ if kernels.triton is not None:
             c0, c1, c2, c3 = _f16_offset_nibbles(elements)
         elif ASM and BITS == 4:
             c0, c1, c2, c3 = _f16_nibbles(elements)
-        elif ASM and BITS == 2 and OFFSET == 0.0 and DTYPE == tl.bfloat16:  # noqa: SIM300
+        elif ASM and BITS == 2 and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_offset_crumbs(elements)
+        elif ASM and BITS == 2 and DTYPE == tl.bfloat16:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_crumbs(elements)
-        elif ASM and BITS == 2 and OFFSET == 0.0:
+        elif ASM and BITS == 2 and OFFSET != 0.0:
+            c0, c1, c2, c3 = _f16_offset_crumbs(elements)
+        elif ASM and BITS == 2:
             c0, c1, c2, c3 = _f16_crumbs(elements)
         else:
             words = elements.to(tl.int32)
@@ -670,10 +714,12 @@ if kernels.triton is not None:
           zero-point terms of all planes from one [N, 16] product per tile, accumulated across tiles; with
           ZERO_SUMS (one zero-point per slot: V_GROUP = VALUE_DIM), p . z is a float32 row sum per tile.
         With OFFSET m (0: off; token keys with one parameter per slot, ZERO_SUMS values; 128 for bfloat16,
-        1024 for float16), codes come out of the nibble conversion as m + c, one subtract fewer per
-        register, and m is taken out of the sums: logits = s (q . (m + c)) + sum(q) (z - m s), and the value
-        row sum holds p . z - m sum(p * s) (the same rounded p * s the products take), exact in exact
-        arithmetic; the float32 sums then carry an offset ~10x their value (about 3 bits of 24).
+        1024 for float16), codes come out of the conversion (2-bit codes too under the launch's
+        `offset_crumbs`) as m + c, one subtract fewer per register, and m is taken out of the sums:
+        logits = s (q . (m + c)) + sum(q) (z - m s), and the value row sum holds p . z - m sum(p * s) (the same
+        rounded p * s the products take), exact in exact arithmetic; the float32 sums then carry an offset ~10x
+        their value at 4 bits (about 3 bits of 24); at 2 bits m against a mean code of 1.5: ~85x in bfloat16
+        (6.5 bits), ~680x in float16 (9.5 bits).
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
         loads stall the pipeline when read in the tile that uses them).
@@ -1185,9 +1231,9 @@ if kernels.triton is not None:
         # Offset codes: per-token keys with one parameter per slot and summed value zero-points only, for a
         # 16-bit query (what the conversion saves; a float32 query converts by shifts and gains nothing).
         sixteen_bit = query.dtype in (torch.bfloat16, torch.float16)
-        # 4-bit codes only: the 2-bit conversion has no offset form.
+        # 2-bit codes where the launch asks for their offset form (`LaunchConfig.offset_crumbs`).
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
-        offset_fits = offset_fits and keys.bits == 4 == values.bits
+        offset_fits = offset_fits and all(bits == 4 or launch.offset_crumbs for bits in (keys.bits, values.bits))
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
         constexprs = {
             "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,

@@ -186,6 +186,11 @@ class LaunchConfig:
     # alone, int4 per token at one warp: 64.4 -> 60.5 us at 32k batch 4, 218.7 -> 205.4 at 128k batch 4; at
     # two warps and batch 1 within 2% either way (26.7 / 27.2 us).
     offset_codes: bool = True
+    # With offset_codes, 2-bit codes too (QuaRot-2's and RTN-2's layout): the byte conversion without its
+    # subtract (`plane_kernel._bf16_offset_crumbs`), 16 instructions for 16 values instead of 24; the float32
+    # sums then carry m against a mean code of 1.5 (bfloat16: 128, ~6.5 bits of 24; float16: 1024, ~9.5).
+    # Off: untimed.
+    offset_crumbs: bool = False
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every

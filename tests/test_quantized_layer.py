@@ -75,6 +75,9 @@ CASES = {
     # codes as 2^m + c, the offset taken out of the sums (the launch's `offset_codes`), bf16 and fp16
     "quarot4_offset_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "offset_fp16": (3, 2, 2, 300, 64, (4, 1, 64, None), (4, 1, 64, None), "float16"),
+    # 2-bit codes as 2^m + c (the launch's `offset_crumbs`): QuaRot-2's and RTN-2's layout, bf16 and fp16
+    "quarot2_offset_bf16": (2, 2, 4, 500, 128, (2, 1, 128, None), (2, 1, 128, None), "bfloat16"),
+    "offset2_fp16": (3, 2, 2, 300, 64, (2, 1, 64, None), (2, 1, 64, None), "float16"),
     # ZipCache's layouts, key mode "lead": row 0 for a prompt set of 150 + 7b slots (22 + 7b past a tile
     # boundary), then decode blocks of 60 (the 4-bit salient set) or 40 slots (the 2-bit rest), both in the
     # plane kernel; a full sequence reaches ~9 blocks past lead, so both branches run
@@ -102,6 +105,7 @@ WINDOW_CASES = (
     "three_bits_fp16",
     "zero_sums_fp16",
     "offset_fp16",
+    "offset2_fp16",
     "zipcache4_lead_bf16",
     "zipcache2_lead_fp16",
     "zipcache3_lead_bf16",
@@ -154,6 +158,7 @@ UNCAPPED_CASES = ("kivi4_halves_bf16+window", "kivi2_halves_fp16")
 WAVES_CASES = ("int2_many_heads_bf16+window",)  # a single store's split target by its waves
 ROTATION_CASES = (
     "quarot4_bf16",
+    "quarot2_offset_bf16",
     "plane_groups_fp16+window",
     "kivi2_fp32",
     "three_bits_fp16",
@@ -172,6 +177,8 @@ LAUNCHES = {
     "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(offset_codes=False),
     "zero_sums_fp16": quant_kernels.LaunchConfig(offset_codes=False),
     "zipcache4_lead_off_fp16": quant_kernels.LaunchConfig(fold_lead=False),
+    "quarot2_offset_bf16": quant_kernels.LaunchConfig(offset_crumbs=True),
+    "offset2_fp16": quant_kernels.LaunchConfig(offset_crumbs=True),
 }
 
 
@@ -194,7 +201,7 @@ def _launched() -> Iterator[list[dict]]:
     launches, launch_kernel = [], plane_kernel._launch
 
     def spy(kernel, grid, arguments, constexprs, launch):
-        launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW")})
+        launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET")})
         launches[-1]["max_registers"] = launch.max_registers
         launches[-1]["grid"] = list(grid)
         return launch_kernel(kernel, grid, arguments, constexprs, launch)
@@ -285,18 +292,14 @@ def _measure(
         "scale": with_scale,
         "unmasked": launch.unmasked_tiles,
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
-        "offset": launch.offset_codes
-        and launch.zero_row_sums
-        and x["query"].dtype != torch.float32
-        and plan is not None
-        and plan[0] == "token"
-        and x["keys"].col_channels == d,
+        "offset": bool(launches and launches[0]["OFFSET"]),  # as launched
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch, can_align=True) if plan is None else plan[0],
         "value_mode": quant_kernels._param_mode(x["values"], d, launch, can_align=False)
         if plan is None
         else f"token/{d // x['values'].col_channels}",
         "bits": [x["keys"].bits, x["values"].bits],
+        "key_groups": x["query"].shape[-1] // min(x["keys"].col_channels, x["query"].shape[-1]),
         # tiles start where key rows do: a lead off the tile ("halves": off the half tile, the row) puts a
         # split's first tile below its start
         "lead_misaligned": bool((x["keys"].lead % (x["keys"].row_tokens if halves else launch.block_n) != 0).any()),
@@ -644,6 +647,26 @@ def test_a_pair_launch_above_few_heads_plans_the_wave_target(interpreted: dict) 
 
     assert plan(wave) != plan(launch)
     assert interpreted["pair:zipcache_pair_many_heads+window"]["launched_splits"] == [plan(wave)]
+
+
+def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> None:
+    """Codes as 2^m + c (OFFSET) run for per-token keys with summed value zero-points and a 16-bit query: at 4
+    bits under the default launch, at 2 bits only under `offset_crumbs` (the cases' own launches), never in
+    float32. Each such case matches the reference (`test_packed_kernel_matches_reference`)."""
+    cases = {name: m for name, m in interpreted.items() if not name.startswith(("pair:", "ring:", "compiled:"))}
+    for name, m in cases.items():
+        launch = LAUNCHES.get(name.split("+")[0], quant_kernels.LaunchConfig())  # suffixes keep these fields
+        expected = (
+            m["kernel"] == "plane"
+            and m["key_mode"] == "token"
+            and m["key_groups"] == 1
+            and m["zero_sums"]
+            and m["dtype"] != "float32"
+            and all(bits == 4 or launch.offset_crumbs for bits in m["bits"])
+        )
+        assert m["offset"] == (expected and launch.offset_codes), name
+    assert cases["quarot2_offset_bf16"]["offset"] and cases["offset2_fp16+window"]["offset"]
+    assert cases["quarot2_offset_bf16+rotation"]["offset"] and cases["quarot4_offset_bf16"]["offset"]
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
@@ -1011,6 +1034,9 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
                 # ZipCache's 2-bit rest: the 2-bit PTX (`_bf16_crumbs`)
                 ("bf16", "lead", 1, True, False, 2, False, 0),
                 ("fp16", "halves", 4, False, False, 2, False, 0),  # KIVI-2 (`_f16_crumbs`)
+                # QuaRot-2's and RTN-2's layout in the offset form (`offset_crumbs`: `_bf16_offset_crumbs`)
+                ("bf16", "token", 1, True, True, 2, False, 0),
+                ("fp16", "token", 1, True, True, 2, False, 0),
                 # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
                 ("bf16", "token", 1, True, True, 4, True, 0),
                 ("fp16", "token", 4, False, False, 4, True, 0),
@@ -1074,6 +1100,8 @@ def test_plane_kernel_compiles_for_hopper(
     compiled = compile_for_hopper(plane_kernel._plane_split_kernel, pointers, constexprs)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
+    # the offset forms convert without the packed subtract (the only packed subtracts are the conversions')
+    assert ("sub.rn.bf16x2" in compiled.asm["ptx"] or "sub.rn.f16x2" in compiled.asm["ptx"]) == (not offset)
 
 
 def test_plane_pair_kernel_compiles_for_hopper() -> None:
