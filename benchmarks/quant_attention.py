@@ -292,7 +292,9 @@ def reference_checks(device: torch.device, slots: int, config: str) -> list[dict
     rows = []
     for name, layout in layouts.items():
         keys, values = packed_inputs(2, slots, layout, device, seed=1)
+        # float16 queries: under the default launch (4-bit offset codes), and for the 2-bit ones' offset form
         with_fp16 = config == "default" and (name in CHECKED_ONLY or name == "int4_token")
+        with_fp16 = with_fp16 or (name == "int2_token" and CONFIGS[config].offset_crumbs)
         for dtype in (torch.bfloat16, torch.float16) if with_fp16 else (torch.bfloat16,):
             query = torch.randn(2, HQ, D, device=device).to(dtype)
             result = check(query, keys, values, lengths)

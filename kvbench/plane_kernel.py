@@ -212,8 +212,11 @@ SM_REGISTERS, UNCAPPED_REGISTERS, MAX_WARPS_PER_SM = 65536, 255, 64
 
 
 def resident_warps(launch: LaunchConfig) -> int:
-    """Warps of the plane kernel an SM holds by registers: 8 uncapped (4 programs of 2 warps), 16 under
-    KIVI's cap of 128 (`LaunchConfig.halves_max_registers`)."""
+    """Warps of the plane kernel an SM holds by registers, as `wave_target` counts them: 8 uncapped (ptxas may
+    take fewer than 255: the 2-bit per-token loop at one warp takes 206-210 offline, 9 warps; the estimate
+    stays at 8), 16 under a cap of 128 (KIVI's `halves_max_registers`, or `max_registers`). A pair is counted
+    under the launch before each store's own (`plane_launch`), so a pair of capped "halves" stores (none
+    today) would count 8."""
     registers = launch.max_registers or UNCAPPED_REGISTERS
     return max(1, min(MAX_WARPS_PER_SM, SM_REGISTERS // (32 * registers)))
 
@@ -717,9 +720,9 @@ if kernels.triton is not None:
         1024 for float16), codes come out of the conversion (2-bit codes too under the launch's
         `offset_crumbs`) as m + c, one subtract fewer per register, and m is taken out of the sums:
         logits = s (q . (m + c)) + sum(q) (z - m s), and the value row sum holds p . z - m sum(p * s) (the same
-        rounded p * s the products take), exact in exact arithmetic; the float32 sums then carry an offset ~10x
-        their value at 4 bits (about 3 bits of 24); at 2 bits m against a mean code of 1.5: ~85x in bfloat16
-        (6.5 bits), ~680x in float16 (9.5 bits).
+        rounded p * s the products take), exact in exact arithmetic; the float32 sums then carry m against a
+        mean code of 7.5 at 4 bits (~17x in bfloat16, ~137x in float16: 4 and 7 bits of 24) and of 1.5 at 2
+        bits (~85x, ~680x: 6.5 and 9.5 bits).
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
         loads stall the pipeline when read in the tile that uses them).
