@@ -28,7 +28,7 @@ lead, key rows spanning whole tiles from a misaligned lead, 3- and 8-bit codes),
 CUDA-graph capture (and torch.compile(fullgraph=True) without --quick); also `kvbench.token_quant`'s
 one-launch quantization of a decode token against its reference. A failed check is a row with
 "ok": false and the exit status 1; timing goes on. Imports only torch, triton and kvbench; appends one
-JSON line per row to --out and prints a table.
+JSON line per row to --out, each configuration's rows as soon as they are done, and prints a table.
 """
 
 from __future__ import annotations
@@ -531,25 +531,31 @@ def main() -> int:
     check_slots = 300 if small else 4096
     bandwidth = read_bandwidth(device)
     # Under Triton's interpreter no triton_op compiles (fake tensors reach the interpreted launch).
+    env = environment(device, bandwidth, args.commit)
+
+    def finished(new: list[dict]) -> list[dict]:
+        """Rows with their floors and environment, appended to --out as soon as they exist: a run cut short
+        (a GPU session's time limit) keeps every configuration it finished."""
+        for row in new:
+            if "kernel" in row:
+                row["floor_us"] = row["bytes"] / bandwidth * 1e6
+                row["x_floor"] = row["us"] / row["floor_us"]
+        new = [env | row for row in new]
+        if args.out:
+            with Path(args.out).open("a") as out:
+                out.writelines(json.dumps(row) + "\n" for row in new)
+        return new
+
     rows = capture_checks(device, check_slots, with_compile=not (args.quick or kernels._INTERPRETED))
     rows += token_quant_checks(device)
     dense = dense_rows(device, contexts, batches)
-    rows += list(dense.values())
+    rows = finished([*rows, *dense.values()])
     for config in configs:
         quant_kernels.LAUNCH = CONFIGS[config]
-        rows += reference_checks(device, check_slots, config)
-        rows += packed_rows(device, contexts, batches, config, dense, layouts)
+        new = reference_checks(device, check_slots, config)
+        new += packed_rows(device, contexts, batches, config, dense, layouts)
+        rows += finished(new)
         print(f"[{time.perf_counter() - began:.0f} s] config {config} done", file=sys.stderr)
-    env = environment(device, bandwidth, args.commit)
-    for row in rows:
-        if "kernel" in row:
-            row["floor_us"] = row["bytes"] / bandwidth * 1e6
-            row["x_floor"] = row["us"] / row["floor_us"]
-    rows = [env | row for row in rows]
-    if args.out:
-        with Path(args.out).open("a") as out:
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
     print_table(rows)
     print(f"{time.perf_counter() - began:.0f} s, read bandwidth {bandwidth / 1e12:.2f} TB/s", file=sys.stderr)
     return 0 if all(row["ok"] for row in rows if "check" in row) else 1
