@@ -627,7 +627,6 @@ class Sweep:
             shape=self.shape,
             run=run_spec(self.shape, method_name, size, context, batch if planned is None else planned, engine_name),
             settings=self.settings,
-            quant_launch=asdict(quant_kernels.LAUNCH),
             bandwidth_bytes_per_s=self.bandwidth,
             environment=self.env,
             commit=args.commit or self.env.get("git_commit"),
@@ -797,6 +796,7 @@ def format_row(row: dict) -> str:
         f" prefill {row['prefill_s']:6.2f}s  decode {row['decode_ms_per_step']:7.2f} ms"
         f"  floor {row['floor_ms']:6.2f} ms  x{row['x_floor']:5.2f}  {row['tokens_per_s']:8.1f} tok/s"
         f"  kv {row['kv_bytes_device'] / 2**20:8.1f} MiB  peak {row['peak_allocated_bytes'] / 2**30:5.1f} GiB"
+        f"  compile {row['compile_s']:5.1f}s"
     )
 
 
