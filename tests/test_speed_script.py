@@ -85,7 +85,9 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
         row = {"method": method_name, "budget": None, "context": context, "batch": batch, "engine": "compiled"}
         row.update(compile_scope="layer", status="ok" if batch <= fits else "oom")
         if row["status"] == "ok":
-            row.update(prefill_s=1.0, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=200.0)
+            row.update(
+                prefill_s=1.0, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=200.0, compile_s=2.0
+            )
             row.update(batch_one(4 * batch, 17 + 4 * batch))
         return row
 
@@ -133,7 +135,15 @@ class StandIn:
             return {**row, "status": "error", "error": "RuntimeError: stand-in"}
         if batch > self.fits:
             return {**row, "status": "oom", "error": "OutOfMemoryError: stand-in"}
-        row.update(status="ok", prefill_s=1.0, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=9.0)
+        row.update(
+            status="ok",
+            prefill_s=1.0,
+            decode_ms_per_step=5.0,
+            floor_ms=4.0,
+            x_floor=1.25,
+            tokens_per_s=9.0,
+            compile_s=2.0,
+        )
         return {**row, **batch_one(4 * batch, 17 + 4 * batch)}
 
 
