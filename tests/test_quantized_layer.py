@@ -693,11 +693,9 @@ def test_per_token_two_bit_codes_at_batch_64_take_one_wave_by_the_estimate() -> 
     assert launch.num_warps == 1 and plane_kernel.resident_warps(launch) == 8
     assert quant_kernels._split_plan(512, 8192, 132, launch)[0] == 3
     target = plane_kernel.wave_target(((8192, 2),), 128, 512, 132, launch)
-    assert (
-        target == 4
-        and quant_kernels._split_plan(512, 8192, 132, dataclasses.replace(launch, programs_per_sm_many_heads=target))[0]
-        == 2
-    )
+    assert target == 4
+    waves = dataclasses.replace(launch, programs_per_sm_many_heads=target)
+    assert quant_kernels._split_plan(512, 8192, 132, waves)[0] == 2
     assert plane_kernel.resident_warps(quant_kernels.LaunchConfig(max_registers=128)) == 16
 
 
