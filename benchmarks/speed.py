@@ -15,7 +15,12 @@ apart), tokens/s over the batch, measured KV bytes on the device and host, the a
 floor: (weight bytes read per step + the bytes the method's decode reads) / measured copy bandwidth. A
 method's decode reads every tensor its cache holds on the device (keys, values, positions, scores,
 digests), a layer sharing another's keys and values reads them again (CLA), and scoring methods read the
-keys a second time for the attention each slot received (`cache_bytes_read`).
+keys a second time for the attention each slot received (`cache_bytes_read`). A method that reads from host
+memory in its step (ArkVale's recalls: `host_bytes_read` in its stats) has a second floor, those bytes over the
+measured pinned host-to-device bandwidth (`host_floor_ms`); `floor_with_host_ms` is the larger of the two (the
+bound if recalls overlapped compute perfectly, as the paper's side stream aims to) and `x_floor_with_host` the
+step against it. Writes (ArkVale's per-token backup to host, the recalled rows into device memory) are not
+counted, so both stay lower bounds.
 
 Batch `max` (in `--batches` or a row's BATCH): the largest batch predicted to fit, from the batch-1 row of the
 same method and context (run first if the plan has none): each sequence adds its measured cache bytes to
@@ -261,6 +266,22 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * size / seconds
 
 
+def host_read_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a copy from pinned host memory to the device (the link ArkVale's recalls cross),
+    counting the bytes read; on a CPU, a copy within host memory (where its "host" backup sits)."""
+    size = 256 * 1024**2
+    source = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    target = torch.empty(size, dtype=torch.uint8, device=device)
+    for _ in range(3):
+        target.copy_(source, non_blocking=True)
+    with Timer(device) as timer:
+        for _ in range(10):
+            target.copy_(source, non_blocking=True)
+    seconds = timer.seconds / 10
+    del source, target
+    return size / seconds
+
+
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
     """Every parameter is read once a step, except an untied input embedding (only B rows are looked up)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -271,7 +292,16 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
 
 
 def run_row(
-    model, spec, method_name: str, budget: int, context: int, batch: int, engine_name: str, args, bandwidth: float
+    model,
+    spec,
+    method_name: str,
+    budget: int,
+    context: int,
+    batch: int,
+    engine_name: str,
+    args,
+    bandwidth: float,
+    host_bandwidth: float,
 ) -> dict:
     method = make_method(method_name, budget, args.arkvale_recall_cap)
     engine_name, _, scope = engine_name.partition("-")  # "compiled-step": a row's own compile scope
@@ -324,6 +354,10 @@ def run_row(
     prefilled = [g.measurement for g in generations if not g.measurement.prefill_shared]
     cache_read = cache_bytes_read(method_name, method, spec, m.kv_bytes_device * batch)
     floor_s = (weight_bytes_per_step(model) + cache_read) / bandwidth
+    # Host reads over the generation's decode steps: every sequence takes new_tokens - 1 of them (stops are
+    # refused; the first token comes from the prefill), and the stats are each sequence's mean.
+    host_read = m.method_stats.get("host_bytes_read", 0.0) * batch / max(1, args.new_tokens - 1)
+    host_floor_s = host_read / host_bandwidth
     decode_ms = 1000 * m.decode_s / m.decode_steps if m.decode_steps else None
     tokens = sum(g.measurement.decode_tokens for g in generations)
     row.update(
@@ -341,6 +375,10 @@ def run_row(
         peak_allocated_bytes=m.peak_memory_bytes,
         floor_ms=1000 * floor_s,
         x_floor=decode_ms / (1000 * floor_s) if decode_ms else None,
+        host_read_bytes_per_step=host_read,
+        host_floor_ms=1000 * host_floor_s,
+        floor_with_host_ms=1000 * max(floor_s, host_floor_s),
+        x_floor_with_host=decode_ms / (1000 * max(floor_s, host_floor_s)) if decode_ms else None,
         method_stats=m.method_stats,
         measurement=asdict(m),
     )
@@ -469,15 +507,15 @@ def main() -> None:
 
     began = time.perf_counter()
     device = torch.device(args.device)
-    bandwidth = copy_bandwidth(device)
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    bandwidth, host_bandwidth = copy_bandwidth(device), host_read_bandwidth(device)
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, host to device {host_bandwidth / 1e9:.1f} GB/s", flush=True)
     plan = parse_runs(args.runs) if args.runs else grid(args)
     for _, method_name, size, *_ in plan:  # bad hyper-parameters stop the run before any model loads
         try:
             make_method(method_name, size, args.arkvale_recall_cap)
         except ConfigError as error:
             raise SystemExit(f"{method_name} at size {size}: {error}") from None
-    sweep = Sweep(args, bandwidth, run_settings(args, device))
+    sweep = Sweep(args, bandwidth, run_settings(args, device), host_bandwidth)
     if args.resume:
         commit = sweep.settings["commit"]
         if commit in (None, "unknown"):  # a copy without .git: any code's rows would pass for this one's
@@ -588,8 +626,8 @@ def parse_runs(specs: list[str]) -> list[tuple[str, str, int, int, int, str]]:
 class Sweep:
     """The rows of one run: the loaded model (one shape at a time) and the output file."""
 
-    def __init__(self, args, bandwidth: float, settings: dict) -> None:
-        self.args, self.bandwidth, self.settings = args, bandwidth, settings
+    def __init__(self, args, bandwidth: float, settings: dict, host_bandwidth: float) -> None:
+        self.args, self.bandwidth, self.settings, self.host_bandwidth = args, bandwidth, settings, host_bandwidth
         self.rows: list[dict] = []  # this run's
         self.resumed: list[dict] = []  # finished rows of the plan that `--out` held (`--resume`)
         self.shape, self.model, self.spec, self.env, self.out = None, None, None, None, None
@@ -622,12 +660,16 @@ class Sweep:
         """Run one row, append it to the output and the table; `planned`: the plan's batch where it is not
         `batch` (MAX_BATCH)."""
         args = self.args
-        row = run_row(self.model, self.spec, method_name, size, context, batch, engine_name, args, self.bandwidth)
+        row = run_row(
+            self.model, self.spec, method_name, size, context, batch, engine_name, args, self.bandwidth,
+            self.host_bandwidth,
+        )  # fmt: skip
         row.update(
             shape=self.shape,
             run=run_spec(self.shape, method_name, size, context, batch if planned is None else planned, engine_name),
             settings=self.settings,
             bandwidth_bytes_per_s=self.bandwidth,
+            host_bandwidth_bytes_per_s=self.host_bandwidth,
             environment=self.env,
             commit=args.commit or self.env.get("git_commit"),
             **extra,
@@ -792,11 +834,14 @@ def format_row(row: dict) -> str:
         return head + f" {row['status']} after {row['elapsed_s']:.1f} s in {row.get('in_kvbench')}"
     if row["status"] != "ok":
         return head + f" {row['status']}: {row.get('error', '')[:60]}"
+    host = ""
+    if row.get("host_floor_ms"):  # reads over the host link (ArkVale's recalls)
+        host = f"  host floor {row['host_floor_ms']:6.2f} ms x{row['x_floor_with_host']:5.2f}"
     return head + (
         f" prefill {row['prefill_s']:6.2f}s  decode {row['decode_ms_per_step']:7.2f} ms"
         f"  floor {row['floor_ms']:6.2f} ms  x{row['x_floor']:5.2f}  {row['tokens_per_s']:8.1f} tok/s"
         f"  kv {row['kv_bytes_device'] / 2**20:8.1f} MiB  peak {row['peak_allocated_bytes'] / 2**30:5.1f} GiB"
-        f"  compile {row['compile_s']:5.1f}s"
+        f"  compile {row['compile_s']:5.1f}s{host}"
     )
 
 

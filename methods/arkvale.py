@@ -439,6 +439,13 @@ class ArkValeLayer(KVLayer):
     def stats(self) -> dict[str, float]:
         if self.counters is None:
             return {}
-        # Every group of a row counts the row's selection steps; the pages are each group's own.
+        # Every group of a row counts the row's selection steps; the pages are each group's own. A group's page
+        # is page_size rows of keys and of values for each of its KV heads: what a recall reads from host memory.
         steps, recalled = self.counters[:, 0, SELECTION_STEPS], self.counters[..., PAGES_RECALLED]
-        return {"pages_recalled": float(recalled.sum()), "selection_steps": float(steps.sum())}
+        heads, row_bytes = self.host_keys.shape[1], sum(t[0, 0, 0].nbytes for t in (self.host_keys, self.host_values))
+        page_bytes = self.page_size * heads // self.groups * row_bytes
+        return {
+            "pages_recalled": float(recalled.sum()),
+            "selection_steps": float(steps.sum()),
+            "host_bytes_read": float(recalled.sum()) * page_bytes,
+        }

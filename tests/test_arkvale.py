@@ -13,6 +13,7 @@ from kvbench.config import build
 from kvbench.cuboid_scores import cuboid_scores
 from kvbench.engine import Engine, Request
 from kvbench.errors import ConfigError
+from kvbench.methods import arkvale as arkvale_module
 from kvbench.methods.arkvale import ArkVale, ArkValeLayer, page_digest
 from kvbench.methods.full import Full
 from tests.conftest import compose_config
@@ -391,3 +392,28 @@ def test_decode_never_asks_how_host_copies_run(monkeypatch):
     for i in range(96, 104):
         decode(layer, q, k, v, i)
     assert layer.stats()["pages_recalled"] > 0  # the host copies did run
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_host_bytes_read_are_the_bytes_the_recalls_fetch(monkeypatch, n_groups):
+    """`host_bytes_read` (what speed.py's floor counts over PCIe) is what the recall copies were asked to move:
+    each fetched page's rows of keys and values for every KV head of its group, counted from the copies'
+    own arguments."""
+    fetched = []
+    real_gather = arkvale_module.gather_pages
+
+    def counting_gather(hosts, targets, positions, pages, slots, fetch, page_size, through_kernels=None):
+        heads_per_group = hosts[0].shape[1] // pages.shape[1]
+        row_bytes = sum(host.shape[-1] * host.element_size() for host in hosts)
+        fetched.append(int((fetch != 0).sum()) * heads_per_group * page_size * row_bytes)
+        return real_gather(hosts, targets, positions, pages, slots, fetch, page_size, through_kernels)
+
+    monkeypatch.setattr(arkvale_module, "gather_pages", counting_gather)
+    torch.manual_seed(1)
+    layer = make_layer(ArkVale(budget=32, page_size=4, page_topk=4, n_groups=n_groups, exempt_layers=0), 80, 24)
+    q, k, v = torch.randn(B, HQ, 104, D), torch.randn(B, HKV, 104, D), torch.randn(B, HKV, 104, 2 * D)
+    prefill(layer, q[:, :, :80], k[:, :, :80], v[:, :, :80])
+    for i in range(80, 104):
+        decode(layer, q, k, v, i)
+    assert sum(fetched) > 0
+    assert layer.stats()["host_bytes_read"] == sum(fetched)

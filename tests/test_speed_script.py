@@ -80,7 +80,7 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
     fits = 20  # the stand-in device holds 20 sequences; the prediction (27) does not know that
     calls = []
 
-    def run_row(model, spec, method_name, size, context, batch, engine_name, args, bandwidth):
+    def run_row(model, spec, method_name, size, context, batch, engine_name, args, bandwidth, host_bandwidth):
         calls.append(batch)
         row = {"method": method_name, "budget": None, "context": context, "batch": batch, "engine": "compiled"}
         row.update(compile_scope="layer", status="ok" if batch <= fits else "oom")
@@ -102,7 +102,7 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
         runs=None,
         prefill_chunk=64,
     )
-    sweep = speed.Sweep(args, bandwidth=1.0, settings={})
+    sweep = speed.Sweep(args, bandwidth=1.0, settings={}, host_bandwidth=1.0)
     sweep.shape, sweep.env, sweep.out = "llama-3.1-8b", {}, io.StringIO()
     for batch in map(speed.parse_batch, batches):
         if batch == speed.MAX_BATCH:
@@ -125,7 +125,9 @@ class StandIn:
     def __init__(self, fits: int = 20, fails: tuple[int, ...] = (), cut_off: tuple[int, ...] = ()) -> None:
         self.fits, self.fails, self.cut_off, self.calls = fits, fails, cut_off, []
 
-    def __call__(self, model, spec, method_name, size, context, batch, engine_name, args, bandwidth) -> dict:
+    def __call__(
+        self, model, spec, method_name, size, context, batch, engine_name, args, bandwidth, host_bandwidth
+    ) -> dict:
         self.calls.append((batch, args.new_tokens))
         row = {"method": method_name, "budget": None, "context": context, "batch": batch, "engine": engine_name}
         row["compile_scope"] = "layer"
@@ -155,6 +157,7 @@ def run_main(monkeypatch, stand_in: StandIn, out: Path, *argv: str) -> list[dict
     monkeypatch.setattr(sys, "argv", [*sys.argv, *argv])
     monkeypatch.setattr(speed, "run_row", stand_in)
     monkeypatch.setattr(speed, "copy_bandwidth", lambda device: 1.0)
+    monkeypatch.setattr(speed, "host_read_bandwidth", lambda device: 1.0)
     monkeypatch.setattr(speed, "available_host_memory", lambda: 500 * GIB)
     monkeypatch.setattr(speed.Sweep, "load", lambda self, shape, device: self.__dict__.update(shape=shape, env={}))
     previous = signal.getsignal(signal.SIGTERM)
@@ -327,6 +330,7 @@ def test_sigterm_writes_the_row_in_progress_and_starts_no_other(monkeypatch, tmp
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
     monkeypatch.setattr(speed, "Engine", StoppedEngine)
     monkeypatch.setattr(speed, "copy_bandwidth", lambda device: 1.0)
+    monkeypatch.setattr(speed, "host_read_bandwidth", lambda device: 1.0)
     monkeypatch.setattr(speed.Sweep, "load", load)
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -433,3 +437,35 @@ def test_compile_parts_are_each_rows_own_and_sum_to_its_compile_seconds(tmp_path
         assert seconds == pytest.approx(row["compile_s"], rel=1e-6, abs=1e-6)
         assert parts["kernel_compile_s"] <= parts["backend_s"] and parts["inductor_s"] <= parts["backend_s"]
     assert rows[1]["compile_parts"]["graphs"] == rows[0]["compile_parts"]["graphs"]
+
+
+def test_host_reads_get_their_own_floor_over_the_host_link(monkeypatch, tmp_path):
+    """ArkVale's recalls cross the host link: a row counts their bytes a step (each sequence's recalled pages
+    times the batch, over the generation's new_tokens - 1 decode steps), their floor at the measured host
+    bandwidth (here a slow stand-in, so that it is the larger floor) and the step against the larger floor; a
+    method that reads nothing from host keeps its floor."""
+    out, new_tokens, batch, host_bandwidth = tmp_path / "rows.jsonl", 5, 2, 1e6
+    argv = ["speed.py", "--device", "cpu", "--new-tokens", str(new_tokens), "--out", str(out)]
+    argv += ["--runs", f"tiny-llama:arkvale:256:640:{batch}:eager", f"tiny-llama:full:0:640:{batch}:eager"]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(speed, "host_read_bandwidth", lambda device: host_bandwidth)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        speed.main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    arkvale, full = [json.loads(line) for line in out.read_text().splitlines()]
+    assert arkvale["status"] == full["status"] == "ok"
+    # tiny-llama: 2 KV heads of 32 channels, float32 on a CPU; ArkVale's pages are 32 tokens, one group
+    page_bytes = 32 * 2 * (32 + 32) * 4
+    recalled = arkvale["method_stats"]["pages_recalled"]
+    assert recalled > 0
+    expected = recalled * page_bytes * batch / (new_tokens - 1)
+    assert arkvale["host_read_bytes_per_step"] == pytest.approx(expected)
+    host_floor = 1000 * expected / host_bandwidth
+    assert arkvale["host_bandwidth_bytes_per_s"] == host_bandwidth
+    assert arkvale["host_floor_ms"] == pytest.approx(host_floor) and host_floor > arkvale["floor_ms"]
+    assert arkvale["floor_with_host_ms"] == pytest.approx(host_floor)
+    ratio = arkvale["decode_ms_per_step"] / host_floor
+    assert arkvale["x_floor_with_host"] == pytest.approx(ratio)
+    assert full["host_read_bytes_per_step"] == 0 and full["floor_with_host_ms"] == full["floor_ms"]
