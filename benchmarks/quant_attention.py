@@ -152,9 +152,9 @@ CONFIGS = {
     "regs128": replace(quant_kernels.LAUNCH, max_registers=128),
     # a single store's split target above FEW_HEADS pairs by its waves (`plane_kernel.wave_target`)
     "store_waves": replace(quant_kernels.LAUNCH, store_wave_target=True),
-    # 2-bit per-token codes converted as 2^m + c, the offset out of the sums (`plane_kernel._bf16_offset_crumbs`)
-    "offset_crumbs": replace(quant_kernels.LAUNCH, offset_crumbs=True),
-    "waves_crumbs": replace(quant_kernels.LAUNCH, store_wave_target=True, offset_crumbs=True),
+    # 2-bit per-token codes converted with their subtract (`plane_kernel._bf16_crumbs`), the default before
+    # `offset_crumbs` (2^m + c, the offset out of the sums) was turned on
+    "subtract_crumbs": replace(quant_kernels.LAUNCH, offset_crumbs=False),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

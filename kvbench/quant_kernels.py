@@ -189,8 +189,10 @@ class LaunchConfig:
     # With offset_codes, 2-bit codes too (QuaRot-2's and RTN-2's layout): the byte conversion without its
     # subtract (`plane_kernel._bf16_offset_crumbs`), 16 instructions for 16 values instead of 24; the float32
     # sums then carry m against a mean code of 1.5 (bfloat16: 128, ~6.5 bits of 24; float16: 1024, ~9.5).
-    # Off: untimed.
-    offset_crumbs: bool = False
+    # H100, kernel alone (`quant_attention.py --configs subtract_crumbs`, f908c31, then off by default): per-token
+    # 2-bit 19.1 -> 18.4 us at 8k batch 4, 181.6 -> 172.5 at 8k batch 64, 55.5 -> 51.7 at 32k batch 4, 680.2 ->
+    # 637.3 at 32k batch 64 (benchmarks/README.md, "The grid complete; 2-bit launch flags timed").
+    offset_crumbs: bool = True
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every
@@ -225,7 +227,9 @@ class LaunchConfig:
     # Above FEW_HEADS pairs, a single store's split target by the same estimate of its waves
     # (`plane_kernel.wave_target`). Off: untimed. Offline, at 8k batch 64 of Llama-3.1-8B's shape (512 pairs),
     # the estimate gives per-token 2-bit codes at one warp 2 splits a pair (1 wave) where the many-heads target
-    # gives 3 (1.45 waves of 1,056 programs): ~25% shorter by the estimate.
+    # gives 3 (1.45 waves of 1,056 programs): ~25% shorter by the estimate. Off: on an H100, kernel alone
+    # (f908c31), it lost on per-token 2-bit codes (181.6 -> 201.5 us at 8k batch 64, 680.2 -> 759.0 at 32k) and
+    # gained 3-10% on KIVI-2's "halves" (356.1 -> 345.8, 1,375.8 -> 1,339.0; 32.1 -> 29.0 at 8k batch 4).
     store_wave_target: bool = False
     # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
     # `_weighted_values`) for the key modes in `plane_kernel.CODES_FIRST_KEY_MODES`: a product's first operand

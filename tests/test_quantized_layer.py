@@ -75,9 +75,11 @@ CASES = {
     # codes as 2^m + c, the offset taken out of the sums (the launch's `offset_codes`), bf16 and fp16
     "quarot4_offset_bf16": (2, 2, 4, 500, 128, (4, 1, 128, None), (4, 1, 128, None), "bfloat16"),
     "offset_fp16": (3, 2, 2, 300, 64, (4, 1, 64, None), (4, 1, 64, None), "float16"),
-    # 2-bit codes as 2^m + c (the launch's `offset_crumbs`): QuaRot-2's and RTN-2's layout, bf16 and fp16
+    # 2-bit codes as 2^m + c (the launch's `offset_crumbs`): QuaRot-2's and RTN-2's layout, bf16 and fp16; and
+    # with it off, the codes converted with their subtract
     "quarot2_offset_bf16": (2, 2, 4, 500, 128, (2, 1, 128, None), (2, 1, 128, None), "bfloat16"),
     "offset2_fp16": (3, 2, 2, 300, 64, (2, 1, 64, None), (2, 1, 64, None), "float16"),
+    "quarot2_subtract_bf16": (2, 2, 4, 500, 128, (2, 1, 128, None), (2, 1, 128, None), "bfloat16"),
     # ZipCache's layouts, key mode "lead": row 0 for a prompt set of 150 + 7b slots (22 + 7b past a tile
     # boundary), then decode blocks of 60 (the 4-bit salient set) or 40 slots (the 2-bit rest), both in the
     # plane kernel; a full sequence reaches ~9 blocks past lead, so both branches run
@@ -177,8 +179,7 @@ LAUNCHES = {
     "quarot4_zero_sums_bf16": quant_kernels.LaunchConfig(offset_codes=False),
     "zero_sums_fp16": quant_kernels.LaunchConfig(offset_codes=False),
     "zipcache4_lead_off_fp16": quant_kernels.LaunchConfig(fold_lead=False),
-    "quarot2_offset_bf16": quant_kernels.LaunchConfig(offset_crumbs=True),
-    "offset2_fp16": quant_kernels.LaunchConfig(offset_crumbs=True),
+    "quarot2_subtract_bf16": quant_kernels.LaunchConfig(offset_crumbs=False),
 }
 
 
@@ -651,8 +652,8 @@ def test_a_pair_launch_above_few_heads_plans_the_wave_target(interpreted: dict) 
 
 def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> None:
     """Codes as 2^m + c (OFFSET) run for per-token keys with summed value zero-points and a 16-bit query: at 4
-    bits under the default launch, at 2 bits only under `offset_crumbs` (the cases' own launches), never in
-    float32. Each such case matches the reference (`test_packed_kernel_matches_reference`)."""
+    bits under the default launch, at 2 bits under its `offset_crumbs` (not where a case's launch turns that
+    off), never in float32. Each such case matches the reference (`test_packed_kernel_matches_reference`)."""
     cases = {name: m for name, m in interpreted.items() if not name.startswith(("pair:", "ring:", "compiled:"))}
     for name, m in cases.items():
         launch = LAUNCHES.get(name.split("+")[0], quant_kernels.LaunchConfig())  # suffixes keep these fields
@@ -667,6 +668,7 @@ def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> N
         assert m["offset"] == (expected and launch.offset_codes), name
     assert cases["quarot2_offset_bf16"]["offset"] and cases["offset2_fp16+window"]["offset"]
     assert cases["quarot2_offset_bf16+rotation"]["offset"] and cases["quarot4_offset_bf16"]["offset"]
+    assert not cases["quarot2_subtract_bf16"]["offset"]
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
