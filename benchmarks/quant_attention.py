@@ -285,7 +285,8 @@ def compare(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse
 
 def reference_checks(device: torch.device, slots: int, config: str) -> list[dict]:
     """bf16 queries over the timed layouts and ZipCache's "lead" layouts; under the default configuration
-    also the check-only layouts, and float16 queries (the float16 offset codes) on int4_token and those."""
+    also the check-only layouts, and float16 queries (the float16 offset codes) on int4_token and those; float16
+    queries on int2_token too wherever the configuration converts 2-bit codes in the offset form."""
     lead_layouts = lead_checked(slots)
     layouts = TIMED | lead_layouts | (CHECKED_ONLY if config == "default" else {})
     lengths = torch.tensor([slots, slots // 3 + 5], device=device)

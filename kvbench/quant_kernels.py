@@ -189,9 +189,10 @@ class LaunchConfig:
     # With offset_codes, 2-bit codes too (QuaRot-2's and RTN-2's layout): the byte conversion without its
     # subtract (`plane_kernel._bf16_offset_crumbs`), 16 instructions for 16 values instead of 24; the float32
     # sums then carry m against a mean code of 1.5 (bfloat16: 128, ~6.5 bits of 24; float16: 1024, ~9.5).
-    # H100, kernel alone (`quant_attention.py --configs subtract_crumbs`, f908c31, then off by default): per-token
-    # 2-bit 19.1 -> 18.4 us at 8k batch 4, 181.6 -> 172.5 at 8k batch 64, 55.5 -> 51.7 at 32k batch 4, 680.2 ->
-    # 637.3 at 32k batch 64 (benchmarks/README.md, "The grid complete; 2-bit launch flags timed").
+    # H100, kernel alone (`quant_attention.py --configs default,offset_crumbs` at f908c31, where it was off;
+    # `--configs subtract_crumbs` times the former conversion now): per-token 2-bit 19.1 -> 18.4 us at 8k
+    # batch 4, 181.6 -> 172.5 at 8k batch 64, 55.5 -> 51.7 at 32k batch 4, 680.2 -> 637.3 at 32k batch 64
+    # (benchmarks/README.md, "The grid complete; 2-bit launch flags timed").
     offset_crumbs: bool = True
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
@@ -225,7 +226,7 @@ class LaunchConfig:
     # kernel alone, ZipCache's two sets at 32k batch 4: 85.9 us (4 programs an SM) against 98.0 (8).
     pair_wave_target: bool = True
     # Above FEW_HEADS pairs, a single store's split target by the same estimate of its waves
-    # (`plane_kernel.wave_target`). Off: untimed. Offline, at 8k batch 64 of Llama-3.1-8B's shape (512 pairs),
+    # (`plane_kernel.wave_target`). Offline, at 8k batch 64 of Llama-3.1-8B's shape (512 pairs),
     # the estimate gives per-token 2-bit codes at one warp 2 splits a pair (1 wave) where the many-heads target
     # gives 3 (1.45 waves of 1,056 programs): ~25% shorter by the estimate. Off: on an H100, kernel alone
     # (f908c31), it lost on per-token 2-bit codes (181.6 -> 201.5 us at 8k batch 64, 680.2 -> 759.0 at 32k) and
