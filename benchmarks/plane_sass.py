@@ -6,6 +6,7 @@
     PYTHONPATH=. python benchmarks/plane_sass.py --modes lead halves --variants default zero_sums --bits 2
     PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --variants default default_query_first --bits 2
     PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --bits 2 4 --window   # registers as KIVI's step
+    PYTHONPATH=. python benchmarks/plane_sass.py --modes halves --bits 2 --window --lines 10   # by source line
 
 Compiles `kvbench.plane_kernel._plane_split_kernel` with Triton's bundled ptxas for sm_90, specialising the
 integer arguments as Triton's launcher does at run time for the benchmark's launch (Llama-3.1-8B shape,
@@ -14,7 +15,8 @@ arguments equal to 1 made constants), at 4 bits (16-bit elements) or 2 (bytes; `
 launch's register cap (KIVI's "halves": `halves_max_registers`). Without that
 specialisation the codes load 16 bits at a time and the counts are ~60% higher than what runs. Prints, per
 variant, the SASS instructions in the largest loop (the tile loop) per warp, registers, local-memory (spill)
-operations, and the loop's instructions by class.
+operations, and the loop's instructions by class; with `--lines N`, the N source lines that take the most of
+the loop's instructions (nvdisasm's line markers; an inline-PTX conversion shows at its call's last line).
 The products take the operands in the launch's order (`plane_kernel.CODES_FIRST_KEY_MODES`: the codes first
 for "token" and "halves"); variants ending in _codes_first or _query_first choose it.
 Counts depend on the Triton version (the GPU image has 3.6; put its wheel first on PYTHONPATH to match).
@@ -74,6 +76,7 @@ CLASSES = [
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 LABEL = re.compile(r"^\s*\.?(L_x_\d+|LBB\d+_\d+):")
 BACK_BRANCH = re.compile(r"BRA\s+.*?`?\(?\.?(L_x_\d+|LBB\d+_\d+)")
+SOURCE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')  # nvdisasm -g: the source of what follows
 
 
 def argument_values(mode: str) -> dict[str, int]:
@@ -161,15 +164,46 @@ def compile_plane(
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def loops(sass: str) -> list[list[str]]:
-    """The opcodes of each loop (a backward branch to a label above it), in program order."""
-    lines, labels, found = sass.splitlines(), {}, []
-    for i, line in enumerate(lines):
+def loop_spans(sass: str) -> list[tuple[int, int]]:
+    """Each loop (a backward branch to a label above it) as its first and last line of `sass`, in program order."""
+    labels, found = {}, []
+    for i, line in enumerate(sass.splitlines()):
         if match := LABEL.search(line):
             labels[match.group(1)] = i
         if (match := BACK_BRANCH.search(line)) and labels.get(match.group(1), i) < i:
-            found.append([m.group(1) for m in map(INSTRUCTION.search, lines[labels[match.group(1)] : i + 1]) if m])
+            found.append((labels[match.group(1)], i))
     return found
+
+
+def loops(sass: str) -> list[list[str]]:
+    """The opcodes of each loop, in program order."""
+    lines = sass.splitlines()
+    return [[m.group(1) for m in map(INSTRUCTION.search, lines[a : b + 1]) if m] for a, b in loop_spans(sass)]
+
+
+def instruction_class(opcode: str) -> str:
+    return next((name for name, pattern in CLASSES if re.search(pattern, opcode)), "other")
+
+
+def tile_loop_sources(sass: str) -> dict[tuple[str, int], collections.Counter]:
+    """The largest loop's instructions by the source line they come from (nvdisasm -g's markers; inlined
+    functions name their own lines), each line's by class: where a tile's instructions go."""
+    lines = sass.splitlines()
+    spans = loop_spans(sass)
+    if not spans:
+        return {}
+    first, last = max(spans, key=lambda span: sum(bool(INSTRUCTION.search(x)) for x in lines[span[0] : span[1] + 1]))
+    source = None  # the marker in force at the loop's start: the last one above it
+    for line in lines[:first]:
+        if match := SOURCE_LINE.search(line):
+            source = (Path(match.group(1)).name, int(match.group(2)))
+    by_line: dict[tuple[str, int], collections.Counter] = collections.defaultdict(collections.Counter)
+    for line in lines[first : last + 1]:
+        if match := SOURCE_LINE.search(line):
+            source = (Path(match.group(1)).name, int(match.group(2)))
+        elif match := INSTRUCTION.search(line):
+            by_line[source][instruction_class(match.group(1))] += 1
+    return dict(by_line)
 
 
 def tile_loop(sass: str) -> list[str]:
@@ -181,13 +215,11 @@ def measure(compiled) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        sass = subprocess.run([BIN / "nvdisasm", "-c", cubin.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([BIN / "nvdisasm", "-c", "-g", cubin.name], capture_output=True, text=True).stdout
         usage = subprocess.run([BIN / "cuobjdump", "-res-usage", cubin.name], capture_output=True, text=True).stdout
     loop = tile_loop(sass)
     spills = re.compile(r"^(LDL|STL)")
-    classes = collections.Counter(
-        next((name for name, pattern in CLASSES if re.search(pattern, op)), "other") for op in loop
-    )
+    classes = collections.Counter(map(instruction_class, loop))
     return {
         "loop": len(loop),
         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
@@ -195,7 +227,17 @@ def measure(compiled) -> dict:
         # every loop of 16 or more instructions: (instructions, spill operations inside it)
         "loops": [(len(body), sum(map(bool, map(spills.match, body)))) for body in loops(sass) if len(body) >= 16],
         "classes": dict(classes.most_common()),
+        "sources": tile_loop_sources(sass),
     }
+
+
+def source_text(file: str, number: int) -> str:
+    """The source line, for kvbench's own files (Triton's language functions are named, not shown)."""
+    path = Path(plane_kernel.__file__).parent / file
+    if not path.is_file():
+        return ""
+    lines = path.read_text().splitlines()
+    return lines[number - 1].strip()[:80] if 0 < number <= len(lines) else ""
 
 
 def main() -> None:
@@ -210,6 +252,7 @@ def main() -> None:
     parser.add_argument(
         "--block-g", type=int, nargs="+", default=[0], help="query rows a tile, a power of two (0: the launch's)"
     )
+    parser.add_argument("--lines", type=int, default=0, help="also the tile loop's N costliest source lines")
     args = parser.parse_args()
     if native_specialize_impl is None:
         print("this Triton has no native_specialize_impl: counts without argument specialisation")
@@ -229,6 +272,10 @@ def main() -> None:
                 print(f"{mode:<7}{variant:<22} {widths} {warps} warps {rows:>2} rows: loop {m['loop']:5d}  "
                       f"registers {m['registers']:3d}  spill ops {m['spill_ops']:3d}  loops {m['loops']}  "
                       f"{m['classes']}")  # fmt: skip
+                costliest = sorted(m["sources"].items(), key=lambda item: -sum(item[1].values()))[: args.lines]
+                for (file, number), classes in costliest:
+                    text = source_text(file, number)
+                    print(f"    {sum(classes.values()):5d}  {file}:{number:<5} {dict(classes.most_common())}  {text}")
 
 
 if __name__ == "__main__":
