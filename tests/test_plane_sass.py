@@ -12,27 +12,27 @@ from kvbench import kernels
 from tests.conftest import REPO
 
 
-def test_the_tile_loop_is_found_with_its_products() -> None:
+@pytest.fixture(scope="module")
+def plane_sass():
+    """benchmarks/plane_sass.py as a module, where Triton compiles for NVIDIA (not under its interpreter)."""
     pytest.importorskip("triton.backends.nvidia")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
     spec = importlib.util.spec_from_file_location("plane_sass", REPO / "benchmarks" / "plane_sass.py")
-    plane_sass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plane_sass)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_tile_loop_is_found_with_its_products(plane_sass) -> None:
     measured = plane_sass.measure(plane_sass.compile_plane("token", "zero_sums", num_warps=2))
     assert measured["loop"] > 100 and measured["classes"].get("mma", 0) >= 16, measured
     assert measured["registers"] > 0
 
 
-def test_the_tile_loops_instructions_are_attributed_to_source_lines() -> None:
+def test_the_tile_loops_instructions_are_attributed_to_source_lines(plane_sass) -> None:
     """`--lines`: every instruction of the largest loop, class by class, goes to a source line, the products
     to the kernel's own file. Mode "rows" at 2 bits with the window has two loops, the second the larger."""
-    pytest.importorskip("triton.backends.nvidia")
-    if kernels._INTERPRETED:
-        pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
-    spec = importlib.util.spec_from_file_location("plane_sass", REPO / "benchmarks" / "plane_sass.py")
-    plane_sass = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plane_sass)
     measured = plane_sass.measure(plane_sass.compile_plane("rows", "default", num_warps=2, bits=2, window=True))
     assert len(measured["loops"]) == 2 and measured["loops"][1][0] > measured["loops"][0][0], measured["loops"]
     attributed = sum((classes for classes in measured["sources"].values()), collections.Counter())
