@@ -251,19 +251,21 @@ def make_method(name: str, size: int, recall_cap: float | None = None) -> Method
     }[name]()
 
 
+def seconds_per_copy(target: torch.Tensor, source: torch.Tensor, device: torch.device) -> float:
+    """Mean seconds of `target.copy_(source)` over 10 copies after 3 to warm up."""
+    for _ in range(3):
+        target.copy_(source, non_blocking=True)
+    with Timer(device) as timer:
+        for _ in range(10):
+            target.copy_(source, non_blocking=True)
+    return timer.seconds / 10
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
     size = 2 * 1024**3 if device.type == "cuda" else 256 * 1024**2
     source = torch.empty(size, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    with Timer(device) as timer:
-        for _ in range(10):
-            target.copy_(source)
-    seconds = timer.seconds / 10
-    del source, target
-    return 2 * size / seconds
+    return 2 * size / seconds_per_copy(torch.empty_like(source), source, device)
 
 
 def host_read_bandwidth(device: torch.device) -> float:
@@ -271,15 +273,7 @@ def host_read_bandwidth(device: torch.device) -> float:
     counting the bytes read; on a CPU, a copy within host memory (where its "host" backup sits)."""
     size = 256 * 1024**2
     source = torch.empty(size, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    target = torch.empty(size, dtype=torch.uint8, device=device)
-    for _ in range(3):
-        target.copy_(source, non_blocking=True)
-    with Timer(device) as timer:
-        for _ in range(10):
-            target.copy_(source, non_blocking=True)
-    seconds = timer.seconds / 10
-    del source, target
-    return size / seconds
+    return size / seconds_per_copy(torch.empty(size, dtype=torch.uint8, device=device), source, device)
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
@@ -358,6 +352,7 @@ def run_row(
     # refused; the first token comes from the prefill), and the stats are each sequence's mean.
     host_read = m.method_stats.get("host_bytes_read", 0.0) * batch / max(1, args.new_tokens - 1)
     host_floor_s = host_read / host_bandwidth
+    floor_with_host_s = max(floor_s, host_floor_s)
     decode_ms = 1000 * m.decode_s / m.decode_steps if m.decode_steps else None
     tokens = sum(g.measurement.decode_tokens for g in generations)
     row.update(
@@ -377,8 +372,8 @@ def run_row(
         x_floor=decode_ms / (1000 * floor_s) if decode_ms else None,
         host_read_bytes_per_step=host_read,
         host_floor_ms=1000 * host_floor_s,
-        floor_with_host_ms=1000 * max(floor_s, host_floor_s),
-        x_floor_with_host=decode_ms / (1000 * max(floor_s, host_floor_s)) if decode_ms else None,
+        floor_with_host_ms=1000 * floor_with_host_s,
+        x_floor_with_host=decode_ms / (1000 * floor_with_host_s) if decode_ms else None,
         method_stats=m.method_stats,
         measurement=asdict(m),
     )
