@@ -152,6 +152,8 @@ CONFIGS = {
     "regs128": replace(quant_kernels.LAUNCH, max_registers=128),
     # a single store's split target above FEW_HEADS pairs by its waves (`plane_kernel.wave_target`)
     "store_waves": replace(quant_kernels.LAUNCH, store_wave_target=True),
+    # KIVI's "halves" at the many-heads target alone, the default before `halves_wave_target` was turned on
+    "halves_fixed": replace(quant_kernels.LAUNCH, halves_wave_target=False),
     # 2-bit per-token codes converted with their subtract (`plane_kernel._bf16_crumbs`), the default before
     # `offset_crumbs` (2^m + c, the offset out of the sums) was turned on
     "subtract_crumbs": replace(quant_kernels.LAUNCH, offset_crumbs=False),

@@ -1217,13 +1217,14 @@ if kernels.triton is not None:
     ) -> _StoreLaunch:
         """`sm_share`: the fraction of the GPU's split target this store's plan takes (a pair's sets may share
         one target, `LaunchConfig.pair_shared_target`). `window_slots`: a single store's window, where its
-        launch may take the split target of its waves (`LaunchConfig.store_wave_target`); None for a pair's
-        stores, whose target the pair chose."""
+        launch may take the split target of its waves (`LaunchConfig.store_wave_target`, for KIVI's "halves"
+        `halves_wave_target`); None for a pair's stores, whose target the pair chose."""
         b, _, d = query.shape
         hkv, s = keys.codes.shape[1], keys.codes.shape[2]
         key_mode, zero_sums, launch = store_launch(keys, values, launch)
         num_sms = max(1, round(kernels._num_sms(query.device) * sm_share))
-        if window_slots is not None and launch.store_wave_target and b * hkv > FEW_HEADS:
+        by_waves = launch.store_wave_target or (launch.halves_wave_target and key_mode == "halves")
+        if window_slots is not None and by_waves and b * hkv > FEW_HEADS:
             target = wave_target(((s, keys.bits),), window_slots, b * hkv, num_sms, launch)
             launch = replace(launch, programs_per_sm_many_heads=target)
         num_splits, split_len = _split_plan(b * hkv, s, num_sms, launch)

@@ -231,7 +231,14 @@ class LaunchConfig:
     # gives 3 (1.45 waves of 1,056 programs): ~25% shorter by the estimate. Off: on an H100, kernel alone
     # (f908c31), it lost on per-token 2-bit codes (181.6 -> 201.5 us at 8k batch 64, 680.2 -> 759.0 at 32k) and
     # gained 3-10% on KIVI-2's "halves" (356.1 -> 345.8, 1,375.8 -> 1,339.0; 32.1 -> 29.0 at 8k batch 4).
+    # This field turns it on for every key mode; `halves_wave_target` for KIVI's alone.
     store_wave_target: bool = False
+    # The same for KIVI's layout ("halves") alone, the key mode where it won. H100, kernel alone at 15ce4b2
+    # (`quant_attention.py --configs default,store_waves`), KIVI-2 / KIVI-4 us: 8k batch 4 29.4 -> 26.6 /
+    # 31.7 -> 29.0, 8k batch 64 313.4 -> 301.6 / 304.8 -> 293.1, 32k batch 4 84.4 -> 81.2 / 84.3 -> 81.8, 32k
+    # batch 64 1,190.8 -> 1,173.6 / 1,145.3 -> 1,124.9; KIVI-2's step at 32k batch 4 9.01 -> 8.84 ms, at 32k
+    # batch 64 44.51 -> 43.24 (benchmarks/README.md, "KIVI's zero-points read as [N, 4]").
+    halves_wave_target: bool = True
     # The plane kernel's products with the codes as the tensor cores' first operand (`plane_kernel._scores`,
     # `_weighted_values`) for the key modes in `plane_kernel.CODES_FIRST_KEY_MODES`: a product's first operand
     # has 16 rows and its second 8 columns, so a GQA group of 4 query rows pads to 8 instead of 16. KIVI's

@@ -687,6 +687,37 @@ def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpr
     assert interpreted["int2_many_heads_bf16"]["launched_grid"] == [b * hkv, default_splits]
 
 
+def test_kivis_halves_take_their_wave_target_by_default() -> None:
+    """KIVI's layout ("halves") above FEW_HEADS pairs plans a single store's splits by `wave_target` unless
+    `halves_wave_target` is off (then the many-heads target's); per-token keys keep the many-heads target
+    unless `store_wave_target` asks for every key mode. Planned only (`_store_launch`), on the interpreter's 4
+    "SMs"."""
+    b, hkv, slots, d = 3, 6, 1500, 64
+    gen = torch.Generator().manual_seed(0)
+    query, lengths = torch.randn(b, hkv * 4, d).half(), torch.full((b,), slots)
+    kivi = (_layout(b, hkv, slots, d, (2, 32, 1, None), gen), _layout(b, hkv, slots, d, (2, 1, 16, None), gen))
+    token = (_layout(b, hkv, slots, d, (2, 1, 64, None), gen), _layout(b, hkv, slots, d, (2, 1, 64, None), gen))
+
+    def splits(stores: tuple[PackedSlots, PackedSlots], launch: quant_kernels.LaunchConfig) -> int:
+        return plane_kernel._store_launch(query, *stores, lengths, launch, window_slots=128).splits[1]
+
+    def planned(stores: tuple[PackedSlots, PackedSlots], by_waves: bool) -> int:
+        launch = plane_kernel.store_launch(*stores, quant_kernels.LaunchConfig())[2]
+        if by_waves:
+            target = plane_kernel.wave_target(((slots, 2),), 128, b * hkv, 4, launch)
+            launch = dataclasses.replace(launch, programs_per_sm_many_heads=target)
+        return quant_kernels._split_plan(b * hkv, slots, 4, launch)[0]
+
+    default, fixed = quant_kernels.LaunchConfig(), quant_kernels.LaunchConfig(halves_wave_target=False)
+    assert plane_kernel.store_launch(*kivi, default)[0] == "halves"
+    assert planned(kivi, True) != planned(kivi, False)
+    assert splits(kivi, default) == planned(kivi, True)
+    assert splits(kivi, fixed) == planned(kivi, False)
+    assert planned(token, True) != planned(token, False)
+    assert splits(token, default) == planned(token, False)
+    assert splits(token, quant_kernels.LaunchConfig(store_wave_target=True)) == planned(token, True)
+
+
 def test_per_token_two_bit_codes_at_batch_64_take_one_wave_by_the_estimate() -> None:
     """Llama-3.1-8B's shape at 8k batch 64 (512 pairs, 132 SMs): per-token 2-bit codes (QuaRot-2, RTN-2) run one
     warp a program, 8 resident an SM; the many-heads target (8) plans 3 splits a pair, 1.45 waves of programs,
