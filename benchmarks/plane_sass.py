@@ -60,6 +60,7 @@ MODES = {
     "lead": (60, 1, D, D, 1),  # ZipCache's 4-bit set: row 0 over the prompt, decode rows of 60; values per token
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
+VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes masked in place (`weighted_crumbs`)
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
 VARIANTS |= {
@@ -126,7 +127,7 @@ def compile_plane(
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": window, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WINDOW_RING": window, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
+        "OFFSET": 0.0, "WEIGHTED": False, "WINDOW_RING": window, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
     } | VARIANTS[variant]  # fmt: skip
     # the window's tile as the launch chooses it for the products' order
     constexprs["BLOCK_NW"] = plane_kernel.window_block(

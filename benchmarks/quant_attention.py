@@ -157,6 +157,8 @@ CONFIGS = {
     # 2-bit per-token codes converted with their subtract (`plane_kernel._bf16_crumbs`), the default before
     # `offset_crumbs` (2^m + c, the offset out of the sums) was turned on
     "subtract_crumbs": replace(quant_kernels.LAUNCH, offset_crumbs=False),
+    # 2-bit per-token codes masked in place, their planes' weights divided out (`LaunchConfig.weighted_crumbs`)
+    "weighted_crumbs": replace(quant_kernels.LAUNCH, weighted_crumbs=True),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

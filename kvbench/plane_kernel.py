@@ -433,15 +433,60 @@ if kernels.triton is not None:
             4,
         )
 
+    # The offset form without most shifts (`LaunchConfig.weighted_crumbs`): plane g masked where it lies, bits
+    # [2g, 2g + 2), so each value is 2^m + w_g * code with the plane's weight w_g = 4^g, which the kernel takes
+    # out (`_plane_split`'s WEIGHTED; `_plane_codes` names them). bfloat16's 7 mantissa bits hold planes 0-2 in place;
+    # plane 3's top bit would land in the exponent, so it is shifted down two bits first (w_3 = 16): 12
+    # instructions make 16 values. float16's 10 bits hold all four (w_3 = 64): 10 instructions.
     @triton.jit
-    def _plane_codes(elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0):
+    def _bf16_weighted_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b, t;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x43004300, 0xEA; lop3.b32 $1, b, 0x00030003, 0x43004300, 0xEA;
+            lop3.b32 $2, a, 0x000C000C, 0x43004300, 0xEA; lop3.b32 $3, b, 0x000C000C, 0x43004300, 0xEA;
+            lop3.b32 $4, a, 0x00300030, 0x43004300, 0xEA; lop3.b32 $5, b, 0x00300030, 0x43004300, 0xEA;
+            shr.b32 t, a, 2; lop3.b32 $6, t, 0x00300030, 0x43004300, 0xEA;
+            shr.b32 t, b, 2; lop3.b32 $7, t, 0x00300030, 0x43004300, 0xEA; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            True,
+            4,
+        )
+
+    @triton.jit
+    def _f16_weighted_crumbs(elements):
+        return tl.inline_asm_elementwise(
+            """{ .reg .b32 a, b;
+            prmt.b32 a, $8, 0, 0x4140; prmt.b32 b, $8, 0, 0x4342;
+            lop3.b32 $0, a, 0x00030003, 0x64006400, 0xEA; lop3.b32 $1, b, 0x00030003, 0x64006400, 0xEA;
+            lop3.b32 $2, a, 0x000C000C, 0x64006400, 0xEA; lop3.b32 $3, b, 0x000C000C, 0x64006400, 0xEA;
+            lop3.b32 $4, a, 0x00300030, 0x64006400, 0xEA; lop3.b32 $5, b, 0x00300030, 0x64006400, 0xEA;
+            lop3.b32 $6, a, 0x00C000C0, 0x64006400, 0xEA; lop3.b32 $7, b, 0x00C000C0, 0x64006400, 0xEA; }""",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r",
+            [elements],
+            (tl.float16, tl.float16, tl.float16, tl.float16),
+            True,
+            4,
+        )
+
+    @triton.jit
+    def _plane_codes(
+        elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0,
+        WEIGHTED: tl.constexpr = False,
+    ):  # fmt: skip
         """Planar elements [N, W] or [W, N] (int16 words of four 4-bit codes, or uint8 bytes of four 2-bit codes;
         the integer path takes any BITS) -> the 4 planes' codes plus OFFSET as DTYPE values, exactly, each of
         the elements' shape:
         with ASM (a 16-bit DTYPE, compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (4 bits, OFFSET
         0), `_bf16_crumbs` / `_f16_crumbs` (2 bits, OFFSET 0) or their offset forms (OFFSET 128 for bfloat16,
         1024 for float16), otherwise by integer shifts and the exact float32 exponent trick, the offset added
-        in float32."""
+        in float32. WEIGHTED (2 bits, OFFSET set): plane g comes out as OFFSET + w_g * code, the weights
+        `crumb_weights` gives (`_bf16_weighted_crumbs`, `_f16_weighted_crumbs`)."""
+        W1: tl.constexpr = 4.0 if WEIGHTED else 1.0
+        W2: tl.constexpr = 16.0 if WEIGHTED else 1.0
+        W3: tl.constexpr = (64.0 if OFFSET == 1024.0 else 16.0) if WEIGHTED else 1.0
         if ASM and BITS == 4 and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_offset_nibbles(elements)
         elif ASM and BITS == 4 and DTYPE == tl.bfloat16:  # noqa: SIM300
@@ -450,6 +495,10 @@ if kernels.triton is not None:
             c0, c1, c2, c3 = _f16_offset_nibbles(elements)
         elif ASM and BITS == 4:
             c0, c1, c2, c3 = _f16_nibbles(elements)
+        elif ASM and BITS == 2 and DTYPE == tl.bfloat16 and WEIGHTED:  # noqa: SIM300
+            c0, c1, c2, c3 = _bf16_weighted_crumbs(elements)
+        elif ASM and BITS == 2 and WEIGHTED:
+            c0, c1, c2, c3 = _f16_weighted_crumbs(elements)
         elif ASM and BITS == 2 and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_offset_crumbs(elements)
         elif ASM and BITS == 2 and DTYPE == tl.bfloat16:  # noqa: SIM300
@@ -461,9 +510,9 @@ if kernels.triton is not None:
         else:
             words = elements.to(tl.int32)
             c0 = (_as_float(words & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
-            c1 = (_as_float((words >> BITS) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
-            c2 = (_as_float((words >> (2 * BITS)) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
-            c3 = (_as_float((words >> (3 * BITS)) & ((1 << BITS) - 1)) + OFFSET).to(DTYPE)
+            c1 = (_as_float((words >> BITS) & ((1 << BITS) - 1)) * W1 + OFFSET).to(DTYPE)
+            c2 = (_as_float((words >> (2 * BITS)) & ((1 << BITS) - 1)) * W2 + OFFSET).to(DTYPE)
+            c3 = (_as_float((words >> (3 * BITS)) & ((1 << BITS) - 1)) * W3 + OFFSET).to(DTYPE)
         return c0, c1, c2, c3
 
     @triton.jit
@@ -694,6 +743,7 @@ if kernels.triton is not None:
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
@@ -729,6 +779,11 @@ if kernels.triton is not None:
         rounded p * s the products take), exact in exact arithmetic; the float32 sums then carry m against a
         mean code of 7.5 at 4 bits (~17x in bfloat16, ~137x in float16: 4 and 7 bits of 24) and of 1.5 at 2
         bits (~85x, ~680x: 6.5 and 9.5 bits).
+        With WEIGHTED (both stores' codes 2-bit, OFFSET set; `LaunchConfig.weighted_crumbs`) plane g's codes come
+        out as m + w_g c, w = (1, 4, 16, 16) in bfloat16 and (1, 4, 16, 64) in float16 (`_bf16_weighted_crumbs`):
+        the packed splits' query planes are q_g / w_g, m sum_g q_g / w_g comes out of each slot's logit, and the
+        value sums keep p . z and R = sum(rounded p * s) apart, each plane's accumulator turning into
+        (acc_g - m R) / w_g after the packed tiles (the window's program has R = 0 and nothing accumulated then).
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
         loads stall the pipeline when read in the tile that uses them).
@@ -781,6 +836,15 @@ if kernels.triton is not None:
         qsum1 = tl.sum(q1.to(tl.float32), axis=1)
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
         qsum3 = tl.sum(q3.to(tl.float32), axis=1)
+        W3: tl.constexpr = 64.0 if OFFSET == 1024.0 else 16.0  # WEIGHTED: plane 3's weight (`_plane_codes`)
+        if WEIGHTED:  # the packed splits' query planes take 1 / w_g (powers of two: exact); the window's keeps q
+            packed = split < num_splits
+            q1 = (q1.to(tl.float32) * tl.where(packed, 0.25, 1.0)).to(DTYPE)
+            q2 = (q2.to(tl.float32) * tl.where(packed, 0.0625, 1.0)).to(DTYPE)
+            q3 = (q3.to(tl.float32) * tl.where(packed, 1.0 / W3, 1.0)).to(DTYPE)
+            # sum_g q_g / w_g: what m contributes to each slot's sum, from the operands the products take
+            qsum_w = tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
+            qsum_w += tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1)
         kc_base = kc_ptr + b * stride_kcb + h * stride_kch
         ks_base = ks_ptr + b * stride_ksb + h * stride_ksh
         kz_base = kz_ptr + b * stride_ksb + h * stride_ksh
@@ -799,6 +863,7 @@ if kernels.triton is not None:
         acc3 = tl.zeros([BLOCK_G, BLOCK_WV], tl.float32)
         zacc = tl.zeros([BLOCK_G, 16], tl.float32)
         zsum = tl.zeros([BLOCK_G], tl.float32)  # ZERO_SUMS: sum of p * z over the slots so far
+        rsum = tl.zeros([BLOCK_G], tl.float32)  # WEIGHTED: sum of the rounded p * s over the slots so far
         start = split * split_len
         end = tl.minimum(start + split_len, length)
         first = start
@@ -878,7 +943,7 @@ if kernels.triton is not None:
                 if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
                 else:
-                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET)
+                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET, WEIGHTED)
                 if K_MODE == "token":
                     if K_GROUP < HEAD_DIM:  # a scale and a zero-point per plane
                         logits = ks0[None, :] * _scores(q0, c0, PRECISION, CODES_FIRST)
@@ -898,7 +963,9 @@ if kernels.triton is not None:
                         qc = _add_scores(qc, q1, c1, PRECISION, CODES_FIRST)
                         qc = _add_scores(qc, q2, c2, PRECISION, CODES_FIRST)
                         qc = _add_scores(qc, q3, c3, PRECISION, CODES_FIRST)
-                        if OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
+                        if WEIGHTED:  # the codes carry m: m sum_g q_g / w_g comes out of each sum
+                            qc = qc - OFFSET * qsum_w[:, None]
+                        elif OFFSET != 0.0:  # the codes carry m: sum(q) m s comes out with the zero-point
                             kz0 = kz0 - OFFSET * ks0
                         logits = ks0[None, :] * qc + (qsum0 + qsum1 + qsum2 + qsum3)[:, None] * kz0[None, :]
                     ks0 = _column_params(ks_base, ahead, ahead_live, k_lead, stride_ksr, 0 * K_WIDTH // K_GROUP, 1)
@@ -943,9 +1010,12 @@ if kernels.triton is not None:
                 p, alpha, m_new, l_i = _online_softmax(logits, live, m_i, l_i, scale_log2)
 
                 v_el = _load_values(vc_base, slots, live, stride_vcs, offs_wv, V_WIDTH, CODES_FIRST)
-                c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET)
+                c0, c1, c2, c3 = _plane_codes(v_el, V_BITS, DTYPE, V_ASM, OFFSET, WEIGHTED)
                 if ZERO_SUMS:
-                    if OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
+                    if WEIGHTED:  # the codes carry m and w_g: the rounded p * s summed apart (after the loops)
+                        rsum = rsum * alpha + tl.sum((p * vs0[None, :]).to(DTYPE).to(tl.float32), axis=1)
+                        zsum = zsum * alpha + tl.sum(p * vz0[None, :], axis=1)
+                    elif OFFSET != 0.0:  # the codes carry m: m times the rounded p * s (what the products take) out
                         rounded = (p * vs0[None, :]).to(DTYPE).to(tl.float32)
                         zsum = zsum * alpha + tl.sum(p * vz0[None, :] - OFFSET * rounded, axis=1)
                     else:
@@ -982,6 +1052,11 @@ if kernels.triton is not None:
                 vs0 = _column_params(vs_base, ahead, ahead_live, v_lead, stride_vsr, 0 * V_WIDTH // V_GROUP, 1)
                 m_i = m_new
 
+        if WEIGHTED:  # plane g's sums are m R + w_g (p s) . c_g: the codes' own, before the window's program adds
+            acc0 = acc0 - OFFSET * rsum[:, None]
+            acc1 = (acc1 - OFFSET * rsum[:, None]) * 0.25
+            acc2 = (acc2 - OFFSET * rsum[:, None]) * 0.0625
+            acc3 = (acc3 - OFFSET * rsum[:, None]) * (1.0 / W3)
         if HAS_WINDOW:  # the window's program: slots of the model's dtype, read plane by plane as the codes
             wk_base = wk_ptr + b * stride_wkb + h * stride_wkh
             wv_base = wv_ptr + b * stride_wvb + h * stride_wvh
@@ -1119,6 +1194,7 @@ if kernels.triton is not None:
         PRECISION: tl.constexpr,
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
+        WEIGHTED: tl.constexpr,
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
@@ -1133,7 +1209,8 @@ if kernels.triton is not None:
             total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE,
-            K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED, CODES_FIRST,
+            K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WEIGHTED, WINDOW_RING, UNMASKED,
+            CODES_FIRST,
         )  # fmt: skip
 
     # fmt: off
@@ -1158,10 +1235,11 @@ if kernels.triton is not None:
         BLOCK_NW: tl.constexpr,
         DTYPE: tl.constexpr, K_DTYPE: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
         HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr, ZERO_SUMS: tl.constexpr,
-        OFFSET: tl.constexpr,
+        OFFSET: tl.constexpr, WEIGHTED: tl.constexpr,
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
-        V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
+        V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WEIGHTED_2: tl.constexpr,
+        WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):
     # fmt: on
@@ -1180,8 +1258,8 @@ if kernels.triton is not None:
                 wq_ptr, total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh,
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
                 K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW,
-                DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WINDOW_RING, UNMASKED,
-                CODES_FIRST,
+                DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WEIGHTED, WINDOW_RING,
+                UNMASKED, CODES_FIRST,
             )  # fmt: skip
         else:
             _plane_split(
@@ -1193,7 +1271,8 @@ if kernels.triton is not None:
                 stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph,
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE, K_DTYPE_2, K_ASM_2,
-                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WINDOW_RING, UNMASKED_2, CODES_FIRST,
+                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WEIGHTED_2, WINDOW_RING, UNMASKED_2,
+                CODES_FIRST,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -1249,7 +1328,8 @@ if kernels.triton is not None:
             "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,
             "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,
             "K_ASM": asm and key_dtype != tl.float32, "V_ASM": asm and dtype != tl.float32, "ZERO_SUMS": zero_sums,
-            "OFFSET": offset, "UNMASKED": launch.unmasked_tiles,
+            "OFFSET": offset, "WEIGHTED": offset != 0.0 and launch.weighted_crumbs and keys.bits == values.bits == 2,
+            "UNMASKED": launch.unmasked_tiles,
         }  # fmt: skip
         pointers = [k_codes, keys.scale, keys.zero, keys.lead, v_codes, values.scale, values.zero, values.lead]
         strides = [*k_codes.stride()[:3], *keys.scale.stride()[:3], *v_codes.stride()[:3], *values.scale.stride()[:3]]

@@ -158,6 +158,10 @@ CAPPED_CASES = ("quarot4_offset_bf16+rotation", "plane_groups_fp16+window")
 UNCAPPED = {"halves_max_registers": 0, "halves_programs_per_sm": (6, 12)}
 UNCAPPED_CASES = ("kivi4_halves_bf16+window", "kivi2_halves_fp16")
 WAVES_CASES = ("int2_many_heads_bf16+window",)  # a single store's split target by its waves
+# 2-bit per-token codes masked in place, their planes' weights divided out (the launch's `weighted_crumbs`):
+# bfloat16 (float32 under the interpreter) and float16, with the window's program and QuaRot's rotation; and a
+# 4-bit case, which the flag leaves alone
+WEIGHTED_CASES = ("quarot2_offset_bf16", "offset2_fp16+window", "quarot2_offset_bf16+rotation", "offset_fp16")
 ROTATION_CASES = (
     "quarot4_bf16",
     "quarot2_offset_bf16",
@@ -202,7 +206,8 @@ def _launched() -> Iterator[list[dict]]:
     launches, launch_kernel = [], plane_kernel._launch
 
     def spy(kernel, grid, arguments, constexprs, launch):
-        launches.append({name: constexprs[name] for name in ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET")})
+        names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET", "WEIGHTED")
+        launches.append({name: constexprs[name] for name in names})
         launches[-1]["max_registers"] = launch.max_registers
         launches[-1]["grid"] = list(grid)
         return launch_kernel(kernel, grid, arguments, constexprs, launch)
@@ -294,6 +299,7 @@ def _measure(
         "unmasked": launch.unmasked_tiles,
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
         "offset": bool(launches and launches[0]["OFFSET"]),  # as launched
+        "weighted": bool(launches and launches[0]["WEIGHTED"]),
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch, can_align=True) if plan is None else plan[0],
         "value_mode": quant_kernels._param_mode(x["values"], d, launch, can_align=False)
@@ -500,6 +506,7 @@ def _worker() -> None:
         ("capped", CAPPED_CASES, CAPPED),
         ("uncapped", UNCAPPED_CASES, UNCAPPED),
         ("waves", WAVES_CASES, {"store_wave_target": True}),
+        ("weighted", WEIGHTED_CASES, {"weighted_crumbs": True}),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -537,6 +544,7 @@ def interpreted() -> dict:
         *(f"{name}+capped" for name in CAPPED_CASES),
         *(f"{name}+uncapped" for name in UNCAPPED_CASES),
         *(f"{name}+waves" for name in WAVES_CASES),
+        *(f"{name}+weighted" for name in WEIGHTED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -669,6 +677,18 @@ def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> N
     assert cases["quarot2_offset_bf16"]["offset"] and cases["offset2_fp16+window"]["offset"]
     assert cases["quarot2_offset_bf16+rotation"]["offset"] and cases["quarot4_offset_bf16"]["offset"]
     assert not cases["quarot2_subtract_bf16"]["offset"]
+
+
+def test_the_weighted_form_runs_where_asked_for_two_bit_codes(interpreted: dict) -> None:
+    """Under `weighted_crumbs`, where the offset form runs and both stores' codes are 2-bit, they are converted
+    with their planes' weights (WEIGHTED); 4-bit codes and the default launch never are. Each such case matches
+    the reference (`test_packed_kernel_matches_reference`)."""
+    for name, m in interpreted.items():
+        if name.startswith(("pair:", "ring:", "compiled:")):
+            continue
+        asked = name.endswith("+weighted")
+        assert m["weighted"] == (asked and m["offset"] and m["bits"] == [2, 2]), name
+    assert all(interpreted[f"{name}+weighted"]["weighted"] for name in WEIGHTED_CASES[:3])
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
@@ -1068,6 +1088,9 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
                 # QuaRot-2's and RTN-2's layout in the offset form (`offset_crumbs`: `_bf16_offset_crumbs`)
                 ("bf16", "token", 1, True, True, 2, False, 0),
                 ("fp16", "token", 1, True, True, 2, False, 0),
+                # and masked in place with their planes' weights (`weighted_crumbs`: `_bf16_weighted_crumbs`)
+                ("bf16", "token", 1, True, "weighted", 2, False, 0),
+                ("fp16", "token", 1, True, "weighted", 2, False, 0),
                 # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
                 ("bf16", "token", 1, True, True, 4, True, 0),
                 ("fp16", "token", 4, False, False, 4, True, 0),
@@ -1090,7 +1113,7 @@ def test_plane_kernel_compiles_for_hopper(
     key_mode: str,
     groups: int,
     zero_sums: bool,
-    offset: bool,
+    offset: bool | str,
     bits: int,
     unmasked: bool,
     rows: int,
@@ -1124,6 +1147,7 @@ def test_plane_kernel_compiles_for_hopper(
         "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
+        "WEIGHTED": offset == "weighted",
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
         "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,
@@ -1133,6 +1157,7 @@ def test_plane_kernel_compiles_for_hopper(
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
     # the offset forms convert without the packed subtract (the only packed subtracts are the conversions')
     assert ("sub.rn.bf16x2" in compiled.asm["ptx"] or "sub.rn.f16x2" in compiled.asm["ptx"]) == (not offset)
+    assert ("0x000C000C" in compiled.asm["ptx"]) == (offset == "weighted")  # plane 1 masked in place
 
 
 def test_plane_pair_kernel_compiles_for_hopper() -> None:
@@ -1163,7 +1188,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
             f"K_BITS{suffix}": bits, f"K_ROW_TOKENS{suffix}": row_tokens, f"K_GROUP{suffix}": 1,
             f"K_MODE{suffix}": "lead", f"V_BITS{suffix}": bits, f"V_GROUP{suffix}": 128,
             f"K_DTYPE{suffix}": tl.float16, f"K_ASM{suffix}": True, f"V_ASM{suffix}": True,
-            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0,
+            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0, f"WEIGHTED{suffix}": False,
         }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_pair_kernel, pointers, constexprs, num_warps=2)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"] and "prmt.b32 a," in compiled.asm["ptx"]
