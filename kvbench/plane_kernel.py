@@ -837,7 +837,9 @@ if kernels.triton is not None:
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
         qsum3 = tl.sum(q3.to(tl.float32), axis=1)
         W3: tl.constexpr = 64.0 if OFFSET == 1024.0 else 16.0  # WEIGHTED: plane 3's weight (`_plane_codes`)
-        if WEIGHTED:  # the packed splits' query planes take 1 / w_g (powers of two: exact); the window's keeps q
+        # WEIGHTED: the packed splits' query planes take 1 / w_g (powers of two: exact, but for float16 values
+        # that fall below its normal range, 6e-5 w_g, and lose bits there); the window's program keeps q
+        if WEIGHTED:
             packed = split < num_splits
             q1 = (q1.to(tl.float32) * tl.where(packed, 0.25, 1.0)).to(DTYPE)
             q2 = (q2.to(tl.float32) * tl.where(packed, 0.0625, 1.0)).to(DTYPE)
