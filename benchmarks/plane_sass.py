@@ -262,9 +262,11 @@ def main() -> None:
         for variant in args.variants:
             # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
             base = variant.removesuffix("_codes_first").removesuffix("_query_first").removesuffix("_unmasked")
-            if (base != "default" and MODES[mode][2] != D) or (base == "offset" and mode != "token"):
+            if (base != "default" and MODES[mode][2] != D) or (base in ("offset", "weighted") and mode != "token"):
                 continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
+                if base == "weighted" and (bits, args.value_bits or bits) != (2, 2):
+                    continue  # weighted codes: 2-bit keys and values only
                 m = measure(
                     compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g, args.window)
                 )

@@ -482,8 +482,10 @@ if kernels.triton is not None:
         with ASM (a 16-bit DTYPE, compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (4 bits, OFFSET
         0), `_bf16_crumbs` / `_f16_crumbs` (2 bits, OFFSET 0) or their offset forms (OFFSET 128 for bfloat16,
         1024 for float16), otherwise by integer shifts and the exact float32 exponent trick, the offset added
-        in float32. WEIGHTED (2 bits, OFFSET set): plane g comes out as OFFSET + w_g * code, the weights
-        `crumb_weights` gives (`_bf16_weighted_crumbs`, `_f16_weighted_crumbs`)."""
+        in float32. WEIGHTED (2 bits, OFFSET set): plane g comes out as OFFSET + w_g * code, w = (1, 4, 16, W3)
+        with W3 64 for float16's offset and 16 otherwise (`_bf16_weighted_crumbs`, `_f16_weighted_crumbs`; the
+        same rule as `_plane_split`'s W3)."""
+        tl.static_assert(not WEIGHTED or (BITS == 2 and OFFSET != 0.0), "weights are for 2-bit offset codes")
         W1: tl.constexpr = 4.0 if WEIGHTED else 1.0
         W2: tl.constexpr = 16.0 if WEIGHTED else 1.0
         W3: tl.constexpr = (64.0 if OFFSET == 1024.0 else 16.0) if WEIGHTED else 1.0
@@ -837,8 +839,8 @@ if kernels.triton is not None:
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
         qsum3 = tl.sum(q3.to(tl.float32), axis=1)
         W3: tl.constexpr = 64.0 if OFFSET == 1024.0 else 16.0  # WEIGHTED: plane 3's weight (`_plane_codes`)
-        # WEIGHTED: the packed splits' query planes take 1 / w_g (powers of two: exact, but for float16 values
-        # that fall below its normal range, 6e-5 w_g, and lose bits there); the window's program keeps q
+        # WEIGHTED: the packed splits' query planes take 1 / w_g (powers of two: exact, except that float16
+        # values below 6e-5 w_g turn subnormal after the division and lose bits); the window's program keeps q
         if WEIGHTED:
             packed = split < num_splits
             q1 = (q1.to(tl.float32) * tl.where(packed, 0.25, 1.0)).to(DTYPE)

@@ -196,11 +196,12 @@ class LaunchConfig:
     offset_crumbs: bool = True
     # With offset_crumbs, where both stores' codes are 2-bit (QuaRot-2's and RTN-2's layout): each plane masked
     # where it lies in the byte instead of shifted down (`plane_kernel._bf16_weighted_crumbs`), so plane g comes
-    # out as 2^m + 4^g c and the kernel divides the weights out (the query's planes before the products, the
-    # value sums after the tiles): 12 instructions make 16 values in bfloat16 (plane 3 still shifted: its top
-    # bit would reach the exponent), 10 in float16, against 16. Offline (`plane_sass.py --modes token
-    # --variants offset weighted --bits 2`, sm_90, Triton 3.7.1): the tile loop 1,324 -> 1,214 instructions a
-    # warp at one warp (logic 579 -> 454), 756 -> 720 at two (2 local-memory operations -> 0). Off: untimed.
+    # out as 2^m + w_g c (w_g = 4^g; 16 for bfloat16's plane 3) and the kernel divides the weights out (the
+    # query's planes before the products, the value sums after the tiles): 12 instructions make 16 values in
+    # bfloat16 (plane 3 still shifted: its top bit would reach the exponent), 10 in float16, against 16.
+    # Offline (`plane_sass.py --modes token --variants offset weighted --bits 2`, sm_90, Triton 3.7.1): the tile
+    # loop 1,324 -> 1,214 instructions a warp at one warp (logic 579 -> 454), 756 -> 720 at two (2 local-memory
+    # operations -> 0). Off: untimed.
     weighted_crumbs: bool = False
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
