@@ -61,6 +61,7 @@ MODES = {
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes masked in place (`weighted_crumbs`)
+VARIANTS["weighted_keys"] = {"K_OFFSET": 128.0}  # KIVI's 2-bit keys masked in place (`halves_weighted_keys`)
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
 VARIANTS |= {
@@ -127,7 +128,8 @@ def compile_plane(
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
         "V_ASM": True, "HAS_WINDOW": window, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
-        "OFFSET": 0.0, "WEIGHTED": False, "WINDOW_RING": window, "UNMASKED": False, "CODES_FIRST": launch.codes_first,
+        "OFFSET": 0.0, "WEIGHTED": False, "K_OFFSET": 0.0, "WINDOW_RING": window, "UNMASKED": False,
+        "CODES_FIRST": launch.codes_first,
     } | VARIANTS[variant]  # fmt: skip
     # the window's tile as the launch chooses it for the products' order
     constexprs["BLOCK_NW"] = plane_kernel.window_block(
@@ -262,11 +264,14 @@ def main() -> None:
         for variant in args.variants:
             # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
             base = variant.removesuffix("_codes_first").removesuffix("_query_first").removesuffix("_unmasked")
-            if (base != "default" and MODES[mode][2] != D) or (base in ("offset", "weighted") and mode != "token"):
-                continue  # summed zero-points: one value zero-point per slot; offset codes: token keys only
+            if base in ("zero_sums", "offset", "weighted") and MODES[mode][2] != D:
+                continue  # summed zero-points: one value zero-point per slot
+            if (base in ("offset", "weighted") and mode != "token") or (base == "weighted_keys" and mode != "halves"):
+                continue  # offset codes: token keys; weighted keys: KIVI's
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
-                if base == "weighted" and (bits, args.value_bits or bits) != (2, 2):
-                    continue  # weighted codes: 2-bit keys and values only
+                weighted_both = base == "weighted" and (bits, args.value_bits or bits) != (2, 2)
+                if weighted_both or (base == "weighted_keys" and bits != 2):
+                    continue  # weighted codes: 2-bit only (keys and values, or KIVI's keys)
                 m = measure(
                     compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g, args.window)
                 )

@@ -159,6 +159,8 @@ CONFIGS = {
     "subtract_crumbs": replace(quant_kernels.LAUNCH, offset_crumbs=False),
     # 2-bit per-token codes masked in place, their planes' weights divided out (`LaunchConfig.weighted_crumbs`)
     "weighted_crumbs": replace(quant_kernels.LAUNCH, weighted_crumbs=True),
+    # KIVI's 2-bit keys masked in place, the weights and offset out of each half's fold (`halves_weighted_keys`)
+    "halves_weighted_keys": replace(quant_kernels.LAUNCH, halves_weighted_keys=True),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

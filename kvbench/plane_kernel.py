@@ -616,11 +616,26 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr,
+        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr, K_OFFSET: tl.constexpr = 0.0,
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
-        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G]). With
+        K_OFFSET m the codes are weighted offset codes, m + w_g c (`_plane_codes`' WEIGHTED): the folded planes
+        take 1 / w_g and the bias gives back m sum_g (q_g * s_g / w_g), from the operands the products take."""
         s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
+        if K_OFFSET != 0.0:
+            W3: tl.constexpr = 64.0 if K_OFFSET == 1024.0 else 16.0
+            qs0 = (q0.to(tl.float32) * s0[None, :]).to(DTYPE)
+            qs1 = (q1.to(tl.float32) * (s1 * 0.25)[None, :]).to(DTYPE)
+            qs2 = (q2.to(tl.float32) * (s2 * 0.0625)[None, :]).to(DTYPE)
+            qs3 = (q3.to(tl.float32) * (s3 * (1.0 / W3))[None, :]).to(DTYPE)
+            bias = tl.sum(
+                q0.to(tl.float32) * z0[None, :] + q1.to(tl.float32) * z1[None, :] + q2.to(tl.float32) * z2[None, :]
+                + q3.to(tl.float32) * z3[None, :]
+                - K_OFFSET * (qs0.to(tl.float32) + qs1.to(tl.float32) + qs2.to(tl.float32) + qs3.to(tl.float32)),
+                axis=1,
+            )  # fmt: skip
+            return _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION, CODES_FIRST), bias
         bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
         logits = _scores((q0.to(tl.float32) * s0[None, :]).to(DTYPE), c0, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, (q1.to(tl.float32) * s1[None, :]).to(DTYPE), c1, PRECISION, CODES_FIRST)
@@ -631,8 +646,8 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
         """sum over planes g of qs_g . c_g, [G, N]: a tile's codes (planes c_g [N, W]) against a query whose
-        planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` does
-        not call it: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
+        planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` calls it
+        only for weighted keys: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
         logits = _scores(qs0, c0, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, qs1, c1, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, qs2, c2, PRECISION, CODES_FIRST)
@@ -746,6 +761,7 @@ if kernels.triton is not None:
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
         WEIGHTED: tl.constexpr,
+        K_OFFSET: tl.constexpr,
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
@@ -946,6 +962,8 @@ if kernels.triton is not None:
                 k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
                 if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
+                elif K_OFFSET != 0.0:  # KIVI's keys as weighted offset codes (`_folded_row_logits`)
+                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, K_OFFSET, True)
                 else:
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET, WEIGHTED)
                 if K_MODE == "token":
@@ -995,11 +1013,11 @@ if kernels.triton is not None:
                     b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
                     logits_a, bias_a = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, K_OFFSET,
                     )  # fmt: skip
                     logits_b, bias_b = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
-                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
+                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, K_OFFSET,
                     )  # fmt: skip
                     logits = tl.where(
                         (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
@@ -1199,6 +1217,7 @@ if kernels.triton is not None:
         ZERO_SUMS: tl.constexpr,
         OFFSET: tl.constexpr,
         WEIGHTED: tl.constexpr,
+        K_OFFSET: tl.constexpr,
         WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr,
         CODES_FIRST: tl.constexpr,
@@ -1213,8 +1232,8 @@ if kernels.triton is not None:
             total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs,
             stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS,
             K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE,
-            K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WEIGHTED, WINDOW_RING, UNMASKED,
-            CODES_FIRST,
+            K_DTYPE, K_ASM, V_ASM, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WEIGHTED, K_OFFSET, WINDOW_RING,
+            UNMASKED, CODES_FIRST,
         )  # fmt: skip
 
     # fmt: off
@@ -1239,11 +1258,11 @@ if kernels.triton is not None:
         BLOCK_NW: tl.constexpr,
         DTYPE: tl.constexpr, K_DTYPE: tl.constexpr, K_ASM: tl.constexpr, V_ASM: tl.constexpr,
         HAS_WINDOW: tl.constexpr, ROTATE: tl.constexpr, PRECISION: tl.constexpr, ZERO_SUMS: tl.constexpr,
-        OFFSET: tl.constexpr, WEIGHTED: tl.constexpr,
+        OFFSET: tl.constexpr, WEIGHTED: tl.constexpr, K_OFFSET: tl.constexpr,
         K_BITS_2: tl.constexpr, K_ROW_TOKENS_2: tl.constexpr, K_GROUP_2: tl.constexpr, K_MODE_2: tl.constexpr,
         V_BITS_2: tl.constexpr, V_GROUP_2: tl.constexpr, K_DTYPE_2: tl.constexpr, K_ASM_2: tl.constexpr,
         V_ASM_2: tl.constexpr, ZERO_SUMS_2: tl.constexpr, OFFSET_2: tl.constexpr, WEIGHTED_2: tl.constexpr,
-        WINDOW_RING: tl.constexpr,
+        K_OFFSET_2: tl.constexpr, WINDOW_RING: tl.constexpr,
         UNMASKED: tl.constexpr, UNMASKED_2: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):
     # fmt: on
@@ -1262,8 +1281,8 @@ if kernels.triton is not None:
                 wq_ptr, total_splits, window_slots, stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh,
                 stride_wvs, stride_wpb, stride_wph, stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM,
                 K_BITS, K_ROW_TOKENS, K_GROUP, K_MODE, V_BITS, V_GROUP, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW,
-                DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WEIGHTED, WINDOW_RING,
-                UNMASKED, CODES_FIRST,
+                DTYPE, K_DTYPE, K_ASM, V_ASM, False, ROTATE, PRECISION, ZERO_SUMS, OFFSET, WEIGHTED, K_OFFSET,
+                WINDOW_RING, UNMASKED, CODES_FIRST,
             )  # fmt: skip
         else:
             _plane_split(
@@ -1275,8 +1294,8 @@ if kernels.triton is not None:
                 stride_wkb, stride_wkh, stride_wks, stride_wvb, stride_wvh, stride_wvs, stride_wpb, stride_wph,
                 stride_wps, rotation_ptr, rotation_scale, HEAD_DIM, VALUE_DIM, K_BITS_2, K_ROW_TOKENS_2, K_GROUP_2,
                 K_MODE_2, V_BITS_2, V_GROUP_2, BLOCK_G, BLOCK_N, BLOCK_W, BLOCK_WV, BLOCK_NW, DTYPE, K_DTYPE_2, K_ASM_2,
-                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WEIGHTED_2, WINDOW_RING, UNMASKED_2,
-                CODES_FIRST,
+                V_ASM_2, HAS_WINDOW, ROTATE, PRECISION, ZERO_SUMS_2, OFFSET_2, WEIGHTED_2, K_OFFSET_2, WINDOW_RING,
+                UNMASKED_2, CODES_FIRST,
             )  # fmt: skip
 
     class _StoreLaunch(NamedTuple):
@@ -1328,12 +1347,15 @@ if kernels.triton is not None:
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset_fits = offset_fits and all(bits == 4 or launch.offset_crumbs for bits in (keys.bits, values.bits))
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
+        # KIVI's 2-bit keys as weighted offset codes where the launch asks (`LaunchConfig.halves_weighted_keys`)
+        k_weighted = launch.halves_weighted_keys and key_mode == "halves" and keys.bits == 2 and sixteen_bit
+        k_offset = (1024.0 if key_dtype == tl.float16 else 128.0) if k_weighted else 0.0
         constexprs = {
             "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,
             "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,
             "K_ASM": asm and key_dtype != tl.float32, "V_ASM": asm and dtype != tl.float32, "ZERO_SUMS": zero_sums,
             "OFFSET": offset, "WEIGHTED": offset != 0.0 and launch.weighted_crumbs and keys.bits == values.bits == 2,
-            "UNMASKED": launch.unmasked_tiles,
+            "K_OFFSET": k_offset, "UNMASKED": launch.unmasked_tiles,
         }  # fmt: skip
         pointers = [k_codes, keys.scale, keys.zero, keys.lead, v_codes, values.scale, values.zero, values.lead]
         strides = [*k_codes.stride()[:3], *keys.scale.stride()[:3], *v_codes.stride()[:3], *values.scale.stride()[:3]]

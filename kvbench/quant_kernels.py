@@ -203,6 +203,13 @@ class LaunchConfig:
     # loop 1,324 -> 1,214 instructions a warp at one warp (logic 579 -> 454), 756 -> 720 at two (2 local-memory
     # operations -> 0). Off: untimed.
     weighted_crumbs: bool = False
+    # KIVI's 2-bit keys ("halves") the same way: masked in place as 2^m + w_g c, the weights divided out of each
+    # half's folded query planes and m sum_g (q_g s_g / w_g) out of its row bias (`_folded_row_logits`); its
+    # values keep the subtract form (an offset there would need per-plane sums of the rounded p * s_g). Offline
+    # (`plane_sass.py --modes halves --variants default weighted_keys --bits 2 --warps 2 --window`): the tile
+    # loop 1,269 -> 1,232 SASS a warp (packed subtracts 168 -> 104, float32 +28, integer +15; local-memory
+    # operations 8 -> 10 under the 128-register cap). Off: untimed.
+    halves_weighted_keys: bool = False
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every

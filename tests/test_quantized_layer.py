@@ -158,10 +158,19 @@ CAPPED_CASES = ("quarot4_offset_bf16+rotation", "plane_groups_fp16+window")
 UNCAPPED = {"halves_max_registers": 0, "halves_programs_per_sm": (6, 12)}
 UNCAPPED_CASES = ("kivi4_halves_bf16+window", "kivi2_halves_fp16")
 WAVES_CASES = ("int2_many_heads_bf16+window",)  # a single store's split target by its waves
-# 2-bit per-token codes masked in place, their planes' weights divided out (the launch's `weighted_crumbs`):
-# bfloat16 (float32 under the interpreter) and float16, with the window's program and QuaRot's rotation; and a
-# 4-bit case, which the flag leaves alone
-WEIGHTED_CASES = ("quarot2_offset_bf16", "offset2_fp16+window", "quarot2_offset_bf16+rotation", "offset_fp16")
+# 2-bit per-token codes masked in place, their planes' weights divided out (the launch's `weighted_crumbs`;
+# KIVI's keys: `halves_weighted_keys`):
+# bfloat16 (float32 under the interpreter) and float16, with the window's program and QuaRot's rotation; KIVI's
+# 2-bit keys ("halves": the weights in the folded query, the offset in the row bias), GQA with a window and
+# a lead off the half tile, and MHA; and a 4-bit case, which the flag leaves alone
+WEIGHTED_CASES = (
+    "quarot2_offset_bf16",
+    "offset2_fp16+window",
+    "quarot2_offset_bf16+rotation",
+    "kivi2_halves_fp16+window",
+    "kivi2_mha_bf16",
+    "offset_fp16",
+)
 ROTATION_CASES = (
     "quarot4_bf16",
     "quarot2_offset_bf16",
@@ -206,7 +215,7 @@ def _launched() -> Iterator[list[dict]]:
     launches, launch_kernel = [], plane_kernel._launch
 
     def spy(kernel, grid, arguments, constexprs, launch):
-        names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET", "WEIGHTED")
+        names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET", "WEIGHTED", "K_OFFSET")
         launches.append({name: constexprs[name] for name in names})
         launches[-1]["max_registers"] = launch.max_registers
         launches[-1]["grid"] = list(grid)
@@ -300,6 +309,7 @@ def _measure(
         "zero_sums": launch.zero_row_sums and x["values"].col_channels == x["query"].shape[-1],
         "offset": bool(launches and launches[0]["OFFSET"]),  # as launched
         "weighted": bool(launches and launches[0]["WEIGHTED"]),
+        "k_weighted": bool(launches and launches[0]["K_OFFSET"]),
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch, can_align=True) if plan is None else plan[0],
         "value_mode": quant_kernels._param_mode(x["values"], d, launch, can_align=False)
@@ -506,7 +516,7 @@ def _worker() -> None:
         ("capped", CAPPED_CASES, CAPPED),
         ("uncapped", UNCAPPED_CASES, UNCAPPED),
         ("waves", WAVES_CASES, {"store_wave_target": True}),
-        ("weighted", WEIGHTED_CASES, {"weighted_crumbs": True}),
+        ("weighted", WEIGHTED_CASES, {"weighted_crumbs": True, "halves_weighted_keys": True}),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -681,14 +691,18 @@ def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> N
 
 def test_the_weighted_form_runs_where_asked_for_two_bit_codes(interpreted: dict) -> None:
     """Under `weighted_crumbs`, where the offset form runs and both stores' codes are 2-bit, they are converted
-    with their planes' weights (WEIGHTED); 4-bit codes and the default launch never are. Each such case matches
+    with their planes' weights (WEIGHTED), and under `halves_weighted_keys` so are KIVI's 2-bit keys (K_OFFSET)
+    for a 16-bit query; 4-bit codes and the default launch never are. Each such case matches
     the reference (`test_packed_kernel_matches_reference`)."""
     for name, m in interpreted.items():
         if name.startswith(("pair:", "ring:", "compiled:")):
             continue
         asked = name.endswith("+weighted")
         assert m["weighted"] == (asked and m["offset"] and m["bits"] == [2, 2]), name
+        kivi_keys = m["kernel"] == "plane" and m["key_mode"] == "halves" and m["bits"][0] == 2
+        assert m["k_weighted"] == (asked and kivi_keys and m["dtype"] != "float32"), name
     assert all(interpreted[f"{name}+weighted"]["weighted"] for name in WEIGHTED_CASES[:3])
+    assert all(interpreted[f"{name}+weighted"]["k_weighted"] for name in WEIGHTED_CASES[3:5])
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
@@ -1091,6 +1105,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
                 # and masked in place with their planes' weights (`weighted_crumbs`: `_bf16_weighted_crumbs`)
                 ("bf16", "token", 1, True, "weighted", 2, False, 0),
                 ("fp16", "token", 1, True, "weighted", 2, False, 0),
+                ("bf16", "halves", 4, False, "weighted", 2, False, 0),  # KIVI-2's keys (K_OFFSET)
+                ("fp16", "halves", 4, False, "weighted", 2, False, 0),
                 # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
                 ("bf16", "token", 1, True, True, 4, True, 0),
                 ("fp16", "token", 4, False, False, 4, True, 0),
@@ -1128,6 +1144,7 @@ def test_plane_kernel_compiles_for_hopper(
 
     default = quant_kernels.LaunchConfig()
     codes_first = plane_kernel.plane_launch(default, zero_sums, key_mode, 1, 1).codes_first != flip
+    offset_value = 1024.0 if dtype == "fp16" else 128.0  # the offset codes' 2^m
 
     pointers = {"q_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
     elements = "*i16" if bits == 4 else "*u8"  # four codes: a 16-bit word or a byte
@@ -1146,8 +1163,9 @@ def test_plane_kernel_compiles_for_hopper(
         "K_DTYPE": tl.float16 if key_mode in plane_kernel.DEQUANTIZED_KEY_MODES or dtype == "fp16" else tl.bfloat16,
         "PRECISION": "tf32",
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
-        "ZERO_SUMS": zero_sums, "OFFSET": (1024.0 if dtype == "fp16" else 128.0) if offset else 0.0,
-        "WEIGHTED": offset == "weighted",
+        "ZERO_SUMS": zero_sums, "OFFSET": offset_value if offset and key_mode == "token" else 0.0,
+        "WEIGHTED": offset == "weighted" and key_mode == "token",
+        "K_OFFSET": offset_value if offset == "weighted" and key_mode == "halves" else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
         "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,
@@ -1156,7 +1174,8 @@ def test_plane_kernel_compiles_for_hopper(
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"]  # the inline PTX is in the kernel
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
     # the offset forms convert without the packed subtract (the only packed subtracts are the conversions')
-    assert ("sub.rn.bf16x2" in compiled.asm["ptx"] or "sub.rn.f16x2" in compiled.asm["ptx"]) == (not offset)
+    subtracts = "sub.rn.bf16x2" in compiled.asm["ptx"] or "sub.rn.f16x2" in compiled.asm["ptx"]
+    assert subtracts == (not offset or key_mode == "halves")  # KIVI's values keep the subtract form
     assert ("0x000C000C" in compiled.asm["ptx"]) == (offset == "weighted")  # plane 1 masked in place
 
 
@@ -1188,7 +1207,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
             f"K_BITS{suffix}": bits, f"K_ROW_TOKENS{suffix}": row_tokens, f"K_GROUP{suffix}": 1,
             f"K_MODE{suffix}": "lead", f"V_BITS{suffix}": bits, f"V_GROUP{suffix}": 128,
             f"K_DTYPE{suffix}": tl.float16, f"K_ASM{suffix}": True, f"V_ASM{suffix}": True,
-            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0, f"WEIGHTED{suffix}": False,
+            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0, f"WEIGHTED{suffix}": False, f"K_OFFSET{suffix}": 0.0,
         }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_pair_kernel, pointers, constexprs, num_warps=2)
     assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"] and "prmt.b32 a," in compiled.asm["ptx"]
