@@ -61,7 +61,10 @@ MODES = {
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes masked in place (`weighted_crumbs`)
-VARIANTS["weighted_keys"] = {"K_OFFSET": 128.0}  # KIVI's 2-bit keys masked in place (`halves_weighted_keys`)
+# folded keys as offset codes: KIVI's 2-bit keys masked in place (`halves_weighted_keys`), ZipCache's prompt set
+# (`lead_offset_keys`)
+VARIANTS["weighted_keys"] = {"K_OFFSET": 128.0}
+VARIANTS["offset_keys"] = VARIANTS["zero_sums"] | VARIANTS["weighted_keys"]  # ZipCache's values: one zero-point
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
 VARIANTS |= {
@@ -264,10 +267,14 @@ def main() -> None:
         for variant in args.variants:
             # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
             base = variant.removesuffix("_codes_first").removesuffix("_query_first").removesuffix("_unmasked")
-            if base in ("zero_sums", "offset", "weighted") and MODES[mode][2] != D:
+            if base in ("zero_sums", "offset", "weighted", "offset_keys") and MODES[mode][2] != D:
                 continue  # summed zero-points: one value zero-point per slot
-            if (base in ("offset", "weighted") and mode != "token") or (base == "weighted_keys" and mode != "halves"):
-                continue  # offset codes: token keys; weighted keys: KIVI's
+            if (
+                (base in ("offset", "weighted") and mode != "token")
+                or (base == "weighted_keys" and mode != "halves")
+                or (base == "offset_keys" and mode != "lead")
+            ):
+                continue  # offset codes: token keys; offset keys: KIVI's and ZipCache's folded rows
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
                 weighted_both = base == "weighted" and (bits, args.value_bits or bits) != (2, 2)
                 if weighted_both or (base == "weighted_keys" and bits != 2):

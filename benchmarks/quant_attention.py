@@ -161,6 +161,8 @@ CONFIGS = {
     "weighted_crumbs": replace(quant_kernels.LAUNCH, weighted_crumbs=True),
     # KIVI's 2-bit keys masked in place, the weights and offset out of each half's fold (`halves_weighted_keys`)
     "halves_weighted_keys": replace(quant_kernels.LAUNCH, halves_weighted_keys=True),
+    # ZipCache's prompt-set keys as offset codes, the offset out of row 0's fold once (`lead_offset_keys`)
+    "lead_offset_keys": replace(quant_kernels.LAUNCH, lead_offset_keys=True),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

@@ -896,6 +896,14 @@ if kernels.triton is not None:
             lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
             lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
             lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
+            if K_OFFSET != 0.0:  # the prompt set's codes as offset codes m + w_g c (weighted at 2 bits): the
+                # weights out of the folded planes and m sum_g lq_g out of the bias, once for every prompt tile
+                LW3: tl.constexpr = 64.0 if K_OFFSET == 1024.0 else 16.0
+                lq1 = (lq1.to(tl.float32) * (0.25 if K_BITS == 2 else 1.0)).to(DTYPE)
+                lq2 = (lq2.to(tl.float32) * (0.0625 if K_BITS == 2 else 1.0)).to(DTYPE)
+                lq3 = (lq3.to(tl.float32) * (1.0 / LW3 if K_BITS == 2 else 1.0)).to(DTYPE)
+                lead_bias -= K_OFFSET * (tl.sum(lq0.to(tl.float32), axis=1) + tl.sum(lq1.to(tl.float32), axis=1))
+                lead_bias -= K_OFFSET * (tl.sum(lq2.to(tl.float32), axis=1) + tl.sum(lq3.to(tl.float32), axis=1))
         if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
             first = start - (start + K_ROW_TOKENS - k_lead % K_ROW_TOKENS) % K_ROW_TOKENS
         end = tl.where(split < num_splits, end, first)  # the window's program reads no packed slot
@@ -960,7 +968,9 @@ if kernels.triton is not None:
                 ahead_live = ((ahead >= start) & (ahead < end)) if ALIGNED else ahead < end
 
                 k_el = _load_elements(kc_base, slots, live, stride_kcs, offs_w, K_WIDTH)
-                if K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
+                if K_MODE == "lead" and phase == 0 and K_OFFSET != 0.0:  # the prompt set's, as offset codes
+                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, K_OFFSET, K_BITS == 2)
+                elif K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
                 elif K_OFFSET != 0.0:  # KIVI's keys as weighted offset codes (`_folded_row_logits`)
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, K_OFFSET, True)
@@ -1347,9 +1357,11 @@ if kernels.triton is not None:
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset_fits = offset_fits and all(bits == 4 or launch.offset_crumbs for bits in (keys.bits, values.bits))
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
-        # KIVI's 2-bit keys as weighted offset codes where the launch asks (`LaunchConfig.halves_weighted_keys`)
-        k_weighted = launch.halves_weighted_keys and key_mode == "halves" and keys.bits == 2 and sixteen_bit
-        k_offset = (1024.0 if key_dtype == tl.float16 else 128.0) if k_weighted else 0.0
+        # Keys whose parameter row folds into the query as offset codes where the launch asks: KIVI's 2-bit
+        # keys (`LaunchConfig.halves_weighted_keys`), ZipCache's prompt set (`lead_offset_keys`; 2-bit weighted)
+        k_folded = launch.halves_weighted_keys and key_mode == "halves" and keys.bits == 2
+        k_folded = k_folded or (launch.lead_offset_keys and key_mode == "lead" and keys.bits in (2, 4))
+        k_offset = (1024.0 if dtype == tl.float16 else 128.0) if k_folded and sixteen_bit else 0.0
         constexprs = {
             "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,
             "V_BITS": values.bits, "V_GROUP": values.col_channels, "K_DTYPE": key_dtype,

@@ -210,6 +210,14 @@ class LaunchConfig:
     # loop 1,269 -> 1,232 SASS a warp (packed subtracts 168 -> 104, float32 +28, integer +15; local-memory
     # operations 8 -> 10 under the 128-register cap). Off: untimed.
     halves_weighted_keys: bool = False
+    # ZipCache's prompt-set keys (key mode "lead", row 0 folded into the query once) as offset codes, 2^m + c
+    # (`plane_kernel._bf16_offset_nibbles`; 2-bit codes weighted, 2^m + w_g c) instead of the subtract forms: m
+    # sum_g (q_g s_g / w_g) comes out of the lead bias once per program, so the prompt tiles convert with 7
+    # instructions for 8 values instead of 11 at 4 bits, 12 for 16 instead of 24 at 2. The decode blocks'
+    # tiles (dequantized per slot) keep the subtract forms. Offline (`plane_sass.py --modes lead --variants
+    # zero_sums offset_keys --bits 4 2 --warps 2`, sm_90, Triton 3.7.1): the prompt loop 877 -> 803 SASS a warp
+    # and tile at 4 bits, 964 -> 864 at 2; the decode blocks' loop unchanged. Off: untimed.
+    lead_offset_keys: bool = False
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every

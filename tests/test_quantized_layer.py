@@ -170,7 +170,10 @@ WEIGHTED_CASES = (
     "kivi2_halves_fp16+window",
     "kivi2_mha_bf16",
     "offset_fp16",
+    "zipcache4_lead_bf16+window",  # ZipCache's prompt sets (`lead_offset_keys`): 4-bit offset codes, 2-bit weighted
+    "zipcache2_lead_fp16",
 )
+WEIGHTED = {"weighted_crumbs": True, "halves_weighted_keys": True, "lead_offset_keys": True}
 ROTATION_CASES = (
     "quarot4_bf16",
     "quarot2_offset_bf16",
@@ -516,7 +519,7 @@ def _worker() -> None:
         ("capped", CAPPED_CASES, CAPPED),
         ("uncapped", UNCAPPED_CASES, UNCAPPED),
         ("waves", WAVES_CASES, {"store_wave_target": True}),
-        ("weighted", WEIGHTED_CASES, {"weighted_crumbs": True, "halves_weighted_keys": True}),
+        ("weighted", WEIGHTED_CASES, WEIGHTED),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -524,6 +527,8 @@ def _worker() -> None:
             cases[f"{name}+{suffix}"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
     unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
+    weighted = quant_kernels.LaunchConfig(**WEIGHTED)
+    cases["pair:zipcache_pair_fp16+window+weighted"] = _measure_pair("zipcache_pair_fp16", True, weighted)
     rows16 = quant_kernels.LaunchConfig(**ROWS16)
     cases["pair:zipcache_pair_fp16+window+rows16"] = _measure_pair("zipcache_pair_fp16", True, rows16)
     capped = quant_kernels.LaunchConfig(**CAPPED)
@@ -576,6 +581,7 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
         "pair:zipcache_pair_bf16+window+unmasked",
         "pair:zipcache_pair_fp16+window+rows16",
         "pair:zipcache_pair_bf16+window+capped",
+        "pair:zipcache_pair_fp16+window+weighted",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -691,18 +697,19 @@ def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> N
 
 def test_the_weighted_form_runs_where_asked_for_two_bit_codes(interpreted: dict) -> None:
     """Under `weighted_crumbs`, where the offset form runs and both stores' codes are 2-bit, they are converted
-    with their planes' weights (WEIGHTED), and under `halves_weighted_keys` so are KIVI's 2-bit keys (K_OFFSET)
-    for a 16-bit query; 4-bit codes and the default launch never are. Each such case matches
-    the reference (`test_packed_kernel_matches_reference`)."""
+    with their planes' weights (WEIGHTED), under `halves_weighted_keys` so are KIVI's 2-bit keys and under
+    `lead_offset_keys` ZipCache's prompt sets' keys (K_OFFSET) for a 16-bit query; the default launch never.
+    Each such case matches the reference (`test_packed_kernel_matches_reference`)."""
     for name, m in interpreted.items():
         if name.startswith(("pair:", "ring:", "compiled:")):
             continue
         asked = name.endswith("+weighted")
         assert m["weighted"] == (asked and m["offset"] and m["bits"] == [2, 2]), name
         kivi_keys = m["kernel"] == "plane" and m["key_mode"] == "halves" and m["bits"][0] == 2
-        assert m["k_weighted"] == (asked and kivi_keys and m["dtype"] != "float32"), name
+        prompt_keys = m["kernel"] == "plane" and m["key_mode"] == "lead" and m["bits"][0] in (2, 4)
+        assert m["k_weighted"] == (asked and (kivi_keys or prompt_keys) and m["dtype"] != "float32"), name
     assert all(interpreted[f"{name}+weighted"]["weighted"] for name in WEIGHTED_CASES[:3])
-    assert all(interpreted[f"{name}+weighted"]["k_weighted"] for name in WEIGHTED_CASES[3:5])
+    assert all(interpreted[f"{name}+weighted"]["k_weighted"] for name in (*WEIGHTED_CASES[3:5], *WEIGHTED_CASES[6:]))
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
