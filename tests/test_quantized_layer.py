@@ -1114,6 +1114,8 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
                 ("fp16", "token", 1, True, "weighted", 2, False, 0),
                 ("bf16", "halves", 4, False, "weighted", 2, False, 0),  # KIVI-2's keys (K_OFFSET)
                 ("fp16", "halves", 4, False, "weighted", 2, False, 0),
+                ("bf16", "lead", 1, True, "weighted", 4, False, 0),  # ZipCache's prompt sets (K_OFFSET)
+                ("fp16", "lead", 1, True, "weighted", 2, False, 0),
                 # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
                 ("bf16", "token", 1, True, True, 4, True, 0),
                 ("fp16", "token", 4, False, False, 4, True, 0),
@@ -1172,7 +1174,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": offset_value if offset and key_mode == "token" else 0.0,
         "WEIGHTED": offset == "weighted" and key_mode == "token",
-        "K_OFFSET": offset_value if offset == "weighted" and key_mode == "halves" else 0.0,
+        "K_OFFSET": offset_value if offset == "weighted" and key_mode in ("halves", "lead") else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
         "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,
@@ -1182,8 +1184,10 @@ def test_plane_kernel_compiles_for_hopper(
     assert ("prmt.b32 a," in compiled.asm["ptx"]) == (bits == 2)  # the 2-bit conversion's byte permutes
     # the offset forms convert without the packed subtract (the only packed subtracts are the conversions')
     subtracts = "sub.rn.bf16x2" in compiled.asm["ptx"] or "sub.rn.f16x2" in compiled.asm["ptx"]
-    assert subtracts == (not offset or key_mode == "halves")  # KIVI's values keep the subtract form
-    assert ("0x000C000C" in compiled.asm["ptx"]) == (offset == "weighted")  # plane 1 masked in place
+    assert subtracts == (not offset or key_mode in ("halves", "lead"))  # values (and decode blocks) subtract
+    assert ("0x000C000C" in compiled.asm["ptx"]) == (offset == "weighted" and bits == 2)  # plane 1 in place
+    # the 4-bit offset form (`_bf16_offset_nibbles`: one scratch register, no subtract) where codes carry 2^m
+    assert (".reg .b32 t;" in compiled.asm["ptx"]) == (bits == 4 and bool(offset))
 
 
 def test_plane_pair_kernel_compiles_for_hopper() -> None:
