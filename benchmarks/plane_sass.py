@@ -65,6 +65,16 @@ VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes ma
 # (`lead_offset_keys`)
 VARIANTS["weighted_keys"] = {"K_OFFSET": 128.0}
 VARIANTS["offset_keys"] = VARIANTS["zero_sums"] | VARIANTS["weighted_keys"]  # ZipCache's values: one zero-point
+# Where each variant's algebra holds: (key modes, key code widths, value code widths); `main` skips the rest.
+ANY = (2, 4)
+SCOPE = {
+    "default": (tuple(MODES), ANY, ANY),
+    "zero_sums": (("token", "lead"), ANY, ANY),  # one value zero-point per slot
+    "offset": (("token",), ANY, ANY),
+    "weighted": (("token",), (2,), (2,)),
+    "weighted_keys": (("halves",), (2,), ANY),
+    "offset_keys": (("lead",), ANY, ANY),
+}
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
 VARIANTS |= {
@@ -267,18 +277,12 @@ def main() -> None:
         for variant in args.variants:
             # the unmasked inner tiles' loop is one of `loops`; codes first changes only the products
             base = variant.removesuffix("_codes_first").removesuffix("_query_first").removesuffix("_unmasked")
-            if base in ("zero_sums", "offset", "weighted", "offset_keys") and MODES[mode][2] != D:
-                continue  # summed zero-points: one value zero-point per slot
-            if (
-                (base in ("offset", "weighted") and mode != "token")
-                or (base == "weighted_keys" and mode != "halves")
-                or (base == "offset_keys" and mode != "lead")
-            ):
-                continue  # offset codes: token keys; offset keys: KIVI's and ZipCache's folded rows
+            modes, key_widths, value_widths = SCOPE[base]
+            if mode not in modes:
+                continue
             for bits, warps, block_g in itertools.product(args.bits, args.warps, args.block_g):
-                weighted_both = base == "weighted" and (bits, args.value_bits or bits) != (2, 2)
-                if weighted_both or (base == "weighted_keys" and bits != 2):
-                    continue  # weighted codes: 2-bit only (keys and values, or KIVI's keys)
+                if bits not in key_widths or (args.value_bits or bits) not in value_widths:
+                    continue
                 m = measure(
                     compile_plane(mode, variant, warps, bits, args.block_n, args.value_bits, block_g, args.window)
                 )

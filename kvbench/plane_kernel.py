@@ -896,12 +896,12 @@ if kernels.triton is not None:
             lq1 = (q1.to(tl.float32) * ls1[None, :]).to(DTYPE)
             lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
             lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
-            if K_OFFSET != 0.0:  # the prompt set's codes as offset codes m + w_g c (weighted at 2 bits): the
-                # weights out of the folded planes and m sum_g lq_g out of the bias, once for every prompt tile
+            if K_OFFSET != 0.0 and K_BITS == 2:  # weighted offset codes m + w_g c: the weights out of the planes
                 LW3: tl.constexpr = 64.0 if K_OFFSET == 1024.0 else 16.0
-                lq1 = (lq1.to(tl.float32) * (0.25 if K_BITS == 2 else 1.0)).to(DTYPE)
-                lq2 = (lq2.to(tl.float32) * (0.0625 if K_BITS == 2 else 1.0)).to(DTYPE)
-                lq3 = (lq3.to(tl.float32) * (1.0 / LW3 if K_BITS == 2 else 1.0)).to(DTYPE)
+                lq1 = (lq1.to(tl.float32) * 0.25).to(DTYPE)
+                lq2 = (lq2.to(tl.float32) * 0.0625).to(DTYPE)
+                lq3 = (lq3.to(tl.float32) * (1.0 / LW3)).to(DTYPE)
+            if K_OFFSET != 0.0:  # the prompt set's codes carry m: m sum_g lq_g out of the bias, once for every tile
                 lead_bias -= K_OFFSET * (tl.sum(lq0.to(tl.float32), axis=1) + tl.sum(lq1.to(tl.float32), axis=1))
                 lead_bias -= K_OFFSET * (tl.sum(lq2.to(tl.float32), axis=1) + tl.sum(lq3.to(tl.float32), axis=1))
         if K_MODE == "halves":  # tiles start where a row does, so each half of a tile is one row
