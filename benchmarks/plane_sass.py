@@ -61,10 +61,8 @@ MODES = {
 }
 VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SUMS": True, "OFFSET": 128.0}}
 VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes masked in place (`weighted_crumbs`)
-# folded keys as offset codes: KIVI's 2-bit keys masked in place (`halves_weighted_keys`), ZipCache's prompt set
-# (`lead_offset_keys`)
-VARIANTS["weighted_keys"] = {"K_OFFSET": 128.0}
-VARIANTS["offset_keys"] = VARIANTS["zero_sums"] | VARIANTS["weighted_keys"]  # ZipCache's values: one zero-point
+# ZipCache's prompt-set keys as offset codes (`lead_offset_keys`); its values take one zero-point a slot
+VARIANTS["offset_keys"] = VARIANTS["zero_sums"] | {"K_OFFSET": 128.0}
 # Where each variant's algebra holds: (key modes, key code widths, value code widths); `main` skips the rest.
 ANY = (2, 4)
 SCOPE = {
@@ -72,7 +70,6 @@ SCOPE = {
     "zero_sums": (("token", "lead"), ANY, ANY),  # one value zero-point per slot
     "offset": (("token",), ANY, ANY),
     "weighted": (("token",), (2,), (2,)),
-    "weighted_keys": (("halves",), (2,), ANY),
     "offset_keys": (("lead",), ANY, ANY),
 }
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles

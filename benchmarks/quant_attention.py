@@ -157,12 +157,10 @@ CONFIGS = {
     # 2-bit per-token codes converted with their subtract (`plane_kernel._bf16_crumbs`), the default before
     # `offset_crumbs` (2^m + c, the offset out of the sums) was turned on
     "subtract_crumbs": replace(quant_kernels.LAUNCH, offset_crumbs=False),
-    # 2-bit per-token codes masked in place, their planes' weights divided out (`LaunchConfig.weighted_crumbs`)
-    "weighted_crumbs": replace(quant_kernels.LAUNCH, weighted_crumbs=True),
-    # KIVI's 2-bit keys masked in place, the weights and offset out of each half's fold (`halves_weighted_keys`)
-    "halves_weighted_keys": replace(quant_kernels.LAUNCH, halves_weighted_keys=True),
-    # ZipCache's prompt-set keys as offset codes, the offset out of row 0's fold once (`lead_offset_keys`)
-    "lead_offset_keys": replace(quant_kernels.LAUNCH, lead_offset_keys=True),
+    # 2-bit per-token codes shifted down, no weights, the default before `weighted_crumbs` was turned on
+    "shifted_crumbs": replace(quant_kernels.LAUNCH, weighted_crumbs=False),
+    # ZipCache's prompt-set keys in the subtract forms, the default before `lead_offset_keys` was turned on
+    "lead_subtract_keys": replace(quant_kernels.LAUNCH, lead_offset_keys=False),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

@@ -616,26 +616,11 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_row_logits(
         q0, q1, q2, q3, c0, c1, c2, c3, scales, zeros, offs_w, mask, K_WIDTH: tl.constexpr, DTYPE: tl.constexpr,
-        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr, K_OFFSET: tl.constexpr = 0.0,
+        PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr,
     ):  # fmt: skip
         """Logits of a tile's codes (planes c_g [N, W]) under one row of per-channel key parameters (`scales`,
-        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G]). With
-        K_OFFSET m the codes are weighted offset codes, m + w_g c (`_plane_codes`' WEIGHTED): the folded planes
-        take 1 / w_g and the bias gives back m sum_g (q_g * s_g / w_g), from the operands the products take."""
+        `zeros`: the row's first channel): (sum over planes of (q_g * s_g) . c_g [G, N], q . z [G])."""
         s0, s1, s2, s3, z0, z1, z2, z3 = _row_params(scales, zeros, offs_w, mask, K_WIDTH)
-        if K_OFFSET != 0.0:
-            W3: tl.constexpr = 64.0 if K_OFFSET == 1024.0 else 16.0
-            qs0 = (q0.to(tl.float32) * s0[None, :]).to(DTYPE)
-            qs1 = (q1.to(tl.float32) * (s1 * 0.25)[None, :]).to(DTYPE)
-            qs2 = (q2.to(tl.float32) * (s2 * 0.0625)[None, :]).to(DTYPE)
-            qs3 = (q3.to(tl.float32) * (s3 * (1.0 / W3))[None, :]).to(DTYPE)
-            bias = tl.sum(
-                q0.to(tl.float32) * z0[None, :] + q1.to(tl.float32) * z1[None, :] + q2.to(tl.float32) * z2[None, :]
-                + q3.to(tl.float32) * z3[None, :]
-                - K_OFFSET * (qs0.to(tl.float32) + qs1.to(tl.float32) + qs2.to(tl.float32) + qs3.to(tl.float32)),
-                axis=1,
-            )  # fmt: skip
-            return _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION, CODES_FIRST), bias
         bias = _row_bias(q0, q1, q2, q3, z0, z1, z2, z3)
         logits = _scores((q0.to(tl.float32) * s0[None, :]).to(DTYPE), c0, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, (q1.to(tl.float32) * s1[None, :]).to(DTYPE), c1, PRECISION, CODES_FIRST)
@@ -646,8 +631,8 @@ if kernels.triton is not None:
     @triton.jit
     def _folded_logits(qs0, qs1, qs2, qs3, c0, c1, c2, c3, PRECISION: tl.constexpr, CODES_FIRST: tl.constexpr):
         """sum over planes g of qs_g . c_g, [G, N]: a tile's codes (planes c_g [N, W]) against a query whose
-        planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` calls it
-        only for weighted keys: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
+        planes qs_g = q_g * s_g were folded once for many tiles (key mode "lead"). `_folded_row_logits` does
+        not call it: with its products moved ahead of the dots, "row"'s SASS changed (Triton 3.7)."""
         logits = _scores(qs0, c0, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, qs1, c1, PRECISION, CODES_FIRST)
         logits = _add_scores(logits, qs2, c2, PRECISION, CODES_FIRST)
@@ -802,6 +787,9 @@ if kernels.triton is not None:
         the packed splits' query planes are q_g / w_g, m sum_g q_g / w_g comes out of each slot's logit, and the
         value sums keep p . z and R = sum(rounded p * s) apart, each plane's accumulator turning into
         (acc_g - m R) / w_g after the packed tiles (the window's program has R = 0 and nothing accumulated then).
+        With K_OFFSET m (key mode "lead", a 16-bit query; `LaunchConfig.lead_offset_keys`) the prompt set's key
+        codes come out as m + c (2-bit: m + w_g c, the folded planes taking 1 / w_g), and m sum_g (q_g s_g / w_g)
+        comes out of row 0's bias once a program; the decode blocks' tiles keep the subtract forms.
         Codes are exact in DTYPE, so rounding is where the folded operands (q * s, p * s) meet the tensor
         cores: as `_packed_split_kernel`'s folded modes. Parameter vectors are read a tile ahead (2-byte
         loads stall the pipeline when read in the tile that uses them).
@@ -972,8 +960,6 @@ if kernels.triton is not None:
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, K_OFFSET, K_BITS == 2)
                 elif K_MODE == "lead":  # the folded query's dtype; the decode blocks' tiles convert them to K_DTYPE
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, DTYPE, K_ASM, OFFSET)
-                elif K_OFFSET != 0.0:  # KIVI's keys as weighted offset codes (`_folded_row_logits`)
-                    c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, K_OFFSET, True)
                 else:
                     c0, c1, c2, c3 = _plane_codes(k_el, K_BITS, K_DTYPE, K_ASM, OFFSET, WEIGHTED)
                 if K_MODE == "token":
@@ -1023,11 +1009,11 @@ if kernels.triton is not None:
                     b_mask = w_ok & (half < end)  # a last tile's second row may lie past the parameters
                     logits_a, bias_a = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_a * stride_ksr, kz_base + row_a * stride_ksr,
-                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, K_OFFSET,
+                        offs_w, w_ok, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     logits_b, bias_b = _folded_row_logits(
                         q0, q1, q2, q3, c0, c1, c2, c3, ks_base + row_b * stride_ksr, kz_base + row_b * stride_ksr,
-                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST, K_OFFSET,
+                        offs_w, b_mask, K_WIDTH, DTYPE, PRECISION, CODES_FIRST,
                     )  # fmt: skip
                     logits = tl.where(
                         (offs_n < K_ROW_TOKENS)[None, :], logits_a + bias_a[:, None], logits_b + bias_b[:, None]
@@ -1357,10 +1343,9 @@ if kernels.triton is not None:
         offset_fits = zero_sums and sixteen_bit and key_mode == "token" and keys.col_channels == d
         offset_fits = offset_fits and all(bits == 4 or launch.offset_crumbs for bits in (keys.bits, values.bits))
         offset = (1024.0 if dtype == tl.float16 else 128.0) if launch.offset_codes and offset_fits else 0.0
-        # Keys whose parameter row folds into the query as offset codes where the launch asks: KIVI's 2-bit
-        # keys (`LaunchConfig.halves_weighted_keys`), ZipCache's prompt set (`lead_offset_keys`; 2-bit weighted)
-        k_folded = launch.halves_weighted_keys and key_mode == "halves" and keys.bits == 2
-        k_folded = k_folded or (launch.lead_offset_keys and key_mode == "lead" and keys.bits in (2, 4))
+        # ZipCache's prompt-set keys, whose parameter row folds into the query once, as offset codes where the
+        # launch asks (`LaunchConfig.lead_offset_keys`; 2-bit codes weighted)
+        k_folded = launch.lead_offset_keys and key_mode == "lead" and keys.bits in (2, 4)
         k_offset = (1024.0 if dtype == tl.float16 else 128.0) if k_folded and sixteen_bit else 0.0
         constexprs = {
             "K_BITS": keys.bits, "K_ROW_TOKENS": keys.row_tokens, "K_GROUP": keys.col_channels, "K_MODE": key_mode,

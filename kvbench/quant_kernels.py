@@ -201,23 +201,25 @@ class LaunchConfig:
     # bfloat16 (plane 3 still shifted: its top bit would reach the exponent), 10 in float16, against 16.
     # Offline (`plane_sass.py --modes token --variants offset weighted --bits 2`, sm_90, Triton 3.7.1): the tile
     # loop 1,324 -> 1,214 instructions a warp at one warp (logic 579 -> 454), 756 -> 720 at two (2 local-memory
-    # operations -> 0). Off: untimed.
-    weighted_crumbs: bool = False
-    # KIVI's 2-bit keys ("halves") the same way: masked in place as 2^m + w_g c, the weights divided out of each
-    # half's folded query planes and m sum_g (q_g s_g / w_g) out of its row bias (`_folded_row_logits`); its
-    # values keep the subtract form (an offset there would need per-plane sums of the rounded p * s_g). Offline
-    # (`plane_sass.py --modes halves --variants default weighted_keys --bits 2 --warps 2 --window`): the tile
-    # loop 1,269 -> 1,232 SASS a warp (packed subtracts 168 -> 104, float32 +28, integer +15; local-memory
-    # operations 8 -> 10 under the 128-register cap). Off: untimed.
-    halves_weighted_keys: bool = False
+    # operations -> 0). H100, kernel alone (`quant_attention.py --configs default,weighted_crumbs` at 488d0ec,
+    # where it was off; `--configs shifted_crumbs` times the former conversion now): per-token 2-bit 18.7 ->
+    # 18.2 us at 8k batch 4, 172.5 -> 157.6 at 8k batch 64, 52.0 -> 50.2 at 32k batch 4, 638.3 -> 587.1 at 32k
+    # batch 64; steps (8B shape) RTN-2 8k batch 64 12.61 -> 12.31 ms, QuaRot-2 14.90 -> 14.30 (benchmarks/README.md,
+    # "The prepared conversions timed; ZipCache's compile", session 59). The same masks for KIVI's 2-bit keys
+    # (weights out of each half's fold) were timed there too and deleted: no faster (300.7 vs 301.7 us at 8k
+    # batch 64; steps within 0.5%).
+    weighted_crumbs: bool = True
     # ZipCache's prompt-set keys (key mode "lead", row 0 folded into the query once) as offset codes, 2^m + c
     # (`plane_kernel._bf16_offset_nibbles`; 2-bit codes weighted, 2^m + w_g c) instead of the subtract forms: m
     # sum_g (q_g s_g / w_g) comes out of the lead bias once per program, so the prompt tiles convert with 7
     # instructions for 8 values instead of 11 at 4 bits, 12 for 16 instead of 24 at 2. The decode blocks'
     # tiles (dequantized per slot) keep the subtract forms. Offline (`plane_sass.py --modes lead --variants
     # zero_sums offset_keys --bits 4 2 --warps 2`, sm_90, Triton 3.7.1): the prompt loop 877 -> 803 SASS a warp
-    # and tile at 4 bits, 964 -> 864 at 2; the decode blocks' loop unchanged. Off: untimed.
-    lead_offset_keys: bool = False
+    # and tile at 4 bits, 964 -> 864 at 2. H100, kernel alone at 488d0ec (off there; `--configs
+    # lead_subtract_keys` times the former now), ZipCache's two sets: 31.0 -> 30.3 us at 8k batch 4, 271.9 ->
+    # 263.1 at 8k batch 64, 77.2 -> 75.2 at 32k batch 4, 997.3 -> 971.7 at 32k batch 64; steps 8.78 -> 8.71 ms at
+    # 32k batch 4, 15.25 -> 15.05 at 8k batch 61 (the same section).
+    lead_offset_keys: bool = True
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every

@@ -32,6 +32,19 @@ SALIENCY = (
 )  # probe queries per block when their attention is computed (bounds the [probes, L] matrix)
 
 
+def ascending_order(scores: torch.Tensor) -> torch.Tensor:
+    """`scores.argsort(dim=-1, stable=True)` for a short last dimension of finite scores (the decode buffer's
+    `gap` tokens), from ranks: token i's rank counts the tokens below it and the equal ones before it, a
+    permutation, and the order puts token i at its rank. Why not argsort: in the compiled step Inductor
+    lowers a stable sort to a bitonic Triton kernel that took ~37 s to compile on the H100 (of a 73 s ZipCache
+    row: `benchmarks/README.md`, session 59); this is a [.., n, n] comparison, a sum and a scatter."""
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    below = scores.unsqueeze(-1) > scores.unsqueeze(-2)  # [..., i, j]: token j below token i
+    tied_before = (scores.unsqueeze(-1) == scores.unsqueeze(-2)) & (index[:, None] > index[None, :])
+    rank = (below | tied_before).sum(dim=-1)
+    return torch.empty_like(rank).scatter_(-1, rank, index.expand_as(rank).contiguous())
+
+
 @dataclass
 class ZipCache(QuantizedMethod):
     """Mixed-precision KV quantization: per KV head, the `low_ratio` least salient tokens get `low_bits`,
@@ -254,7 +267,7 @@ class ZipCacheLayer(QuantizedLayer):
         positions = self.window_positions()
         received = kernels.received_attention(query, self.window_keys, positions, scaling, lse)
         due = self.due_rows()  # the buffer holds `gap` tokens
-        order = received.argsort(dim=-1, stable=True)  # least attended first
+        order = ascending_order(received)  # least attended first
         low = self.block_counts[1]
         shares = (order[..., low:], order[..., :low])
         d, dv = self.window_keys.shape[-1], self.window_values.shape[-1]

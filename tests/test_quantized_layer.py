@@ -158,22 +158,17 @@ CAPPED_CASES = ("quarot4_offset_bf16+rotation", "plane_groups_fp16+window")
 UNCAPPED = {"halves_max_registers": 0, "halves_programs_per_sm": (6, 12)}
 UNCAPPED_CASES = ("kivi4_halves_bf16+window", "kivi2_halves_fp16")
 WAVES_CASES = ("int2_many_heads_bf16+window",)  # a single store's split target by its waves
-# 2-bit per-token codes masked in place, their planes' weights divided out (the launch's `weighted_crumbs`;
-# KIVI's keys: `halves_weighted_keys`):
-# bfloat16 (float32 under the interpreter) and float16, with the window's program and QuaRot's rotation; KIVI's
-# 2-bit keys ("halves": the weights in the folded query, the offset in the row bias), GQA with a window and
-# a lead off the half tile, and MHA; and a 4-bit case, which the flag leaves alone
-WEIGHTED_CASES = (
+# The former conversions, before `weighted_crumbs` and `lead_offset_keys` were turned on: 2-bit per-token codes
+# shifted down, no weights (bfloat16 and float16, with the window's program and QuaRot's rotation), and
+# ZipCache's prompt-set keys in the subtract forms (4 and 2 bits)
+SHIFTED_CASES = (
     "quarot2_offset_bf16",
     "offset2_fp16+window",
     "quarot2_offset_bf16+rotation",
-    "kivi2_halves_fp16+window",
-    "kivi2_mha_bf16",
-    "offset_fp16",
-    "zipcache4_lead_bf16+window",  # ZipCache's prompt sets (`lead_offset_keys`): 4-bit offset codes, 2-bit weighted
+    "zipcache4_lead_bf16+window",
     "zipcache2_lead_fp16",
 )
-WEIGHTED = {"weighted_crumbs": True, "halves_weighted_keys": True, "lead_offset_keys": True}
+SHIFTED = {"weighted_crumbs": False, "lead_offset_keys": False}
 ROTATION_CASES = (
     "quarot4_bf16",
     "quarot2_offset_bf16",
@@ -519,7 +514,7 @@ def _worker() -> None:
         ("capped", CAPPED_CASES, CAPPED),
         ("uncapped", UNCAPPED_CASES, UNCAPPED),
         ("waves", WAVES_CASES, {"store_wave_target": True}),
-        ("weighted", WEIGHTED_CASES, WEIGHTED),
+        ("shifted", SHIFTED_CASES, SHIFTED),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -527,8 +522,8 @@ def _worker() -> None:
             cases[f"{name}+{suffix}"] = _measure(case, "window" in given, "rotation" in given, launch=launch)
     unmasked = quant_kernels.LaunchConfig(unmasked_tiles=True)
     cases["pair:zipcache_pair_bf16+window+unmasked"] = _measure_pair("zipcache_pair_bf16", True, unmasked)
-    weighted = quant_kernels.LaunchConfig(**WEIGHTED)
-    cases["pair:zipcache_pair_fp16+window+weighted"] = _measure_pair("zipcache_pair_fp16", True, weighted)
+    shifted = quant_kernels.LaunchConfig(**SHIFTED)
+    cases["pair:zipcache_pair_fp16+window+shifted"] = _measure_pair("zipcache_pair_fp16", True, shifted)
     rows16 = quant_kernels.LaunchConfig(**ROWS16)
     cases["pair:zipcache_pair_fp16+window+rows16"] = _measure_pair("zipcache_pair_fp16", True, rows16)
     capped = quant_kernels.LaunchConfig(**CAPPED)
@@ -559,7 +554,7 @@ def interpreted() -> dict:
         *(f"{name}+capped" for name in CAPPED_CASES),
         *(f"{name}+uncapped" for name in UNCAPPED_CASES),
         *(f"{name}+waves" for name in WAVES_CASES),
-        *(f"{name}+weighted" for name in WEIGHTED_CASES),
+        *(f"{name}+shifted" for name in SHIFTED_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -581,7 +576,7 @@ def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
         "pair:zipcache_pair_bf16+window+unmasked",
         "pair:zipcache_pair_fp16+window+rows16",
         "pair:zipcache_pair_bf16+window+capped",
-        "pair:zipcache_pair_fp16+window+weighted",
+        "pair:zipcache_pair_fp16+window+shifted",
     ],
 )
 def test_packed_sets_match_the_merged_references(interpreted: dict, name: str) -> None:
@@ -695,21 +690,22 @@ def test_the_offset_form_runs_where_the_launch_allows_it(interpreted: dict) -> N
     assert not cases["quarot2_subtract_bf16"]["offset"]
 
 
-def test_the_weighted_form_runs_where_asked_for_two_bit_codes(interpreted: dict) -> None:
-    """Under `weighted_crumbs`, where the offset form runs and both stores' codes are 2-bit, they are converted
-    with their planes' weights (WEIGHTED), under `halves_weighted_keys` so are KIVI's 2-bit keys and under
-    `lead_offset_keys` ZipCache's prompt sets' keys (K_OFFSET) for a 16-bit query; the default launch never.
-    Each such case matches the reference (`test_packed_kernel_matches_reference`)."""
+def test_the_weighted_forms_run_by_default(interpreted: dict) -> None:
+    """By default (`weighted_crumbs`), where the offset form runs and both stores' codes are 2-bit, they are
+    converted with their planes' weights (WEIGHTED), and ZipCache's prompt sets' keys as offset codes
+    (`lead_offset_keys`: K_OFFSET) for a 16-bit query; with both flags off (the "+shifted" cases) neither. Each
+    case matches the reference (`test_packed_kernel_matches_reference`)."""
     for name, m in interpreted.items():
         if name.startswith(("pair:", "ring:", "compiled:")):
             continue
-        asked = name.endswith("+weighted")
+        asked = not name.endswith("+shifted")
         assert m["weighted"] == (asked and m["offset"] and m["bits"] == [2, 2]), name
-        kivi_keys = m["kernel"] == "plane" and m["key_mode"] == "halves" and m["bits"][0] == 2
         prompt_keys = m["kernel"] == "plane" and m["key_mode"] == "lead" and m["bits"][0] in (2, 4)
-        assert m["k_weighted"] == (asked and (kivi_keys or prompt_keys) and m["dtype"] != "float32"), name
-    assert all(interpreted[f"{name}+weighted"]["weighted"] for name in WEIGHTED_CASES[:3])
-    assert all(interpreted[f"{name}+weighted"]["k_weighted"] for name in (*WEIGHTED_CASES[3:5], *WEIGHTED_CASES[6:]))
+        assert m["k_weighted"] == (asked and prompt_keys and m["dtype"] != "float32"), name
+    assert all(interpreted[name]["weighted"] for name in SHIFTED_CASES[:3])
+    assert all(interpreted[name]["k_weighted"] for name in SHIFTED_CASES[3:])
+    assert not any(interpreted[f"{name}+shifted"]["weighted"] for name in SHIFTED_CASES[:3])
+    assert not any(interpreted[f"{name}+shifted"]["k_weighted"] for name in SHIFTED_CASES[3:])
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
@@ -1112,8 +1108,6 @@ def test_packed_kernel_compiles_for_hopper(dtype: str, bits: int, key_mode: str,
                 # and masked in place with their planes' weights (`weighted_crumbs`: `_bf16_weighted_crumbs`)
                 ("bf16", "token", 1, True, "weighted", 2, False, 0),
                 ("fp16", "token", 1, True, "weighted", 2, False, 0),
-                ("bf16", "halves", 4, False, "weighted", 2, False, 0),  # KIVI-2's keys (K_OFFSET)
-                ("fp16", "halves", 4, False, "weighted", 2, False, 0),
                 ("bf16", "lead", 1, True, "weighted", 4, False, 0),  # ZipCache's prompt sets (K_OFFSET)
                 ("fp16", "lead", 1, True, "weighted", 2, False, 0),
                 # the launch's `unmasked_tiles`: inner tiles in a loop of their own, without slot masks
@@ -1174,7 +1168,7 @@ def test_plane_kernel_compiles_for_hopper(
         "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
         "ZERO_SUMS": zero_sums, "OFFSET": offset_value if offset and key_mode == "token" else 0.0,
         "WEIGHTED": offset == "weighted" and key_mode == "token",
-        "K_OFFSET": offset_value if offset == "weighted" and key_mode in ("halves", "lead") else 0.0,
+        "K_OFFSET": offset_value if offset == "weighted" and key_mode == "lead" else 0.0,
         # the window's live slots from a ring's counters (quantized layers) or read as positions
         "WINDOW_RING": key_mode in ("halves", "lead"), "UNMASKED": unmasked, "CODES_FIRST": codes_first,
         "BLOCK_NW": plane_kernel.WINDOW_BLOCK_CODES_FIRST if codes_first else 64,

@@ -14,7 +14,7 @@ from kvbench.config import build
 from kvbench.engine import Engine, Request
 from kvbench.errors import ConfigError
 from kvbench.methods.full import Full
-from kvbench.methods.zipcache import ZipCache
+from kvbench.methods.zipcache import ZipCache, ascending_order
 from kvbench.quant import fake_quantize
 from tests.conftest import compose_config
 from tests.test_kivi import _logits, wikitext_ids  # noqa: F401 (a fixture)
@@ -171,6 +171,17 @@ def test_decode_flush_splits_the_buffer_by_the_current_querys_attention():
         stored = quant_kernels.dequantize_slots(part.values.slots_view())[:, :, count : count + 4] * c
         names = stored[0, :, :, 0].round().sort(-1).values  # per KV head, the tokens the flush put here
         assert torch.equal(names, (tokens + 1).float().expand(2, 4))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 100), (1, 8, 7), (4, 2, 128)])
+def test_the_flushs_order_is_a_stable_argsort(shape):
+    """`ascending_order` (the flush's ranking without a sort) gives `argsort(stable=True)`'s order exactly:
+    distinct scores, and scores with many ties (equal scores keep their buffer order)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    tied = torch.randint(0, 4, shape, generator=gen).float()
+    distinct = torch.randn(shape, generator=gen)
+    for scores in (tied, distinct):
+        assert torch.equal(ascending_order(scores), scores.argsort(dim=-1, stable=True))
 
 
 def test_measured_bytes_are_both_sets_parameters_scales_and_buffer():
