@@ -547,7 +547,9 @@ def main() -> None:
             terminated = True
     rows = [*sweep.resumed, *sweep.rows]
     print("\n" + "\n".join(format_row(row) for row in rows))
-    print(f"wall {time.perf_counter() - began:.0f} s", flush=True)
+    wall_s = time.perf_counter() - began
+    split = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in wall_split(sweep.rows, wall_s).items())
+    print(f"wall {wall_s:.0f} s: {split}", flush=True)
     if terminated:
         print("terminated: no new rows", flush=True)
         raise SystemExit(128 + signal.SIGTERM)  # the shell's code for a process stopped by SIGTERM
@@ -655,11 +657,13 @@ class Sweep:
         """Run one row, append it to the output and the table; `planned`: the plan's batch where it is not
         `batch` (MAX_BATCH)."""
         args = self.args
+        started = time.perf_counter()
         row = run_row(
             self.model, self.spec, method_name, size, context, batch, engine_name, args, self.bandwidth,
             self.host_bandwidth,
         )  # fmt: skip
         row.update(
+            row_s=time.perf_counter() - started,  # the row's wall time: engine, compile, prefill, decode, freeing
             shape=self.shape,
             run=run_spec(self.shape, method_name, size, context, batch if planned is None else planned, engine_name),
             settings=self.settings,
@@ -818,6 +822,22 @@ def parse_batch(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"batch {text!r} is not valid: a positive integer or max")
     return int(text)
+
+
+def wall_split(rows: list[dict], wall_s: float) -> dict[str, float]:
+    """Where this run's wall time went: its rows' compile, prefill and decode seconds (the prefill once for
+    each sequence prefilled, the decode's timed steps), the rest of the rows' own time (`row_s`: building the
+    engine, the untimed steps, freeing) and what lay between rows (bandwidth probes, model loads, planning)."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    parts = {
+        "compile": sum(row["compile_s"] for row in ok),
+        "prefill": sum(row["prefill_s"] * row["prefills"] for row in ok),
+        "decode": sum(row["measurement"]["decode_s"] for row in ok),
+    }
+    in_rows = sum(row.get("row_s", 0.0) for row in rows)
+    parts["rest of rows"] = in_rows - sum(parts.values())
+    parts["between rows"] = wall_s - in_rows
+    return parts
 
 
 def format_row(row: dict) -> str:

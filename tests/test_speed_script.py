@@ -422,7 +422,8 @@ def test_quant_launch_reads_flags_integers_and_pairs():
 def test_compile_parts_are_each_rows_own_and_sum_to_its_compile_seconds(tmp_path):
     """A compiled row splits its `compile_s` into Dynamo's tracing, the backend and the rest (warm-up and
     capture), which sum to it, from torch's compile timers: a row's own, since each row resets Dynamo (which
-    clears them), so two identical rows in one run count the same graphs, not the second both rows'."""
+    clears them), so two identical rows in one run count the same graphs, not the second both rows'. The
+    row's wall time (`row_s`) holds its parts, and the run's last line splits its wall time."""
     out = tmp_path / "rows.jsonl"
     command = [sys.executable, str(SPEED), "--device", "cpu", "--new-tokens", "3", "--out", str(out)]
     command += ["--runs", "tiny-llama:full:0:64:1:compiled", "tiny-llama:full:0:64:1:compiled"]
@@ -437,6 +438,15 @@ def test_compile_parts_are_each_rows_own_and_sum_to_its_compile_seconds(tmp_path
         assert seconds == pytest.approx(row["compile_s"], rel=1e-6, abs=1e-6)
         assert parts["kernel_compile_s"] <= parts["backend_s"] and parts["inductor_s"] <= parts["backend_s"]
     assert rows[1]["compile_parts"]["graphs"] == rows[0]["compile_parts"]["graphs"]
+    # each row's wall time holds its compile, prefill and decode; the run's split of its wall adds up to it
+    for row in rows:
+        assert row["row_s"] >= row["compile_s"] + row["prefill_s"] * row["prefills"] + row["measurement"]["decode_s"]
+    wall = next(line for line in done.stdout.splitlines() if line.startswith("wall "))
+    total, _, split = wall.removeprefix("wall ").partition(" s: ")
+    seconds = {part.rsplit(" ", 2)[0]: float(part.rsplit(" ", 2)[1]) for part in split.split(", ")}
+    assert set(seconds) == {"compile", "prefill", "decode", "rest of rows", "between rows"}
+    assert seconds["compile"] == pytest.approx(sum(row["compile_s"] for row in rows), abs=1)
+    assert sum(seconds.values()) == pytest.approx(float(total), abs=3)  # six numbers, each rounded to 1 s
 
 
 def test_host_reads_get_their_own_floor_over_the_host_link(monkeypatch, tmp_path):
