@@ -808,6 +808,7 @@ if kernels.triton is not None:
         the combine kernel rotates the output back."""
         b = (bh // num_kv_heads).to(tl.int64)
         h = (bh % num_kv_heads).to(tl.int64)
+        tl.static_assert(K_OFFSET == 0.0 or K_MODE == "lead", "offset key codes fold into the lead row only")
         K_WIDTH: tl.constexpr = HEAD_DIM // 4
         V_WIDTH: tl.constexpr = VALUE_DIM // 4
         offs_g = tl.arange(0, BLOCK_G)

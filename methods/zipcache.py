@@ -33,15 +33,18 @@ SALIENCY = (
 
 
 def ascending_order(scores: torch.Tensor) -> torch.Tensor:
-    """`scores.argsort(dim=-1, stable=True)` for a short last dimension of finite scores (the decode buffer's
-    `gap` tokens), from ranks: token i's rank counts the tokens below it and the equal ones before it, a
-    permutation, and the order puts token i at its rank. Why not argsort: in the compiled step Inductor
-    lowers a stable sort to a bitonic Triton kernel that took ~37 s to compile on the H100 (of a 73 s ZipCache
-    row: `benchmarks/README.md`, session 59); this is a [.., n, n] comparison, a sum and a scatter."""
+    """`scores.argsort(dim=-1, stable=True)` for a short last dimension (the decode buffer's `gap` tokens),
+    from ranks: token i's rank counts the tokens below it and the equal ones before it (NaN above every number
+    and equal to NaN, as the sort puts them), a permutation, and the order puts token i at its rank. Why not
+    argsort: in the compiled step Inductor lowers a stable sort to a bitonic Triton kernel, and on the H100 the
+    last of that kernel's three cache entries finished 37 s after the entry before it, of a 73 s ZipCache
+    compile (`benchmarks/README.md`, session 59); this is a [.., n, n] comparison, a sum and a scatter."""
     index = torch.arange(scores.shape[-1], device=scores.device)
-    below = scores.unsqueeze(-1) > scores.unsqueeze(-2)  # [..., i, j]: token j below token i
-    tied_before = (scores.unsqueeze(-1) == scores.unsqueeze(-2)) & (index[:, None] > index[None, :])
-    rank = (below | tied_before).sum(dim=-1)
+    nan = scores.isnan()
+    left, right = scores.unsqueeze(-1), scores.unsqueeze(-2)  # [..., i, j]: token i against token j
+    below = (left > right) | (nan.unsqueeze(-1) & ~nan.unsqueeze(-2))  # token j below token i
+    equal = (left == right) | (nan.unsqueeze(-1) & nan.unsqueeze(-2))
+    rank = (below | (equal & (index[:, None] > index[None, :]))).sum(dim=-1)
     return torch.empty_like(rank).scatter_(-1, rank, index.expand_as(rank).contiguous())
 
 

@@ -1186,7 +1186,8 @@ def test_plane_kernel_compiles_for_hopper(
 
 def test_plane_pair_kernel_compiles_for_hopper() -> None:
     """`_plane_pair_kernel` lowered for sm_90, ZipCache's two sets in bfloat16: the 4-bit salient set's nibble
-    PTX and the 2-bit rest's byte PTX in one kernel, each in its own branch."""
+    PTX and the 2-bit rest's byte PTX in one kernel, each in its own branch, their prompt-set keys as offset
+    codes as the default launch gives them."""
     import triton.language as tl
 
     pointers = {"q_ptr": "*bf16", "o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "scale_log2": "fp32"}
@@ -1212,10 +1213,14 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
             f"K_BITS{suffix}": bits, f"K_ROW_TOKENS{suffix}": row_tokens, f"K_GROUP{suffix}": 1,
             f"K_MODE{suffix}": "lead", f"V_BITS{suffix}": bits, f"V_GROUP{suffix}": 128,
             f"K_DTYPE{suffix}": tl.float16, f"K_ASM{suffix}": True, f"V_ASM{suffix}": True,
-            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0, f"WEIGHTED{suffix}": False, f"K_OFFSET{suffix}": 0.0,
+            f"ZERO_SUMS{suffix}": True, f"OFFSET{suffix}": 0.0, f"WEIGHTED{suffix}": False,
+            f"K_OFFSET{suffix}": 128.0,  # the prompt sets' keys as offset codes (`lead_offset_keys`, the default)
         }  # fmt: skip
     compiled = compile_for_hopper(plane_kernel._plane_pair_kernel, pointers, constexprs, num_warps=2)
-    assert compiled.asm["cubin"] and "lop3.b32" in compiled.asm["ptx"] and "prmt.b32 a," in compiled.asm["ptx"]
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"] and "lop3.b32" in ptx and "prmt.b32 a," in ptx
+    # the 4-bit set's offset nibbles (one scratch register) and the 2-bit set's plane 1 masked in place
+    assert ".reg .b32 t;" in ptx and "0x000C000C" in ptx
 
 
 @pytest.mark.parametrize(

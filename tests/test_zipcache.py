@@ -176,11 +176,14 @@ def test_decode_flush_splits_the_buffer_by_the_current_querys_attention():
 @pytest.mark.parametrize("shape", [(2, 3, 100), (1, 8, 7), (4, 2, 128)])
 def test_the_flushs_order_is_a_stable_argsort(shape):
     """`ascending_order` (the flush's ranking without a sort) gives `argsort(stable=True)`'s order exactly:
-    distinct scores, and scores with many ties (equal scores keep their buffer order)."""
+    distinct scores, scores with many ties (equal scores keep their buffer order), and scores with infinities
+    and NaN (last, in buffer order)."""
     gen = torch.Generator().manual_seed(sum(shape))
     tied = torch.randint(0, 4, shape, generator=gen).float()
     distinct = torch.randn(shape, generator=gen)
-    for scores in (tied, distinct):
+    odd = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])
+    unusual = torch.where(torch.rand(shape, generator=gen) < 0.3, odd[torch.randint(0, 5, shape, generator=gen)], tied)
+    for scores in (tied, distinct, unusual):
         assert torch.equal(ascending_order(scores), scores.argsort(dim=-1, stable=True))
 
 
