@@ -34,6 +34,7 @@ JSON line per row to --out, each configuration's rows as soon as they are done, 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -351,24 +352,25 @@ def pair_checks(device: torch.device, slots: int, config: str) -> list[dict]:
 
 def token_quant_checks(device: torch.device) -> list[dict]:
     """`kvbench.token_quant`'s one-launch quantization of a decode token (4 sequences x 8 KV heads, bf16, an
-    outlier channel) against its reference, with and without QuaRot's rotation: unrotated equal bit for bit;
-    rotated within one step (the float32 sums' order differs from the butterfly's)."""
+    outlier channel) against its reference, at 4 and 2 bits, with and without QuaRot's rotation: unrotated
+    equal bit for bit; rotated within one step (the float32 sums' order differs from the butterfly's)."""
     gen = torch.Generator(device=device).manual_seed(5)
     keys = torch.randn(4, HKV, 1, D, device=device, generator=gen) * 2
     keys[..., 7] += 30.0
     keys, values = keys.bfloat16(), torch.randn(4, HKV, 1, D, device=device, generator=gen).bfloat16()
     rows = []
-    for rotation in (None, hadamard_matrix(D, dtype=torch.int8, device=device, normalized=False)):
-        got = token_quant.quantize_tokens(keys, values, rotation, 4, D, 0.95)
-        want = token_quant.quantize_tokens_reference(keys, values, rotation, 4, D, 0.95)
+    rotations = (None, hadamard_matrix(D, dtype=torch.int8, device=device, normalized=False))
+    for bits, rotation in itertools.product((4, 2), rotations):
+        got = token_quant.quantize_tokens(keys, values, rotation, bits, D, 0.95)
+        want = token_quant.quantize_tokens_reference(keys, values, rotation, bits, D, 0.95)
         equal = all(torch.equal(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
         error = max(
-            float(((dequantize(g, 4, "token", D) - dequantize(w, 4, "token", D)).abs() / w.scale.float()).max())
+            float(((dequantize(g, bits, "token", D) - dequantize(w, bits, "token", D)).abs() / w.scale.float()).max())
             for g, w in zip(got, want, strict=True)
         )
         differing = max(float((g.codes != w.codes).float().mean()) for g, w in zip(got, want, strict=True))
         ok = equal if rotation is None else error <= 1.01 and differing < 0.02
-        name = "token_quant_rotated" if rotation is not None else "token_quant"
+        name = ("token_quant_rotated" if rotation is not None else "token_quant") + ("" if bits == 4 else "_2bit")
         rows.append({"check": name, "ok": ok, "equal": equal, "error_steps": error, "codes_differing": differing})
     return rows
 

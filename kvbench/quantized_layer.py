@@ -15,7 +15,7 @@ API for methods (KIVI, ZipCache and QuaRot build on it):
   `decode_rotation(dim, device)`: a +-1 matrix R the stored keys and values are rotated by (QuaRot's
   Hadamard), so that decode attention rotates the query by R / sqrt(D) to meet them and its output back,
   inside the attention kernels where they take the store (`packed_decode_attention`), else by products;
-  a decode token written straight to the store (no window) in per-token 4-bit groups is transformed and
+  a decode token written straight to the store (no window) in per-token 4- or 2-bit groups is transformed and
   quantized in one kernel launch (`kvbench.token_quant`), which assumes the transforms are `decode_rotation`
   or nothing: a subclass with other transforms sets `transforms_are_rotation = False` (ZipCache);
   `quantize_prompt(keys, values)` to place the prompt differently, `flush_window()` (with `flush_tokens`, the
@@ -451,7 +451,7 @@ class QuantizedLayer(KVLayer):
 
     def quantize_new_token(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[Quantized, Quantized]:
         """A decode token's K and V [B, Hkv, 1, D], transformed and quantized for the store (no window), where
-        `kvbench.token_quant` does not take the layout (`one_launch_tokens`: per-token 4-bit groups, the same
+        `kvbench.token_quant` does not take the layout (`one_launch_tokens`: per-token 4- or 2-bit groups, the same
         for K and V, packed, transforms that are `rotation` or nothing, written by the kernel itself)."""
         part = self.parts[0]
         return part.keys.quantize(self.transform_keys(keys)), part.values.quantize(self.transform_values(values))

@@ -7,11 +7,13 @@ microseconds: QuaRot's K and V took 16.5 us a layer more than RTN's, about 0.5 m
 (H200, `benchmarks/profile_step.py`). `quantize_tokens` does both tensors in one Triton launch on CUDA:
 the rotation as one tensor-core product with the +-1 Sylvester matrix (exact products, float32 sums),
 scaled by 1 / sqrt(D) and rounded to the model's dtype as the transform's output is, then
-`kvbench.quant.quantize`'s per-token arithmetic and the planar 4-bit packing. It covers the layout that
-QuaRot and its RTN ablation store (per-token groups, 4 bits); `fits` says when. Elsewhere (CPU, other
-layouts) the reference runs: the fast transform, then `quantize`. Measured (H200, profile_step.py, batch 1,
-32k): 4.6 us a layer with the rotation (the matrix held as int8), 2.9 without; QuaRot-4's step 6.43 ->
-6.19 ms at batch 1 and 9.08 -> 8.18 ms at batch 4 (benchmarks/README.md, "One launch for the new token").
+`kvbench.quant.quantize`'s per-token arithmetic and the planar packing. It covers the layouts that
+QuaRot and its RTN ablation store (per-token groups, 4 or 2 bits; 2 since session 59, not yet timed);
+`fits` says when. Elsewhere (CPU, other layouts) the reference runs: the fast transform, then `quantize`.
+Measured (H200, profile_step.py, batch 1, 32k): 4.6 us a layer with the rotation (the matrix held as int8),
+2.9 without; QuaRot-4's step 6.43 -> 6.19 ms at batch 1 and 9.08 -> 8.18 ms at batch 4 (benchmarks/README.md,
+"One launch for the new token"). Before session 59 QuaRot-2's and RTN-2's decode tokens took the reference in
+the step (the butterfly's kernels and `quantize`'s).
 
 The decode path writes the codes and parameters straight into the stores (`quantize_tokens_into`: each
 sequence's token at its own slot). Before, the kernel returned six tensors and six indexed writes put them
@@ -33,15 +35,15 @@ import torch
 
 from kvbench import kernels
 from kvbench.hadamard import hadamard_transform, is_power_of_two
-from kvbench.quant import MIN_SCALE, Quantized, quantize
+from kvbench.quant import MIN_SCALE, Quantized, is_planar, packed_width, quantize
 
 BLOCK_ROWS = 16  # (sequence, KV head) rows a program quantizes: the smallest tensor-core tile's height
 
 
 def fits(bits: int, axis: str, group: int, dim: int) -> bool:
-    """Whether the kernel takes this layout: per-token groups of 4-bit planar codes, head_dim a power of
-    two (a Triton block) with groups that tile it."""
-    return bits == 4 and axis == "token" and is_power_of_two(dim) and dim >= 16 and dim % group == 0
+    """Whether the kernel takes this layout: per-token groups of 4- or 2-bit planar codes, head_dim a power
+    of two (a Triton block) with groups that tile it."""
+    return is_planar(bits) and axis == "token" and is_power_of_two(dim) and dim >= 16 and dim % group == 0
 
 
 def quantize_tokens_reference(
@@ -76,7 +78,7 @@ def _quantize_tokens_into_op(
 ) -> None:
     stores = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
     if kernels._use_triton(keys):
-        _launch_quantize(keys, values, rotation, slots, clip, *stores)
+        _launch_quantize(keys, values, rotation, slots, bits, clip, *stores)
         return
     _write_reference(keys, values, rotation, bits, group, clip, stores, slots)
 
@@ -98,7 +100,7 @@ def quantize_tokens_into(
     slots: torch.Tensor,
 ) -> None:
     """`quantize_tokens_reference` of one token per head, keys and values [B, H, 1, D], written straight into
-    slot slots[b] of each sequence's rows of the stores (codes [B, H, S, D/2], and scale and zero-point rows
+    slot slots[b] of each sequence's rows of the stores (codes [B, H, S, D bits / 8], and scale and zero-point rows
     [B, H, S, D/group]: per-token parameters, a slot's at its own row), slots clamped to the stores' (a
     finished sequence's extra steps rewrite the last), in one launch where the layout `fits` and Triton runs: no
     separate writes of the six tensors after it (six small kernels a layer in the compiled step). The stores
@@ -109,7 +111,7 @@ def quantize_tokens_into(
     params = {(t.shape, t.stride()) for t in stores[1:3] + stores[4:]}
     codes, scale = key_store.codes, key_store.scale
     one_launch = (
-        fits(bits, "token", group, dim)  # 4-bit planar codes: the kernel packs nothing else
+        fits(bits, "token", group, dim)  # 4- or 2-bit planar codes: the kernel packs nothing else
         and keys.shape == values.shape
         and keys.dtype == values.dtype
         and tokens == 1
@@ -117,7 +119,7 @@ def quantize_tokens_into(
         and len(params) == 1
         and all(t.stride(-1) == 1 for t in stores)
         and codes.shape[:2] == keys.shape[:2]
-        and codes.shape[-1] * 2 == dim
+        and codes.shape[-1] == packed_width(dim, bits)
         and scale.shape[:3] == codes.shape[:3]
         and scale.shape[-1] * group == dim
     )
@@ -150,7 +152,7 @@ def quantize_tokens(
         return quantize_tokens_reference(keys, values, rotation, bits, group, clip)
     rows = keys.numel() // dim
     device = keys.device
-    codes = [torch.empty(rows, 1, 1, dim // 2, dtype=torch.uint8, device=device) for _ in range(2)]
+    codes = [torch.empty(rows, 1, 1, packed_width(dim, bits), dtype=torch.uint8, device=device) for _ in range(2)]
     params = [torch.empty(rows, 1, 1, dim // group, dtype=torch.float16, device=device) for _ in range(4)]
     key_q, value_q = Quantized(codes[0], *params[:2]), Quantized(codes[1], *params[2:])
     flat = [x.reshape(rows, 1, 1, dim) for x in (keys, values)]
@@ -206,14 +208,16 @@ if kernels.triton is not None:
         clip,
         DIM: tl.constexpr,
         GROUP: tl.constexpr,
+        BITS: tl.constexpr,
         ROTATE: tl.constexpr,
         UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """Rows r of x (live ones) quantized and packed, written at code_rows and param_rows of the stores."""
+        """Rows r of x (live ones) quantized to BITS (4 or 2) and packed, written at code_rows and param_rows
+        of the stores."""
         groups: tl.constexpr = DIM // GROUP
         width: tl.constexpr = DIM // 4  # channels per plane
-        levels: tl.constexpr = 15
+        levels: tl.constexpr = (1 << BITS) - 1
         d = tl.arange(0, DIM)
         x = tl.load(x_ptr + r[:, None] * DIM + d[None, :], mask=live[:, None], other=0.0)
         if ROTATE:
@@ -237,12 +241,17 @@ if kernels.triton is not None:
         ratio = tl.minimum(tl.maximum(ratio, -1.0), levels + 1.0)
         nearest = (ratio + 12582912.0) - 12582912.0
         codes = tl.reshape(tl.minimum(tl.maximum(nearest, 0.0), levels * 1.0).to(tl.int32), [BLOCK_R, DIM])
-        # Planar packing (`kvbench.quant.pack`): byte 2e holds planes 0 (low nibble) and 1 of channel e of a
-        # plane, byte 2e + 1 planes 2 and 3. Channel (2p + h) * width + e goes to byte 2e + p, nibble h.
-        by_byte = tl.permute(tl.reshape(codes, [BLOCK_R, 2, 2, width]), (0, 3, 1, 2))
-        low, high_nibble = tl.split(by_byte)
-        packed = tl.reshape(low | (high_nibble << 4), [BLOCK_R, DIM // 2]).to(tl.uint8)
-        b = tl.arange(0, DIM // 2)
+        # Planar packing (`kvbench.quant.pack`), planes 2a + c of element e (channel (2a + c) * width + e) as
+        # [BLOCK_R, width, a, c]. 4 bits: byte 2e + a holds planes 2a (low nibble) and 2a + 1. 2 bits: byte e
+        # holds plane p at bits 2p.
+        by_plane = tl.permute(tl.reshape(codes, [BLOCK_R, 2, 2, width]), (0, 3, 1, 2))
+        even, odd = tl.split(by_plane)  # planes 2a and 2a + 1, [BLOCK_R, width, a]
+        if BITS == 4:
+            packed = tl.reshape(even | (odd << 4), [BLOCK_R, DIM // 2]).to(tl.uint8)
+        else:
+            low, high = tl.split(even | (odd << 2))  # planes 0 | 1 << 2 and 2 | 3 << 2, [BLOCK_R, width]
+            packed = (low | (high << 4)).to(tl.uint8)
+        b = tl.arange(0, DIM * BITS // 8)
         tl.store(codes_ptr + code_rows[:, None] + b[None, :], packed, mask=live[:, None])
         g = tl.arange(0, groups)
         tl.store(scale_ptr + param_rows[:, None] + g[None, :], scale, mask=live[:, None])
@@ -273,6 +282,7 @@ if kernels.triton is not None:
         param_ss,
         DIM: tl.constexpr,
         GROUP: tl.constexpr,
+        BITS: tl.constexpr,
         ROTATE: tl.constexpr,
         UPCAST: tl.constexpr,
         BLOCK_R: tl.constexpr,
@@ -293,12 +303,12 @@ if kernels.triton is not None:
         clip = tl.cast(clip, tl.float32)
         if tl.program_id(1) == 0:
             _quantize_rows(k_ptr, kc_ptr, ks_ptr, kz_ptr, rotation_ptr, r, live, code_rows, param_rows,
-                           rotation_scale, clip, DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
+                           rotation_scale, clip, DIM, GROUP, BITS, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
         else:
             _quantize_rows(v_ptr, vc_ptr, vs_ptr, vz_ptr, rotation_ptr, r, live, code_rows, param_rows,
-                           rotation_scale, clip, DIM, GROUP, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
+                           rotation_scale, clip, DIM, GROUP, BITS, ROTATE, UPCAST, BLOCK_R)  # fmt: skip
 
-    def _launch_quantize(keys, values, rotation, slots, clip, kc, ks, kz, vc, vs, vz) -> None:
+    def _launch_quantize(keys, values, rotation, slots, bits, clip, kc, ks, kz, vc, vs, vz) -> None:
         """The kernel over keys and values [B, H, 1, D] into the stores at slots [B]: launched by Triton itself
         (the operator is opaque)."""
         b, h, _, dim = keys.shape
@@ -311,6 +321,7 @@ if kernels.triton is not None:
             *kc.stride()[:3], *ks.stride()[:3],
             DIM=dim,
             GROUP=dim // ks.shape[-1],
+            BITS=bits,
             ROTATE=rotation is not None,
             UPCAST=keys.dtype == torch.float32 or kernels._upcast_and_precision(keys.dtype)[0],
             BLOCK_R=BLOCK_ROWS,

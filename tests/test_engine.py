@@ -272,13 +272,13 @@ def test_compiled_step_writes_the_cache_in_place(tiny, name):
     assert f"<static_cast<int64_t>({buffer_numel}L)" not in code
 
 
-@pytest.mark.parametrize("name", ["rtn", "quarot"])
-def test_compiled_step_quantizes_into_the_stores_in_place(tiny, name):
+@pytest.mark.parametrize(("name", "bits"), [("rtn", 4), ("quarot", 4), ("quarot", 2)])
+def test_compiled_step_quantizes_into_the_stores_in_place(tiny, name, bits):
     """The decode token's codes and parameters are written by one operator that mutates the stores
-    (`token_quant.quantize_tokens_into`); under torch.compile that mutation must be reinplaced, not turned
-    into a copy of each store per step. Read off inductor's generated CPU code."""
+    (`token_quant.quantize_tokens_into`, at 4 and 2 bits); under torch.compile that mutation must be
+    reinplaced, not turned into a copy of each store per step. Read off inductor's generated CPU code."""
     model, tokenizer, spec = tiny
-    method = build(compose_config(f"method={name}")).method
+    method = build(compose_config(f"method={name}", f"method.bits={bits}")).method
     engine = Engine(model, tokenizer, method, spec, prefill_chunk=256, engine="compiled")
     prompt = list(range(100, 1100))
     torch._dynamo.reset()
@@ -287,7 +287,7 @@ def test_compiled_step_quantizes_into_the_stores_in_place(tiny, name):
     assert layer.one_launch_tokens and not layer.ring  # the path under test
     code = "\n".join(sources)
     assert "kvbench.quantize_tokens_into" in code
-    width, groups = spec.head_dim // 2, spec.head_dim // layer.key_spec.group  # 4-bit codes, per-token groups
+    width, groups = spec.head_dim * bits // 8, spec.head_dim // layer.key_spec.group  # codes, per-token groups
     for row in (width, groups):  # a store's codes, its scales or zero-points: one layer's, batch 1
         assert f"<static_cast<int64_t>({spec.num_kv_heads * layer.slots * row}L)" not in code, row
 
