@@ -63,6 +63,9 @@ VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SU
 VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes masked in place (`weighted_crumbs`)
 # ZipCache's prompt-set keys as offset codes (`lead_offset_keys`); its values take one zero-point a slot
 VARIANTS["offset_keys"] = VARIANTS["zero_sums"] | {"K_OFFSET": 128.0}
+# QuaRot's: the query rotated in the prologue (ROTATE), per-token codes
+VARIANTS["offset_rotated"] = VARIANTS["offset"] | {"ROTATE": True}
+VARIANTS["weighted_rotated"] = VARIANTS["weighted"] | {"ROTATE": True}
 # Where each variant's algebra holds: (key modes, key code widths, value code widths); `main` skips the rest.
 ANY = (2, 4)
 SCOPE = {
@@ -71,6 +74,8 @@ SCOPE = {
     "offset": (("token",), ANY, ANY),
     "weighted": (("token",), (2,), (2,)),
     "offset_keys": (("lead",), ANY, ANY),
+    "offset_rotated": (("token",), ANY, ANY),
+    "weighted_rotated": (("token",), (2,), (2,)),
 }
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
