@@ -63,9 +63,11 @@ VARIANTS = {"default": {}, "zero_sums": {"ZERO_SUMS": True}, "offset": {"ZERO_SU
 VARIANTS["weighted"] = VARIANTS["offset"] | {"WEIGHTED": True}  # 2-bit codes masked in place (`weighted_crumbs`)
 # ZipCache's prompt-set keys as offset codes (`lead_offset_keys`); its values take one zero-point a slot
 VARIANTS["offset_keys"] = VARIANTS["zero_sums"] | {"K_OFFSET": 128.0}
-# QuaRot's: the query rotated in the prologue (ROTATE), per-token codes
-VARIANTS["offset_rotated"] = VARIANTS["offset"] | {"ROTATE": True}
-VARIANTS["weighted_rotated"] = VARIANTS["weighted"] | {"ROTATE": True}
+# QuaRot's: the query rotated in the prologue, its planes kept in the products' layout (ROTATE 1) or reloaded
+# (2, `reload_rotated_query`), per-token codes
+for name in ("offset", "weighted"):
+    VARIANTS[f"{name}_rotated"] = VARIANTS[name] | {"ROTATE": 1}
+    VARIANTS[f"{name}_reloaded"] = VARIANTS[name] | {"ROTATE": 2}
 # Where each variant's algebra holds: (key modes, key code widths, value code widths); `main` skips the rest.
 ANY = (2, 4)
 SCOPE = {
@@ -75,7 +77,9 @@ SCOPE = {
     "weighted": (("token",), (2,), (2,)),
     "offset_keys": (("lead",), ANY, ANY),
     "offset_rotated": (("token",), ANY, ANY),
+    "offset_reloaded": (("token",), ANY, ANY),
     "weighted_rotated": (("token",), (2,), (2,)),
+    "weighted_reloaded": (("token",), (2,), (2,)),
 }
 VARIANTS |= {f"{name}_unmasked": flags | {"UNMASKED": True} for name, flags in VARIANTS.items()}  # inner tiles
 # the products' operands in either order (the launch's: `plane_kernel.CODES_FIRST_KEY_MODES`)
@@ -142,7 +146,7 @@ def compile_plane(
         "BLOCK_WV": D // 4,
         "DTYPE": tl.bfloat16, "K_DTYPE": tl.float16 if mode in plane_kernel.DEQUANTIZED_KEY_MODES else tl.bfloat16,
         "K_ASM": True,
-        "V_ASM": True, "HAS_WINDOW": window, "ROTATE": False, "PRECISION": "tf32", "ZERO_SUMS": False,
+        "V_ASM": True, "HAS_WINDOW": window, "ROTATE": 0, "PRECISION": "tf32", "ZERO_SUMS": False,
         "OFFSET": 0.0, "WEIGHTED": False, "K_OFFSET": 0.0, "WINDOW_RING": window, "UNMASKED": False,
         "CODES_FIRST": launch.codes_first,
     } | VARIANTS[variant]  # fmt: skip

@@ -162,6 +162,8 @@ CONFIGS = {
     "shifted_crumbs": replace(quant_kernels.LAUNCH, weighted_crumbs=False),
     # ZipCache's prompt-set keys in the subtract forms, the default before `lead_offset_keys` was turned on
     "lead_subtract_keys": replace(quant_kernels.LAUNCH, lead_offset_keys=False),
+    # QuaRot's rotated query kept in the products' layout, the default before `reload_rotated_query`
+    "rotated_in_registers": replace(quant_kernels.LAUNCH, reload_rotated_query=False),
 }
 # The split target above FEW_HEADS (sequence, KV head) pairs alone, the one below kept: `many6` is six
 # programs an SM at batch 4 of Llama-3.1-8B's shape, four at batch 1 as by default (KIVI's "halves": eight as by

@@ -805,7 +805,10 @@ if kernels.triton is not None:
         With ROTATE (QuaRot: keys and values stored rotated), the query is rotated here to meet them, each
         plane q_g = (q @ R[:, plane g]) * rotation_scale from the +-1 matrix R at rotation_ptr ([HEAD_DIM,
         HEAD_DIM], HEAD_DIM a power of two), exact products summed in float32 as the rotation outside would;
-        the combine kernel rotates the output back."""
+        the combine kernel rotates the output back. ROTATE 2 (`LaunchConfig.reload_rotated_query`) stores the
+        planes in the program's own partial-output rows and loads them back, exactly: so they take the layout
+        the unrotated query's loads give them, and the tile loop is the unrotated one (kept in the products'
+        accumulator layout, ROTATE 1, the loop's logits take shuffles to meet it)."""
         b = (bh // num_kv_heads).to(tl.int64)
         h = (bh % num_kv_heads).to(tl.int64)
         tl.static_assert(K_OFFSET == 0.0 or K_MODE == "lead", "offset key codes fold into the lead row only")
@@ -820,7 +823,25 @@ if kernels.triton is not None:
         heads = h * group + offs_g
 
         q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        if ROTATE:  # the planes of q @ R * scale, from the whole query row
+        if ROTATE == 2:  # the planes of q @ R * scale, one at a time through this program's partial-output rows
+            tl.static_assert(HEAD_DIM == VALUE_DIM, "a rotated query row fills a partial-output row")
+            offs_d = tl.arange(0, HEAD_DIM)
+            q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
+            r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
+            # the planes in DTYPE, inside the float32 rows
+            scratch = o_part_ptr + ((b * num_kv_heads * group + heads) * total_splits + out_split) * VALUE_DIM
+            q_rows = scratch.to(tl.pointer_type(DTYPE))[:, None] + offs_w[None, :]
+            q_mask = g_ok[:, None] & w_ok[None, :]
+            for plane in tl.static_range(4):  # a barrier apart: one plane's operands live at a time
+                r = tl.load(r_cols + plane * K_WIDTH, mask=w_ok[None, :], other=0.0).to(DTYPE)
+                rotated = (tl.dot(q, r, input_precision=PRECISION) * rotation_scale).to(DTYPE)
+                tl.store(q_rows + plane * K_WIDTH, rotated, mask=q_mask)
+                tl.debug_barrier()  # every thread's stores before any thread's loads
+            q0 = tl.load(q_rows, mask=q_mask, other=0.0)
+            q1 = tl.load(q_rows + K_WIDTH, mask=q_mask, other=0.0)
+            q2 = tl.load(q_rows + 2 * K_WIDTH, mask=q_mask, other=0.0)
+            q3 = tl.load(q_rows + 3 * K_WIDTH, mask=q_mask, other=0.0)
+        elif ROTATE:  # the planes of q @ R * scale, from the whole query row, kept in the products' layout
             offs_d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
             r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
@@ -1401,7 +1422,8 @@ if kernels.triton is not None:
             "BLOCK_N": first.launch.block_n,
             "BLOCK_W": kernels._dot_block(d // 4), "BLOCK_WV": kernels._dot_block(dv // 4),
             "DTYPE": tl.float32 if upcast else _TL_DTYPES[query.dtype], "HAS_WINDOW": window is not None,
-            "ROTATE": rotation is not None, "PRECISION": precision, "WINDOW_RING": ring,
+            "ROTATE": 0 if rotation is None else 2 if first.launch.reload_rotated_query else 1,
+            "PRECISION": precision, "WINDOW_RING": ring,
             "CODES_FIRST": codes_first, "BLOCK_NW": window_block(first.launch),
         }  # fmt: skip
         kernel = _plane_split_kernel

@@ -220,6 +220,14 @@ class LaunchConfig:
     # 263.1 at 8k batch 64, 77.2 -> 75.2 at 32k batch 4, 997.3 -> 971.7 at 32k batch 64; steps 8.78 -> 8.71 ms at
     # 32k batch 4, 15.25 -> 15.05 at 8k batch 61 (the same section).
     lead_offset_keys: bool = True
+    # QuaRot's query, rotated in the plane kernel's prologue by tensor-core products a plane at a time, stored in
+    # the program's own partial-output rows and loaded back (exact) before the tiles, so the planes take the
+    # unrotated loads' layout: kept in the products' layout, the tile loop's logits took shuffles and float32
+    # moves to meet it. Offline (`plane_sass.py --modes token --variants offset offset_rotated offset_reloaded
+    # --window`, sm_90, Triton 3.7.1), SASS a warp and tile, rotated kept -> reloaded (unrotated): 4 bits 776 ->
+    # 652 (628) at two warps, 1,311 -> 1,113 (1,113) at one; 2-bit weighted 782 -> 702 (775), 1,443 -> 1,277
+    # (1,287). Untimed; off (`quant_attention.py --configs rotated_in_registers`), the planes stay as before.
+    reload_rotated_query: bool = True
     # ZipCache's keys (`PackedSlots.prompt_row`: row 0 spans the prompt set, slots [0, lead)) in key mode
     # "lead": tiles aligned to lead, those below it folding row 0 into the query as "row" does, those past it
     # (the decode blocks) read per slot ("rows" in the plane kernel, "gather" in the split kernel); off, every

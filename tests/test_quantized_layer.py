@@ -169,6 +169,8 @@ SHIFTED_CASES = (
     "zipcache2_lead_fp16",
 )
 SHIFTED = {"weighted_crumbs": False, "lead_offset_keys": False}
+# QuaRot's rotated query kept in the products' layout (ROTATE 1), as before `reload_rotated_query` (ROTATE 2)
+REGISTERS_CASES = ("quarot2_offset_bf16+rotation", "quarot4_offset_bf16+rotation")
 ROTATION_CASES = (
     "quarot4_bf16",
     "quarot2_offset_bf16",
@@ -213,7 +215,7 @@ def _launched() -> Iterator[list[dict]]:
     launches, launch_kernel = [], plane_kernel._launch
 
     def spy(kernel, grid, arguments, constexprs, launch):
-        names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET", "WEIGHTED", "K_OFFSET")
+        names = ("BLOCK_G", "CODES_FIRST", "BLOCK_NW", "OFFSET", "WEIGHTED", "K_OFFSET", "ROTATE")
         launches.append({name: constexprs[name] for name in names})
         launches[-1]["max_registers"] = launch.max_registers
         launches[-1]["grid"] = list(grid)
@@ -308,6 +310,7 @@ def _measure(
         "offset": bool(launches and launches[0]["OFFSET"]),  # as launched
         "weighted": bool(launches and launches[0]["WEIGHTED"]),
         "k_weighted": bool(launches and launches[0]["K_OFFSET"]),
+        "rotate": launches[0]["ROTATE"] if launches else None,
         "kernel": "packed" if plan is None else "plane",
         "key_mode": quant_kernels._param_mode(x["keys"], d, launch, can_align=True) if plan is None else plan[0],
         "value_mode": quant_kernels._param_mode(x["values"], d, launch, can_align=False)
@@ -515,6 +518,7 @@ def _worker() -> None:
         ("uncapped", UNCAPPED_CASES, UNCAPPED),
         ("waves", WAVES_CASES, {"store_wave_target": True}),
         ("shifted", SHIFTED_CASES, SHIFTED),
+        ("registers", REGISTERS_CASES, {"reload_rotated_query": False}),
     ):
         for name in names:  # each case's own launch with `changes`
             case, *given = name.split("+")
@@ -555,6 +559,7 @@ def interpreted() -> dict:
         *(f"{name}+uncapped" for name in UNCAPPED_CASES),
         *(f"{name}+waves" for name in WAVES_CASES),
         *(f"{name}+shifted" for name in SHIFTED_CASES),
+        *(f"{name}+registers" for name in REGISTERS_CASES),
     ],
 )
 def test_packed_kernel_matches_reference(interpreted: dict, name: str) -> None:
@@ -706,6 +711,18 @@ def test_the_weighted_forms_run_by_default(interpreted: dict) -> None:
     assert all(interpreted[name]["k_weighted"] for name in SHIFTED_CASES[3:])
     assert not any(interpreted[f"{name}+shifted"]["weighted"] for name in SHIFTED_CASES[:3])
     assert not any(interpreted[f"{name}+shifted"]["k_weighted"] for name in SHIFTED_CASES[3:])
+
+
+def test_the_rotated_query_is_reloaded_unless_asked_not_to(interpreted: dict) -> None:
+    """QuaRot's rotated query planes go through the program's partial-output rows (ROTATE 2) by default, stay
+    in registers (ROTATE 1) where `reload_rotated_query` is off, and neither runs without a rotation; the
+    outputs match the reference each way (`test_packed_kernel_matches_reference`)."""
+    for name, m in interpreted.items():
+        if name.startswith(("pair:", "ring:", "compiled:")) or m["kernel"] != "plane":
+            continue
+        expected = 0 if not m["rotation"] else 1 if name.endswith("+registers") else 2
+        assert m["rotate"] == expected, name
+    assert all(interpreted[name]["rotate"] == 2 for name in REGISTERS_CASES)
 
 
 def test_a_single_store_above_few_heads_takes_its_wave_target_when_asked(interpreted: dict) -> None:
@@ -1165,7 +1182,8 @@ def test_plane_kernel_compiles_for_hopper(
         "BLOCK_WV": 32, "DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
         "K_DTYPE": tl.float16 if key_mode in plane_kernel.DEQUANTIZED_KEY_MODES or dtype == "fp16" else tl.bfloat16,
         "PRECISION": "tf32",
-        "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row", "ROTATE": key_mode == "token",
+        "K_ASM": True, "V_ASM": True, "HAS_WINDOW": key_mode != "row",
+        "ROTATE": 2 if key_mode == "token" else 0,  # QuaRot's query rotated and reloaded (`reload_rotated_query`)
         "ZERO_SUMS": zero_sums, "OFFSET": offset_value if offset and key_mode == "token" else 0.0,
         "WEIGHTED": offset == "weighted" and key_mode == "token",
         "K_OFFSET": offset_value if offset == "weighted" and key_mode == "lead" else 0.0,
@@ -1205,7 +1223,7 @@ def test_plane_pair_kernel_compiles_for_hopper() -> None:
         pointers |= {f"{name}{suffix}": "*i64" for name in ("k_lead_ptr", "v_lead_ptr", "len_ptr")}
     constexprs = {
         "HEAD_DIM": 128, "VALUE_DIM": 128, "BLOCK_G": 4, "BLOCK_N": 64, "BLOCK_W": 32, "BLOCK_WV": 32,
-        "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": False, "PRECISION": "tf32", "WINDOW_RING": True,
+        "DTYPE": tl.bfloat16, "HAS_WINDOW": True, "ROTATE": 0, "PRECISION": "tf32", "WINDOW_RING": True,
         "UNMASKED": True, "UNMASKED_2": True, "CODES_FIRST": False, "BLOCK_NW": 64,
     }  # fmt: skip
     for suffix, bits, row_tokens in (("", 4, 60), ("_2", 2, 40)):
