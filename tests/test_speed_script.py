@@ -449,6 +449,15 @@ def test_compile_parts_are_each_rows_own_and_sum_to_its_compile_seconds(tmp_path
     assert sum(seconds.values()) == pytest.approx(float(total), abs=3)  # six numbers, each rounded to 1 s
 
 
+def test_the_wall_split_counts_each_part_once():
+    """A run's wall time split: a finished row's compile, its prefill once for each sequence prefilled, its
+    timed decode; the rest of every row's own time (a failed row's too); what lay between rows."""
+    done = {"status": "ok", "compile_s": 2.0, "prefill_s": 1.5, "prefills": 2, "measurement": {"decode_s": 0.5}}
+    rows = [done | {"row_s": 7.0}, {"status": "oom", "row_s": 1.0}]
+    parts = speed.wall_split(rows, wall_s=10.0)
+    assert parts == {"compile": 2.0, "prefill": 3.0, "decode": 0.5, "rest of rows": 2.5, "between rows": 2.0}
+
+
 def test_host_reads_get_their_own_floor_over_the_host_link(monkeypatch, tmp_path):
     """ArkVale's recalls cross the host link: a row counts their bytes a step (each sequence's recalled pages
     times the batch, over the generation's new_tokens - 1 decode steps), their floor at the measured host
