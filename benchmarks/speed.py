@@ -35,7 +35,8 @@ A row that runs out of time is a row too: past `--row-time-limit-s`, or when the
 (SIGTERM, as `timeout` sends), the row in progress is written with status "timeout" or "terminated", its
 elapsed seconds and `where`, the innermost frames it was in (compiling, prefilling or decoding), and a
 terminated run starts no new row. A GPU session's device time is short: a row cut off still says where
-the time went.
+the time went. A time-out can strike inside torch's own Python code and leave the process unable to run
+any torch operation (`torch_fails`): then the run starts no new row either and exits with an error.
 
 A grid longer than one GPU session runs in parts: `--resume` skips every row of the plan that `--out`
 already holds from the same commit, device and settings (`run_settings`), finished (`finishes`): "ok", or
@@ -525,7 +526,7 @@ def main() -> None:
         plan = not_finished(plan, specs, sweep.resumed)
         print(f"resume: {planned - len(plan)} rows of the plan already in {args.out}, {len(plan)} to run", flush=True)
     signal.signal(signal.SIGTERM, terminate)  # the row in progress is written before the process stops
-    terminated, left = False, len(plan)
+    terminated, broken, left = False, None, len(plan)
     with open_rows(Path(args.out)) as sweep.out:
         try:
             for shape, method_name, size, context, batch, engine_name in plan:
@@ -542,6 +543,11 @@ def main() -> None:
                 else:
                     sweep.record(*run, batch)
                 left -= 1
+                if sweep.rows and sweep.rows[-1]["status"] == "timeout":
+                    broken = torch_fails(device)
+                    if broken:
+                        print(f"{broken}: a cut-off left torch unusable in this process; no new rows", flush=True)
+                        break
             terminated = terminated or bool(sweep.rows and sweep.rows[-1]["status"] == "terminated")
         except Terminated:  # between rows (loading a shape, writing a row): the rows so far are written
             terminated = True
@@ -553,6 +559,21 @@ def main() -> None:
     if terminated:
         print("terminated: no new rows", flush=True)
         raise SystemExit(128 + signal.SIGTERM)  # the shell's code for a process stopped by SIGTERM
+    if broken:
+        raise SystemExit(f"stopped after a cut-off broke torch ({left} of the plan not run): run again with --resume")
+
+
+def torch_fails(device: torch.device) -> str | None:
+    """The error a small torch operation raises in this process, or None if it runs. A row's time limit
+    strikes at the next bytecode, wherever that is; struck inside dynamo's Python dispatcher it can leave the
+    dispatcher's thread-local state half set, and then every later operation fails ("Hit PythonDispatcher
+    dispatch key but PythonDispatcherTLS was not set", seen in a CI run): the rest of the plan would be
+    written as errors in seconds."""
+    try:
+        torch.ones(2, device=device).sum().item()
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def use_quant_launch(overrides: list[str]) -> None:
@@ -828,13 +849,13 @@ def wall_split(rows: list[dict], wall_s: float) -> dict[str, float]:
     """Where this run's wall time went: its rows' compile, prefill and decode seconds (the prefill once for
     each sequence prefilled, the decode's timed steps), the rest of the rows' own time (`row_s`: building the
     engine, the untimed steps, freeing) and what lay between rows (bandwidth probes, model loads, planning)."""
-    ok = [row for row in rows if row["status"] == "ok"]  # a field a row lacks counts as 0 (the tests' stand-ins)
+    ok = [row for row in rows if row["status"] == "ok"]
     parts = {
-        "compile": sum(row.get("compile_s", 0.0) for row in ok),
-        "prefill": sum(row.get("prefill_s", 0.0) * row.get("prefills", 0) for row in ok),
-        "decode": sum(row.get("measurement", {}).get("decode_s", 0.0) for row in ok),
+        "compile": sum(row["compile_s"] for row in ok),
+        "prefill": sum(row["prefill_s"] * row["prefills"] for row in ok),
+        "decode": sum(row["measurement"]["decode_s"] for row in ok),
     }
-    in_rows = sum(row.get("row_s", 0.0) for row in rows)
+    in_rows = sum(row["row_s"] for row in rows)
     parts["rest of rows"] = in_rows - sum(parts.values())
     parts["between rows"] = wall_s - in_rows
     return parts

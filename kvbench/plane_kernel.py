@@ -471,6 +471,12 @@ if kernels.triton is not None:
             4,
         )
 
+    @triton.constexpr_function
+    def _weighted_plane3(offset):
+        """Plane 3's weight w_3 in the weighted 2-bit offset codes (`_bf16_weighted_crumbs`, `_f16_weighted_crumbs`):
+        64 where float16's 10 mantissa bits hold it in place (offset 1024), 16 where bfloat16's shift it down."""
+        return 64.0 if offset == 1024.0 else 16.0
+
     @triton.jit
     def _plane_codes(
         elements, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, OFFSET: tl.constexpr = 0.0,
@@ -482,13 +488,12 @@ if kernels.triton is not None:
         with ASM (a 16-bit DTYPE, compiled for CUDA) through `_bf16_nibbles` / `_f16_nibbles` (4 bits, OFFSET
         0), `_bf16_crumbs` / `_f16_crumbs` (2 bits, OFFSET 0) or their offset forms (OFFSET 128 for bfloat16,
         1024 for float16), otherwise by integer shifts and the exact float32 exponent trick, the offset added
-        in float32. WEIGHTED (2 bits, OFFSET set): plane g comes out as OFFSET + w_g * code, w = (1, 4, 16, W3)
-        with W3 64 for float16's offset and 16 otherwise (`_bf16_weighted_crumbs`, `_f16_weighted_crumbs`; the
-        same rule as `_plane_split`'s W3)."""
+        in float32. WEIGHTED (2 bits, OFFSET set): plane g comes out as OFFSET + w_g * code, w = (1, 4, 16, w_3)
+        (`_weighted_plane3`)."""
         tl.static_assert(not WEIGHTED or (BITS == 2 and OFFSET != 0.0), "weights are for 2-bit offset codes")
         W1: tl.constexpr = 4.0 if WEIGHTED else 1.0
         W2: tl.constexpr = 16.0 if WEIGHTED else 1.0
-        W3: tl.constexpr = (64.0 if OFFSET == 1024.0 else 16.0) if WEIGHTED else 1.0
+        W3: tl.constexpr = _weighted_plane3(OFFSET) if WEIGHTED else 1.0
         if ASM and BITS == 4 and DTYPE == tl.bfloat16 and OFFSET != 0.0:  # noqa: SIM300
             c0, c1, c2, c3 = _bf16_offset_nibbles(elements)
         elif ASM and BITS == 4 and DTYPE == tl.bfloat16:  # noqa: SIM300
@@ -864,7 +869,7 @@ if kernels.triton is not None:
         qsum1 = tl.sum(q1.to(tl.float32), axis=1)
         qsum2 = tl.sum(q2.to(tl.float32), axis=1)
         qsum3 = tl.sum(q3.to(tl.float32), axis=1)
-        W3: tl.constexpr = 64.0 if OFFSET == 1024.0 else 16.0  # WEIGHTED: plane 3's weight (`_plane_codes`)
+        W3: tl.constexpr = _weighted_plane3(OFFSET)  # WEIGHTED: plane 3's weight
         # WEIGHTED: the packed splits' query planes take 1 / w_g (powers of two: exact, except that float16
         # values below 6e-5 w_g turn subnormal after the division and lose bits); the window's program keeps q
         if WEIGHTED:
@@ -907,7 +912,7 @@ if kernels.triton is not None:
             lq2 = (q2.to(tl.float32) * ls2[None, :]).to(DTYPE)
             lq3 = (q3.to(tl.float32) * ls3[None, :]).to(DTYPE)
             if K_OFFSET != 0.0 and K_BITS == 2:  # weighted offset codes m + w_g c: the weights out of the planes
-                LW3: tl.constexpr = 64.0 if K_OFFSET == 1024.0 else 16.0
+                LW3: tl.constexpr = _weighted_plane3(K_OFFSET)
                 lq1 = (lq1.to(tl.float32) * 0.25).to(DTYPE)
                 lq2 = (lq2.to(tl.float32) * 0.0625).to(DTYPE)
                 lq3 = (lq3.to(tl.float32) * (1.0 / LW3)).to(DTYPE)

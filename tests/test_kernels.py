@@ -532,18 +532,18 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
     2.11's user-defined Triton kernel codegen). A helper called under an alias is undefined in that copy and
     the compile fails: seen on the H200, RTN-4's and ZipCache's compiled steps stopped with `InductorError:
     CompilationError` where their kernels called a helper of `kvbench.kernels` under an alias.
-    The copy also defines a module global only if it is an int, string, bool or constexpr (a float constant
-    would be undefined too). The CPU suite never compiles that copy, so the rules are checked here, over
-    every module with kernels."""
+    The copy also defines a module global only if it is a `triton.constexpr_function`, an int, string, bool or
+    constexpr (a float constant would be undefined too). The CPU suite never compiles that copy, so the rules
+    are checked here, over every module with kernels."""
     pytest.importorskip("triton")
     if kernels._INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set: the kernels are interpreted functions")
     import triton.language as tl
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import ConstexprFunction, JITFunction
 
     modules = kernel_modules()
     calls = []  # (kernel, name it calls, the called function's own name)
-    uncopied = []  # globals the copy would not define: only jit functions, ints, strings, bools, constexprs
+    uncopied = []  # globals the copy would not define: jit and constexpr functions, ints, strings, bools, constexprs do
     for module_name, module in modules.items():
         for value in vars(module).values():
             if not isinstance(value, JITFunction):
@@ -552,7 +552,7 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
                 if name not in value.fn.__globals__ or name == "tl":  # attributes; the copy imports `tl`
                     continue
                 called = value.fn.__globals__[name]
-                if isinstance(called, JITFunction):
+                if isinstance(called, (JITFunction, ConstexprFunction)):
                     calls.append((f"{module_name}.{value.fn.__name__}", name, called.fn.__name__))
                 elif not isinstance(called, (int, str, bool, tl.constexpr)):
                     uncopied.append((f"{module_name}.{value.fn.__name__}", name, type(called).__name__))
@@ -562,6 +562,7 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
     split_kernels = ("quant_kernels._packed_split_kernel", "plane_kernel._plane_split")
     assert {k for k, _, own in calls if own == "_online_softmax"} >= set(split_kernels), calls
     assert ("plane_kernel._plane_split", "_slot_rows", "_slot_rows") in calls, calls
+    assert ("plane_kernel._plane_codes", "_weighted_plane3", "_weighted_plane3") in calls, calls
     for kernel in ("plane_kernel._plane_split_kernel", "plane_kernel._plane_pair_kernel"):
         assert (kernel, "_plane_split", "_plane_split") in calls, calls
     assert [c for c in calls if c[1] != c[2]] == []

@@ -106,8 +106,9 @@ CONVERSIONS = {
     "_f16_crumbs": (2, "f16", 0, (1, 1, 1, 1)),
     "_bf16_offset_crumbs": (2, "bf16", 128, (1, 1, 1, 1)),
     "_f16_offset_crumbs": (2, "f16", 1024, (1, 1, 1, 1)),
-    "_bf16_weighted_crumbs": (2, "bf16", 128, (1, 4, 16, 16)),
-    "_f16_weighted_crumbs": (2, "f16", 1024, (1, 4, 16, 64)),
+    # plane 3's weight is the kernels' rule (`_weighted_plane3`: 16 for bfloat16, 64 for float16)
+    "_bf16_weighted_crumbs": (2, "bf16", 128, (1, 4, 16, plane_kernel._weighted_plane3(128.0))),
+    "_f16_weighted_crumbs": (2, "f16", 1024, (1, 4, 16, plane_kernel._weighted_plane3(1024.0))),
 }
 
 

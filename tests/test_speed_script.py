@@ -86,8 +86,9 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
         row.update(compile_scope="layer", status="ok" if batch <= fits else "oom")
         if row["status"] == "ok":
             row.update(
-                prefill_s=1.0, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=200.0, compile_s=2.0
-            )
+                prefill_s=1.0, prefills=1, decode_ms_per_step=5.0, floor_ms=4.0, x_floor=1.25, tokens_per_s=200.0,
+                compile_s=2.0, measurement={"decode_s": 0.3},
+            )  # fmt: skip
             row.update(batch_one(4 * batch, 17 + 4 * batch))
         return row
 
@@ -119,11 +120,17 @@ def test_batch_max_runs_the_predicted_batch_then_smaller_ones_until_one_fits(mon
 
 class StandIn:
     """`run_row` for `speed.main()` without a model: batches up to `fits` run, larger ones run out of memory,
-    `fails` fail; the rows numbered in `cut_off` (from 0) come back terminated; `calls` records each row's
-    (batch, new tokens)."""
+    `fails` fail; the rows numbered in `cut_off` (from 0) come back terminated, those in `timed_out` past
+    their time limit; `calls` records each row's (batch, new tokens)."""
 
-    def __init__(self, fits: int = 20, fails: tuple[int, ...] = (), cut_off: tuple[int, ...] = ()) -> None:
-        self.fits, self.fails, self.cut_off, self.calls = fits, fails, cut_off, []
+    def __init__(
+        self,
+        fits: int = 20,
+        fails: tuple[int, ...] = (),
+        cut_off: tuple[int, ...] = (),
+        timed_out: tuple[int, ...] = (),
+    ) -> None:
+        self.fits, self.fails, self.cut_off, self.timed_out, self.calls = fits, fails, cut_off, timed_out, []
 
     def __call__(
         self, model, spec, method_name, size, context, batch, engine_name, args, bandwidth, host_bandwidth
@@ -133,6 +140,8 @@ class StandIn:
         row["compile_scope"] = "layer"
         if len(self.calls) - 1 in self.cut_off:
             return {**row, "status": "terminated", "elapsed_s": 1.0, "error": "Terminated: signal SIGTERM"}
+        if len(self.calls) - 1 in self.timed_out:
+            return {**row, "status": "timeout", "elapsed_s": 1.0, "error": "RowTimeout: row time limit of 1 s reached"}
         if batch in self.fails:
             return {**row, "status": "error", "error": "RuntimeError: stand-in"}
         if batch > self.fits:
@@ -140,6 +149,8 @@ class StandIn:
         row.update(
             status="ok",
             prefill_s=1.0,
+            prefills=1,
+            measurement={"decode_s": 0.3},
             decode_ms_per_step=5.0,
             floor_ms=4.0,
             x_floor=1.25,
@@ -213,6 +224,25 @@ def test_a_terminated_row_in_the_file_does_not_stop_the_resumed_run(monkeypatch,
     assert [call for call, _ in again.calls] == [1]
     assert [row["status"] for row in rows] == ["ok", "terminated", "ok"]
     run_main(monkeypatch, StandIn(), out, "--runs", RUNS[0], RUNS[0], "--resume")  # nothing left: exits 0
+
+
+def test_a_time_out_that_breaks_torch_stops_the_run(monkeypatch, tmp_path, capsys):
+    """A row cut off by its time limit inside torch's Python dispatcher can leave every later torch operation
+    failing: the run then starts no new row (they would all be written as errors) and exits with an error;
+    `--resume` runs the rest. A time-out that leaves torch working does not stop the run."""
+    out = tmp_path / "rows.jsonl"
+    rows = run_main(monkeypatch, StandIn(timed_out=(0,)), out, "--runs", RUNS[0], RUNS[0])
+    assert [row["status"] for row in rows] == ["timeout", "ok"]
+    monkeypatch.setattr(speed, "torch_fails", lambda device: "RuntimeError: Hit PythonDispatcher dispatch key")
+    broken = StandIn(timed_out=(0,))
+    with pytest.raises(SystemExit, match="1 of the plan not run"):
+        run_main(monkeypatch, broken, out, "--runs", RUNS[0], RUNS[0])
+    assert len(broken.calls) == 1
+    assert "a cut-off left torch unusable" in capsys.readouterr().out
+    monkeypatch.setattr(speed, "torch_fails", lambda device: None)
+    again = StandIn()
+    rows = run_main(monkeypatch, again, out, "--runs", RUNS[0], RUNS[0], "--resume")
+    assert len(again.calls) == 1 and [row["status"] for row in rows][-1] == "ok"
 
 
 def test_batch_max_where_not_even_one_sequence_fits_is_finished(monkeypatch, tmp_path):
