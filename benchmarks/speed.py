@@ -560,7 +560,10 @@ def main() -> None:
         print("terminated: no new rows", flush=True)
         raise SystemExit(128 + signal.SIGTERM)  # the shell's code for a process stopped by SIGTERM
     if broken:
-        raise SystemExit(f"stopped after a cut-off broke torch ({left} of the plan not run): run again with --resume")
+        raise SystemExit(
+            f"stopped after a cut-off broke torch: the row cut off and {left} more of the plan not run;"
+            " run again with --resume"
+        )
 
 
 def torch_fails(device: torch.device) -> str | None:

@@ -546,7 +546,7 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
     uncopied = []  # globals the copy would not define: jit and constexpr functions, ints, strings, bools, constexprs do
     for module_name, module in modules.items():
         for value in vars(module).values():
-            if not isinstance(value, JITFunction):
+            if not isinstance(value, (JITFunction, ConstexprFunction)):  # the copy walks both kinds' bodies
                 continue
             for name in value.fn.__code__.co_names:
                 if name not in value.fn.__globals__ or name == "tl":  # attributes; the copy imports `tl`

@@ -230,19 +230,19 @@ def test_a_time_out_that_breaks_torch_stops_the_run(monkeypatch, tmp_path, capsy
     """A row cut off by its time limit inside torch's Python dispatcher can leave every later torch operation
     failing: the run then starts no new row (they would all be written as errors) and exits with an error;
     `--resume` runs the rest. A time-out that leaves torch working does not stop the run."""
-    out = tmp_path / "rows.jsonl"
-    rows = run_main(monkeypatch, StandIn(timed_out=(0,)), out, "--runs", RUNS[0], RUNS[0])
+    rows = run_main(monkeypatch, StandIn(timed_out=(0,)), tmp_path / "working.jsonl", "--runs", RUNS[0], RUNS[0])
     assert [row["status"] for row in rows] == ["timeout", "ok"]
+    out = tmp_path / "rows.jsonl"
     monkeypatch.setattr(speed, "torch_fails", lambda device: "RuntimeError: Hit PythonDispatcher dispatch key")
     broken = StandIn(timed_out=(0,))
-    with pytest.raises(SystemExit, match="1 of the plan not run"):
+    with pytest.raises(SystemExit, match="the row cut off and 1 more of the plan not run"):
         run_main(monkeypatch, broken, out, "--runs", RUNS[0], RUNS[0])
     assert len(broken.calls) == 1
     assert "a cut-off left torch unusable" in capsys.readouterr().out
     monkeypatch.setattr(speed, "torch_fails", lambda device: None)
     again = StandIn()
     rows = run_main(monkeypatch, again, out, "--runs", RUNS[0], RUNS[0], "--resume")
-    assert len(again.calls) == 1 and [row["status"] for row in rows][-1] == "ok"
+    assert len(again.calls) == 2 and [row["status"] for row in rows] == ["timeout", "ok", "ok"]
 
 
 def test_batch_max_where_not_even_one_sequence_fits_is_finished(monkeypatch, tmp_path):
