@@ -407,6 +407,29 @@ def test_a_cut_off_passes_through_dynamo_unwrapped():
     assert done.stdout.split() == ["RowTimeout"], (done.stdout, done.stderr[-2000:])
 
 
+BROKEN_DISPATCH = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import speed
+print(speed.torch_fails(torch.device("cpu")))
+# the state session 59's CI run was left in: the Python dispatcher's key on, its thread-local dispatcher unset
+torch._C._dispatch_tls_set_dispatch_key_included(torch._C.DispatchKey.PythonDispatcher, True)
+print(speed.torch_fails(torch.device("cpu")))
+"""
+
+
+def test_the_probe_finds_the_dispatch_state_a_cut_off_can_leave():
+    """`torch_fails` is None in a sound process and an error in one whose dispatch state is what a cut-off
+    inside dynamo's Python dispatcher left (session 59: "Hit PythonDispatcher dispatch key but
+    PythonDispatcherTLS was not set" from every later operation). In a process of its own."""
+    command = [sys.executable, "-c", BROKEN_DISPATCH, str(SPEED.parent)]
+    done = subprocess.run(command, capture_output=True, text=True, env=SCRIPT_ENV, timeout=300)
+    sound, broken = done.stdout.strip().split("\n")[-2:]
+    assert sound == "None", (done.stdout, done.stderr[-2000:])
+    assert broken.startswith("RuntimeError") and "PythonDispatcher" in broken, (done.stdout, done.stderr[-2000:])
+
+
 def test_a_launch_other_than_the_default_compiles_without_the_caches(monkeypatch):
     """torch.compile's on-disk caches key a graph on its operators, not on the launch the 4-bit kernels were
     chosen under: a `--quant-launch` row must not read (or leave) a graph compiled under another launch."""
