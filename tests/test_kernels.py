@@ -543,7 +543,7 @@ def test_kernels_call_jit_helpers_by_their_own_names() -> None:
 
     modules = kernel_modules()
     calls = []  # (kernel, name it calls, the called function's own name)
-    uncopied = []  # globals the copy would not define: jit and constexpr functions, ints, strings, bools, constexprs do
+    uncopied = []  # globals the copy leaves undefined (defined: jit and constexpr functions, int, str, bool, constexpr)
     for module_name, module in modules.items():
         for value in vars(module).values():
             if not isinstance(value, (JITFunction, ConstexprFunction)):  # the copy walks both kinds' bodies
