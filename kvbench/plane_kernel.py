@@ -828,11 +828,12 @@ if kernels.triton is not None:
         heads = h * group + offs_g
 
         q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-        if ROTATE == 2:  # the planes of q @ R * scale, one at a time through this program's partial-output rows
-            tl.static_assert(HEAD_DIM == VALUE_DIM, "a rotated query row fills a partial-output row")
+        if ROTATE:  # both rotated forms multiply the whole query row by the rotation's columns of each plane
             offs_d = tl.arange(0, HEAD_DIM)
             q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
             r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
+        if ROTATE == 2:  # the planes of q @ R * scale, one at a time through this program's partial-output rows
+            tl.static_assert(HEAD_DIM == VALUE_DIM, "a rotated query row fills a partial-output row")
             # the planes in DTYPE, inside the float32 rows
             scratch = o_part_ptr + ((b * num_kv_heads * group + heads) * total_splits + out_split) * VALUE_DIM
             q_rows = scratch.to(tl.pointer_type(DTYPE))[:, None] + offs_w[None, :]
@@ -846,10 +847,7 @@ if kernels.triton is not None:
             q1 = tl.load(q_rows + K_WIDTH, mask=q_mask, other=0.0)
             q2 = tl.load(q_rows + 2 * K_WIDTH, mask=q_mask, other=0.0)
             q3 = tl.load(q_rows + 3 * K_WIDTH, mask=q_mask, other=0.0)
-        elif ROTATE:  # the planes of q @ R * scale, from the whole query row, kept in the products' layout
-            offs_d = tl.arange(0, HEAD_DIM)
-            q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0).to(DTYPE)
-            r_cols = rotation_ptr + offs_d[:, None] * HEAD_DIM + offs_w[None, :]
+        elif ROTATE:  # the planes of q @ R * scale, kept in the products' layout
             r_mask = w_ok[None, :]
             q0 = tl.dot(q, tl.load(r_cols, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
             q1 = tl.dot(q, tl.load(r_cols + K_WIDTH, mask=r_mask, other=0.0).to(DTYPE), input_precision=PRECISION)
