@@ -8,11 +8,15 @@ set -u
 export PYTHONUNBUFFERED=1
 HEAD_LABEL=$(cat .gpu/head.txt)
 
-tree_dir() {  # tree_dir SHA -> a directory holding that commit's tree (HEAD: the copy itself)
-  local sha=$1
-  if [ "$sha" = HEAD ]; then echo "$PWD"; return; fi
-  local dir=/tmp/tree_$sha
-  [ -d "$dir" ] || { mkdir -p "$dir" && tar -xzf ".gpu/tree_$sha.tgz" -C "$dir"; }
+tree_dir() {  # tree_dir SHA -> a directory holding that commit's tree (HEAD: the copy), laid out as installed:
+  # `methods/` and `tasks/` inside `kvbench/` (pyproject maps them so; PYTHONPATH alone does not)
+  local sha=$1 dir=/tmp/tree_$1
+  if [ ! -d "$dir" ]; then
+    mkdir -p "$dir"
+    if [ "$sha" = HEAD ]; then cp -r kvbench methods tasks benchmarks configs "$dir"
+    else tar -xzf ".gpu/tree_$sha.tgz" -C "$dir"; fi
+    cp -r "$dir/methods" "$dir/kvbench/methods" && cp -r "$dir/tasks" "$dir/kvbench/tasks"
+  fi
   echo "$dir"
 }
 
