@@ -82,7 +82,7 @@ def _interpreted_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    return run_under_triton_interpreter(Path(__file__), timeout_s=600)
+    return run_under_triton_interpreter(Path(__file__))
 
 
 @pytest.mark.parametrize("case", ["fp32_75_pages_d20_group3", "bf16_70_pages_d128_group2", "one_page_one_head"])

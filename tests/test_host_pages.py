@@ -162,7 +162,7 @@ def _offsets_past_int32() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    return run_under_triton_interpreter(Path(__file__), timeout_s=600)
+    return run_under_triton_interpreter(Path(__file__))
 
 
 def test_write_rows_writes_each_sequences_row(interpreted: dict) -> None:

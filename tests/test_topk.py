@@ -65,7 +65,7 @@ def _interpreted_checks() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    return run_under_triton_interpreter(Path(__file__), timeout_s=600)
+    return run_under_triton_interpreter(Path(__file__))
 
 
 @pytest.mark.parametrize(
