@@ -5,9 +5,11 @@
 Two parts, each timed by `quant_attention.py`'s helpers: a CUDA graph of 20 calls whose inputs rotate past
 twice the L2 (so every call reads from HBM), median of 5 replays:
 - the projections of one layer (q/k/v fused, o, gate/up fused, down) and the LM head, for 1 and 4 rows,
-  through cuBLAS (`F.linear`, what the compiled step calls) and through a plain Triton GEMV
-  (`_gemv_kernel` below, a few tile shapes): if cuBLAS is far from the read bandwidth at these shapes, a
-  hand kernel has room; if not, the dense step's excess is elsewhere (small kernels, launch gaps);
+  through cuBLAS (`F.linear`, what the compiled step calls), through cuBLASLt (the same call with
+  `torch.backends.cuda.preferred_blas_library("cublaslt")`, which `TORCH_BLAS_PREFER_CUBLASLT=1` sets for a
+  whole run) and through a plain Triton GEMV (`_gemv_kernel` below, a few tile shapes): if cuBLAS is far
+  from the read bandwidth at these shapes, another library or a hand kernel has room; if not, the dense
+  step's excess is elsewhere (small kernels, launch gaps);
 - `kvbench.kernels.decode_attention` (the split kernel and its combine) at 32k over each sequence's length,
   the form a dense cache passes, under launch variants (tile size, programs per SM, stages, warps), GQA
   and MHA, batch 1 and 4.
@@ -108,6 +110,23 @@ GEMV_CONFIGS = [  # (block_n, block_k, warps, stages)
 ]
 
 
+Product = Callable[[torch.Tensor], torch.Tensor]  # weights -> x @ weights.T for the timed rows x
+
+
+def with_blas_library(library: str, fn: Product) -> Product:
+    """`fn` with `library` ("cublas" or "cublaslt") as PyTorch's choice for its products, the previous one after."""
+
+    def run(w: torch.Tensor) -> torch.Tensor:
+        previous = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library(library)
+        try:
+            return fn(w)
+        finally:
+            torch.backends.cuda.preferred_blas_library(previous)
+
+    return run
+
+
 def matmul_rows(shape: str, bandwidth: float) -> list[dict]:
     rows = []
     for name, (n, k) in PROJECTIONS[shape].items():
@@ -118,7 +137,10 @@ def matmul_rows(shape: str, bandwidth: float) -> list[dict]:
         for m in (1, 4):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             reference = F.linear(x, weights[0]).float()
-            variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"cublas": lambda w, x=x: F.linear(x, w)}
+            variants: dict[str, Product] = {
+                "cublas": with_blas_library("cublas", lambda w, x=x: F.linear(x, w)),
+                "cublaslt": with_blas_library("cublaslt", lambda w, x=x: F.linear(x, w)),
+            }
             for config in GEMV_CONFIGS:
                 variants["triton_n{}_k{}_w{}_s{}".format(*config)] = lambda w, x=x, c=config: triton_gemv(x, w, *c)
             for variant, fn in variants.items():

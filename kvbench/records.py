@@ -117,6 +117,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "kvbench": kvbench.__version__,
         "git_commit": COMMIT_AT_IMPORT,
     }
+    if device.type == "cuda":  # cuBLAS or cuBLASLt for the products (TORCH_BLAS_PREFER_CUBLASLT=1: the latter)
+        env["blas_library"] = torch.backends.cuda.preferred_blas_library().name
     return env
 
 
