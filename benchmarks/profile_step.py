@@ -76,6 +76,7 @@ def prepared(engine: Engine, requests: list[Request]):
 
 @torch.inference_mode()
 def profile(args, model, spec, bandwidth: float) -> dict:
+    device = torch.device(args.device)
     method = make_method(args.method, args.budget, args.recall_cap)
     engine = Engine(
         model,
@@ -122,12 +123,12 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         # The compiled step without its graph; the host's counters move as a replay moves them.
         advance = cache.advance if cache.decode_variants() is not None else (lambda: None)
         replay()
-        with Timer(torch.device("cuda")) as timer:
+        with Timer(device) as timer:
             for _ in range(replays):
                 replay()
         replay_ms = 1000 * timer.seconds / replays
 
-        with Timer(torch.device("cuda")) as timer:
+        with Timer(device) as timer:
             for _ in range(replays):
                 compiled(cache, state)
                 advance()
@@ -136,14 +137,18 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         by_kind: dict[str, float] = defaultdict(float)
         by_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         in_order: list[tuple[float, str, float]] = []  # (start us, name, us): the step's kernels as launched
-        activities = [torch.profiler.ProfilerActivity.CUDA]
+        # On the CPU (`--device cpu`, a smoke run of this script) the events are operators, nested, not kernels.
+        on_cuda = device.type == "cuda"
+        activities = [torch.profiler.ProfilerActivity.CUDA if on_cuda else torch.profiler.ProfilerActivity.CPU]
+        kernel_events = torch.autograd.DeviceType.CUDA if on_cuda else torch.autograd.DeviceType.CPU
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(profiled):
                 compiled(cache, state)
                 advance()
-            torch.cuda.synchronize()
+            if on_cuda:
+                torch.cuda.synchronize()
         for event in prof.events():
-            if event.device_type != torch.autograd.DeviceType.CUDA:
+            if event.device_type != kernel_events:
                 continue
             us = event.time_range.elapsed_us()
             in_order.append((event.time_range.start, event.name, us))
@@ -194,11 +199,16 @@ def profile(args, model, spec, bandwidth: float) -> dict:
         # Whole names: an Inductor kernel's name lists the ops it fused, which is how one is told from another.
         "sequence": [{"name": name, "us": round(us, 2)} for _, name, us in sorted(in_order)[: args.sequence]],
         "method_stats": cache.stats(),
-        "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_cuda else None,
     }
     del replay, advance, cache, state, engine
-    torch.cuda.empty_cache()
+    empty_cache(device)
     return row
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -238,6 +248,7 @@ def main() -> None:
     parser.add_argument("--sequence", type=int, default=0, help="record the first N kernels in launch order")
     parser.add_argument("--out", default="benchmarks/results/profile_step.jsonl")
     parser.add_argument("--commit", default="", help="the commit to record (the GPU copy has no .git)")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (tests), no kernel times")
     args = parser.parse_args()
     if args.block_n and args.block_n != kernels.BLOCK_N:
         kernels.BLOCK_N = args.block_n
@@ -246,11 +257,13 @@ def main() -> None:
         torch._inductor.config.coordinate_descent_tuning = True
     if args.layers:  # the same layers, fewer of them: kernels per layer are what a profile compares
         SHAPES[args.shape] = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
-    bandwidth = copy_bandwidth(torch.device("cuda"))
-    cfg = ModelConfig(name=args.shape, source="shape", shape=args.shape, device="cuda", dtype="bfloat16")
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    cfg = ModelConfig(name=args.shape, source="shape", shape=args.shape, device=args.device, dtype=dtype)
     spec = model_spec(cfg)
     model, _ = load_model(cfg, with_tokenizer=False)
-    env = environment(torch.device("cuda"))
+    env = environment(device)
     if args.commit:
         env["git_commit"] = args.commit
     runs = args.runs or [f"{args.method}:{args.budget}:{args.context}:{args.batch}"]
@@ -261,10 +274,10 @@ def main() -> None:
             try:
                 row = profile(args, model, spec, bandwidth)
             except torch.OutOfMemoryError as error:
-                torch.cuda.empty_cache()
+                empty_cache(device)
                 row = {"run": run, "status": "oom", **failure(error)}
             except Exception as error:  # a run that fails (a schedule needing more --decode-room) is a row
-                torch.cuda.empty_cache()
+                empty_cache(device)
                 row = {"run": run, "status": "error", **failure(error)}
             row.update(environment=env, bandwidth_bytes_per_s=bandwidth)
             out.write(json.dumps(row, default=str) + "\n")
