@@ -14,7 +14,8 @@ matrix-product time and weight bytes / bandwidth is how far the projections are 
 the step as Python; `step`: the whole step compiled) says what is compiled; under `layer` the no-graph
 time includes the Python of the uncompiled part. Options that change the step, for A/B rows: `--autotune`
 (Inductor's max-autotune of the matrix products, without its own CUDA graphs), `--block-n` (the attention
-kernel's tile). One JSON line per run to --out.
+kernel's tile). One JSON line per run to --out. `--device cpu` is a smoke run of the whole script on a small
+shape (`tests/test_profile_step_script.py`): the CPU profile's events are operators, not kernels.
 """
 
 from __future__ import annotations
